@@ -1,0 +1,427 @@
+"""The one typed configuration of crener: model (with every ablation flag), data, training, run.
+
+All dataclasses are frozen and every field has a default; the defaults are the paper's full
+CRENER model (method.md §4.2). Variants (rows of Table 6) and profiles (smoke/quick/full/paper)
+are named sets of overrides applied with :func:`RunConfig.with_overrides`, never by mutation.
+Values that come from the data (the number of labels, the vocabulary) are arguments of
+``build_model`` and are never written back here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+MODEL_NAMES = ("crener", "w2ner", "bert_softmax", "bert_crf", "tener")
+GRID_MODELS = ("crener", "w2ner")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture. Section numbers refer to method.md."""
+
+    name: str = "crener"  # which model family: crener | w2ner | bert_softmax | bert_crf | tener
+    # --- character encoder (§2.1) ---
+    encoder: str = "embedded"  # "embedded" (local random BERT) or a from_pretrained name/path
+    embedded_hidden: int = 256  # width of the embedded BERT-shaped encoder
+    embedded_layers: int = 2  # its depth
+    embedded_heads: int = 4  # its attention heads
+    embedded_ff: int = 1024  # its feed-forward width
+    last4_mean: bool = True  # mean of the last four hidden layers (W2NER resume-zh)
+    emb_dropout: float = 0.5  # dropout on encoder output before the projection to d_h
+    hidden: int = 512  # d_h, width of character representations
+    # --- context layer (§2.1 step 4); "none" is Table 6's "w/o Transformer" ---
+    context: str = "transformer"  # transformer | none | bilstm (W2NER's BiLSTM)
+    tf_layers: int = 2  # adapted Transformer layers
+    tf_heads: int = 8  # its heads (head dim = hidden / heads)
+    tf_ff: int = 1024  # its feed-forward width
+    tf_dropout: float = 0.15  # hidden and attention dropout (TENER)
+    key_proj: bool = True  # project keys (CRENER text); False = TENER code
+    attn_out_proj: bool = False  # output projection after concatenating heads (TENER: none)
+    attn_scale: bool = False  # 1/sqrt(d_k) scaling (diagnostic only; unscaled is faithful)
+    rel_pos: str = "full"  # full | none | symmetric relative positions (extra ablation)
+    concat_bert: bool = False  # H = Linear([BERT; Transformer]) instead of the Transformer output
+    # --- grid features (§2.3) ---
+    cln_orientation: str = "paper"  # paper: row conditions column; code: W2NER's transpose
+    use_distance_embedding: bool = True  # E^d; False is "w/o Distance matrix"
+    use_region_embedding: bool = True  # E^r; False is "w/o Region matrix"
+    attn_matrix: str = "transformer_probs"  # E^a source: transformer_probs | none
+    dist_dim: int = 20  # d_E of the distance embedding
+    region_dim: int = 20  # d_E of the region embedding
+    attn_dim: int = 20  # d_E of the attention-matrix embedding
+    conv_channels: int = 96  # d_c
+    conv_dropout: float = 0.5  # Dropout2d before the 1x1 conv
+    use_dilated_conv: bool = True  # eq. 8; False is "w/o Dilated convolution"
+    dilations: tuple[int, ...] = (1, 2, 3)  # dilation rates
+    dconv_chain: bool = False  # chain the dilated convs (W2NER code) instead of parallel (paper)
+    # --- relation enhancement (§2.3 eqs 9-10, §2.4) ---
+    use_relation_enhancement: bool = True  # eqs 9-15; False is "w/o Enhancement"
+    rounds: int = 3  # R convolution passes (R - 1 feedbacks)
+    tag_dim: int = 96  # d_r per tag slice
+    enh_heads: int = 8  # heads of the enhancement attentions
+    enh_dropout: float = 0.1  # their dropout
+    enh_block: str = "paper"  # paper | bert_layer (TOE's decoder layer)
+    checkpoint_rounds: bool = False  # activation checkpointing of the conv rounds (long sentences)
+    # --- co-predictor (§2.5) ---
+    use_biaffine: bool = True  # eq. 16; False is "w/o Biaffine"
+    use_grid_mlp: bool = True  # eq. 17; False is "w/o MLP"
+    biaffine_dim: int = 512  # d_b
+    ffn_dim: int = 288  # hidden width of the MLP predictor
+    out_dropout: float = 0.33  # dropout in both predictor halves
+    biaffine_input: str = "encoder"  # encoder (H) | enhanced (S^(R), O^(R))
+    # --- labels, loss, decoding (§1, §2.6) ---
+    tag_scheme: str = "crener"  # crener (4 tags) | w2ner (NNW, THW); w2ner is "w/o relation"
+    ht_typed: str = "both"  # both | thc_only: which head-tail tags carry the type
+    loss: str = "zlpr"  # zlpr (multi-label threshold, eq. 19) | ce (softmax, W2NER scheme only)
+    ht_mode: str = "union"  # decoder: union | intersect | thc_only
+    link_mode: str = "and"  # decoder: and | nnc_only | or
+    contiguous_only: bool = False  # decoder: only k = m + 1 successors (diagnostic)
+    max_paths: int = 1000  # decoder: cap on paths per head-tail candidate
+    lstm_hidden: int = 512  # total BiLSTM width when context = bilstm
+
+    def __post_init__(self) -> None:
+        _check_choice("model.name", self.name, MODEL_NAMES)
+        _check_choice("model.context", self.context, ("transformer", "none", "bilstm"))
+        _check_choice("model.rel_pos", self.rel_pos, ("full", "none", "symmetric"))
+        _check_choice("model.cln_orientation", self.cln_orientation, ("paper", "code"))
+        _check_choice("model.attn_matrix", self.attn_matrix, ("transformer_probs", "none"))
+        _check_choice("model.enh_block", self.enh_block, ("paper", "bert_layer"))
+        _check_choice("model.biaffine_input", self.biaffine_input, ("encoder", "enhanced"))
+        _check_choice("model.tag_scheme", self.tag_scheme, ("crener", "w2ner", "ht_only"))
+        _check_choice("model.ht_typed", self.ht_typed, ("both", "thc_only"))
+        _check_choice("model.loss", self.loss, ("zlpr", "ce"))
+        _check_choice("model.ht_mode", self.ht_mode, ("union", "intersect", "thc_only"))
+        _check_choice("model.link_mode", self.link_mode, ("and", "nnc_only", "or"))
+        if self.name in GRID_MODELS:
+            if not (self.use_biaffine or self.use_grid_mlp):
+                raise ValueError("use_biaffine and use_grid_mlp cannot both be false: no predictor left")
+            if self.attn_matrix == "transformer_probs" and self.context != "transformer":
+                raise ValueError(
+                    "attn_matrix=transformer_probs needs context=transformer; "
+                    "set model.attn_matrix=none when the adapted Transformer is removed"
+                )
+            if self.loss == "ce" and self.tag_scheme != "w2ner":
+                raise ValueError("loss=ce is single-label and only fits tag_scheme=w2ner (§2.6)")
+            if self.rounds < 1:
+                raise ValueError("model.rounds must be >= 1")
+            if self.use_relation_enhancement and self.rounds < 2:
+                raise ValueError("relation enhancement needs rounds >= 2 (one feedback at least)")
+            if not self.use_relation_enhancement and self.rounds != 1:
+                raise ValueError("without relation enhancement the conv module runs once: set rounds=1")
+            if self.biaffine_input == "enhanced" and not self.use_relation_enhancement:
+                raise ValueError("biaffine_input=enhanced needs use_relation_enhancement")
+            if self.tag_scheme == "w2ner" and self.ht_mode != "union":
+                raise ValueError("the W2NER scheme has THW only: leave ht_mode=union")
+        if self.context == "transformer" and self.hidden % self.tf_heads:
+            raise ValueError(f"hidden={self.hidden} is not divisible by tf_heads={self.tf_heads}")
+        if self.use_relation_enhancement and self.hidden % self.enh_heads:
+            raise ValueError(f"hidden={self.hidden} is not divisible by enh_heads={self.enh_heads}")
+        if self.embedded_hidden % self.embedded_heads:
+            raise ValueError("embedded_hidden must be divisible by embedded_heads")
+        if not self.dilations or any(d < 1 for d in self.dilations):
+            raise ValueError("dilations must be positive integers")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which data, and how it is cut."""
+
+    dataset: str = "resume"  # weibo | resume | ontonotes4 | msra (or a registered name)
+    data_root: str | None = None  # None: --data-root, then $CRENER_DATA, then ../shared/data
+    weibo_coarse: bool = False  # Weibo: 4 coarse types instead of the 8 fine labels
+    msra_protocol: str = "lineage"  # MSRA has no dev: lineage (dev = test) | clean (last 4,365 train)
+    max_len: int = 256  # longer sentences are split at punctuation, never inside an entity
+    train_limit: int = 0  # >0: train on the first N sentences after a seeded shuffle (budgets)
+    eval_limit: int = 0  # >0: evaluate dev on the first N sentences only (test is always whole)
+
+    def __post_init__(self) -> None:
+        _check_choice("data.msra_protocol", self.msra_protocol, ("lineage", "clean"))
+        if self.max_len < 8:
+            raise ValueError("data.max_len must be at least 8")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and evaluation (method.md §4)."""
+
+    seed: int = 0  # seeds python, numpy and torch; logged with every run
+    epochs: int = 10  # passes over the training split
+    batch_size: int = 12  # sentences per batch when max_cells = 0
+    max_cells: int = 0  # >0: batches hold at most this many grid cells (B * N^2), length-bucketed
+    eval_max_cells: int = 200_000  # grid-cell budget of evaluation batches
+    lr: float = 1e-3  # learning rate of everything but the pretrained encoder
+    encoder_lr: float = 5e-6  # learning rate of the pretrained (or embedded) encoder
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup: float = 0.1  # fraction of steps with linear warm-up, then linear decay to 0
+    clip: float = 5.0  # global gradient-norm clip
+    bf16: bool = False  # bf16 autocast (CUDA and CPU)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 0  # >0: torch.set_num_threads
+    compile: bool = False  # torch.compile the model
+    progress: bool = True  # progress bar with loss and speed
+    max_steps: int = 0  # >0: stop after this many optimiser steps (smoke tests)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError("train.epochs must be >= 1")
+        if self.batch_size < 1:
+            raise ValueError("train.batch_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs. ``profile`` and ``variant`` are labels of the overrides applied."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    profile: str = "custom"
+    variant: str = "full"
+
+    def flatten(self) -> dict[str, Any]:
+        """``{"model.hidden": 512, ..., "profile": "quick"}``: the form logged as MLflow params."""
+        flat: dict[str, Any] = {"profile": self.profile, "variant": self.variant}
+        for section in ("model", "data", "train"):
+            for f in dataclasses.fields(getattr(self, section)):
+                flat[f"{section}.{f.name}"] = getattr(getattr(self, section), f.name)
+        return flat
+
+    @classmethod
+    def from_flat(cls, flat: dict[str, Any]) -> RunConfig:
+        """Inverse of :meth:`flatten`; values may be strings (as MLflow returns them)."""
+        return cls().with_overrides(flat)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> RunConfig:
+        """A new config with ``{"section.field": value}`` applied; unknown keys are an error."""
+        sections: dict[str, dict[str, Any]] = {"model": {}, "data": {}, "train": {}}
+        top: dict[str, Any] = {}
+        for key, value in overrides.items():
+            if key in ("profile", "variant"):
+                top[key] = str(value)
+                continue
+            section, _, name = key.partition(".")
+            if section not in sections:
+                raise KeyError(f"unknown config key {key!r} (expected model.*, data.*, train.*)")
+            cls_ = type(getattr(self, section))
+            hints = typing.get_type_hints(cls_)
+            if name not in hints:
+                known = ", ".join(f.name for f in dataclasses.fields(cls_))
+                raise KeyError(f"unknown config key {key!r}; {section} has: {known}")
+            sections[section][name] = _coerce(value, hints[name], key)
+        return dataclasses.replace(
+            self,
+            model=dataclasses.replace(self.model, **sections["model"]),
+            data=dataclasses.replace(self.data, **sections["data"]),
+            train=dataclasses.replace(self.train, **sections["train"]),
+            **top,
+        )
+
+    def key(self) -> str:
+        """Stable identity of the run: a hash of the resolved config (seed included).
+
+        Progress and cosmetic fields are left out, so toggling a progress bar does not make
+        a finished run look new.
+        """
+        flat = {k: v for k, v in self.flatten().items() if k not in _KEY_EXCLUDED}
+        blob = json.dumps(flat, sort_keys=True, default=list)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+_KEY_EXCLUDED = frozenset({"train.progress", "train.device", "train.threads", "data.data_root"})
+
+
+# Table 6 rows (method.md §3): name -> overrides of the full model.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "full": {},
+    "no_transformer": {"model.context": "none", "model.attn_matrix": "none"},
+    "no_region": {"model.use_region_embedding": False},
+    "no_distance": {"model.use_distance_embedding": False},
+    "no_dconv": {"model.use_dilated_conv": False},
+    "no_mlp": {"model.use_grid_mlp": False},
+    "no_biaffine": {"model.use_biaffine": False},
+    "no_enhancement": {"model.use_relation_enhancement": False, "model.rounds": 1},
+    "no_relation": {"model.tag_scheme": "w2ner"},
+}
+TABLE6_VARIANTS = tuple(VARIANTS)
+
+# Model families other than CRENER start from these overrides (their faithful settings).
+MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "crener": {},
+    "w2ner": {
+        "model.context": "bilstm",
+        "model.attn_matrix": "none",
+        "model.cln_orientation": "code",
+        "model.dconv_chain": True,
+        "model.use_relation_enhancement": False,
+        "model.rounds": 1,
+        "model.tag_scheme": "w2ner",
+        "model.loss": "ce",
+        "model.link_mode": "nnc_only",
+    },
+    "bert_softmax": {"model.context": "none", "model.attn_matrix": "none"},
+    "bert_crf": {"model.context": "none", "model.attn_matrix": "none"},
+    "tener": {"model.context": "transformer", "model.attn_matrix": "none"},
+}
+
+# Profiles: named budgets. `quick` is the CPU default; `paper` is meant for a GPU.
+PROFILES: dict[str, dict[str, Any]] = {
+    "smoke": {
+        "model.embedded_hidden": 32,
+        "model.embedded_layers": 1,
+        "model.embedded_heads": 2,
+        "model.embedded_ff": 64,
+        "model.hidden": 32,
+        "model.tf_layers": 1,
+        "model.tf_heads": 4,
+        "model.tf_ff": 64,
+        "model.conv_channels": 16,
+        "model.tag_dim": 16,
+        "model.enh_heads": 4,
+        "model.biaffine_dim": 32,
+        "model.ffn_dim": 32,
+        "model.lstm_hidden": 32,
+        "model.dist_dim": 8,
+        "model.region_dim": 8,
+        "model.attn_dim": 8,
+        "data.train_limit": 64,
+        "data.eval_limit": 64,
+        "train.epochs": 2,
+        "train.max_cells": 20_000,
+        "train.lr": 3e-3,
+        "train.encoder_lr": 3e-3,
+        "train.progress": False,
+    },
+    "quick": {
+        "model.embedded_hidden": 128,
+        "model.embedded_layers": 1,
+        "model.embedded_heads": 4,
+        "model.embedded_ff": 256,
+        "model.hidden": 128,
+        "model.tf_layers": 1,
+        "model.tf_heads": 4,
+        "model.tf_ff": 256,
+        "model.conv_channels": 32,
+        "model.tag_dim": 32,
+        "model.enh_heads": 4,
+        "model.biaffine_dim": 128,
+        "model.ffn_dim": 64,
+        "model.lstm_hidden": 128,
+        "model.emb_dropout": 0.2,
+        "model.conv_dropout": 0.2,
+        "model.out_dropout": 0.2,
+        "data.train_limit": 1000,
+        "data.eval_limit": 500,
+        "train.epochs": 4,
+        "train.max_cells": 60_000,
+        "train.lr": 2e-3,
+        "train.encoder_lr": 1e-3,
+        "train.warmup": 0.05,
+    },
+    "full": {
+        "model.embedded_hidden": 256,
+        "model.hidden": 256,
+        "model.tf_heads": 8,
+        "model.tf_ff": 512,
+        "model.conv_channels": 64,
+        "model.tag_dim": 64,
+        "model.biaffine_dim": 256,
+        "model.ffn_dim": 128,
+        "model.lstm_hidden": 256,
+        "model.emb_dropout": 0.3,
+        "model.conv_dropout": 0.3,
+        "model.out_dropout": 0.3,
+        "train.epochs": 15,
+        "train.max_cells": 60_000,
+        "train.lr": 1e-3,
+        "train.encoder_lr": 5e-4,
+    },
+    "paper": {
+        "model.encoder": "bert-base-chinese",
+        "train.bf16": True,
+    },
+}
+
+
+def build_run_config(
+    *,
+    model: str = "crener",
+    variant: str = "full",
+    profile: str = "quick",
+    dataset: str = "resume",
+    seed: int = 0,
+    overrides: dict[str, Any] | None = None,
+) -> RunConfig:
+    """Resolve model family, variant and profile into one config; ``overrides`` win last.
+
+    Order: defaults <- model family <- profile <- variant <- per-dataset rule <- overrides.
+    The variant comes after the profile so a profile can never silently undo an ablation.
+    """
+    if model not in MODEL_DEFAULTS:
+        raise KeyError(f"unknown model {model!r}; choose from {', '.join(MODEL_DEFAULTS)}")
+    if variant not in VARIANTS:
+        raise KeyError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    if profile not in PROFILES:
+        raise KeyError(f"unknown profile {profile!r}; choose from {', '.join(PROFILES)}")
+    if model != "crener" and variant != "full":
+        raise ValueError(f"variants are ablations of CRENER; model {model!r} takes variant=full")
+    flat: dict[str, Any] = {"model.name": model, **MODEL_DEFAULTS[model]}
+    flat.update(PROFILES[profile])
+    flat.update(VARIANTS[variant])
+    flat.update({"data.dataset": dataset, "train.seed": seed, "profile": profile, "variant": variant})
+    # TENER's depth pattern (method.md §4.2): one Transformer layer on Weibo at paper widths.
+    if profile == "paper" and dataset == "weibo":
+        flat.setdefault("model.tf_layers", 1)
+        flat["model.tf_layers"] = 1
+    flat.update(overrides or {})
+    return RunConfig().with_overrides(flat)
+
+
+def parse_set(items: list[str] | None) -> dict[str, str]:
+    """``["model.hidden=64", ...]`` from ``--set`` into a dict (values coerced later)."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Turn a CLI or MLflow string into the field's declared type."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value in ("None", "none", "")):
+            return None
+        return _coerce(value, args[0], key)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.strip("()[] ").replace(" ", "").split(",") if v]
+        return tuple(int(v) for v in value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).lower()
+        if text in ("true", "1", "yes", "on"):
+            return True
+        if text in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"{key}: expected a boolean, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ValueError(f"{key}: expected an integer, got {value!r}")
+        return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+    if hint is float:
+        return float(value)
+    return str(value)

@@ -1,0 +1,23 @@
+"""Errors that carry a message meant for the user; the CLI prints them without a traceback."""
+
+from __future__ import annotations
+
+
+class CrenerError(Exception):
+    """A user-facing error (bad input, missing file, invalid configuration)."""
+
+
+class DataError(CrenerError, ValueError):
+    """Malformed or missing data. The message names the file and, where known, the line."""
+
+    def __init__(self, message: str, path: str | None = None, line: int | None = None):
+        where = path if path is not None else ""
+        if path is not None and line is not None:
+            where = f"{path}:{line}"
+        super().__init__(f"{where}: {message}" if where else message)
+        self.path = path
+        self.line = line
+
+
+class CheckpointError(CrenerError):
+    """A checkpoint or encoder that is missing or cannot be loaded."""
