@@ -48,6 +48,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Nothing may come from a model hub unless the user opted in: fail fast instead of hanging.
+    # Set before any command module imports transformers, which reads it at import time.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # Import only the module that owns the requested subcommand (fast `crener data ...`).
     first = next((a for a in argv if not a.startswith("-")), None)
     known = {c for _, cmds in _COMMAND_MODULES for c in cmds}
@@ -59,8 +62,6 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
-    # Nothing may come from a model hub unless the user opted in; fail fast instead of hanging.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         return int(args.func(args) or 0)
     except CrenerError as exc:

@@ -1,0 +1,155 @@
+"""Character encoders: any BERT-style checkpoint via ``from_pretrained``, or the embedded default.
+
+The embedded default is a small, randomly initialised BERT whose vocabulary is the characters
+of the training split. It is written to disk in the standard Hugging Face layout and loaded
+back with the very same ``from_pretrained`` call a user's bert-base-chinese goes through, so
+the loading path is exercised here even though no model hub is reachable.
+
+Chinese BERT tokenises one character into at most one piece, so characters map one-to-one to
+tokens: ``[CLS] c_1 .. c_n [SEP]``. A character that tokenises to nothing (some whitespace and
+control symbols) maps to ``[UNK]`` (method.md §2.1), which W2NER would leave without a piece.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from crener.config import ModelConfig
+from crener.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED = "embedded"
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+MAX_POSITIONS = 512  # BERT's position table; sentences are split to data.max_len <= 510 first
+
+
+@dataclass
+class CharTokenizer:
+    """Maps characters to token ids of a loaded tokenizer, one token per character."""
+
+    tokenizer: object
+    cls_id: int
+    sep_id: int
+    pad_id: int
+    unk_id: int
+
+    def __post_init__(self) -> None:
+        self._cache: dict[str, int] = {}
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer) -> CharTokenizer:  # noqa: ANN001 - any HF tokenizer
+        return cls(
+            tokenizer,
+            tokenizer.cls_token_id,
+            tokenizer.sep_token_id,
+            tokenizer.pad_token_id,
+            tokenizer.unk_token_id,
+        )
+
+    def char_id(self, ch: str) -> int:
+        tid = self._cache.get(ch)
+        if tid is None:
+            pieces = self.tokenizer.tokenize(ch)
+            tid = self.tokenizer.convert_tokens_to_ids(pieces[0]) if pieces else self.unk_id
+            if tid is None:
+                tid = self.unk_id
+            self._cache[ch] = tid
+        return tid
+
+    def encode(self, chars: Iterable[str]) -> list[int]:
+        """``[CLS] ids.. [SEP]`` for one sentence."""
+        return [self.cls_id, *(self.char_id(c) for c in chars), self.sep_id]
+
+
+def build_embedded_encoder(chars: Iterable[str], cfg: ModelConfig, out_dir: Path, seed: int) -> Path:
+    """Write a random BERT with a character vocabulary to ``out_dir`` (HF layout); return it.
+
+    Characters are sorted so the vocabulary, and hence the random init under a fixed seed, is
+    independent of file order.
+    """
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").exists():
+        return out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vocab_chars = sorted({c for c in chars if c not in SPECIAL_TOKENS})
+    vocab = OrderedDict((tok, i) for i, tok in enumerate([*SPECIAL_TOKENS, *vocab_chars]))
+    # transformers 5 ignores BertTokenizer(vocab_file=...): pass the mapping itself. Lower-casing
+    # and accent stripping are off so every character keeps its own entry.
+    tokenizer = BertTokenizer(vocab=vocab, do_lower_case=False, strip_accents=False)
+    bert_cfg = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=cfg.embedded_hidden,
+        num_hidden_layers=cfg.embedded_layers,
+        num_attention_heads=cfg.embedded_heads,
+        intermediate_size=cfg.embedded_ff,
+        max_position_embeddings=MAX_POSITIONS,
+        pad_token_id=vocab["[PAD]"],
+    )
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = BertModel(bert_cfg, add_pooling_layer=False)
+    finally:
+        torch.random.set_rng_state(gen_state)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    for f in tmp.iterdir():  # move files in last so a half-written encoder is never picked up
+        f.replace(out_dir / f.name)
+    tmp.rmdir()
+    log.info("embedded encoder: %d characters, width %d, saved to %s", len(vocab_chars), cfg.embedded_hidden, out_dir)
+    return out_dir
+
+
+def load_pretrained(name_or_path: str | os.PathLike) -> tuple[nn.Module, CharTokenizer]:
+    """Load a BERT-style encoder and tokenizer with ``from_pretrained``; clear error if missing."""
+    from transformers import AutoModel, AutoTokenizer
+
+    name = str(name_or_path)
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=offline)
+        model = AutoModel.from_pretrained(name, local_files_only=offline, add_pooling_layer=False)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"cannot load encoder {name!r}: {str(exc).splitlines()[0]}\n"
+            "Pass --encoder PATH to a directory saved with save_pretrained (config.json, weights, "
+            "vocab.txt), e.g. a local copy of bert-base-chinese, or use the embedded default "
+            "(model.encoder=embedded). Hub downloads are off (HF_HUB_OFFLINE=1); unset it to allow them."
+        ) from exc
+    return model, CharTokenizer.from_tokenizer(tokenizer)
+
+
+class CharEncoder(nn.Module):
+    """BERT over ``[CLS] chars [SEP]`` -> one vector per character, (B, N, d_bert)."""
+
+    def __init__(self, bert: nn.Module, last4_mean: bool = True):
+        super().__init__()
+        self.bert = bert
+        self.last4_mean = last4_mean
+        self.out_dim = int(bert.config.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_chars: int) -> torch.Tensor:
+        out = self.bert(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            output_hidden_states=self.last4_mean,
+        )
+        if self.last4_mean:
+            layers = out.hidden_states[-4:]  # fewer than 4 layers: mean of what exists
+            hidden = torch.stack(layers, dim=0).mean(dim=0)
+        else:
+            hidden = out.last_hidden_state
+        return hidden[:, 1 : n_chars + 1]  # drop [CLS] and everything after the last character

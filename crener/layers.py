@@ -1,0 +1,242 @@
+"""Leaf layers with plain-size constructors, shared by CRENER and the baselines.
+
+Nothing here reads a config object: W2NER, TENER and CRENER wire these with their own widths.
+Grid tensors are channels-last, (B, N, N, C), except inside :class:`DilatedConvBlock`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CLN_EPS = 1e-12  # W2NER's epsilon
+
+
+class MLP(nn.Module):
+    """Dropout -> Linear -> GELU (W2NER's MLP)."""
+
+    def __init__(self, n_in: int, n_out: int, dropout: float = 0.0):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.linear = nn.Linear(n_in, n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.linear(self.dropout(x)))
+
+
+class ConditionalLayerNorm(nn.Module):
+    """V_ij = gamma(c_i) * (x_j - mu_j) / sigma_j + beta(c_i)   (method.md eqs 5-6).
+
+    ``forward(x, cond)`` normalises ``x`` along the column axis j and conditions on ``cond`` along
+    the row axis i, giving (B, N, N, d). The caller picks the orientation: CRENER passes
+    (object, subject) = paper orientation; W2NER's code normalises rows and conditions on columns,
+    which is ``forward(x, cond).transpose(1, 2)`` with both inputs the same. The conditional maps
+    start at zero with bias (1, 0), so the layer starts as a plain LayerNorm (W2NER).
+    """
+
+    def __init__(self, dim: int, cond_dim: int, eps: float = CLN_EPS):
+        super().__init__()
+        self.eps = eps
+        self.gamma = nn.Linear(cond_dim, dim)
+        self.beta = nn.Linear(cond_dim, dim)
+        nn.init.zeros_(self.gamma.weight)
+        nn.init.ones_(self.gamma.bias)
+        nn.init.zeros_(self.beta.weight)
+        nn.init.zeros_(self.beta.bias)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        # x: (B, N, d) normalised per column j; cond: (B, N, c) per row i.
+        mu = x.mean(dim=-1, keepdim=True)
+        var = (x - mu).pow(2).mean(dim=-1, keepdim=True)
+        normed = (x - mu) / torch.sqrt(var + self.eps)  # (B, N, d)
+        gamma = self.gamma(cond)  # (B, N, d)
+        beta = self.beta(cond)
+        return gamma[:, :, None, :] * normed[:, None, :, :] + beta[:, :, None, :]  # (B, N, N, d)
+
+
+class DilatedConvBlock(nn.Module):
+    """Multi-granularity depthwise dilated 3x3 convolutions, each followed by GELU (eq. 8).
+
+    ``chain=False`` applies every rate to the same input (paper, TOE); ``chain=True`` feeds each
+    rate the previous rate's output (W2NER's released code). Input and output are channels-last;
+    the output concatenates the rates: (B, N, N, len(dilations) * channels). Padded cells are
+    zeroed before each convolution so padding never leaks into real cells.
+    """
+
+    def __init__(self, channels: int, dilations: tuple[int, ...] = (1, 2, 3), chain: bool = False):
+        super().__init__()
+        self.chain = chain
+        self.convs = nn.ModuleList(
+            nn.Conv2d(channels, channels, kernel_size=3, groups=channels, dilation=d, padding=d) for d in dilations
+        )
+        self.out_dim = channels * len(dilations)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # x: (B, N, N, C); mask: (B, N, N) bool
+        m = mask[:, None].to(x.dtype)  # (B, 1, N, N)
+        h = x.permute(0, 3, 1, 2) * m  # (B, C, N, N)
+        outs = []
+        for conv in self.convs:
+            y = F.gelu(conv(h)) * m
+            outs.append(y)
+            if self.chain:
+                h = y
+        return torch.cat(outs, dim=1).permute(0, 2, 3, 1)  # (B, N, N, rates * C)
+
+
+class Biaffine(nn.Module):
+    """y_ijl = [s_i; 1]^T U_l [o_j; 1] (eq. 16); U is xavier-normal initialised (W2NER)."""
+
+    def __init__(self, n_in: int, n_out: int, bias_x: bool = True, bias_y: bool = True):
+        super().__init__()
+        self.bias_x, self.bias_y = bias_x, bias_y
+        self.weight = nn.Parameter(torch.empty(n_out, n_in + bias_x, n_in + bias_y))
+        nn.init.xavier_normal_(self.weight)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # x, y: (B, N, d) -> (B, N, N, n_out)
+        if self.bias_x:
+            x = torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)
+        if self.bias_y:
+            y = torch.cat([y, torch.ones_like(y[..., :1])], dim=-1)
+        # Contract x with U first: N * L * d^2 + N^2 * L * d instead of materialising N^2 * d^2.
+        xu = torch.einsum("bxi,oij->boxj", x, self.weight)  # (B, L, N, d+1)
+        return torch.einsum("boxj,byj->bxyo", xu, y)
+
+
+def relative_sinusoid(n: int, dim: int, device: torch.device | None = None) -> torch.Tensor:
+    """(2n - 1, dim) fixed embeddings R_delta for delta = -(n-1) .. n-1 (TENER, method.md §2.1).
+
+    First half sin(delta * w_m), second half cos(delta * w_m), w_m = 10000^(-m / (dim/2 - 1)).
+    sin is odd, so the Q.R term distinguishes left from right.
+    """
+    half = dim // 2
+    denom = max(half - 1, 1)
+    freq = torch.exp(torch.arange(half, device=device, dtype=torch.float32) * -(math.log(10000.0) / denom))
+    delta = torch.arange(-(n - 1), n, device=device, dtype=torch.float32)
+    angles = delta[:, None] * freq[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+class RelativeMultiHeadAttention(nn.Module):
+    """Direction- and distance-aware relative attention of TENER / CRENER (eqs 1-3).
+
+    A_ij = Q_i.K_j + Q_i.R_{j-i} + u.K_j + v.R_{j-i}, unscaled unless ``scale``; padded keys get
+    -inf. ``rel_pos`` = "none" drops both R terms, "symmetric" uses |j - i| (direction lost).
+    Returns the output (B, N, H * d_k) and the attention probabilities (B, H, N, N).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        dropout: float = 0.0,
+        key_proj: bool = True,
+        out_proj: bool = False,
+        scale: bool = False,
+        rel_pos: str = "full",
+    ):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} not divisible by heads {heads}")
+        self.heads, self.d_k = heads, dim // heads
+        self.rel_pos = rel_pos
+        self.scale = 1.0 / math.sqrt(self.d_k) if scale else 1.0
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim) if key_proj else None
+        self.v = nn.Linear(dim, dim)
+        self.u_bias = nn.Parameter(nn.init.xavier_normal_(torch.empty(heads, self.d_k)))
+        self.v_bias = nn.Parameter(nn.init.xavier_normal_(torch.empty(heads, self.d_k)))
+        self.dropout = nn.Dropout(dropout)
+        self.out = nn.Linear(dim, dim) if out_proj else None
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, n, _ = x.shape
+        h, d = self.heads, self.d_k
+        q = self.q(x).view(b, n, h, d).transpose(1, 2)  # (B, H, N, d)
+        k = (self.k(x) if self.k is not None else x).view(b, n, h, d).transpose(1, 2)
+        v = self.v(x).view(b, n, h, d).transpose(1, 2)
+        # Content terms: (Q + u) . K_j
+        scores = torch.matmul(q + self.u_bias[None, :, None, :], k.transpose(-1, -2))  # (B, H, N, N)
+        if self.rel_pos != "none":
+            rel = relative_sinusoid(n, d, device=x.device).to(x.dtype)  # (2N-1, d), row r: delta = r-(N-1)
+            if self.rel_pos == "symmetric":
+                rel = rel[(torch.arange(2 * n - 1, device=x.device) - (n - 1)).abs() + (n - 1)]
+            # Position terms (Q + v) . R_{j-i}: score against every offset, then gather delta = j - i.
+            pos = torch.matmul(q + self.v_bias[None, :, None, :], rel.t())  # (B, H, N, 2N-1)
+            idx = torch.arange(n, device=x.device)
+            gather = (idx[None, :] - idx[:, None]) + (n - 1)  # (N, N): offset j - i
+            scores = scores + pos.gather(-1, gather[None, None].expand(b, h, n, n))
+        scores = scores * self.scale
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+        out = torch.matmul(self.dropout(probs), v).transpose(1, 2).reshape(b, n, h * d)
+        if self.out is not None:
+            out = self.out(out)
+        return out, probs
+
+
+class AdaptedTransformerLayer(nn.Module):
+    """Post-norm layer: X <- LN(X + Attn(X)); X <- LN(X + FFN(X))  (TENER, method.md §2.1)."""
+
+    def __init__(self, dim: int, heads: int, ff: int, dropout: float, **attn_kwargs):
+        super().__init__()
+        self.attn = RelativeMultiHeadAttention(dim, heads, dropout=dropout, **attn_kwargs)
+        self.norm1 = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(
+            nn.Linear(dim, ff), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ff, dim), nn.Dropout(dropout)
+        )
+        self.norm2 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a, probs = self.attn(x, mask)
+        x = self.norm1(x + a)  # TENER applies no dropout to the attention output
+        x = self.norm2(x + self.ffn(x))
+        return x, probs
+
+
+class AdaptedTransformer(nn.Module):
+    """A stack of :class:`AdaptedTransformerLayer`; returns H and the last layer's probabilities."""
+
+    def __init__(self, dim: int, layers: int, heads: int, ff: int, dropout: float, **attn_kwargs):
+        super().__init__()
+        self.layers = nn.ModuleList(AdaptedTransformerLayer(dim, heads, ff, dropout, **attn_kwargs) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = None
+        for layer in self.layers:
+            x, probs = layer(x, mask)
+        x = x * mask[..., None].to(x.dtype)  # padded rows carry no signal downstream
+        return x, probs
+
+
+class BiLSTM(nn.Module):
+    """Packed bidirectional LSTM (W2NER's encoder), so padding never reaches the real positions."""
+
+    def __init__(self, n_in: int, hidden_total: int):
+        super().__init__()
+        if hidden_total % 2:
+            raise ValueError("BiLSTM total hidden size must be even")
+        self.lstm = nn.LSTM(n_in, hidden_total // 2, batch_first=True, bidirectional=True)
+        self.out_dim = hidden_total
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        n = x.size(1)
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, _ = self.lstm(packed)
+        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=n)
+        return out
+
+
+def masked_max(x: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """Max over ``dim`` of a (B, N, N, C) grid, ignoring cells where ``mask`` (B, N, N) is False.
+
+    Fully masked rows give 0, not -inf, so padded positions stay finite.
+    """
+    neg = torch.finfo(x.dtype).min
+    filled = x.masked_fill(~mask[..., None], neg)
+    out = filled.amax(dim=dim)
+    return out.masked_fill(out == neg, 0.0)

@@ -1,0 +1,266 @@
+"""CRENER (method.md §2): encoder -> adapted Transformer -> grid convolution rounds with relation
+enhancement -> biaffine + MLP co-predictor.
+
+Every ablation flag of :class:`crener.config.ModelConfig` is resolved in ``__init__``: a removed
+part is ``None`` and ``forward`` checks ``is None`` once, so an ablated module is neither built
+nor called. ``build_model`` is the one place that wires a config to a model family.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from crener.config import ModelConfig
+from crener.data.batching import Batch
+from crener.data.features import NUM_DIST_IDS, NUM_REGION_IDS, distance_ids, region_ids
+from crener.encoder import CharEncoder
+from crener.tasks import Task
+from crener.layers import (
+    MLP,
+    AdaptedTransformer,
+    Biaffine,
+    BiLSTM,
+    ConditionalLayerNorm,
+    DilatedConvBlock,
+    masked_max,
+)
+
+# Tag kinds per scheme (eq. 10 concatenates one d_r slice per kind).
+TAG_KINDS = {"crener": 4, "w2ner": 2, "ht_only": 2}
+
+
+def channel_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Dropout2d for channels-last grids (B, N, N, C): drops whole channels per example."""
+    if not training or p == 0.0:
+        return x
+    keep = torch.empty(x.size(0), 1, 1, x.size(-1), device=x.device, dtype=x.dtype).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
+class GridConvModule(nn.Module):
+    """One convolution pass (eqs 5-8): CLN, grid embeddings, 1x1 conv, dilated convs.
+
+    Returns Q, (B, N, N, out_dim), zero on padded cells. ``attn_heads`` > 0 adds the attention
+    matrix embedding E^a built from the Transformer's last-layer probabilities.
+    """
+
+    def __init__(
+        self,
+        hidden: int,
+        channels: int,
+        *,
+        dist_dim: int = 0,
+        region_dim: int = 0,
+        attn_heads: int = 0,
+        attn_dim: int = 0,
+        dropout: float = 0.5,
+        dilations: tuple[int, ...] | None = (1, 2, 3),
+        chain: bool = False,
+        orientation: str = "paper",
+    ):
+        super().__init__()
+        self.orientation = orientation
+        self.dropout = dropout
+        self.cln = ConditionalLayerNorm(hidden, hidden)
+        self.dist_emb = nn.Embedding(NUM_DIST_IDS, dist_dim) if dist_dim else None
+        self.region_emb = nn.Embedding(NUM_REGION_IDS, region_dim) if region_dim else None
+        self.attn_proj = nn.Linear(attn_heads, attn_dim) if attn_heads else None
+        in_dim = hidden + dist_dim + region_dim + (attn_dim if attn_heads else 0)
+        self.reduce = nn.Linear(in_dim, channels)  # the 1x1 convolution, channels-last
+        self.dconv = DilatedConvBlock(channels, dilations, chain) if dilations else None
+        self.out_dim = self.dconv.out_dim if self.dconv is not None else channels
+
+    def forward(
+        self,
+        s: torch.Tensor,
+        o: torch.Tensor,
+        mask: torch.Tensor,
+        attn: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        n = s.size(1)
+        if self.orientation == "paper":
+            v = self.cln(o, s)  # row i (subject) conditions, column j (object) is normalised
+        else:
+            v = self.cln(s, o).transpose(1, 2)  # W2NER code: normalise the row, condition on the column
+        parts = [v]  # (B, N, N, d_h)
+        if self.dist_emb is not None:
+            ids = distance_ids(n, s.device)
+            parts.append(self.dist_emb(ids).unsqueeze(0).expand(s.size(0), -1, -1, -1))
+        if self.region_emb is not None:
+            ids = region_ids(n, s.device)
+            parts.append(self.region_emb(ids).unsqueeze(0).expand(s.size(0), -1, -1, -1))
+        if self.attn_proj is not None:
+            parts.append(self.attn_proj(attn.permute(0, 2, 3, 1).to(s.dtype)))  # (B, N, N, heads) -> d_E
+        c = torch.cat(parts, dim=-1)
+        c = F.gelu(self.reduce(channel_dropout(c, self.dropout, self.training)))  # (B, N, N, d_c)
+        c = c * mask[..., None].to(c.dtype)
+        if self.dconv is not None:
+            c = self.dconv(c, mask)  # (B, N, N, rates * d_c)
+        return c
+
+
+class RelationEnhancement(nn.Module):
+    """Eqs 11-15: recover subject/object features from the tag grid and refeed them.
+
+    Weights are shared across rounds (TOE). ``block="bert_layer"`` swaps the attention steps for
+    TOE's full decoder layer (inner residuals, a GELU FFN), followed by the same outer residual.
+    """
+
+    def __init__(self, tag_width: int, hidden: int, heads: int, dropout: float, block: str = "paper"):
+        super().__init__()
+        self.rec_s = nn.Linear(tag_width, hidden)
+        self.rec_o = nn.Linear(tag_width, hidden)
+        self.self_attn = nn.MultiheadAttention(hidden, heads, dropout=dropout, batch_first=True)
+        self.cross_attn = nn.MultiheadAttention(hidden, heads, dropout=dropout, batch_first=True)
+        self.block = block
+        if block == "bert_layer":
+            self.norm_self = nn.LayerNorm(hidden)
+            self.norm_cross = nn.LayerNorm(hidden)
+            self.ffn = nn.Sequential(nn.Linear(hidden, 4 * hidden), nn.GELU(), nn.Linear(4 * hidden, hidden))
+            self.norm_ffn = nn.LayerNorm(hidden)
+            self.drop = nn.Dropout(dropout)
+        self.out_s = nn.Linear(hidden, hidden)
+        self.out_o = nn.Linear(hidden, hidden)
+        self.norm_s = nn.LayerNorm(hidden)
+        self.norm_o = nn.LayerNorm(hidden)
+
+    def _attend(self, x: torch.Tensor, memory: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        a = self.self_attn(x, x, x, key_padding_mask=pad, need_weights=False)[0]
+        if self.block == "bert_layer":
+            a = self.norm_self(x + self.drop(a))
+            c = self.cross_attn(a, memory, memory, key_padding_mask=pad, need_weights=False)[0]
+            c = self.norm_cross(a + self.drop(c))
+            return self.norm_ffn(c + self.drop(self.ffn(c)))
+        return self.cross_attn(a, memory, memory, key_padding_mask=pad, need_weights=False)[0]
+
+    def forward(self, tf, grid_mask, char_mask, s, o, s_base, o_base):
+        pad = ~char_mask
+        h_s = self.rec_s(masked_max(tf, grid_mask, dim=2))  # eq. 11: max over objects j, per subject i
+        h_o = self.rec_o(masked_max(tf, grid_mask, dim=1))  # max over subjects i, per object j
+        h_s = self._attend(h_s, s_base, pad)  # eqs 12-13
+        h_o = self._attend(h_o, o_base, pad)
+        s = self.norm_s(s + F.gelu(self.out_s(h_s)))  # eqs 14-15: residual on the round's input
+        o = self.norm_o(o + F.gelu(self.out_o(h_o)))
+        return s, o
+
+
+class CoPredictor(nn.Module):
+    """Biaffine over character pairs plus an MLP over grid features; scores are summed (eqs 16-18)."""
+
+    def __init__(
+        self,
+        num_labels: int,
+        *,
+        char_dim: int,
+        grid_dim: int,
+        biaffine_dim: int,
+        ffn_dim: int,
+        dropout: float,
+        use_biaffine: bool = True,
+        use_mlp: bool = True,
+    ):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.mlp_s = MLP(char_dim, biaffine_dim, dropout) if use_biaffine else None
+        self.mlp_o = MLP(char_dim, biaffine_dim, dropout) if use_biaffine else None
+        self.biaffine = Biaffine(biaffine_dim, num_labels) if use_biaffine else None
+        self.mlp_rel = MLP(grid_dim, ffn_dim, dropout) if use_mlp else None
+        self.linear = nn.Linear(ffn_dim, num_labels) if use_mlp else None
+
+    def forward(self, s: torch.Tensor, o: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        logits = None
+        if self.biaffine is not None:
+            logits = self.biaffine(self.dropout(self.mlp_s(s)), self.dropout(self.mlp_o(o)))
+        if self.mlp_rel is not None:
+            y = self.linear(self.dropout(self.mlp_rel(grid)))
+            logits = y if logits is None else logits + y
+        return logits  # (B, N, N, L)
+
+
+class CRENER(nn.Module):
+    """The full model; see the module docstring. ``forward(batch) -> {"logits": (B, N, N, L)}``."""
+
+    def __init__(self, cfg: ModelConfig, num_labels: int, encoder: CharEncoder):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.hidden
+        self.encoder = encoder
+        self.emb_dropout = nn.Dropout(cfg.emb_dropout)
+        self.proj = nn.Linear(encoder.out_dim, d)
+        self.transformer = None
+        self.lstm = None
+        if cfg.context == "transformer":
+            self.transformer = AdaptedTransformer(
+                d, cfg.tf_layers, cfg.tf_heads, cfg.tf_ff, cfg.tf_dropout,
+                key_proj=cfg.key_proj, out_proj=cfg.attn_out_proj, scale=cfg.attn_scale, rel_pos=cfg.rel_pos,
+            )  # fmt: skip
+        elif cfg.context == "bilstm":
+            self.lstm = BiLSTM(d, d)
+        self.concat_proj = nn.Linear(2 * d, d) if cfg.concat_bert and cfg.context != "none" else None
+        self.subj = nn.Linear(d, d)  # eq. 4
+        self.obj = nn.Linear(d, d)
+        attn_heads = cfg.tf_heads if cfg.attn_matrix == "transformer_probs" else 0
+        self.grid = GridConvModule(
+            d, cfg.conv_channels,
+            dist_dim=cfg.dist_dim if cfg.use_distance_embedding else 0,
+            region_dim=cfg.region_dim if cfg.use_region_embedding else 0,
+            attn_heads=attn_heads, attn_dim=cfg.attn_dim, dropout=cfg.conv_dropout,
+            dilations=cfg.dilations if cfg.use_dilated_conv else None,
+            chain=cfg.dconv_chain, orientation=cfg.cln_orientation,
+        )  # fmt: skip
+        kinds = TAG_KINDS[cfg.tag_scheme]
+        grid_dim = self.grid.out_dim
+        self.tag_proj = None
+        self.enhance = None
+        if cfg.use_relation_enhancement:
+            self.tag_proj = nn.Linear(grid_dim, kinds * cfg.tag_dim)  # eqs 9-10, one slice per tag kind
+            grid_dim = kinds * cfg.tag_dim
+            self.enhance = RelationEnhancement(grid_dim, d, cfg.enh_heads, cfg.enh_dropout, cfg.enh_block)
+        self.rounds = cfg.rounds
+        self.predictor = CoPredictor(
+            num_labels, char_dim=d, grid_dim=grid_dim, biaffine_dim=cfg.biaffine_dim, ffn_dim=cfg.ffn_dim,
+            dropout=cfg.out_dropout, use_biaffine=cfg.use_biaffine, use_mlp=cfg.use_grid_mlp,
+        )  # fmt: skip
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        cmask, gmask = batch.char_mask, batch.grid_mask  # (B, N), (B, N, N)
+        x = self.encoder(batch.input_ids, batch.attention_mask, batch.n)  # (B, N, d_bert)
+        x = self.proj(self.emb_dropout(x))  # (B, N, d_h)
+        h, attn = x, None
+        if self.transformer is not None:
+            h, attn = self.transformer(x, cmask)  # attn: (B, heads, N, N)
+        elif self.lstm is not None:
+            h = self.lstm(x, batch.lengths)
+        if self.concat_proj is not None:
+            h = self.concat_proj(torch.cat([x, h], dim=-1))
+        s = s_base = self.subj(h)
+        o = o_base = self.obj(h)
+        for r in range(self.rounds):
+            if self.cfg.checkpoint_rounds and self.training:
+                q = checkpoint(self.grid, s, o, gmask, attn, use_reentrant=False)
+            else:
+                q = self.grid(s, o, gmask, attn)  # (B, N, N, C)
+            tf = self.tag_proj(q) if self.tag_proj is not None else q  # (B, N, N, K * d_r)
+            if self.enhance is not None and r < self.rounds - 1:
+                s, o = self.enhance(tf, gmask, cmask, s, o, s_base, o_base)
+        if self.cfg.biaffine_input == "enhanced":
+            logits = self.predictor(s, o, tf)
+        else:
+            logits = self.predictor(h, h, tf)
+        return {"logits": logits}
+
+
+def build_model(cfg: ModelConfig, task: Task, encoder: CharEncoder) -> nn.Module:
+    """Wire a config to a model family. Baselines live in ``baselines/`` and are imported lazily."""
+    if cfg.name == "crener":
+        return CRENER(cfg, task.num_labels, encoder)
+    import importlib
+
+    try:
+        module = importlib.import_module(f"baselines.{cfg.name}")
+    except ModuleNotFoundError as exc:
+        raise ValueError(f"model {cfg.name!r} is not available: {exc}") from exc
+    return module.build_model(cfg, task, encoder)

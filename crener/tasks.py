@@ -1,0 +1,101 @@
+"""A task ties a label scheme to its training targets, loss and decoding.
+
+``fit`` only talks to this interface, so grid models (CRENER, W2NER) and sequence-labelling
+baselines share one training loop. Grid tasks live here; sequence tasks in ``baselines/``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from crener.config import ModelConfig
+from crener.data.batching import Batch
+from crener.data.grid import LabelSet
+from crener.data.schema import Entity
+from crener.loss import GridLoss
+
+
+class Task(Protocol):
+    target: str  # collate target kind: "grid" | "classes" | "tags"
+    num_labels: int
+    names: tuple[str, ...]
+
+    def featurize(self, entities: Sequence[Entity], n: int) -> np.ndarray: ...
+
+    def loss(self, outputs: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]: ...
+
+    def decode(self, outputs: dict[str, torch.Tensor], batch: Batch) -> list[set[Entity]]: ...
+
+
+class GridTask:
+    """CRENER's four-tag or W2NER's two-tag grid, trained multi-label (ZLPR) or with CE."""
+
+    def __init__(self, cfg: ModelConfig, types: Sequence[str]):
+        self.cfg = cfg
+        scheme = cfg.tag_scheme
+        self.labels = LabelSet.build(scheme, types, ht_typed=cfg.ht_typed)
+        self.target = "classes" if cfg.loss == "ce" else "grid"
+        self.num_labels = self.labels.num_labels + (1 if self.target == "classes" else 0)
+        self.names = (("none",) if self.target == "classes" else ()) + tuple(self.labels.names)
+        self.criterion = GridLoss(cfg.loss)
+        self.collisions = 0  # cells where single-label CE had to drop a label (reported)
+        self._decode_flags = dict(
+            ht_mode=cfg.ht_mode,
+            link_mode=cfg.link_mode,
+            contiguous_only=cfg.contiguous_only,
+            max_paths=cfg.max_paths,
+        )
+
+    def featurize(self, entities: Sequence[Entity], n: int) -> np.ndarray:
+        cells = self.labels.encode(entities, n)
+        if self.target == "classes" and len(cells):
+            # One class per cell: keep the highest label id (documented rule); count what is lost.
+            order = np.lexsort((cells[:, 2], cells[:, 1], cells[:, 0]))
+            cells = cells[order]
+            last = np.ones(len(cells), dtype=bool)
+            same = (cells[1:, 0] == cells[:-1, 0]) & (cells[1:, 1] == cells[:-1, 1])
+            last[:-1] = ~same
+            self.collisions += int((~last).sum())
+            cells = cells[last]
+        return cells
+
+    def loss(self, outputs: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
+        return self.criterion(outputs["logits"], batch.targets, batch.grid_mask)
+
+    def positive_cells(self, logits: torch.Tensor, batch: Batch) -> list[np.ndarray]:
+        """Per sentence, the (k, 3) cells predicted positive; one device->host copy per batch."""
+        mask = batch.grid_mask
+        if self.target == "classes":
+            cls = logits.argmax(dim=-1)
+            hit = (cls > 0) & mask
+            idx = hit.nonzero()  # (k, 3): b, i, j
+            lab = cls[hit] - 1
+            rows = torch.cat([idx, lab[:, None]], dim=1)
+        else:
+            hit = (logits > 0) & mask[..., None]
+            rows = hit.nonzero()  # (k, 4): b, i, j, label
+        rows = rows.cpu().numpy()
+        b = len(batch)
+        splits = np.searchsorted(rows[:, 0], np.arange(1, b)) if len(rows) else np.zeros(b - 1, dtype=np.int64)
+        return [part[:, 1:].astype(np.int32) for part in np.split(rows, splits)]
+
+    def decode(self, outputs: dict[str, torch.Tensor], batch: Batch) -> list[set[Entity]]:
+        lengths = batch.lengths.tolist()
+        cells = self.positive_cells(outputs["logits"], batch)
+        return [self.labels.decode(n, c, **self._decode_flags) for n, c in zip(lengths, cells)]
+
+
+def build_task(cfg: ModelConfig, types: Sequence[str]) -> Task:
+    if cfg.name in ("crener", "w2ner"):
+        return GridTask(cfg, types)
+    import importlib
+
+    try:
+        module = importlib.import_module(f"baselines.{cfg.name}")
+    except ModuleNotFoundError as exc:
+        raise ValueError(f"model {cfg.name!r} is not available: {exc}") from exc
+    return module.build_task(cfg, types)

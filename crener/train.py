@@ -1,0 +1,417 @@
+"""Training and evaluation loop shared by CRENER and every baseline (method.md §4, §5).
+
+``fit(cfg, workdir)`` is the whole protocol: seed, load and split the data, build (or load)
+the encoder, train with AdamW (separate encoder and head learning rates, linear warm-up and
+decay, clipping), evaluate dev after every epoch, keep the best-dev checkpoint, evaluate test
+once with it, and write everything a report needs into ``workdir``. A checkpoint is written
+after each epoch; ``resume=True`` continues from it to exactly the result of an uninterrupted
+run (model, optimiser, scheduler and RNG states are restored; the data order of an epoch is a
+pure function of (seed, epoch)). No tracking library is imported here: a callback receives
+the per-epoch metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import sys
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from crener.config import RunConfig
+from crener.data.batching import Example, collate, make_batches
+from crener.data.datasets import load_dataset
+from crener.data.schema import Entity, Sentence
+from crener.data.split import Chunk, merge_predictions, split_all
+from crener.encoder import EMBEDDED, CharEncoder, CharTokenizer, build_embedded_encoder, load_pretrained
+from crener.errors import CheckpointError, CrenerError
+from crener.metrics import score
+from crener.model import build_model
+from crener.tasks import Task, build_task
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------
+# set-up helpers
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CrenerError(f"train.device={name} but CUDA is not available; use train.device=cpu")
+    return device
+
+
+def load_encoder(cfg: RunConfig, train_sentences: Sequence[Sentence], workdir: Path) -> tuple[CharEncoder, CharTokenizer]:
+    """The embedded default (built from the training characters into workdir) or a checkpoint."""
+    name = cfg.model.encoder
+    if name == EMBEDDED:
+        chars = {c for s in train_sentences for c in s.chars}
+        name = build_embedded_encoder(chars, cfg.model, workdir / "encoder", seed=cfg.train.seed)
+    bert, tokenizer = load_pretrained(name)
+    return CharEncoder(bert, cfg.model.last4_mean), tokenizer
+
+
+@dataclass
+class Split:
+    """One evaluation split: original sentences, their chunks and featurised examples."""
+
+    name: str
+    sentences: list[Sentence]
+    chunks: list[Chunk]
+    examples: list[Example]
+
+
+def featurize(chunks: Sequence[Chunk], task: Task, tokenizer: CharTokenizer) -> list[Example]:
+    out = []
+    for k, chunk in enumerate(chunks):
+        s = chunk.sentence
+        ids = np.asarray(tokenizer.encode(s.chars), dtype=np.int64)
+        out.append(Example(index=k, token_ids=ids, targets=task.featurize(s.entities, len(s)), n=len(s)))
+    return out
+
+
+def build_split(name: str, sentences: list[Sentence], max_len: int, task: Task, tokenizer: CharTokenizer) -> Split:
+    chunks = split_all(sentences, max_len)
+    return Split(name, sentences, chunks, featurize(chunks, task, tokenizer))
+
+
+def parameter_groups(model: nn.Module, cfg: RunConfig) -> list[dict[str, Any]]:
+    """Two learning rates: the (pre)trained encoder, and everything built on top of it."""
+    enc, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (enc if name.startswith("encoder.") else rest).append(p)
+    groups = [{"params": rest, "lr": cfg.train.lr}]
+    if enc:
+        groups.append({"params": enc, "lr": cfg.train.encoder_lr})
+    return groups
+
+
+def linear_schedule(total_steps: int, warmup: float):
+    warm = int(total_steps * warmup)
+
+    def factor(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        return max(0.0, (total_steps - step) / max(1, total_steps - warm))
+
+    return factor
+
+
+def autocast(device: torch.device, enabled: bool):
+    if not enabled:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------------
+# one epoch, evaluation
+
+
+def train_one_epoch(
+    model: nn.Module,
+    task: Task,
+    examples: Sequence[Example],
+    batches: Sequence[list[int]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    device: torch.device,
+    cfg: RunConfig,
+    *,
+    epoch: int,
+    max_steps: int = 0,
+) -> dict[str, float]:
+    model.train()
+    total, count, sentences = 0.0, 0, 0
+    start = time.perf_counter()
+    bar = _progress(len(batches), f"epoch {epoch}", cfg.train.progress)
+    for step, idx in enumerate(batches):
+        if max_steps and step >= max_steps:
+            break
+        batch = collate([examples[i] for i in idx], task.target, task.num_labels).to(device)
+        with autocast(device, cfg.train.bf16):
+            outputs = model(batch)
+        terms = task.loss(outputs, batch)
+        loss = terms["loss"]
+        if not torch.isfinite(loss):
+            raise CrenerError(
+                f"non-finite loss ({loss.item()}) at epoch {epoch}, step {step}: lower train.lr / "
+                "train.encoder_lr, or turn off train.bf16; the run was stopped, not saved as a NaN model"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.train.clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip)
+        optimizer.step()
+        scheduler.step()
+        value = loss.item()
+        total += value * len(idx)
+        count += len(idx)
+        sentences += len(idx)
+        if bar is not None:
+            rate = sentences / max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix(loss=f"{value:.4f}", sent_s=f"{rate:.1f}")
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    seconds = time.perf_counter() - start
+    return {"train/loss": total / max(count, 1), "train/sentences_per_s": sentences / max(seconds, 1e-9)}
+
+
+@torch.inference_mode()
+def predict_examples(
+    model: nn.Module, task: Task, examples: Sequence[Example], device: torch.device, cfg: RunConfig
+) -> list[set[Entity]]:
+    """Predicted entities per example (chunk), in example order."""
+    model.eval()
+    preds: list[set[Entity]] = [set() for _ in examples]
+    lengths = [e.n for e in examples]
+    for idx in make_batches(lengths, max_cells=cfg.train.eval_max_cells, batch_size=cfg.train.batch_size):
+        batch = collate([examples[i] for i in idx], "none", task.num_labels).to(device)
+        with autocast(device, cfg.train.bf16):
+            outputs = model(batch)
+        for i, entities in zip(idx, task.decode(outputs, batch)):
+            preds[i] = entities
+    return preds
+
+
+def evaluate(model: nn.Module, task: Task, split: Split, device: torch.device, cfg: RunConfig):
+    """Scores on the original (unsplit) sentences, and the per-sentence predictions."""
+    chunk_preds = predict_examples(model, task, split.examples, device, cfg)
+    preds = merge_predictions(split.chunks, chunk_preds, len(split.sentences))
+    gold = [set(s.entities) for s in split.sentences]
+    return score(gold, preds), preds
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Atomic write (temp file + rename), so a kill mid-save leaves the previous checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load with ``weights_only=True``: a checkpoint can hold tensors and plain data, never code."""
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a corrupt file
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION or "model" not in state:
+        raise CheckpointError(f"{path} is not a crener checkpoint (version {CHECKPOINT_VERSION})")
+    return state
+
+
+# --------------------------------------------------------------------------------------------
+# fit
+
+
+def _call(callback: Any, name: str, *args: Any) -> None:
+    fn = getattr(callback, name, None) if callback is not None else None
+    if fn is not None:
+        fn(*args)
+
+
+def _entities_json(entities: set[Entity]) -> list[list[Any]]:
+    return [[list(e.indices), e.type] for e in sorted(entities)]
+
+
+def _prf(scores) -> dict[str, float]:  # noqa: ANN001 - metrics.Scores
+    return {"precision": scores.micro.precision, "recall": scores.micro.recall, "f1": scores.micro.f1}
+
+
+def fit(
+    cfg: RunConfig,
+    workdir: str | Path,
+    *,
+    callback: Any = None,
+    resume: bool = True,
+    data_root: str | None = None,
+) -> dict[str, Any]:
+    """Train ``cfg`` in ``workdir`` and return the summary (also written to summary.json)."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    seed_everything(cfg.train.seed)
+    device = resolve_device(cfg.train.device)
+    data_cfg = cfg.data if data_root is None else _replace_root(cfg, data_root)
+    data = load_dataset(data_cfg, seed=cfg.train.seed)
+    task = build_task(cfg.model, data.types)
+    encoder, tokenizer = load_encoder(cfg, data.train, workdir)
+    max_len = cfg.data.max_len
+    train_chunks = split_all(data.train, max_len)
+    train_examples = featurize(train_chunks, task, tokenizer)
+    dev = build_split("dev", data.dev, max_len, task, tokenizer)
+    test = dev if data.dev_is_test else build_split("test", data.test, max_len, task, tokenizer)
+
+    model = build_model(cfg.model, task, encoder).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg), weight_decay=cfg.train.weight_decay)
+    lengths = [e.n for e in train_examples]
+    # Batch count depends only on lengths and the budget, so the step total is known up front.
+    steps_per_epoch = len(make_batches(lengths, max_cells=cfg.train.max_cells, batch_size=cfg.train.batch_size,
+                                       shuffle=True, rng=np.random.default_rng(0)))  # fmt: skip
+    if cfg.train.max_steps:
+        steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps)
+    total_steps = steps_per_epoch * cfg.train.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(total_steps, cfg.train.warmup))
+
+    ckpt_dir = workdir / "checkpoints"
+    last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
+    history: list[dict[str, float]] = []
+    best_f1, best_epoch, start_epoch = -1.0, 0, 1
+    if resume and last_path.exists():
+        state = load_checkpoint(last_path)
+        if state.get("key") != cfg.key():
+            raise CheckpointError(f"{last_path} belongs to another configuration (key {state.get('key')})")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng_cpu"])
+        if device.type == "cuda" and state.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(state["rng_cuda"], device)
+        history = json.loads(state["history"])
+        best_f1, best_epoch = state["best_f1"], state["best_epoch"]
+        start_epoch = state["epoch"] + 1
+        log.info("resuming %s from epoch %d", workdir, state["epoch"])
+    info = {
+        "num_labels": task.num_labels,
+        "labels": list(task.names),
+        "parameters": n_params,
+        "resumed_from_epoch": start_epoch - 1,
+        "train_examples": len(train_examples),
+        "dev_sentences": len(dev.sentences),
+        "test_sentences": len(test.sentences),
+    }
+    log.info(
+        "%s/%s on %s: %d train chunks, %d dev, %d test sentences, %d labels, %.2fM parameters, device %s",
+        cfg.model.name, cfg.variant, cfg.data.dataset, len(train_examples), len(dev.sentences),
+        len(test.sentences), task.num_labels, n_params / 1e6, device,
+    )  # fmt: skip
+    _call(callback, "on_start", info)
+    for past in history:  # replay, so a logger that missed them (killed process) catches up
+        _call(callback, "on_epoch_end", int(past["epoch"]), {k: v for k, v in past.items() if k != "epoch"})
+
+    (workdir / "config.json").write_text(json.dumps(cfg.flatten(), indent=2, default=list))
+    for epoch in range(start_epoch, cfg.train.epochs + 1):
+        t0 = time.perf_counter()
+        rng = np.random.default_rng([cfg.train.seed, epoch])
+        batches = make_batches(lengths, max_cells=cfg.train.max_cells, batch_size=cfg.train.batch_size,
+                               shuffle=True, rng=rng)  # fmt: skip
+        metrics = train_one_epoch(
+            model, task, train_examples, batches, optimizer, scheduler, device, cfg,
+            epoch=epoch, max_steps=cfg.train.max_steps,
+        )  # fmt: skip
+        dev_scores, _ = evaluate(model, task, dev, device, cfg)
+        metrics.update({f"dev/{k}": v for k, v in _prf(dev_scores).items()})
+        metrics["epoch_seconds"] = time.perf_counter() - t0
+        improved = metrics["dev/f1"] > best_f1
+        if improved:
+            best_f1, best_epoch = metrics["dev/f1"], epoch
+        history.append({"epoch": epoch, **metrics})
+        state = {
+            "version": CHECKPOINT_VERSION,
+            "key": cfg.key(),
+            "config": json.dumps(cfg.flatten(), default=list),
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "epoch": epoch,
+            "history": json.dumps(history),
+            "best_f1": best_f1,
+            "best_epoch": best_epoch,
+            "labels": list(task.names),
+            "types": list(data.types),
+        }
+        if improved:
+            save_checkpoint(best_path, {**state, "optimizer": {}, "scheduler": {}})
+        save_checkpoint(last_path, state)
+        log.info(
+            "epoch %d/%d loss %.4f dev P %.4f R %.4f F1 %.4f%s (%.1fs)",
+            epoch, cfg.train.epochs, metrics["train/loss"], metrics["dev/precision"], metrics["dev/recall"],
+            metrics["dev/f1"], " *" if improved else "", metrics["epoch_seconds"],
+        )  # fmt: skip
+        _call(callback, "on_epoch_end", epoch, metrics)
+
+    # Test once, with the best-dev checkpoint (method.md §5).
+    model.load_state_dict(load_checkpoint(best_path)["model"])
+    dev_scores, _ = evaluate(model, task, dev, device, cfg)
+    test_scores, test_preds = evaluate(model, task, test, device, cfg)
+    summary = {
+        "dev": _prf(dev_scores),
+        "test": _prf(test_scores),
+        "best_epoch": best_epoch,
+        "epochs": cfg.train.epochs,
+        "seconds": (time.perf_counter() - started) + sum(h["epoch_seconds"] for h in history[: start_epoch - 1]),
+        "parameters": n_params,
+        "num_labels": task.num_labels,
+        "key": cfg.key(),
+        "model": cfg.model.name,
+        "variant": cfg.variant,
+        "dataset": cfg.data.dataset,
+        "profile": cfg.profile,
+        "seed": cfg.train.seed,
+        "encoder": cfg.model.encoder,
+        "dev_is_test": data.dev_is_test,
+    }
+    pred_dir = workdir / "predictions"
+    pred_dir.mkdir(exist_ok=True)
+    with open(pred_dir / "test.jsonl", "w", encoding="utf-8") as fh:
+        for i, (s, p) in enumerate(zip(test.sentences, test_preds)):
+            row = {"index": i, "text": s.text, "gold": _entities_json(set(s.entities)), "pred": _entities_json(p)}
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    (workdir / "per_type.json").write_text(json.dumps(test_scores.to_dict(), indent=2, ensure_ascii=False))
+    (workdir / "history.json").write_text(json.dumps(history, indent=2))
+    tmp = workdir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, workdir / "summary.json")  # written last: its presence means finished
+    return summary
+
+
+def _replace_root(cfg: RunConfig, data_root: str):
+    import dataclasses
+
+    return dataclasses.replace(cfg.data, data_root=data_root)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm comes with transformers; stay quiet without it
+        return None
+    return tqdm(total=total, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
+
