@@ -40,9 +40,9 @@ m -> m+1, so the path from h to t is unique). Same span with two types is fine i
 cells, but not in W2NER's single-label classes (:meth:`LabelSet.to_classes` keeps one type).
 Non-contiguous entities always decode to a *superset* of the gold set: linking tags are untyped
 and shared, so two entities that share head and tail with different paths or types, or whose
-paths cross at an inner node, combine into spurious paths (e.g. (0, 1, 3) and (1, 2, 3) also give
-(0, 1, 2, 3)); this holds for CRENER and W2NER alike. ``ht_only`` decodes every entity as its
-contiguous hull.
+paths cross at an inner node, combine into spurious paths (e.g. (0, 1, 3) and (1, 2, 3) also
+give (0, 1, 2, 3) and (1, 3)); this holds for CRENER and W2NER alike. ``ht_only`` decodes every
+entity as its contiguous hull.
 """
 
 from __future__ import annotations
