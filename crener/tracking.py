@@ -1,0 +1,464 @@
+"""MLflow bookkeeping: the only module of crener that imports mlflow.
+
+It owns the tracking contract that ``reports/`` reads:
+
+- tracking URI: ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``; for a SQLite store,
+  artifacts live beside the database in ``mlartifacts/``;
+- one experiment per sweep and profile, ``crener-{sweep}-{profile}``;
+- tags on every run (``crener.key``, ``crener.state``, ...), run name
+  ``{model}:{variant}/{dataset}/s{seed}``;
+- params ``cfg.flatten()`` + ``num_labels`` + ``parameters``, logged once (MLflow params are
+  immutable, so a resumed run only adds what is missing);
+- per-epoch metrics with ``step=epoch``, logged idempotently (a step already in a metric's
+  history is skipped, so a resumed fit that replays its history logs nothing twice);
+- final ``best/*`` metrics and the workdir artifacts.
+
+Everything goes through one ``MlflowClient`` with explicit run ids: no fluent ``mlflow.start_run``
+global state, so nested Optuna trials and resumed runs cannot leak into each other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import json
+import logging
+import math
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from mlflow.entities import Metric, Param, RunTag, ViewType
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from crener.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+DEFAULT_DB_NAME = "mlflow.db"
+ARTIFACT_DIR_NAME = "mlartifacts"
+SQLITE_PREFIX = "sqlite:///"
+
+# Values of the ``crener.state`` tag; MLflow's own status (RUNNING/FINISHED/FAILED/KILLED) is kept
+# in step, but a SIGKILLed process leaves its run RUNNING, so readers should trust neither blindly.
+STATE_RUNNING, STATE_FINISHED, STATE_FAILED = "running", "finished", "failed"
+STATES = (STATE_RUNNING, STATE_FINISHED, STATE_FAILED)
+SWEEPS = ("main", "ablation", "tune", "adhoc")
+
+# What fit's callback reports each epoch (logged with step = epoch).
+EPOCH_METRICS = ("train/loss", "dev/precision", "dev/recall", "dev/f1", "epoch_seconds")
+# Workdir files logged as artifacts at the end, relative to the workdir.
+ARTIFACT_FILES = ("summary.json", "config.json", "history.json", "per_type.json", "predictions/test.jsonl")
+# MLflow caps tag values (5000 chars); an error message is cut well below that.
+MAX_TAG_CHARS = 1000
+# SQLite allows one writer at a time; concurrent workers retry a locked database this often.
+LOCKED_RETRIES = 8
+LOCKED_BACKOFF_S = 0.25
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------- URIs and names
+
+
+def tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI`` if set, else a SQLite store ``mlflow.db`` in the working directory."""
+    env = os.environ.get(TRACKING_URI_ENV, "").strip()
+    return env or f"{SQLITE_PREFIX}{Path.cwd() / DEFAULT_DB_NAME}"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (relative paths resolve against the cwd)."""
+    if not uri.startswith(SQLITE_PREFIX):
+        return None
+    return Path(uri[len(SQLITE_PREFIX) :].split("?", 1)[0]).resolve()
+
+
+def artifact_root(uri: str) -> str | None:
+    """``file://.../mlartifacts`` beside a SQLite store; None lets a server or database decide."""
+    db = sqlite_path(uri)
+    return (db.parent / ARTIFACT_DIR_NAME).as_uri() if db is not None else None
+
+
+def experiment_name(sweep: str, profile: str) -> str:
+    return f"crener-{sweep}-{profile}"
+
+
+def run_name(cfg: RunConfig) -> str:
+    return f"{cfg.model.name}:{cfg.variant}/{cfg.data.dataset}/s{cfg.train.seed}"
+
+
+@functools.cache
+def git_commit() -> str:
+    """HEAD of the checkout this package was imported from, or ``unknown``."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_tags(cfg: RunConfig, sweep: str) -> dict[str, str]:
+    """The tags every crener run carries (``crener.state`` is set separately)."""
+    return {
+        "crener.key": cfg.key(),
+        "crener.sweep": sweep,
+        "crener.model": cfg.model.name,
+        "crener.variant": cfg.variant,
+        "crener.dataset": cfg.data.dataset,
+        "crener.profile": cfg.profile,
+        "crener.seed": str(cfg.train.seed),
+        "crener.encoder": cfg.model.encoder,
+        "crener.msra_protocol": cfg.data.msra_protocol,
+        "crener.git_commit": git_commit(),
+    }
+
+
+def param_value(value: Any) -> str:
+    """How a config value is written as an MLflow param (``RunConfig.from_flat`` reads it back)."""
+    if isinstance(value, tuple | list):
+        return "(" + ", ".join(str(v) for v in value) + ")"
+    return str(value)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, *, wait: bool = True) -> Iterator[bool]:
+    """An exclusive ``flock`` on ``path``; yields False (instead of blocking) when ``wait`` is off
+    and another process holds it. The OS drops the lock when its holder dies, even by SIGKILL."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _retry_locked(fn: Callable[[], T]) -> T:
+    """Run ``fn``, retrying while SQLite reports the database locked by another worker."""
+    for attempt in range(LOCKED_RETRIES):
+        try:
+            return fn()
+        except MlflowException as exc:
+            if "locked" not in str(exc).lower() or attempt == LOCKED_RETRIES - 1:
+                raise
+            time.sleep(LOCKED_BACKOFF_S * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+# --------------------------------------------------------------------------- runs
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """A run as crener sees it: ids, MLflow status, ``crener.state`` and its data."""
+
+    run_id: str
+    experiment_id: str
+    status: str  # MLflow status: RUNNING | FINISHED | FAILED | KILLED | SCHEDULED
+    state: str  # the crener.state tag ("" when missing)
+    start_time: int  # ms since the epoch
+    tags: dict[str, str] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return self.state == STATE_FINISHED
+
+    @classmethod
+    def from_mlflow(cls, run: Any) -> RunInfo:
+        return cls(
+            run_id=run.info.run_id,
+            experiment_id=run.info.experiment_id,
+            status=run.info.status,
+            state=run.data.tags.get("crener.state", ""),
+            start_time=int(run.info.start_time or 0),
+            tags=dict(run.data.tags),
+            params=dict(run.data.params),
+            metrics=dict(run.data.metrics),
+        )
+
+
+class Tracker:
+    """One tracking store: experiments, run lookup by key, starting and resuming runs."""
+
+    def __init__(self, uri: str | None = None):
+        self.uri = uri or tracking_uri()
+        self.client = MlflowClient(tracking_uri=self.uri)
+        db = sqlite_path(self.uri)
+        if db is not None:
+            # Creating a SQLite store runs schema migrations; two workers doing it at once on a
+            # fresh file collide, so the first touch is serialised through a lock beside it.
+            with file_lock(db.with_name(db.name + ".init.lock")):
+                self.client.search_experiments(max_results=1)
+
+    # ---- experiments
+    def experiment_id(self, name: str) -> str:
+        """Get or create the experiment ``name`` (artifacts beside a SQLite store)."""
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            if exp.lifecycle_stage == "deleted":
+                self.client.restore_experiment(exp.experiment_id)
+            return exp.experiment_id
+        root = artifact_root(self.uri)
+        location = f"{root}/{name}" if root else None
+        try:
+            return _retry_locked(lambda: self.client.create_experiment(name, artifact_location=location))
+        except MlflowException:
+            # Another worker created it between our lookup and our insert.
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    def crener_experiment_ids(self, *, include_tune: bool = False) -> list[str]:
+        exps = self.client.search_experiments(filter_string="name LIKE 'crener-%'")
+        return [
+            e.experiment_id
+            for e in exps
+            if include_tune or not e.name.startswith(experiment_name("tune", ""))
+        ]
+
+    # ---- lookup
+    def find_runs(self, key: str, *, include_tune: bool = False) -> list[RunInfo]:
+        """Active runs tagged ``crener.key = key`` in any crener experiment, oldest first.
+
+        Tune trials share keys with sweep cells but are never reused, so they are left out."""
+        ids = self.crener_experiment_ids(include_tune=include_tune)
+        if not ids:
+            return []
+        runs = self.client.search_runs(
+            ids,
+            filter_string=f"tags.`crener.key` = '{key}'",
+            run_view_type=ViewType.ACTIVE_ONLY,
+            max_results=1000,
+        )
+        found = [RunInfo.from_mlflow(r) for r in runs]
+        if not include_tune:
+            found = [r for r in found if r.tags.get("crener.sweep") != "tune"]
+        return sorted(found, key=lambda r: (r.start_time, r.run_id))
+
+    def get_run(self, run_id: str) -> RunInfo:
+        return RunInfo.from_mlflow(self.client.get_run(run_id))
+
+    def search(self, experiment: str, filter_string: str = "") -> list[RunInfo]:
+        """Active runs of experiment ``experiment`` (by name) matching an MLflow filter string."""
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            return []
+        runs = self.client.search_runs(
+            [exp.experiment_id], filter_string=filter_string, run_view_type=ViewType.ACTIVE_ONLY
+        )
+        return sorted((RunInfo.from_mlflow(r) for r in runs), key=lambda r: (r.start_time, r.run_id))
+
+    def delete_run(self, run_id: str) -> None:
+        self.client.delete_run(run_id)
+
+    # ---- starting
+    def start_run(
+        self,
+        cfg: RunConfig,
+        *,
+        sweep: str,
+        resume_run_id: str | None = None,
+        parent_run_id: str | None = None,
+        experiment: str | None = None,
+        name: str | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> RunLogger:
+        """A new run for ``cfg``, or ``resume_run_id`` reopened (same id, status back to RUNNING)."""
+        if sweep not in SWEEPS:
+            raise ValueError(f"sweep {sweep!r} is not one of {', '.join(SWEEPS)}")
+        all_tags = {**run_tags(cfg, sweep), **(tags or {}), "crener.state": STATE_RUNNING}
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        if resume_run_id is not None:
+            _retry_locked(lambda: self.client.update_run(resume_run_id, status="RUNNING"))
+            logger = RunLogger(self.client, resume_run_id, resumed=True)
+            logger.set_tags(all_tags)
+            log.info("resuming MLflow run %s (%s)", resume_run_id, run_name(cfg))
+            return logger
+        exp_id = self.experiment_id(experiment or experiment_name(sweep, cfg.profile))
+        run = _retry_locked(
+            lambda: self.client.create_run(exp_id, run_name=name or run_name(cfg), tags=all_tags)
+        )
+        log.info("MLflow run %s (%s) in experiment %s", run.info.run_id, run_name(cfg), exp_id)
+        return RunLogger(self.client, run.info.run_id, resumed=False)
+
+    def start_parent(self, experiment: str, *, name: str, tags: dict[str, str]) -> RunLogger:
+        """The one parent run tagged ``tags`` in ``experiment``, created if missing.
+
+        Several workers may start at once: each creates one if it finds none, then all keep the
+        oldest and delete the others, so exactly one parent survives without a shared lock."""
+        exp_id = self.experiment_id(experiment)
+        flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+
+        def matching() -> list[RunInfo]:
+            runs = self.client.search_runs([exp_id], filter_string=flt, run_view_type=ViewType.ACTIVE_ONLY)
+            return sorted((RunInfo.from_mlflow(r) for r in runs), key=lambda r: (r.start_time, r.run_id))
+
+        found = matching()
+        if not found:
+            created = _retry_locked(lambda: self.client.create_run(exp_id, run_name=name, tags=dict(tags)))
+            found = matching()
+            if created.info.run_id != found[0].run_id:
+                self.client.delete_run(created.info.run_id)
+        return RunLogger(self.client, found[0].run_id, resumed=True)
+
+    # ---- reading back
+    def load_summary(self, run: RunInfo) -> dict[str, Any]:
+        """The run's ``summary.json`` artifact, or one rebuilt from its ``best/*`` metrics."""
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                path = self.client.download_artifacts(run.run_id, "summary.json", tmp)
+                return json.loads(Path(path).read_text(encoding="utf-8"))
+            except (MlflowException, OSError, ValueError):
+                pass
+        m = run.metrics
+
+        def split(name: str) -> dict[str, float]:
+            return {k: m.get(f"best/{name}_{k}", math.nan) for k in ("precision", "recall", "f1")}
+
+        return {
+            "dev": split("dev"),
+            "test": split("test"),
+            "best_epoch": int(m.get("best/epoch", 0)),
+            "seconds": m.get("seconds", math.nan),
+            "parameters": int(m.get("parameters", 0)),
+            "key": run.tags.get("crener.key", ""),
+        }
+
+
+class RunLogger:
+    """One MLflow run, and a ``fit`` callback that writes into it.
+
+    ``on_start`` and ``on_epoch_end`` follow ``crener.train.fit``'s callback contract. Metrics
+    already logged at a step are skipped, so a resumed fit replaying its history is harmless.
+    """
+
+    def __init__(self, client: MlflowClient, run_id: str, *, resumed: bool):
+        self.client = client
+        self.run_id = run_id
+        self._logged_steps: dict[str, set[int]] = {}
+        self._params: dict[str, str] = {}
+        if resumed:
+            run = client.get_run(run_id)
+            self._params = dict(run.data.params)
+            for key in run.data.metrics:
+                history = client.get_metric_history(run_id, key)
+                self._logged_steps[key] = {m.step for m in history}
+
+    # ---- fit callback
+    def on_start(self, info: dict[str, Any]) -> None:
+        extra = {k: info[k] for k in ("num_labels", "parameters") if k in info}
+        self.log_params(extra)
+        if info.get("resumed_from_epoch"):
+            self.set_tags({"crener.resumed_from_epoch": str(info["resumed_from_epoch"])})
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        self.log_metrics(metrics, step=int(epoch))
+
+    # ---- primitives
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Log params not logged yet; a changed value keeps the first one and warns."""
+        new: dict[str, str] = {}
+        for key, value in params.items():
+            text = param_value(value)
+            old = self._params.get(key)
+            if old is None:
+                new[key] = text
+            elif old != text:
+                log.warning("param %s was logged as %r; keeping it (now %r)", key, old, text)
+        if not new:
+            return
+        items = [Param(k, v) for k, v in new.items()]
+        # MLflow accepts at most 100 params per batch.
+        for i in range(0, len(items), 100):
+            _retry_locked(lambda chunk=items[i : i + 100]: self.client.log_batch(self.run_id, params=chunk))
+        self._params.update(new)
+
+    def log_config(self, cfg: RunConfig, extra: dict[str, Any] | None = None) -> None:
+        self.log_params({**cfg.flatten(), **(extra or {})})
+
+    def log_metrics(self, metrics: dict[str, float], *, step: int = 0) -> None:
+        """Log each finite metric at ``step`` unless that step is already in its history."""
+        now = int(time.time() * 1000)
+        batch = []
+        for key, value in metrics.items():
+            if value is None or step in self._logged_steps.get(key, set()):
+                continue
+            value = float(value)
+            if math.isnan(value):
+                continue
+            batch.append(Metric(key, value, now, step))
+        if batch:
+            _retry_locked(lambda: self.client.log_batch(self.run_id, metrics=batch))
+            for m in batch:
+                self._logged_steps.setdefault(m.key, set()).add(step)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        batch = [RunTag(k, str(v)) for k, v in tags.items()]
+        _retry_locked(lambda: self.client.log_batch(self.run_id, tags=batch))
+
+    def log_artifacts(self, workdir: Path) -> None:
+        """Upload the workdir files of the contract that exist (re-uploading overwrites)."""
+        for rel in ARTIFACT_FILES:
+            path = Path(workdir) / rel
+            if path.is_file():
+                parent = str(Path(rel).parent)
+                self.client.log_artifact(self.run_id, str(path), None if parent == "." else parent)
+
+    # ---- end of run
+    def log_summary(self, summary: dict[str, Any]) -> None:
+        """Final metrics from fit's summary: ``best/*``, ``seconds``, ``parameters``."""
+        final: dict[str, float] = {}
+        for split in ("dev", "test"):
+            for name in ("precision", "recall", "f1"):
+                value = (summary.get(split) or {}).get(name)
+                if value is not None:
+                    final[f"best/{split}_{name}"] = value
+        for src, dst in (("best_epoch", "best/epoch"), ("seconds", "seconds"), ("parameters", "parameters")):
+            if summary.get(src) is not None:
+                final[dst] = summary[src]
+        self.log_metrics(final, step=0)
+        self.log_params({k: summary[k] for k in ("num_labels", "parameters") if summary.get(k) is not None})
+
+    def finish(self, summary: dict[str, Any] | None = None, workdir: Path | None = None, **tags: str) -> None:
+        if summary is not None:
+            self.log_summary(summary)
+        if workdir is not None:
+            self.log_artifacts(workdir)
+        self.set_tags({"crener.state": STATE_FINISHED, **tags})
+        _retry_locked(lambda: self.client.set_terminated(self.run_id, "FINISHED"))
+
+    def fail(self, error: BaseException | str, *, killed: bool = False) -> None:
+        """Mark the run failed (``killed``: interrupted by the user); it stays resumable."""
+        text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        try:
+            self.set_tags({"crener.state": STATE_FAILED, "crener.error": text[:MAX_TAG_CHARS]})
+            _retry_locked(lambda: self.client.set_terminated(self.run_id, "KILLED" if killed else "FAILED"))
+        except Exception:  # noqa: BLE001 - never hide the original error behind a logging one
+            log.exception("could not mark MLflow run %s failed", self.run_id)

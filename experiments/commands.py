@@ -1,0 +1,279 @@
+"""``crener reproduce``, ``crener tune`` and ``crener ui``: argument parsing and progress logs only.
+
+The work lives in :mod:`experiments.sweeps` (what to run), :mod:`experiments.run` (running one
+cell once) and :mod:`experiments.tune` (Optuna); MLflow details stay in :mod:`crener.tracking`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import ipaddress
+import logging
+import subprocess
+import sys
+import time
+from typing import Any
+
+from crener.config import MODEL_DEFAULTS, PROFILES, VARIANTS, parse_set
+from crener.errors import CrenerError
+
+log = logging.getLogger(__name__)
+
+REPORT_MODULE = "reports.make_report"
+DEFAULT_UI_PORT = 5000
+LOOPBACK = "127.0.0.1"
+
+
+def register(subparsers: Any) -> None:
+    _register_reproduce(subparsers)
+    _register_tune(subparsers)
+    _register_ui(subparsers)
+
+
+# --------------------------------------------------------------------------- reproduce
+
+
+def _worker(text: str) -> tuple[int, int]:
+    index, sep, count = text.partition("/")
+    try:
+        if not sep:
+            raise ValueError
+        i, n = int(index), int(count)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N (e.g. 0/4), got {text!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"expected 0 <= I < N, got {text!r}")
+    return i, n
+
+
+def _register_reproduce(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "reproduce",
+        help="train every cell of Tables 2-6 (skips finished runs, resumes killed ones), then report",
+        description="Expand the main (Tables 2-5) and ablation (Table 6) sweeps and run each cell once. "
+        "Finished cells are skipped and interrupted ones resume, so the command can be rerun at will.",
+    )
+    p.add_argument("--profile", choices=list(PROFILES), help="budget (default: each sweep's, quick)")
+    p.add_argument("--only", nargs="+", metavar="SEL", help="table2 .. table6, main or ablation")
+    p.add_argument("--datasets", nargs="+", metavar="D", help="restrict to these datasets")
+    p.add_argument("--seeds", nargs="+", type=int, metavar="S", help="seeds (default: the profile's)")
+    p.add_argument("--models", nargs="+", choices=list(MODEL_DEFAULTS), metavar="M", help="restrict models")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), metavar="V", help="restrict variants")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)"
+    )
+    p.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="overrides file, e.g. from tune --export",
+    )
+    p.add_argument(
+        "--data-root", metavar="D", help="dataset root (default: $CRENER_DATA, then ../shared/data)"
+    )
+    p.add_argument("--runs-dir", metavar="D", help="workdirs root (default: $CRENER_RUNS, then ./runs)")
+    p.add_argument("--worker", type=_worker, metavar="I/N", help="take cells whose index %% N == I")
+    p.add_argument("--no-report", action="store_true", help="do not build the report at the end")
+    p.add_argument("--dry-run", action="store_true", help="list the cells and exit")
+    p.set_defaults(func=cmd_reproduce)
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from experiments.run import CellBusy, run_one
+    from experiments.sweeps import SWEEP_NAMES, load_overrides, plan, shard, unused_overrides
+
+    sets = parse_set(args.set)
+    cells = plan(
+        SWEEP_NAMES,
+        args.profile,
+        only=args.only,
+        datasets=args.datasets,
+        seeds=args.seeds,
+        models=args.models,
+        variants=args.variants,
+        configs=args.config,
+        sets=sets,
+    )
+    for ov in unused_overrides(cells, (o for path in args.config for o in load_overrides(path))):
+        log.warning("an override in %s matches no cell: %s", ov.source, ov.values)
+    total = len(cells)
+    if args.worker:
+        cells = shard(cells, *args.worker)
+        log.info("worker %d/%d: %d of %d cells", args.worker[0], args.worker[1], len(cells), total)
+    if args.dry_run:
+        for cell in cells:
+            print(f"{cell.sweep:9s} {cell.cfg.profile:6s} {cell.cfg.key()} {cell.label}")
+        return 0
+
+    failed: list[tuple[str, str]] = []
+    busy = []
+    counts = {"ran": 0, "skipped": 0}
+
+    def run(index: int, cell: Any, *, wait: bool) -> None:
+        tag = f"[{index}/{len(cells)}] {cell.sweep} {cell.label} ({cell.cfg.key()})"
+        log.info("%s: start", tag)
+        t0 = time.monotonic()
+        try:
+            out = run_one(
+                cell.cfg, sweep=cell.sweep, runs_dir=args.runs_dir, data_root=args.data_root, wait=wait
+            )
+        except CellBusy:
+            log.info("%s: held by another worker, retried at the end", tag)
+            busy.append((index, cell))
+            return
+        except Exception as exc:  # noqa: BLE001 - one broken cell must not stop the sweep
+            msg = f"{type(exc).__name__}: {exc}"
+            log.error("%s: FAILED: %s", tag, msg, exc_info=log.isEnabledFor(logging.DEBUG))
+            failed.append((cell.label, msg))
+            return
+        counts["skipped" if out.get("skipped") else "ran"] += 1
+        log.info(
+            "%s: %s dev F1 %.4f, test F1 %.4f (%.0f s)",
+            tag,
+            "already finished," if out.get("skipped") else "done,",
+            out.get("dev", {}).get("f1", float("nan")),
+            out.get("test", {}).get("f1", float("nan")),
+            time.monotonic() - t0,
+        )
+
+    for index, cell in enumerate(cells, 1):
+        run(index, cell, wait=False)
+    # Cells another worker was running: wait for it, then they are usually just skipped.
+    deferred, busy = busy, []
+    for index, cell in deferred:
+        run(index, cell, wait=True)
+
+    log.info(
+        "%d cell(s): %d trained, %d already finished, %d failed",
+        len(cells),
+        counts["ran"],
+        counts["skipped"],
+        len(failed),
+    )
+    for label, msg in failed:
+        log.error("failed cell %s: %s", label, msg)
+    rc = 1 if failed else 0
+    if not args.no_report:
+        if args.worker and args.worker[1] > 1:
+            log.info("several workers: run `crener report` once all of them are done")
+        else:
+            rc = max(rc, _report(sorted({c.cfg.profile for c in cells})))
+    return rc
+
+
+def _report(profiles: list[str]) -> int:
+    try:
+        module = importlib.import_module(REPORT_MODULE)
+    except ModuleNotFoundError as exc:
+        if exc.name and REPORT_MODULE.startswith(exc.name):
+            log.info("no %s module yet: report skipped", REPORT_MODULE)
+            return 0
+        raise
+    rc = 0
+    for profile in profiles:
+        try:
+            module.main(profile=profile)
+        except Exception:  # noqa: BLE001 - the runs are safe in MLflow; say so and carry on
+            log.exception(
+                "report for profile %s failed (rerun `crener report --profile %s`)", profile, profile
+            )
+            rc = 1
+    return rc
+
+
+# --------------------------------------------------------------------------- tune
+
+
+def _register_tune(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "tune",
+        help="Optuna search on one dataset (shared study: start it in several processes)",
+        description="Run N trials of a shared Optuna study (TPE, median pruning on dev F1). Several "
+        "processes with the same --storage and --study-name work on one study.",
+    )
+    p.add_argument("--dataset", required=True, help="dataset to tune on")
+    p.add_argument("--model", default="crener", choices=list(MODEL_DEFAULTS))
+    p.add_argument("--variant", default="full", choices=list(VARIANTS))
+    p.add_argument("--profile", default="quick", choices=list(PROFILES))
+    p.add_argument("--trials", type=int, required=True, help="trials run by this process")
+    p.add_argument(
+        "--storage", help="Optuna storage URL (default sqlite:///optuna.db; postgresql://... to scale out)"
+    )
+    p.add_argument("--study-name", help="default crener-{model}-{variant}-{dataset}-{profile}")
+    p.add_argument("--timeout", type=float, metavar="S", help="stop starting trials after S seconds")
+    p.add_argument(
+        "--seed", type=int, default=0, help="sampler seed (give concurrent workers different ones)"
+    )
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="fixed override for every trial"
+    )
+    p.add_argument("--export", metavar="PATH", help="write the best params as a --config file for reproduce")
+    p.add_argument("--data-root", metavar="D")
+    p.add_argument("--runs-dir", metavar="D", help="trial workdirs go to <runs>/tune/<study>/trial-NNNN")
+    p.set_defaults(func=cmd_tune)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from experiments.tune import export_best, tune
+
+    sets = parse_set(args.set)
+    study = tune(
+        dataset=args.dataset,
+        trials=args.trials,
+        model=args.model,
+        variant=args.variant,
+        profile=args.profile,
+        storage=args.storage,
+        study_name=args.study_name,
+        timeout=args.timeout,
+        seed=args.seed,
+        sets=sets,
+        data_root=args.data_root,
+        runs_dir=args.runs_dir,
+    )
+    if args.export:
+        export_best(study, args.export, sets=sets)
+    return 0
+
+
+# --------------------------------------------------------------------------- ui
+
+
+def _register_ui(subparsers: Any) -> None:
+    p = subparsers.add_parser("ui", help="MLflow UI on the tracking store (127.0.0.1, one worker)")
+    p.add_argument("--port", type=int, default=DEFAULT_UI_PORT)
+    p.add_argument("--host", default=LOOPBACK, help="bind address (default 127.0.0.1: this machine only)")
+    p.set_defaults(func=cmd_ui)
+
+
+def ui_command(uri: str, host: str, port: int) -> list[str]:
+    """The ``mlflow ui`` command line for store ``uri`` (artifacts beside a SQLite store)."""
+    from crener.tracking import ARTIFACT_DIR_NAME, sqlite_path
+
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri]
+    cmd += ["--host", host, "--port", str(port), "--workers", "1"]
+    db = sqlite_path(uri)
+    if db is not None:
+        cmd += ["--artifacts-destination", str(db.parent / ARTIFACT_DIR_NAME)]
+    return cmd
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from crener.tracking import tracking_uri
+
+    uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        raise CrenerError(f"MLFLOW_TRACKING_URI={uri} is already a server: open it in a browser")
+    try:
+        if not ipaddress.ip_address(args.host).is_loopback:
+            log.warning("binding %s exposes the UI (no authentication) beyond this machine", args.host)
+    except ValueError:
+        log.warning("binding host name %s: make sure that is intended", args.host)
+    shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    log.info("MLflow UI at http://%s:%d (store %s); Ctrl-C stops it", shown, args.port, uri)
+    try:
+        return subprocess.run(ui_command(uri, args.host, args.port), check=False).returncode
+    except KeyboardInterrupt:
+        return 0

@@ -1,0 +1,178 @@
+"""One sweep cell, run at most once: workdir, per-key lock, MLflow run reuse, resume.
+
+``run_one(cfg)`` trains ``cfg`` in ``runs/{profile}/{key}`` through ``crener.train.fit`` and
+tracks it in MLflow. Its guarantees, for a key:
+
+- a ``finished`` MLflow run means done: it is skipped and its summary returned;
+- a ``running`` (killed), ``failed`` or interrupted run is reopened under the same run id and
+  ``fit`` continues from ``checkpoints/last.pt``; its already-logged epochs are not re-logged;
+- there is never more than one MLflow run: a lock file per key (``flock``, dropped by the OS
+  even when its holder is SIGKILLed) serialises workers, and lookup + creation happen under it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from crener.config import RunConfig
+from crener.errors import CrenerError
+
+log = logging.getLogger(__name__)
+
+RUNS_ENV = "CRENER_RUNS"
+DEFAULT_RUNS_DIR = "runs"
+LOCK_DIR_NAME = ".locks"
+SUMMARY_FILE = "summary.json"
+HISTORY_FILE = "history.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+class CellBusy(CrenerError):
+    """Another process holds this cell's lock (and ``wait`` was off)."""
+
+
+def resolve_runs_dir(path: str | Path | None = None) -> Path:
+    """``path``, else ``$CRENER_RUNS``, else ``./runs``."""
+    return Path(path or os.environ.get(RUNS_ENV) or DEFAULT_RUNS_DIR)
+
+
+def workdir_for(cfg: RunConfig, root: str | Path | None = None) -> Path:
+    return resolve_runs_dir(root) / cfg.profile / cfg.key()
+
+
+def lock_path(cfg: RunConfig, root: str | Path | None = None) -> Path:
+    return resolve_runs_dir(root) / cfg.profile / LOCK_DIR_NAME / f"{cfg.key()}.lock"
+
+
+def read_summary(workdir: Path) -> dict[str, Any] | None:
+    """``summary.json`` of a finished workdir (fit writes it last), else None."""
+    path = Path(workdir) / SUMMARY_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return None  # a torn write: the run is not finished
+
+
+def history_epochs(workdir: Path) -> list[tuple[int, dict[str, float]]]:
+    """``[(epoch, metrics), ...]`` from ``history.json`` (a list of per-epoch records, or
+    ``{"epochs": [...]}``); epochs are 1-based when a record has no ``epoch`` field."""
+    path = Path(workdir) / HISTORY_FILE
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    records = raw.get("epochs", raw.get("history", [])) if isinstance(raw, dict) else raw
+    out = []
+    for i, rec in enumerate(records if isinstance(records, list) else []):
+        if not isinstance(rec, dict):
+            continue
+        epoch = int(rec.get("epoch", i + 1))
+        metrics = rec.get("metrics", rec)
+        out.append((epoch, {k: float(v) for k, v in metrics.items() if k != "epoch" and _is_number(v)}))
+    return out
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _fit(
+    cfg: RunConfig, workdir: Path, *, callback: Any, resume: bool, data_root: str | None
+) -> dict[str, Any]:
+    # Imported here: the training stack (torch) is only loaded when a cell actually trains.
+    from crener.train import fit
+
+    return fit(cfg, workdir, callback=callback, resume=resume, data_root=data_root)
+
+
+def run_one(
+    cfg: RunConfig,
+    *,
+    sweep: str = "adhoc",
+    runs_dir: str | Path | None = None,
+    resume: bool = True,
+    track: bool = True,
+    data_root: str | None = None,
+    wait: bool = True,
+) -> dict[str, Any]:
+    """Train ``cfg`` unless it already finished; returns fit's summary plus ``run_id``,
+    ``workdir`` and ``skipped``.
+
+    ``resume=False`` restarts an unfinished cell from scratch (its old MLflow run is deleted,
+    so there is still one run per key); a finished cell is skipped either way. ``wait=False``
+    raises :class:`CellBusy` instead of waiting for a worker that holds the cell.
+    """
+    root = resolve_runs_dir(runs_dir)
+    workdir = workdir_for(cfg, root)
+    from crener.tracking import file_lock  # light: mlflow is imported with it only when tracking
+
+    with file_lock(lock_path(cfg, root), wait=wait) as held:
+        if not held:
+            raise CellBusy(f"{cfg.key()} is being run by another worker")
+        if track:
+            return _run_tracked(cfg, workdir, sweep=sweep, resume=resume, data_root=data_root)
+        return _run_untracked(cfg, workdir, resume=resume, data_root=data_root)
+
+
+def _run_untracked(cfg: RunConfig, workdir: Path, *, resume: bool, data_root: str | None) -> dict[str, Any]:
+    done = read_summary(workdir)
+    if done is not None:
+        return {**done, "run_id": None, "workdir": str(workdir), "skipped": True}
+    if not resume:
+        _clear(workdir)
+    summary = _fit(cfg, workdir, callback=None, resume=resume, data_root=data_root)
+    return {**summary, "run_id": None, "workdir": str(workdir), "skipped": False}
+
+
+def _run_tracked(
+    cfg: RunConfig, workdir: Path, *, sweep: str, resume: bool, data_root: str | None
+) -> dict[str, Any]:
+    from crener.tracking import Tracker
+
+    tracker = Tracker()
+    runs = tracker.find_runs(cfg.key())
+    if len(runs) > 1:
+        log.warning("%d MLflow runs share key %s; using %s", len(runs), cfg.key(), runs[0].run_id)
+    finished = next((r for r in runs if r.finished), None)
+    if finished is not None:
+        summary = read_summary(workdir) or tracker.load_summary(finished)
+        log.info("%s already finished (run %s): skipped", cfg.key(), finished.run_id)
+        return {**summary, "run_id": finished.run_id, "workdir": str(workdir), "skipped": True}
+
+    previous = runs[0] if runs else None
+    if previous is not None and not resume:
+        log.info("restarting %s from scratch: deleting unfinished run %s", cfg.key(), previous.run_id)
+        tracker.delete_run(previous.run_id)
+        previous = None
+        _clear(workdir)
+    logger = tracker.start_run(cfg, sweep=sweep, resume_run_id=previous.run_id if previous else None)
+    try:
+        logger.log_config(cfg)
+        summary = read_summary(workdir)
+        if summary is not None:
+            # Killed between fit's last write and our bookkeeping: log it from disk, do not retrain.
+            for epoch, metrics in history_epochs(workdir):
+                logger.on_epoch_end(epoch, metrics)
+        else:
+            summary = _fit(cfg, workdir, callback=logger, resume=resume, data_root=data_root)
+        logger.finish(summary, workdir)
+    except KeyboardInterrupt:
+        logger.fail("interrupted", killed=True)
+        raise
+    except BaseException as exc:
+        logger.fail(exc)
+        raise
+    return {**summary, "run_id": logger.run_id, "workdir": str(workdir), "skipped": False}
+
+
+def _clear(workdir: Path) -> None:
+    """Forget a previous attempt: checkpoints, history and outputs."""
+    if workdir.exists():
+        shutil.rmtree(workdir)

@@ -1,0 +1,329 @@
+"""Optuna search over one (model, variant, dataset, profile): objective = best dev F1.
+
+- The search space of each model family is ONE function below (``SEARCH_SPACES``); Optuna
+  parameter names are config keys (``train.lr``), so a trial's params are ``--set`` overrides
+  and the best ones export as an overrides file that ``crener reproduce --config`` reads.
+- Seeded ``TPESampler``; ``MedianPruner`` on per-epoch dev F1, reported from fit's
+  ``on_epoch_end`` (which raises ``optuna.TrialPruned`` out of fit).
+- Storage defaults to ``sqlite:///optuna.db`` and studies are opened with ``load_if_exists``, so
+  any number of worker processes (or machines, with a PostgreSQL/MySQL URL) share one study.
+- MLflow: one parent run per study in ``crener-tune-{profile}``; each trial is a nested run
+  with the usual crener tags and params, per-epoch metrics and ``best/*``. Trials have their
+  own workdir ``runs/tune/{study}/trial-NNNN`` and never use the sweep's skip-by-key logic.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from crener.config import RunConfig, build_run_config
+from crener.errors import CrenerError
+from crener.tracking import RunLogger, Tracker, experiment_name, file_lock, run_name, sqlite_path
+from experiments.run import resolve_runs_dir
+from experiments.sweeps import IDENTITY_KEYS, format_toml_value
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STORAGE = "sqlite:///optuna.db"
+OBJECTIVE_METRIC = "dev/f1"
+TPE_STARTUP_TRIALS = 5  # random trials before TPE models the space
+PRUNER_STARTUP_TRIALS = 3  # trials that run to the end before anything is pruned
+PRUNER_WARMUP_EPOCHS = 1  # no pruning on the first epoch's (noisy) dev F1
+LR_SPAN = 10.0  # learning rates are searched within [base / span, base * span] (log scale)
+SQLITE_TIMEOUT_S = 60  # concurrent workers wait this long for SQLite's single writer
+
+
+# --------------------------------------------------------------------------- search spaces
+# Each returns ``--set``-style overrides. Widths and batch budgets are chosen around the
+# profile's own values, so one space serves smoke (tiny) to paper (BERT-base) budgets.
+
+
+def _lr(trial: optuna.Trial, key: str, base: float) -> float:
+    return trial.suggest_float(key, base / LR_SPAN, base * LR_SPAN, log=True)
+
+
+def _widths(base: int, multiple: int = 1) -> list[int]:
+    """Half, same and double the profile's width, each rounded to a multiple of ``multiple``."""
+    out = sorted({max(multiple, round(w / multiple) * multiple) for w in (base // 2, base, base * 2)})
+    return out
+
+
+def _batch(trial: optuna.Trial, base: RunConfig) -> dict[str, Any]:
+    if base.train.max_cells:
+        return {
+            "train.max_cells": trial.suggest_categorical("train.max_cells", _widths(base.train.max_cells))
+        }
+    return {"train.batch_size": trial.suggest_categorical("train.batch_size", _widths(base.train.batch_size))}
+
+
+def space_crener(trial: optuna.Trial, base: RunConfig) -> dict[str, Any]:
+    """CRENER: learning rates, widths, dropouts, enhancement rounds, batch budget."""
+    m = base.model
+    heads = math.lcm(m.tf_heads, m.enh_heads)
+    values: dict[str, Any] = {
+        "train.lr": _lr(trial, "train.lr", base.train.lr),
+        "train.encoder_lr": _lr(trial, "train.encoder_lr", base.train.encoder_lr),
+        "model.hidden": trial.suggest_categorical("model.hidden", _widths(m.hidden, heads)),
+        "model.conv_channels": trial.suggest_categorical("model.conv_channels", _widths(m.conv_channels)),
+        "model.biaffine_dim": trial.suggest_categorical("model.biaffine_dim", _widths(m.biaffine_dim)),
+        "model.emb_dropout": trial.suggest_float("model.emb_dropout", 0.0, 0.5),
+        "model.conv_dropout": trial.suggest_float("model.conv_dropout", 0.0, 0.5),
+        "model.out_dropout": trial.suggest_float("model.out_dropout", 0.0, 0.5),
+        **_batch(trial, base),
+    }
+    if m.use_relation_enhancement:  # rounds is fixed at 1 without it
+        values["model.rounds"] = trial.suggest_int("model.rounds", 2, 4)
+    return values
+
+
+def space_w2ner(trial: optuna.Trial, base: RunConfig) -> dict[str, Any]:
+    """W2NER: learning rates, BiLSTM/conv/biaffine widths, dropouts, batch budget."""
+    m = base.model
+    return {
+        "train.lr": _lr(trial, "train.lr", base.train.lr),
+        "train.encoder_lr": _lr(trial, "train.encoder_lr", base.train.encoder_lr),
+        "model.lstm_hidden": trial.suggest_categorical("model.lstm_hidden", _widths(m.lstm_hidden, 2)),
+        "model.conv_channels": trial.suggest_categorical("model.conv_channels", _widths(m.conv_channels)),
+        "model.biaffine_dim": trial.suggest_categorical("model.biaffine_dim", _widths(m.biaffine_dim)),
+        "model.emb_dropout": trial.suggest_float("model.emb_dropout", 0.0, 0.5),
+        "model.conv_dropout": trial.suggest_float("model.conv_dropout", 0.0, 0.5),
+        "model.out_dropout": trial.suggest_float("model.out_dropout", 0.0, 0.5),
+        **_batch(trial, base),
+    }
+
+
+def space_bert_tagger(trial: optuna.Trial, base: RunConfig) -> dict[str, Any]:
+    """BERT-Softmax / BERT-CRF: learning rates, dropout, batch budget."""
+    return {
+        "train.lr": _lr(trial, "train.lr", base.train.lr),
+        "train.encoder_lr": _lr(trial, "train.encoder_lr", base.train.encoder_lr),
+        "model.emb_dropout": trial.suggest_float("model.emb_dropout", 0.0, 0.5),
+        **_batch(trial, base),
+    }
+
+
+def space_tener(trial: optuna.Trial, base: RunConfig) -> dict[str, Any]:
+    """TENER: learning rates, width, depth, Transformer dropout, batch budget."""
+    m = base.model
+    return {
+        "train.lr": _lr(trial, "train.lr", base.train.lr),
+        "train.encoder_lr": _lr(trial, "train.encoder_lr", base.train.encoder_lr),
+        "model.hidden": trial.suggest_categorical("model.hidden", _widths(m.hidden, m.tf_heads)),
+        "model.tf_layers": trial.suggest_int("model.tf_layers", 1, max(2, m.tf_layers)),
+        "model.tf_dropout": trial.suggest_float("model.tf_dropout", 0.0, 0.4),
+        **_batch(trial, base),
+    }
+
+
+SEARCH_SPACES: dict[str, Callable[[optuna.Trial, RunConfig], dict[str, Any]]] = {
+    "crener": space_crener,
+    "w2ner": space_w2ner,
+    "bert_softmax": space_bert_tagger,
+    "bert_crf": space_bert_tagger,
+    "tener": space_tener,
+}
+
+
+# --------------------------------------------------------------------------- study plumbing
+
+
+def default_study_name(model: str, variant: str, dataset: str, profile: str) -> str:
+    return f"crener-{model}-{variant}-{dataset}-{profile}"
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """An RDB storage; for SQLite, a long lock timeout and a serialised first schema setup."""
+    db = sqlite_path(url)
+    if db is None:
+        return optuna.storages.RDBStorage(url)
+    with file_lock(db.with_name(db.name + ".init.lock")):
+        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": SQLITE_TIMEOUT_S}})
+
+
+class TrialCallback:
+    """fit callback for one trial: MLflow logging, then Optuna reporting and pruning."""
+
+    def __init__(self, trial: optuna.Trial, logger: RunLogger | None):
+        self.trial = trial
+        self.logger = logger
+
+    def on_start(self, info: dict[str, Any]) -> None:
+        if self.logger is not None:
+            self.logger.on_start(info)
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        if self.logger is not None:
+            self.logger.on_epoch_end(epoch, metrics)
+        value = metrics.get(OBJECTIVE_METRIC)
+        if value is None or math.isnan(value):
+            return
+        self.trial.report(float(value), step=int(epoch))
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at epoch {epoch} ({OBJECTIVE_METRIC}={value:.4f})")
+
+
+def _fit(cfg: RunConfig, workdir: Path, *, callback: Any, data_root: str | None) -> dict[str, Any]:
+    from crener.train import fit  # torch is loaded only when a trial trains
+
+    return fit(cfg, workdir, callback=callback, resume=False, data_root=data_root)
+
+
+def tune(
+    *,
+    dataset: str,
+    trials: int,
+    model: str = "crener",
+    variant: str = "full",
+    profile: str = "quick",
+    storage: str | None = None,
+    study_name: str | None = None,
+    timeout: float | None = None,
+    seed: int = 0,
+    sets: dict[str, Any] | None = None,
+    data_root: str | None = None,
+    runs_dir: str | Path | None = None,
+    track: bool = True,
+) -> optuna.Study:
+    """Run ``trials`` trials in this process on the shared study; returns the study.
+
+    ``seed`` seeds the sampler, offset by the number of trials already in the study so that a
+    worker joining later does not replay earlier random proposals; workers started at the
+    same moment should be given different seeds. Trials train with the config's own seed.
+    """
+    if model not in SEARCH_SPACES:
+        raise CrenerError(f"no search space for model {model!r}; known: {', '.join(SEARCH_SPACES)}")
+    if trials < 1:
+        raise CrenerError("--trials must be >= 1")
+    try:
+        base = build_run_config(
+            model=model, variant=variant, profile=profile, dataset=dataset, overrides=sets or {}
+        )
+    except (KeyError, ValueError) as exc:
+        raise CrenerError(str(exc)) from exc
+    name = study_name or default_study_name(model, variant, dataset, profile)
+    store = open_storage(storage or DEFAULT_STORAGE)
+    study = optuna.create_study(
+        study_name=name,
+        storage=store,
+        direction="maximize",
+        load_if_exists=True,
+        pruner=optuna.pruners.MedianPruner(
+            n_startup_trials=PRUNER_STARTUP_TRIALS, n_warmup_steps=PRUNER_WARMUP_EPOCHS
+        ),
+    )
+    offset = len(study.trials)
+    study.sampler = optuna.samplers.TPESampler(seed=seed + offset, n_startup_trials=TPE_STARTUP_TRIALS)
+    for key, value in {"model": model, "variant": variant, "dataset": dataset, "profile": profile}.items():
+        study.set_user_attr(key, value)
+
+    tracker = Tracker() if track else None
+    parent = None
+    if tracker is not None:
+        parent = tracker.start_parent(
+            experiment_name("tune", profile),
+            name=name,
+            tags={"crener.study": name, "crener.sweep": "tune", "crener.role": "study"},
+        )
+        parent.set_tags(
+            {
+                "crener.model": model,
+                "crener.variant": variant,
+                "crener.dataset": dataset,
+                "crener.profile": profile,
+            }
+        )
+    trial_root = resolve_runs_dir(runs_dir) / "tune" / _safe(name)
+    fixed = dict(sets or {})
+
+    def objective(trial: optuna.Trial) -> float:
+        values = SEARCH_SPACES[model](trial, base)
+        cfg = base.with_overrides(values)
+        workdir = trial_root / f"trial-{trial.number:04d}"
+        logger = None
+        if tracker is not None:
+            logger = tracker.start_run(
+                cfg,
+                sweep="tune",
+                parent_run_id=parent.run_id,
+                experiment=experiment_name("tune", profile),
+                name=f"{run_name(cfg)}/trial-{trial.number}",
+                tags={"crener.study": name, "crener.trial": str(trial.number)},
+            )
+            logger.log_config(cfg, {"trial.number": trial.number})
+        log.info("trial %d of %s: %s", trial.number, name, values)
+        try:
+            summary = _fit(cfg, workdir, callback=TrialCallback(trial, logger), data_root=data_root)
+        except optuna.TrialPruned:
+            if logger is not None:
+                logger.finish(None, workdir, **{"crener.pruned": "true"})
+            raise
+        except BaseException as exc:
+            if logger is not None:
+                logger.fail(exc, killed=isinstance(exc, KeyboardInterrupt))
+            raise
+        value = float(summary["dev"]["f1"])
+        if logger is not None:
+            logger.finish(summary, workdir)
+            parent.log_metrics({"trial/dev_f1": value}, step=trial.number)
+        return value
+
+    log.info("study %s: %d trial(s) in this worker (%d already in the study)", name, trials, offset)
+    # A trial that runs out of memory fails alone; configuration bugs still stop the worker.
+    study.optimize(objective, n_trials=trials, timeout=timeout, catch=(RuntimeError,))
+    _log_best(study, parent, fixed)
+    return study
+
+
+def _log_best(study: optuna.Study, parent: RunLogger | None, fixed: dict[str, Any]) -> None:
+    try:
+        best = study.best_trial
+    except ValueError:
+        log.warning("study %s has no completed trial yet", study.study_name)
+        return
+    log.info("best trial %d: dev F1 %.4f with %s", best.number, best.value, {**fixed, **best.params})
+    if parent is not None:
+        parent.set_tags({"crener.best_trial": str(best.number), "crener.best_dev_f1": f"{best.value:.6f}"})
+
+
+def export_best(study: optuna.Study, path: str | Path, *, sets: dict[str, Any] | None = None) -> Path:
+    """Write the best trial's params (and the study's fixed ``--set`` values) as an overrides
+    file for ``crener reproduce --config PATH``, filtered to the tuned model, dataset and profile."""
+    try:
+        best = study.best_trial
+    except ValueError:
+        raise CrenerError(f"study {study.study_name!r} has no completed trial to export") from None
+    attrs = study.user_attrs
+    values = {k: v for k, v in {**(sets or {}), **best.params}.items() if k not in IDENTITY_KEYS}
+    lines = [
+        f"# Best trial of Optuna study {study.study_name!r}, exported by `crener tune --export`.",
+        "# Apply with: crener reproduce --config THIS_FILE  (filters below; edit them to widen).",
+        f'description = "tuned {attrs.get("model", "?")} on {attrs.get("dataset", "?")} ({attrs.get("profile", "?")})"',
+        "",
+        "[source]",
+        f"study = {format_toml_value(study.study_name)}",
+        f"trial = {best.number}",
+        f"dev_f1 = {format_toml_value(float(best.value))}",
+        "",
+        "[[overrides]]",
+    ]
+    for key, attr in (("models", "model"), ("datasets", "dataset"), ("profiles", "profile")):
+        if attr in attrs:
+            lines.append(f"{key} = [{format_toml_value(attrs[attr])}]")
+    lines += ["", "[overrides.set]"]
+    lines += [f"{format_toml_value(k)} = {format_toml_value(v)}" for k, v in sorted(values.items())]
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    log.info("best params of %s written to %s", study.study_name, out)
+    return out
