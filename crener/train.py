@@ -35,6 +35,7 @@ from crener.data.schema import Entity, Sentence
 from crener.data.split import Chunk, merge_predictions, split_all
 from crener.encoder import EMBEDDED, CharEncoder, CharTokenizer, build_embedded_encoder, load_pretrained
 from crener.errors import CheckpointError, CrenerError
+from crener.inference import encoder_state
 from crener.metrics import score
 from crener.model import build_model
 from crener.tasks import Task, build_task
@@ -354,6 +355,7 @@ def fit(
             "best_epoch": best_epoch,
             "labels": list(task.names),
             "types": list(data.types),
+            **encoder_state(encoder, tokenizer),
         }
         if improved:
             save_checkpoint(best_path, {**state, "optimizer": {}, "scheduler": {}})

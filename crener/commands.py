@@ -1,0 +1,119 @@
+"""`crener train | evaluate | predict | bench`: argument parsing and printing only.
+
+The work is done by :mod:`crener.train`, :mod:`crener.inference` and :mod:`crener.bench`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from crener.config import MODEL_DEFAULTS, PROFILES, VARIANTS, build_run_config, parse_set
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train one model/variant on one dataset; prints a JSON summary")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--model", default="crener", choices=list(MODEL_DEFAULTS))
+    p.add_argument("--variant", default="full", choices=list(VARIANTS))
+    p.add_argument("--profile", default="quick", choices=list(PROFILES))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--encoder", help="from_pretrained name or path (default: the profile's, usually embedded)")
+    p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE", help="config override")
+    p.add_argument("--data-root", help="dataset directory (default: $CRENER_DATA, then ../shared/data)")
+    p.add_argument("--workdir", help="run directory (default: runs/<profile>/<key>)")
+    p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="score a checkpoint on a dataset split")
+    p.add_argument("--checkpoint", required=True, help="a best.pt / last.pt written by crener train")
+    p.add_argument("--dataset", help="default: the dataset the checkpoint was trained on")
+    p.add_argument("--split", default="test", choices=["train", "dev", "test"])
+    p.add_argument("--data-root")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="tag raw text (one sentence a line) or a CoNLL file; JSON lines out")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("input", nargs="?", default="-", help="text file, CoNLL file, or - for stdin")
+    p.add_argument("--format", default="auto", choices=["auto", "text", "conll"])
+    p.add_argument("--output", "-o", default="-")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("bench", help="training/inference speed and peak memory against sentence length")
+    p.add_argument("--suite", default="model", choices=["model", "memory", "w2ner", "all"])
+    p.add_argument("--widths", nargs="+", default=["quick", "paper"], help="width presets to measure")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    p.add_argument("--lengths", nargs="+", type=int, default=[32, 64, 128, 256, 512])
+    p.add_argument("--sentences", type=int, default=96, help="Resume training sentences per measurement")
+    p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of tables")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    overrides = parse_set(args.overrides)
+    if args.encoder:
+        overrides["model.encoder"] = args.encoder
+    if args.data_root:
+        overrides["data.data_root"] = args.data_root
+    cfg = build_run_config(
+        model=args.model, variant=args.variant, profile=args.profile, dataset=args.dataset, seed=args.seed,
+        overrides=overrides,
+    )  # fmt: skip
+    if args.no_track:
+        from crener.train import fit
+
+        workdir = Path(args.workdir) if args.workdir else _default_workdir(cfg)
+        summary = fit(cfg, workdir, resume=not args.no_resume)
+    else:
+        from experiments.run import run_one
+
+        summary = run_one(cfg, sweep="adhoc", resume=not args.no_resume, runs_dir=args.workdir)
+    log.info(
+        "test P %.4f R %.4f F1 %.4f | dev F1 %.4f | best epoch %s | %.1f s",
+        summary["test"]["precision"], summary["test"]["recall"], summary["test"]["f1"],
+        summary["dev"]["f1"], summary["best_epoch"], summary["seconds"],
+    )  # fmt: skip
+    sys.stdout.write(json.dumps(summary) + "\n")
+    return 0
+
+
+def _default_workdir(cfg) -> Path:  # noqa: ANN001
+    import os
+
+    return Path(os.environ.get("CRENER_RUNS", "runs")) / cfg.profile / cfg.key()
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from crener.inference import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, dataset=args.dataset, split=args.split, data_root=args.data_root)
+    sys.stdout.write(json.dumps(result, ensure_ascii=False) + "\n")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from crener.inference import Predictor, read_inputs
+
+    predictor = Predictor.from_checkpoint(args.checkpoint)
+    sentences = read_inputs(args.input, args.format)
+    out = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")  # noqa: SIM115
+    try:
+        for record in predictor.predict(sentences):
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from crener.bench import run_bench
+
+    return run_bench(args)

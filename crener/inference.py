@@ -1,0 +1,165 @@
+"""Load a trained checkpoint and use it: score a dataset split, or tag raw text.
+
+Checkpoints are self-contained: besides the weights they carry the resolved config, the entity
+types, the encoder's architecture (BERT config) and its vocabulary, so a checkpoint can be
+evaluated or used for prediction without the run directory or a model hub. They are read with
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from crener.config import RunConfig
+from crener.data.schema import Sentence
+from crener.encoder import CharEncoder, CharTokenizer
+from crener.errors import CheckpointError, DataError
+from crener.tasks import Task, build_task
+
+log = logging.getLogger(__name__)
+
+
+def encoder_state(encoder: CharEncoder, tokenizer: CharTokenizer) -> dict[str, str]:
+    """What a checkpoint needs to rebuild the encoder without its original files."""
+    tok = tokenizer.tokenizer
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    return {
+        "encoder_config": json.dumps(encoder.bert.config.to_dict()),
+        "encoder_vocab": json.dumps([t for t, _ in vocab], ensure_ascii=False),
+        "encoder_lowercase": json.dumps(bool(getattr(tok, "do_lower_case", False))),
+    }
+
+
+def rebuild_encoder(state: dict[str, Any], last4_mean: bool) -> tuple[CharEncoder, CharTokenizer]:
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    try:
+        bert_cfg = BertConfig.from_dict(json.loads(state["encoder_config"]))
+        vocab = json.loads(state["encoder_vocab"])
+        lower = json.loads(state.get("encoder_lowercase", "false"))
+    except KeyError as exc:
+        raise CheckpointError(f"checkpoint lacks the encoder description ({exc})") from exc
+    tokenizer = BertTokenizer(
+        vocab=OrderedDict((t, i) for i, t in enumerate(vocab)), do_lower_case=lower, strip_accents=False
+    )
+    bert = BertModel(bert_cfg, add_pooling_layer=False)
+    return CharEncoder(bert, last4_mean), CharTokenizer.from_tokenizer(tokenizer)
+
+
+@dataclass
+class Loaded:
+    cfg: RunConfig
+    model: nn.Module
+    task: Task
+    tokenizer: CharTokenizer
+    types: tuple[str, ...]
+
+
+def load_for_inference(path: str | Path, device: str = "cpu") -> Loaded:
+    from crener.model import build_model
+    from crener.train import load_checkpoint
+
+    state = load_checkpoint(Path(path))
+    cfg = RunConfig.from_flat(json.loads(state["config"]))
+    types = tuple(state["types"])
+    task = build_task(cfg.model, types)
+    encoder, tokenizer = rebuild_encoder(state, cfg.model.last4_mean)
+    model = build_model(cfg.model, task, encoder)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not match the stored configuration: {exc}") from exc
+    return Loaded(cfg, model.to(device).eval(), task, tokenizer, types)
+
+
+def evaluate_checkpoint(path: str | Path, *, dataset: str | None = None, split: str = "test",
+                        data_root: str | None = None) -> dict[str, Any]:  # fmt: skip
+    import dataclasses
+
+    from crener.data.datasets import load_dataset
+    from crener.train import build_split, evaluate, resolve_device
+
+    loaded = load_for_inference(path)
+    cfg = loaded.cfg
+    data_cfg = dataclasses.replace(
+        cfg.data, dataset=dataset or cfg.data.dataset, data_root=data_root or cfg.data.data_root,
+        train_limit=0, eval_limit=0,
+    )  # fmt: skip
+    data = load_dataset(data_cfg, seed=cfg.train.seed)
+    unknown = {e.type for s in getattr(data, split) for e in s.entities} - set(loaded.types)
+    if unknown:
+        raise DataError(f"split {split} of {data_cfg.dataset} has types the checkpoint never saw: {sorted(unknown)}")
+    device = resolve_device("auto")
+    loaded.model.to(device)
+    ev = build_split(split, getattr(data, split), cfg.data.max_len, loaded.task, loaded.tokenizer)
+    scores, _ = evaluate(loaded.model, loaded.task, ev, device, cfg)
+    return {"checkpoint": str(path), "dataset": data_cfg.dataset, "split": split, **scores.to_dict()}
+
+
+def read_inputs(source: str, fmt: str = "auto") -> list[Sentence]:
+    """Raw text (one sentence a line, any length) or a CoNLL file (gold tags are ignored)."""
+    if source == "-":
+        text, name = sys.stdin.read(), "<stdin>"
+    else:
+        p = Path(source)
+        try:
+            text, name = p.read_text(encoding="utf-8"), str(p)
+        except FileNotFoundError as exc:
+            raise DataError("input file not found", path=source) from exc
+        except UnicodeDecodeError as exc:
+            raise DataError(f"not UTF-8 ({exc.reason} at byte {exc.start})", path=source) from exc
+    lines = text.splitlines()
+    looks_conll = all(len(ln.split()) == 2 and len(ln.split()[0]) == 1 for ln in lines if ln.strip())
+    if fmt == "conll" or (fmt == "auto" and looks_conll and any(ln.strip() for ln in lines)):
+        from crener.data.readers import read_conll
+
+        if source == "-":
+            raise DataError("CoNLL input must be a file, not stdin")
+        return list(read_conll(source).sentences)
+    return [Sentence(tuple(ln), (), name, i) for i, ln in enumerate(lines, 1) if ln.strip()]
+
+
+class Predictor:
+    """Tags sentences of any length: long ones are split (data.max_len) and merged back."""
+
+    def __init__(self, loaded: Loaded, device: str = "auto"):
+        from crener.train import resolve_device
+
+        self.loaded = loaded
+        self.device = resolve_device(device)
+        loaded.model.to(self.device)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path) -> Predictor:
+        return cls(load_for_inference(path))
+
+    def predict(self, sentences: Iterable[Sentence]) -> Iterator[dict[str, Any]]:
+        from crener.data.split import merge_predictions, split_all
+        from crener.train import featurize, predict_examples
+
+        sentences = list(sentences)
+        bare = [Sentence(s.chars, (), s.source, s.line) for s in sentences]
+        chunks = split_all(bare, self.loaded.cfg.data.max_len)
+        examples = featurize(chunks, self.loaded.task, self.loaded.tokenizer)
+        preds = predict_examples(self.loaded.model, self.loaded.task, examples, self.device, self.loaded.cfg)
+        merged = merge_predictions(chunks, preds, len(sentences))
+        for s, ents in zip(sentences, merged):
+            yield {
+                "text": s.text,
+                "line": s.line,
+                "entities": [
+                    {"start": e.start, "end": e.end, "type": e.type, "text": e.text(s.chars),
+                     **({} if e.is_contiguous else {"indices": list(e.indices)})}
+                    for e in sorted(ents)
+                ],  # fmt: skip
+            }

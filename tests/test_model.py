@@ -1,0 +1,182 @@
+"""CRENER model invariants: shapes, ablations, padding invariance, masking, overfitting."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from crener.config import VARIANTS, build_run_config
+from crener.data.batching import Example, collate
+from crener.loss import GridLoss
+from crener.metrics import score
+from crener.model import CRENER, build_model
+from crener.tasks import build_task
+from tests.conftest import TYPES
+
+
+def model_cfg(variant: str = "full", **overrides):
+    cfg = build_run_config(variant=variant, profile="smoke").model
+    zero = {"emb_dropout": 0.0, "tf_dropout": 0.0, "conv_dropout": 0.0, "out_dropout": 0.0, "enh_dropout": 0.0}
+    return dataclasses.replace(cfg, **{**zero, **overrides})
+
+
+def make(variant, tiny_encoder, sentences, **overrides):
+    encoder, tok = tiny_encoder
+    cfg = model_cfg(variant, **overrides)
+    task = build_task(cfg, TYPES)
+    torch.manual_seed(0)
+    model = build_model(cfg, task, encoder)
+    examples = [
+        Example(k, np.asarray(tok.encode(s.chars)), task.featurize(s.entities, len(s)), len(s))
+        for k, s in enumerate(sentences)
+    ]
+    return cfg, task, model, examples
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_output_shape_every_variant(variant, tiny_encoder, sentences):
+    cfg, task, model, examples = make(variant, tiny_encoder, sentences)
+    batch = collate(examples, task.target, task.num_labels)
+    out = model(batch)["logits"]
+    n = max(len(s) for s in sentences)
+    assert out.shape == (len(sentences), n, n, task.num_labels)
+    expected = 2 + 2 * len(TYPES) if cfg.tag_scheme == "crener" else 1 + len(TYPES)
+    assert task.num_labels == expected
+    assert torch.isfinite(out).all()
+
+
+def param_names(model):
+    return {n for n, _ in model.named_parameters() if not n.startswith("encoder.")}
+
+
+REMOVED = {
+    "no_transformer": ("transformer.", "grid.attn_proj."),
+    "no_region": ("grid.region_emb.",),
+    "no_distance": ("grid.dist_emb.",),
+    "no_dconv": ("grid.dconv.",),
+    "no_mlp": ("predictor.mlp_rel.", "predictor.linear."),
+    "no_biaffine": ("predictor.mlp_s.", "predictor.mlp_o.", "predictor.biaffine."),
+    "no_enhancement": ("enhance.", "tag_proj."),
+    "no_relation": (),
+}
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "full"])
+def test_ablation_removes_exactly_its_part(variant, tiny_encoder, sentences):
+    full = param_names(make("full", tiny_encoder, sentences)[2])
+    _, _, model, _ = make(variant, tiny_encoder, sentences)
+    names = param_names(model)
+    gone = full - names
+    assert names <= full, f"{variant} added parameters: {names - full}"
+    assert {n for n in gone if not n.startswith(REMOVED[variant])} == set(), gone
+    for prefix in REMOVED[variant]:
+        assert any(n.startswith(prefix) for n in full) and not any(n.startswith(prefix) for n in names)
+
+
+def test_ablation_widths_shrink(tiny_encoder, sentences):
+    full = make("full", tiny_encoder, sentences)[2]
+    cfg = full.cfg
+    base = cfg.hidden + cfg.dist_dim + cfg.region_dim + cfg.attn_dim
+    assert full.grid.reduce.in_features == base
+    assert make("no_region", tiny_encoder, sentences)[2].grid.reduce.in_features == base - cfg.region_dim
+    assert make("no_distance", tiny_encoder, sentences)[2].grid.reduce.in_features == base - cfg.dist_dim
+    assert make("no_transformer", tiny_encoder, sentences)[2].grid.reduce.in_features == base - cfg.attn_dim
+    no_dconv = make("no_dconv", tiny_encoder, sentences)[2]
+    assert no_dconv.tag_proj.in_features == cfg.conv_channels
+    assert full.tag_proj.in_features == len(cfg.dilations) * cfg.conv_channels
+    no_rel = make("no_relation", tiny_encoder, sentences)[2]
+    assert no_rel.tag_proj.out_features == 2 * cfg.tag_dim and full.tag_proj.out_features == 4 * cfg.tag_dim
+    assert no_rel.predictor.linear.out_features == 1 + len(TYPES)
+
+
+def call_counts(model, batch):
+    counts: dict[str, int] = {}
+    hooks = []
+    for name, module in model.named_modules():
+        if name and not name.startswith("encoder") and any(True for _ in module.parameters(recurse=False)):
+            hooks.append(module.register_forward_hook(lambda m, i, o, name=name: counts.__setitem__(name, counts.get(name, 0) + 1)))
+    model(batch)
+    for h in hooks:
+        h.remove()
+    return counts
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_built_module_is_called_and_removed_ones_never(variant, tiny_encoder, sentences):
+    cfg, task, model, examples = make(variant, tiny_encoder, sentences)
+    counts = call_counts(model, collate(examples, task.target, task.num_labels))
+    with_params = {
+        n for n, m in model.named_modules()
+        if n and not n.startswith("encoder") and any(True for _ in m.parameters(recurse=False))
+        and not n.endswith("attn.out_proj")  # nn.MultiheadAttention calls it functionally
+    }  # fmt: skip
+    assert set(counts) == with_params, f"built but never called: {with_params - set(counts)}"
+    assert counts["grid.cln.gamma"] == cfg.rounds
+    if cfg.use_relation_enhancement:
+        assert counts["enhance.rec_s"] == cfg.rounds - 1
+    else:
+        assert not any(n.startswith("enhance") for n in counts)
+
+
+def test_invalid_combinations_refused():
+    with pytest.raises(ValueError, match="both be false"):
+        model_cfg(use_biaffine=False, use_grid_mlp=False)
+    with pytest.raises(ValueError, match="attn_matrix"):
+        model_cfg(context="none")
+    with pytest.raises(ValueError, match="loss=ce"):
+        model_cfg(loss="ce")
+    with pytest.raises(ValueError, match="rounds"):
+        model_cfg(use_relation_enhancement=False)
+
+
+@pytest.mark.parametrize("variant", ["full", "no_transformer", "no_relation"])
+def test_sentence_alone_equals_sentence_padded_in_batch(variant, tiny_encoder, sentences):
+    _, task, model, examples = make(variant, tiny_encoder, sentences)
+    model.eval()
+    short = min(range(len(examples)), key=lambda k: examples[k].n)
+    n = examples[short].n
+    with torch.no_grad():
+        alone = model(collate([examples[short]], task.target, task.num_labels))["logits"][0]
+        batched = model(collate(examples, task.target, task.num_labels))["logits"][short, :n, :n]
+    assert max(e.n for e in examples) > n  # the batch really pads this sentence
+    torch.testing.assert_close(alone, batched, atol=2e-5, rtol=1e-4)
+
+
+def test_padded_cells_never_enter_the_loss(tiny_encoder, sentences):
+    _, task, model, examples = make("full", tiny_encoder, sentences)
+    batch = collate(examples, task.target, task.num_labels)
+    logits = model(batch)["logits"].detach()
+    loss = task.loss({"logits": logits}, batch)["loss"]
+    garbage = logits.masked_fill(~batch.grid_mask[..., None], 1e4)
+    assert torch.equal(task.loss({"logits": garbage}, batch)["loss"], loss)
+    # Same value as an explicit mean over valid cells.
+    per_cell = [GridLoss("zlpr")(logits[b : b + 1], batch.targets[b : b + 1], batch.grid_mask[b : b + 1])["loss"] * batch.lengths[b] ** 2 for b in range(len(batch))]
+    torch.testing.assert_close(loss, torch.stack(per_cell).sum() / (batch.lengths**2).sum())
+
+
+def overfit(variant, tiny_encoder, sentences, steps=300, **overrides):
+    _, task, model, examples = make(variant, tiny_encoder, sentences, **overrides)
+    batch = collate(examples, task.target, task.num_labels)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        loss = task.loss(model(batch), batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        pred = task.decode(model(batch), batch)
+    return score([set(s.entities) for s in sentences], pred).micro.f1
+
+
+@pytest.mark.parametrize("variant", ["full", "no_relation"])
+def test_overfits_a_handful_of_sentences(variant, tiny_encoder, sentences):
+    assert overfit(variant, tiny_encoder, sentences) == 1.0
+
+
+def test_crener_class_is_the_full_model(tiny_encoder, sentences):
+    assert isinstance(make("full", tiny_encoder, sentences)[2], CRENER)
