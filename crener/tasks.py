@@ -19,6 +19,9 @@ from crener.data.schema import Entity
 from crener.loss import GridLoss
 
 
+MAX_ENTITIES_PER_CHAR = 20
+
+
 class Task(Protocol):
     target: str  # collate target kind: "grid" | "classes" | "tags"
     num_labels: int
@@ -86,7 +89,12 @@ class GridTask:
     def decode(self, outputs: dict[str, torch.Tensor], batch: Batch) -> list[set[Entity]]:
         lengths = batch.lengths.tolist()
         cells = self.positive_cells(outputs["logits"], batch)
-        return [self.labels.decode(n, c, **self._decode_flags) for n, c in zip(lengths, cells)]
+        # A per-sentence cap keeps an untrained model's near-random grid from stalling evaluation;
+        # far above any real sentence (gold has at most a few entities per character).
+        return [
+            self.labels.decode(n, c, max_entities=MAX_ENTITIES_PER_CHAR * n + 100, **self._decode_flags)
+            for n, c in zip(lengths, cells)
+        ]
 
 
 def build_task(cfg: ModelConfig, types: Sequence[str]) -> Task:

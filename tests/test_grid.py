@@ -458,3 +458,16 @@ def test_decode_batch_and_split_cells():
     assert ls.decode_batch([n for n, _ in sents], split) == [e for _, e in sents]
     with pytest.raises(ValueError):
         ls.decode_batch([4], split)
+
+
+def test_max_entities_bounds_a_near_random_sentence():
+    import time
+
+    rng = np.random.default_rng(0)
+    n = 100
+    labels = LabelSet.build("crener", ["A", "B"])
+    cells = np.argwhere(rng.random((n, n, labels.num_labels)) < 0.5).astype(np.int32)
+    start = time.perf_counter()
+    out = labels.decode(n, cells, max_entities=2100)
+    assert time.perf_counter() - start < 10
+    assert 2100 <= len(out) <= 2100 + 2 * 1000

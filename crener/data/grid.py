@@ -297,8 +297,13 @@ class LabelSet:
         link_mode: str = "and",
         contiguous_only: bool = False,
         max_paths: int = DEFAULT_MAX_PATHS,
+        max_entities: int | None = None,
     ) -> set[Entity]:
         """Entities of one sentence from its POSITIVE cells (score > 0), method.md §1.2.
+
+        ``max_entities`` bounds the whole sentence (``max_paths`` bounds one head-tail pair):
+        near-random scores early in training can make millions of paths in a single sentence,
+        so evaluation callers cap it; the decoding stops once that many entities are out.
 
         Cells with i or j >= n (padding) are ignored, and so are NNC/PNC on or on the wrong side
         of the diagonal and THC (HTC) above (below) it. The w2ner scheme ignores ``link_mode``
@@ -369,7 +374,9 @@ class LabelSet:
             pairs.setdefault((h, t), []).append(k)
         out: set[Entity] = set()
         towards: dict[int, int] = {}  # tail -> bitmask of the nodes that can reach it, plus the tail
-        for (h, t), tys in pairs.items():
+        for (h, t), tys in sorted(pairs.items()):
+            if max_entities is not None and len(out) >= max_entities:
+                break
             if h == t:
                 paths: list[tuple[int, ...]] = [(h,)]
             elif not (reach[h] >> t) & 1:

@@ -1,0 +1,170 @@
+"""Leaf layers and grid features checked against naive reference implementations."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from crener.data.features import (
+    DIST_DIAGONAL,
+    NUM_DIST_IDS,
+    REGION_LOWER,
+    REGION_UPPER,
+    distance_ids,
+    grid_mask,
+    region_ids,
+)
+from crener.layers import (
+    Biaffine,
+    ConditionalLayerNorm,
+    DilatedConvBlock,
+    RelativeMultiHeadAttention,
+    masked_max,
+    relative_sinusoid,
+)
+from crener.loss import GridLoss, zlpr
+
+
+def w2ner_distance(i: int, j: int) -> int:
+    """W2NER's dis2idx table, written out: the reference for distance_ids."""
+    d = i - j
+    if d == 0:
+        return DIST_DIAGONAL
+    table = [0, 1, 2, 2, 3, 3, 3, 3] + [0] * 992
+    table[8:16], table[16:32], table[32:64] = [4] * 8, [5] * 16, [6] * 32
+    table[64:128], table[128:256], table[256:] = [7] * 64, [8] * 128, [9] * 744
+    return table[d] if d > 0 else table[-d] + 9
+
+
+def test_distance_ids_match_w2ner_table():
+    n = 600
+    ids = distance_ids(n)
+    ref = torch.tensor([[w2ner_distance(i, j) for j in range(n)] for i in range(n)])
+    assert torch.equal(ids, ref)
+    assert int(ids.max()) == NUM_DIST_IDS - 1 and int(ids.min()) == 1
+
+
+def test_region_ids_and_masks():
+    r = region_ids(4)
+    assert r[0, 1] == REGION_UPPER and r[1, 0] == REGION_LOWER and r[2, 2] == REGION_LOWER
+    m = grid_mask(torch.tensor([2, 3]))
+    assert m.shape == (2, 3, 3) and m[0].sum() == 4 and m[1].sum() == 9 and not m[0, 2, 0]
+
+
+def test_cln_orientation_and_identity_init():
+    torch.manual_seed(0)
+    cln = ConditionalLayerNorm(6, 5)
+    x, c = torch.randn(2, 4, 6), torch.randn(2, 4, 5)
+    out = cln(x, c)
+    ln = torch.nn.functional.layer_norm(x, (6,), eps=1e-12)
+    # Identity init: every row i equals LayerNorm of column vector x_j.
+    torch.testing.assert_close(out, ln[:, None].expand(-1, 4, -1, -1))
+    with torch.no_grad():
+        cln.gamma.weight.normal_()
+        cln.beta.weight.normal_()
+    out = cln(x, c)
+    i, j = 1, 3
+    ref = cln.gamma(c[:, i]) * ln[:, j] + cln.beta(c[:, i])
+    torch.testing.assert_close(out[:, i, j], ref)
+
+
+def test_biaffine_equals_explicit_bilinear():
+    torch.manual_seed(0)
+    bi = Biaffine(5, 3)
+    x, y = torch.randn(2, 4, 5), torch.randn(2, 4, 5)
+    out = bi(x, y)
+    x1 = torch.cat([x, torch.ones(2, 4, 1)], -1)
+    y1 = torch.cat([y, torch.ones(2, 4, 1)], -1)
+    ref = torch.empty(2, 4, 4, 3)
+    for b in range(2):
+        for i in range(4):
+            for j in range(4):
+                for label in range(3):
+                    ref[b, i, j, label] = x1[b, i] @ bi.weight[label] @ y1[b, j]
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_relative_attention_equals_naive_formula():
+    torch.manual_seed(0)
+    att = RelativeMultiHeadAttention(8, 2, dropout=0.0)
+    x = torch.randn(1, 5, 8)
+    mask = torch.tensor([[True, True, True, True, False]])
+    _, probs = att(x, mask)
+    q = att.q(x).view(1, 5, 2, 4).transpose(1, 2)[0]
+    k = att.k(x).view(1, 5, 2, 4).transpose(1, 2)[0]
+    rel = relative_sinusoid(5, 4)
+    for h in range(2):
+        for i in range(4):
+            scores = []
+            for j in range(5):
+                r = rel[j - i + 4]
+                s = q[h, i] @ k[h, j] + q[h, i] @ r + att.u_bias[h] @ k[h, j] + att.v_bias[h] @ r
+                scores.append(s if mask[0, j] else torch.tensor(-math.inf))
+            ref = torch.softmax(torch.stack(scores), 0)  # unscaled (TENER)
+            torch.testing.assert_close(probs[0, h, i], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_relative_sinusoid_is_direction_aware():
+    rel = relative_sinusoid(4, 8)  # rows: delta = -3 .. 3
+    left, right = rel[3 - 2], rel[3 + 2]
+    torch.testing.assert_close(left[:4], -right[:4])  # sin part is odd
+    torch.testing.assert_close(left[4:], right[4:])  # cos part is even
+
+
+def test_symmetric_rel_pos_loses_direction():
+    torch.manual_seed(0)
+    sym = RelativeMultiHeadAttention(8, 2, rel_pos="symmetric")
+    full = RelativeMultiHeadAttention(8, 2, rel_pos="full")
+    full.load_state_dict(sym.state_dict())
+    x = torch.zeros(1, 3, 8)  # identical tokens: only positions distinguish left from right
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    p_sym = sym(x, mask)[1][0, :, 1]
+    p_full = full(x, mask)[1][0, :, 1]
+    torch.testing.assert_close(p_sym[:, 0], p_sym[:, 2])
+    assert not torch.allclose(p_full[:, 0], p_full[:, 2])
+
+
+def test_dilated_conv_chain_vs_parallel_and_masking():
+    torch.manual_seed(0)
+    par = DilatedConvBlock(3, (1, 2), chain=False)
+    chain = DilatedConvBlock(3, (1, 2), chain=True)
+    chain.load_state_dict(par.state_dict())
+    x = torch.randn(1, 5, 5, 3)
+    mask = grid_mask(torch.tensor([4]), 5)
+    a, b = par(x, mask), chain(x, mask)
+    torch.testing.assert_close(a[..., :3], b[..., :3])  # rate 1 reads the input in both
+    assert not torch.allclose(a[..., 3:], b[..., 3:])  # rate 2 reads rate 1's output when chained
+    assert (a[0, 4] == 0).all() and (a[0, :, 4] == 0).all()  # padded cells stay zero
+    # Padding content never leaks into real cells.
+    y = x.clone()
+    y[0, 4] = 100.0
+    torch.testing.assert_close(par(y, mask), a)
+
+
+def test_masked_max_ignores_padding():
+    x = torch.tensor([[[[1.0], [5.0]], [[-2.0], [9.0]]]])  # (1, 2, 2, 1)
+    mask = torch.tensor([[[True, False], [True, False]]])
+    torch.testing.assert_close(masked_max(x, mask, dim=2), torch.tensor([[[1.0], [-2.0]]]))
+    torch.testing.assert_close(masked_max(x, mask, dim=1), torch.tensor([[[1.0], [0.0]]]))
+
+
+def test_zlpr_matches_formula():
+    s = torch.tensor([[2.0, -1.0, 0.5], [-3.0, -2.0, -1.0]])
+    y = torch.tensor([[True, False, False], [False, False, False]])
+    expected = torch.tensor(
+        [
+            math.log(1 + math.exp(-1.0) + math.exp(0.5)) + math.log(1 + math.exp(-2.0)),
+            math.log(1 + math.exp(-3.0) + math.exp(-2.0) + math.exp(-1.0)) + math.log(1.0),
+        ]
+    )
+    torch.testing.assert_close(zlpr(s, y), expected)
+
+
+def test_grid_loss_ce_over_valid_cells():
+    logits = torch.randn(1, 3, 3, 4)
+    targets = torch.randint(0, 4, (1, 3, 3))
+    mask = grid_mask(torch.tensor([2]), 3)
+    out = GridLoss("ce")(logits, targets, mask)["loss"]
+    ref = torch.nn.functional.cross_entropy(logits[0, :2, :2].reshape(-1, 4), targets[0, :2, :2].reshape(-1))
+    torch.testing.assert_close(out, ref)
