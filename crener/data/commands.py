@@ -119,8 +119,10 @@ def dataset_stats(
     :func:`~crener.data.datasets.load_dataset` do not apply here.
     """
     spec = get_spec(name)
-    root = resolve_data_root(data_root)
     wanted = [split] if split else [s for s in SPLITS if s in spec.files]
+    for s in wanted:
+        spec.path(s, Path())  # an unknown split is an error before the data root is looked for
+    root = resolve_data_root(data_root)
     results = {s: read_split(spec.path(s, root), spec.fmt, coarse) for s in wanted}
     # One label set over the types of the splits read, so every gold type is encodable.
     types = sorted({e.type for r in results.values() for s in r.sentences for e in s.entities}) or ["_"]
@@ -227,6 +229,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from crener.data.grid import LabelSet
 
     spec = get_spec(args.dataset)
+    spec.path(args.split, Path())  # an unknown split is an error before the data root is looked for
     path = spec.path(args.split, resolve_data_root(args.data_root))
     t0 = time.perf_counter()
     result = read_conll(path, fmt=spec.fmt)  # uncached on purpose: this times the reader
