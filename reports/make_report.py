@@ -1,0 +1,283 @@
+"""Entry point of ``crener report``: MLflow store -> tables, figures, footnotes and an index.
+
+Layout under ``out`` (default ``reports/out``, git-ignored)::
+
+    index.md            date, profile, git commit, run counts, links, missing runs
+    footnotes.md        the run ids behind every table row / cell, superseded runs, missing runs
+    runs.csv            the tidy run DataFrame (every run of the profile, any state)
+    tables/<name>.{md,tex,csv}   Tables 1-6 and the bootstrap table
+    tables/breakdown_{type,length}.csv   per-type / per-length counts behind the figures
+    figures/<name>.{png,pdf}
+
+It never trains: a run that is not in the store is reported missing.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from reports import collect, plots, stats, tables
+from reports.paper import EXTRA_SYSTEMS, RERUN_SYSTEMS, TABLE_DATASET, VARIANT_LABELS
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPTUNA_STORAGE = "sqlite:///optuna.db"
+
+
+def main(
+    profile: str = "quick",
+    out: str | Path = "reports/out",
+    tracking_uri: str | None = None,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    msra_protocol: str = "lineage",
+    optuna_storage: str | None = DEFAULT_OPTUNA_STORAGE,
+    data_root: str | None = None,
+    dataset_loader: Any = None,
+) -> Path:
+    """Write the whole report for ``profile`` under ``out``; return the path of ``index.md``.
+
+    ``bootstrap`` is the number of resamples B; ``seed`` seeds them. ``dataset_loader``
+    replaces ``crener.data.datasets.load_dataset`` for Table 1 (tests).
+    """
+    out = Path(out)
+    table_dir, figure_dir = out / "tables", out / "figures"
+    table_dir.mkdir(parents=True, exist_ok=True)
+    figure_dir.mkdir(parents=True, exist_ok=True)
+    uri = collect.resolve_tracking_uri(tracking_uri)
+
+    all_runs = collect.collect_runs(uri, profile=profile, finished_only=False)
+    all_runs.to_csv(out / "runs.csv", index=False)
+    finished = all_runs[all_runs["state"] == "finished"].reset_index(drop=True)
+    index = tables.RunIndex(finished)
+    warnings: list[str] = []
+
+    # --- tables
+    built: list[tables.Table] = []
+    t1 = tables.dataset_table(loader=dataset_loader, data_root=data_root)
+    if t1 is None:
+        warnings.append("Table 1 skipped: crener.data.datasets.load_dataset is not available.")
+    else:
+        built.append(t1)
+    built += [tables.main_table(index, n, profile, msra_protocol) for n in sorted(TABLE_DATASET)]
+    t6 = tables.ablation_table(index, profile, msra_protocol)
+    built.append(t6)
+
+    def predictions(run_id: str):
+        return collect.load_predictions(run_id, uri)
+
+    built.append(
+        tables.bootstrap_table(index, predictions, profile, msra_protocol, resamples=bootstrap, seed=seed)
+    )
+    table_files = {t.name: t.write(table_dir) for t in built}
+
+    # --- figures
+    font = plots.setup_cjk_font()
+    if font is None:
+        warnings.append(
+            "No CJK font found: Chinese labels in figures render as boxes (apt-get install fonts-noto-cjk)."
+        )
+    figures: dict[str, list[Path]] = {}
+    figures["ablation_delta_f1"] = plots.ablation_chart(t6.data, figure_dir / "ablation_delta_f1")
+    history = _histories(index, uri, msra_protocol)
+    crener_hist = history[history["model"] == "crener"] if len(history) else history
+    figures["learning_curves_variants"] = plots.learning_curves(
+        crener_hist, figure_dir / "learning_curves_variants"
+    )
+    systems_hist = history[history["variant"] == "full"] if len(history) else history
+    figures["learning_curves_systems"] = plots.learning_curves(
+        systems_hist, figure_dir / "learning_curves_systems"
+    )
+    system_names = list({**RERUN_SYSTEMS, **EXTRA_SYSTEMS})
+    for by in ("type", "length"):
+        frame = _breakdowns(index, predictions, by, msra_protocol)
+        frame.to_csv(table_dir / f"breakdown_{by}.csv", index=False)
+        figures[f"f1_by_{by}"] = plots.f1_by_group(
+            frame, by, figure_dir / f"f1_by_{by}", systems=system_names
+        )
+    if optuna_storage and _storage_exists(optuna_storage):
+        for path in plots.optuna_figures(optuna_storage, figure_dir):
+            figures.setdefault(path.stem, []).append(path)
+    else:
+        log.info("no Optuna storage at %s: no Optuna figures", optuna_storage)
+
+    # --- provenance
+    missing = list(dict.fromkeys(m for t in built for m in t.missing))
+    _write_footnotes(out / "footnotes.md", built, index, missing)
+    index_path = out / "index.md"
+    index_path.write_text(
+        _index_text(
+            profile, uri, all_runs, index, table_files, figures, missing, warnings, font, out, bootstrap
+        ),
+        encoding="utf-8",
+    )
+    log.info("report written to %s", index_path)
+    return index_path
+
+
+def _histories(index: tables.RunIndex, uri: str, msra_protocol: str) -> pd.DataFrame:
+    frames = []
+    for row in index.runs.to_dict("records"):
+        if row["dataset"] == "msra" and row["protocol"] != msra_protocol:
+            continue
+        hist = collect.load_history(row["run_id"], uri)
+        if len(hist) and "dev/f1" in hist:
+            frames.append(
+                hist.assign(
+                    model=row["model"],
+                    variant=row["variant"],
+                    dataset=row["dataset"],
+                    seed=row["seed"],
+                    run_id=row["run_id"],
+                )
+            )
+    if not frames:
+        return pd.DataFrame(columns=["model", "variant", "dataset", "seed", "epoch", "dev/f1", "run_id"])
+    return pd.concat(frames, ignore_index=True)
+
+
+def _breakdowns(index: tables.RunIndex, predictions, by: str, msra_protocol: str) -> pd.DataFrame:
+    """Per-type / per-length counts of each rerun system, pooled over its seeds."""
+    rows = []
+    for name, (model, variant) in {**RERUN_SYSTEMS, **EXTRA_SYSTEMS}.items():
+        for ds in TABLE_DATASET.values():
+            cell = index.cell(model, variant, ds, msra_protocol)
+            parts, used = [], []
+            for run_id in cell.run_ids:
+                preds = predictions(run_id)
+                if preds is not None:
+                    parts.append(stats.breakdown(preds, by))
+                    used.append(run_id)
+            if not parts:
+                continue
+            pooled = pd.concat(parts).groupby("group", sort=False)[["correct", "predicted", "gold"]].sum()
+            for group, r in pooled.iterrows():
+                p, rec, f1 = stats.prf(r["correct"], r["predicted"], r["gold"])
+                rows.append(
+                    {
+                        "system": name,
+                        "dataset": ds,
+                        "group": group,
+                        "correct": int(r["correct"]),
+                        "predicted": int(r["predicted"]),
+                        "gold": int(r["gold"] / len(parts)),  # the same test set for every seed
+                        "precision": p,
+                        "recall": rec,
+                        "f1": f1,
+                        "n_seeds": len(parts),
+                        "run_ids": ";".join(used),
+                    }
+                )
+    columns = [
+        "system",
+        "dataset",
+        "group",
+        "correct",
+        "predicted",
+        "gold",
+        "precision",
+        "recall",
+        "f1",
+        "n_seeds",
+        "run_ids",
+    ]
+    frame = pd.DataFrame(rows, columns=columns)
+    if len(frame):
+        # Seeds may lack a group, so pooled order is arbitrary: sort buckets by length, types by name.
+        order = {label: i for i, (label, _, _) in enumerate(stats.LENGTH_BUCKETS)}
+
+        def key(col: pd.Series) -> pd.Series:
+            return col.map(order) if by == "length" and col.name == "group" else col
+
+        frame = frame.sort_values(["dataset", "group"], key=key, kind="stable").reset_index(drop=True)
+    return frame
+
+
+def _storage_exists(storage: str) -> bool:
+    if storage.startswith("sqlite:///"):
+        return Path(storage[len("sqlite:///") :]).exists()
+    return True
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _write_footnotes(
+    path: Path, built: list[tables.Table], index: tables.RunIndex, missing: list[str]
+) -> None:
+    lines = ["# Run ids behind every reported number", ""]
+    lines.append(
+        "Each line names a table cell (or a row whose P, R and F1 cells share the runs) and the MLflow "
+        "run ids it is computed from, in seed order."
+    )
+    for t in built:
+        lines += ["", f"## {t.title} (`{t.name}`)", ""]
+        if not t.footnotes:
+            lines.append("- no runs")
+        lines += [f"- {cell}: {', '.join(ids)}" for cell, ids in t.footnotes]
+    lines += ["", "## Superseded runs (same seed run again; the later run is used)", ""]
+    lines += [f"- {rid}" for rid in index.superseded] or ["- none"]
+    lines += ["", "## Missing runs", ""]
+    lines += [f"- {m}" for m in missing] or ["- none"]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _index_text(
+    profile: str,
+    uri: str,
+    all_runs: pd.DataFrame,
+    index: tables.RunIndex,
+    table_files: dict[str, dict[str, Path]],
+    figures: dict[str, list[Path]],
+    missing: list[str],
+    warnings: list[str],
+    font: str | None,
+    out: Path,
+    bootstrap: int,
+) -> str:
+    def rel(p: Path) -> str:
+        return p.relative_to(out).as_posix()
+
+    states = all_runs["state"].fillna("unknown").value_counts().to_dict() if len(all_runs) else {}
+    sweeps = all_runs["sweep"].fillna("unknown").value_counts().to_dict() if len(all_runs) else {}
+    run_commits = sorted({str(c) for c in all_runs.get("git_commit", pd.Series(dtype=object)).dropna()})
+    lines = [
+        f"# CRENER reproduction report — profile `{profile}`",
+        "",
+        f"- generated: {_dt.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"- report code at git commit: `{_git_commit()}`; runs from commits: {', '.join(f'`{c}`' for c in run_commits) or 'none'}",
+        f"- tracking store: `{uri}`",
+        f"- runs of this profile: {len(all_runs)} ({', '.join(f'{k}: {v}' for k, v in sorted(states.items())) or 'none'}); "
+        f"by sweep: {', '.join(f'{k}: {v}' for k, v in sorted(sweeps.items())) or 'none'}",
+        f"- runs used in tables (finished, sweeps {', '.join(tables.TABLE_SWEEPS)}): {len(index.runs)}; "
+        f"superseded: {len(index.superseded)}; seeds: {', '.join(map(str, index.seeds)) or 'none'}",
+        f"- cells: mean ± sample std over seeds (ddof = 1; one seed reads `x ± –`; no run reads `—`); bootstrap B = {bootstrap}",
+        f"- figure font: {font or 'none (no CJK font found; Chinese labels render as boxes — install fonts-noto-cjk)'}",
+        "- provenance: [footnotes.md](footnotes.md) (run ids per cell), [runs.csv](runs.csv) (all runs)",
+        "",
+        "## Tables",
+        "",
+    ]
+    for name, files in table_files.items():
+        lines.append(f"- {name}: " + " · ".join(f"[{ext}]({rel(p)})" for ext, p in files.items()))
+    lines += ["", "## Figures", ""]
+    for name, paths in figures.items():
+        lines.append(f"- {name}: " + " · ".join(f"[{p.suffix[1:]}]({rel(p)})" for p in paths))
+    if warnings:
+        lines += ["", "## Warnings", ""] + [f"- {w}" for w in warnings]
+    lines += ["", f"## Missing runs ({len(missing)})", ""]
+    lines += [f"- {m}" for m in missing] or ["- none"]
+    lines += ["", "Ablation rows: " + ", ".join(f"`{v}` = {label}" for v, label in VARIANT_LABELS.items())]
+    return "\n".join(lines) + "\n"
