@@ -28,7 +28,9 @@ OUTSIDE = "O"
 
 def _check(emissions: torch.Tensor, mask: torch.Tensor) -> None:
     if emissions.dim() != 3 or mask.shape != emissions.shape[:2]:
-        raise ValueError(f"expected emissions (B, N, T) and mask (B, N), got {tuple(emissions.shape)} and {tuple(mask.shape)}")
+        raise ValueError(
+            f"expected emissions (B, N, T) and mask (B, N), got {tuple(emissions.shape)} and {tuple(mask.shape)}"
+        )
 
 
 def log_partition(
@@ -78,7 +80,9 @@ def neg_log_likelihood(
     end: torch.Tensor,
 ) -> torch.Tensor:
     """-log p(tags | emissions) per sentence, (B,)."""
-    return log_partition(emissions, mask, start, trans, end) - path_score(emissions, tags, mask, start, trans, end)
+    return log_partition(emissions, mask, start, trans, end) - path_score(
+        emissions, tags, mask, start, trans, end
+    )
 
 
 def viterbi(
@@ -142,7 +146,9 @@ class CRF(nn.Module):
     ``crf_start``, ``crf_trans``, ``crf_end`` that :class:`baselines.sequence.SequenceTask` reads.
     """
 
-    def __init__(self, num_tags: int, constraints: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
+    def __init__(
+        self, num_tags: int, constraints: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    ):
         super().__init__()
         self.start = nn.Parameter(torch.zeros(num_tags))
         self.trans = nn.Parameter(torch.zeros(num_tags, num_tags))

@@ -161,7 +161,9 @@ class SequenceTask:
         if self.decoder == "crf":
             nll = neg_log_likelihood(logits, batch.targets, batch.char_mask, **self._potentials(outputs))
             return {"loss": nll.mean()}
-        loss = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE_INDEX)
+        loss = F.cross_entropy(
+            logits.float().flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE_INDEX
+        )
         return {"loss": loss}
 
     def decode(self, outputs: dict[str, torch.Tensor], batch: Batch) -> list[set[Entity]]:

@@ -7,7 +7,15 @@ import itertools
 import pytest
 import torch
 
-from baselines.crf import CRF, DISALLOWED, bioes_constraints, log_partition, neg_log_likelihood, path_score, viterbi
+from baselines.crf import (
+    CRF,
+    DISALLOWED,
+    bioes_constraints,
+    log_partition,
+    neg_log_likelihood,
+    path_score,
+    viterbi,
+)
 from baselines.sequence import bioes_names, entities_to_tags, tags_to_entities
 
 
@@ -68,26 +76,45 @@ def test_gold_score_and_nll_on_padded_batch() -> None:
     n0 = int(lengths[0])
     total = 0.0
     for p in itertools.product(range(3), repeat=n0):
-        total += torch.exp(torch.tensor(_score(em[0], p, start, trans, end)) - log_partition(em, mask, start, trans, end)[0]).item()
+        total += torch.exp(
+            torch.tensor(_score(em[0], p, start, trans, end)) - log_partition(em, mask, start, trans, end)[0]
+        ).item()
     assert total == pytest.approx(1.0, abs=1e-6)
 
 
 def test_padding_does_not_change_results() -> None:
     em, mask, start, trans, end, lengths = _random_problem(5, t=4)
-    alone = [viterbi(em[b : b + 1, :n], mask[b : b + 1, :n], start, trans, end) for b, n in enumerate(lengths.tolist())]
+    alone = [
+        viterbi(em[b : b + 1, :n], mask[b : b + 1, :n], start, trans, end)
+        for b, n in enumerate(lengths.tolist())
+    ]
     batched_paths, batched_scores = viterbi(em, mask, start, trans, end)
     log_z = log_partition(em, mask, start, trans, end)
     for b, n in enumerate(lengths.tolist()):
         assert batched_paths[b, :n].tolist() == alone[b][0][0].tolist()
         assert batched_scores[b].item() == pytest.approx(alone[b][1][0].item())
-        assert log_z[b].item() == pytest.approx(log_partition(em[b : b + 1, :n], mask[b : b + 1, :n], start, trans, end)[0].item())
+        assert log_z[b].item() == pytest.approx(
+            log_partition(em[b : b + 1, :n], mask[b : b + 1, :n], start, trans, end)[0].item()
+        )
 
 
 def test_bioes_constraints_allow_exactly_the_well_formed_sequences() -> None:
     names = bioes_names(["LOC", "PER"])  # 9 tags
     allowed_start, allowed_trans, allowed_end = bioes_constraints(names)
-    assert [names[i] for i in range(len(names)) if allowed_start[i]] == ["O", "B-LOC", "S-LOC", "B-PER", "S-PER"]
-    assert [names[i] for i in range(len(names)) if allowed_end[i]] == ["O", "E-LOC", "S-LOC", "E-PER", "S-PER"]
+    assert [names[i] for i in range(len(names)) if allowed_start[i]] == [
+        "O",
+        "B-LOC",
+        "S-LOC",
+        "B-PER",
+        "S-PER",
+    ]
+    assert [names[i] for i in range(len(names)) if allowed_end[i]] == [
+        "O",
+        "E-LOC",
+        "S-LOC",
+        "E-PER",
+        "S-PER",
+    ]
     ix = {n: i for i, n in enumerate(names)}
     assert allowed_trans[ix["B-LOC"], ix["I-LOC"]] and not allowed_trans[ix["B-LOC"], ix["I-PER"]]
     assert allowed_trans[ix["E-LOC"], ix["B-PER"]] and not allowed_trans[ix["O"], ix["I-LOC"]]

@@ -17,7 +17,17 @@ E = Entity.span
 
 
 def test_layout() -> None:
-    assert bioes_names(["LOC", "PER"]) == ("O", "B-LOC", "I-LOC", "E-LOC", "S-LOC", "B-PER", "I-PER", "E-PER", "S-PER")
+    assert bioes_names(["LOC", "PER"]) == (
+        "O",
+        "B-LOC",
+        "I-LOC",
+        "E-LOC",
+        "S-LOC",
+        "B-PER",
+        "I-PER",
+        "E-PER",
+        "S-PER",
+    )
     with pytest.raises(ValueError):
         bioes_names(["LOC", "LOC"])
 
@@ -79,7 +89,11 @@ def test_lenient_rule_agrees_with_the_conll_reader() -> None:
     for _ in range(2000):
         tags = [rng.choice(names) for _ in range(rng.randint(1, 9))]
         positions = [i for i, t in enumerate(tags) if t != "O"]
-        ref = {E(s, e, ty) for s, e, ty, _ in _lenient_chunks(positions, tags, info, False)} if positions else set()
+        ref = (
+            {E(s, e, ty) for s, e, ty, _ in _lenient_chunks(positions, tags, info, False)}
+            if positions
+            else set()
+        )
         assert tags_to_entities(tags) == ref, tags
 
 
