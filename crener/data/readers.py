@@ -108,6 +108,7 @@ class _Reader:
         self.collect = collect
         self.problems: list[DataError] = []
         self.text = ""
+        self.bad_lines: frozenset[int] = frozenset()  # lines with undecodable bytes (collect mode)
 
     @functools.cached_property
     def lines(self) -> list[str]:
@@ -126,8 +127,8 @@ class _Reader:
         try:
             text, bad_bytes = self._decode()
             self.text = text
-            bad_lines = self._bad_byte_lines() if bad_bytes else frozenset()
-            raw = self._split_sentences(text, bad_lines)
+            self.bad_lines = self._bad_byte_lines() if bad_bytes else frozenset()
+            raw = self._split_sentences(text, self.bad_lines)
             if not raw:
                 n = text.count("\n") + (not text.endswith("\n"))
                 self.problem(f"no sentences: all {n} lines are blank or unreadable")
@@ -257,7 +258,7 @@ class _Reader:
                 raise DataError(bad[tag], self.name, first[tag])
             for lineno, line in enumerate(self.lines, 1):
                 parts = line.split()
-                if len(parts) == 2 and parts[1] in bad:
+                if len(parts) == 2 and parts[1] in bad and lineno not in self.bad_lines:
                     self.problem(bad[parts[1]], lineno)
             for tag in bad:
                 info[tag] = None  # collect mode: a bad tag reads as O
