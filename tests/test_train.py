@@ -1,0 +1,165 @@
+"""The training loop: determinism, resume-after-interrupt, failure modes, checkpoints, CLI."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from crener.cli import main as cli_main
+from crener.config import build_run_config
+from crener.errors import CheckpointError, CrenerError
+from crener.train import fit, load_checkpoint
+from tests.conftest import SENTENCES
+
+
+def write_bmes(path, sentences):
+    lines = []
+    for s in sentences:
+        tags = ["O"] * len(s)
+        for e in s.entities:
+            if len(e.indices) == 1:
+                tags[e.start] = f"S-{e.type}"
+            else:
+                tags[e.start] = f"B-{e.type}"
+                for i in e.indices[1:-1]:
+                    tags[i] = f"M-{e.type}"
+                tags[e.end - 1] = f"E-{e.type}"
+        lines += [f"{c} {t}" for c, t in zip(s.chars, tags)] + [""]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    (root / "resume").mkdir()
+    for split in ("train", "dev", "test"):
+        write_bmes(root / "resume" / f"{split}.char.bmes", SENTENCES)
+    return root
+
+
+def tiny_cfg(data_root, **overrides):
+    base = {
+        "data.data_root": str(data_root), "data.train_limit": 0, "data.eval_limit": 0,
+        "train.epochs": 3, "train.max_cells": 400, "train.progress": False,
+    }  # fmt: skip
+    return build_run_config(profile="smoke", overrides={**base, **overrides})
+
+
+class Recorder:
+    def __init__(self, stop_after: int | None = None):
+        self.epochs: list[tuple[int, dict]] = []
+        self.stop_after = stop_after
+
+    def on_epoch_end(self, epoch, metrics):
+        self.epochs.append((epoch, metrics))
+        if self.stop_after is not None and epoch == self.stop_after:
+            raise KeyboardInterrupt("simulated kill after the epoch checkpoint")
+
+
+def strip_times(history):
+    return [{k: v for k, v in h.items() if "second" not in k and "per_s" not in k} for h in history]
+
+
+def test_same_seed_same_metrics_and_resume_equals_uninterrupted(data_root, tmp_path):
+    cfg = tiny_cfg(data_root)
+    a = fit(cfg, tmp_path / "a")
+    b = fit(cfg, tmp_path / "b")
+    hist_a = json.loads((tmp_path / "a" / "history.json").read_text())
+    hist_b = json.loads((tmp_path / "b" / "history.json").read_text())
+    assert strip_times(hist_a) == strip_times(hist_b)
+    assert a["test"] == b["test"] and a["dev"] == b["dev"]
+
+    rec = Recorder(stop_after=1)
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, tmp_path / "c", callback=rec)
+    assert not (tmp_path / "c" / "summary.json").exists()
+    rec2 = Recorder()
+    c = fit(cfg, tmp_path / "c", callback=rec2)
+    hist_c = json.loads((tmp_path / "c" / "history.json").read_text())
+    assert strip_times(hist_c) == strip_times(hist_a)
+    assert c["test"] == a["test"] and c["best_epoch"] == a["best_epoch"]
+    # The resumed run replays epoch 1 to its callback before training epochs 2 and 3.
+    assert [e for e, _ in rec2.epochs] == [1, 2, 3]
+    wa = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt")["model"]
+    wc = load_checkpoint(tmp_path / "c" / "checkpoints" / "last.pt")["model"]
+    assert all(torch.equal(wa[k], wc[k]) for k in wa)
+
+
+def test_different_seed_differs(data_root, tmp_path):
+    a = fit(tiny_cfg(data_root, **{"train.epochs": 1}), tmp_path / "a")
+    b = fit(tiny_cfg(data_root, **{"train.epochs": 1, "train.seed": 1}), tmp_path / "b")
+    assert a["key"] != b["key"]
+    ha = json.loads((tmp_path / "a" / "history.json").read_text())[0]["train/loss"]
+    hb = json.loads((tmp_path / "b" / "history.json").read_text())[0]["train/loss"]
+    assert ha != hb
+
+
+def test_non_finite_loss_stops_the_run(data_root, tmp_path, monkeypatch):
+    from crener.tasks import GridTask
+
+    def nan_loss(self, outputs, batch):
+        return {"loss": outputs["logits"].sum() * float("nan")}
+
+    monkeypatch.setattr(GridTask, "loss", nan_loss)
+    with pytest.raises(CrenerError, match="non-finite loss"):
+        fit(tiny_cfg(data_root, **{"train.epochs": 1}), tmp_path / "nan")
+    assert not (tmp_path / "nan" / "checkpoints" / "last.pt").exists()
+
+
+def test_missing_and_malformed_checkpoints(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "nope.pt")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_checkpoint(garbage)
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(2)}, other)
+    with pytest.raises(CheckpointError, match="not a crener checkpoint"):
+        load_checkpoint(other)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("code ran",))
+
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"version": 1, "model": Evil()}))
+    with pytest.raises(CheckpointError):  # weights_only=True refuses arbitrary objects
+        load_checkpoint(evil)
+
+
+def test_missing_encoder_fails_fast_with_advice(data_root, tmp_path):
+    cfg = tiny_cfg(data_root, **{"model.encoder": str(tmp_path / "no-such-bert")})
+    with pytest.raises(CheckpointError, match="--encoder"):
+        fit(cfg, tmp_path / "run")
+
+
+def test_cli_train_evaluate_predict(data_root, tmp_path, capsys):
+    work = tmp_path / "run"
+    args = ["train", "--dataset", "resume", "--profile", "smoke", "--no-track", "--workdir", str(work),
+            "--data-root", str(data_root), "--set", "train.epochs=1", "--set", "data.train_limit=0"]  # fmt: skip
+    assert cli_main(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(summary) >= {"dev", "test", "best_epoch", "epochs", "seconds", "parameters"}
+    assert set(summary["test"]) == {"precision", "recall", "f1"}
+
+    ckpt = work / "checkpoints" / "best.pt"
+    assert cli_main(["evaluate", "--checkpoint", str(ckpt), "--split", "dev", "--data-root", str(data_root)]) == 0
+    ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert ev["f1"] == pytest.approx(summary["dev"]["f1"])
+
+    text = tmp_path / "in.txt"
+    long_line = "张三是北京大学的教授，" * 40  # 440 characters: split at max_len and merged back
+    text.write_text("李四任华为公司总经理\n" + long_line + "\n", encoding="utf-8")
+    assert cli_main(["predict", "--checkpoint", str(ckpt), str(text)]) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert [r["text"] for r in rows] == ["李四任华为公司总经理", long_line]
+    for r in rows:
+        for e in r["entities"]:
+            idx = e.get("indices", range(e["start"], e["end"]))  # decoded paths may skip characters
+            assert "".join(r["text"][i] for i in idx) == e["text"]
+
+    assert cli_main(["evaluate", "--checkpoint", str(tmp_path / "missing.pt")]) == 2
