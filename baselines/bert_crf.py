@@ -1,0 +1,25 @@
+"""BERT-CRF baseline: character encoder -> Dropout -> Linear -> linear-chain CRF over BIOES tags.
+
+The CRF has BIOES transition constraints (:func:`baselines.crf.bioes_constraints`), so Viterbi
+only emits well-formed tag sequences. Its potentials train at the head learning rate
+(``train.lr``); the encoder at ``train.encoder_lr``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from baselines.bert_softmax import BertTagger
+from baselines.sequence import SequenceTask
+from crener.config import ModelConfig
+from crener.encoder import CharEncoder
+
+
+def build_task(cfg: ModelConfig, types: Sequence[str]) -> SequenceTask:
+    return SequenceTask(types, decoder="crf")
+
+
+def build_model(cfg: ModelConfig, task: SequenceTask, encoder: CharEncoder) -> nn.Module:
+    return BertTagger(cfg, task.num_labels, encoder, crf=task.tags.build_crf())

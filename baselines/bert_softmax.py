@@ -1,0 +1,45 @@
+"""BERT-Softmax baseline: character encoder -> Dropout -> Linear to BIOES tag scores.
+
+Trained with token-level cross-entropy and decoded by argmax plus the lenient chunking rule of
+:mod:`baselines.sequence`. :class:`BertTagger` also serves BERT-CRF (:mod:`baselines.bert_crf`),
+which adds a CRF on the same emissions. ``model.emb_dropout`` is the dropout before the classifier.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from baselines.crf import CRF
+from baselines.sequence import SequenceTask
+from crener.config import ModelConfig
+from crener.data.batching import Batch
+from crener.encoder import CharEncoder
+
+
+class BertTagger(nn.Module):
+    """``forward(batch) -> {"logits": (B, N, T)}`` plus the CRF potentials when ``crf`` is given."""
+
+    def __init__(self, cfg: ModelConfig, num_tags: int, encoder: CharEncoder, crf: CRF | None = None):
+        super().__init__()
+        self.encoder = encoder  # the name puts its parameters in the encoder learning-rate group
+        self.dropout = nn.Dropout(cfg.emb_dropout)
+        self.classifier = nn.Linear(encoder.out_dim, num_tags)
+        self.crf = crf
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        x = self.encoder(batch.input_ids, batch.attention_mask, batch.n)  # (B, N, d_bert)
+        out = {"logits": self.classifier(self.dropout(x))}  # (B, N, T)
+        if self.crf is not None:
+            out.update(self.crf.outputs())
+        return out
+
+
+def build_task(cfg: ModelConfig, types: Sequence[str]) -> SequenceTask:
+    return SequenceTask(types, decoder="softmax")
+
+
+def build_model(cfg: ModelConfig, task: SequenceTask, encoder: CharEncoder) -> nn.Module:
+    return BertTagger(cfg, task.num_labels, encoder)

@@ -1,0 +1,111 @@
+"""TENER baseline (Yan et al., 2019): character embeddings -> adapted Transformer -> CRF.
+
+Forward: Embedding(chars) -> Dropout(emb) -> Linear(CHAR_EMB_DIM -> d_model) -> adapted
+Transformer (relative, direction-aware, unscaled, post-norm: :class:`crener.layers.AdaptedTransformer`)
+-> Dropout(fc) -> Linear -> log-softmax -> BIOES CRF with transition constraints, as in TENER's code.
+
+No BERT runs in the forward: TENER is a non-pretrained model. The character vocabulary is the
+tokenizer's (``[CLS] chars [SEP]`` ids of the batch, so the shared data pipeline is reused); its
+size and padding id are read from ``encoder.bert``'s input embeddings, and the encoder itself is
+not kept as a submodule (so its weights are neither trained nor saved with this model). Every
+parameter here trains at ``train.lr``.
+
+Config fields read: ``hidden`` (d_model), ``tf_layers``/``tf_heads``/``tf_ff``/``tf_dropout``,
+``key_proj``/``attn_out_proj``/``attn_scale``/``rel_pos`` (TENER's code: no key projection, no
+output projection, unscaled), ``emb_dropout`` (embedding dropout) and ``out_dropout`` (TENER's
+``fc_dropout``). Not reproduced: TENER's Chinese bigram embeddings and its SGD recipe (the shared
+AdamW loop is used). :func:`init_char_embeddings` loads word2vec-format character vectors
+(e.g. the 50-d People's Daily vectors in ``shared/pretrained``) for a caller that has the
+tokenizer's vocabulary.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from baselines.sequence import SequenceTask, TagSet
+from crener.config import ModelConfig
+from crener.data.batching import Batch
+from crener.encoder import CharEncoder
+from crener.layers import AdaptedTransformer
+
+log = logging.getLogger(__name__)
+
+CHAR_EMB_DIM = 50  # TENER's Chinese unigram width (Gigaword 50-d); also the People's Daily vectors'
+
+
+class TENER(nn.Module):
+    """``forward(batch) -> {"logits": (B, N, T) log-probabilities, "crf_*": CRF potentials}``."""
+
+    def __init__(self, cfg: ModelConfig, tags: TagSet, vocab_size: int, pad_id: int):
+        super().__init__()
+        self.char_embed = nn.Embedding(vocab_size, CHAR_EMB_DIM, padding_idx=pad_id)
+        self.emb_dropout = nn.Dropout(cfg.emb_dropout)
+        self.in_fc = nn.Linear(CHAR_EMB_DIM, cfg.hidden)
+        self.transformer = AdaptedTransformer(
+            cfg.hidden, cfg.tf_layers, cfg.tf_heads, cfg.tf_ff, cfg.tf_dropout,
+            key_proj=cfg.key_proj, out_proj=cfg.attn_out_proj, scale=cfg.attn_scale, rel_pos=cfg.rel_pos,
+        )  # fmt: skip
+        self.fc_dropout = nn.Dropout(cfg.out_dropout)
+        self.out_fc = nn.Linear(cfg.hidden, len(tags))
+        self.crf = tags.build_crf()
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        ids = batch.input_ids[:, 1 : batch.n + 1]  # (B, N): drop [CLS]; positions past a sentence are masked
+        x = self.in_fc(self.emb_dropout(self.char_embed(ids)))  # (B, N, d_model)
+        h, _ = self.transformer(x, batch.char_mask)  # (B, N, d_model)
+        logits = F.log_softmax(self.out_fc(self.fc_dropout(h)), dim=-1)  # (B, N, T), as TENER feeds its CRF
+        return {"logits": logits, **self.crf.outputs()}
+
+
+def build_task(cfg: ModelConfig, types: Sequence[str]) -> SequenceTask:
+    return SequenceTask(types, decoder="crf")
+
+
+def build_model(cfg: ModelConfig, task: SequenceTask, encoder: CharEncoder) -> nn.Module:
+    emb = encoder.bert.get_input_embeddings()
+    pad_id = encoder.bert.config.pad_token_id
+    return TENER(cfg, task.tags, emb.num_embeddings, 0 if pad_id is None else int(pad_id))
+
+
+def read_word2vec(path: str | Path) -> dict[str, np.ndarray]:
+    """Vectors of a word2vec text file (header ``count dim``, then ``token v1 .. v_dim``)."""
+    vectors: dict[str, np.ndarray] = {}
+    with open(path, encoding="utf-8") as fh:
+        count, dim = (int(v) for v in fh.readline().split())
+        for line in fh:
+            parts = line.rstrip("\n").split(" ")
+            if len(parts) != dim + 1:
+                continue  # a whitespace token cannot be represented; skip it
+            vectors[parts[0]] = np.asarray(parts[1:], dtype=np.float32)
+    if len(vectors) != count:
+        log.info("%s: read %d of %d vectors", path, len(vectors), count)
+    return vectors
+
+
+def init_char_embeddings(model: TENER, vocab: Mapping[str, int], path: str | Path) -> float:
+    """Copy pretrained character vectors into ``model.char_embed`` for the tokens of ``vocab``.
+
+    ``vocab`` maps tokens to ids (``tokenizer.get_vocab()``). Tokens without a vector keep their
+    random init. Returns the fraction of vocabulary tokens covered.
+    """
+    vectors = read_word2vec(path)
+    weight = model.char_embed.weight
+    dim = next(iter(vectors.values())).shape[0]
+    if dim != weight.size(1):
+        raise ValueError(f"{path} has {dim}-d vectors; TENER's character embeddings are {weight.size(1)}-d")
+    hits = [(idx, vectors[tok]) for tok, idx in vocab.items() if tok in vectors and idx < weight.size(0)]
+    if hits:
+        rows = torch.tensor([i for i, _ in hits], dtype=torch.long)
+        with torch.no_grad():
+            weight[rows] = torch.from_numpy(np.stack([v for _, v in hits])).to(weight.dtype)
+    coverage = len(hits) / max(len(vocab), 1)
+    log.info("initialised %d of %d character embeddings from %s", len(hits), len(vocab), path)
+    return coverage

@@ -1,0 +1,62 @@
+"""Faithful W2NER baseline (Li et al., AAAI 2022; method.md §2.7), built from crener's shared blocks.
+
+Figure-order forward, matching ljynlp/W2NER ``Model.forward``:
+BERT characters -> Dropout(emb) -> BiLSTM (input d_bert, no projection first) -> conditional
+layer norm with the LSTM output as both row and column (code orientation) -> [distance; region;
+CLN] -> Dropout2d, 1x1 conv, GELU -> chained depthwise dilated convs -> co-predictor (biaffine on
+the LSTM output + MLP over the conv output, summed).
+
+The task is :class:`crener.tasks.GridTask` (W2NER scheme NNW + THW-τ, softmax CE, W2NER decoding:
+``MODEL_DEFAULTS["w2ner"]``), so this file only builds the model. The context layer is always the
+BiLSTM (``model.context`` is not read); the grid knobs (orientation, chaining, embedding flags,
+dilations, predictor halves) are read from the config, so W2NER-side ablations work too.
+
+Deliberate difference from the released code: crener's grid module zeroes padded cells before each
+dilated conv (W2NER masks only before the 1x1 conv and after the last conv), so padding cannot
+leak into real cells near the sentence end; predictions are then independent of batch padding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from crener.config import ModelConfig
+from crener.data.batching import Batch
+from crener.encoder import CharEncoder
+from crener.layers import BiLSTM
+from crener.model import CoPredictor, GridConvModule
+from crener.tasks import Task
+
+
+class W2NER(nn.Module):
+    """``forward(batch) -> {"logits": (B, N, N, C)}``, C = 1 (none) + 1 (NNW) + M types."""
+
+    def __init__(self, cfg: ModelConfig, num_labels: int, encoder: CharEncoder):
+        super().__init__()
+        self.encoder = encoder  # the name puts its parameters in the encoder learning-rate group
+        self.emb_dropout = nn.Dropout(cfg.emb_dropout)
+        self.lstm = BiLSTM(encoder.out_dim, cfg.lstm_hidden)
+        d = self.lstm.out_dim
+        self.grid = GridConvModule(
+            d, cfg.conv_channels,
+            dist_dim=cfg.dist_dim if cfg.use_distance_embedding else 0,
+            region_dim=cfg.region_dim if cfg.use_region_embedding else 0,
+            dropout=cfg.conv_dropout,
+            dilations=cfg.dilations if cfg.use_dilated_conv else None,
+            chain=cfg.dconv_chain, orientation=cfg.cln_orientation,
+        )  # fmt: skip
+        self.predictor = CoPredictor(
+            num_labels, char_dim=d, grid_dim=self.grid.out_dim, biaffine_dim=cfg.biaffine_dim,
+            ffn_dim=cfg.ffn_dim, dropout=cfg.out_dropout, use_biaffine=cfg.use_biaffine, use_mlp=cfg.use_grid_mlp,
+        )  # fmt: skip
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        x = self.encoder(batch.input_ids, batch.attention_mask, batch.n)  # (B, N, d_bert)
+        h = self.lstm(self.emb_dropout(x), batch.lengths)  # (B, N, d_lstm)
+        q = self.grid(h, h, batch.grid_mask)  # (B, N, N, rates * d_c)
+        return {"logits": self.predictor(h, h, q)}  # (B, N, N, C)
+
+
+def build_model(cfg: ModelConfig, task: Task, encoder: CharEncoder) -> nn.Module:
+    return W2NER(cfg, task.num_labels, encoder)
