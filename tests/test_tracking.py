@@ -1,0 +1,256 @@
+"""crener.tracking: URI, experiments, tags, once-only params, idempotent metrics, states.
+
+Also home of the helpers the other experiment tests import: a SQLite MLflow store per test
+(copied from one template, since creating the schema takes seconds) and a fake ``fit`` with
+``crener.train.fit``'s contract, usable in-process and in subprocesses.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import json
+import shutil
+import sys
+import tempfile
+import textwrap
+import types
+from pathlib import Path
+
+import pytest
+
+from crener.config import RunConfig, build_run_config
+from crener.tracking import (
+    EPOCH_METRICS,
+    Tracker,
+    artifact_root,
+    experiment_name,
+    run_name,
+    sqlite_path,
+    tracking_uri,
+)
+
+# --------------------------------------------------------------------------- shared helpers
+
+FAKE_TRAIN_SOURCE = textwrap.dedent(
+    '''
+    """Stand-in for crener.train with fit's contract: checkpoints, history replay, files."""
+    import json, math, os, time
+    from pathlib import Path
+
+    CALLS = []  # keys fit was called with (in-process tests read it)
+
+    def _f1(cfg, epoch):
+        # Peaks at lr = 2e-3 and grows with the epoch, so tuning and pruning have a signal.
+        peak = 0.9 - 0.2 * abs(math.log10(cfg.train.lr) - math.log10(2e-3))
+        return max(0.01, peak * epoch / cfg.train.epochs)
+
+    def fit(cfg, workdir, *, callback=None, resume=True, data_root=None):
+        CALLS.append(cfg.key())
+        failing = set(filter(None, os.environ.get("CRENER_FAKE_FAIL_MODELS", "").split(",")))
+        if cfg.model.name in failing:
+            raise ModuleNotFoundError(f"No module named 'baselines.{cfg.model.name}'")
+        sleep = float(os.environ.get("CRENER_FAKE_EPOCH_SECONDS", "0"))
+        workdir = Path(workdir)
+        (workdir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        last = workdir / "checkpoints" / "last.pt"
+        history = json.loads(last.read_text())["history"] if resume and last.exists() else []
+        (workdir / "config.json").write_text(json.dumps(cfg.flatten(), default=list))
+        start = getattr(callback, "on_start", None)
+        if start:
+            start({"num_labels": 9, "parameters": 1234, "labels": ["O", "PER"], "resumed_from_epoch": len(history)})
+        end = getattr(callback, "on_epoch_end", None)
+        for rec in history:
+            if end:
+                end(rec["epoch"], {k: v for k, v in rec.items() if k != "epoch"})
+        for epoch in range(len(history) + 1, cfg.train.epochs + 1):
+            time.sleep(sleep)
+            f1 = _f1(cfg, epoch)
+            m = {"train/loss": 1.0 / epoch, "dev/precision": f1, "dev/recall": f1, "dev/f1": f1, "epoch_seconds": sleep}
+            history.append({"epoch": epoch, **m})
+            (workdir / "history.json").write_text(json.dumps(history))
+            last.write_text(json.dumps({"history": history}))
+            if end:
+                end(epoch, m)
+        best = max(history, key=lambda r: r["dev/f1"])
+        (workdir / "checkpoints" / "best.pt").write_text("{}")
+        (workdir / "predictions").mkdir(exist_ok=True)
+        (workdir / "predictions" / "test.jsonl").write_text(
+            json.dumps({"index": 0, "text": "张三", "gold": [[[0, 1], "PER"]], "pred": [[[0, 1], "PER"]]}) + "\\n"
+        )
+        (workdir / "per_type.json").write_text(json.dumps({"PER": {"precision": 1.0, "recall": 1.0, "f1": 1.0}}))
+        dev = {"precision": best["dev/precision"], "recall": best["dev/recall"], "f1": best["dev/f1"]}
+        summary = {"dev": dev, "test": dict(dev), "best_epoch": best["epoch"], "epochs": cfg.train.epochs,
+                   "seconds": 0.5, "parameters": 1234, "num_labels": 9, "key": cfg.key()}
+        (workdir / "summary.json").write_text(json.dumps(summary))
+        return summary
+    '''
+)
+
+
+def fake_train_module() -> types.ModuleType:
+    module = types.ModuleType("crener.train")
+    exec(compile(FAKE_TRAIN_SOURCE, "<fake crener.train>", "exec"), module.__dict__)
+    return module
+
+
+@pytest.fixture
+def fake_fit(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
+    """``crener.train`` replaced by the fake for this test (``.CALLS`` lists fitted keys)."""
+    module = fake_train_module()
+    monkeypatch.setitem(sys.modules, "crener.train", module)
+    return module
+
+
+def fake_cli(tmp_path: Path) -> list[str]:
+    """``python -c ...`` prefix that runs the ``crener`` CLI with the fake ``fit`` installed."""
+    (tmp_path / "fakepkg").mkdir(exist_ok=True)
+    (tmp_path / "fakepkg" / "fake_train.py").write_text(FAKE_TRAIN_SOURCE, encoding="utf-8")
+    code = (
+        "import sys; sys.path.insert(0, sys.argv.pop(1)); import fake_train; "
+        "sys.modules['crener.train'] = fake_train; from crener.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    return [sys.executable, "-c", code, str(tmp_path / "fakepkg")]
+
+
+@functools.cache
+def mlflow_template() -> Path:
+    """An empty MLflow SQLite store, its schema created once per test process (seconds)."""
+    tmp = Path(tempfile.mkdtemp(prefix="crener-mlflow-template-"))
+    atexit.register(shutil.rmtree, tmp, True)
+    Tracker(f"sqlite:///{tmp / 'mlflow.db'}")
+    return tmp / "mlflow.db"
+
+
+@pytest.fixture
+def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh store in ``tmp_path``; ``MLFLOW_TRACKING_URI`` and ``CRENER_RUNS`` point there."""
+    db = tmp_path / "mlflow.db"
+    shutil.copy(mlflow_template(), db)
+    uri = f"sqlite:///{db}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("CRENER_RUNS", str(tmp_path / "runs"))
+    return uri
+
+
+def smoke_cfg(**kw: object) -> RunConfig:
+    return build_run_config(profile="smoke", dataset=kw.pop("dataset", "resume"), **kw)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_tracking_uri_default_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    uri = tracking_uri()
+    assert uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert sqlite_path(uri) == tmp_path / "mlflow.db"
+    assert artifact_root(uri) == (tmp_path / "mlartifacts").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking_uri() == "http://127.0.0.1:5000"
+    assert artifact_root(tracking_uri()) is None
+
+
+def test_names() -> None:
+    cfg = smoke_cfg(variant="no_mlp", seed=3)
+    assert experiment_name("ablation", "smoke") == "crener-ablation-smoke"
+    assert run_name(cfg) == "crener:no_mlp/resume/s3"
+
+
+def test_run_contract_and_idempotent_resume(mlflow_store: str, tmp_path: Path) -> None:
+    cfg = smoke_cfg()
+    tracker = Tracker()
+    logger = tracker.start_run(cfg, sweep="main")
+    logger.log_config(cfg)
+    logger.on_start({"num_labels": 9, "parameters": 1234, "labels": [], "resumed_from_epoch": 0})
+    epoch_metrics = {k: 0.5 for k in EPOCH_METRICS}
+    logger.on_epoch_end(1, epoch_metrics)
+    logger.fail(RuntimeError("boom"))
+
+    (run,) = tracker.find_runs(cfg.key())
+    assert run.state == "failed" and run.status == "FAILED"
+    assert "boom" in run.tags["crener.error"]
+    exp = tracker.client.get_experiment(run.experiment_id)
+    assert exp.name == "crener-main-smoke"
+    assert exp.artifact_location == f"{(tmp_path / 'mlartifacts').as_uri()}/crener-main-smoke"
+    tags = run.tags
+    assert tags["mlflow.runName"] == "crener:full/resume/s0"
+    for name, value in {
+        "crener.key": cfg.key(),
+        "crener.sweep": "main",
+        "crener.model": "crener",
+        "crener.variant": "full",
+        "crener.dataset": "resume",
+        "crener.profile": "smoke",
+        "crener.seed": "0",
+        "crener.encoder": "embedded",
+        "crener.msra_protocol": "lineage",
+    }.items():
+        assert tags[name] == value
+    assert tags["crener.git_commit"]
+    assert run.params["model.use_biaffine"] == "True" and run.params["num_labels"] == "9"
+    assert (
+        RunConfig.from_flat(
+            {k: v for k, v in run.params.items() if "." in k or k in ("profile", "variant")}
+        ).key()
+        == cfg.key()
+    )
+
+    # Resume: same run id, the replayed epoch 1 is skipped, params are not re-logged.
+    resumed = tracker.start_run(cfg, sweep="main", resume_run_id=run.run_id)
+    resumed.log_config(cfg.with_overrides({"train.device": "cpu"}))  # excluded from the key: kept, warned
+    resumed.on_start({"num_labels": 9, "parameters": 1234})
+    resumed.on_epoch_end(1, {k: 0.9 for k in EPOCH_METRICS})
+    resumed.on_epoch_end(2, {k: 0.7 for k in EPOCH_METRICS})
+    assert tracker.get_run(run.run_id).state == "running"
+    workdir = tmp_path / "wd"
+    (workdir / "predictions").mkdir(parents=True)
+    summary = {
+        "dev": {"precision": 0.7, "recall": 0.7, "f1": 0.7},
+        "test": {"precision": 0.6, "recall": 0.6, "f1": 0.6},
+        "best_epoch": 2,
+        "epochs": 2,
+        "seconds": 3.0,
+        "parameters": 1234,
+        "num_labels": 9,
+        "key": cfg.key(),
+    }
+    (workdir / "summary.json").write_text(json.dumps(summary))
+    (workdir / "predictions" / "test.jsonl").write_text("{}\n")
+    resumed.finish(summary, workdir)
+    resumed.finish(summary, workdir)  # finishing twice logs nothing twice
+
+    (run,) = tracker.find_runs(cfg.key())
+    assert run.state == "finished" and run.status == "FINISHED"
+    for key in EPOCH_METRICS:
+        history = tracker.client.get_metric_history(run.run_id, key)
+        assert sorted((m.step, m.value) for m in history) == [(1, 0.5), (2, 0.7)]
+    assert len(tracker.client.get_metric_history(run.run_id, "best/test_f1")) == 1
+    assert run.metrics["best/dev_f1"] == 0.7 and run.metrics["best/epoch"] == 2
+    assert run.metrics["parameters"] == 1234
+    assert run.params["train.device"] == "auto"
+    artifacts = {a.path for a in tracker.client.list_artifacts(run.run_id)}
+    assert {"summary.json", "predictions"} <= artifacts
+    assert tracker.load_summary(run)["test"]["f1"] == 0.6
+
+
+def test_find_runs_ignores_tune_and_other_keys(mlflow_store: str) -> None:
+    tracker = Tracker()
+    a, b = smoke_cfg(seed=0), smoke_cfg(seed=1)
+    tracker.start_run(a, sweep="main").finish()
+    tracker.start_run(a, sweep="tune", experiment="crener-tune-smoke")
+    assert [r.tags["crener.sweep"] for r in tracker.find_runs(a.key())] == ["main"]
+    assert len(tracker.find_runs(a.key(), include_tune=True)) == 2
+    assert tracker.find_runs(b.key()) == []
+    with pytest.raises(ValueError, match="sweep"):
+        tracker.start_run(a, sweep="nope")
+
+
+def test_single_parent_run(mlflow_store: str) -> None:
+    tracker = Tracker()
+    tags = {"crener.study": "s1", "crener.sweep": "tune"}
+    first = tracker.start_parent("crener-tune-smoke", name="s1", tags=tags)
+    again = tracker.start_parent("crener-tune-smoke", name="s1", tags=tags)
+    assert first.run_id == again.run_id
+    assert len(tracker.search("crener-tune-smoke", "tags.`crener.study` = 's1'")) == 1
