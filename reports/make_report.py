@@ -225,7 +225,10 @@ def _write_footnotes(
     for t in built:
         lines += ["", f"## {t.title} (`{t.name}`)", ""]
         if not t.footnotes:
-            lines.append("- no runs")
+            lines.append(
+                "- no runs behind this table"
+                + (" (measured from the data)" if t.name.startswith("table1") else "")
+            )
         lines += [f"- {cell}: {', '.join(ids)}" for cell, ids in t.footnotes]
     lines += ["", "## Superseded runs (same seed run again; the later run is used)", ""]
     lines += [f"- {rid}" for rid in index.superseded] or ["- none"]

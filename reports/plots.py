@@ -24,6 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib import font_manager  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from reports.paper import DATASET_LABELS, DATASET_LABELS_ZH, DATASETS, VARIANT_LABELS  # noqa: E402
 
@@ -112,8 +113,8 @@ def ablation_chart(data: pd.DataFrame, stem: Path) -> list[Path]:
         ax.barh(y - 0.2, theirs, height=0.4, label="paper / 论文", color="#bbbbbb")
         ax.barh(y + 0.2, np.nan_to_num(ours), height=0.4, xerr=err, label="ours / 复现", color="#1f77b4")
         for yi, value in zip(y, ours):
-            if np.isnan(value):
-                ax.text(0, yi + 0.2, " —", va="center", fontsize=8)
+            if np.isnan(value):  # no run: say so instead of drawing a zero-length bar
+                ax.text(0, yi + 0.2, "no run ", ha="right", va="center", fontsize=7, color="#1f77b4")
         ax.axvline(0, color="black", linewidth=0.8)
         ax.set_title(dataset_title(ds))
         ax.set_yticks(y)
@@ -140,7 +141,7 @@ def learning_curves(history: pd.DataFrame, stem: Path, metric: str = "dev/f1") -
         else:
             for (model, variant), grp in sub.groupby(["model", "variant"], sort=True):
                 curve = grp.groupby("epoch")[metric].agg(["mean", "std"]).sort_index()
-                label = model if variant == "full" else f"{model} {VARIANT_LABELS.get(variant, variant)}"
+                label = f"{model} {VARIANT_LABELS.get(variant, variant)}"
                 line = ax.plot(curve.index, curve["mean"] * 100, marker="o", markersize=3, label=label)[0]
                 std = curve["std"].fillna(0).to_numpy() * 100
                 ax.fill_between(
@@ -152,6 +153,7 @@ def learning_curves(history: pd.DataFrame, stem: Path, metric: str = "dev/f1") -
                 )
             ax.legend(fontsize=6)
         ax.set_title(dataset_title(ds))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel("dev F1 (%)")
     fig.suptitle("学习曲线 Learning curves (dev F1)")
@@ -187,7 +189,7 @@ def f1_by_group(
         ax.set_xticklabels(
             [f"{g}\n(n={int(n)})" for g, n in zip(groups, gold.fillna(0))],
             fontsize=7,
-            rotation=45 if by == "type" else 0,
+            rotation=45 if len(groups) > 4 else 0,
         )
         ax.set_ylim(0, 100)
         ax.set_ylabel("test F1 (%)")
