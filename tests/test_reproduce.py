@@ -1,0 +1,302 @@
+"""experiments.run and ``crener reproduce``: each cell runs once, killed cells resume in the
+same MLflow run, failures do not stop the sweep, workers split cells, a real SIGKILL is survived.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+
+from crener.cli import main as cli_main
+from crener.config import RunConfig
+from crener.tracking import EPOCH_METRICS, Tracker, file_lock
+from experiments.run import CellBusy, lock_path, run_one, workdir_for
+from experiments.sweeps import plan
+
+try:  # helpers shared by the experiment tests (tests/ is not a package; keep both spellings)
+    from test_tracking import fake_cli, fake_fit, mlflow_store, smoke_cfg
+except ImportError:  # pragma: no cover
+    from tests.test_tracking import fake_cli, fake_fit, mlflow_store, smoke_cfg
+
+__all__ = ["fake_fit", "mlflow_store"]  # fixtures used by name
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _runs(key: str) -> list:
+    return Tracker().find_runs(key)
+
+
+def _steps(run_id: str, key: str = "dev/f1") -> list[int]:
+    return sorted(m.step for m in Tracker().client.get_metric_history(run_id, key))
+
+
+def _check_one_finished_run(cfg: RunConfig) -> str:
+    runs = _runs(cfg.key())
+    assert len(runs) == 1, f"{cfg.key()}: {len(runs)} runs"
+    run = runs[0]
+    assert run.state == "finished" and run.status == "FINISHED"
+    for key in EPOCH_METRICS:
+        assert _steps(run.run_id, key) == list(range(1, cfg.train.epochs + 1)), key
+    assert "best/test_f1" in run.metrics and "best/dev_f1" in run.metrics
+    return run.run_id
+
+
+# --------------------------------------------------------------------------- run_one
+
+
+def test_run_once_then_skip(mlflow_store: str, fake_fit: types.ModuleType, tmp_path: Path) -> None:
+    cfg = smoke_cfg()
+    out = run_one(cfg, sweep="main")
+    assert not out["skipped"] and out["workdir"] == str(tmp_path / "runs" / "smoke" / cfg.key())
+    assert (workdir_for(cfg) / "summary.json").is_file()
+    again = run_one(cfg, sweep="ablation")
+    assert again["skipped"] and again["run_id"] == out["run_id"] and again["test"] == out["test"]
+    assert [cfg.key()] == fake_fit.CALLS
+    _check_one_finished_run(cfg)
+    run = Tracker().get_run(out["run_id"])
+    assert run.tags["crener.sweep"] == "main"
+    assert run.params["num_labels"] == "9" and run.params["parameters"] == "1234"
+
+
+def test_failed_cell_resumes_same_run(mlflow_store: str, fake_fit: types.ModuleType) -> None:
+    cfg = smoke_cfg().with_overrides({"train.epochs": 4})
+    real_fit = fake_fit.fit
+
+    class Crash(Exception):
+        pass
+
+    def crashing_fit(cfg, workdir, *, callback=None, **kw):  # noqa: ANN001, ANN202
+        class Proxy:
+            def on_start(self, info):  # noqa: ANN001, ANN202
+                callback.on_start(info)
+
+            def on_epoch_end(self, epoch, metrics):  # noqa: ANN001, ANN202
+                callback.on_epoch_end(epoch, metrics)
+                if epoch == 2:
+                    raise Crash("power cut")
+
+        return real_fit(cfg, workdir, callback=Proxy(), **kw)
+
+    fake_fit.fit = crashing_fit
+    with pytest.raises(Crash):
+        run_one(cfg)
+    (failed,) = _runs(cfg.key())
+    assert failed.state == "failed" and "power cut" in failed.tags["crener.error"]
+    assert _steps(failed.run_id) == [1, 2]
+
+    fake_fit.fit = real_fit
+    out = run_one(cfg)
+    assert out["run_id"] == failed.run_id and not out["skipped"]
+    assert _check_one_finished_run(cfg) == failed.run_id
+    assert Tracker().get_run(failed.run_id).tags["crener.resumed_from_epoch"] == "2"
+
+
+def test_restart_without_resume_keeps_one_run(mlflow_store: str, fake_fit: types.ModuleType) -> None:
+    cfg = smoke_cfg(seed=1)
+    Tracker().start_run(cfg, sweep="adhoc").fail("killed")
+    out = run_one(cfg, resume=False)
+    assert _check_one_finished_run(cfg) == out["run_id"]
+
+
+def test_summary_on_disk_is_logged_without_retraining(mlflow_store: str, fake_fit: types.ModuleType) -> None:
+    cfg = smoke_cfg(seed=2)
+    fake_fit.fit(cfg, workdir_for(cfg))  # trained, then killed before MLflow heard of it
+    fake_fit.CALLS.clear()
+    out = run_one(cfg)
+    assert fake_fit.CALLS == [] and not out["skipped"]
+    _check_one_finished_run(cfg)
+
+
+def test_untracked_run(tmp_path: Path, fake_fit: types.ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CRENER_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'never.db'}")
+    cfg = smoke_cfg()
+    assert not run_one(cfg, track=False)["skipped"]
+    assert run_one(cfg, track=False)["skipped"]
+    assert not (tmp_path / "never.db").exists()
+
+
+def test_busy_cell(mlflow_store: str, fake_fit: types.ModuleType) -> None:
+    cfg = smoke_cfg()
+    with file_lock(lock_path(cfg)) as held:
+        assert held
+        with pytest.raises(CellBusy):
+            run_one(cfg, wait=False)
+    assert fake_fit.CALLS == []
+
+
+# --------------------------------------------------------------------------- crener reproduce
+
+
+def _table3_args(*extra: str) -> list[str]:
+    return ["reproduce", "--profile", "smoke", "--only", "table3", *extra]
+
+
+def test_reproduce_survives_missing_model_code(
+    mlflow_store: str,
+    fake_fit: types.ModuleType,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    report_calls: list[str] = []
+    report = types.ModuleType("reports.make_report")
+    report.main = lambda profile: report_calls.append(profile)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "reports.make_report", report)
+    monkeypatch.setenv("CRENER_FAKE_FAIL_MODELS", "tener,bert_crf")
+    cells = plan(profile="smoke", only="table3")
+    assert len(cells) == 5
+    with caplog.at_level(logging.INFO):
+        assert cli_main(_table3_args()) == 1
+    assert "failed cell tener:full/resume/s0" in caplog.text
+    assert "baselines.tener" in caplog.text
+    assert report_calls == ["smoke"]  # the report still runs over what finished
+    states = {c.cfg.model.name: [r.state for r in _runs(c.cfg.key())] for c in cells}
+    assert states == {
+        "crener": ["finished"],
+        "w2ner": ["finished"],
+        "bert_softmax": ["finished"],
+        "bert_crf": ["failed"],
+        "tener": ["failed"],
+    }
+    failed_ids = {
+        c.cfg.key(): _runs(c.cfg.key())[0].run_id for c in cells if c.cfg.model.name in ("tener", "bert_crf")
+    }
+
+    monkeypatch.delenv("CRENER_FAKE_FAIL_MODELS")
+    fake_fit.CALLS.clear()
+    assert cli_main(_table3_args("--no-report")) == 0
+    assert sorted(fake_fit.CALLS) == sorted(failed_ids)  # only the failed cells trained again
+    for c in cells:
+        run_id = _check_one_finished_run(c.cfg)
+        assert failed_ids.get(c.cfg.key(), run_id) == run_id
+    assert report_calls == ["smoke"]
+
+
+def test_reproduce_workers_split_cells(mlflow_store: str, fake_fit: types.ModuleType) -> None:
+    args = _table3_args("--seeds", "0", "1", "--models", "crener", "w2ner", "--no-report")
+    assert cli_main([*args, "--worker", "0/2"]) == 0
+    first = list(fake_fit.CALLS)
+    assert cli_main([*args, "--worker", "1/2"]) == 0
+    cells = plan(profile="smoke", only="table3", seeds=[0, 1], models=["crener", "w2ner"])
+    assert first == [c.cfg.key() for c in cells[0::2]]
+    assert sorted(fake_fit.CALLS) == sorted(c.cfg.key() for c in cells)
+    for c in cells:
+        _check_one_finished_run(c.cfg)
+
+
+def test_reproduce_dry_run_and_bad_worker(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(_table3_args("--dry-run")) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 5
+    with pytest.raises(SystemExit):
+        cli_main(_table3_args("--worker", "2/2"))
+
+
+# --------------------------------------------------------------------------- a real SIGKILL
+
+
+def _start(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    out = open(log_path, "w")  # noqa: SIM115 - lives as long as the process
+    # A session of its own: SIGKILL goes to the whole group (DataLoader workers included).
+    return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _kill_when(proc: subprocess.Popen, ready: Path, timeout: float, log_path: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready.exists():
+        if proc.poll() is not None:
+            pytest.fail(
+                f"sweep ended (rc {proc.returncode}) before it could be killed:\n{log_path.read_text()}"
+            )
+        if time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"{ready} did not appear within {timeout} s:\n{log_path.read_text()}")
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+
+
+def _kill_and_rerun(
+    cmd: list[str], cells: list, env: dict[str, str], tmp_path: Path, *, timeout: float, mid: int = 1
+) -> None:
+    """Kill the sweep once cell ``mid`` has checkpointed an epoch, rerun it, check every cell."""
+    log1 = tmp_path / "first.log"
+    victim = workdir_for(cells[mid].cfg, tmp_path / "runs") / "checkpoints" / "last.pt"
+    _kill_when(_start(cmd, env, log1), victim, timeout, log1)
+    assert all(r.state == "finished" for c in cells[:mid] for r in _runs(c.cfg.key()))
+    (killed,) = _runs(cells[mid].cfg.key())
+    assert killed.state == "running"  # SIGKILL leaves no chance to say goodbye
+    assert not (workdir_for(cells[-1].cfg, tmp_path / "runs") / "summary.json").exists()
+
+    log2 = tmp_path / "second.log"
+    rerun = subprocess.run(
+        cmd, env=env, stdout=open(log2, "w"), stderr=subprocess.STDOUT, timeout=timeout * 2
+    )  # noqa: SIM115
+    assert rerun.returncode == 0, log2.read_text()
+    for cell in cells:
+        _check_one_finished_run(cell.cfg)
+    assert _runs(cells[mid].cfg.key())[0].run_id == killed.run_id
+    assert "already finished" in log2.read_text()
+
+
+def _subprocess_env(tmp_path: Path, uri: str, **extra: str) -> dict[str, str]:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "CRENER_RUNS": str(tmp_path / "runs"), **extra}
+    env["HF_HUB_OFFLINE"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
+    return env
+
+
+def test_sigkill_mid_sweep_fake_fit(mlflow_store: str, tmp_path: Path) -> None:
+    """Fast version: the real CLI and MLflow in a subprocess, the fake fit (0.3 s per epoch)."""
+    sel = ["--datasets", "resume", "--models", "crener", "--variants", "full", "no_mlp", "no_region"]
+    sets = ["--set", "train.epochs=3"]
+    cmd = [*fake_cli(tmp_path), "reproduce", "--profile", "smoke", *sel, *sets, "--no-report"]
+    cells = plan(
+        profile="smoke",
+        datasets=["resume"],
+        models=["crener"],
+        variants=["full", "no_mlp", "no_region"],
+        sets={"train.epochs": "3"},
+    )
+    assert len(cells) == 3
+    env = _subprocess_env(tmp_path, mlflow_store, CRENER_FAKE_EPOCH_SECONDS="0.3")
+    _kill_and_rerun(cmd, cells, env, tmp_path, timeout=90)
+
+
+def _tiny_resume(root: Path, sentences: int) -> Path:
+    """The first ``sentences`` sentences of each Resume split, so a real smoke run takes seconds."""
+    from crener.data.datasets import resolve_data_root
+
+    src = resolve_data_root() / "resume"
+    for split in ("train", "dev", "test"):
+        blocks = (src / f"{split}.char.bmes").read_text(encoding="utf-8").split("\n\n")[:sentences]
+        (root / "resume").mkdir(parents=True, exist_ok=True)
+        (root / "resume" / f"{split}.char.bmes").write_text("\n\n".join(blocks) + "\n\n", encoding="utf-8")
+    return root
+
+
+@pytest.mark.slow
+def test_sigkill_mid_sweep_real_fit(mlflow_store: str, tmp_path: Path) -> None:
+    """``crener reproduce --profile smoke --datasets resume`` with the real fit, killed by SIGKILL
+    after the second cell's first checkpoint, then rerun: each run exists once, with its metrics."""
+    pytest.importorskip("crener.train")
+    data = _tiny_resume(tmp_path / "data", 24)
+    sel = ["--datasets", "resume", "--models", "crener", "--variants", "full", "no_mlp", "no_dconv"]
+    cmd = [sys.executable, "-m", "crener.cli", "reproduce", "--profile", "smoke", *sel]
+    cmd += ["--data-root", str(data), "--no-report"]
+    cells = plan(
+        profile="smoke", datasets=["resume"], models=["crener"], variants=["full", "no_mlp", "no_dconv"]
+    )
+    env = _subprocess_env(tmp_path, mlflow_store, OMP_NUM_THREADS="1")
+    _kill_and_rerun(cmd, cells, env, tmp_path, timeout=420)
+    summary = json.loads((workdir_for(cells[1].cfg, tmp_path / "runs") / "summary.json").read_text())
+    assert summary["key"] == cells[1].cfg.key()
