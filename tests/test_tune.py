@@ -1,0 +1,230 @@
+"""experiments.tune: search spaces, nested MLflow runs, pruning, export, shared studies."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import optuna
+import pytest
+
+from crener.config import PROFILES, VARIANTS, build_run_config
+from crener.tracking import Tracker
+from experiments.sweeps import load_overrides, plan
+from experiments.tune import SEARCH_SPACES, TrialCallback, default_study_name, export_best, tune
+
+try:  # helpers shared by the experiment tests (tests/ is not a package; keep both spellings)
+    from test_tracking import fake_cli, fake_fit, mlflow_store
+except ImportError:  # pragma: no cover
+    from tests.test_tracking import fake_cli, fake_fit, mlflow_store
+
+__all__ = ["fake_fit", "mlflow_store"]  # fixtures used by name
+
+REPO = Path(__file__).resolve().parents[1]
+STUDY = default_study_name("crener", "full", "resume", "smoke")
+
+
+@pytest.mark.parametrize("model", list(SEARCH_SPACES))
+@pytest.mark.parametrize("profile", list(PROFILES))
+def test_search_spaces_give_valid_configs(model: str, profile: str) -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    variants = list(VARIANTS) if model == "crener" else ["full"]
+    for i in range(6):
+        variant = variants[i % len(variants)]
+        base = build_run_config(model=model, variant=variant, profile=profile, dataset="resume")
+        trial = study.ask()
+        values = SEARCH_SPACES[model](trial, base)
+        assert values and set(values) == set(trial.params)  # Optuna names are config keys
+        cfg = base.with_overrides(values)  # raises if a sampled width breaks a constraint
+        assert cfg.variant == variant and cfg.profile == profile
+        study.tell(trial, 0.5)
+
+
+def _trial_runs(study: str) -> tuple[list, list]:
+    tracker = Tracker()
+    parents = tracker.search(
+        "crener-tune-smoke", f"tags.`crener.study` = '{study}' and tags.`crener.role` = 'study'"
+    )
+    trials = [
+        r
+        for r in tracker.search("crener-tune-smoke", f"tags.`crener.study` = '{study}'")
+        if "crener.trial" in r.tags
+    ]
+    return parents, trials
+
+
+def test_tune_logs_nested_trials_and_exports(
+    mlflow_store: str, fake_fit: types.ModuleType, tmp_path: Path
+) -> None:
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = tune(dataset="resume", trials=3, profile="smoke", storage=storage, sets={"train.epochs": "2"})
+    assert len(study.trials) == 3 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    assert study.study_name == STUDY and study.user_attrs["dataset"] == "resume"
+    parents, trials = _trial_runs(STUDY)
+    assert len(parents) == 1 and len(trials) == 3
+    parent = parents[0]
+    assert sorted(int(r.tags["crener.trial"]) for r in trials) == [0, 1, 2]
+    for run in trials:
+        assert run.tags["mlflow.parentRunId"] == parent.run_id
+        assert run.tags["crener.sweep"] == "tune" and run.state == "finished"
+        assert run.params["trial.number"] == run.tags["crener.trial"]
+        assert "best/dev_f1" in run.metrics and "train.lr" in run.params
+    history = Tracker().client.get_metric_history(parent.run_id, "trial/dev_f1")
+    assert sorted(m.step for m in history) == [0, 1, 2]
+    assert Tracker().get_run(parent.run_id).tags["crener.best_trial"] == str(study.best_trial.number)
+    # separate workdirs, and trials never enter the sweep's run-once lookup
+    assert sorted(p.name for p in (tmp_path / "runs" / "tune" / STUDY).iterdir()) == [
+        "trial-0000",
+        "trial-0001",
+        "trial-0002",
+    ]
+    assert all(Tracker().find_runs(r.tags["crener.key"]) == [] for r in trials)
+
+    # a second worker (same seed) joins the study instead of replaying it
+    again = tune(dataset="resume", trials=1, profile="smoke", storage=storage, sets={"train.epochs": "2"})
+    assert len(again.trials) == 4
+    assert again.trials[3].params != again.trials[0].params
+    assert len(_trial_runs(STUDY)[0]) == 1
+
+    path = export_best(again, tmp_path / "best.toml", sets={"train.epochs": "2", "train.seed": "0"})
+    (override,) = load_overrides(path)
+    assert (
+        override.models == ("crener",)
+        and override.datasets == ("resume",)
+        and override.profiles == ("smoke",)
+    )
+    assert "train.seed" not in override.values and override.values["train.epochs"] == "2"
+    best_lr = again.best_params["train.lr"]
+    cells = plan(profile="smoke", datasets=["resume"], only="table6", configs=[path])
+    assert {c.cfg.train.lr for c in cells} == {best_lr}
+    assert {c.cfg.model.rounds for c in cells if c.cfg.variant == "no_enhancement"} == {1}
+
+
+def test_pruned_trials(
+    mlflow_store: str, fake_fit: types.ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A pruner that prunes at the first report makes the pruning path deterministic.
+    monkeypatch.setattr(
+        optuna.pruners, "MedianPruner", lambda **kw: optuna.pruners.ThresholdPruner(lower=2.0)
+    )
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = tune(dataset="resume", trials=2, profile="smoke", storage=storage, study_name="pruned")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.PRUNED] * 2
+    _, trials = _trial_runs("pruned")
+    assert len(trials) == 2
+    for run in trials:
+        assert run.state == "finished" and run.tags["crener.pruned"] == "true"
+        assert [m.step for m in Tracker().client.get_metric_history(run.run_id, "dev/f1")] == [1]
+    with pytest.raises(Exception, match="no completed trial"):
+        export_best(study, tmp_path / "none.toml")
+
+
+def test_trial_callback_reports_then_prunes() -> None:
+    calls: list[str] = []
+
+    class Trial:
+        def report(self, value: float, step: int) -> None:
+            calls.append(f"report {step} {value}")
+
+        def should_prune(self) -> bool:
+            return len(calls) >= 2
+
+    class Logger:
+        def on_start(self, info: dict) -> None:
+            calls.append("start")
+
+        def on_epoch_end(self, epoch: int, metrics: dict) -> None:
+            calls.append(f"log {epoch}")
+
+    cb = TrialCallback(Trial(), Logger())  # type: ignore[arg-type]
+    cb.on_start({})
+    with pytest.raises(optuna.TrialPruned):
+        cb.on_epoch_end(1, {"dev/f1": 0.25})
+    assert calls == ["start", "log 1", "report 1 0.25"]
+
+
+def _tune_cmd(prefix: list[str], storage: str, seed: int, trials: int, *extra: str) -> list[str]:
+    return [
+        *prefix,
+        "tune",
+        "--dataset",
+        "resume",
+        "--profile",
+        "smoke",
+        "--trials",
+        str(trials),
+        "--storage",
+        storage,
+        "--seed",
+        str(seed),
+        *extra,
+    ]
+
+
+def _env(tmp_path: Path, uri: str, **extra: str) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": uri,
+        "CRENER_RUNS": str(tmp_path / "runs"),
+        "HF_HUB_OFFLINE": "1",
+    }
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
+    return {**env, **extra}
+
+
+def _two_workers(cmds: list[list[str]], env: dict[str, str], tmp_path: Path, timeout: float) -> None:
+    logs = [tmp_path / f"worker{i}.log" for i in range(len(cmds))]
+    procs = [
+        subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=tmp_path)  # noqa: SIM115
+        for cmd, log in zip(cmds, logs)
+    ]
+    try:
+        for proc, log in zip(procs, logs):
+            assert proc.wait(timeout=timeout) == 0, log.read_text()
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+
+
+def _check_shared_study(storage: str, total: int) -> None:
+    study = optuna.load_study(study_name=STUDY, storage=storage)
+    assert len(study.trials) == total
+    assert sorted(t.number for t in study.trials) == list(range(total))
+    assert all(t.state.is_finished() for t in study.trials)
+    parents, trials = _trial_runs(STUDY)
+    assert len(parents) == 1 and len(trials) == total
+    assert {r.tags["mlflow.parentRunId"] for r in trials} == {parents[0].run_id}
+
+
+def test_two_tune_workers_share_one_study(mlflow_store: str, tmp_path: Path) -> None:
+    """Two ``crener tune`` processes (fake fit) on one SQLite storage: trials add up."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    prefix = fake_cli(tmp_path)
+    cmds = [
+        _tune_cmd(prefix, storage, seed, trials, "--set", "train.epochs=2")
+        for seed, trials in ((0, 3), (1, 2))
+    ]
+    _two_workers(cmds, _env(tmp_path, mlflow_store, CRENER_FAKE_EPOCH_SECONDS="0.2"), tmp_path, timeout=120)
+    _check_shared_study(storage, 5)
+
+
+@pytest.mark.slow
+def test_two_tune_workers_real_fit(mlflow_store: str, tmp_path: Path) -> None:
+    """The same with the real fit on a tiny Resume slice (smoke profile)."""
+    pytest.importorskip("crener.train")
+    try:
+        from test_reproduce import _tiny_resume
+    except ImportError:  # pragma: no cover
+        from tests.test_reproduce import _tiny_resume
+    data = _tiny_resume(tmp_path / "data", 16)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    prefix = [sys.executable, "-m", "crener.cli"]
+    extra = ("--data-root", str(data), "--set", "train.epochs=2")
+    cmds = [_tune_cmd(prefix, storage, seed, 2, *extra) for seed in (0, 1)]
+    _two_workers(cmds, _env(tmp_path, mlflow_store, OMP_NUM_THREADS="1"), tmp_path, timeout=560)
+    _check_shared_study(storage, 4)
