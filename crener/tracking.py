@@ -277,6 +277,10 @@ class Tracker:
     def delete_run(self, run_id: str) -> None:
         self.client.delete_run(run_id)
 
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        batch = [RunTag(k, str(v)) for k, v in tags.items()]
+        _retry_locked(lambda: self.client.log_batch(run_id, tags=batch))
+
     # ---- starting
     def start_run(
         self,

@@ -10,7 +10,7 @@ import argparse
 import importlib
 import ipaddress
 import logging
-import subprocess
+import os
 import sys
 import time
 from typing import Any
@@ -273,7 +273,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
         log.warning("binding host name %s: make sure that is intended", args.host)
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     log.info("MLflow UI at http://%s:%d (store %s); Ctrl-C stops it", shown, args.port, uri)
-    try:
-        return subprocess.run(ui_command(uri, args.host, args.port), check=False).returncode
-    except KeyboardInterrupt:
-        return 0
+    cmd = ui_command(uri, args.host, args.port)
+    # Become the server (no wrapper process left behind): signals reach mlflow directly.
+    os.execv(cmd[0], cmd)
+    return 0  # not reached

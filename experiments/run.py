@@ -29,7 +29,7 @@ DEFAULT_RUNS_DIR = "runs"
 LOCK_DIR_NAME = ".locks"
 SUMMARY_FILE = "summary.json"
 HISTORY_FILE = "history.json"
-CHECKPOINT_DIR = "checkpoints"
+ADHOC_SWEEP = "adhoc"
 
 
 class CellBusy(CrenerError):
@@ -142,6 +142,9 @@ def _run_tracked(
         log.warning("%d MLflow runs share key %s; using %s", len(runs), cfg.key(), runs[0].run_id)
     finished = next((r for r in runs if r.finished), None)
     if finished is not None:
+        owner = _owner_sweep(finished.tags.get("crener.sweep"), sweep)
+        if owner != finished.tags.get("crener.sweep"):
+            tracker.set_tags(finished.run_id, {"crener.sweep": owner})
         summary = read_summary(workdir) or tracker.load_summary(finished)
         log.info("%s already finished (run %s): skipped", cfg.key(), finished.run_id)
         return {**summary, "run_id": finished.run_id, "workdir": str(workdir), "skipped": True}
@@ -152,6 +155,8 @@ def _run_tracked(
         tracker.delete_run(previous.run_id)
         previous = None
         _clear(workdir)
+    if previous is not None:
+        sweep = _owner_sweep(previous.tags.get("crener.sweep"), sweep)
     logger = tracker.start_run(cfg, sweep=sweep, resume_run_id=previous.run_id if previous else None)
     try:
         logger.log_config(cfg)
@@ -170,6 +175,13 @@ def _run_tracked(
         logger.fail(exc)
         raise
     return {**summary, "run_id": logger.run_id, "workdir": str(workdir), "skipped": False}
+
+
+def _owner_sweep(tagged: str | None, requested: str) -> str:
+    """The sweep a reused run keeps: the one it was made by, except that a table sweep claims an
+    ``adhoc`` run (e.g. from ``crener train``) so the reports, which select runs by their
+    ``crener.sweep`` tag, do not miss a cell that was trained before the sweep reached it."""
+    return requested if tagged in (None, ADHOC_SWEEP) else tagged
 
 
 def _clear(workdir: Path) -> None:

@@ -117,6 +117,19 @@ def test_summary_on_disk_is_logged_without_retraining(mlflow_store: str, fake_fi
     _check_one_finished_run(cfg)
 
 
+def test_table_sweep_claims_adhoc_runs_but_not_the_reverse(
+    mlflow_store: str, fake_fit: types.ModuleType
+) -> None:
+    done, broken = smoke_cfg(seed=3), smoke_cfg(seed=4)
+    run_one(done)  # e.g. `crener train`: sweep adhoc
+    out = run_one(done, sweep="main")
+    assert out["skipped"] and Tracker().get_run(out["run_id"]).tags["crener.sweep"] == "main"
+    Tracker().start_run(broken, sweep="ablation").fail("killed")
+    out = run_one(broken)  # adhoc resumes it without demoting it
+    assert Tracker().get_run(out["run_id"]).tags["crener.sweep"] == "ablation"
+    assert [done.key(), broken.key()] == fake_fit.CALLS
+
+
 def test_untracked_run(tmp_path: Path, fake_fit: types.ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CRENER_RUNS", str(tmp_path / "runs"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'never.db'}")
@@ -238,9 +251,8 @@ def _kill_and_rerun(
     assert not (workdir_for(cells[-1].cfg, tmp_path / "runs") / "summary.json").exists()
 
     log2 = tmp_path / "second.log"
-    rerun = subprocess.run(
-        cmd, env=env, stdout=open(log2, "w"), stderr=subprocess.STDOUT, timeout=timeout * 2
-    )  # noqa: SIM115
+    with open(log2, "w") as out:
+        rerun = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout * 2)
     assert rerun.returncode == 0, log2.read_text()
     for cell in cells:
         _check_one_finished_run(cell.cfg)
