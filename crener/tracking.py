@@ -330,6 +330,8 @@ class Tracker:
             found = matching()
             if created.info.run_id != found[0].run_id:
                 self.client.delete_run(created.info.run_id)
+        if found[0].status != "RUNNING":
+            _retry_locked(lambda: self.client.update_run(found[0].run_id, status="RUNNING"))
         return RunLogger(self.client, found[0].run_id, resumed=True)
 
     # ---- reading back
@@ -457,6 +459,10 @@ class RunLogger:
             self.log_artifacts(workdir)
         self.set_tags({"crener.state": STATE_FINISHED, **tags})
         _retry_locked(lambda: self.client.set_terminated(self.run_id, "FINISHED"))
+
+    def terminate(self, status: str = "FINISHED") -> None:
+        """Set the MLflow status only (a study's parent run, which has no crener.state)."""
+        _retry_locked(lambda: self.client.set_terminated(self.run_id, status))
 
     def fail(self, error: BaseException | str, *, killed: bool = False) -> None:
         """Mark the run failed (``killed``: interrupted by the user); it stays resumable."""

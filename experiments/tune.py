@@ -280,7 +280,11 @@ def tune(
 
     log.info("study %s: %d trial(s) in this worker (%d already in the study)", name, trials, offset)
     # A trial that runs out of memory fails alone; configuration bugs still stop the worker.
-    study.optimize(objective, n_trials=trials, timeout=timeout, catch=(RuntimeError,))
+    try:
+        study.optimize(objective, n_trials=trials, timeout=timeout, catch=(RuntimeError,))
+    finally:
+        if parent is not None:  # reopened by the next worker that joins (status only)
+            parent.terminate()
     _log_best(study, parent, fixed)
     return study
 

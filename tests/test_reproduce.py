@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import types
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -239,9 +240,17 @@ def _kill_when(proc: subprocess.Popen, ready: Path, timeout: float, log_path: Pa
 
 
 def _kill_and_rerun(
-    cmd: list[str], cells: list, env: dict[str, str], tmp_path: Path, *, timeout: float, mid: int = 1
+    cmd: list[str],
+    cells: list,
+    env: dict[str, str],
+    tmp_path: Path,
+    *,
+    timeout: float,
+    mid: int = 1,
+    rerun: Callable[[], tuple[int, str]] | None = None,
 ) -> None:
-    """Kill the sweep once cell ``mid`` has checkpointed an epoch, rerun it, check every cell."""
+    """Kill the sweep once cell ``mid`` has checkpointed an epoch, rerun it (``cmd`` again, or
+    ``rerun()`` -> (exit code, log)), and check every cell has one finished run."""
     log1 = tmp_path / "first.log"
     victim = workdir_for(cells[mid].cfg, tmp_path / "runs") / "checkpoints" / "last.pt"
     _kill_when(_start(cmd, env, log1), victim, timeout, log1)
@@ -250,14 +259,18 @@ def _kill_and_rerun(
     assert killed.state == "running"  # SIGKILL leaves no chance to say goodbye
     assert not (workdir_for(cells[-1].cfg, tmp_path / "runs") / "summary.json").exists()
 
-    log2 = tmp_path / "second.log"
-    with open(log2, "w") as out:
-        rerun = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout * 2)
-    assert rerun.returncode == 0, log2.read_text()
+    if rerun is None:
+        log2 = tmp_path / "second.log"
+        with open(log2, "w") as out:
+            proc = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout * 2)
+        rc, text = proc.returncode, log2.read_text()
+    else:
+        rc, text = rerun()
+    assert rc == 0, text
     for cell in cells:
         _check_one_finished_run(cell.cfg)
     assert _runs(cells[mid].cfg.key())[0].run_id == killed.run_id
-    assert "already finished" in log2.read_text()
+    assert "already finished" in text
 
 
 def _subprocess_env(tmp_path: Path, uri: str, **extra: str) -> dict[str, str]:
@@ -267,11 +280,13 @@ def _subprocess_env(tmp_path: Path, uri: str, **extra: str) -> dict[str, str]:
     return env
 
 
-def test_sigkill_mid_sweep_fake_fit(mlflow_store: str, tmp_path: Path) -> None:
-    """Fast version: the real CLI and MLflow in a subprocess, the fake fit (0.3 s per epoch)."""
+def test_sigkill_mid_sweep_fake_fit(
+    mlflow_store: str, tmp_path: Path, fake_fit: types.ModuleType, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Fast version: the real CLI and MLflow in a subprocess with the fake fit (0.3 s per epoch),
+    SIGKILLed mid-sweep; the rerun happens in this process (saves a cold start)."""
     sel = ["--datasets", "resume", "--models", "crener", "--variants", "full", "no_mlp", "no_region"]
-    sets = ["--set", "train.epochs=3"]
-    cmd = [*fake_cli(tmp_path), "reproduce", "--profile", "smoke", *sel, *sets, "--no-report"]
+    args = ["reproduce", "--profile", "smoke", *sel, "--set", "train.epochs=3", "--no-report"]
     cells = plan(
         profile="smoke",
         datasets=["resume"],
@@ -281,7 +296,13 @@ def test_sigkill_mid_sweep_fake_fit(mlflow_store: str, tmp_path: Path) -> None:
     )
     assert len(cells) == 3
     env = _subprocess_env(tmp_path, mlflow_store, CRENER_FAKE_EPOCH_SECONDS="0.3")
-    _kill_and_rerun(cmd, cells, env, tmp_path, timeout=90)
+
+    def rerun() -> tuple[int, str]:
+        with caplog.at_level(logging.INFO):
+            return cli_main(args), caplog.text
+
+    _kill_and_rerun([*fake_cli(tmp_path), *args], cells, env, tmp_path, timeout=90, rerun=rerun)
+    assert [c.cfg.key() for c in cells[1:]] == fake_fit.CALLS  # the finished cell was not retrained
 
 
 def _tiny_resume(root: Path, sentences: int) -> Path:

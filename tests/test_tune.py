@@ -75,7 +75,9 @@ def test_tune_logs_nested_trials_and_exports(
         assert "best/dev_f1" in run.metrics and "train.lr" in run.params
     history = Tracker().client.get_metric_history(parent.run_id, "trial/dev_f1")
     assert sorted(m.step for m in history) == [0, 1, 2]
-    assert Tracker().get_run(parent.run_id).tags["crener.best_trial"] == str(study.best_trial.number)
+    parent_run = Tracker().get_run(parent.run_id)
+    assert parent_run.tags["crener.best_trial"] == str(study.best_trial.number)
+    assert parent_run.status == "FINISHED"
     # separate workdirs, and trials never enter the sweep's run-once lookup
     assert sorted(p.name for p in (tmp_path / "runs" / "tune" / STUDY).iterdir()) == [
         "trial-0000",
