@@ -111,7 +111,7 @@ def run_one(
     """
     root = resolve_runs_dir(runs_dir)
     workdir = workdir_for(cfg, root)
-    from crener.tracking import file_lock  # light: mlflow is imported with it only when tracking
+    from crener.tracking import file_lock  # (loads mlflow; cheap next to training)
 
     with file_lock(lock_path(cfg, root), wait=wait) as held:
         if not held:
