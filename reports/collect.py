@@ -158,6 +158,8 @@ def _artifact(run_id: str, path: str, tracking_uri: str | None) -> Path | None:
     import mlflow.artifacts
 
     global _CACHE_DIR
+    # One progress bar per artifact floods the report's log; the user can still turn it on.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = resolve_tracking_uri(tracking_uri)
     key = (uri, run_id, path)
     if key in _DOWNLOADS:

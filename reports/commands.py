@@ -37,6 +37,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--optuna-storage", default="sqlite:///optuna.db", help="Optuna storage for the tuning figures"
     )
+    p.add_argument(
+        "--sweeps",
+        default="main,ablation",
+        help="comma-separated sweeps whose runs make the tables (default: main,ablation; "
+        "add adhoc to include runs of `crener train`)",
+    )
     p.add_argument("--data-root", default=None, help="data directory for Table 1 (default: the data layer's)")
     p.set_defaults(func=_run)
 
@@ -55,6 +61,7 @@ def _run(args: argparse.Namespace) -> int:
         msra_protocol=args.msra_protocol,
         optuna_storage=args.optuna_storage,
         data_root=args.data_root,
+        sweeps=tuple(s.strip() for s in args.sweeps.split(",") if s.strip()),
     )
     log.info("report index: %s", path)
     return 0

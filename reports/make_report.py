@@ -40,11 +40,14 @@ def main(
     optuna_storage: str | None = DEFAULT_OPTUNA_STORAGE,
     data_root: str | None = None,
     dataset_loader: Any = None,
+    sweeps: tuple[str, ...] = tables.TABLE_SWEEPS,
 ) -> Path:
     """Write the whole report for ``profile`` under ``out``; return the path of ``index.md``.
 
     ``bootstrap`` is the number of resamples B; ``seed`` seeds them. ``dataset_loader``
-    replaces ``crener.data.datasets.load_dataset`` for Table 1 (tests).
+    replaces ``crener.data.datasets.load_dataset`` for Table 1 (tests). ``sweeps`` are the
+    sweeps whose runs make the tables (default main and ablation; tune and adhoc runs use
+    other configurations on purpose).
     """
     out = Path(out)
     table_dir, figure_dir = out / "tables", out / "figures"
@@ -55,7 +58,7 @@ def main(
     all_runs = collect.collect_runs(uri, profile=profile, finished_only=False)
     all_runs.to_csv(out / "runs.csv", index=False)
     finished = all_runs[all_runs["state"] == "finished"].reset_index(drop=True)
-    index = tables.RunIndex(finished)
+    index = tables.RunIndex(finished, sweeps=sweeps)
     warnings: list[str] = []
 
     # --- tables
@@ -113,7 +116,18 @@ def main(
     index_path = out / "index.md"
     index_path.write_text(
         _index_text(
-            profile, uri, all_runs, index, table_files, figures, missing, warnings, font, out, bootstrap
+            profile,
+            uri,
+            all_runs,
+            index,
+            table_files,
+            figures,
+            missing,
+            warnings,
+            font,
+            out,
+            bootstrap,
+            sweeps,
         ),
         encoding="utf-8",
     )
@@ -207,8 +221,14 @@ def _storage_exists(storage: str) -> bool:
 
 def _git_commit() -> str:
     try:
+        # The checkout the report code comes from, whatever the working directory.
         return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -249,13 +269,14 @@ def _index_text(
     font: str | None,
     out: Path,
     bootstrap: int,
+    sweeps: tuple[str, ...],
 ) -> str:
     def rel(p: Path) -> str:
         return p.relative_to(out).as_posix()
 
     states = all_runs["state"].fillna("unknown").value_counts().to_dict() if len(all_runs) else {}
     sweeps = all_runs["sweep"].fillna("unknown").value_counts().to_dict() if len(all_runs) else {}
-    run_commits = sorted({str(c) for c in all_runs.get("git_commit", pd.Series(dtype=object)).dropna()})
+    run_commits = sorted({str(c)[:7] for c in all_runs.get("git_commit", pd.Series(dtype=object)).dropna()})
     lines = [
         f"# CRENER reproduction report — profile `{profile}`",
         "",
@@ -264,7 +285,7 @@ def _index_text(
         f"- tracking store: `{uri}`",
         f"- runs of this profile: {len(all_runs)} ({', '.join(f'{k}: {v}' for k, v in sorted(states.items())) or 'none'}); "
         f"by sweep: {', '.join(f'{k}: {v}' for k, v in sorted(sweeps.items())) or 'none'}",
-        f"- runs used in tables (finished, sweeps {', '.join(tables.TABLE_SWEEPS)}): {len(index.runs)}; "
+        f"- runs used in tables (finished, sweeps {', '.join(sweeps)}): {len(index.runs)}; "
         f"superseded: {len(index.superseded)}; seeds: {', '.join(map(str, index.seeds)) or 'none'}",
         f"- cells: mean ± sample std over seeds (ddof = 1; one seed reads `x ± –`; no run reads `—`); bootstrap B = {bootstrap}",
         f"- figure font: {font or 'none (no CJK font found; Chinese labels render as boxes — install fonts-noto-cjk)'}",

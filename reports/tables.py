@@ -622,21 +622,21 @@ def dataset_table(loader: Callable[[str], Any] | None = None, data_root: str | N
     """Table 1: measured sentences/entities/types per split beside the paper's.
 
     ``loader(name)`` returns the dataset's splits (a mapping or an object with ``train``,
-    ``dev``, ``test`` attributes, each a sequence of Sentence). Default:
-    ``crener.data.datasets.load_dataset``; returns None (with a warning) when it is unavailable.
+    ``dev``, ``test`` attributes, each a sequence of Sentence; a ``dev_is_test`` attribute marks
+    a dev that is really the test set). Default: ``crener.data.datasets.load_dataset`` with the
+    default :class:`~crener.config.DataConfig` (whole splits); returns None (with a warning)
+    when the data layer is unavailable.
     """
     if loader is None:
         try:
+            from crener.config import DataConfig
             from crener.data.datasets import load_dataset
         except ImportError:
             log.warning("crener.data.datasets.load_dataset is not available: Table 1 skipped")
             return None
 
         def loader(name: str) -> Any:
-            try:
-                return load_dataset(name, data_root=data_root)
-            except TypeError:
-                return load_dataset(name)
+            return load_dataset(DataConfig(dataset=name, data_root=data_root))
 
     ref = paper.paper_table(1)
     display_rows, data_rows, missing = [], [], []
@@ -707,6 +707,8 @@ def dataset_table(loader: Callable[[str], Any] | None = None, data_root: str | N
 def _split(splits: Any, name: str) -> list | None:
     if splits is None:
         return None
+    if name == "dev" and getattr(splits, "dev_is_test", False):
+        return None  # MSRA lineage protocol: no dev split of its own
     value = splits.get(name) if isinstance(splits, dict) else getattr(splits, name, None)
     return None if value is None else list(value)
 

@@ -507,4 +507,5 @@ def test_cjk_font_and_cli(tmp_path):
         ["report", "--profile", "full", "--bootstrap", "10", "--out", "x"]
     )
     assert (args.profile, args.bootstrap, args.out, args.tracking_uri) == ("full", 10, "x", None)
+    assert args.sweeps == "main,ablation" and args.msra_protocol == "lineage"
     assert callable(args.func)
