@@ -368,6 +368,8 @@ def main_table(index: RunIndex, n: int, profile: str, msra_protocol: str = "line
                     missing.append(line)
     title = f"Table {n}: {DATASET_LABELS[dataset]} test P / R / F1 (%)"
     notes.append("Δ = ours − paper, in points. 'reported' rows are copied from the paper and not rerun.")
+    reasons = _not_rerun_reasons()
+    notes += [f"Not rerun: {s} — {reasons[s]}" for s in ref.system if s in reasons]
     return Table(
         name=f"table{n}_{dataset}",
         title=title,
@@ -379,6 +381,15 @@ def main_table(index: RunIndex, n: int, profile: str, msra_protocol: str = "line
         missing=missing,
         text_columns=2,
     )
+
+
+def _not_rerun_reasons() -> dict[str, str]:
+    """System -> one-line reason it is not rerun, from ``baselines.reported`` when present."""
+    try:
+        from baselines.reported import REPORTED
+    except ImportError:
+        return {}
+    return {name: getattr(system, "reason", "") for name, system in REPORTED.items()}
 
 
 # --- Table 6 -----------------------------------------------------------------------------
