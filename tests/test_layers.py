@@ -168,3 +168,20 @@ def test_grid_loss_ce_over_valid_cells():
     out = GridLoss("ce")(logits, targets, mask)["loss"]
     ref = torch.nn.functional.cross_entropy(logits[0, :2, :2].reshape(-1, 4), targets[0, :2, :2].reshape(-1))
     torch.testing.assert_close(out, ref)
+
+
+def test_space_to_batch_dilated_conv_is_exact():
+    from crener.layers import dilated_depthwise
+
+    torch.manual_seed(0)
+    for d in (1, 2, 3):
+        conv = torch.nn.Conv2d(4, 4, 3, groups=4, dilation=d, padding=d)
+        for n in (5, 7, 9):  # multiples of d and not
+            x = torch.randn(2, 4, n, n, requires_grad=True)
+            y1 = dilated_depthwise(conv, x)
+            y2 = conv(x)
+            torch.testing.assert_close(y1, y2, atol=1e-6, rtol=1e-5)
+            g1 = torch.autograd.grad(y1.square().sum(), (x, conv.weight))
+            g2 = torch.autograd.grad(y2.square().sum(), (x, conv.weight))
+            for a, b in zip(g1, g2):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

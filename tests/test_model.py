@@ -180,3 +180,40 @@ def test_overfits_a_handful_of_sentences(variant, tiny_encoder, sentences):
 
 def test_crener_class_is_the_full_model(tiny_encoder, sentences):
     assert isinstance(make("full", tiny_encoder, sentences)[2], CRENER)
+
+
+@pytest.mark.parametrize("variant", ["full", "no_transformer", "no_region"])
+@pytest.mark.parametrize("orientation", ["paper", "code"])
+def test_factored_grid_input_equals_literal_concatenation(variant, orientation, tiny_encoder, sentences):
+    cfg, task, model, examples = make(variant, tiny_encoder, sentences, cln_orientation=orientation)
+    grid = model.grid
+    with torch.no_grad():  # non-trivial CLN so orientation matters
+        grid.cln.gamma.weight.normal_(0, 0.3)
+        grid.cln.beta.weight.normal_(0, 0.3)
+    torch.manual_seed(1)
+    b, n, d = 3, 7, cfg.hidden
+    s, o = torch.randn(b, n, d), torch.randn(b, n, d)
+    lengths = torch.tensor([7, 5, 2])
+    from crener.data.features import grid_mask
+
+    mask = grid_mask(lengths, n)
+    attn = torch.softmax(torch.randn(b, cfg.tf_heads, n, n), -1) if grid.attn_proj is not None else None
+    grid.eval()
+    torch.testing.assert_close(grid(s, o, mask, attn), grid.naive_forward(s, o, mask, attn), atol=1e-5, rtol=1e-4)
+    # Training mode: the same channel-dropout mask must give the same result.
+    grid.train()
+    grid.dropout = 0.5
+    torch.manual_seed(3)
+    fast = grid(s, o, mask, attn)
+    torch.manual_seed(3)
+    keep = grid._channel_keep(b, grid.reduce.in_features, s)
+    torch.manual_seed(3)
+    import crener.model as cm
+
+    orig = cm.channel_dropout
+    cm.channel_dropout = lambda x, p, training: x * keep[:, None, None, :]
+    try:
+        slow = grid.naive_forward(s, o, mask, attn)
+    finally:
+        cm.channel_dropout = orig
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-4)

@@ -1,0 +1,242 @@
+"""`crener bench`: training and inference speed, and peak memory against sentence length.
+
+Speed is measured on real Resume training sentences with randomly initialised weights (the
+weights do not change the cost). Memory is measured in a fresh subprocess per point, so each
+peak is that configuration's own: CUDA peak allocation on a GPU, peak resident set size (minus
+the process's size before the step) on CPU. Widths:
+
+- ``quick``: the quick profile's widths;
+- ``paper``: method.md §4.2 widths (d_h 512, d_c 96, biaffine 512, FFN 288) over a 2-layer,
+  256-wide random BERT (the encoder issue 7 measured the released W2NER code with), so the CPU
+  figures compare the grid models, not a 110M-parameter encoder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from crener.config import RunConfig, build_run_config, parse_set
+
+log = logging.getLogger(__name__)
+
+# width preset -> (profile whose model widths it uses, extra overrides)
+WIDTHS: dict[str, tuple[str, dict[str, Any]]] = {
+    "quick": ("quick", {}),
+    "paper": ("paper", {"model.encoder": "embedded", "model.embedded_hidden": 256, "model.embedded_layers": 2,
+                        "model.embedded_heads": 4, "model.embedded_ff": 1024, "train.bf16": False,
+                        "train.batch_size": 12, "train.max_cells": 0}),  # fmt: skip
+}
+
+
+def bench_config(width: str, model: str, variant: str, overrides: dict[str, Any]) -> RunConfig:
+    profile, extra = WIDTHS[width]
+    flat = {**extra, "train.progress": False, **overrides}
+    return build_run_config(model=model, variant=variant, profile=profile, dataset="resume", overrides=flat)
+
+
+def _setup(cfg: RunConfig, n_sentences: int, tmp: Path):
+    from crener.data.datasets import load_dataset
+    from crener.data.split import split_all
+    from crener.model import build_model
+    from crener.tasks import build_task
+    from crener.train import featurize, load_encoder
+
+    data = load_dataset(cfg.data, seed=0)
+    task = build_task(cfg.model, data.types)
+    encoder, tok = load_encoder(cfg, data.train, tmp)
+    rng = np.random.default_rng(0)
+    pick = rng.choice(len(data.train), size=min(n_sentences, len(data.train)), replace=False)
+    sents = [data.train[i] for i in sorted(pick)]
+    examples = featurize(split_all(sents, cfg.data.max_len), task, tok)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, task, encoder)
+    return task, model, examples
+
+
+def measure_speed(cfg: RunConfig, n_sentences: int) -> dict[str, float]:
+    """Training and inference sentences/s on ``n_sentences`` Resume training sentences."""
+    from crener.data.batching import collate, make_batches
+    from crener.train import autocast, predict_examples, resolve_device
+
+    device = resolve_device(cfg.train.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        task, model, examples = _setup(cfg, n_sentences, Path(tmp))
+    model.to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    lengths = [e.n for e in examples]
+    batches = make_batches(lengths, max_cells=cfg.train.max_cells, batch_size=cfg.train.batch_size,
+                           shuffle=True, rng=np.random.default_rng(0))  # fmt: skip
+    model.train()
+
+    def step(idx):
+        batch = collate([examples[i] for i in idx], task.target, task.num_labels).to(device)
+        with autocast(device, cfg.train.bf16):
+            out = model(batch)
+        loss = task.loss(out, batch)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step(batches[0])  # warm-up: allocator and kernel selection
+    _sync(device)
+    t0 = time.perf_counter()
+    for idx in batches:
+        step(idx)
+    _sync(device)
+    train_s = time.perf_counter() - t0
+    predict_examples(model, task, examples[:8], device, cfg)
+    t0 = time.perf_counter()
+    predict_examples(model, task, examples, device, cfg)
+    _sync(device)
+    eval_s = time.perf_counter() - t0
+    n = len(examples)
+    return {
+        "train_sent_per_s": n / train_s,
+        "eval_sent_per_s": n / eval_s,
+        "train_ms_per_sentence": 1000 * train_s / n,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "batches": len(batches),
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def memory_probe(cfg: RunConfig, length: int, batch: int = 1) -> dict[str, float]:
+    """One training step on ``batch`` synthetic sentences of ``length`` characters; peak memory."""
+    from crener.data.batching import Example, collate
+    from crener.data.schema import Entity
+    from crener.model import build_model
+    from crener.tasks import build_task
+    from crener.train import autocast, resolve_device
+
+    device = resolve_device(cfg.train.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        from crener.encoder import CharEncoder, build_embedded_encoder, load_pretrained
+
+        chars = [chr(0x4E00 + i) for i in range(200)]
+        bert, tok = load_pretrained(build_embedded_encoder(chars, cfg.model, Path(tmp) / "enc", seed=0))
+    types = ("A", "B", "C")
+    task = build_task(cfg.model, types)
+    model = build_model(cfg.model, task, CharEncoder(bert, cfg.model.last4_mean)).to(device)
+    rng = np.random.default_rng(0)
+    examples = []
+    for k in range(batch):
+        text = [chars[i] for i in rng.integers(0, len(chars), length)]
+        ents = [Entity.span(s, s + 3, types[s % 3]) for s in range(0, length - 3, 10)]
+        examples.append(Example(k, np.asarray(tok.encode(text)), task.featurize(ents, length), length))
+    b = collate(examples, task.target, task.num_labels).to(device)
+    model.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    else:
+        base = _rss_peak()
+    with autocast(device, cfg.train.bf16):
+        out = model(b)
+    task.loss(out, b)["loss"].backward()
+    _sync(device)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _rss_peak()
+    used = max(peak - base, 0)
+    return {"length": length, "batch": batch, "peak_bytes": used, "bytes_per_cell": used / (batch * length * length)}
+
+
+def _rss_peak() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _memory_point(width: str, model: str, variant: str, length: int, overrides: list[str]) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "crener.bench", "--probe", width, model, variant, str(length), *overrides]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    if res.returncode != 0:
+        tail = (res.stderr or "").strip().splitlines()[-1:] or ["?"]
+        return {"length": length, "error": tail[0][:200]}
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    overrides = parse_set(args.overrides)
+    set_items = [f"{k}={v}" for k, v in overrides.items()]
+    results: dict[str, Any] = {"device": str(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+                               "threads": torch.get_num_threads(), "speed": [], "memory": []}  # fmt: skip
+    if args.suite in ("model", "all"):
+        for width in args.widths:
+            for variant in args.variants:
+                cfg = bench_config(width, "crener", variant, overrides)
+                r = measure_speed(cfg, args.sentences)
+                results["speed"].append({"width": width, "model": "crener", "variant": variant, **r})
+                log.info("%s %s: train %.1f sent/s, eval %.1f sent/s", width, variant,
+                         r["train_sent_per_s"], r["eval_sent_per_s"])  # fmt: skip
+    if args.suite in ("w2ner", "all"):
+        for width in args.widths:
+            cfg = bench_config(width, "w2ner", "full", overrides)
+            r = measure_speed(cfg, args.sentences)
+            results["speed"].append({"width": width, "model": "w2ner", "variant": "full", **r})
+    if args.suite in ("memory", "all"):
+        width = args.widths[-1]
+        for variant in ("full", "no_enhancement"):
+            for length in args.lengths:
+                point = _memory_point(width, "crener", variant, length, set_items)
+                results["memory"].append({"width": width, "variant": variant, **point})
+                log.info("memory %s %s L=%d: %s", width, variant, length, point)
+    _print(results, args.json)
+    return 0
+
+
+def _print(results: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(results) + "\n")
+        return
+    from tabulate import tabulate
+
+    out = [f"device {results['device']}, {results['threads']} threads"]
+    if results["speed"]:
+        rows = [[r["width"], r["model"], r["variant"], f"{r['train_sent_per_s']:.1f}", f"{r['eval_sent_per_s']:.1f}",
+                 f"{r['train_ms_per_sentence']:.0f}", f"{r['parameters'] / 1e6:.2f}M"] for r in results["speed"]]  # fmt: skip
+        out.append(tabulate(rows, ["widths", "model", "variant", "train sent/s", "eval sent/s", "train ms/sent", "params"],
+                            tablefmt="github"))  # fmt: skip
+        full = {r["width"]: r for r in results["speed"] if r["model"] == "crener" and r["variant"] == "full"}
+        for r in results["speed"]:
+            if r["variant"] == "no_enhancement" and r["width"] in full:
+                ratio = full[r["width"]]["train_ms_per_sentence"] / r["train_ms_per_sentence"]
+                out.append(f"{r['width']}: CRENER full / no_enhancement training cost per sentence = {ratio:.2f}x")
+            if r["model"] == "w2ner" and r["width"] in full:
+                ratio = full[r["width"]]["train_ms_per_sentence"] / r["train_ms_per_sentence"]
+                out.append(f"{r['width']}: CRENER full / W2NER training cost per sentence = {ratio:.2f}x")
+    if results["memory"]:
+        rows = [[m["width"], m["variant"], m["length"],
+                 f"{m['peak_bytes'] / 2**20:.0f}" if "peak_bytes" in m else m.get("error", "?"),
+                 f"{m['bytes_per_cell'] / 1024:.1f}" if "bytes_per_cell" in m else ""] for m in results["memory"]]  # fmt: skip
+        out.append(tabulate(rows, ["widths", "variant", "length", "peak MiB (1 sentence)", "KiB per grid cell"],
+                            tablefmt="github"))  # fmt: skip
+    sys.stdout.write("\n\n".join(out) + "\n")
+
+
+def _probe_main(argv: list[str]) -> int:
+    width, model, variant, length, *items = argv
+    cfg = bench_config(width, model, variant, parse_set(items))
+    sys.stdout.write(json.dumps(memory_probe(cfg, int(length))) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    if len(sys.argv) > 1 and sys.argv[1] == "--probe":
+        sys.exit(_probe_main(sys.argv[2:]))
+    sys.exit("use `crener bench`")
