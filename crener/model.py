@@ -253,10 +253,14 @@ class CRENER(nn.Module):
         elif cfg.context == "bilstm":
             self.lstm = BiLSTM(d, d)
         self.concat_proj = nn.Linear(2 * d, d) if cfg.concat_bert and cfg.context != "none" else None
-        self.subj = nn.Linear(d, d)  # eq. 4
-        self.obj = nn.Linear(d, d)
+        # Without the MLP predictor and with the biaffine on H (the default), nothing downstream
+        # reads the grid branch: it would get no gradient and change no score (method.md §3,
+        # as in W2NER's own "-MLP" ablation), so it is not built at all.
+        grid_branch = cfg.use_grid_mlp or cfg.biaffine_input == "enhanced"
+        self.subj = nn.Linear(d, d) if grid_branch else None  # eq. 4
+        self.obj = nn.Linear(d, d) if grid_branch else None
         attn_heads = cfg.tf_heads if cfg.attn_matrix == "transformer_probs" else 0
-        self.grid = GridConvModule(
+        self.grid = None if not grid_branch else GridConvModule(
             d, cfg.conv_channels,
             dist_dim=cfg.dist_dim if cfg.use_distance_embedding else 0,
             region_dim=cfg.region_dim if cfg.use_region_embedding else 0,
@@ -265,10 +269,10 @@ class CRENER(nn.Module):
             chain=cfg.dconv_chain, orientation=cfg.cln_orientation,
         )  # fmt: skip
         kinds = TAG_KINDS[cfg.tag_scheme]
-        grid_dim = self.grid.out_dim
+        grid_dim = self.grid.out_dim if grid_branch else 0
         self.tag_proj = None
         self.enhance = None
-        if cfg.use_relation_enhancement:
+        if cfg.use_relation_enhancement and grid_branch:
             self.tag_proj = nn.Linear(grid_dim, kinds * cfg.tag_dim)  # eqs 9-10, one slice per tag kind
             grid_dim = kinds * cfg.tag_dim
             self.enhance = RelationEnhancement(grid_dim, d, cfg.enh_heads, cfg.enh_dropout, cfg.enh_block)
@@ -289,6 +293,8 @@ class CRENER(nn.Module):
             h = self.lstm(x, batch.lengths)
         if self.concat_proj is not None:
             h = self.concat_proj(torch.cat([x, h], dim=-1))
+        if self.grid is None:  # biaffine over H alone ("w/o MLP")
+            return {"logits": self.predictor(h, h, None)}
         s = s_base = self.subj(h)
         o = o_base = self.obj(h)
         for r in range(self.rounds):

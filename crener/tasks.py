@@ -20,6 +20,7 @@ from crener.loss import GridLoss
 
 
 MAX_ENTITIES_PER_CHAR = 20
+MAX_CELLS_PER_CHAR = 40
 
 
 class Task(Protocol):
@@ -80,6 +81,17 @@ class GridTask:
             rows = torch.cat([idx, lab[:, None]], dim=1)
         else:
             hit = (logits > 0) & mask[..., None]
+            # An untrained model can mark a large share of all n^2 * L cells positive; gold grids
+            # have a few cells per character. Keep at most MAX_CELLS_PER_CHAR * n of the highest
+            # scores per sentence (documented rule) so decoding stays cheap; a trained model is
+            # far below the cap, so its predictions are unchanged.
+            counts = hit.flatten(1).sum(dim=1)
+            caps = MAX_CELLS_PER_CHAR * batch.lengths.to(counts.device)
+            for row in (counts > caps).nonzero().flatten().tolist():
+                flat = logits[row].masked_fill(~hit[row], float("-inf")).flatten()
+                keep = torch.zeros_like(flat, dtype=torch.bool)
+                keep[flat.topk(int(caps[row])).indices] = True
+                hit[row] = keep.view_as(hit[row])
             rows = hit.nonzero()  # (k, 4): b, i, j, label
         rows = rows.cpu().numpy()
         b = len(batch)

@@ -273,7 +273,9 @@ def fit(
     train_chunks = split_all(data.train, max_len)
     train_examples = featurize(train_chunks, task, tokenizer)
     dev = build_split("dev", data.dev, max_len, task, tokenizer)
-    test = dev if data.dev_is_test else build_split("test", data.test, max_len, task, tokenizer)
+    # Under the MSRA lineage protocol dev is the test set; reuse it unless dev was cut shorter.
+    same = data.dev_is_test and len(data.dev) == len(data.test)
+    test = dev if same else build_split("test", data.test, max_len, task, tokenizer)
 
     model = build_model(cfg.model, task, encoder).to(device)
     n_params = sum(p.numel() for p in model.parameters())

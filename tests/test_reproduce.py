@@ -295,7 +295,7 @@ def test_sigkill_mid_sweep_fake_fit(
         sets={"train.epochs": "3"},
     )
     assert len(cells) == 3
-    env = _subprocess_env(tmp_path, mlflow_store, CRENER_FAKE_EPOCH_SECONDS="0.3")
+    env = _subprocess_env(tmp_path, mlflow_store, CRENER_FAKE_EPOCH_SECONDS="1.5")
 
     def rerun() -> tuple[int, str]:
         with caplog.at_level(logging.INFO):

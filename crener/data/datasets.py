@@ -194,6 +194,15 @@ def load_dataset(cfg: DataConfig, seed: int = 0) -> DatasetSplits:
         notes.append(
             f"train limited to {cfg.train_limit:,} of {len(train):,} sentences (shuffle seed {seed})"
         )
+    if cfg.test_limit > 0 and cfg.test_limit < len(pools["test"]):
+        # A fixed sample (seed 0, whatever the run's seed) in file order, so every run of a
+        # profile is scored on the same sentences and paired comparisons stay valid.
+        keep = sorted(random.Random(0).sample(range(len(pools["test"])), cfg.test_limit))
+        notes.append(f"test limited to a fixed sample of {cfg.test_limit:,} of {len(pools['test']):,} sentences")
+        sample = [pools["test"][i] for i in keep]
+        if dev_is_test:
+            pools["dev"] = sample
+        pools["test"] = sample
     if cfg.eval_limit > 0 and cfg.eval_limit < len(pools["dev"]):
         notes.append(f"dev limited to its first {cfg.eval_limit:,} of {len(pools['dev']):,} sentences")
         pools["dev"] = pools["dev"][: cfg.eval_limit]
