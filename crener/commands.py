@@ -26,7 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--encoder", help="from_pretrained name or path (default: the profile's, usually embedded)")
     p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE", help="config override")
     p.add_argument("--data-root", help="dataset directory (default: $CRENER_DATA, then ../shared/data)")
-    p.add_argument("--workdir", help="run directory (default: runs/<profile>/<key>)")
+    p.add_argument("--workdir", help="run directory with --no-track (default: runs/<profile>/<key>)")
+    p.add_argument("--runs-dir", help="root of run directories when tracking (default: $CRENER_RUNS or runs)")
     p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     p.set_defaults(func=cmd_train)
@@ -74,7 +75,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         from experiments.run import run_one
 
-        summary = run_one(cfg, sweep="adhoc", resume=not args.no_resume, runs_dir=args.workdir)
+        if args.workdir:
+            log.warning("--workdir applies to --no-track runs; tracked runs live in <runs-dir>/<profile>/<key>")
+        summary = run_one(cfg, sweep="adhoc", resume=not args.no_resume, runs_dir=args.runs_dir)
     log.info(
         "test P %.4f R %.4f F1 %.4f | dev F1 %.4f | best epoch %s | %.1f s",
         summary["test"]["precision"], summary["test"]["recall"], summary["test"]["f1"],

@@ -139,21 +139,6 @@ class GridConvModule(nn.Module):
         keep = torch.empty(b, width, device=like.device, dtype=like.dtype).bernoulli_(1 - self.dropout)
         return keep / (1 - self.dropout)
 
-    def naive_forward(self, s, o, mask, attn=None):
-        """Reference: the literal concatenation of eq. 7 followed by the 1x1 conv (tests only)."""
-        n = s.size(1)
-        v = self.cln(o, s) if self.orientation == "paper" else self.cln(s, o).transpose(1, 2)
-        parts = [v]
-        if self.dist_emb is not None:
-            parts.append(self.dist_emb(distance_ids(n, s.device)).expand(s.size(0), -1, -1, -1))
-        if self.region_emb is not None:
-            parts.append(self.region_emb(region_ids(n, s.device)).expand(s.size(0), -1, -1, -1))
-        if self.attn_proj is not None:
-            parts.append(self.attn_proj(attn.permute(0, 2, 3, 1)))
-        c = F.gelu(self.reduce(channel_dropout(torch.cat(parts, -1), self.dropout, self.training)))
-        c = c * mask[..., None].to(c.dtype)
-        return self.dconv(c, mask) if self.dconv is not None else c
-
 
 class RelationEnhancement(nn.Module):
     """Eqs 11-15: recover subject/object features from the tag grid and refeed them.
