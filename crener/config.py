@@ -267,7 +267,8 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "bert_softmax": {"model.context": "none", "model.attn_matrix": "none"},
     "bert_crf": {"model.context": "none", "model.attn_matrix": "none"},
-    "tener": {"model.context": "transformer", "model.attn_matrix": "none"},
+    # TENER's released code leaves the key unprojected (method.md §2.1).
+    "tener": {"model.context": "transformer", "model.attn_matrix": "none", "model.key_proj": False},
 }
 
 # Profiles: named budgets. `quick` is the CPU default; `paper` is meant for a GPU.
