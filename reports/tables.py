@@ -269,7 +269,7 @@ class RunIndex:
         return Cell(sel.sort_values("seed").reset_index(drop=True), self.seeds)
 
     def protocols(self) -> list[str]:
-        return sorted({p for p in self.runs["protocol"] if p is not None})
+        return sorted({str(p) for p in self.runs["protocol"] if pd.notna(p)})  # NaN for non-MSRA runs
 
     def encoders(self) -> list[str]:
         return sorted({str(e) for e in self.runs.get("encoder", pd.Series(dtype=object)).dropna()})
