@@ -14,7 +14,7 @@ import torch
 
 from crener.config import ModelConfig
 from crener.data.batching import Batch
-from crener.data.grid import LabelSet
+from crener.data.grid import LabelSet, last_of_each_cell, split_cells
 from crener.data.schema import Entity
 from crener.loss import GridLoss
 
@@ -57,14 +57,9 @@ class GridTask:
     def featurize(self, entities: Sequence[Entity], n: int) -> np.ndarray:
         cells = self.labels.encode(entities, n)
         if self.target == "classes" and len(cells):
-            # One class per cell: keep the highest label id (documented rule); count what is lost.
-            order = np.lexsort((cells[:, 2], cells[:, 1], cells[:, 0]))
-            cells = cells[order]
-            last = np.ones(len(cells), dtype=bool)
-            same = (cells[1:, 0] == cells[:-1, 0]) & (cells[1:, 1] == cells[:-1, 1])
-            last[:-1] = ~same
-            self.collisions += int((~last).sum())
-            cells = cells[last]
+            # One class per cell, by LabelSet's documented collision rule; count what is lost.
+            self.collisions += self.labels.count_class_collisions(cells)
+            cells = cells[last_of_each_cell(cells)]
         return cells
 
     def loss(self, outputs: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
@@ -93,10 +88,7 @@ class GridTask:
                 keep[flat.topk(int(caps[row])).indices] = True
                 hit[row] = keep.view_as(hit[row])
             rows = hit.nonzero()  # (k, 4): b, i, j, label
-        rows = rows.cpu().numpy()
-        b = len(batch)
-        splits = np.searchsorted(rows[:, 0], np.arange(1, b)) if len(rows) else np.zeros(b - 1, dtype=np.int64)
-        return [part[:, 1:].astype(np.int32) for part in np.split(rows, splits)]
+        return split_cells(rows.cpu().numpy(), len(batch))
 
     def decode(self, outputs: dict[str, torch.Tensor], batch: Batch) -> list[set[Entity]]:
         lengths = batch.lengths.tolist()

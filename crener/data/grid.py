@@ -263,14 +263,14 @@ class LabelSet:
         out = np.zeros((n, n), dtype=np.int64)
         # Cells are sorted by (i, j, label), and numpy assigns repeated indices in order, but
         # we do not rely on that: keep the last (highest) label of every (i, j) explicitly.
-        last = _last_of_each_cell(cells)
+        last = last_of_each_cell(cells)
         out[cells[last, 0], cells[last, 1]] = cells[last, 2].astype(np.int64) + CLASS_OFFSET
         return out
 
     def count_class_collisions(self, cells: np.ndarray) -> int:
         """Labels that :meth:`to_classes` drops (cells holding k labels count k - 1)."""
         cells = _as_cells(cells)
-        return int(cells.shape[0] - _last_of_each_cell(cells).size)
+        return int(cells.shape[0] - last_of_each_cell(cells).size)
 
     def from_classes(self, class_grid: np.ndarray, n: int) -> np.ndarray:
         """Cells of a single-label class grid (e.g. an argmax), restricted to the first n rows/cols."""
@@ -431,7 +431,7 @@ def _as_cells(cells: np.ndarray) -> np.ndarray:
     return cells
 
 
-def _last_of_each_cell(cells: np.ndarray) -> np.ndarray:
+def last_of_each_cell(cells: np.ndarray) -> np.ndarray:
     """Row index of the highest label of every distinct (i, j) in ``cells`` (any order)."""
     if cells.shape[0] == 0:
         return np.empty(0, dtype=np.int64)
