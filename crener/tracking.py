@@ -226,7 +226,9 @@ class Tracker:
         root = artifact_root(self.uri)
         location = f"{root}/{name}" if root else None
         try:
-            return _retry_locked(lambda: self.client.create_experiment(name, artifact_location=location))
+            # The kind tag makes the UI open on the runs table (model training), not its GenAI pages.
+            tags = {"mlflow.experimentKind": "custom_model_development"}
+            return _retry_locked(lambda: self.client.create_experiment(name, artifact_location=location, tags=tags))
         except MlflowException:
             # Another worker created it between our lookup and our insert.
             exp = self.client.get_experiment_by_name(name)

@@ -141,6 +141,14 @@ def test_invalid_combinations_refused():
         model_cfg(use_relation_enhancement=False)
 
 
+def test_profile_rounds_apply_only_where_enhancement_runs():
+    # quick shortens the enhancement loop to 2 passes; models without one keep a single pass.
+    assert build_run_config(profile="quick").model.rounds == 2
+    assert build_run_config(profile="quick", variant="no_relation").model.rounds == 2
+    assert build_run_config(profile="quick", variant="no_enhancement").model.rounds == 1
+    assert build_run_config(model="w2ner", profile="quick").model.rounds == 1
+
+
 @pytest.mark.parametrize("variant", ["full", "no_transformer", "no_relation"])
 def test_sentence_alone_equals_sentence_padded_in_batch(variant, tiny_encoder, sentences):
     _, task, model, examples = make(variant, tiny_encoder, sentences)
