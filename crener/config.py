@@ -68,6 +68,9 @@ class ModelConfig:
     enh_dropout: float = 0.1  # their dropout
     enh_block: str = "paper"  # paper | bert_layer (TOE's decoder layer)
     checkpoint_rounds: bool = False  # activation checkpointing of the conv rounds (long sentences)
+    # Factored 1x1 grid input and space-to-batch dilated convs; False computes the literal
+    # concatenation and the library's dilated conv. Same function (tested): a benchmark lever.
+    fast_grid: bool = True
     # --- co-predictor (§2.5) ---
     use_biaffine: bool = True  # eq. 16; False is "w/o Biaffine"
     use_grid_mlp: bool = True  # eq. 17; False is "w/o MLP"

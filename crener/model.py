@@ -60,9 +60,11 @@ class GridConvModule(nn.Module):
         dilations: tuple[int, ...] | None = (1, 2, 3),
         chain: bool = False,
         orientation: str = "paper",
+        fast: bool = True,
     ):
         super().__init__()
         self.orientation = orientation
+        self.fast = fast
         self.dropout = dropout
         self.cln = ConditionalLayerNorm(hidden, hidden)
         self.dist_emb = nn.Embedding(NUM_DIST_IDS, dist_dim) if dist_dim else None
@@ -70,7 +72,7 @@ class GridConvModule(nn.Module):
         self.attn_proj = nn.Linear(attn_heads, attn_dim) if attn_heads else None
         in_dim = hidden + dist_dim + region_dim + (attn_dim if attn_heads else 0)
         self.reduce = nn.Linear(in_dim, channels)  # the 1x1 convolution, channels-last
-        self.dconv = DilatedConvBlock(channels, dilations, chain) if dilations else None
+        self.dconv = DilatedConvBlock(channels, dilations, chain, fast) if dilations else None
         self.out_dim = self.dconv.out_dim if self.dconv is not None else channels
 
     def forward(
@@ -80,7 +82,29 @@ class GridConvModule(nn.Module):
         mask: torch.Tensor,
         attn: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """C = GELU(Conv1x1(Dropout2d([CLN(s, o); E^d; E^r; E^a]))) then the dilated convs.
+        c = self._factored(s, o, mask, attn) if self.fast else self._literal(s, o, mask, attn)
+        if self.dconv is not None:
+            c = self.dconv(c, mask)  # (B, N, N, rates * d_c)
+        return c
+
+    def _literal(self, s: torch.Tensor, o: torch.Tensor, mask: torch.Tensor, attn: torch.Tensor | None) -> torch.Tensor:
+        """Eq. 7 as written: concatenate [CLN(s, o); E^d; E^r; E^a] on the grid, then the 1x1 conv."""
+        b, n = s.size(0), s.size(1)
+        v = self.cln(o, s) if self.orientation == "paper" else self.cln(s, o).transpose(1, 2)
+        parts = [v]
+        for emb, ids_fn in ((self.dist_emb, distance_ids), (self.region_emb, region_ids)):
+            if emb is not None:
+                parts.append(emb(ids_fn(n, s.device)).expand(b, -1, -1, -1))
+        if self.attn_proj is not None:
+            parts.append(self.attn_proj(attn.to(s.dtype).permute(0, 2, 3, 1)))
+        x = torch.cat(parts, dim=-1)  # (B, N, N, in_dim)
+        keep = self._channel_keep(b, x.size(-1), s)  # the same draws as the factored path
+        if keep is not None:
+            x = x * keep[:, None, None, :]
+        return F.gelu(self.reduce(x)) * mask[..., None].to(x.dtype)
+
+    def _factored(self, s: torch.Tensor, o: torch.Tensor, mask: torch.Tensor, attn: torch.Tensor | None) -> torch.Tensor:
+        """C = GELU(Conv1x1(Dropout2d([CLN(s, o); E^d; E^r; E^a]))), the input of the dilated convs.
 
         Computed without materialising the concatenated (B, N, N, d_h + 3 d_E) input: the 1x1
         conv is linear, so it is applied to each part separately (the CLN grid through its
@@ -127,10 +151,7 @@ class GridConvModule(nn.Module):
                 c = c + torch.einsum("bhij,ch->bijc", probs, w_eff) + b_eff
             else:
                 c = c + torch.einsum("bhij,bch->bijc", probs, w_eff) + b_eff[:, None, None, :]
-        c = F.gelu(c + self.reduce.bias) * mask[..., None].to(c.dtype)  # (B, N, N, d_c)
-        if self.dconv is not None:
-            c = self.dconv(c, mask)  # (B, N, N, rates * d_c)
-        return c
+        return F.gelu(c + self.reduce.bias) * mask[..., None].to(c.dtype)  # (B, N, N, d_c)
 
     def _channel_keep(self, b: int, width: int, like: torch.Tensor) -> torch.Tensor | None:
         """Dropout2d's per-example channel mask, scaled by 1 / (1 - p); None when inactive."""
@@ -251,7 +272,7 @@ class CRENER(nn.Module):
             region_dim=cfg.region_dim if cfg.use_region_embedding else 0,
             attn_heads=attn_heads, attn_dim=cfg.attn_dim, dropout=cfg.conv_dropout,
             dilations=cfg.dilations if cfg.use_dilated_conv else None,
-            chain=cfg.dconv_chain, orientation=cfg.cln_orientation,
+            chain=cfg.dconv_chain, orientation=cfg.cln_orientation, fast=cfg.fast_grid,
         )  # fmt: skip
         kinds = TAG_KINDS[cfg.tag_scheme]
         grid_dim = self.grid.out_dim if grid_branch else 0

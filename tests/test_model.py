@@ -199,27 +199,6 @@ def test_crener_class_is_the_full_model(tiny_encoder, sentences):
     assert isinstance(make("full", tiny_encoder, sentences)[2], CRENER)
 
 
-def naive_grid(grid, s, o, mask, attn=None):
-    """Reference: the literal concatenation of eq. 7 followed by the 1x1 conv."""
-    import torch.nn.functional as F
-
-    from crener.data.features import distance_ids, region_ids
-    from crener.model import channel_dropout
-
-    n = s.size(1)
-    v = grid.cln(o, s) if grid.orientation == "paper" else grid.cln(s, o).transpose(1, 2)
-    parts = [v]
-    if grid.dist_emb is not None:
-        parts.append(grid.dist_emb(distance_ids(n)).expand(s.size(0), -1, -1, -1))
-    if grid.region_emb is not None:
-        parts.append(grid.region_emb(region_ids(n)).expand(s.size(0), -1, -1, -1))
-    if grid.attn_proj is not None:
-        parts.append(grid.attn_proj(attn.permute(0, 2, 3, 1)))
-    c = F.gelu(grid.reduce(channel_dropout(torch.cat(parts, -1), grid.dropout, grid.training)))
-    c = c * mask[..., None].to(c.dtype)
-    return grid.dconv(c, mask) if grid.dconv is not None else c
-
-
 @pytest.mark.parametrize("variant", ["full", "no_transformer", "no_region"])
 @pytest.mark.parametrize("orientation", ["paper", "code"])
 def test_factored_grid_input_equals_literal_concatenation(variant, orientation, tiny_encoder, sentences):
@@ -237,24 +216,29 @@ def test_factored_grid_input_equals_literal_concatenation(variant, orientation, 
     mask = grid_mask(lengths, n)
     attn = torch.softmax(torch.randn(b, cfg.tf_heads, n, n), -1) if grid.attn_proj is not None else None
     grid.eval()
-    torch.testing.assert_close(grid(s, o, mask, attn), naive_grid(grid, s, o, mask, attn), atol=1e-5, rtol=1e-4)
-    # Training mode: the same channel-dropout mask must give the same result.
+    torch.testing.assert_close(grid._factored(s, o, mask, attn), grid._literal(s, o, mask, attn), atol=1e-5, rtol=1e-4)
+    # Training mode: both paths draw the same channel-dropout mask, so they agree too.
     grid.train()
     grid.dropout = 0.5
     torch.manual_seed(3)
-    fast = grid(s, o, mask, attn)
+    fast = grid._factored(s, o, mask, attn)
     torch.manual_seed(3)
-    keep = grid._channel_keep(b, grid.reduce.in_features, s)
-    torch.manual_seed(3)
-    import crener.model as cm
-
-    orig = cm.channel_dropout
-    cm.channel_dropout = lambda x, p, training: x * keep[:, None, None, :]
-    try:
-        slow = naive_grid(grid, s, o, mask, attn)
-    finally:
-        cm.channel_dropout = orig
+    slow = grid._literal(s, o, mask, attn)
+    assert not torch.equal(fast, grid._factored(s, o, mask, attn))  # dropout really is active
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-4)
+
+
+def test_fast_grid_flag_switches_both_kernels(tiny_encoder, sentences):
+    # The literal path (fast_grid=False) computes the same scores end to end, dilated convs included.
+    cfg, task, model, examples = make("full", tiny_encoder, sentences)
+    _, _, slow_model, _ = make("full", tiny_encoder, sentences, fast_grid=False)
+    slow_model.load_state_dict(model.state_dict())
+    assert model.grid.fast and model.grid.dconv.fast
+    assert not slow_model.grid.fast and not slow_model.grid.dconv.fast
+    batch = collate(examples[:3], task.target, task.num_labels)
+    model.eval(), slow_model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch)["logits"], slow_model(batch)["logits"], atol=1e-4, rtol=1e-4)
 
 
 def test_positive_cells_are_capped_per_sentence(tiny_encoder, sentences):
