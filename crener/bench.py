@@ -90,7 +90,10 @@ def measure_speed(cfg: RunConfig, n_sentences: int) -> dict[str, float]:
         loss.backward()
         opt.step()
 
-    step(batches[0])  # warm-up: allocator and kernel selection
+    # Warm-up on the shortest, a middle and the longest batch: allocator and kernel selection.
+    by_cells = sorted(batches, key=lambda idx: len(idx) * max(lengths[i] for i in idx) ** 2)
+    for idx in (by_cells[0], by_cells[len(by_cells) // 2], by_cells[-1]):
+        step(idx)
     _sync(device)
     t0 = time.perf_counter()
     for idx in batches:
@@ -109,6 +112,7 @@ def measure_speed(cfg: RunConfig, n_sentences: int) -> dict[str, float]:
         "train_ms_per_sentence": 1000 * train_s / n,
         "parameters": sum(p.numel() for p in model.parameters()),
         "batches": len(batches),
+        "sentences_per_batch": n / len(batches),
     }
 
 
@@ -156,6 +160,69 @@ def memory_probe(cfg: RunConfig, length: int, batch: int = 1) -> dict[str, float
     return {"length": length, "batch": batch, "peak_bytes": used, "bytes_per_cell": used / (batch * length * length)}
 
 
+# Speed levers of issue 7, each as the overrides that flip it from the default. The default row
+# has every lever that pays switched on: cell-budget batches and the fast grid kernels, fp32.
+# torch.compile is not a lever: on torch 2.13 CPU, dynamic shapes fail in Inductor ("cannot
+# determine truth value of Relational") and static ones recompile for every new batch shape
+# (over 400 s without finishing 8 sentences), so it cannot pay for varying grid sizes.
+LEVERS: dict[str, dict[str, Any]] = {
+    "default (cell budget, fast grid)": {},
+    "fixed batch of 12 sentences": {"train.max_cells": 0, "train.batch_size": 12},
+    "literal grid kernels": {"model.fast_grid": False},
+    "bf16 autocast": {"train.bf16": True},
+    "checkpointed rounds": {"model.checkpoint_rounds": True},
+}
+# The levers that change what is computed only for a model with several conv rounds.
+CRENER_ONLY = {"checkpointed rounds"}
+
+
+def cell_budget_like(batch_size: int, max_len: int, n_sentences: int) -> int:
+    """A cell budget giving as many batches per epoch as ``batch_size`` sentences a batch does.
+
+    B * N^2 summed over length-sorted batches is about the sum of n^2, so a budget of
+    ``batch_size`` times the mean n^2 keeps the step count (and so the optimiser's schedule)
+    of fixed-size batches while each batch carries similar-length sentences.
+    """
+    from crener.config import build_run_config
+    from crener.data.datasets import load_dataset
+    from crener.data.split import split_all
+
+    cfg = build_run_config(dataset="resume", profile="paper", overrides={"data.max_len": max_len})
+    data = load_dataset(cfg.data, seed=0)
+    rng = np.random.default_rng(0)
+    pick = rng.choice(len(data.train), size=min(n_sentences, len(data.train)), replace=False)
+    lengths = np.array([len(c.sentence) for c in split_all([data.train[i] for i in sorted(pick)], max_len)])
+    return int(batch_size * np.mean(lengths.astype(float) ** 2))
+
+
+def _speed_point(width: str, model: str, variant: str, n: int, overrides: dict[str, Any]) -> dict[str, Any]:
+    """``measure_speed`` in a fresh process, so its peak resident memory is its own."""
+    items = [f"{k}={v}" for k, v in overrides.items()]
+    cmd = [sys.executable, "-m", "crener.bench", "--speed-probe", width, model, variant, str(n), *items]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+    if res.returncode != 0:
+        lines = (res.stderr or "").strip().splitlines() or ["?"]
+        errors = [line for line in lines if "Error" in line.split(":")[0]] or lines[-1:]
+        return {"error": errors[-1][:120]}
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def run_levers(widths: list[str], models: list[str], n: int, overrides: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for width in widths:
+        base = bench_config(width, "w2ner", "full", overrides)
+        budget = cell_budget_like(base.train.batch_size, base.data.max_len, n)
+        for model in models:
+            for lever, flip in LEVERS.items():
+                if lever in CRENER_ONLY and model != "crener":
+                    continue
+                point = _speed_point(width, model, "full", n, {"train.max_cells": budget, **overrides, **flip})
+                rows.append({"width": width, "model": model, "lever": lever, **point})
+                log.info("levers %s %s %s: %s", width, model, lever, point)
+    return rows
+
+
 def _rss_peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
@@ -174,7 +241,7 @@ def run_bench(args: argparse.Namespace) -> int:
     overrides = parse_set(args.overrides)
     set_items = [f"{k}={v}" for k, v in overrides.items()]
     results: dict[str, Any] = {"device": str(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
-                               "threads": torch.get_num_threads(), "speed": [], "memory": []}  # fmt: skip
+                               "threads": torch.get_num_threads(), "speed": [], "memory": [], "levers": []}  # fmt: skip
     if args.suite in ("model", "all"):
         for width in args.widths:
             for variant in args.variants:
@@ -188,6 +255,8 @@ def run_bench(args: argparse.Namespace) -> int:
             cfg = bench_config(width, "w2ner", "full", overrides)
             r = measure_speed(cfg, args.sentences)
             results["speed"].append({"width": width, "model": "w2ner", "variant": "full", **r})
+    if args.suite in ("levers", "all"):
+        results["levers"] = run_levers(args.widths, args.models, args.sentences, overrides)
     if args.suite in ("memory", "all"):
         width = args.widths[-1]
         for variant in ("full", "no_enhancement"):
@@ -225,7 +294,36 @@ def _print(results: dict[str, Any], as_json: bool) -> None:
                  f"{m['bytes_per_cell'] / 1024:.1f}" if "bytes_per_cell" in m else ""] for m in results["memory"]]  # fmt: skip
         out.append(tabulate(rows, ["widths", "variant", "length", "peak MiB (1 sentence)", "KiB per grid cell"],
                             tablefmt="github"))  # fmt: skip
+    if results["levers"]:
+        out.append(_levers_table(results["levers"]))
     sys.stdout.write("\n\n".join(out) + "\n")
+
+
+def _levers_table(rows: list[dict[str, Any]]) -> str:
+    from tabulate import tabulate
+
+    default = {(r["width"], r["model"]): r for r in rows if r["lever"] == next(iter(LEVERS)) and "error" not in r}
+    table = []
+    for r in rows:
+        if "error" in r:
+            table.append([r["width"], r["model"], r["lever"], "error: " + r["error"], "", "", "", ""])
+            continue
+        ref = default.get((r["width"], r["model"]))
+        ratio = f"{ref['train_ms_per_sentence'] / r['train_ms_per_sentence']:.2f}x" if ref else ""
+        table.append([r["width"], r["model"], r["lever"], f"{r['train_sent_per_s']:.1f}", f"{r['eval_sent_per_s']:.1f}",
+                      f"{r['peak_rss_bytes'] / 2**30:.2f}", f"{r['sentences_per_batch']:.1f}", ratio])  # fmt: skip
+    headers = ["widths", "model", "lever", "train sent/s", "eval sent/s", "peak RSS GiB", "sent/batch",
+               "train speed vs default"]  # fmt: skip
+    return tabulate(table, headers, tablefmt="github")
+
+
+def _speed_probe_main(argv: list[str]) -> int:
+    width, model, variant, n, *items = argv
+    cfg = bench_config(width, model, variant, parse_set(items))
+    r = measure_speed(cfg, int(n))
+    r["peak_rss_bytes"] = _rss_peak()  # the whole process: interpreter, data, model, steps
+    sys.stdout.write(json.dumps(r) + "\n")
+    return 0
 
 
 def _probe_main(argv: list[str]) -> int:
@@ -239,4 +337,6 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING)
     if len(sys.argv) > 1 and sys.argv[1] == "--probe":
         sys.exit(_probe_main(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "--speed-probe":
+        sys.exit(_speed_probe_main(sys.argv[2:]))
     sys.exit("use `crener bench`")

@@ -47,7 +47,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("bench", help="training/inference speed and peak memory against sentence length")
-    p.add_argument("--suite", default="model", choices=["model", "memory", "w2ner", "all"])
+    p.add_argument("--suite", default="model", choices=["model", "memory", "w2ner", "levers", "all"],
+                   help="model: every variant's speed; w2ner: W2NER's; levers: each speed lever on/off, "
+                        "one process per point with its peak memory; memory: peak memory against length")  # fmt: skip
+    p.add_argument("--models", nargs="+", default=["w2ner", "crener"], help="models of the levers suite")
     p.add_argument("--widths", nargs="+", default=["quick", "paper"], help="width presets to measure")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS))
     p.add_argument("--lengths", nargs="+", type=int, default=[32, 64, 128, 256, 512])

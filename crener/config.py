@@ -167,7 +167,6 @@ class TrainConfig:
     bf16: bool = False  # bf16 autocast (CUDA and CPU)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # >0: torch.set_num_threads
-    compile: bool = False  # torch.compile the model
     progress: bool = True  # progress bar with loss and speed
     max_steps: int = 0  # >0: at most this many optimiser steps per epoch (the first of its shuffled batches)
 

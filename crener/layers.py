@@ -254,6 +254,11 @@ class BiLSTM(nn.Module):
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         n = x.size(1)
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # oneDNN has no bf16 LSTM primitive on CPU ("could not create a primitive descriptor"):
+            # the recurrence runs in fp32, the grid work around it stays in bf16.
+            with torch.autocast("cpu", enabled=False):
+                return self.forward(x.float(), lengths)
         packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
         out, _ = self.lstm(packed)
         out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=n)

@@ -147,7 +147,7 @@ def train_one_epoch(
     model.train()
     total, count, sentences = 0.0, 0, 0
     start = time.perf_counter()
-    bar = _progress(len(batches), f"epoch {epoch}", cfg.train.progress)
+    bar = _progress(min(len(batches), max_steps or len(batches)), f"epoch {epoch}", cfg.train.progress)
     for step, idx in enumerate(batches):
         if max_steps and step >= max_steps:
             break
@@ -363,9 +363,9 @@ def fit(
             save_checkpoint(best_path, {**state, "optimizer": {}, "scheduler": {}})
         save_checkpoint(last_path, state)
         log.info(
-            "epoch %d/%d loss %.4f dev P %.4f R %.4f F1 %.4f%s (%.1fs)",
+            "epoch %d/%d loss %.4f dev P %.4f R %.4f F1 %.4f%s (%.1fs, train %.1f sent/s)",
             epoch, cfg.train.epochs, metrics["train/loss"], metrics["dev/precision"], metrics["dev/recall"],
-            metrics["dev/f1"], " *" if improved else "", metrics["epoch_seconds"],
+            metrics["dev/f1"], " *" if improved else "", metrics["epoch_seconds"], metrics["train/sentences_per_s"],
         )  # fmt: skip
         _call(callback, "on_epoch_end", epoch, metrics)
 
@@ -411,7 +411,9 @@ def _replace_root(cfg: RunConfig, data_root: str):
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
+    # Only on a terminal: redirected to a file, a bar is thousands of carriage-return lines; the
+    # per-epoch log line carries the same loss and speed.
+    if not enabled or not sys.stderr.isatty():
         return None
     try:
         from tqdm.auto import tqdm

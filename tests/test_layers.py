@@ -185,3 +185,17 @@ def test_space_to_batch_dilated_conv_is_exact():
             g2 = torch.autograd.grad(y2.square().sum(), (x, conv.weight))
             for a, b in zip(g1, g2):
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_bilstm_runs_under_cpu_bf16_autocast():
+    # oneDNN has no bf16 LSTM on CPU; the layer runs its recurrence in fp32 instead of failing.
+    from crener.layers import BiLSTM
+
+    torch.manual_seed(0)
+    lstm = BiLSTM(8, 8)
+    x, lengths = torch.randn(2, 5, 8), torch.tensor([5, 3])
+    ref = lstm(x, lengths)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = lstm(x.bfloat16(), lengths)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, atol=0.02, rtol=0.02)  # only the bf16 rounding of x differs
