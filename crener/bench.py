@@ -177,11 +177,11 @@ CRENER_ONLY = {"checkpointed rounds"}
 
 
 def cell_budget_like(batch_size: int, max_len: int, n_sentences: int) -> int:
-    """A cell budget giving as many batches per epoch as ``batch_size`` sentences a batch does.
+    """A cell budget giving about as many batches per epoch as ``batch_size`` sentences a batch.
 
-    B * N^2 summed over length-sorted batches is about the sum of n^2, so a budget of
-    ``batch_size`` times the mean n^2 keeps the step count (and so the optimiser's schedule)
-    of fixed-size batches while each batch carries similar-length sentences.
+    B * N^2 summed over length-sorted batches is a little over the sum of n^2, so a budget of
+    ``batch_size`` times the mean n^2 keeps roughly the step count (the optimiser's schedule) of
+    fixed-size batches, with similar-length sentences in each batch.
     """
     from crener.config import build_run_config
     from crener.data.datasets import load_dataset
@@ -239,10 +239,11 @@ def _memory_point(width: str, model: str, variant: str, length: int, overrides: 
 
 def run_bench(args: argparse.Namespace) -> int:
     overrides = parse_set(args.overrides)
+    suites = {args.suite} if isinstance(args.suite, str) else set(args.suite)
     set_items = [f"{k}={v}" for k, v in overrides.items()]
     results: dict[str, Any] = {"device": str(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
                                "threads": torch.get_num_threads(), "speed": [], "memory": [], "levers": []}  # fmt: skip
-    if args.suite in ("model", "all"):
+    if {"model", "all"} & suites:
         for width in args.widths:
             for variant in args.variants:
                 cfg = bench_config(width, "crener", variant, overrides)
@@ -250,14 +251,14 @@ def run_bench(args: argparse.Namespace) -> int:
                 results["speed"].append({"width": width, "model": "crener", "variant": variant, **r})
                 log.info("%s %s: train %.1f sent/s, eval %.1f sent/s", width, variant,
                          r["train_sent_per_s"], r["eval_sent_per_s"])  # fmt: skip
-    if args.suite in ("w2ner", "all"):
+    if {"w2ner", "all"} & suites:
         for width in args.widths:
             cfg = bench_config(width, "w2ner", "full", overrides)
             r = measure_speed(cfg, args.sentences)
             results["speed"].append({"width": width, "model": "w2ner", "variant": "full", **r})
-    if args.suite in ("levers", "all"):
+    if {"levers", "all"} & suites:
         results["levers"] = run_levers(args.widths, args.models, args.sentences, overrides)
-    if args.suite in ("memory", "all"):
+    if {"memory", "all"} & suites:
         width = args.widths[-1]
         for variant in ("full", "no_enhancement"):
             for length in args.lengths:
@@ -314,7 +315,7 @@ def _levers_table(rows: list[dict[str, Any]]) -> str:
                       f"{r['peak_rss_bytes'] / 2**30:.2f}", f"{r['sentences_per_batch']:.1f}", ratio])  # fmt: skip
     headers = ["widths", "model", "lever", "train sent/s", "eval sent/s", "peak RSS GiB", "sent/batch",
                "train speed vs default"]  # fmt: skip
-    return tabulate(table, headers, tablefmt="github")
+    return tabulate(table, headers, tablefmt="github", disable_numparse=True)
 
 
 def _speed_probe_main(argv: list[str]) -> int:

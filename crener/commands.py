@@ -47,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("bench", help="training/inference speed and peak memory against sentence length")
-    p.add_argument("--suite", default="model", choices=["model", "memory", "w2ner", "levers", "all"],
+    p.add_argument("--suite", nargs="+", default=["model"], choices=["model", "memory", "w2ner", "levers", "all"],
                    help="model: every variant's speed; w2ner: W2NER's; levers: each speed lever on/off, "
                         "one process per point with its peak memory; memory: peak memory against length")  # fmt: skip
     p.add_argument("--models", nargs="+", default=["w2ner", "crener"], help="models of the levers suite")

@@ -1,0 +1,49 @@
+"""The benchmark's own logic: budgets, the lever table, one real speed point (no timings asserted)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from crener.bench import LEVERS, _levers_table, cell_budget_like, measure_speed
+from crener.config import build_run_config
+from crener.data.batching import make_batches
+from crener.data.datasets import load_dataset
+from crener.data.split import split_all
+
+
+def test_cell_budget_keeps_the_step_count_of_fixed_batches():
+    budget = cell_budget_like(12, 256, 240)
+    cfg = build_run_config(dataset="resume", profile="paper")
+    data = load_dataset(cfg.data, seed=0)
+    pick = np.random.default_rng(0).choice(len(data.train), size=240, replace=False)
+    lengths = [len(c.sentence) for c in split_all([data.train[i] for i in sorted(pick)], 256)]
+    assert budget == int(12 * np.mean(np.square(np.array(lengths, dtype=float))))
+    by_budget = make_batches(lengths, max_cells=budget, batch_size=12, shuffle=False)
+    fixed = -(-len(lengths) // 12)
+    # About as many optimiser steps (bucket edges and lone long sentences add some), each
+    # sentence exactly once.
+    assert fixed <= len(by_budget) <= 1.4 * fixed
+    assert sorted(i for b in by_budget for i in b) == list(range(len(lengths)))
+
+
+def test_lever_table_reports_ratios_against_the_default_row():
+    default, slow = next(iter(LEVERS)), "fixed batch of 12 sentences"
+    row = {"width": "paper", "model": "w2ner", "eval_sent_per_s": 40.0, "peak_rss_bytes": 2**30,
+           "sentences_per_batch": 12.0}  # fmt: skip
+    rows = [
+        {**row, "lever": default, "train_sent_per_s": 12.0, "train_ms_per_sentence": 1000 / 12},
+        {**row, "lever": slow, "train_sent_per_s": 4.0, "train_ms_per_sentence": 250.0},
+        {"width": "paper", "model": "w2ner", "lever": "bf16 autocast", "error": "RuntimeError: boom"},
+    ]
+    table = _levers_table(rows)
+    lines = table.splitlines()
+    assert "1.00x" in lines[2] and "0.33x" in lines[3] and "1.00" in lines[3]  # 1 GiB peak
+    assert "error: RuntimeError: boom" in lines[4]
+
+
+def test_measure_speed_runs_the_literal_and_fast_paths(tmp_path):
+    for fast in (True, False):
+        cfg = build_run_config(profile="smoke", overrides={"model.fast_grid": fast, "train.max_cells": 2000})
+        r = measure_speed(cfg, 6)
+        assert r["train_sent_per_s"] > 0 and r["eval_sent_per_s"] > 0
+        assert r["batches"] >= 1 and r["sentences_per_batch"] * r["batches"] >= 6
