@@ -134,6 +134,27 @@ SEARCH_SPACES: dict[str, Callable[[optuna.Trial, RunConfig], dict[str, Any]]] = 
 # --------------------------------------------------------------------------- study plumbing
 
 
+class _DefaultTrial:
+    """Answers every ``suggest_*`` with the base config's own value: the untuned point of a space."""
+
+    def __init__(self, base: RunConfig):
+        self.flat = base.flatten()
+        self.params: dict[str, Any] = {}
+
+    def _value(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        self.params[name] = self.flat[name]
+        return self.flat[name]
+
+    suggest_float = suggest_int = suggest_categorical = _value
+
+
+def default_params(model: str, base: RunConfig) -> dict[str, Any]:
+    """The search space's parameters at the profile's defaults (enqueued as a study's trial 0)."""
+    probe = _DefaultTrial(base)
+    SEARCH_SPACES[model](probe, base)  # type: ignore[arg-type]
+    return probe.params
+
+
 def default_study_name(model: str, variant: str, dataset: str, profile: str) -> str:
     return f"crener-{model}-{variant}-{dataset}-{profile}"
 
@@ -223,6 +244,10 @@ def tune(
         ),
     )
     offset = len(study.trials)
+    if offset == 0:
+        # Trial 0 is the untuned default, so every study measures what tuning gained. Enqueued
+        # trials are claimed atomically, so of several workers starting together one runs it.
+        study.enqueue_trial(default_params(model, base), user_attrs={"crener.default": True})
     study.sampler = optuna.samplers.TPESampler(seed=seed + offset, n_startup_trials=TPE_STARTUP_TRIALS)
     for key, value in {"model": model, "variant": variant, "dataset": dataset, "profile": profile}.items():
         study.set_user_attr(key, value)
@@ -296,6 +321,10 @@ def _log_best(study: optuna.Study, parent: RunLogger | None, fixed: dict[str, An
         log.warning("study %s has no completed trial yet", study.study_name)
         return
     log.info("best trial %d: dev F1 %.4f with %s", best.number, best.value, {**fixed, **best.params})
+    default = [t for t in study.trials if t.user_attrs.get("crener.default") and t.value is not None]
+    if default:
+        log.info("untuned default (trial %d): dev F1 %.4f; tuning gained %+.4f",
+                 default[0].number, default[0].value, best.value - default[0].value)  # fmt: skip
     if parent is not None:
         parent.set_tags({"crener.best_trial": str(best.number), "crener.best_dev_f1": f"{best.value:.6f}"})
 

@@ -14,7 +14,7 @@ import pytest
 from crener.config import PROFILES, VARIANTS, build_run_config
 from crener.tracking import Tracker
 from experiments.sweeps import load_overrides, plan
-from experiments.tune import SEARCH_SPACES, TrialCallback, default_study_name, export_best, tune
+from experiments.tune import SEARCH_SPACES, TrialCallback, default_params, default_study_name, export_best, tune
 
 try:  # helpers shared by the experiment tests (tests/ is not a package; keep both spellings)
     from test_tracking import fake_cli, fake_fit, mlflow_store
@@ -44,6 +44,23 @@ def test_search_spaces_give_valid_configs(model: str, profile: str) -> None:
         study.tell(trial, 0.5)
 
 
+@pytest.mark.parametrize("model", list(SEARCH_SPACES))
+@pytest.mark.parametrize("profile", list(PROFILES))
+def test_default_params_lie_inside_the_space(model: str, profile: str) -> None:
+    # Trial 0 of every study replays the profile's defaults: they must be points of the space.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    base = build_run_config(model=model, profile=profile, dataset="resume")
+    defaults = default_params(model, base)
+    study = optuna.create_study()
+    study.enqueue_trial(defaults)
+    trial = study.ask()
+    values = SEARCH_SPACES[model](trial, base)
+    assert values == defaults == trial.params
+    flat = base.flatten()
+    assert all(flat[k] == v for k, v in values.items())
+    assert base.with_overrides(values).key() == base.key()  # the untuned run itself
+
+
 def _trial_runs(study: str) -> tuple[list, list]:
     tracker = Tracker()
     parents = tracker.search(
@@ -64,6 +81,9 @@ def test_tune_logs_nested_trials_and_exports(
     study = tune(dataset="resume", trials=3, profile="smoke", storage=storage, sets={"train.epochs": "2"})
     assert len(study.trials) == 3 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     assert study.study_name == STUDY and study.user_attrs["dataset"] == "resume"
+    base = build_run_config(profile="smoke", dataset="resume", overrides={"train.epochs": "2"})
+    assert study.trials[0].params == default_params("crener", base)  # trial 0: untuned default
+    assert study.trials[0].user_attrs["crener.default"] is True
     parents, trials = _trial_runs(STUDY)
     assert len(parents) == 1 and len(trials) == 3
     parent = parents[0]
