@@ -166,7 +166,8 @@ def memory_probe(cfg: RunConfig, length: int, batch: int = 1) -> dict[str, float
 # determine truth value of Relational") and static ones recompile for every new batch shape
 # (over 400 s without finishing 8 sentences), so it cannot pay for varying grid sizes.
 LEVERS: dict[str, dict[str, Any]] = {
-    "default (cell budget, fast grid)": {},
+    "default (cell budget, fast grid, tuned malloc)": {},
+    "glibc default malloc": {"env.CRENER_MALLOC": "default"},
     "fixed batch of 12 sentences": {"train.max_cells": 0, "train.batch_size": 12},
     "literal grid kernels": {"model.fast_grid": False},
     "bf16 autocast": {"train.bf16": True},
@@ -197,9 +198,10 @@ def cell_budget_like(batch_size: int, max_len: int, n_sentences: int) -> int:
 
 def _speed_point(width: str, model: str, variant: str, n: int, overrides: dict[str, Any]) -> dict[str, Any]:
     """``measure_speed`` in a fresh process, so its peak resident memory is its own."""
-    items = [f"{k}={v}" for k, v in overrides.items()]
+    items = [f"{k}={v}" for k, v in overrides.items() if not k.startswith("env.")]
     cmd = [sys.executable, "-m", "crener.bench", "--speed-probe", width, model, variant, str(n), *items]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CRENER_MALLOC": "tuned"}
+    env.update({k[4:]: str(v) for k, v in overrides.items() if k.startswith("env.")})
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     if res.returncode != 0:
         lines = (res.stderr or "").strip().splitlines() or ["?"]
@@ -338,6 +340,9 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING)
     if len(sys.argv) > 1 and sys.argv[1] == "--probe":
         sys.exit(_probe_main(sys.argv[2:]))
+    from crener.perf import tune_malloc
+
+    tune_malloc()  # as the CLI does; CRENER_MALLOC=default turns it off
     if len(sys.argv) > 1 and sys.argv[1] == "--speed-probe":
         sys.exit(_speed_probe_main(sys.argv[2:]))
     sys.exit("use `crener bench`")
