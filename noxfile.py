@@ -80,4 +80,9 @@ def ui(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Speed and memory benchmarks (sentences/s, peak memory against length)."""
     _install(session)
-    session.run("crener", "bench", *session.posargs, env={**ENV, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
+    session.run(
+        "crener",
+        "bench",
+        *session.posargs,
+        env={**ENV, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")},
+    )

@@ -35,9 +35,19 @@ log = logging.getLogger(__name__)
 # width preset -> (profile whose model widths it uses, extra overrides)
 WIDTHS: dict[str, tuple[str, dict[str, Any]]] = {
     "quick": ("quick", {}),
-    "paper": ("paper", {"model.encoder": "embedded", "model.embedded_hidden": 256, "model.embedded_layers": 2,
-                        "model.embedded_heads": 4, "model.embedded_ff": 1024, "train.bf16": False,
-                        "train.batch_size": 12, "train.max_cells": 0}),  # fmt: skip
+    "paper": (
+        "paper",
+        {
+            "model.encoder": "embedded",
+            "model.embedded_hidden": 256,
+            "model.embedded_layers": 2,
+            "model.embedded_heads": 4,
+            "model.embedded_ff": 1024,
+            "train.bf16": False,
+            "train.batch_size": 12,
+            "train.max_cells": 0,
+        },
+    ),  # fmt: skip
 }
 
 
@@ -157,7 +167,12 @@ def memory_probe(cfg: RunConfig, length: int, batch: int = 1) -> dict[str, float
     _sync(device)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _rss_peak()
     used = max(peak - base, 0)
-    return {"length": length, "batch": batch, "peak_bytes": used, "bytes_per_cell": used / (batch * length * length)}
+    return {
+        "length": length,
+        "batch": batch,
+        "peak_bytes": used,
+        "bytes_per_cell": used / (batch * length * length),
+    }
 
 
 # Speed levers of issue 7, each as the overrides that flip it from the default. The default row
@@ -210,7 +225,9 @@ def _speed_point(width: str, model: str, variant: str, n: int, overrides: dict[s
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def run_levers(widths: list[str], models: list[str], n: int, overrides: dict[str, Any]) -> list[dict[str, Any]]:
+def run_levers(
+    widths: list[str], models: list[str], n: int, overrides: dict[str, Any]
+) -> list[dict[str, Any]]:
     rows = []
     for width in widths:
         base = bench_config(width, "w2ner", "full", overrides)
@@ -219,7 +236,9 @@ def run_levers(widths: list[str], models: list[str], n: int, overrides: dict[str
             for lever, flip in LEVERS.items():
                 if lever in CRENER_ONLY and model != "crener":
                     continue
-                point = _speed_point(width, model, "full", n, {"train.max_cells": budget, **overrides, **flip})
+                point = _speed_point(
+                    width, model, "full", n, {"train.max_cells": budget, **overrides, **flip}
+                )
                 rows.append({"width": width, "model": model, "lever": lever, **point})
                 log.info("levers %s %s %s: %s", width, model, lever, point)
     return rows
@@ -287,7 +306,9 @@ def _print(results: dict[str, Any], as_json: bool) -> None:
         for r in results["speed"]:
             if r["variant"] == "no_enhancement" and r["width"] in full:
                 ratio = full[r["width"]]["train_ms_per_sentence"] / r["train_ms_per_sentence"]
-                out.append(f"{r['width']}: CRENER full / no_enhancement training cost per sentence = {ratio:.2f}x")
+                out.append(
+                    f"{r['width']}: CRENER full / no_enhancement training cost per sentence = {ratio:.2f}x"
+                )
             if r["model"] == "w2ner" and r["width"] in full:
                 ratio = full[r["width"]]["train_ms_per_sentence"] / r["train_ms_per_sentence"]
                 out.append(f"{r['width']}: CRENER full / W2NER training cost per sentence = {ratio:.2f}x")
@@ -305,7 +326,9 @@ def _print(results: dict[str, Any], as_json: bool) -> None:
 def _levers_table(rows: list[dict[str, Any]]) -> str:
     from tabulate import tabulate
 
-    default = {(r["width"], r["model"]): r for r in rows if r["lever"] == next(iter(LEVERS)) and "error" not in r}
+    default = {
+        (r["width"], r["model"]): r for r in rows if r["lever"] == next(iter(LEVERS)) and "error" not in r
+    }
     table = []
     for r in rows:
         if "error" in r:

@@ -23,7 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--variant", default="full", choices=list(VARIANTS))
     p.add_argument("--profile", default="quick", choices=list(PROFILES))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--encoder", help="from_pretrained name or path (default: the profile's, usually embedded)")
+    p.add_argument(
+        "--encoder", help="from_pretrained name or path (default: the profile's, usually embedded)"
+    )
     p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE", help="config override")
     p.add_argument("--data-root", help="dataset directory (default: $CRENER_DATA, then ../shared/data)")
     p.add_argument("--workdir", help="run directory with --no-track (default: runs/<profile>/<key>)")
@@ -79,7 +81,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         from experiments.run import run_one
 
         if args.workdir:
-            log.warning("--workdir applies to --no-track runs; tracked runs live in <runs-dir>/<profile>/<key>")
+            log.warning(
+                "--workdir applies to --no-track runs; tracked runs live in <runs-dir>/<profile>/<key>"
+            )
         summary = run_one(cfg, sweep="adhoc", resume=not args.no_resume, runs_dir=args.runs_dir)
     log.info(
         "test P %.4f R %.4f F1 %.4f | dev F1 %.4f | best epoch %s | %.1f s",
@@ -99,7 +103,9 @@ def _default_workdir(cfg) -> Path:  # noqa: ANN001
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from crener.inference import evaluate_checkpoint
 
-    result = evaluate_checkpoint(args.checkpoint, dataset=args.dataset, split=args.split, data_root=args.data_root)
+    result = evaluate_checkpoint(
+        args.checkpoint, dataset=args.dataset, split=args.split, data_root=args.data_root
+    )
     sys.stdout.write(json.dumps(result, ensure_ascii=False) + "\n")
     return 0
 

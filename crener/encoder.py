@@ -109,7 +109,12 @@ def build_embedded_encoder(chars: Iterable[str], cfg: ModelConfig, out_dir: Path
     for f in tmp.iterdir():  # move files in last so a half-written encoder is never picked up
         f.replace(out_dir / f.name)
     tmp.rmdir()
-    log.info("embedded encoder: %d characters, width %d, saved to %s", len(vocab_chars), cfg.embedded_hidden, out_dir)
+    log.info(
+        "embedded encoder: %d characters, width %d, saved to %s",
+        len(vocab_chars),
+        cfg.embedded_hidden,
+        out_dir,
+    )
     return out_dir
 
 

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from crener.config import RunConfig
@@ -98,7 +97,9 @@ def evaluate_checkpoint(path: str | Path, *, dataset: str | None = None, split: 
     data = load_dataset(data_cfg, seed=cfg.train.seed)
     unknown = {e.type for s in getattr(data, split) for e in s.entities} - set(loaded.types)
     if unknown:
-        raise DataError(f"split {split} of {data_cfg.dataset} has types the checkpoint never saw: {sorted(unknown)}")
+        raise DataError(
+            f"split {split} of {data_cfg.dataset} has types the checkpoint never saw: {sorted(unknown)}"
+        )
     device = resolve_device("auto")
     loaded.model.to(device)
     ev = build_split(split, getattr(data, split), cfg.data.max_len, loaded.task, loaded.tokenizer)
@@ -158,8 +159,13 @@ class Predictor:
                 "text": s.text,
                 "line": s.line,
                 "entities": [
-                    {"start": e.start, "end": e.end, "type": e.type, "text": e.text(s.chars),
-                     **({} if e.is_contiguous else {"indices": list(e.indices)})}
+                    {
+                        "start": e.start,
+                        "end": e.end,
+                        "type": e.type,
+                        "text": e.text(s.chars),
+                        **({} if e.is_contiguous else {"indices": list(e.indices)}),
+                    }
                     for e in sorted(ents)
                 ],  # fmt: skip
             }

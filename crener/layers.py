@@ -71,12 +71,15 @@ class DilatedConvBlock(nn.Module):
     zeroed before each convolution so padding never leaks into real cells.
     """
 
-    def __init__(self, channels: int, dilations: tuple[int, ...] = (1, 2, 3), chain: bool = False, fast: bool = True):
+    def __init__(
+        self, channels: int, dilations: tuple[int, ...] = (1, 2, 3), chain: bool = False, fast: bool = True
+    ):
         super().__init__()
         self.chain = chain
         self.fast = fast  # space-to-batch for d > 1 on CPU (dilated_depthwise); False: conv(h)
         self.convs = nn.ModuleList(
-            nn.Conv2d(channels, channels, kernel_size=3, groups=channels, dilation=d, padding=d) for d in dilations
+            nn.Conv2d(channels, channels, kernel_size=3, groups=channels, dilation=d, padding=d)
+            for d in dilations
         )
         self.out_dim = channels * len(dilations)
 
@@ -232,7 +235,9 @@ class AdaptedTransformer(nn.Module):
 
     def __init__(self, dim: int, layers: int, heads: int, ff: int, dropout: float, **attn_kwargs):
         super().__init__()
-        self.layers = nn.ModuleList(AdaptedTransformerLayer(dim, heads, ff, dropout, **attn_kwargs) for _ in range(layers))
+        self.layers = nn.ModuleList(
+            AdaptedTransformerLayer(dim, heads, ff, dropout, **attn_kwargs) for _ in range(layers)
+        )
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         probs = None

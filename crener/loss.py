@@ -34,7 +34,9 @@ class GridLoss(nn.Module):
             raise ValueError(f"unknown grid loss {kind!r}")
         self.kind = kind
 
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         valid = logits[mask]  # (M, L)
         if self.kind == "zlpr":
             loss = zlpr(valid, targets[mask]).mean()

@@ -17,7 +17,6 @@ from crener.config import ModelConfig
 from crener.data.batching import Batch
 from crener.data.features import NUM_DIST_IDS, NUM_REGION_IDS, distance_ids, region_ids
 from crener.encoder import CharEncoder
-from crener.tasks import Task
 from crener.layers import (
     MLP,
     AdaptedTransformer,
@@ -27,6 +26,7 @@ from crener.layers import (
     DilatedConvBlock,
     masked_max,
 )
+from crener.tasks import Task
 
 # Tag kinds per scheme (eq. 10 concatenates one d_r slice per kind).
 TAG_KINDS = {"crener": 4, "w2ner": 2, "ht_only": 2}
@@ -87,7 +87,9 @@ class GridConvModule(nn.Module):
             c = self.dconv(c, mask)  # (B, N, N, rates * d_c)
         return c
 
-    def _literal(self, s: torch.Tensor, o: torch.Tensor, mask: torch.Tensor, attn: torch.Tensor | None) -> torch.Tensor:
+    def _literal(
+        self, s: torch.Tensor, o: torch.Tensor, mask: torch.Tensor, attn: torch.Tensor | None
+    ) -> torch.Tensor:
         """Eq. 7 as written: concatenate [CLN(s, o); E^d; E^r; E^a] on the grid, then the 1x1 conv."""
         b, n = s.size(0), s.size(1)
         v = self.cln(o, s) if self.orientation == "paper" else self.cln(s, o).transpose(1, 2)
@@ -103,7 +105,9 @@ class GridConvModule(nn.Module):
             x = x * keep[:, None, None, :]
         return F.gelu(self.reduce(x)) * mask[..., None].to(x.dtype)
 
-    def _factored(self, s: torch.Tensor, o: torch.Tensor, mask: torch.Tensor, attn: torch.Tensor | None) -> torch.Tensor:
+    def _factored(
+        self, s: torch.Tensor, o: torch.Tensor, mask: torch.Tensor, attn: torch.Tensor | None
+    ) -> torch.Tensor:
         """C = GELU(Conv1x1(Dropout2d([CLN(s, o); E^d; E^r; E^a]))), the input of the dilated convs.
 
         Computed without materialising the concatenated (B, N, N, d_h + 3 d_E) input: the 1x1

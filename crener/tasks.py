@@ -18,7 +18,6 @@ from crener.data.grid import LabelSet, last_of_each_cell, split_cells
 from crener.data.schema import Entity
 from crener.loss import GridLoss
 
-
 MAX_ENTITIES_PER_CHAR = 20
 MAX_CELLS_PER_CHAR = 40
 

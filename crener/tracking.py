@@ -228,7 +228,9 @@ class Tracker:
         try:
             # The kind tag makes the UI open on the runs table (model training), not its GenAI pages.
             tags = {"mlflow.experimentKind": "custom_model_development"}
-            return _retry_locked(lambda: self.client.create_experiment(name, artifact_location=location, tags=tags))
+            return _retry_locked(
+                lambda: self.client.create_experiment(name, artifact_location=location, tags=tags)
+            )
         except MlflowException:
             # Another worker created it between our lookup and our insert.
             exp = self.client.get_experiment_by_name(name)

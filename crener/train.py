@@ -64,7 +64,9 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def load_encoder(cfg: RunConfig, train_sentences: Sequence[Sentence], workdir: Path) -> tuple[CharEncoder, CharTokenizer]:
+def load_encoder(
+    cfg: RunConfig, train_sentences: Sequence[Sentence], workdir: Path
+) -> tuple[CharEncoder, CharTokenizer]:
     """The embedded default (built from the training characters into workdir) or a checkpoint."""
     name = cfg.model.encoder
     if name == EMBEDDED:
@@ -93,7 +95,9 @@ def featurize(chunks: Sequence[Chunk], task: Task, tokenizer: CharTokenizer) -> 
     return out
 
 
-def build_split(name: str, sentences: list[Sentence], max_len: int, task: Task, tokenizer: CharTokenizer) -> Split:
+def build_split(
+    name: str, sentences: list[Sentence], max_len: int, task: Task, tokenizer: CharTokenizer
+) -> Split:
     chunks = split_all(sentences, max_len)
     return Split(name, sentences, chunks, featurize(chunks, task, tokenizer))
 
@@ -378,7 +382,8 @@ def fit(
         "test": _prf(test_scores),
         "best_epoch": best_epoch,
         "epochs": cfg.train.epochs,
-        "seconds": (time.perf_counter() - started) + sum(h["epoch_seconds"] for h in history[: start_epoch - 1]),
+        "seconds": (time.perf_counter() - started)
+        + sum(h["epoch_seconds"] for h in history[: start_epoch - 1]),
         "parameters": n_params,
         "num_labels": task.num_labels,
         "key": cfg.key(),
@@ -394,7 +399,12 @@ def fit(
     pred_dir.mkdir(exist_ok=True)
     with open(pred_dir / "test.jsonl", "w", encoding="utf-8") as fh:
         for i, (s, p) in enumerate(zip(test.sentences, test_preds)):
-            row = {"index": i, "text": s.text, "gold": _entities_json(set(s.entities)), "pred": _entities_json(p)}
+            row = {
+                "index": i,
+                "text": s.text,
+                "gold": _entities_json(set(s.entities)),
+                "pred": _entities_json(p),
+            }
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
     (workdir / "per_type.json").write_text(json.dumps(test_scores.to_dict(), indent=2, ensure_ascii=False))
     (workdir / "history.json").write_text(json.dumps(history, indent=2))
@@ -420,4 +430,3 @@ def _progress(total: int, desc: str, enabled: bool):
     except ImportError:  # tqdm comes with transformers; stay quiet without it
         return None
     return tqdm(total=total, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
-

@@ -19,7 +19,13 @@ from tests.conftest import TYPES
 
 def model_cfg(variant: str = "full", **overrides):
     cfg = build_run_config(variant=variant, profile="smoke").model
-    zero = {"emb_dropout": 0.0, "tf_dropout": 0.0, "conv_dropout": 0.0, "out_dropout": 0.0, "enh_dropout": 0.0}
+    zero = {
+        "emb_dropout": 0.0,
+        "tf_dropout": 0.0,
+        "conv_dropout": 0.0,
+        "out_dropout": 0.0,
+        "enh_dropout": 0.0,
+    }
     return dataclasses.replace(cfg, **{**zero, **overrides})
 
 
@@ -98,7 +104,11 @@ def call_counts(model, batch):
     hooks = []
     for name, module in model.named_modules():
         if name and not name.startswith("encoder"):
-            hooks.append(module.register_forward_hook(lambda m, i, o, name=name: counts.__setitem__(name, counts.get(name, 0) + 1)))
+            hooks.append(
+                module.register_forward_hook(
+                    lambda m, i, o, name=name: counts.__setitem__(name, counts.get(name, 0) + 1)
+                )
+            )
     model(batch)
     for h in hooks:
         h.remove()
@@ -170,7 +180,11 @@ def test_padded_cells_never_enter_the_loss(tiny_encoder, sentences):
     garbage = logits.masked_fill(~batch.grid_mask[..., None], 1e4)
     assert torch.equal(task.loss({"logits": garbage}, batch)["loss"], loss)
     # Same value as an explicit mean over valid cells.
-    per_cell = [GridLoss("zlpr")(logits[b : b + 1], batch.targets[b : b + 1], batch.grid_mask[b : b + 1])["loss"] * batch.lengths[b] ** 2 for b in range(len(batch))]
+    per_cell = [
+        GridLoss("zlpr")(logits[b : b + 1], batch.targets[b : b + 1], batch.grid_mask[b : b + 1])["loss"]
+        * batch.lengths[b] ** 2
+        for b in range(len(batch))
+    ]
     torch.testing.assert_close(loss, torch.stack(per_cell).sum() / (batch.lengths**2).sum())
 
 
@@ -216,7 +230,9 @@ def test_factored_grid_input_equals_literal_concatenation(variant, orientation, 
     mask = grid_mask(lengths, n)
     attn = torch.softmax(torch.randn(b, cfg.tf_heads, n, n), -1) if grid.attn_proj is not None else None
     grid.eval()
-    torch.testing.assert_close(grid._factored(s, o, mask, attn), grid._literal(s, o, mask, attn), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        grid._factored(s, o, mask, attn), grid._literal(s, o, mask, attn), atol=1e-5, rtol=1e-4
+    )
     # Training mode: both paths draw the same channel-dropout mask, so they agree too.
     grid.train()
     grid.dropout = 0.5

@@ -28,7 +28,9 @@ def test_ci_runs_exactly_the_readme_test_command():
 
 def test_nox_sessions_have_docstrings_and_run_offline():
     nox_src = (ROOT / "noxfile.py").read_text(encoding="utf-8")
-    sessions = re.findall(r"@nox.session[^\n]*\ndef (\w+)\(session[^)]*\)[^:]*:\n    \"\"\"(.+?)\"\"\"", nox_src)
+    sessions = re.findall(
+        r"@nox.session[^\n]*\ndef (\w+)\(session[^)]*\)[^:]*:\n    \"\"\"(.+?)\"\"\"", nox_src
+    )
     names = {name for name, _ in sessions}
     assert {"tests", "lint", "smoke", "reproduce", "tune", "ui", "bench", "report", "tests_slow"} <= names
     assert '"HF_HUB_OFFLINE": "1"' in nox_src

@@ -147,7 +147,10 @@ def test_cli_train_evaluate_predict(data_root, tmp_path, capsys):
     assert set(summary["test"]) == {"precision", "recall", "f1"}
 
     ckpt = work / "checkpoints" / "best.pt"
-    assert cli_main(["evaluate", "--checkpoint", str(ckpt), "--split", "dev", "--data-root", str(data_root)]) == 0
+    assert (
+        cli_main(["evaluate", "--checkpoint", str(ckpt), "--split", "dev", "--data-root", str(data_root)])
+        == 0
+    )
     ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert ev["f1"] == pytest.approx(summary["dev"]["f1"])
 

@@ -14,7 +14,14 @@ import pytest
 from crener.config import PROFILES, VARIANTS, build_run_config
 from crener.tracking import Tracker
 from experiments.sweeps import load_overrides, plan
-from experiments.tune import SEARCH_SPACES, TrialCallback, default_params, default_study_name, export_best, tune
+from experiments.tune import (
+    SEARCH_SPACES,
+    TrialCallback,
+    default_params,
+    default_study_name,
+    export_best,
+    tune,
+)
 
 try:  # helpers shared by the experiment tests (tests/ is not a package; keep both spellings)
     from test_tracking import fake_cli, fake_fit, mlflow_store

@@ -78,7 +78,9 @@ def collate(examples: Sequence[Example], target: str, num_labels: int, pad_id: i
     targets: torch.Tensor | None = None
     if target in ("grid", "classes"):
         rows = np.concatenate([np.full(len(e.targets), r, dtype=np.int64) for r, e in enumerate(examples)])
-        cells = torch.from_numpy(np.concatenate([e.targets for e in examples]).astype(np.int64).reshape(-1, 3))
+        cells = torch.from_numpy(
+            np.concatenate([e.targets for e in examples]).astype(np.int64).reshape(-1, 3)
+        )
         bi = torch.from_numpy(rows)
         if target == "grid":
             targets = torch.zeros((b, n, n, num_labels), dtype=torch.bool)

@@ -198,7 +198,9 @@ def load_dataset(cfg: DataConfig, seed: int = 0) -> DatasetSplits:
         # A fixed sample (seed 0, whatever the run's seed) in file order, so every run of a
         # profile is scored on the same sentences and paired comparisons stay valid.
         keep = sorted(random.Random(0).sample(range(len(pools["test"])), cfg.test_limit))
-        notes.append(f"test limited to a fixed sample of {cfg.test_limit:,} of {len(pools['test']):,} sentences")
+        notes.append(
+            f"test limited to a fixed sample of {cfg.test_limit:,} of {len(pools['test']):,} sentences"
+        )
         sample = [pools["test"][i] for i in keep]
         if dev_is_test:
             pools["dev"] = sample
