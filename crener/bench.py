@@ -176,15 +176,17 @@ def memory_probe(cfg: RunConfig, length: int, batch: int = 1) -> dict[str, float
 
 
 # Speed levers of issue 7, each as the overrides that flip it from the default. The default row
-# has every lever that pays switched on: cell-budget batches and the fast grid kernels, fp32.
+# has every lever that pays switched on: cell-budget batches and space-to-batch convs, fp32.
+# Measured and dropped: glibc malloc thresholds raised with mallopt (no gain: W2NER paper widths
+# 10.4 vs 10.1 training sentences/s); the factored grid input stays an option (it is slower).
 # torch.compile is not a lever: on torch 2.13 CPU, dynamic shapes fail in Inductor ("cannot
 # determine truth value of Relational") and static ones recompile for every new batch shape
 # (over 400 s without finishing 8 sentences), so it cannot pay for varying grid sizes.
 LEVERS: dict[str, dict[str, Any]] = {
-    "default (cell budget, fast grid, tuned malloc)": {},
-    "glibc default malloc": {"env.CRENER_MALLOC": "default"},
+    "default (cell budget, space-to-batch convs)": {},
     "fixed batch of 12 sentences": {"train.max_cells": 0, "train.batch_size": 12},
-    "literal grid kernels": {"model.fast_grid": False},
+    "library dilated convs": {"model.space_to_batch": False},
+    "factored grid input": {"model.factored_input": True},
     "bf16 autocast": {"train.bf16": True},
     "checkpointed rounds": {"model.checkpoint_rounds": True},
 }
@@ -215,7 +217,7 @@ def _speed_point(width: str, model: str, variant: str, n: int, overrides: dict[s
     """``measure_speed`` in a fresh process, so its peak resident memory is its own."""
     items = [f"{k}={v}" for k, v in overrides.items() if not k.startswith("env.")]
     cmd = [sys.executable, "-m", "crener.bench", "--speed-probe", width, model, variant, str(n), *items]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CRENER_MALLOC": "tuned"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.update({k[4:]: str(v) for k, v in overrides.items() if k.startswith("env.")})
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     if res.returncode != 0:
@@ -363,9 +365,6 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING)
     if len(sys.argv) > 1 and sys.argv[1] == "--probe":
         sys.exit(_probe_main(sys.argv[2:]))
-    from crener.perf import tune_malloc
-
-    tune_malloc()  # as the CLI does; CRENER_MALLOC=default turns it off
     if len(sys.argv) > 1 and sys.argv[1] == "--speed-probe":
         sys.exit(_speed_probe_main(sys.argv[2:]))
     sys.exit("use `crener bench`")

@@ -51,9 +51,6 @@ def main(argv: list[str] | None = None) -> int:
     # Nothing may come from a model hub unless the user opted in: fail fast instead of hanging.
     # Set before any command module imports transformers, which reads it at import time.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from crener.perf import tune_malloc
-
-    tune_malloc()  # before the first grid tensor is allocated
     # Import only the module that owns the requested subcommand (fast `crener data ...`).
     first = next((a for a in argv if not a.startswith("-")), None)
     known = {c for _, cmds in _COMMAND_MODULES for c in cmds}

@@ -68,9 +68,9 @@ class ModelConfig:
     enh_dropout: float = 0.1  # their dropout
     enh_block: str = "paper"  # paper | bert_layer (TOE's decoder layer)
     checkpoint_rounds: bool = False  # activation checkpointing of the conv rounds (long sentences)
-    # Factored 1x1 grid input and space-to-batch dilated convs; False computes the literal
-    # concatenation and the library's dilated conv. Same function (tested): a benchmark lever.
-    fast_grid: bool = True
+    # Two exact rewrites of the grid module (tested equal), measured by `crener bench --suite levers`:
+    factored_input: bool = False  # 1x1 conv from the CLN factors, not the concatenated grid (slower on CPU)
+    space_to_batch: bool = True  # dilated depthwise convs as undilated ones over sub-grids (CPU)
     # --- co-predictor (§2.5) ---
     use_biaffine: bool = True  # eq. 16; False is "w/o Biaffine"
     use_grid_mlp: bool = True  # eq. 17; False is "w/o MLP"

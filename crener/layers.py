@@ -72,11 +72,15 @@ class DilatedConvBlock(nn.Module):
     """
 
     def __init__(
-        self, channels: int, dilations: tuple[int, ...] = (1, 2, 3), chain: bool = False, fast: bool = True
+        self,
+        channels: int,
+        dilations: tuple[int, ...] = (1, 2, 3),
+        chain: bool = False,
+        space_to_batch: bool = True,
     ):
         super().__init__()
         self.chain = chain
-        self.fast = fast  # space-to-batch for d > 1 on CPU (dilated_depthwise); False: conv(h)
+        self.space_to_batch = space_to_batch  # dilated_depthwise for d > 1 on CPU; False: conv(h)
         self.convs = nn.ModuleList(
             nn.Conv2d(channels, channels, kernel_size=3, groups=channels, dilation=d, padding=d)
             for d in dilations
@@ -89,7 +93,7 @@ class DilatedConvBlock(nn.Module):
         h = x.permute(0, 3, 1, 2) * m  # (B, C, N, N)
         outs = []
         for conv in self.convs:
-            y = F.gelu(dilated_depthwise(conv, h) if self.fast else conv(h)) * m
+            y = F.gelu(dilated_depthwise(conv, h) if self.space_to_batch else conv(h)) * m
             outs.append(y)
             if self.chain:
                 h = y

@@ -60,11 +60,12 @@ class GridConvModule(nn.Module):
         dilations: tuple[int, ...] | None = (1, 2, 3),
         chain: bool = False,
         orientation: str = "paper",
-        fast: bool = True,
+        factored: bool = False,
+        space_to_batch: bool = True,
     ):
         super().__init__()
         self.orientation = orientation
-        self.fast = fast
+        self.factored = factored
         self.dropout = dropout
         self.cln = ConditionalLayerNorm(hidden, hidden)
         self.dist_emb = nn.Embedding(NUM_DIST_IDS, dist_dim) if dist_dim else None
@@ -72,7 +73,7 @@ class GridConvModule(nn.Module):
         self.attn_proj = nn.Linear(attn_heads, attn_dim) if attn_heads else None
         in_dim = hidden + dist_dim + region_dim + (attn_dim if attn_heads else 0)
         self.reduce = nn.Linear(in_dim, channels)  # the 1x1 convolution, channels-last
-        self.dconv = DilatedConvBlock(channels, dilations, chain, fast) if dilations else None
+        self.dconv = DilatedConvBlock(channels, dilations, chain, space_to_batch) if dilations else None
         self.out_dim = self.dconv.out_dim if self.dconv is not None else channels
 
     def forward(
@@ -82,7 +83,7 @@ class GridConvModule(nn.Module):
         mask: torch.Tensor,
         attn: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        c = self._factored(s, o, mask, attn) if self.fast else self._literal(s, o, mask, attn)
+        c = self._factored(s, o, mask, attn) if self.factored else self._literal(s, o, mask, attn)
         if self.dconv is not None:
             c = self.dconv(c, mask)  # (B, N, N, rates * d_c)
         return c
@@ -114,7 +115,9 @@ class GridConvModule(nn.Module):
         conv is linear, so it is applied to each part separately (the CLN grid through its
         factors, each embedding through its small table), and channel dropout, a per-example
         mask on input channels, folds into those factors. Same function as the naive form (a
-        test checks it); about a quarter of the memory at d_h = 512 and fewer passes over N^2.
+        test checks it). Not the default: its (B, N, d_c, d_h) factor is no smaller than the grid
+        while N < d_c, and on CPU it measured slower (W2NER at paper widths: 10.1 vs 12.5
+        training sentences/s, 2.9 vs 2.4 GB peak, `crener bench --suite levers`).
         """
         b, n = s.size(0), s.size(1)
         w = self.reduce.weight  # (d_c, in_dim), column blocks: [CLN | dist | region | attn]
@@ -276,7 +279,8 @@ class CRENER(nn.Module):
             region_dim=cfg.region_dim if cfg.use_region_embedding else 0,
             attn_heads=attn_heads, attn_dim=cfg.attn_dim, dropout=cfg.conv_dropout,
             dilations=cfg.dilations if cfg.use_dilated_conv else None,
-            chain=cfg.dconv_chain, orientation=cfg.cln_orientation, fast=cfg.fast_grid,
+            chain=cfg.dconv_chain, orientation=cfg.cln_orientation,
+            factored=cfg.factored_input, space_to_batch=cfg.space_to_batch,
         )  # fmt: skip
         kinds = TAG_KINDS[cfg.tag_scheme]
         grid_dim = self.grid.out_dim if grid_branch else 0

@@ -151,13 +151,12 @@ def learning_curves(history: pd.DataFrame, stem: Path, metric: str = "dev/f1") -
                     alpha=0.15,
                     color=line.get_color(),
                 )
-            ax.legend(fontsize=6)
         ax.set_title(dataset_title(ds))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel("dev F1 (%)")
     fig.suptitle("学习曲线 Learning curves (dev F1)")
-    fig.tight_layout()
+    _figure_legend(fig, axes[0])
     return save(fig, stem)
 
 
@@ -194,15 +193,30 @@ def f1_by_group(
         ax.set_ylim(0, 100)
         ax.set_ylabel("test F1 (%)")
         ax.set_title(dataset_title(ds))
-        ax.legend(fontsize=7)
     what = (
         "各实体类型的 F1 (F1 by entity type)"
         if by == "type"
         else "按实体长度的 F1 (F1 by entity length, characters)"
     )
     fig.suptitle(what)
-    fig.tight_layout()
+    _figure_legend(fig, axes[0])
     return save(fig, stem)
+
+
+def _figure_legend(fig, axes) -> None:
+    """One legend to the right of all panels: every panel draws the same systems, and a legend
+    inside a panel hides its bars or curves."""
+    handles, labels = {}, []
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            if label not in handles:
+                handles[label] = handle
+                labels.append(label)
+    fig.tight_layout()
+    if labels:
+        fig.legend(
+            [handles[k] for k in labels], labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8
+        )
 
 
 def optuna_figures(storage: str, out_dir: Path) -> list[Path]:

@@ -41,20 +41,11 @@ def test_lever_table_reports_ratios_against_the_default_row():
     assert "error: RuntimeError: boom" in lines[4]
 
 
-def test_measure_speed_runs_the_literal_and_fast_paths(tmp_path):
+def test_measure_speed_runs_with_and_without_space_to_batch(tmp_path):
     for fast in (True, False):
-        cfg = build_run_config(profile="smoke", overrides={"model.fast_grid": fast, "train.max_cells": 2000})
+        cfg = build_run_config(
+            profile="smoke", overrides={"model.space_to_batch": fast, "train.max_cells": 2000}
+        )
         r = measure_speed(cfg, 6)
         assert r["train_sent_per_s"] > 0 and r["eval_sent_per_s"] > 0
         assert r["batches"] >= 1 and r["sentences_per_batch"] * r["batches"] >= 6
-
-
-def test_malloc_tuning_applies_and_can_be_turned_off(monkeypatch):
-    import sys
-
-    from crener.perf import tune_malloc
-
-    monkeypatch.setenv("CRENER_MALLOC", "default")
-    assert tune_malloc() is False
-    monkeypatch.setenv("CRENER_MALLOC", "tuned")
-    assert tune_malloc() is sys.platform.startswith("linux")  # glibc accepts both thresholds

@@ -244,17 +244,17 @@ def test_factored_grid_input_equals_literal_concatenation(variant, orientation, 
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-4)
 
 
-def test_fast_grid_flag_switches_both_kernels(tiny_encoder, sentences):
-    # The literal path (fast_grid=False) computes the same scores end to end, dilated convs included.
+def test_grid_rewrites_compute_the_same_scores(tiny_encoder, sentences):
+    # Factored input and library convs (both non-default) give the default model's scores.
     cfg, task, model, examples = make("full", tiny_encoder, sentences)
-    _, _, slow_model, _ = make("full", tiny_encoder, sentences, fast_grid=False)
-    slow_model.load_state_dict(model.state_dict())
-    assert model.grid.fast and model.grid.dconv.fast
-    assert not slow_model.grid.fast and not slow_model.grid.dconv.fast
+    _, _, other, _ = make("full", tiny_encoder, sentences, factored_input=True, space_to_batch=False)
+    other.load_state_dict(model.state_dict())
+    assert not model.grid.factored and model.grid.dconv.space_to_batch
+    assert other.grid.factored and not other.grid.dconv.space_to_batch
     batch = collate(examples[:3], task.target, task.num_labels)
-    model.eval(), slow_model.eval()
+    model.eval(), other.eval()
     with torch.no_grad():
-        torch.testing.assert_close(model(batch)["logits"], slow_model(batch)["logits"], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(model(batch)["logits"], other(batch)["logits"], atol=1e-4, rtol=1e-4)
 
 
 def test_positive_cells_are_capped_per_sentence(tiny_encoder, sentences):
