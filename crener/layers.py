@@ -110,7 +110,9 @@ def dilated_depthwise(conv: nn.Conv2d, h: torch.Tensor) -> torch.Tensor:
     of d matches the conv's own zero padding. Exact, not an approximation (tested).
     """
     d = conv.dilation[0]
-    if d == 1 or h.device.type != "cpu":
+    # Only the backward pass is pathological: without autograd (evaluation) the library conv
+    # is faster than the extra reshapes (W2NER paper widths: 23.9 vs 18.5 eval sentences/s).
+    if d == 1 or h.device.type != "cpu" or not torch.is_grad_enabled():
         return conv(h)
     b, c, n, _ = h.shape
     m = -(-n // d) * d
