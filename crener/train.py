@@ -270,7 +270,9 @@ def fit(
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.train.device)
     if cfg.train.bf16 and device.type == "cpu":
-        log.warning("train.bf16 on CPU: measured 12x slower than fp32 on a 2-core x86 CPU; set train.bf16=false")
+        log.warning(
+            "train.bf16 on CPU: measured 12x slower than fp32 on a 2-core x86 CPU; set train.bf16=false"
+        )
     data_cfg = cfg.data if data_root is None else _replace_root(cfg, data_root)
     data = load_dataset(data_cfg, seed=cfg.train.seed)
     task = build_task(cfg.model, data.types)
