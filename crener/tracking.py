@@ -42,6 +42,10 @@ from crener.config import RunConfig
 
 log = logging.getLogger(__name__)
 
+# The MLflow 3 UI opens an experiment by its kind; this one shows the runs table, not GenAI pages.
+_KIND_TAG = "mlflow.experimentKind"
+_KIND_TRAINING = "custom_model_development"
+
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 DEFAULT_DB_NAME = "mlflow.db"
 ARTIFACT_DIR_NAME = "mlartifacts"
@@ -222,12 +226,13 @@ class Tracker:
         if exp is not None:
             if exp.lifecycle_stage == "deleted":
                 self.client.restore_experiment(exp.experiment_id)
+            if _KIND_TAG not in exp.tags:  # stores made before the tag existed
+                self.client.set_experiment_tag(exp.experiment_id, _KIND_TAG, _KIND_TRAINING)
             return exp.experiment_id
         root = artifact_root(self.uri)
         location = f"{root}/{name}" if root else None
         try:
-            # The kind tag makes the UI open on the runs table (model training), not its GenAI pages.
-            tags = {"mlflow.experimentKind": "custom_model_development"}
+            tags = {_KIND_TAG: _KIND_TRAINING}
             return _retry_locked(
                 lambda: self.client.create_experiment(name, artifact_location=location, tags=tags)
             )

@@ -254,3 +254,15 @@ def test_single_parent_run(mlflow_store: str) -> None:
     again = tracker.start_parent("crener-tune-smoke", name="s1", tags=tags)
     assert first.run_id == again.run_id
     assert len(tracker.search("crener-tune-smoke", "tags.`crener.study` = 's1'")) == 1
+
+
+def test_experiments_open_on_the_runs_table(mlflow_store: str) -> None:
+    """New experiments carry the training kind; ones made before the tag existed get it too."""
+    tracker = Tracker()
+    exp_id = tracker.experiment_id("crener-main-smoke")
+    kind = "mlflow.experimentKind"
+    assert tracker.client.get_experiment(exp_id).tags[kind] == "custom_model_development"
+    old = tracker.client.create_experiment("crener-ablation-smoke")  # an old store: no tag
+    assert kind not in tracker.client.get_experiment(old).tags
+    assert tracker.experiment_id("crener-ablation-smoke") == old
+    assert tracker.client.get_experiment(old).tags[kind] == "custom_model_development"
