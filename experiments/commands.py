@@ -260,6 +260,19 @@ def ui_command(uri: str, host: str, port: int) -> list[str]:
     return cmd
 
 
+def _crener_experiments(uri: str) -> list[tuple[str, str]]:
+    """(name, id) of the crener experiments in a SQLite store; none if it does not exist yet."""
+    from crener.tracking import sqlite_path
+
+    db = sqlite_path(uri)
+    if db is None or not db.exists():
+        return []
+    from mlflow.tracking import MlflowClient
+
+    exps = MlflowClient(uri).search_experiments(filter_string="name LIKE 'crener-%'")
+    return sorted((e.name, e.experiment_id) for e in exps)
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     from crener.tracking import tracking_uri
 
@@ -272,7 +285,11 @@ def cmd_ui(args: argparse.Namespace) -> int:
     except ValueError:
         log.warning("binding host name %s: make sure that is intended", args.host)
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-    log.info("MLflow UI at http://%s:%d (store %s); Ctrl-C stops it", shown, args.port, uri)
+    base = f"http://{shown}:{args.port}"
+    log.info("MLflow UI at %s (store %s); Ctrl-C stops it", base, uri)
+    # MLflow 3 opens an experiment on its GenAI overview; these links go straight to the runs.
+    for name, exp_id in _crener_experiments(uri):
+        log.info("  %-28s %s/#/experiments/%s/runs", name, base, exp_id)
     cmd = ui_command(uri, args.host, args.port)
     # Become the server (no wrapper process left behind): signals reach mlflow directly.
     os.execv(cmd[0], cmd)

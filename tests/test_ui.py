@@ -105,3 +105,16 @@ def test_ui_answers_http_200(tmp_path: Path) -> None:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=15)
+
+
+def test_ui_lists_runs_links(tmp_path: Path) -> None:
+    """MLflow 3 opens experiments on its GenAI page, so `crener ui` names each runs table."""
+    from crener.tracking import Tracker
+    from experiments.commands import _crener_experiments
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert _crener_experiments(uri) == []  # no store yet: nothing to list, nothing created
+    assert not (tmp_path / "mlflow.db").exists()
+    shutil.copy(mlflow_template(), tmp_path / "mlflow.db")
+    exp_id = Tracker(uri).experiment_id("crener-main-smoke")
+    assert _crener_experiments(uri) == [("crener-main-smoke", exp_id)]
