@@ -132,7 +132,9 @@ def _sync(device: torch.device) -> None:
 
 
 def memory_probe(cfg: RunConfig, length: int, batch: int = 1) -> dict[str, float]:
-    """One training step on ``batch`` synthetic sentences of ``length`` characters; peak memory."""
+    """One training step, then one evaluation forward, on ``batch`` synthetic sentences of
+    ``length`` characters; the peak memory of each (the evaluation peak is measured after the
+    training step, so on CPU it only shows when it exceeds the training peak)."""
     from crener.data.batching import Example, collate
     from crener.data.schema import Entity
     from crener.model import build_model
@@ -166,12 +168,23 @@ def memory_probe(cfg: RunConfig, length: int, batch: int = 1) -> dict[str, float
     task.loss(out, b)["loss"].backward()
     _sync(device)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _rss_peak()
+    del out
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with torch.inference_mode(), autocast(device, cfg.train.bf16):
+        task.decode(model(b), b)
+    _sync(device)
+    eval_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _rss_peak()
     used = max(peak - base, 0)
     return {
         "length": length,
         "batch": batch,
         "peak_bytes": used,
+        "eval_peak_bytes": max(eval_peak - base, 0),
         "bytes_per_cell": used / (batch * length * length),
+        "process_peak_bytes": _rss_peak() if device.type == "cpu" else peak,
     }
 
 
@@ -213,6 +226,15 @@ def cell_budget_like(batch_size: int, max_len: int, n_sentences: int) -> int:
     return int(batch_size * np.mean(lengths.astype(float) ** 2))
 
 
+def budget_overrides(width: str, n: int, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The cell budget the speed suites train with: the preset's own, or (for ``paper``, whose
+    recipe is fixed batches of 12) a budget with about the same step count, the default lever."""
+    base = bench_config(width, "w2ner", "full", overrides)
+    if base.train.max_cells > 0:
+        return overrides
+    return {"train.max_cells": cell_budget_like(base.train.batch_size, base.data.max_len, n), **overrides}
+
+
 def _speed_point(width: str, model: str, variant: str, n: int, overrides: dict[str, Any]) -> dict[str, Any]:
     """``measure_speed`` in a fresh process, so its peak resident memory is its own."""
     items = [f"{k}={v}" for k, v in overrides.items() if not k.startswith("env.")]
@@ -232,15 +254,12 @@ def run_levers(
 ) -> list[dict[str, Any]]:
     rows = []
     for width in widths:
-        base = bench_config(width, "w2ner", "full", overrides)
-        budget = cell_budget_like(base.train.batch_size, base.data.max_len, n)
+        budgeted = budget_overrides(width, n, overrides)
         for model in models:
             for lever, flip in LEVERS.items():
                 if lever in CRENER_ONLY and model != "crener":
                     continue
-                point = _speed_point(
-                    width, model, "full", n, {"train.max_cells": budget, **overrides, **flip}
-                )
+                point = _speed_point(width, model, "full", n, {**budgeted, **flip})
                 rows.append({"width": width, "model": model, "lever": lever, **point})
                 log.info("levers %s %s %s: %s", width, model, lever, point)
     return rows
@@ -250,8 +269,11 @@ def _rss_peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _memory_point(width: str, model: str, variant: str, length: int, overrides: list[str]) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "crener.bench", "--probe", width, model, variant, str(length), *overrides]
+def _memory_point(
+    width: str, model: str, variant: str, length: int, batch: int, overrides: list[str]
+) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "crener.bench", "--probe", width, model, variant, str(length), str(batch)]
+    cmd += overrides
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     if res.returncode != 0:
@@ -269,25 +291,29 @@ def run_bench(args: argparse.Namespace) -> int:
     if {"model", "all"} & suites:
         for width in args.widths:
             for variant in args.variants:
-                cfg = bench_config(width, "crener", variant, overrides)
+                cfg = bench_config(
+                    width, "crener", variant, budget_overrides(width, args.sentences, overrides)
+                )
                 r = measure_speed(cfg, args.sentences)
                 results["speed"].append({"width": width, "model": "crener", "variant": variant, **r})
                 log.info("%s %s: train %.1f sent/s, eval %.1f sent/s", width, variant,
                          r["train_sent_per_s"], r["eval_sent_per_s"])  # fmt: skip
     if {"w2ner", "all"} & suites:
         for width in args.widths:
-            cfg = bench_config(width, "w2ner", "full", overrides)
+            cfg = bench_config(width, "w2ner", "full", budget_overrides(width, args.sentences, overrides))
             r = measure_speed(cfg, args.sentences)
             results["speed"].append({"width": width, "model": "w2ner", "variant": "full", **r})
     if {"levers", "all"} & suites:
         results["levers"] = run_levers(args.widths, args.models, args.sentences, overrides)
     if {"memory", "all"} & suites:
         width = args.widths[-1]
-        for variant in ("full", "no_enhancement"):
+        points = [("crener", "full"), ("crener", "no_enhancement")] if "crener" in args.models else []
+        points += [(m, "full") for m in args.models if m != "crener"]
+        for model, variant in points:
             for length in args.lengths:
-                point = _memory_point(width, "crener", variant, length, set_items)
-                results["memory"].append({"width": width, "variant": variant, **point})
-                log.info("memory %s %s L=%d: %s", width, variant, length, point)
+                point = _memory_point(width, model, variant, length, args.batch, set_items)
+                results["memory"].append({"width": width, "model": model, "variant": variant, **point})
+                log.info("memory %s %s %s L=%d: %s", width, model, variant, length, point)
     _print(results, args.json)
     return 0
 
@@ -315,11 +341,15 @@ def _print(results: dict[str, Any], as_json: bool) -> None:
                 ratio = full[r["width"]]["train_ms_per_sentence"] / r["train_ms_per_sentence"]
                 out.append(f"{r['width']}: CRENER full / W2NER training cost per sentence = {ratio:.2f}x")
     if results["memory"]:
-        rows = [[m["width"], m["variant"], m["length"],
+        rows = [[m["width"], m["model"], m["variant"], m["length"], m.get("batch", ""),
                  f"{m['peak_bytes'] / 2**20:.0f}" if "peak_bytes" in m else m.get("error", "?"),
-                 f"{m['bytes_per_cell'] / 1024:.1f}" if "bytes_per_cell" in m else ""] for m in results["memory"]]  # fmt: skip
-        out.append(tabulate(rows, ["widths", "variant", "length", "peak MiB (1 sentence)", "KiB per grid cell"],
-                            tablefmt="github"))  # fmt: skip
+                 f"{m['bytes_per_cell'] / 1024:.1f}" if "bytes_per_cell" in m else "",
+                 f"{m['eval_peak_bytes'] / 2**20:.0f}" if "eval_peak_bytes" in m else "",
+                 f"{m['process_peak_bytes'] / 2**30:.2f}" if "process_peak_bytes" in m else ""]
+                for m in results["memory"]]  # fmt: skip
+        headers = ["widths", "model", "variant", "length", "batch", "train step peak MiB", "KiB per grid cell",
+                   "eval peak MiB", "process peak GiB"]  # fmt: skip
+        out.append(tabulate(rows, headers, tablefmt="github"))
     if results["levers"]:
         out.append(_levers_table(results["levers"]))
     sys.stdout.write("\n\n".join(out) + "\n")
@@ -355,9 +385,9 @@ def _speed_probe_main(argv: list[str]) -> int:
 
 
 def _probe_main(argv: list[str]) -> int:
-    width, model, variant, length, *items = argv
+    width, model, variant, length, batch, *items = argv
     cfg = bench_config(width, model, variant, parse_set(items))
-    sys.stdout.write(json.dumps(memory_probe(cfg, int(length))) + "\n")
+    sys.stdout.write(json.dumps(memory_probe(cfg, int(length), int(batch))) + "\n")
     return 0
 
 

@@ -52,11 +52,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--suite", nargs="+", default=["model"], choices=["model", "memory", "w2ner", "levers", "all"],
                    help="model: every variant's speed; w2ner: W2NER's; levers: each speed lever on/off, "
                         "one process per point with its peak memory; memory: peak memory against length")  # fmt: skip
-    p.add_argument("--models", nargs="+", default=["w2ner", "crener"], help="models of the levers suite")
+    p.add_argument(
+        "--models", nargs="+", default=["w2ner", "crener"], help="models of the levers and memory suites"
+    )
     p.add_argument("--widths", nargs="+", default=["quick", "paper"], help="width presets to measure")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS))
     p.add_argument("--lengths", nargs="+", type=int, default=[32, 64, 128, 256, 512])
     p.add_argument("--sentences", type=int, default=96, help="Resume training sentences per measurement")
+    p.add_argument("--batch", type=int, default=1, help="sentences of each length in a memory probe")
     p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE")
     p.add_argument("--json", action="store_true", help="one JSON object instead of tables")
     p.set_defaults(func=cmd_bench)

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from crener.bench import LEVERS, _levers_table, cell_budget_like, measure_speed
+from crener.bench import (
+    LEVERS,
+    _levers_table,
+    budget_overrides,
+    cell_budget_like,
+    measure_speed,
+    memory_probe,
+)
 from crener.config import build_run_config
 from crener.data.batching import make_batches
 from crener.data.datasets import load_dataset
@@ -49,3 +56,20 @@ def test_measure_speed_runs_with_and_without_space_to_batch(tmp_path):
         r = measure_speed(cfg, 6)
         assert r["train_sent_per_s"] > 0 and r["eval_sent_per_s"] > 0
         assert r["batches"] >= 1 and r["sentences_per_batch"] * r["batches"] >= 6
+
+
+def test_speed_suites_train_with_a_cell_budget():
+    """`paper` is the fixed-batch recipe; the speed suites measure it with the default lever on."""
+    assert budget_overrides("quick", 48, {}) == {}  # the quick profile has its own budget
+    paper = budget_overrides("paper", 48, {"model.hidden": 64})
+    assert paper["train.max_cells"] == cell_budget_like(12, 256, 48) and paper["model.hidden"] == 64
+    assert budget_overrides("paper", 48, {"train.max_cells": 500})["train.max_cells"] == 500
+
+
+def test_memory_probe_reports_train_and_eval_peaks():
+    cfg = build_run_config(profile="smoke")
+    r = memory_probe(cfg, 24, batch=2)
+    assert (r["length"], r["batch"]) == (24, 2)
+    assert r["peak_bytes"] >= 0 and r["eval_peak_bytes"] >= 0
+    assert r["bytes_per_cell"] == r["peak_bytes"] / (2 * 24 * 24)
+    assert r["process_peak_bytes"] >= r["peak_bytes"]
