@@ -147,6 +147,9 @@ def memory_probe(cfg: RunConfig, length: int, batch: int = 1) -> dict[str, float
 
         chars = [chr(0x4E00 + i) for i in range(200)]
         bert, tok = load_pretrained(build_embedded_encoder(chars, cfg.model, Path(tmp) / "enc", seed=0))
+    longest = bert.config.max_position_embeddings - 2  # [CLS] and [SEP] take two positions
+    if length > longest:
+        raise ValueError(f"length {length}: a BERT-style encoder reads at most {longest} characters")
     types = ("A", "B", "C")
     task = build_task(cfg.model, types)
     model = build_model(cfg.model, task, CharEncoder(bert, cfg.model.last4_mean)).to(device)
@@ -278,6 +281,8 @@ def _memory_point(
     cmd += overrides
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    if res.returncode < 0:  # a signal: on Linux most often the kernel's out-of-memory killer
+        return {"length": length, "error": f"killed by signal {-res.returncode} (out of memory?)"}
     if res.returncode != 0:
         tail = (res.stderr or "").strip().splitlines()[-1:] or ["?"]
         return {"length": length, "error": tail[0][:200]}

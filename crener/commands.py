@@ -57,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--widths", nargs="+", default=["quick", "paper"], help="width presets to measure")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS))
-    p.add_argument("--lengths", nargs="+", type=int, default=[32, 64, 128, 256, 512])
+    p.add_argument("--lengths", nargs="+", type=int, default=[32, 64, 128, 256, 510])
     p.add_argument("--sentences", type=int, default=96, help="Resume training sentences per measurement")
     p.add_argument("--batch", type=int, default=1, help="sentences of each length in a memory probe")
     p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from crener.bench import (
     LEVERS,
@@ -73,3 +74,5 @@ def test_memory_probe_reports_train_and_eval_peaks():
     assert r["peak_bytes"] >= 0 and r["eval_peak_bytes"] >= 0
     assert r["bytes_per_cell"] == r["peak_bytes"] / (2 * 24 * 24)
     assert r["process_peak_bytes"] >= r["peak_bytes"]
+    with pytest.raises(ValueError, match="at most 510 characters"):
+        memory_probe(build_run_config(profile="smoke"), 512)
