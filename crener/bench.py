@@ -44,6 +44,8 @@ WIDTHS: dict[str, tuple[str, dict[str, Any]]] = {
             "model.embedded_heads": 4,
             "model.embedded_ff": 1024,
             "train.bf16": False,
+            # The reference setting (the released code's fixed batches of 12); the speed
+            # suites put the default cell budget on top (`budget_overrides`), the levers flip it.
             "train.batch_size": 12,
             "train.max_cells": 0,
         },
