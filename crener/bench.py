@@ -244,10 +244,9 @@ def budget_overrides(width: str, n: int, overrides: dict[str, Any]) -> dict[str,
 
 def _speed_point(width: str, model: str, variant: str, n: int, overrides: dict[str, Any]) -> dict[str, Any]:
     """``measure_speed`` in a fresh process, so its peak resident memory is its own."""
-    items = [f"{k}={v}" for k, v in overrides.items() if not k.startswith("env.")]
+    items = [f"{k}={v}" for k, v in overrides.items()]
     cmd = [sys.executable, "-m", "crener.bench", "--speed-probe", width, model, variant, str(n), *items]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    env.update({k[4:]: str(v) for k, v in overrides.items() if k.startswith("env.")})
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     if res.returncode != 0:
         lines = (res.stderr or "").strip().splitlines() or ["?"]
@@ -256,17 +255,15 @@ def _speed_point(width: str, model: str, variant: str, n: int, overrides: dict[s
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def run_levers(
-    widths: list[str], models: list[str], n: int, overrides: dict[str, Any]
-) -> list[dict[str, Any]]:
+def run_levers(budgeted: dict[str, dict[str, Any]], models: list[str], n: int) -> list[dict[str, Any]]:
+    """Every lever on and off per width; ``budgeted``: width -> overrides with its cell budget."""
     rows = []
-    for width in widths:
-        budgeted = budget_overrides(width, n, overrides)
+    for width, overrides in budgeted.items():
         for model in models:
             for lever, flip in LEVERS.items():
                 if lever in CRENER_ONLY and model != "crener":
                     continue
-                point = _speed_point(width, model, "full", n, {**budgeted, **flip})
+                point = _speed_point(width, model, "full", n, {**overrides, **flip})
                 rows.append({"width": width, "model": model, "lever": lever, **point})
                 log.info("levers %s %s %s: %s", width, model, lever, point)
     return rows
@@ -297,23 +294,24 @@ def run_bench(args: argparse.Namespace) -> int:
     set_items = [f"{k}={v}" for k, v in overrides.items()]
     results: dict[str, Any] = {"device": str(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
                                "threads": torch.get_num_threads(), "speed": [], "memory": [], "levers": []}  # fmt: skip
+    budgeted = {}  # width -> overrides with the cell budget the speed suites train with
+    if {"model", "w2ner", "levers", "all"} & suites:
+        budgeted = {w: budget_overrides(w, args.sentences, overrides) for w in args.widths}
     if {"model", "all"} & suites:
         for width in args.widths:
             for variant in args.variants:
-                cfg = bench_config(
-                    width, "crener", variant, budget_overrides(width, args.sentences, overrides)
-                )
+                cfg = bench_config(width, "crener", variant, budgeted[width])
                 r = measure_speed(cfg, args.sentences)
                 results["speed"].append({"width": width, "model": "crener", "variant": variant, **r})
                 log.info("%s %s: train %.1f sent/s, eval %.1f sent/s", width, variant,
                          r["train_sent_per_s"], r["eval_sent_per_s"])  # fmt: skip
     if {"w2ner", "all"} & suites:
         for width in args.widths:
-            cfg = bench_config(width, "w2ner", "full", budget_overrides(width, args.sentences, overrides))
+            cfg = bench_config(width, "w2ner", "full", budgeted[width])
             r = measure_speed(cfg, args.sentences)
             results["speed"].append({"width": width, "model": "w2ner", "variant": "full", **r})
     if {"levers", "all"} & suites:
-        results["levers"] = run_levers(args.widths, args.models, args.sentences, overrides)
+        results["levers"] = run_levers(budgeted, args.models, args.sentences)
     if {"memory", "all"} & suites:
         width = args.widths[-1]
         points = [("crener", "full"), ("crener", "no_enhancement")] if "crener" in args.models else []

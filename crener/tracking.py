@@ -243,13 +243,17 @@ class Tracker:
                 raise
             return exp.experiment_id
 
-    def crener_experiment_ids(self, *, include_tune: bool = False) -> list[str]:
+    def crener_experiments(self, *, include_tune: bool = False) -> list[tuple[str, str]]:
+        """(name, id) of this suite's experiments, sorted by name."""
         exps = self.client.search_experiments(filter_string="name LIKE 'crener-%'")
-        return [
-            e.experiment_id
+        return sorted(
+            (e.name, e.experiment_id)
             for e in exps
             if include_tune or not e.name.startswith(experiment_name("tune", ""))
-        ]
+        )
+
+    def crener_experiment_ids(self, *, include_tune: bool = False) -> list[str]:
+        return [exp_id for _, exp_id in self.crener_experiments(include_tune=include_tune)]
 
     # ---- lookup
     def find_runs(self, key: str, *, include_tune: bool = False) -> list[RunInfo]:

@@ -262,15 +262,12 @@ def ui_command(uri: str, host: str, port: int) -> list[str]:
 
 def _crener_experiments(uri: str) -> list[tuple[str, str]]:
     """(name, id) of the crener experiments in a SQLite store; none if it does not exist yet."""
-    from crener.tracking import sqlite_path
+    from crener.tracking import Tracker, sqlite_path
 
     db = sqlite_path(uri)
     if db is None or not db.exists():
         return []
-    from mlflow.tracking import MlflowClient
-
-    exps = MlflowClient(uri).search_experiments(filter_string="name LIKE 'crener-%'")
-    return sorted((e.name, e.experiment_id) for e in exps)
+    return Tracker(uri).crener_experiments(include_tune=True)
 
 
 def cmd_ui(args: argparse.Namespace) -> int:

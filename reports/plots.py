@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -206,16 +207,14 @@ def f1_by_group(
 def _figure_legend(fig, axes) -> None:
     """One legend to the right of all panels: every panel draws the same systems, and a legend
     inside a panel hides its bars or curves."""
-    handles, labels = {}, []
+    handles: dict[str, Any] = {}  # label -> first handle, in drawing order
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
-            if label not in handles:
-                handles[label] = handle
-                labels.append(label)
+            handles.setdefault(label, handle)
     fig.tight_layout()
-    if labels:
+    if handles:
         fig.legend(
-            [handles[k] for k in labels], labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8
+            list(handles.values()), list(handles), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8
         )
 
 
