@@ -45,7 +45,7 @@ class W2NER(nn.Module):
             dropout=cfg.conv_dropout,
             dilations=cfg.dilations if cfg.use_dilated_conv else None,
             chain=cfg.dconv_chain, orientation=cfg.cln_orientation,
-            factored=cfg.factored_input, space_to_batch=cfg.space_to_batch,
+            input_form=cfg.grid_input, space_to_batch=cfg.space_to_batch,
         )  # fmt: skip
         self.predictor = CoPredictor(
             num_labels, char_dim=d, grid_dim=self.grid.out_dim, biaffine_dim=cfg.biaffine_dim,

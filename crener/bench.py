@@ -206,7 +206,8 @@ LEVERS: dict[str, dict[str, Any]] = {
     "fixed batch of 12 sentences": {"train.max_cells": 0, "train.batch_size": 12},
     "evaluation batches of 200k cells": {"train.eval_max_cells": 200_000},
     "library dilated convs": {"model.space_to_batch": False},
-    "factored grid input": {"model.factored_input": True},
+    "concatenated grid input (eq. 7 as written)": {"model.grid_input": "concat"},
+    "factored grid input": {"model.grid_input": "factored"},
     "bf16 autocast": {"train.bf16": True},
     "checkpointed rounds": {"model.checkpoint_rounds": True},
 }

@@ -68,8 +68,10 @@ class ModelConfig:
     enh_dropout: float = 0.1  # their dropout
     enh_block: str = "paper"  # paper | bert_layer (TOE's decoder layer)
     checkpoint_rounds: bool = False  # activation checkpointing of the conv rounds (long sentences)
-    # Two exact rewrites of the grid module (tested equal), measured by `crener bench --suite levers`:
-    factored_input: bool = False  # 1x1 conv from the CLN factors, not the concatenated grid (slower on CPU)
+    # Exact rewrites of the grid module (tested equal), measured by `crener bench --suite levers`.
+    # How the 1x1 conv meets its input: split (CLN grid through one matmul, embeddings through
+    # their small tables) | concat (eq. 7 as written) | factored (nothing grid-sized before it)
+    grid_input: str = "split"
     space_to_batch: bool = True  # dilated depthwise convs as undilated ones over sub-grids (CPU)
     # --- co-predictor (§2.5) ---
     use_biaffine: bool = True  # eq. 16; False is "w/o Biaffine"
@@ -93,6 +95,7 @@ class ModelConfig:
         _check_choice("model.context", self.context, ("transformer", "none", "bilstm"))
         _check_choice("model.rel_pos", self.rel_pos, ("full", "none", "symmetric"))
         _check_choice("model.cln_orientation", self.cln_orientation, ("paper", "code"))
+        _check_choice("model.grid_input", self.grid_input, ("split", "concat", "factored"))
         _check_choice("model.attn_matrix", self.attn_matrix, ("transformer_probs", "none"))
         _check_choice("model.enh_block", self.enh_block, ("paper", "bert_layer"))
         _check_choice("model.biaffine_input", self.biaffine_input, ("encoder", "enhanced"))

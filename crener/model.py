@@ -24,7 +24,7 @@ from crener.layers import (
     BiLSTM,
     ConditionalLayerNorm,
     DilatedConvBlock,
-    masked_max,
+    masked_row_col_max,
 )
 from crener.tasks import Task
 
@@ -60,12 +60,12 @@ class GridConvModule(nn.Module):
         dilations: tuple[int, ...] | None = (1, 2, 3),
         chain: bool = False,
         orientation: str = "paper",
-        factored: bool = False,
+        input_form: str = "split",
         space_to_batch: bool = True,
     ):
         super().__init__()
         self.orientation = orientation
-        self.factored = factored
+        self.input_form = input_form
         self.dropout = dropout
         self.cln = ConditionalLayerNorm(hidden, hidden)
         self.dist_emb = nn.Embedding(NUM_DIST_IDS, dist_dim) if dist_dim else None
@@ -83,12 +83,13 @@ class GridConvModule(nn.Module):
         mask: torch.Tensor,
         attn: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        c = self._factored(s, o, mask, attn) if self.factored else self._literal(s, o, mask, attn)
+        form = {"split": self._split, "concat": self._concat, "factored": self._factored}[self.input_form]
+        c = form(s, o, mask, attn)  # (B, N, N, d_c), the same function in each form (tested)
         if self.dconv is not None:
             c = self.dconv(c, mask)  # (B, N, N, rates * d_c)
         return c
 
-    def _literal(
+    def _concat(
         self, s: torch.Tensor, o: torch.Tensor, mask: torch.Tensor, attn: torch.Tensor | None
     ) -> torch.Tensor:
         """Eq. 7 as written: concatenate [CLN(s, o); E^d; E^r; E^a] on the grid, then the 1x1 conv."""
@@ -105,6 +106,57 @@ class GridConvModule(nn.Module):
         if keep is not None:
             x = x * keep[:, None, None, :]
         return F.gelu(self.reduce(x)) * mask[..., None].to(x.dtype)
+
+    def _split(
+        self, s: torch.Tensor, o: torch.Tensor, mask: torch.Tensor, attn: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Eq. 7 with only the CLN grid materialised (the default form).
+
+        The 1x1 conv is linear, so it splits over the concatenated parts: the d_h-wide CLN grid
+        goes through one large matmul, while each d_E-wide embedding goes through its small
+        table (ids x d_c) before it is gathered onto the grid, and the attention matrix through
+        a heads -> d_c map. Channel dropout (a per-example mask on input channels) folds into
+        gamma, beta and those small maps. This saves the (B, N, N, d_h + 3 d_E) concatenation
+        and its dropout product, forward and backward, in every round.
+        """
+        b, n = s.size(0), s.size(1)
+        w = self.reduce.weight  # (d_c, in_dim), column blocks: [CLN | dist | region | attn]
+        keep = self._channel_keep(b, w.size(1), s)  # (B, in_dim) or None
+        hidden = self.cln.gamma.out_features
+        x, cond = (o, s) if self.orientation == "paper" else (s, o)
+        normed, gamma, beta = self.cln.parts(x, cond)  # (B, N, d_h) each
+        if keep is not None:
+            gamma = gamma * keep[:, None, :hidden]
+            beta = beta * keep[:, None, :hidden]
+        if self.orientation == "paper":  # row i conditions, column j is normalised
+            v = torch.addcmul(beta[:, :, None], gamma[:, :, None], normed[:, None])
+        else:  # W2NER's code: the transpose, row i normalised, column j conditions
+            v = torch.addcmul(beta[:, None], gamma[:, None], normed[:, :, None])
+        c = F.linear(v, w[:, :hidden], self.reduce.bias)  # (B, N, N, d_c)
+        col = hidden
+        for emb, ids_fn in ((self.dist_emb, distance_ids), (self.region_emb, region_ids)):
+            if emb is None:
+                continue
+            dim = emb.embedding_dim
+            table = emb.weight[None]  # (1, ids, d_E)
+            if keep is not None:
+                table = table * keep[:, None, col : col + dim]
+            proj = table @ w[:, col : col + dim].t()  # (B or 1, ids, d_c)
+            c = c + proj[:, ids_fn(n, s.device)]  # broadcast over the batch without dropout
+            col += dim
+        if self.attn_proj is not None:
+            c = c + self._attn_part(attn.to(s.dtype), w[:, col:], keep[:, col:] if keep is not None else None)
+        return F.gelu(c) * mask[..., None].to(c.dtype)
+
+    def _attn_part(self, probs: torch.Tensor, w_a: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """The attention embedding through the 1x1 conv: (B, heads, N, N) -> (B, N, N, d_c)."""
+        if keep is not None:
+            w_a = w_a[None] * keep[:, None, :]  # (B, d_c, d_E)
+        w_eff = w_a @ self.attn_proj.weight  # (B or -, d_c, heads): attn_proj then the 1x1 conv
+        b_eff = w_a @ self.attn_proj.bias  # (B or -, d_c)
+        if w_eff.dim() == 2:
+            return torch.einsum("bhij,ch->bijc", probs, w_eff) + b_eff
+        return torch.einsum("bhij,bch->bijc", probs, w_eff) + b_eff[:, None, None, :]
 
     def _factored(
         self, s: torch.Tensor, o: torch.Tensor, mask: torch.Tensor, attn: torch.Tensor | None
@@ -147,17 +199,7 @@ class GridConvModule(nn.Module):
             c = c + proj[:, ids_fn(n, s.device)]  # (B or 1, N, N, d_c), broadcast over the batch
             col += dim
         if self.attn_proj is not None:
-            dim = self.attn_proj.out_features
-            w_a = w[:, col : col + dim]  # (d_c, d_E)
-            if keep is not None:
-                w_a = w_a[None] * keep[:, None, col : col + dim]  # (B, d_c, d_E)
-            w_eff = w_a @ self.attn_proj.weight  # (B or -, d_c, heads)
-            b_eff = w_a @ self.attn_proj.bias  # (B or -, d_c)
-            probs = attn.to(s.dtype)  # (B, heads, N, N)
-            if w_eff.dim() == 2:
-                c = c + torch.einsum("bhij,ch->bijc", probs, w_eff) + b_eff
-            else:
-                c = c + torch.einsum("bhij,bch->bijc", probs, w_eff) + b_eff[:, None, None, :]
+            c = c + self._attn_part(attn.to(s.dtype), w[:, col:], keep[:, col:] if keep is not None else None)
         return F.gelu(c + self.reduce.bias) * mask[..., None].to(c.dtype)  # (B, N, N, d_c)
 
     def _channel_keep(self, b: int, width: int, like: torch.Tensor) -> torch.Tensor | None:
@@ -204,8 +246,9 @@ class RelationEnhancement(nn.Module):
 
     def forward(self, tf, grid_mask, char_mask, s, o, s_base, o_base):
         pad = ~char_mask
-        h_s = self.rec_s(masked_max(tf, grid_mask, dim=2))  # eq. 11: max over objects j, per subject i
-        h_o = self.rec_o(masked_max(tf, grid_mask, dim=1))  # max over subjects i, per object j
+        # eq. 11: per subject i the max over objects j, per object j the max over subjects i
+        m_s, m_o = masked_row_col_max(tf, grid_mask)
+        h_s, h_o = self.rec_s(m_s), self.rec_o(m_o)
         h_s = self._attend(h_s, s_base, pad)  # eqs 12-13
         h_o = self._attend(h_o, o_base, pad)
         s = self.norm_s(s + F.gelu(self.out_s(h_s)))  # eqs 14-15: residual on the round's input
@@ -280,7 +323,7 @@ class CRENER(nn.Module):
             attn_heads=attn_heads, attn_dim=cfg.attn_dim, dropout=cfg.conv_dropout,
             dilations=cfg.dilations if cfg.use_dilated_conv else None,
             chain=cfg.dconv_chain, orientation=cfg.cln_orientation,
-            factored=cfg.factored_input, space_to_batch=cfg.space_to_batch,
+            input_form=cfg.grid_input, space_to_batch=cfg.space_to_batch,
         )  # fmt: skip
         kinds = TAG_KINDS[cfg.tag_scheme]
         grid_dim = self.grid.out_dim if grid_branch else 0

@@ -20,7 +20,7 @@ from crener.layers import (
     ConditionalLayerNorm,
     DilatedConvBlock,
     RelativeMultiHeadAttention,
-    masked_max,
+    masked_row_col_max,
     relative_sinusoid,
 )
 from crener.loss import GridLoss, zlpr
@@ -142,11 +142,39 @@ def test_dilated_conv_chain_vs_parallel_and_masking():
     torch.testing.assert_close(par(y, mask), a)
 
 
-def test_masked_max_ignores_padding():
+def test_masked_row_col_max_ignores_padding():
     x = torch.tensor([[[[1.0], [5.0]], [[-2.0], [9.0]]]])  # (1, 2, 2, 1)
     mask = torch.tensor([[[True, False], [True, False]]])
-    torch.testing.assert_close(masked_max(x, mask, dim=2), torch.tensor([[[1.0], [-2.0]]]))
-    torch.testing.assert_close(masked_max(x, mask, dim=1), torch.tensor([[[1.0], [0.0]]]))
+    rows, cols = masked_row_col_max(x, mask)
+    torch.testing.assert_close(rows, torch.tensor([[[1.0], [-2.0]]]))
+    torch.testing.assert_close(cols, torch.tensor([[[1.0], [0.0]]]))  # column 1 has no real cell
+
+
+def reference_masked_max(x: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """masked_fill + amax with autograd's own backward: the reference for the custom one."""
+    neg = torch.finfo(x.dtype).min
+    out = x.masked_fill(~mask[..., None], neg).amax(dim=dim)
+    return out.masked_fill(out == neg, 0.0)
+
+
+def test_masked_row_col_max_values_and_gradients_match_the_reference():
+    torch.manual_seed(0)
+    lengths = torch.tensor([6, 4, 1])
+    mask = grid_mask(lengths, 6)
+    x = torch.randn(3, 6, 6, 5, dtype=torch.float64, requires_grad=True)
+    g_rows, g_cols = torch.randn(3, 6, 5, dtype=torch.float64), torch.randn(3, 6, 5, dtype=torch.float64)
+    rows, cols = masked_row_col_max(x, mask)
+    (rows * g_rows + cols * g_cols).sum().backward()
+    fast = x.grad.clone()
+    x.grad = None
+    ref_rows, ref_cols = reference_masked_max(x, mask, 2), reference_masked_max(x, mask, 1)
+    (ref_rows * g_rows + ref_cols * g_cols).sum().backward()
+    torch.testing.assert_close(rows, ref_rows)
+    torch.testing.assert_close(cols, ref_cols)
+    torch.testing.assert_close(fast, x.grad)
+    assert fast[~mask].abs().sum() == 0  # padded cells never receive gradient
+    assert rows[1, 4:].abs().sum() == 0 and cols[2, 1:].abs().sum() == 0  # padded rows/columns: 0
+    assert torch.autograd.gradcheck(lambda t: masked_row_col_max(t, mask), (x.detach().requires_grad_(),))
 
 
 def test_zlpr_matches_formula():

@@ -215,7 +215,10 @@ def test_crener_class_is_the_full_model(tiny_encoder, sentences):
 
 @pytest.mark.parametrize("variant", ["full", "no_transformer", "no_region"])
 @pytest.mark.parametrize("orientation", ["paper", "code"])
-def test_factored_grid_input_equals_literal_concatenation(variant, orientation, tiny_encoder, sentences):
+@pytest.mark.parametrize("form", ["split", "factored"])
+def test_grid_input_forms_equal_the_literal_concatenation(
+    form, variant, orientation, tiny_encoder, sentences
+):
     cfg, task, model, examples = make(variant, tiny_encoder, sentences, cln_orientation=orientation)
     grid = model.grid
     with torch.no_grad():  # non-trivial CLN so orientation matters
@@ -229,28 +232,41 @@ def test_factored_grid_input_equals_literal_concatenation(variant, orientation, 
 
     mask = grid_mask(lengths, n)
     attn = torch.softmax(torch.randn(b, cfg.tf_heads, n, n), -1) if grid.attn_proj is not None else None
+    fast_form = getattr(grid, f"_{form}")
     grid.eval()
     torch.testing.assert_close(
-        grid._factored(s, o, mask, attn), grid._literal(s, o, mask, attn), atol=1e-5, rtol=1e-4
+        fast_form(s, o, mask, attn), grid._concat(s, o, mask, attn), atol=1e-5, rtol=1e-4
     )
-    # Training mode: both paths draw the same channel-dropout mask, so they agree too.
+    # Training mode: every form draws the same channel-dropout mask, so they agree too.
     grid.train()
     grid.dropout = 0.5
     torch.manual_seed(3)
-    fast = grid._factored(s, o, mask, attn)
+    fast = fast_form(s, o, mask, attn)
     torch.manual_seed(3)
-    slow = grid._literal(s, o, mask, attn)
-    assert not torch.equal(fast, grid._factored(s, o, mask, attn))  # dropout really is active
+    slow = grid._concat(s, o, mask, attn)
+    assert not torch.equal(fast, fast_form(s, o, mask, attn))  # dropout really is active
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-4)
+    # Backward: the same gradients for the inputs and every parameter.
+    grads = []
+    for fn in (fast_form, grid._concat):
+        grid.zero_grad()
+        s_, o_ = s.clone().requires_grad_(), o.clone().requires_grad_()
+        torch.manual_seed(3)
+        (fn(s_, o_, mask, attn) * torch.linspace(-1, 1, grid.reduce.out_features)).sum().backward()
+        grads.append([s_.grad, o_.grad] + [p.grad for p in grid.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) > 2
+    for a, b_ in zip(*grads):
+        torch.testing.assert_close(a, b_, atol=1e-4, rtol=1e-4)
 
 
-def test_grid_rewrites_compute_the_same_scores(tiny_encoder, sentences):
-    # Factored input and library convs (both non-default) give the default model's scores.
+@pytest.mark.parametrize("form", ["concat", "factored"])
+def test_grid_rewrites_compute_the_same_scores(form, tiny_encoder, sentences):
+    # Another input form and library convs (both non-default) give the default model's scores.
     cfg, task, model, examples = make("full", tiny_encoder, sentences)
-    _, _, other, _ = make("full", tiny_encoder, sentences, factored_input=True, space_to_batch=False)
+    _, _, other, _ = make("full", tiny_encoder, sentences, grid_input=form, space_to_batch=False)
     other.load_state_dict(model.state_dict())
-    assert not model.grid.factored and model.grid.dconv.space_to_batch
-    assert other.grid.factored and not other.grid.dconv.space_to_batch
+    assert model.grid.input_form == "split" and model.grid.dconv.space_to_batch
+    assert other.grid.input_form == form and not other.grid.dconv.space_to_batch
     batch = collate(examples[:3], task.target, task.num_labels)
     model.eval(), other.eval()
     with torch.no_grad():
