@@ -81,9 +81,10 @@ def _setup(cfg: RunConfig, n_sentences: int, tmp: Path):
 def measure_speed(cfg: RunConfig, n_sentences: int) -> dict[str, float]:
     """Training and inference sentences/s on ``n_sentences`` Resume training sentences."""
     from crener.data.batching import collate, make_batches
-    from crener.train import autocast, predict_examples, resolve_device
+    from crener.train import autocast, keep_large_tensors_on_heap, predict_examples, resolve_device
 
     device = resolve_device(cfg.train.device)
+    keep_large_tensors_on_heap(cfg.train.heap_tensors)
     with tempfile.TemporaryDirectory() as tmp:
         task, model, examples = _setup(cfg, n_sentences, Path(tmp))
     model.to(device)
@@ -141,9 +142,10 @@ def memory_probe(cfg: RunConfig, length: int, batch: int = 1) -> dict[str, float
     from crener.data.schema import Entity
     from crener.model import build_model
     from crener.tasks import build_task
-    from crener.train import autocast, resolve_device
+    from crener.train import autocast, keep_large_tensors_on_heap, resolve_device
 
     device = resolve_device(cfg.train.device)
+    keep_large_tensors_on_heap(cfg.train.heap_tensors)  # as in training: the heap's peak, not mmaps'
     with tempfile.TemporaryDirectory() as tmp:
         from crener.encoder import CharEncoder, build_embedded_encoder, load_pretrained
 
@@ -209,6 +211,7 @@ LEVERS: dict[str, dict[str, Any]] = {
     "concatenated grid input (eq. 7 as written)": {"model.grid_input": "concat"},
     "factored grid input": {"model.grid_input": "factored"},
     "bf16 autocast": {"train.bf16": True},
+    "glibc mmap for large tensors": {"train.heap_tensors": False},
     "checkpointed rounds": {"model.checkpoint_rounds": True},
 }
 # The levers that change what is computed only for a model with several conv rounds.

@@ -173,6 +173,9 @@ class TrainConfig:
     bf16: bool = False  # bf16 autocast (CUDA and CPU)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # >0: torch.set_num_threads
+    # glibc: big tensors from the malloc heap instead of fresh mmaps that page-fault on every use
+    # (process-wide, see crener.train.keep_large_tensors_on_heap; measured in `crener bench --suite levers`)
+    heap_tensors: bool = True
     progress: bool = True  # progress bar with loss and speed
     max_steps: int = 0  # >0: at most this many optimiser steps per epoch (the first of its shuffled batches)
 

@@ -282,20 +282,20 @@ class _RowColMax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, mask: torch.Tensor):
         filled = x.masked_fill(~mask[..., None], float("-inf"))  # one copy serves both axes
-        rows, row_idx = filled.max(dim=2)  # (B, N, C): per row i, the max over columns j
-        cols, col_idx = filled.max(dim=1)  # (B, N, C): per column j, the max over rows i
+        rows = filled.amax(dim=2)  # (B, N, C): per row i, the max over columns j
+        cols = filled.amax(dim=1)  # (B, N, C): per column j, the max over rows i
         row_ok = mask.any(dim=2)[..., None]  # (B, N, 1): rows with at least one real cell
         col_ok = mask.any(dim=1)[..., None]
-        ctx.save_for_backward(row_idx, col_idx, row_ok, col_ok)
-        ctx.shape = x.shape
+        # Where each max was attained, as 1-byte grids (a padded cell is -inf, never a real max;
+        # rows or columns with no real cell are cut off by row_ok / col_ok in backward).
+        ctx.save_for_backward(filled == rows[:, :, None], filled == cols[:, None], row_ok, col_ok)
         return rows.masked_fill(~row_ok, 0.0), cols.masked_fill(~col_ok, 0.0)
 
     @staticmethod
     def backward(ctx, g_rows: torch.Tensor, g_cols: torch.Tensor):
-        row_idx, col_idx, row_ok, col_ok = ctx.saved_tensors
-        grad = g_rows.new_zeros(ctx.shape)
-        grad.scatter_add_(2, row_idx[:, :, None], (g_rows * row_ok)[:, :, None])
-        grad.scatter_add_(1, col_idx[:, None], (g_cols * col_ok)[:, None])
+        at_row_max, at_col_max, row_ok, col_ok = ctx.saved_tensors
+        grad = torch.where(at_row_max, (g_rows * row_ok)[:, :, None], 0.0)
+        grad += torch.where(at_col_max, (g_cols * col_ok)[:, None], 0.0)
         return grad, None
 
 
@@ -304,10 +304,10 @@ def masked_row_col_max(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tenso
     cells where ``mask`` (B, N, N) is False: two (B, N, C) tensors. Rows or columns with no
     real cell give 0, not -inf, and receive no gradient.
 
-    Why a custom backward: ``amax``'s autograd spreads the gradient with dense (B, N, N, C)
-    comparisons, and ``masked_fill`` adds a copy per axis; a scatter of the argmax indices into
-    one zero grid does the same job (at ties the gradient goes to one cell instead of being
-    shared, a measure-zero difference). Measured on one 158-character grid with C = 384, both
-    axes forward and backward: 315 ms with ``masked_fill`` + ``amax``.
+    Why a custom function: autograd's ``amax`` backward spreads the gradient with dense
+    comparisons, divisions and a ``masked_fill`` copy per axis; here one masked copy serves both
+    axes and the backward is two selects from 1-byte "is the max" grids. ``max`` with indices and
+    a scatter backward was tried too: its indexed reduction is 8x slower than ``amax``. At exact
+    ties every tied cell gets the whole gradient instead of a share (a measure-zero difference).
     """
     return _RowColMax.apply(x, mask)

@@ -134,6 +134,7 @@ class GridConvModule(nn.Module):
             v = torch.addcmul(beta[:, None], gamma[:, None], normed[:, :, None])
         c = F.linear(v, w[:, :hidden], self.reduce.bias)  # (B, N, N, d_c)
         col = hidden
+        onehots, projs = [], []
         for emb, ids_fn in ((self.dist_emb, distance_ids), (self.region_emb, region_ids)):
             if emb is None:
                 continue
@@ -141,9 +142,15 @@ class GridConvModule(nn.Module):
             table = emb.weight[None]  # (1, ids, d_E)
             if keep is not None:
                 table = table * keep[:, None, col : col + dim]
-            proj = table @ w[:, col : col + dim].t()  # (B or 1, ids, d_c)
-            c = c + proj[:, ids_fn(n, s.device)]  # broadcast over the batch without dropout
+            projs.append(table @ w[:, col : col + dim].t())  # (B or 1, ids, d_c)
+            onehots.append(F.one_hot(ids_fn(n, s.device), emb.num_embeddings))  # (N, N, ids)
             col += dim
+        if projs:
+            # A one-hot matmul rather than a gather: the gather's backward (index_put with
+            # accumulation into a 20-row table) cost more than the whole forward of this part.
+            onehot = torch.cat(onehots, dim=-1).reshape(n * n, -1).to(c.dtype)
+            proj = torch.cat(projs, dim=1)  # (B or 1, ids, d_c): all with dropout or none
+            c = c + torch.matmul(onehot, proj).reshape(-1, n, n, c.size(-1))  # broadcast over B if 1
         if self.attn_proj is not None:
             c = c + self._attn_part(attn.to(s.dtype), w[:, col:], keep[:, col:] if keep is not None else None)
         return F.gelu(c) * mask[..., None].to(c.dtype)
