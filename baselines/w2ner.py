@@ -50,6 +50,7 @@ class W2NER(nn.Module):
         self.predictor = CoPredictor(
             num_labels, char_dim=d, grid_dim=self.grid.out_dim, biaffine_dim=cfg.biaffine_dim,
             ffn_dim=cfg.ffn_dim, dropout=cfg.out_dropout, use_biaffine=cfg.use_biaffine, use_mlp=cfg.use_grid_mlp,
+            fast_dropout=cfg.fast_dropout,
         )  # fmt: skip
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:

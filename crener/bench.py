@@ -210,6 +210,7 @@ LEVERS: dict[str, dict[str, Any]] = {
     "library dilated convs": {"model.space_to_batch": False},
     "concatenated grid input (eq. 7 as written)": {"model.grid_input": "concat"},
     "factored grid input": {"model.grid_input": "factored"},
+    "bernoulli_ dropout (nn.Dropout)": {"model.fast_dropout": False},
     "bf16 autocast": {"train.bf16": True},
     "glibc mmap for large tensors": {"train.heap_tensors": False},
     "checkpointed rounds": {"model.checkpoint_rounds": True},

@@ -72,6 +72,7 @@ class ModelConfig:
     # How the 1x1 conv meets its input: split (CLN grid through one matmul, embeddings through
     # their small tables) | concat (eq. 7 as written) | factored (nothing grid-sized before it)
     grid_input: str = "split"
+    fast_dropout: bool = True  # predictor dropouts from uniform draws, not CPU bernoulli_ (same law)
     space_to_batch: bool = True  # dilated depthwise convs as undilated ones over sub-grids (CPU)
     # --- co-predictor (§2.5) ---
     use_biaffine: bool = True  # eq. 16; False is "w/o Biaffine"

@@ -15,12 +15,50 @@ from torch import nn
 CLN_EPS = 1e-12  # W2NER's epsilon
 
 
+class _Dropout(torch.autograd.Function):
+    """Inverted dropout keeping a 1-byte mask for backward; see :class:`GridDropout`."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float):
+        keep = torch.rand(x.shape, device=x.device) >= p  # fp32 draws: P(keep) = 1 - p exactly
+        ctx.save_for_backward(keep)
+        ctx.scale = 1.0 / (1.0 - p)
+        return torch.where(keep, x, 0.0).mul_(ctx.scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (keep,) = ctx.saved_tensors
+        return torch.where(keep, grad, 0.0).mul_(ctx.scale), None
+
+
+class GridDropout(nn.Dropout):
+    """``nn.Dropout`` for grid-sized tensors: the same distribution, drawn faster on CPU.
+
+    CPU ``bernoulli_`` (what ``F.dropout`` uses) took 113 ms for a (158, 158, 288) grid, against
+    51 ms for uniform draws compared with p; the predictor's two grid dropouts were a quarter of
+    W2NER's training step. The mask is also kept as bool rather than float. Different random
+    stream from ``nn.Dropout``, same law: each element is kept with probability 1 - p and scaled
+    by 1 / (1 - p). ``fast=False`` is ``nn.Dropout`` itself.
+    """
+
+    def __init__(self, p: float = 0.5, fast: bool = True):
+        super().__init__(p)
+        self.fast = fast
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fast or not self.training or self.p == 0.0:
+            return super().forward(x)
+        if self.p == 1.0:
+            return x * 0.0
+        return _Dropout.apply(x, self.p)
+
+
 class MLP(nn.Module):
     """Dropout -> Linear -> GELU (W2NER's MLP)."""
 
-    def __init__(self, n_in: int, n_out: int, dropout: float = 0.0):
+    def __init__(self, n_in: int, n_out: int, dropout: float = 0.0, fast_dropout: bool = True):
         super().__init__()
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = GridDropout(dropout, fast_dropout)
         self.linear = nn.Linear(n_in, n_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ from crener.layers import (
     BiLSTM,
     ConditionalLayerNorm,
     DilatedConvBlock,
+    GridDropout,
     masked_row_col_max,
 )
 from crener.tasks import Task
@@ -277,13 +278,14 @@ class CoPredictor(nn.Module):
         dropout: float,
         use_biaffine: bool = True,
         use_mlp: bool = True,
+        fast_dropout: bool = True,
     ):
         super().__init__()
-        self.dropout = nn.Dropout(dropout)
-        self.mlp_s = MLP(char_dim, biaffine_dim, dropout) if use_biaffine else None
-        self.mlp_o = MLP(char_dim, biaffine_dim, dropout) if use_biaffine else None
+        self.dropout = GridDropout(dropout, fast_dropout)
+        self.mlp_s = MLP(char_dim, biaffine_dim, dropout, fast_dropout) if use_biaffine else None
+        self.mlp_o = MLP(char_dim, biaffine_dim, dropout, fast_dropout) if use_biaffine else None
         self.biaffine = Biaffine(biaffine_dim, num_labels) if use_biaffine else None
-        self.mlp_rel = MLP(grid_dim, ffn_dim, dropout) if use_mlp else None
+        self.mlp_rel = MLP(grid_dim, ffn_dim, dropout, fast_dropout) if use_mlp else None
         self.linear = nn.Linear(ffn_dim, num_labels) if use_mlp else None
 
     def forward(self, s: torch.Tensor, o: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
@@ -344,6 +346,7 @@ class CRENER(nn.Module):
         self.predictor = CoPredictor(
             num_labels, char_dim=d, grid_dim=grid_dim, biaffine_dim=cfg.biaffine_dim, ffn_dim=cfg.ffn_dim,
             dropout=cfg.out_dropout, use_biaffine=cfg.use_biaffine, use_mlp=cfg.use_grid_mlp,
+            fast_dropout=cfg.fast_dropout,
         )  # fmt: skip
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:

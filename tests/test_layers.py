@@ -227,3 +227,29 @@ def test_bilstm_runs_under_cpu_bf16_autocast():
         out = lstm(x.bfloat16(), lengths)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, ref, atol=0.02, rtol=0.02)  # only the bf16 rounding of x differs
+
+
+def test_grid_dropout_has_dropouts_law_and_masks_its_gradient():
+    from crener.layers import GridDropout
+
+    torch.manual_seed(0)
+    x = torch.rand(200, 300, dtype=torch.float64) + 1.0  # no zeros, so dropped cells are visible
+    x.requires_grad_()
+    drop = GridDropout(0.3)
+    y = drop(x)
+    kept = y != 0
+    assert abs(kept.double().mean().item() - 0.7) < 0.01  # 60k draws: sd of the rate is 0.002
+    torch.testing.assert_close(y[kept], (x / 0.7)[kept])  # inverted dropout: kept cells scaled
+    g = torch.randn_like(x)
+    y.backward(g)
+    torch.testing.assert_close(x.grad, torch.where(kept, g / 0.7, 0.0))  # the same mask backward
+    assert not torch.equal(kept, drop(x) != 0)  # a fresh mask each call
+    drop.eval()
+    assert torch.equal(drop(x), x)
+    drop.train()
+    assert torch.equal(GridDropout(0.0)(x), x)
+    assert GridDropout(1.0)(x).abs().sum() == 0
+    torch.manual_seed(5)
+    slow = GridDropout(0.3, fast=False)(x)  # nn.Dropout's own path
+    torch.manual_seed(5)
+    assert torch.equal(slow, torch.nn.functional.dropout(x, 0.3, True))
