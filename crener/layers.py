@@ -38,10 +38,10 @@ class GridDropout(nn.Dropout):
     51 ms for uniform draws compared with p; the predictor's two grid dropouts were a quarter of
     W2NER's training step. The mask is also kept as bool rather than float. Different random
     stream from ``nn.Dropout``, same law: each element is kept with probability 1 - p and scaled
-    by 1 / (1 - p). ``fast=False`` is ``nn.Dropout`` itself.
+    by 1 / (1 - p). ``fast=False`` (the default, see ``model.fast_dropout``) is ``nn.Dropout``.
     """
 
-    def __init__(self, p: float = 0.5, fast: bool = True):
+    def __init__(self, p: float = 0.5, fast: bool = False):
         super().__init__(p)
         self.fast = fast
 
@@ -56,7 +56,7 @@ class GridDropout(nn.Dropout):
 class MLP(nn.Module):
     """Dropout -> Linear -> GELU (W2NER's MLP)."""
 
-    def __init__(self, n_in: int, n_out: int, dropout: float = 0.0, fast_dropout: bool = True):
+    def __init__(self, n_in: int, n_out: int, dropout: float = 0.0, fast_dropout: bool = False):
         super().__init__()
         self.dropout = GridDropout(dropout, fast_dropout)
         self.linear = nn.Linear(n_in, n_out)

@@ -115,8 +115,8 @@ class GridConvModule(nn.Module):
 
         The 1x1 conv is linear, so it splits over the concatenated parts: the d_h-wide CLN grid
         goes through one large matmul, while each d_E-wide embedding goes through its small
-        table (ids x d_c) before it is gathered onto the grid, and the attention matrix through
-        a heads -> d_c map. Channel dropout (a per-example mask on input channels) folds into
+        table (ids x d_c) before a one-hot matmul puts it on the grid, and the attention matrix
+        through a heads -> d_c map. Channel dropout (a per-example mask on input channels) folds into
         gamma, beta and those small maps. This saves the (B, N, N, d_h + 3 d_E) concatenation
         and its dropout product, forward and backward, in every round.
         """
@@ -278,7 +278,7 @@ class CoPredictor(nn.Module):
         dropout: float,
         use_biaffine: bool = True,
         use_mlp: bool = True,
-        fast_dropout: bool = True,
+        fast_dropout: bool = False,
     ):
         super().__init__()
         self.dropout = GridDropout(dropout, fast_dropout)

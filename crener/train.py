@@ -76,7 +76,7 @@ def keep_large_tensors_on_heap(enabled: bool = True) -> bool:
     a fresh ``mmap`` and unmaps it on free, so each new (B, N, N, d) tensor pays page faults on
     first touch: a 38 MB ``zeros`` took 17.5 ms instead of 6.8 ms, and a CRENER training step
     spends much of its time there. Turning mmap off for malloc (M_MMAP_MAX = 0) and raising the
-    trim threshold lets freed grids be reused. Raising only the mmap threshold, tried first, does
+    trimming off lets freed grids be reused. Raising only the mmap threshold, tried first, does
     nothing for tensors above its 32 MiB cap. Process-wide and idempotent; returns whether it
     took effect (False off glibc, e.g. macOS or musl).
     """
@@ -84,7 +84,8 @@ def keep_large_tensors_on_heap(enabled: bool = True) -> bool:
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+        # -1: never trim, so the high-water mark of a long batch stays mapped for the next one
+        ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, -1) == 1
     except (OSError, AttributeError):  # not glibc
         return False
     return ok
