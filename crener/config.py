@@ -178,8 +178,10 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # >0: torch.set_num_threads
     # glibc: big tensors from the malloc heap instead of fresh mmaps that page-fault on every use
-    # (process-wide, see crener.train.keep_large_tensors_on_heap; measured in `crener bench --suite levers`)
-    heap_tensors: bool = True
+    # (process-wide, see crener.train.keep_large_tensors_on_heap). Off: within noise for cell-budget
+    # batches, and with fixed batches of 12 it doubled W2NER's peak (8.6 vs 4.4 GiB) while faster
+    # (3.0 vs 1.8 sentences/s); `crener bench --suite levers`
+    heap_tensors: bool = False
     progress: bool = True  # progress bar with loss and speed
     max_steps: int = 0  # >0: at most this many optimiser steps per epoch (the first of its shuffled batches)
 
