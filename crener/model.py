@@ -116,25 +116,44 @@ class GridConvModule(nn.Module):
         The 1x1 conv is linear, so it splits over the concatenated parts: the d_h-wide CLN grid
         goes through one large matmul, while each d_E-wide embedding goes through its small
         table (ids x d_c) before a one-hot matmul puts it on the grid, and the attention matrix
-        through a heads -> d_c map. Channel dropout (a per-example mask on input channels) folds into
-        gamma, beta and those small maps. This saves the (B, N, N, d_h + 3 d_E) concatenation
+        through a heads -> d_c map. Channel dropout (a per-example mask on input channels) folds
+        into gamma, beta and those small maps. This saves the (B, N, N, d_h + 3 d_E) concatenation
         and its dropout product, forward and backward, in every round.
         """
-        b, n = s.size(0), s.size(1)
         w = self.reduce.weight  # (d_c, in_dim), column blocks: [CLN | dist | region | attn]
-        keep = self._channel_keep(b, w.size(1), s)  # (B, in_dim) or None
-        hidden = self.cln.gamma.out_features
-        x, cond = (o, s) if self.orientation == "paper" else (s, o)
-        normed, gamma, beta = self.cln.parts(x, cond)  # (B, N, d_h) each
-        if keep is not None:
-            gamma = gamma * keep[:, None, :hidden]
-            beta = beta * keep[:, None, :hidden]
+        keep = self._channel_keep(s.size(0), w.size(1), s)  # (B, in_dim) or None
+        normed, gamma, beta = self._cln_factors(s, o, keep)  # (B, N, d_h) each
         if self.orientation == "paper":  # row i conditions, column j is normalised
             v = torch.addcmul(beta[:, :, None], gamma[:, :, None], normed[:, None])
         else:  # W2NER's code: the transpose, row i normalised, column j conditions
             v = torch.addcmul(beta[:, None], gamma[:, None], normed[:, :, None])
-        c = F.linear(v, w[:, :hidden], self.reduce.bias)  # (B, N, N, d_c)
-        col = hidden
+        c = F.linear(v, w[:, : normed.size(-1)], self.reduce.bias)  # (B, N, N, d_c)
+        return F.gelu(self._small_parts(c, keep, attn)) * mask[..., None].to(c.dtype)
+
+    def _cln_factors(
+        self, s: torch.Tensor, o: torch.Tensor, keep: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(normalised, gamma, beta) of the CLN grid, with channel dropout folded into gamma and beta."""
+        x, cond = (o, s) if self.orientation == "paper" else (s, o)
+        normed, gamma, beta = self.cln.parts(x, cond)  # (B, N, d_h) each
+        if keep is not None:
+            hidden = normed.size(-1)
+            gamma = gamma * keep[:, None, :hidden]
+            beta = beta * keep[:, None, :hidden]
+        return normed, gamma, beta
+
+    def _small_parts(
+        self, c: torch.Tensor, keep: torch.Tensor | None, attn: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``c`` (B, N, N, d_c) plus the 1x1 conv of the distance, region and attention parts.
+
+        Each embedding goes through its small table (ids x d_c, channel dropout folded in) and a
+        one-hot matmul puts it on the grid: a gather's backward (index_put with accumulation into
+        a 20-row table) cost more than the whole forward of this part.
+        """
+        n = c.size(1)
+        w = self.reduce.weight
+        col = self.cln.gamma.out_features
         onehots, projs = [], []
         for emb, ids_fn in ((self.dist_emb, distance_ids), (self.region_emb, region_ids)):
             if emb is None:
@@ -144,17 +163,15 @@ class GridConvModule(nn.Module):
             if keep is not None:
                 table = table * keep[:, None, col : col + dim]
             projs.append(table @ w[:, col : col + dim].t())  # (B or 1, ids, d_c)
-            onehots.append(F.one_hot(ids_fn(n, s.device), emb.num_embeddings))  # (N, N, ids)
+            onehots.append(F.one_hot(ids_fn(n, c.device), emb.num_embeddings))  # (N, N, ids)
             col += dim
         if projs:
-            # A one-hot matmul rather than a gather: the gather's backward (index_put with
-            # accumulation into a 20-row table) cost more than the whole forward of this part.
             onehot = torch.cat(onehots, dim=-1).reshape(n * n, -1).to(c.dtype)
             proj = torch.cat(projs, dim=1)  # (B or 1, ids, d_c): all with dropout or none
             c = c + torch.matmul(onehot, proj).reshape(-1, n, n, c.size(-1))  # broadcast over B if 1
         if self.attn_proj is not None:
-            c = c + self._attn_part(attn.to(s.dtype), w[:, col:], keep[:, col:] if keep is not None else None)
-        return F.gelu(c) * mask[..., None].to(c.dtype)
+            c = c + self._attn_part(attn.to(c.dtype), w[:, col:], keep[:, col:] if keep is not None else None)
+        return c
 
     def _attn_part(self, probs: torch.Tensor, w_a: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         """The attention embedding through the 1x1 conv: (B, heads, N, N) -> (B, N, N, d_c)."""
@@ -179,36 +196,17 @@ class GridConvModule(nn.Module):
         while N < d_c, and on CPU it measured slower (W2NER at paper widths: 10.1 vs 12.5
         training sentences/s, 2.9 vs 2.4 GB peak, `crener bench --suite levers`).
         """
-        b, n = s.size(0), s.size(1)
         w = self.reduce.weight  # (d_c, in_dim), column blocks: [CLN | dist | region | attn]
-        keep = self._channel_keep(b, w.size(1), s)  # (B, in_dim) or None
-        hidden = self.cln.gamma.out_features
+        keep = self._channel_keep(s.size(0), w.size(1), s)  # (B, in_dim) or None
         # CLN part: out[i, j] = W_v (gamma_i * n_j + beta_i), rows condition, columns are normalised.
-        x, cond = (o, s) if self.orientation == "paper" else (s, o)
-        normed, gamma, beta = self.cln.parts(x, cond)  # (B, N, d_h) each
-        w_v = w[:, :hidden]
-        if keep is not None:
-            gamma = gamma * keep[:, None, :hidden]
-            beta = beta * keep[:, None, :hidden]
+        normed, gamma, beta = self._cln_factors(s, o, keep)  # (B, N, d_h) each
+        w_v = w[:, : normed.size(-1)]
         g = gamma[:, :, None, :] * w_v[None, None]  # (B, N, d_c, d_h): W_v diag(gamma_i)
         c = torch.matmul(g, normed.transpose(1, 2)[:, None])  # (B, N, d_c, N): row i, column j
         c = c.transpose(2, 3) + (beta @ w_v.t())[:, :, None, :]  # (B, N, N, d_c)
         if self.orientation != "paper":
             c = c.transpose(1, 2)  # W2NER code: normalise the row, condition on the column
-        col = hidden
-        for emb, ids_fn in ((self.dist_emb, distance_ids), (self.region_emb, region_ids)):
-            if emb is None:
-                continue
-            dim = emb.embedding_dim
-            table = emb.weight[None]  # (1, ids, d_E)
-            if keep is not None:
-                table = table * keep[:, None, col : col + dim]
-            proj = table @ w[:, col : col + dim].t()  # (B or 1, ids, d_c)
-            c = c + proj[:, ids_fn(n, s.device)]  # (B or 1, N, N, d_c), broadcast over the batch
-            col += dim
-        if self.attn_proj is not None:
-            c = c + self._attn_part(attn.to(s.dtype), w[:, col:], keep[:, col:] if keep is not None else None)
-        return F.gelu(c + self.reduce.bias) * mask[..., None].to(c.dtype)  # (B, N, N, d_c)
+        return F.gelu(self._small_parts(c + self.reduce.bias, keep, attn)) * mask[..., None].to(c.dtype)
 
     def _channel_keep(self, b: int, width: int, like: torch.Tensor) -> torch.Tensor | None:
         """Dropout2d's per-example channel mask, scaled by 1 / (1 - p); None when inactive."""

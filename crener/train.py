@@ -75,9 +75,10 @@ def keep_large_tensors_on_heap(enabled: bool = True) -> bool:
     glibc hands every block above its mmap threshold (at most 32 MiB, so every big grid tensor)
     a fresh ``mmap`` and unmaps it on free, so each new (B, N, N, d) tensor pays page faults on
     first touch: a 38 MB ``zeros`` took 17.5 ms instead of 6.8 ms. Turning mmap off for malloc
-    (M_MMAP_MAX = 0) and trimming off lets freed grids be reused. Raising only the mmap threshold, tried first, does
-    nothing for tensors above its 32 MiB cap. The price is fragmentation: the heap's high-water
-    mark is the peak, and with batches of very different sizes it grows (see
+    (M_MMAP_MAX = 0) and trimming off lets freed grids be reused. Raising only the mmap
+    threshold, tried first, does nothing for tensors above its 32 MiB cap. The price is
+    fragmentation: the heap's high-water mark is the peak, and with batches of very different
+    sizes it grows (see
     ``train.heap_tensors`` for the figures and why it is off by default). Process-wide and
     idempotent; returns whether it took effect (False off glibc, e.g. macOS or musl).
     """
