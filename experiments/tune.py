@@ -10,6 +10,8 @@
 - MLflow: one parent run per study in ``crener-tune-{profile}``; each trial is a nested run
   with the usual crener tags and params, per-epoch metrics and ``best/*``. Trials have their
   own workdir ``runs/tune/{study}/trial-NNNN`` and never use the sweep's skip-by-key logic.
+- Dev must not be test: a dataset without a dev split (MSRA) is tuned under the clean
+  protocol (``data.msra_protocol=clean``); an explicit ``lineage`` is refused.
 """
 
 from __future__ import annotations
@@ -200,6 +202,31 @@ def _fit(cfg: RunConfig, workdir: Path, *, callback: Any, data_root: str | None)
     return fit(cfg, workdir, callback=callback, resume=False, data_root=data_root)
 
 
+def _clean_dev_protocol(base: RunConfig, dataset: str, sets: dict[str, Any]) -> RunConfig:
+    """Tuning selects on dev F1, so dev must not be the test set.
+
+    A dataset without a dev split (MSRA) defaults to ``data.msra_protocol=lineage``, where dev
+    IS test: tuning on it would optimise test F1. Tune switches such a dataset to the clean
+    protocol (dev = held-out end of train) and says so; an explicit lineage request is refused.
+    """
+    from crener.data.datasets import get_spec
+
+    if "dev" in get_spec(dataset).files or base.data.msra_protocol != "lineage":
+        return base
+    if "data.msra_protocol" in sets:
+        raise CrenerError(
+            f"crener tune refuses data.msra_protocol=lineage on {dataset}: {dataset} has no dev split, "
+            "so lineage uses the test set as dev and tuning would select on test F1; "
+            "use data.msra_protocol=clean (the default for tune)"
+        )
+    log.info(
+        "%s has no dev split: tuning uses the clean protocol (dev = held-out end of train), "
+        "never lineage (dev = test)",
+        dataset,
+    )
+    return base.with_overrides({"data.msra_protocol": "clean"})
+
+
 def tune(
     *,
     dataset: str,
@@ -232,6 +259,7 @@ def tune(
         )
     except (KeyError, ValueError) as exc:
         raise CrenerError(str(exc)) from exc
+    base = _clean_dev_protocol(base, dataset, sets or {})
     name = study_name or default_study_name(model, variant, dataset, profile)
     store = open_storage(storage or DEFAULT_STORAGE)
     study = optuna.create_study(

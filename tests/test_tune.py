@@ -12,6 +12,7 @@ import optuna
 import pytest
 
 from crener.config import PROFILES, VARIANTS, build_run_config
+from crener.errors import CrenerError
 from crener.tracking import Tracker
 from experiments.sweeps import load_overrides, plan
 from experiments.tune import (
@@ -257,3 +258,32 @@ def test_two_tune_workers_real_fit(mlflow_store: str, tmp_path: Path) -> None:
     cmds = [_tune_cmd(prefix, storage, seed, 2, *extra) for seed in (0, 1)]
     _two_workers(cmds, _env(tmp_path, mlflow_store, OMP_NUM_THREADS="1"), tmp_path, timeout=560)
     _check_shared_study(storage, 4)
+
+
+def test_tune_never_selects_on_test_for_a_dataset_without_dev(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # MSRA has no dev split; its default lineage protocol makes dev the test set, so a study
+    # on it would maximise test F1. Tune must run it under the clean protocol, and say so.
+    import experiments.tune as tune_module
+
+    seen: list[str] = []
+
+    def fit(cfg, workdir, *, callback, data_root):  # noqa: ANN001 - records what a trial trains on
+        seen.append(cfg.data.msra_protocol)
+        return {"dev": {"f1": 0.5}}
+
+    monkeypatch.setattr(tune_module, "_fit", fit)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    with caplog.at_level("INFO", logger="experiments.tune"):
+        tune(dataset="msra", trials=2, profile="smoke", storage=storage, runs_dir=tmp_path, track=False)
+    assert seen == ["clean", "clean"]
+    assert "clean protocol" in caplog.text
+    # An explicit lineage request is refused before any trial runs.
+    with pytest.raises(CrenerError, match="refuses data.msra_protocol=lineage on msra"):
+        tune(dataset="msra", trials=1, profile="smoke", storage=storage, runs_dir=tmp_path, track=False,
+             sets={"data.msra_protocol": "lineage"}, study_name="lineage")  # fmt: skip
+    assert seen == ["clean", "clean"]
+    # Datasets with a dev split keep their config untouched.
+    tune(dataset="resume", trials=1, profile="smoke", storage=storage, runs_dir=tmp_path, track=False)
+    assert seen[-1] == "lineage"
