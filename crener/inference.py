@@ -145,12 +145,11 @@ class Predictor:
         return cls(load_for_inference(path))
 
     def predict(self, sentences: Iterable[Sentence]) -> Iterator[dict[str, Any]]:
-        from crener.data.split import merge_predictions, split_all
+        from crener.data.split import merge_predictions, split_blind
         from crener.train import featurize, predict_examples
 
         sentences = list(sentences)
-        bare = [Sentence(s.chars, (), s.source, s.line) for s in sentences]
-        chunks = split_all(bare, self.loaded.cfg.data.max_len)
+        chunks = split_blind(sentences, self.loaded.cfg.data.max_len)
         examples = featurize(chunks, self.loaded.task, self.loaded.tokenizer)
         preds = predict_examples(self.loaded.model, self.loaded.task, examples, self.device, self.loaded.cfg)
         merged = merge_predictions(chunks, preds, len(sentences))

@@ -6,7 +6,7 @@ import pytest
 
 from crener.config import DataConfig
 from crener.data.schema import Entity, Sentence
-from crener.data.split import Chunk, merge_predictions, split_all, split_sentence
+from crener.data.split import Chunk, merge_predictions, split_all, split_blind, split_sentence
 from crener.errors import DataError
 
 
@@ -57,6 +57,28 @@ def test_never_cuts_inside_an_entity_and_shifts_entities():
     roundtrip([s], 6)
     # an entity across the longest cut moves the cut before it
     assert pieces(split_sentence(sent("甲乙丙丁戊己庚辛", (4, 8, "X")), 6)) == ["甲乙丙丁", "戊己庚辛"]
+
+
+def test_eval_splits_are_cut_blind_to_gold(tiny_encoder):
+    # Dev and test are cut as `crener predict` cuts raw text: without reading gold. Avoiding
+    # a gold entity there would use the labels being scored; a split entity is a miss instead.
+    from crener.config import ModelConfig
+    from crener.metrics import score
+    from crener.tasks import build_task
+    from crener.train import build_split
+
+    s = sent("甲乙丙丁戊己庚辛", (4, 8, "X"))
+    assert pieces(split_all([s], 6)) == ["甲乙丙丁", "戊己庚辛"]  # training chunks may use gold
+    task = build_task(ModelConfig(), ("X",))
+    test = build_split("test", [s], 6, task, tiny_encoder[1])
+    assert pieces(test.chunks) == pieces(split_blind([s], 6)) == ["甲乙丙丁戊己", "庚辛"]
+    assert all(c.sentence.entities == () for c in test.chunks)
+    assert all(e.targets.size == 0 for e in test.examples)  # no gold behind the examples
+    # The best any model can do on those chunks is the two halves: the entity is a miss.
+    halves = [{Entity.span(4, 6, "X")}, {Entity.span(0, 2, "X")}]
+    merged = merge_predictions(test.chunks, halves, 1)
+    counts = score([set(s.entities)], merged).micro
+    assert (counts.correct, counts.gold) == (0, 1)
 
 
 def test_non_contiguous_entity_hull_is_not_cut():

@@ -2,11 +2,20 @@
 and map chunk predictions back onto the original sentences.
 
 A cut goes right after sentence-final punctuation (``。！？；!?;``) if one is in reach, else
-right after a comma (``，,、``), else anywhere; it is never inside a gold entity (between two
-characters of one entity, or inside the hull of a non-contiguous one). Each chunk is as long
-as the rule allows (the last preferred cut within ``max_len`` characters), so a sentence gives
-as few chunks as the rule can. Models train and predict on chunks; evaluation is always on the
-original sentences, through :func:`merge_predictions`.
+right after a comma (``，,、``), else anywhere. Each chunk is as long as the rule allows (the
+last preferred cut within ``max_len`` characters), so a sentence gives as few chunks as the
+rule can. Models train and predict on chunks; evaluation is always on the original sentences,
+through :func:`merge_predictions`.
+
+Who may read gold when cutting:
+
+- **Training** chunks (:func:`split_all` on labelled sentences) are never cut inside a gold
+  entity (between two characters of one entity, or inside the hull of a non-contiguous one):
+  training labels may be read, and a cut entity would only teach a wrong fragment.
+- **Dev, test and raw text** are cut blind (:func:`split_blind`): the same punctuation rule on
+  the characters alone, exactly as ``crener predict`` cuts text it has never seen. Avoiding a
+  gold entity there would read the labels being scored. An entity the blind cut splits cannot
+  be predicted whole, so it counts as a miss of the original sentence.
 """
 
 from __future__ import annotations
@@ -89,6 +98,13 @@ def _chunk(sentence: Sentence, a: int, b: int, index: int) -> Chunk:
 def split_all(sentences: Sequence[Sentence], max_len: int) -> list[Chunk]:
     """:func:`split_sentence` over a split; chunks keep the order of their sentences."""
     return [chunk for i, s in enumerate(sentences) for chunk in split_sentence(s, max_len, i)]
+
+
+def split_blind(sentences: Sequence[Sentence], max_len: int) -> list[Chunk]:
+    """Cut sentences without looking at their gold (module docstring): :func:`split_all` over
+    copies with no entities. For dev, test and raw text; the chunks carry no entities."""
+    bare = [Sentence(s.chars, (), s.source, s.line) for s in sentences]
+    return split_all(bare, max_len)
 
 
 def merge_predictions(
