@@ -97,8 +97,20 @@ def test_unknown_dataset_and_split(toy):
 def test_lineage_protocol_dev_is_test(toy):
     splits = load_dataset(DataConfig(dataset="toy", data_root=str(toy)))
     assert splits.dev_is_test and splits.dev == splits.test and len(splits.train) == 20
-    assert splits.types == ("X", "Y") and splits.repaired == {"train": 0, "dev": 0, "test": 0}
+    # Y occurs only in test (= dev here): the label set never reads test labels.
+    assert splits.types == ("X",) and splits.repaired == {"train": 0, "dev": 0, "test": 0}
     assert "lineage" in splits.notes[0]
+
+
+def test_types_come_from_train_and_dev_never_test(tmp_path, monkeypatch):
+    _write(tmp_path / "tri" / "train.txt", 6, "S-X")
+    _write(tmp_path / "tri" / "dev.txt", 3, "S-D")
+    _write(tmp_path / "tri" / "test.txt", 4, "S-T")
+    monkeypatch.setitem(DATASETS, "tri", DATASETS["msra"])  # restored after the test
+    register_dataset("tri", "tri", {"train": "train.txt", "dev": "dev.txt", "test": "test.txt"}, "bmes")
+    splits = load_dataset(DataConfig(dataset="tri", data_root=str(tmp_path)))
+    assert splits.types == ("D", "X")
+    assert {e.type for s in splits.test for e in s.entities} == {"T"}  # still scored: as misses
 
 
 def test_clean_protocol_holds_out_last_train_sentences(toy):

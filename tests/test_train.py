@@ -170,6 +170,27 @@ def test_cli_train_evaluate_predict(data_root, tmp_path, capsys):
     assert cli_main(["evaluate", "--checkpoint", str(tmp_path / "missing.pt")]) == 2
 
 
+def test_a_test_only_entity_type_is_a_miss_not_a_crash(tmp_path):
+    # Types come from train + dev; a test entity of another type cannot be predicted. Nothing
+    # may featurize test gold against the label set (it would fail on the unknown type).
+    from crener.data.schema import Entity, Sentence
+    from crener.inference import evaluate_checkpoint
+
+    root = tmp_path / "data"
+    (root / "resume").mkdir(parents=True)
+    write_bmes(root / "resume" / "train.char.bmes", SENTENCES)
+    write_bmes(root / "resume" / "dev.char.bmes", SENTENCES)
+    novel = Sentence(tuple("孙七去了深圳"), (Entity.span(0, 2, "NAME"), Entity.span(4, 6, "GPE")))
+    write_bmes(root / "resume" / "test.char.bmes", [*SENTENCES, novel])
+    fit(tiny_cfg(root, **{"train.epochs": 1}), tmp_path / "run")
+    ckpt = tmp_path / "run" / "checkpoints" / "best.pt"
+    assert "GPE" not in load_checkpoint(ckpt)["types"]
+    gpe = json.loads((tmp_path / "run" / "per_type.json").read_text())["per_type"]["GPE"]
+    assert (gpe["correct"], gpe["predicted"], gpe["gold"]) == (0, 0, 1)
+    ev = evaluate_checkpoint(ckpt, split="test", data_root=str(root))
+    assert (ev["per_type"]["GPE"]["correct"], ev["per_type"]["GPE"]["gold"]) == (0, 1)
+
+
 FAULTS = """
 import resource, sys, torch
 from crener.train import keep_large_tensors_on_heap

@@ -145,7 +145,7 @@ class DatasetSplits:
     train: list[Sentence]
     dev: list[Sentence]
     test: list[Sentence]
-    types: tuple[str, ...]  # sorted entity types of train + dev + test (before any budget)
+    types: tuple[str, ...]  # sorted entity types of train + dev, never test (before any budget)
     repaired: dict[str, int]  # split -> malformed spans repaired while reading (kept sentences)
     dev_is_test: bool = False  # MSRA lineage protocol: dev is the test set
     notes: list[str] = field(default_factory=list)  # human-readable record of what was done
@@ -186,7 +186,11 @@ def load_dataset(cfg: DataConfig, seed: int = 0) -> DatasetSplits:
     for split in SPLITS:
         if not pools[split]:
             raise DataError(f"{split} split is empty", files[split])
-    types = tuple(sorted({e.type for pool in pools.values() for s, _ in pool for e in s.entities}))
+    # The label set comes from train and dev only: test labels are never read to build it (nor
+    # dev's when dev is the test set). A test entity of a type outside it cannot be predicted,
+    # so it is scored as a miss.
+    labelled = ("train",) if dev_is_test else ("train", "dev")
+    types = tuple(sorted({e.type for split in labelled for s, _ in pools[split] for e in s.entities}))
     if cfg.train_limit > 0 and cfg.train_limit < len(pools["train"]):
         train = list(pools["train"])
         random.Random(seed).shuffle(train)
