@@ -13,6 +13,7 @@ the per-epoch metrics.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from crener.config import RunConfig
+from crener.config import ModelConfig, RunConfig
 from crener.data.batching import Example, collate, make_batches
 from crener.data.datasets import load_dataset
 from crener.data.schema import Entity, Sentence
@@ -93,14 +94,29 @@ def keep_large_tensors_on_heap(enabled: bool = True) -> bool:
     return ok
 
 
+def embedded_encoder_key(chars: Sequence[str], model: ModelConfig, seed: int) -> str:
+    """Short hash of an embedded encoder's inputs: vocabulary characters, widths and seed."""
+    inputs = {
+        "chars": "".join(sorted(set(chars))),
+        "widths": [model.embedded_hidden, model.embedded_layers, model.embedded_heads, model.embedded_ff],
+        "seed": seed,
+    }
+    return hashlib.sha256(json.dumps(inputs, ensure_ascii=False).encode("utf-8")).hexdigest()[:12]
+
+
 def load_encoder(
     cfg: RunConfig, train_sentences: Sequence[Sentence], workdir: Path
 ) -> tuple[CharEncoder, CharTokenizer]:
-    """The embedded default (built from the training characters into workdir) or a checkpoint."""
+    """The embedded default (built from the training characters into workdir) or a checkpoint.
+
+    The embedded encoder's directory is keyed by everything it is built from, so a reused
+    workdir never hands an encoder built for other data, widths or seed to a new run.
+    """
     name = cfg.model.encoder
     if name == EMBEDDED:
-        chars = {c for s in train_sentences for c in s.chars}
-        name = build_embedded_encoder(chars, cfg.model, workdir / "encoder", seed=cfg.train.seed)
+        chars = sorted({c for s in train_sentences for c in s.chars})
+        out_dir = workdir / f"encoder-{embedded_encoder_key(chars, cfg.model, cfg.train.seed)}"
+        name = build_embedded_encoder(chars, cfg.model, out_dir, seed=cfg.train.seed)
     bert, tokenizer = load_pretrained(name)
     return CharEncoder(bert, cfg.model.last4_mean), tokenizer
 

@@ -170,6 +170,27 @@ def test_cli_train_evaluate_predict(data_root, tmp_path, capsys):
     assert cli_main(["evaluate", "--checkpoint", str(tmp_path / "missing.pt")]) == 2
 
 
+def test_reused_workdir_builds_the_encoder_its_inputs_need(tmp_path):
+    # The embedded encoder is keyed by its vocabulary, widths and seed: a workdir reused for
+    # other data must not hand the new run the old vocabulary (its characters would be [UNK]).
+    from crener.data.schema import Sentence
+    from crener.train import load_encoder
+
+    work = tmp_path / "work"
+    cfg = tiny_cfg(tmp_path)
+    first, second = [Sentence(tuple("甲乙"), ())], [Sentence(tuple("丙丁"), ())]
+    _, tok = load_encoder(cfg, first, work)
+    assert tok.char_id("甲") != tok.unk_id
+    _, tok = load_encoder(cfg, second, work)
+    assert tok.char_id("丙") != tok.unk_id and tok.char_id("甲") == tok.unk_id
+    wide, _ = load_encoder(tiny_cfg(tmp_path, **{"model.embedded_hidden": 64}), second, work)
+    assert wide.out_dim == 64
+    a, _ = load_encoder(cfg, second, work)
+    b, _ = load_encoder(tiny_cfg(tmp_path, **{"train.seed": 1}), second, work)
+    assert not torch.equal(a.bert.embeddings.word_embeddings.weight, b.bert.embeddings.word_embeddings.weight)
+    assert len(list(work.glob("encoder-*"))) == 4  # the same inputs reuse their directory
+
+
 def test_a_test_only_entity_type_is_a_miss_not_a_crash(tmp_path):
     # Types come from train + dev; a test entity of another type cannot be predicted. Nothing
     # may featurize test gold against the label set (it would fail on the unknown type).
