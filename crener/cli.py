@@ -18,7 +18,7 @@ from crener.errors import CrenerError
 # (module, subcommands it registers); modules are imported only when one of them is asked for.
 _COMMAND_MODULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("crener.data.commands", ("data",)),
-    ("crener.commands", ("train", "evaluate", "predict", "bench")),
+    ("crener.commands", ("train", "evaluate", "predict", "bench", "pretrain")),
     ("experiments.commands", ("reproduce", "tune", "ui")),
     ("reports.commands", ("report",)),
 )

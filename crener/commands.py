@@ -64,6 +64,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object instead of tables")
     p.set_defaults(func=cmd_bench)
 
+    p = sub.add_parser(
+        "pretrain",
+        help="pretrain a character encoder (MLM) on the training splits; writes a Hugging Face folder + card",
+    )
+    p.add_argument("--out", required=True, help="output folder, e.g. crener/assets/crener-char")
+    p.add_argument("--datasets", nargs="+", help="datasets whose training splits are the text (default: all four)")
+    p.add_argument("--text", nargs="+", metavar="FILE", help="extra unlabelled text, one sentence a line (UTF-8)")
+    p.add_argument("--data-root", help="dataset directory (default: $CRENER_DATA, then ../shared/data)")
+    p.add_argument("--vectors", help="word2vec character vectors for the initialisation; 'none' for random "
+                   "(default: shared/pretrained People's Daily 2014)")  # fmt: skip
+    for name, kind in (("hidden", int), ("layers", int), ("heads", int), ("ff", int), ("max-len", int),
+                       ("batch-tokens", int), ("steps", int), ("lr", float), ("warmup", float),
+                       ("weight-decay", float), ("mask-rate", float), ("unk-alpha", float), ("seed", int),
+                       ("save-every", int), ("log-every", int)):  # fmt: skip
+        p.add_argument(f"--{name}", type=kind, help="see crener.pretrain.PretrainConfig")
+    p.add_argument("--workdir", help="resumable state (default: .crener/pretrain/<out name>)")
+    p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    p.set_defaults(func=cmd_pretrain)
+
 
 def cmd_train(args: argparse.Namespace) -> int:
     overrides = parse_set(args.overrides)
@@ -125,6 +144,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     finally:
         if out is not sys.stdout:
             out.close()
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from crener.pretrain import config_from_args, pretrain
+
+    summary = pretrain(config_from_args(args), workdir=args.workdir, track=not args.no_track)
+    sys.stdout.write(json.dumps(summary) + "\n")
     return 0
 
 

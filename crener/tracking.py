@@ -325,6 +325,23 @@ class Tracker:
         log.info("MLflow run %s (%s) in experiment %s", run.info.run_id, run_name(cfg), exp_id)
         return RunLogger(self.client, run.info.run_id, resumed=False)
 
+    def start_plain_run(
+        self, experiment: str, *, name: str, tags: dict[str, str], resume_run_id: str | None = None
+    ) -> RunLogger:
+        """A run outside the sweep contract (e.g. encoder pretraining), or ``resume_run_id`` reopened."""
+        if resume_run_id:
+            try:
+                self.client.get_run(resume_run_id)
+            except MlflowException:
+                log.warning("MLflow run %s of the saved state is gone; starting a new one", resume_run_id)
+            else:
+                _retry_locked(lambda: self.client.update_run(resume_run_id, status="RUNNING"))
+                return RunLogger(self.client, resume_run_id, resumed=True)
+        exp_id = self.experiment_id(experiment)
+        run = _retry_locked(lambda: self.client.create_run(exp_id, run_name=name, tags=tags))
+        log.info("MLflow run %s (%s) in experiment %s", run.info.run_id, name, experiment)
+        return RunLogger(self.client, run.info.run_id, resumed=False)
+
     def start_parent(self, experiment: str, *, name: str, tags: dict[str, str]) -> RunLogger:
         """The one parent run tagged ``tags`` in ``experiment``, created if missing.
 

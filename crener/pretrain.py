@@ -1,0 +1,666 @@
+"""`crener pretrain`: a compact Chinese character encoder, pretrained here, in the Hugging Face BERT layout.
+
+No model hub is reachable from the machines this suite runs on, so the default encoder is built by
+the project itself: a small BERT trained with masked language modelling (MLM) on the *training*
+splits of the registered datasets (never dev or test text; any sentence that also occurs in a dev or
+test split is dropped) plus any unlabelled text the user adds. The result is written with
+``save_pretrained`` (config, safetensors weights, tokenizer files), so it loads through the same
+``from_pretrained`` call as bert-base-chinese, together with a model card saying how it was built.
+
+Choices, each a documented default:
+
+- **Vocabulary**: every character of the corpus and every token of the People's Daily 2014 character
+  vectors (``shared/pretrained``), plus BERT's special tokens, in a fixed order (specials, then sorted
+  characters), so the same inputs always give the same ids.
+- **[UNK] is trained**: each character occurrence is replaced by ``[UNK]`` in the *input* with
+  probability ``alpha / (alpha + count)`` (rare characters most often; "word dropout" of Kiperwasser and
+  Goldberg 2016); the target stays the character. Fine-tuning applies the same rule
+  (``train.unk_alpha``), so an unseen test character meets a vector that has been trained.
+- **Initialisation**: characters with a People's Daily vector start from it, mapped to the encoder's
+  width by a fixed random *orthogonal* projection (50 -> d). An orthogonal map keeps every inner product
+  and hence the vectors' neighbourhoods, and spreads them over all d dimensions; a zero-padded copy would
+  leave d - 50 dimensions empty for the first layer norm to amplify. The rows are rescaled to the norm of
+  BERT's own random initialisation so they do not drown the position embeddings. Other characters
+  keep BERT's random initialisation.
+- **Determinism and resumption**: the data order of an epoch is a function of (seed, epoch) and the
+  masks of a step a function of (seed, step); the model, optimiser, schedule and dropout RNG are saved
+  every ``save_every`` steps, atomically, so a killed run continues to the same weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from crener.errors import CheckpointError, CrenerError, DataError
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+PAD, UNK, CLS, SEP, MASK = range(len(SPECIAL_TOKENS))
+DEFAULT_DATASETS = ("weibo", "resume", "ontonotes4", "msra")
+# word2vec tokens of the People's Daily file that are not characters of text.
+VECTOR_SPECIALS = {"</s>": None, "<UNK>": "[UNK]"}
+VECTORS_REL = Path("pretrained") / "people2014_char_w2v_50d" / "char_vec.txt"
+HELD_OUT = 500  # corpus pieces kept aside to measure masked-token accuracy (never trained on)
+CHECKPOINT_NAME = "pretrain_state.pt"
+STATE_VERSION = 1
+# Input licences, written into the model card (from shared/data/README.md and shared/pretrained/README.md).
+LICENCES = {
+    "weibo": "annotations CC BY-SA 3.0 (golden-horse); messages under Weibo's terms of service",
+    "resume": "no licence stated; customarily used for research (Lattice LSTM release)",
+    "ontonotes4": "LDC user agreement (LDC2011T03): use only with an LDC licence; not freely redistributable",
+    "msra": "SIGHAN 2006 bakeoff data, research use; 'no known license' in common catalogues",
+    "vectors": "People's Daily 2014 character vectors from MeteorYee/LSTM-CNN-CWS (Apache-2.0 repository); "
+    "research use",
+}
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Everything that defines a pretrained encoder; the card records all of it."""
+
+    out: str  # output directory (Hugging Face layout + README.md card)
+    datasets: tuple[str, ...] = DEFAULT_DATASETS  # training splits used as text
+    text: tuple[str, ...] = ()  # extra unlabelled corpora, one sentence a line (UTF-8)
+    data_root: str | None = None  # None: $CRENER_DATA, then ../shared/data
+    vectors: str | None = "default"  # "default": shared/pretrained People's Daily; None: random init
+    hidden: int = 256  # encoder width
+    layers: int = 4  # Transformer layers
+    heads: int = 4  # attention heads
+    ff: int = 1024  # feed-forward width
+    max_len: int = 128  # corpus sentences are cut into pieces of at most this many characters
+    batch_tokens: int = 4096  # padded tokens per batch (length-bucketed)
+    steps: int = 2400  # optimiser steps
+    lr: float = 4e-4  # peak learning rate (AdamW)
+    warmup: float = 0.06  # fraction of steps with linear warm-up, then linear decay to 0
+    weight_decay: float = 0.01
+    mask_rate: float = 0.15  # share of characters chosen for prediction (80/10/10 mask/random/keep)
+    unk_alpha: float = 0.25  # input [UNK] replacement: probability alpha / (alpha + count)
+    seed: int = 0
+    save_every: int = 250  # steps between resumable checkpoints
+    log_every: int = 50  # steps between logged metrics
+
+    def __post_init__(self) -> None:
+        if self.hidden % self.heads:
+            raise CrenerError(f"--hidden {self.hidden} is not divisible by --heads {self.heads}")
+        if self.max_len < 8 or self.max_len > 510:
+            raise CrenerError("--max-len must be between 8 and 510 characters")
+        if self.steps < 1 or self.batch_tokens < self.max_len:
+            raise CrenerError("--steps must be >= 1 and --batch-tokens at least --max-len")
+        if not 0 < self.mask_rate < 1:
+            raise CrenerError("--mask-rate must be in (0, 1)")
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that define the weights (not where they are written, nor logging cadence)."""
+        out = asdict(self)
+        for k in ("out", "data_root", "save_every", "log_every"):
+            out.pop(k)
+        return out
+
+
+# ------------------------------------------------------------------------------------------ corpus
+
+
+@dataclass
+class Corpus:
+    """Pieces of training text, the files they came from, and what was left out."""
+
+    pieces: list[str]
+    files: dict[str, str]  # label -> path of every input file
+    held_out_text: set[str] = field(default_factory=set)  # dev/test sentences (never in pieces)
+    dropped: int = 0  # training sentences dropped because they also occur in a dev or test split
+    sentences: int = 0
+
+
+def _cut(text: str, max_len: int) -> list[str]:
+    return [text[i : i + max_len] for i in range(0, len(text), max_len)]
+
+
+def read_text_file(path: str | Path) -> list[str]:
+    """One sentence a line, UTF-8; blank lines are skipped (documented), bad bytes name the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError("text file not found", str(path))
+    out = []
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as exc:
+                raise DataError(f"not UTF-8 ({exc.reason} at byte {exc.start})", str(path), lineno) from None
+            if line:
+                out.append(line)
+    if not out:
+        raise DataError("text file has no non-blank line", str(path))
+    return out
+
+
+def build_corpus(cfg: PretrainConfig) -> Corpus:
+    """Training text of ``cfg.datasets`` (+ ``cfg.text``), with every dev and test sentence removed.
+
+    MSRA is read under the clean protocol, so its last 4,365 training sentences (the clean dev split)
+    are held out too. A training sentence whose text equals a dev or test sentence of *any* registered
+    dataset is dropped rather than trusted, so no evaluation sentence can reach pretraining.
+    """
+    from crener.config import DataConfig
+    from crener.data.datasets import load_dataset
+
+    train_texts: list[str] = []
+    held_out: set[str] = set()
+    files: dict[str, str] = {}
+    for name in cfg.datasets:
+        data = load_dataset(DataConfig(dataset=name, data_root=cfg.data_root, msra_protocol="clean"))
+        for split, path in data.files.items():
+            files[f"{name}/{split}"] = path
+        train_texts.extend(s.text for s in data.train)
+        held_out.update(s.text for s in (*data.dev, *data.test))
+    for path in cfg.text:
+        files[f"text/{Path(path).name}"] = str(path)
+        train_texts.extend(read_text_file(path))
+    kept = [t for t in train_texts if t not in held_out]
+    pieces = [p for t in kept for p in _cut(t, cfg.max_len)]
+    if not pieces:
+        raise DataError("the pretraining corpus is empty after removing dev and test sentences")
+    return Corpus(pieces, files, held_out, dropped=len(train_texts) - len(kept), sentences=len(kept))
+
+
+def resolve_vectors(cfg: PretrainConfig) -> Path | None:
+    if cfg.vectors is None or cfg.vectors.lower() in ("none", ""):
+        return None
+    if cfg.vectors != "default":
+        return Path(cfg.vectors)
+    from crener.data.datasets import resolve_data_root
+
+    path = resolve_data_root(cfg.data_root).parent / VECTORS_REL
+    if not path.is_file():
+        raise DataError("People's Daily vectors not found (pass --vectors PATH or --vectors none)", str(path))
+    return path
+
+
+def read_vectors(path: Path) -> dict[str, np.ndarray]:
+    """A word2vec text file (header ``count dim``) -> {token: vector}; errors name the line."""
+    vectors: dict[str, np.ndarray] = {}
+    with open(path, encoding="utf-8") as fh:
+        header = fh.readline().split()
+        if len(header) != 2:
+            raise DataError("expected a word2vec header 'count dim'", str(path), 1)
+        dim = int(header[1])
+        for lineno, line in enumerate(fh, 2):
+            parts = line.rstrip("\n").rstrip(" ").split(" ")
+            if len(parts) != dim + 1:
+                raise DataError(f"expected a token and {dim} numbers", str(path), lineno)
+            vectors[parts[0]] = np.asarray(parts[1:], dtype=np.float32)
+    return vectors
+
+
+def build_vocab(pieces: Iterable[str], vector_tokens: Iterable[str]) -> OrderedDict[str, int]:
+    chars = {c for p in pieces for c in p}
+    chars.update(t for t in vector_tokens if t not in VECTOR_SPECIALS and len(t) == 1)
+    chars -= set(SPECIAL_TOKENS)
+    return OrderedDict((tok, i) for i, tok in enumerate([*SPECIAL_TOKENS, *sorted(chars)]))
+
+
+def unk_probabilities(counts: Counter, vocab: dict[str, int], alpha: float) -> torch.Tensor:
+    """Per token id, the probability of replacing it by [UNK] in the input: alpha / (alpha + count).
+
+    Characters never seen in the corpus get 0 (they never occur in the input); specials get 0."""
+    probs = torch.zeros(len(vocab))
+    if alpha <= 0:
+        return probs
+    for ch, n in counts.items():
+        tid = vocab.get(ch)
+        if tid is not None and tid >= len(SPECIAL_TOKENS):
+            probs[tid] = alpha / (alpha + n)
+    return probs
+
+
+def orthogonal_projection(d_in: int, d_out: int, seed: int) -> torch.Tensor:
+    """A fixed (d_in, d_out) map with orthonormal rows when d_in <= d_out (inner products are kept),
+    orthonormal columns otherwise (an orthogonal projection onto d_out dimensions)."""
+    gen = torch.Generator().manual_seed(seed)
+    big, small = max(d_in, d_out), min(d_in, d_out)
+    q, _ = torch.linalg.qr(torch.randn(big, small, generator=gen, dtype=torch.float64))  # (big, small)
+    return (q.T if d_in <= d_out else q).float().contiguous()
+
+
+def init_from_vectors(
+    weight: torch.Tensor, vocab: dict[str, int], vectors: dict[str, np.ndarray], seed: int
+) -> int:
+    """Overwrite rows of ``weight`` (vocab, d) that have a vector; returns how many did."""
+    rows, ids = [], []
+    for tok, vec in vectors.items():
+        target = VECTOR_SPECIALS.get(tok, tok)
+        if target is None or target not in vocab:
+            continue
+        rows.append(vec)
+        ids.append(vocab[target])
+    if not rows:
+        return 0
+    mat = torch.from_numpy(np.stack(rows))
+    proj = mat @ orthogonal_projection(mat.shape[1], weight.shape[1], seed)
+    # Match the mean row norm of the random initialisation the other rows keep.
+    target_norm = weight.detach().norm(dim=1).mean()
+    proj = proj * (target_norm / proj.norm(dim=1).mean())
+    with torch.no_grad():
+        weight[torch.tensor(ids)] = proj.to(weight.dtype)
+    return len(ids)
+
+
+# ------------------------------------------------------------------------------------------ batches
+
+
+def epoch_batches(lengths: Sequence[int], batch_tokens: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """Length-bucketed batches of at most ``batch_tokens`` padded tokens, shuffled by (seed, epoch).
+
+    Ties in length are broken by the epoch's random order, so batch contents change every epoch while
+    the number of batches (a function of the sorted lengths) does not."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    order = order[np.argsort(np.asarray(lengths)[order], kind="stable")]
+    batches, start = [], 0
+    while start < len(order):
+        end = start + 1
+        # Sorted ascending: the batch's padded width is the length of its last member.
+        while end < len(order) and (end - start + 1) * (lengths[order[end]] + 2) <= batch_tokens:
+            end += 1
+        batches.append(order[start:end])
+        start = end
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def mask_batch(
+    ids: torch.Tensor, unk_prob: torch.Tensor, cfg: PretrainConfig, vocab_size: int, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, labels) for MLM: labels are -100 except at the chosen positions.
+
+    Positions are chosen among characters only (not [CLS], [SEP], padding); of those 80 % become
+    [MASK], 10 % a random character and 10 % stay. Independently, characters are replaced by [UNK]
+    in the input with their ``unk_prob`` so [UNK] gets trained."""
+    real = ids >= len(SPECIAL_TOKENS)
+    chosen = (torch.rand(ids.shape, generator=gen) < cfg.mask_rate) & real
+    labels = torch.where(chosen, ids, torch.full_like(ids, -100))
+    inputs = ids.clone()
+    unk = (torch.rand(ids.shape, generator=gen) < unk_prob[ids]) & real
+    inputs[unk] = UNK
+    action = torch.rand(ids.shape, generator=gen)
+    inputs[chosen & (action < 0.8)] = MASK
+    randomise = chosen & (action >= 0.8) & (action < 0.9)
+    random_ids = torch.randint(len(SPECIAL_TOKENS), vocab_size, ids.shape, generator=gen)
+    inputs[randomise] = random_ids[randomise]
+    return inputs, labels
+
+
+def to_ids(pieces: Sequence[str], vocab: dict[str, int]) -> list[np.ndarray]:
+    return [np.asarray([CLS, *(vocab.get(c, UNK) for c in p), SEP], dtype=np.int64) for p in pieces]
+
+
+def pad(rows: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), PAD, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.from_numpy(r)
+    return ids, (ids != PAD).long()
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+            text=True, timeout=10, check=True,
+        )  # fmt: skip
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def mlm_logits(model, inputs: torch.Tensor, attn: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    """Vocabulary logits at the chosen positions only, (k, V): the output layer is as wide as the
+    vocabulary, so scoring every position would cost as much as the encoder itself."""
+    hidden = model.bert(input_ids=inputs, attention_mask=attn).last_hidden_state
+    return model.cls(hidden[sel])
+
+
+@torch.inference_mode()
+def held_out_accuracy(model, rows: Sequence[np.ndarray], unk_prob, cfg, vocab_size) -> tuple[float, float]:  # noqa: ANN001
+    """Masked-token accuracy and loss on the held-out pieces, with fixed masks (seed -1 stream)."""
+    model.eval()
+    gen = _step_generator(cfg.seed, -1)
+    correct = total = 0
+    loss_sum = 0.0
+    no_unk = torch.zeros_like(unk_prob)  # measure the model, not the input noise
+    for start in range(0, len(rows), 64):
+        ids, attn = pad(rows[start : start + 64])
+        inputs, labels = mask_batch(ids, no_unk, cfg, vocab_size, gen)
+        sel = labels != -100
+        logits = mlm_logits(model, inputs, attn, sel)
+        correct += int((logits.argmax(-1) == labels[sel]).sum())
+        total += int(sel.sum())
+        loss_sum += float(torch.nn.functional.cross_entropy(logits, labels[sel], reduction="sum"))
+    model.train()
+    return correct / max(total, 1), loss_sum / max(total, 1)
+
+
+def pretrain(
+    cfg: PretrainConfig,
+    *,
+    workdir: str | Path | None = None,
+    track: bool = True,
+    progress: bool = True,
+    stop_after: int | None = None,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Pretrain (or continue a killed run of) ``cfg``; write the encoder and its card to ``cfg.out``.
+
+    ``workdir`` holds the resumable state (default: ``.crener/pretrain/<name of out>``). ``stop_after``
+    ends the call after that many steps without writing the encoder (used to test resumption)."""
+    from transformers import BertConfig, BertForMaskedLM, BertTokenizer
+
+    out = Path(cfg.out)
+    workdir = Path(workdir) if workdir is not None else Path(".crener") / "pretrain" / out.name
+    workdir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    corpus = build_corpus(cfg)
+    vec_path = resolve_vectors(cfg)
+    vectors = read_vectors(vec_path) if vec_path is not None else {}
+    vocab = build_vocab(corpus.pieces, vectors)
+    # Held-out pieces: a fixed sample of the corpus, for measuring, never for training.
+    perm = np.random.default_rng([cfg.seed, 7]).permutation(len(corpus.pieces))
+    n_held = min(HELD_OUT, len(corpus.pieces) // 10)
+    held_idx, train_idx = np.sort(perm[:n_held]), np.sort(perm[n_held:])
+    train_rows = to_ids([corpus.pieces[i] for i in train_idx], vocab)
+    held_rows = to_ids([corpus.pieces[i] for i in held_idx], vocab)
+    counts = Counter(c for i in train_idx for c in corpus.pieces[i])
+    unk_prob = unk_probabilities(counts, vocab, cfg.unk_alpha)
+    lengths = [len(r) - 2 for r in train_rows]
+    per_epoch = len(epoch_batches(lengths, cfg.batch_tokens, cfg.seed, 0))
+    log.info(
+        "corpus: %d sentences (%d dropped: also in a dev/test split) -> %d pieces (%d held out), "
+        "%d characters, vocabulary %d, %d batches an epoch",
+        corpus.sentences, corpus.dropped, len(corpus.pieces), n_held, sum(lengths), len(vocab), per_epoch,
+    )  # fmt: skip
+
+    bert_cfg = BertConfig(
+        vocab_size=len(vocab), hidden_size=cfg.hidden, num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads, intermediate_size=cfg.ff, max_position_embeddings=512,
+        pad_token_id=PAD,
+    )  # fmt: skip
+    torch.manual_seed(cfg.seed)
+    model = BertForMaskedLM(bert_cfg)
+    initialised = 0
+    if vectors:
+        initialised = init_from_vectors(model.bert.embeddings.word_embeddings.weight, vocab, vectors, cfg.seed)
+    log.info("%d of %d vocabulary rows initialised from %s", initialised, len(vocab), vec_path)
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "LayerNorm" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "LayerNorm" not in n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6,
+    )  # fmt: skip
+    warm = max(1, int(cfg.steps * cfg.warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / warm if s < warm else max(0.0, (cfg.steps - s) / (cfg.steps - warm))
+    )
+
+    state_path = workdir / CHECKPOINT_NAME
+    identity = json.dumps(cfg.identity(), sort_keys=True, default=list)
+    step, seconds, run_id, history = 0, 0.0, None, []
+    if state_path.exists():
+        try:
+            state = torch.load(state_path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - torch raises many types for a corrupt file
+            raise CheckpointError(f"cannot read pretraining state {state_path}: {exc}") from exc
+        if state.get("version") != STATE_VERSION or state.get("identity") != identity:
+            raise CheckpointError(
+                f"{state_path} belongs to another pretraining configuration; "
+                "use another --workdir or delete it to start over"
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        step, seconds, run_id = state["step"], state["seconds"], state.get("run_id") or None
+        history = json.loads(state["history"])
+        log.info("resuming pretraining from step %d (%s)", step, state_path)
+
+    logger = None
+    if track:
+        from crener.tracking import Tracker
+
+        tracker = Tracker()
+        logger = tracker.start_plain_run(
+            "crener-pretrain", name=out.name, resume_run_id=run_id,
+            tags={"crener.kind": "pretrain", "crener.encoder": out.name},
+        )  # fmt: skip
+        run_id = logger.run_id
+        logger.log_params({**{f"pretrain.{k}": v for k, v in cfg.identity().items()}, "vocab_size": len(vocab)})
+
+    def save_state() -> None:
+        tmp = state_path.with_suffix(".tmp")
+        torch.save(
+            {
+                "version": STATE_VERSION, "identity": identity, "step": step, "seconds": seconds,
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+                "run_id": run_id or "", "history": json.dumps(history),
+            },
+            tmp,
+        )  # fmt: skip
+        os.replace(tmp, state_path)
+
+    from crener.train import _progress
+
+    bar = _progress(cfg.steps, "pretrain", progress)
+    if bar is not None:
+        bar.update(step)
+    model.train()
+    window_loss = window_correct = window_total = window_tokens = 0.0
+    t_window = time.perf_counter()
+    last = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    batches: list[np.ndarray] = []
+    epoch = -1
+    while step < last:
+        if step // per_epoch != epoch:
+            epoch = step // per_epoch
+            batches = epoch_batches(lengths, cfg.batch_tokens, cfg.seed, epoch)
+        idx = batches[step % per_epoch]
+        t0 = time.perf_counter()
+        ids, attn = pad([train_rows[i] for i in idx])
+        inputs, labels = mask_batch(ids, unk_prob, cfg, len(vocab), _step_generator(cfg.seed, step))
+        sel = labels != -100
+        logits = mlm_logits(model, inputs, attn, sel)
+        loss = torch.nn.functional.cross_entropy(logits, labels[sel])
+        if not torch.isfinite(loss):
+            raise CrenerError(f"non-finite pretraining loss at step {step}: lower --lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        seconds += time.perf_counter() - t0
+        n_sel = int(sel.sum())
+        window_loss += loss.item() * n_sel
+        window_correct += int((logits.detach().argmax(-1) == labels[sel]).sum())
+        window_total += n_sel
+        window_tokens += int(attn.sum())
+        if bar is not None:
+            bar.set_postfix(loss=f"{float(loss):.3f}")
+            bar.update(1)
+        if step % cfg.log_every == 0 or step == last:
+            elapsed = max(time.perf_counter() - t_window, 1e-9)
+            row = {
+                "step": step, "epoch": step / per_epoch,
+                "train/mlm_loss": window_loss / max(window_total, 1),
+                "train/mlm_accuracy": window_correct / max(window_total, 1),
+                "train/tokens_per_s": window_tokens / elapsed,
+                "lr": scheduler.get_last_lr()[0],
+            }  # fmt: skip
+            if step % (cfg.log_every * 10) == 0 or step == cfg.steps:
+                acc, held_loss = held_out_accuracy(model, held_rows, unk_prob, cfg, len(vocab))
+                row.update({"held_out/mlm_accuracy": acc, "held_out/mlm_loss": held_loss})
+            history.append(row)
+            log.info(
+                "step %d/%d loss %.3f acc %.3f%s %.0f tok/s", step, cfg.steps, row["train/mlm_loss"],
+                row["train/mlm_accuracy"],
+                f" held-out acc {row['held_out/mlm_accuracy']:.3f}" if "held_out/mlm_accuracy" in row else "",
+                row["train/tokens_per_s"],
+            )  # fmt: skip
+            if logger is not None:
+                logger.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
+            window_loss = window_correct = window_total = window_tokens = 0.0
+            t_window = time.perf_counter()
+        if step % cfg.save_every == 0 or step == last:
+            save_state()
+    if bar is not None:
+        bar.close()
+    if step < cfg.steps:  # stopped early on purpose (tests)
+        return {"step": step, "finished": False}
+
+    acc, held_loss = held_out_accuracy(model, held_rows, unk_prob, cfg, len(vocab))
+    summary = {
+        "step": step, "finished": True, "seconds": seconds, "held_out_mlm_accuracy": acc,
+        "held_out_mlm_loss": held_loss, "vocab_size": len(vocab), "initialised_rows": initialised,
+        "corpus_sentences": corpus.sentences, "corpus_pieces": len(corpus.pieces),
+        "corpus_characters": sum(lengths), "dropped_sentences": corpus.dropped, "held_out_pieces": n_held,
+        "parameters": sum(p.numel() for n, p in model.bert.named_parameters()),
+    }  # fmt: skip
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    tokenizer = BertTokenizer(vocab=vocab, do_lower_case=False, strip_accents=False)
+    tokenizer.save_pretrained(tmp)
+    model.bert.save_pretrained(tmp, safe_serialization=True)
+    inputs = {label: path for label, path in corpus.files.items()}
+    if vec_path is not None:
+        inputs["vectors"] = str(vec_path)
+    card = {
+        "name": out.name,
+        "command": command or "crener pretrain " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
+        "commit": _git_commit(),
+        "config": cfg.identity(),
+        "inputs": {label: {"path": _rel_input(path), "sha256": sha256_file(path)} for label, path in inputs.items()},
+        "licences": {k: v for k, v in LICENCES.items() if k in cfg.datasets or (k == "vectors" and vec_path)},
+        "summary": summary,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }  # fmt: skip
+    (tmp / "card.json").write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n")
+    (tmp / "README.md").write_text(render_card(card, history), encoding="utf-8")
+    (tmp / "history.json").write_text(json.dumps(history, indent=1) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    for f in tmp.iterdir():
+        f.replace(out / f.name)
+    tmp.rmdir()
+    if logger is not None:
+        logger.log_metrics({"final/held_out_mlm_accuracy": acc, "final/seconds": seconds}, step=step)
+        logger.set_tags({"crener.state": "finished"})
+        logger.terminate("FINISHED")
+    log.info("encoder written to %s: held-out masked-token accuracy %.3f after %d steps", out, acc, step)
+    return summary
+
+
+def _rel_input(path: str) -> str:
+    """An input's path relative to the shared folder (``data/resume/train.char.bmes``) when it is there."""
+    parts = Path(path).resolve().parts
+    if "shared" in parts:
+        return "/".join(parts[len(parts) - parts[::-1].index("shared") :])
+    return str(path)
+
+
+def render_card(card: dict[str, Any], history: Sequence[dict[str, float]]) -> str:
+    s = card["summary"]
+    cfg = card["config"]
+    lines = [
+        f"# {card['name']}: a compact Chinese character encoder pretrained by crener",
+        "",
+        "Built by this project's own command on CPU; no third-party weights. Loads with "
+        "`transformers.AutoModel.from_pretrained(<this folder>)` (BERT layout, safetensors, character vocabulary).",
+        "",
+        "## How it was built",
+        "",
+        f"- command: `{card['command']}`",
+        f"- commit: `{card['commit']}` (torch {card['torch']}, {card['threads']} threads)",
+        f"- architecture: BERT, {cfg['layers']} layers, width {cfg['hidden']}, {cfg['heads']} heads, "
+        f"feed-forward {cfg['ff']}; {s['parameters']:,} parameters; vocabulary {s['vocab_size']:,} "
+        f"({s['initialised_rows']:,} rows initialised from the People's Daily vectors by a fixed orthogonal "
+        "projection)",
+        f"- objective: masked language modelling ({cfg['mask_rate']:.0%} of characters, 80/10/10), inputs "
+        f"replaced by [UNK] with probability {cfg['unk_alpha']}/({cfg['unk_alpha']} + count)",
+        f"- corpus: the training splits of {', '.join(cfg['datasets'])}"
+        + (f" and {', '.join(cfg['text'])}" if cfg["text"] else "")
+        + f"; {s['corpus_sentences']:,} sentences ({s['dropped_sentences']:,} training sentences dropped "
+        f"because they also occur in a dev or test split), {s['corpus_pieces']:,} pieces of at most "
+        f"{cfg['max_len']} characters, {s['corpus_characters']:,} characters trained on, "
+        f"{s['held_out_pieces']} pieces held out",
+        f"- steps: {s['step']:,} of {cfg['batch_tokens']:,}-token batches, learning rate {cfg['lr']}, seed {cfg['seed']}",
+        f"- wall time: {s['seconds'] / 60:.1f} min of training steps",
+        f"- final masked-token accuracy on the held-out pieces: **{s['held_out_mlm_accuracy']:.3f}** "
+        f"(loss {s['held_out_mlm_loss']:.3f})",
+        "",
+        "## Inputs (SHA-256; the data files match `shared/data/SHA256SUMS`)",
+        "",
+        "| input | path | sha256 |",
+        "|---|---|---|",
+        *[f"| {k} | `{v['path']}` | `{v['sha256']}` |" for k, v in card["inputs"].items()],
+        "",
+        "## Licences of the inputs",
+        "",
+        *[f"- {k}: {v}" for k, v in card["licences"].items()],
+        "",
+        "The weights are derived from these texts; they inherit their research-use terms. OntoNotes 4.0 is "
+        "LDC-licensed: use this encoder under the same conditions as the data.",
+        "",
+        "## Pretraining curve",
+        "",
+        "| step | epoch | train loss | train acc | held-out acc | tokens/s |",
+        "|---:|---:|---:|---:|---:|---:|",
+        *[
+            f"| {int(h['step'])} | {h['epoch']:.2f} | {h['train/mlm_loss']:.3f} | {h['train/mlm_accuracy']:.3f} | "
+            f"{h['held_out/mlm_accuracy']:.3f} | {h['train/tokens_per_s']:.0f} |"
+            for h in history
+            if "held_out/mlm_accuracy" in h
+        ],
+        "",
+        f"Rebuild: `{card['command']}` (deterministic for the seed on one CPU with the same thread count).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def config_from_args(args: Any) -> PretrainConfig:
+    fields = {k: getattr(args, k) for k in PretrainConfig.__dataclass_fields__ if getattr(args, k, None) is not None}
+    for k in ("datasets", "text"):
+        if k in fields:
+            fields[k] = tuple(fields[k])
+    if getattr(args, "vectors", None) == "none":
+        fields["vectors"] = None
+    return replace(PretrainConfig(out=args.out), **fields)
