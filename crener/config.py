@@ -240,18 +240,130 @@ class RunConfig:
             **top,
         )
 
-    def key(self) -> str:
-        """Stable identity of the run: a hash of the resolved config (seed included).
+    def identity(self) -> dict[str, Any]:
+        """The fields that tell this run's experiment apart, ``{"model.hidden": 64, ...}``.
 
-        Progress and cosmetic fields are left out, so toggling a progress bar does not make
-        a finished run look new.
+        Only fields its model family reads (:data:`FAMILY_FIELDS`; data and train fields are
+        read by every family), minus :data:`KEY_IGNORED`, whose value differs from its identity
+        default (the dataclass default, or the value recorded in :data:`KEY_DEFAULTS`). The
+        ``profile`` and ``variant`` labels count too: run folders and reports address runs by
+        them. ``model.name`` and ``train.seed`` are left out here: :meth:`key` names them itself.
         """
-        flat = {k: v for k, v in self.flatten().items() if k not in _KEY_EXCLUDED}
-        blob = json.dumps(flat, sort_keys=True, default=list)
+        reads = FAMILY_FIELDS.get(self.model.name)  # None: a family that declares nothing reads all
+        declared = frozenset().union(*FAMILY_FIELDS.values())
+        defaults = _identity_defaults(self)
+        out: dict[str, Any] = {}
+        for name, value in self.flatten().items():
+            if name in ("model.name", "train.seed") or name in KEY_IGNORED:
+                continue
+            section, _, field_name = name.partition(".")
+            # A model field no family declares yet counts for every family: it can only split
+            # keys (when set away from its default), never make two experiments share one.
+            unread = reads is not None and field_name in declared and field_name not in reads
+            if section == "model" and unread:
+                continue
+            if value != defaults[name]:
+                out[name] = value
+        return out
+
+    def key(self, data_digest: str | None = None) -> str:
+        """Stable identity of the run (16 hex characters): what makes sweeps run-once.
+
+        A hash of :data:`KEY_SCHEMA`, the model family, :meth:`identity`, the data's digest and
+        the seed. Adding a field with a default, or a field the family does not read, changes
+        no key. ``data_digest`` defaults to :func:`crener.data.digest.dataset_digest` of
+        ``self.data`` (reads the dataset's files once per process; they must exist).
+        """
+        if data_digest is None:
+            from crener.data.digest import dataset_digest  # crener.data imports this module
+
+            data_digest = dataset_digest(self.data)
+        payload = {
+            "schema": KEY_SCHEMA,
+            "model": self.model.name,
+            "fields": self.identity(),
+            "data": data_digest,
+            "seed": self.train.seed,
+        }
+        blob = json.dumps(payload, sort_keys=True, default=list)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-_KEY_EXCLUDED = frozenset({"train.progress", "train.device", "train.threads", "data.data_root"})
+# --------------------------------------------------------------------------- run identity
+# What RunConfig.key hashes. Golden keys in tests/test_identity.py pin it: bump KEY_SCHEMA only to
+# retire every key on purpose (and give `crener migrate` a way to map the old ones).
+KEY_SCHEMA = 1
+
+# Fields that cannot change a run's result, so never part of its identity: where and how fast it
+# runs, and exact rewrites of the same computation (each tested equal to the plain form).
+KEY_IGNORED = frozenset(
+    {
+        "data.data_root",  # where the files are; their digest is in the key
+        "train.progress",  # a progress bar
+        "train.device",  # where it runs (devices differ only in float rounding)
+        "train.threads",  # torch.set_num_threads
+        "train.heap_tensors",  # glibc malloc policy
+        "train.eval_max_cells",  # evaluation batch size: no dropout, padding-invariant predictions
+        "model.grid_input",  # three exact forms of eq. 7 with the same dropout draws
+        "model.space_to_batch",  # exact rewrite of the dilated convolutions
+        "model.checkpoint_rounds",  # recomputes rounds in backward, with the RNG state restored
+    }
+)
+
+# The ModelConfig fields each family reads: its encoder, its model and its task (labels, loss,
+# decoding), as crener/model.py, crener/tasks.py and baselines/ read them; data and train fields
+# are read by every family. Only these enter a family's key, so a baseline's key ignores CRENER's
+# grid flags. A model field no family lists enters every key (tests/test_identity.py asks for it
+# to be listed).
+# The character encoder (crener.train builds one for every family) and the dropout on its output:
+_ENCODER_FIELDS = (
+    "encoder", "embedded_hidden", "embedded_layers", "embedded_heads", "embedded_ff", "last4_mean",
+    "emb_dropout",
+)  # fmt: skip
+# crener.layers' grid convolution module and co-predictor, as CRENER and W2NER build them:
+_GRID_FIELDS = (
+    "cln_orientation", "use_distance_embedding", "use_region_embedding", "dist_dim",
+    "region_dim", "conv_channels", "conv_dropout", "use_dilated_conv", "dilations", "dconv_chain",
+    "use_biaffine", "use_grid_mlp", "biaffine_dim", "ffn_dim", "out_dropout", "fast_dropout",
+)  # fmt: skip
+# crener.tasks.GridTask, the task of both grid models: label scheme, loss, decoder:
+_GRID_TASK_FIELDS = ("tag_scheme", "ht_typed", "loss", "ht_mode", "link_mode", "contiguous_only", "max_paths")
+# The adapted Transformer (CRENER's context layer, TENER's encoder):
+_TRANSFORMER_FIELDS = (
+    "hidden", "tf_layers", "tf_heads", "tf_ff", "tf_dropout", "key_proj", "attn_out_proj", "attn_scale",
+    "rel_pos",
+)  # fmt: skip
+# CRENER's own: context choice, attention matrix, relation enhancement, biaffine input:
+_CRENER_FIELDS = (
+    "context", "concat_bert", "attn_matrix", "attn_dim", "use_relation_enhancement", "rounds", "tag_dim",
+    "enh_heads", "enh_dropout", "enh_block", "biaffine_input",
+)  # fmt: skip
+FAMILY_FIELDS: dict[str, frozenset[str]] = {
+    "crener": frozenset(
+        _ENCODER_FIELDS + _GRID_FIELDS + _GRID_TASK_FIELDS + _TRANSFORMER_FIELDS + _CRENER_FIELDS
+    ),
+    # BiLSTM context (model.context is not read), no relation enhancement, no attention matrix
+    "w2ner": frozenset(_ENCODER_FIELDS + _GRID_FIELDS + _GRID_TASK_FIELDS + ("lstm_hidden",)),
+    # encoder -> dropout -> linear (-> CRF) over BIOES tags
+    "bert_softmax": frozenset(_ENCODER_FIELDS),
+    "bert_crf": frozenset(_ENCODER_FIELDS),
+    # its own character embeddings (the encoder gives the vocabulary) -> adapted Transformer -> CRF
+    "tener": frozenset(_ENCODER_FIELDS + _TRANSFORMER_FIELDS + ("out_dropout",)),
+}
+
+# Identity defaults that differ from today's dataclass defaults. When a default changes, record
+# the old one here ("model.fast_dropout": True): runs that kept the old value keep their keys,
+# and runs with the new value get new ones, because theirs is another experiment.
+KEY_DEFAULTS: dict[str, Any] = {}
+
+
+def _identity_defaults(cfg: RunConfig) -> dict[str, Any]:
+    """``{flat name: identity default}`` for the classes of ``cfg`` (see :data:`KEY_DEFAULTS`)."""
+    out = {f.name: f.default for f in dataclasses.fields(cfg) if f.name in ("profile", "variant")}
+    for section in ("model", "data", "train"):
+        out.update({f"{section}.{f.name}": f.default for f in dataclasses.fields(getattr(cfg, section))})
+    out.update({k: v for k, v in KEY_DEFAULTS.items() if k in out})
+    return out
 
 
 # Table 6 rows (method.md §3): name -> overrides of the full model.

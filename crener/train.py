@@ -33,6 +33,7 @@ from torch import nn
 from crener.config import ModelConfig, RunConfig
 from crener.data.batching import Example, collate, make_batches
 from crener.data.datasets import load_dataset
+from crener.data.digest import dataset_digest
 from crener.data.schema import Entity, Sentence
 from crener.data.split import Chunk, merge_predictions, split_all, split_blind
 from crener.encoder import EMBEDDED, CharEncoder, CharTokenizer, build_embedded_encoder, load_pretrained
@@ -322,6 +323,7 @@ def fit(
             "train.bf16 on CPU: measured 12x slower than fp32 on a 2-core x86 CPU; set train.bf16=false"
         )
     data_cfg = cfg.data if data_root is None else _replace_root(cfg, data_root)
+    key = cfg.key(data_digest=dataset_digest(data_cfg))  # of the files this run reads
     data = load_dataset(data_cfg, seed=cfg.train.seed)
     task = build_task(cfg.model, data.types)
     encoder, tokenizer = load_encoder(cfg, data.train, workdir)
@@ -351,7 +353,7 @@ def fit(
     best_f1, best_epoch, start_epoch = -1.0, 0, 1
     if resume and last_path.exists():
         state = load_checkpoint(last_path)
-        if state.get("key") != cfg.key():
+        if state.get("key") != key:
             raise CheckpointError(f"{last_path} belongs to another configuration (key {state.get('key')})")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -400,7 +402,7 @@ def fit(
         history.append({"epoch": epoch, **metrics})
         state = {
             "version": CHECKPOINT_VERSION,
-            "key": cfg.key(),
+            "key": key,
             "config": json.dumps(cfg.flatten(), default=list),
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
@@ -438,7 +440,7 @@ def fit(
         + sum(h["epoch_seconds"] for h in history[: start_epoch - 1]),
         "parameters": n_params,
         "num_labels": task.num_labels,
-        "key": cfg.key(),
+        "key": key,
         "model": cfg.model.name,
         "variant": cfg.variant,
         "dataset": cfg.data.dataset,

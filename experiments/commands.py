@@ -85,6 +85,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from experiments.sweeps import SWEEP_NAMES, load_overrides, plan, shard, unused_overrides
 
     sets = parse_set(args.set)
+    if args.data_root:  # the cells' keys digest the files they will read
+        sets.setdefault("data.data_root", args.data_root)
     cells = plan(
         SWEEP_NAMES,
         args.profile,

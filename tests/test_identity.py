@@ -1,0 +1,270 @@
+"""Run identity (``RunConfig.key``): golden keys that must not move, what enters a key and what
+does not, and the dataset digests it is built on.
+
+A golden key changing means every finished sweep cell is retrained: if the change is meant,
+bump ``KEY_SCHEMA`` and ship a ``crener migrate`` for it; never just paste the new values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import crener.config as config
+from crener.config import (
+    FAMILY_FIELDS,
+    KEY_IGNORED,
+    MODEL_NAMES,
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    build_run_config,
+)
+from crener.data.datasets import DATASETS, register_dataset, resolve_data_root
+from crener.data.digest import dataset_digest, file_digest
+from crener.tracking import param_value
+
+# (build_run_config arguments, key, key over ZERO_DIGEST). Written once; they must never move. The
+# second key moves only if the key function does, the first also if the shared data files do.
+GOLDEN = {
+    "crener-full": (dict(profile="quick", dataset="resume"), "3a29713007387d1b", "dfd97cf6cbe9632b"),
+    "w2ner": (dict(model="w2ner", profile="quick", dataset="resume"), "1bd27bfe876e1abd", "2a04b9cba9c10e28"),
+    "bert_crf-seed1": (
+        dict(model="bert_crf", profile="quick", dataset="weibo", seed=1),
+        "350093be3a4d6284",
+        "c9cb3fb04090e21f",
+    ),
+    "crener-no_enhancement": (
+        dict(variant="no_enhancement", profile="quick", dataset="ontonotes4"),
+        "6b81ee0439cc1b75",
+        "61179a9d3a50af35",
+    ),
+    "crener-set-seed2": (
+        dict(
+            profile="quick",
+            dataset="resume",
+            seed=2,
+            overrides={"model.rounds": "3", "train.lr": "5e-3", "model.grid_input": "concat"},
+        ),
+        "67664e82fcd1dbab",
+        "75a6164a7d6530b0",
+    ),
+}
+ZERO_DIGEST = "0" * 64
+# Digests of the shared benchmark files: these move only if the data does.
+GOLDEN_DIGESTS = {
+    "resume": "c8e003c9c3e4b0d0adb32be6d19c6882b86b916b6377b21e11c7c109ce9e305a",
+    "weibo": "5da08f4dbed4004b0c500d5efa2c0a15a7fe7f00385f6b4f0e2c16b66e9d5c24",
+    "ontonotes4": "de3ff18914cb5f97397b9228b554f70f940f9b99858292f73f81658a2af592af",
+}
+# Identity defaults as of KEY_SCHEMA 1. A field left at its default is not hashed, so changing a
+# default would silently give the old key to a new experiment: record the old value in
+# config.KEY_DEFAULTS instead (then this table still holds).
+IDENTITY_DEFAULTS_V1 = {
+    "profile": "custom", "variant": "full",
+    "model.encoder": "embedded", "model.embedded_hidden": 256, "model.embedded_layers": 2,
+    "model.embedded_heads": 4, "model.embedded_ff": 1024, "model.last4_mean": True, "model.emb_dropout": 0.5,
+    "model.hidden": 512, "model.context": "transformer", "model.tf_layers": 2, "model.tf_heads": 8,
+    "model.tf_ff": 1024, "model.tf_dropout": 0.15, "model.key_proj": True, "model.attn_out_proj": False,
+    "model.attn_scale": False, "model.rel_pos": "full", "model.concat_bert": False,
+    "model.cln_orientation": "paper", "model.use_distance_embedding": True,
+    "model.use_region_embedding": True, "model.attn_matrix": "transformer_probs", "model.dist_dim": 20,
+    "model.region_dim": 20, "model.attn_dim": 20,
+    "model.conv_channels": 96, "model.conv_dropout": 0.5, "model.use_dilated_conv": True,
+    "model.dilations": (1, 2, 3), "model.dconv_chain": False, "model.use_relation_enhancement": True,
+    "model.rounds": 3, "model.tag_dim": 96, "model.enh_heads": 8, "model.enh_dropout": 0.1,
+    "model.enh_block": "paper", "model.fast_dropout": False, "model.use_biaffine": True,
+    "model.use_grid_mlp": True, "model.biaffine_dim": 512, "model.ffn_dim": 288, "model.out_dropout": 0.33,
+    "model.biaffine_input": "encoder", "model.tag_scheme": "crener", "model.ht_typed": "both",
+    "model.loss": "zlpr", "model.ht_mode": "union", "model.link_mode": "and", "model.contiguous_only": False,
+    "model.max_paths": 1000, "model.lstm_hidden": 512,
+    "data.dataset": "resume", "data.weibo_coarse": False, "data.msra_protocol": "lineage",
+    "data.max_len": 256,
+    "data.train_limit": 0, "data.eval_limit": 0, "data.test_limit": 0,
+    "train.epochs": 10, "train.batch_size": 12, "train.max_cells": 0, "train.lr": 0.001,
+    "train.encoder_lr": 5e-06, "train.weight_decay": 0.0, "train.warmup": 0.1, "train.clip": 5.0,
+    "train.bf16": False, "train.max_steps": 0,
+}  # fmt: skip
+# A non-default value of each ignored field (data.data_root is tested on a copy of the files).
+IGNORED_VALUES = {
+    "train.progress": False,
+    "train.device": "cpu",
+    "train.threads": 2,
+    "train.heap_tensors": True,
+    "train.eval_max_cells": 1000,
+    "model.grid_input": "concat",
+    "model.space_to_batch": False,
+    "model.checkpoint_rounds": True,
+}
+
+
+# --------------------------------------------------------------------------- golden
+
+
+@pytest.mark.parametrize("name", list(GOLDEN))
+def test_golden_keys(name: str) -> None:
+    kwargs, key, zero_digest_key = GOLDEN[name]
+    cfg = build_run_config(**kwargs)
+    assert cfg.key(data_digest=ZERO_DIGEST) == zero_digest_key, "the key function moved"
+    assert dataset_digest(cfg.data) == GOLDEN_DIGESTS[cfg.data.dataset], "the shared data files changed"
+    assert cfg.key() == key
+
+
+def test_identity_defaults_unchanged() -> None:
+    defaults = config._identity_defaults(RunConfig())
+    moved = {k: (v, defaults[k]) for k, v in IDENTITY_DEFAULTS_V1.items() if defaults.get(k, v) != v}
+    assert not moved, f"defaults changed; record the old ones in crener.config.KEY_DEFAULTS: {moved}"
+    missing = set(IDENTITY_DEFAULTS_V1) - set(defaults)
+    assert not missing, f"fields removed (a run logged with them still migrates): {missing}"
+
+
+def test_file_digests_match_the_published_sums() -> None:
+    root = resolve_data_root()
+    sums = dict(reversed(line.split()) for line in (root / "SHA256SUMS").read_text().splitlines() if line)
+    for rel in ("resume/train.char.bmes", "weibo/dev.all.bmes"):
+        assert file_digest(root / rel) == sums[rel]
+
+
+# --------------------------------------------------------------------------- what enters a key
+
+
+def _with_extra_field(cfg: RunConfig, section: str, value: object, default: object) -> RunConfig:
+    """``cfg`` with one more field in ``section``: a new option added with a default."""
+    base = type(getattr(cfg, section))
+    extended = dataclass(frozen=True)(type(f"{base.__name__}Plus", (base,), {
+        "__annotations__": {"brand_new_option": type(default)}, "brand_new_option": default,
+    }))  # fmt: skip
+    old = getattr(cfg, section)
+    values = {f.name: getattr(old, f.name) for f in dataclasses.fields(old)}
+    return dataclasses.replace(cfg, **{section: extended(**values, brand_new_option=value)})
+
+
+@pytest.mark.parametrize("model", MODEL_NAMES)
+@pytest.mark.parametrize("section", ["model", "data", "train"])
+def test_adding_a_field_with_a_default_changes_no_key(model: str, section: str) -> None:
+    cfg = build_run_config(model=model, profile="quick", dataset="resume")
+    same = _with_extra_field(cfg, section, value=7, default=7)
+    assert f"{section}.brand_new_option" in same.flatten()
+    assert same.key(ZERO_DIGEST) == cfg.key(ZERO_DIGEST)
+    # Set away from its default it counts, for every family until FAMILY_FIELDS says who reads it.
+    assert _with_extra_field(cfg, section, value=8, default=7).key(ZERO_DIGEST) != cfg.key(ZERO_DIGEST)
+
+
+def test_every_model_field_is_declared() -> None:
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    declared = frozenset().union(*FAMILY_FIELDS.values())
+    ignored = {k.partition(".")[2] for k in KEY_IGNORED if k.startswith("model.")}
+    assert declared <= fields, f"FAMILY_FIELDS names fields that do not exist: {declared - fields}"
+    undeclared = fields - declared - ignored - {"name"}
+    assert not undeclared, f"say which families read these in crener.config.FAMILY_FIELDS: {undeclared}"
+    assert set(FAMILY_FIELDS) == set(MODEL_NAMES)
+    for section, cls_ in (("data", DataConfig), ("train", TrainConfig), ("model", ModelConfig)):
+        names = {f"{section}.{f.name}" for f in dataclasses.fields(cls_)}
+        assert {k for k in KEY_IGNORED if k.startswith(f"{section}.")} <= names
+
+
+@pytest.mark.parametrize("model", ["bert_softmax", "bert_crf", "tener"])
+def test_sequence_baselines_ignore_grid_fields(model: str) -> None:
+    cfg = build_run_config(model=model, profile="quick", dataset="resume")
+    grid_only = {
+        "model.rounds": 1, "model.use_relation_enhancement": False, "model.use_region_embedding": False,
+        "model.conv_channels": 8, "model.dilations": "1,2", "model.tag_scheme": "w2ner", "model.loss": "ce",
+        "model.attn_matrix": "none", "model.context": "none", "model.biaffine_dim": 16,
+        "model.lstm_hidden": 8,
+    }  # fmt: skip
+    assert cfg.with_overrides(grid_only).key(ZERO_DIGEST) == cfg.key(ZERO_DIGEST)
+    assert cfg.with_overrides({"model.emb_dropout": 0.2}).key(ZERO_DIGEST) != cfg.key(ZERO_DIGEST)
+    assert cfg.with_overrides({"model.embedded_layers": 3}).key(ZERO_DIGEST) != cfg.key(ZERO_DIGEST)
+
+
+def test_each_family_keys_what_it_reads() -> None:
+    w2ner = build_run_config(model="w2ner", profile="quick", dataset="resume")
+    tener = build_run_config(model="tener", profile="quick", dataset="resume")
+    crener = build_run_config(profile="quick", dataset="resume")
+    for cfg, read, unread in (
+        (w2ner, {"model.conv_channels": 8, "model.lstm_hidden": 8},
+         {"model.tf_layers": 3, "model.hidden": 32}),
+        (tener, {"model.tf_layers": 3, "model.key_proj": True},
+         {"model.conv_channels": 8, "model.ffn_dim": 8}),
+        (crener, {"model.tf_layers": 3, "model.conv_channels": 8}, {"model.lstm_hidden": 8}),
+    ):  # fmt: skip
+        for name, value in read.items():
+            assert cfg.with_overrides({name: value}).key(ZERO_DIGEST) != cfg.key(ZERO_DIGEST), name
+        assert cfg.with_overrides(unread).key(ZERO_DIGEST) == cfg.key(ZERO_DIGEST)
+
+
+@pytest.mark.parametrize("model", MODEL_NAMES)
+def test_ignored_fields_change_no_key(model: str) -> None:
+    cfg = build_run_config(model=model, profile="smoke", dataset="resume")
+    assert cfg.with_overrides(IGNORED_VALUES).key() == cfg.key()
+
+
+def test_data_root_is_not_identity_but_the_files_are(tmp_path: Path) -> None:
+    cfg = build_run_config(profile="smoke", dataset="resume")
+    shutil.copytree(resolve_data_root() / "resume", tmp_path / "resume")
+    copy = cfg.with_overrides({"data.data_root": str(tmp_path)})
+    assert copy.key() == cfg.key()
+    with open(tmp_path / "resume" / "dev.char.bmes", "a", encoding="utf-8") as fh:
+        fh.write("\n")  # one more byte: other data, another run
+    assert dataset_digest(copy.data) != dataset_digest(cfg.data)
+    assert copy.key() != cfg.key()
+
+
+def test_seed_digest_labels_and_values_change_the_key() -> None:
+    cfg = build_run_config(profile="smoke", dataset="resume")
+    keys = {
+        cfg.key(ZERO_DIGEST),
+        cfg.key("1" * 64),
+        cfg.with_overrides({"train.seed": 1}).key(ZERO_DIGEST),
+        cfg.with_overrides({"profile": "custom"}).key(ZERO_DIGEST),
+        cfg.with_overrides({"variant": "no_region"}).key(ZERO_DIGEST),
+        cfg.with_overrides({"train.lr": 1e-4}).key(ZERO_DIGEST),
+        cfg.with_overrides(
+            {"model.name": "w2ner", "model.context": "bilstm", "model.attn_matrix": "none"}
+        ).key(ZERO_DIGEST),
+        cfg.with_overrides({"data.dataset": "weibo"}).key(ZERO_DIGEST),
+    }
+    assert len(keys) == 8
+    assert all(re.fullmatch("[0-9a-f]{16}", k) for k in keys)
+
+
+def test_key_depends_on_values_not_on_how_they_were_set() -> None:
+    cfg = build_run_config(model="w2ner", profile="quick", dataset="weibo", seed=3)
+    logged = {k: param_value(v) for k, v in cfg.flatten().items()}  # as MLflow returns params
+    assert RunConfig.from_flat(logged).key() == cfg.key()
+    variant = build_run_config(variant="no_region", profile="smoke")
+    by_hand = build_run_config(
+        profile="smoke", overrides={"model.use_region_embedding": "false", "variant": "no_region"}
+    )
+    assert by_hand.key() == variant.key()
+
+
+def test_a_recorded_default_change_keeps_old_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Pretend model.fast_dropout used to default to True: runs that kept True keep their keys,
+    # runs with today's default (False) are another experiment.
+    before = RunConfig(model=ModelConfig(fast_dropout=False)).key(ZERO_DIGEST)  # today's default
+    monkeypatch.setattr(config, "KEY_DEFAULTS", {"model.fast_dropout": True})
+    assert RunConfig(model=ModelConfig(fast_dropout=True)).key(ZERO_DIGEST) == before
+    assert RunConfig(model=ModelConfig(fast_dropout=False)).key(ZERO_DIGEST) != before
+
+
+def test_digest_follows_file_edits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(DATASETS, "toy", DATASETS["msra"])  # restored after the test
+
+    (tmp_path / "toy").mkdir()
+    (tmp_path / "toy" / "train.txt").write_text("张 S-PER\n\n", encoding="utf-8")
+    (tmp_path / "toy" / "test.txt").write_text("李 S-PER\n\n", encoding="utf-8")
+    register_dataset("toy", "toy", {"train": "train.txt", "test": "test.txt"}, "bmes")
+    data = DataConfig(dataset="toy", data_root=str(tmp_path))
+    first = dataset_digest(data)
+    assert dataset_digest(data) == first
+    (tmp_path / "toy" / "test.txt").write_text("王 S-PER\n\n", encoding="utf-8")  # same size
+    os.utime(tmp_path / "toy" / "test.txt", ns=(1, 1))  # and a different mtime
+    assert dataset_digest(data) != first
