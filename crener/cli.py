@@ -19,6 +19,7 @@ from crener.errors import CrenerError
 _COMMAND_MODULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("crener.data.commands", ("data",)),
     ("crener.commands", ("train", "evaluate", "predict", "bench", "pretrain")),
+    ("crener.migrate", ("migrate",)),
     ("experiments.commands", ("reproduce", "tune", "ui")),
     ("reports.commands", ("report",)),
 )

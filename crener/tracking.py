@@ -5,7 +5,8 @@ It owns the tracking contract that ``reports/`` reads:
 - tracking URI: ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``; for a SQLite store,
   artifacts live beside the database in ``mlartifacts/``;
 - one experiment per sweep and profile, ``crener-{sweep}-{profile}``;
-- tags on every run (``crener.key``, ``crener.state``, ...), run name
+- tags on every run (``crener.key``, its ``crener.key_schema`` and ``crener.data_digest``,
+  ``crener.state``, ...), run name
   ``{model}:{variant}/{dataset}/s{seed}``;
 - params ``cfg.flatten()`` + ``num_labels`` + ``parameters``, logged once (MLflow params are
   immutable, so a resumed run only adds what is missing);
@@ -38,7 +39,8 @@ from mlflow.entities import Metric, Param, RunTag, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from crener.config import RunConfig
+from crener.config import KEY_SCHEMA, RunConfig
+from crener.data.digest import dataset_digest
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +121,11 @@ def git_commit() -> str:
 
 def run_tags(cfg: RunConfig, sweep: str) -> dict[str, str]:
     """The tags every crener run carries (``crener.state`` is set separately)."""
+    digest = dataset_digest(cfg.data)
     return {
-        "crener.key": cfg.key(),
+        "crener.key": cfg.key(data_digest=digest),
+        "crener.key_schema": str(KEY_SCHEMA),
+        "crener.data_digest": digest,
         "crener.sweep": sweep,
         "crener.model": cfg.model.name,
         "crener.variant": cfg.variant,
@@ -272,6 +277,21 @@ class Tracker:
         found = [RunInfo.from_mlflow(r) for r in runs]
         if not include_tune:
             found = [r for r in found if r.tags.get("crener.sweep") != "tune"]
+        return sorted(found, key=lambda r: (r.start_time, r.run_id))
+
+    def crener_runs(self, *, include_tune: bool = True) -> list[RunInfo]:
+        """Every active run with a ``crener.key`` tag in the crener experiments, oldest first."""
+        ids = self.crener_experiment_ids(include_tune=include_tune)
+        found: list[RunInfo] = []
+        token = None
+        while ids:
+            page = self.client.search_runs(
+                ids, run_view_type=ViewType.ACTIVE_ONLY, max_results=1000, page_token=token
+            )
+            found += [RunInfo.from_mlflow(r) for r in page if "crener.key" in r.data.tags]
+            token = page.token
+            if not token:
+                break
         return sorted(found, key=lambda r: (r.start_time, r.run_id))
 
     def get_run(self, run_id: str) -> RunInfo:
