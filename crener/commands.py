@@ -69,8 +69,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="pretrain a character encoder (MLM) on the training splits; writes a Hugging Face folder + card",
     )
     p.add_argument("--out", required=True, help="output folder, e.g. crener/assets/crener-char")
-    p.add_argument("--datasets", nargs="+", help="datasets whose training splits are the text (default: all four)")
-    p.add_argument("--text", nargs="+", metavar="FILE", help="extra unlabelled text, one sentence a line (UTF-8)")
+    p.add_argument(
+        "--datasets", nargs="+", help="datasets whose training splits are the text (default: all four)"
+    )
+    p.add_argument(
+        "--text", nargs="+", metavar="FILE", help="extra unlabelled text, one sentence a line (UTF-8)"
+    )
     p.add_argument("--data-root", help="dataset directory (default: $CRENER_DATA, then ../shared/data)")
     p.add_argument("--vectors", help="word2vec character vectors for the initialisation; 'none' for random "
                    "(default: shared/pretrained People's Daily 2014)")  # fmt: skip

@@ -92,6 +92,9 @@ class ModelConfig:
     link_mode: str = "and"  # decoder: and | nnc_only | or
     contiguous_only: bool = False  # decoder: only k = m + 1 successors (diagnostic)
     max_paths: int = 1000  # decoder: cap on paths per head-tail candidate
+    # Start each output score at its training label prior (ZLPR: log-odds; CE: log prior) instead
+    # of about 0; positive cells are rare, so a 0 start spends its first steps pushing all down.
+    prior_bias: bool = False
     lstm_hidden: int = 512  # total BiLSTM width when context = bilstm
 
     def __post_init__(self) -> None:
@@ -184,12 +187,18 @@ class TrainConfig:
     heap_tensors: bool = False
     progress: bool = True  # progress bar with loss and speed
     max_steps: int = 0  # >0: at most this many optimiser steps per epoch (the first of its shuffled batches)
+    # Fine-tuning input noise: each character becomes [UNK] with probability a / (a + its training
+    # count), so rare characters most often and the [UNK] vector stays trained for unseen ones.
+    unk_alpha: float = 0.0
+    eval_every: int = 0  # >0: dev F1 every N steps into curve.json (learning-start diagnostic)
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ValueError("train.epochs must be >= 1")
         if self.batch_size < 1:
             raise ValueError("train.batch_size must be >= 1")
+        if self.unk_alpha < 0 or self.eval_every < 0:
+            raise ValueError("train.unk_alpha and train.eval_every must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -304,6 +313,7 @@ KEY_IGNORED = frozenset(
         "train.threads",  # torch.set_num_threads
         "train.heap_tensors",  # glibc malloc policy
         "train.eval_max_cells",  # evaluation batch size: no dropout, padding-invariant predictions
+        "train.eval_every",  # extra dev evaluations: no dropout and no random draws in evaluation
         "model.grid_input",  # three exact forms of eq. 7 with the same dropout draws
         "model.space_to_batch",  # exact rewrite of the dilated convolutions
         "model.checkpoint_rounds",  # recomputes rounds in backward, with the RNG state restored
@@ -327,7 +337,9 @@ _GRID_FIELDS = (
     "use_biaffine", "use_grid_mlp", "biaffine_dim", "ffn_dim", "out_dropout", "fast_dropout",
 )  # fmt: skip
 # crener.tasks.GridTask, the task of both grid models: label scheme, loss, decoder:
-_GRID_TASK_FIELDS = ("tag_scheme", "ht_typed", "loss", "ht_mode", "link_mode", "contiguous_only", "max_paths")
+_GRID_TASK_FIELDS = (
+    "tag_scheme", "ht_typed", "loss", "ht_mode", "link_mode", "contiguous_only", "max_paths", "prior_bias",
+)  # fmt: skip
 # The adapted Transformer (CRENER's context layer, TENER's encoder):
 _TRANSFORMER_FIELDS = (
     "hidden", "tf_layers", "tf_heads", "tf_ff", "tf_dropout", "key_proj", "attn_out_proj", "attn_scale",

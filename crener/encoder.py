@@ -28,6 +28,26 @@ from crener.errors import CheckpointError
 log = logging.getLogger(__name__)
 
 EMBEDDED = "embedded"
+# Encoders this project builds with `crener pretrain` and ships (each folder has a README.md card
+# with the exact command, commit and input hashes). A name here resolves to its folder.
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+SHIPPED_ENCODERS = {"crener-char": ASSETS_DIR / "crener-char"}
+
+
+def resolve_encoder(name: str | os.PathLike) -> str:
+    """A shipped encoder's name -> its folder; anything else (a path or hub name) unchanged."""
+    text = str(name)
+    path = SHIPPED_ENCODERS.get(text)
+    if path is None:
+        return text
+    if not (path / "config.json").is_file():
+        raise CheckpointError(
+            f"the shipped encoder {text!r} is missing from {path}; rebuild it with the command in its card "
+            f"(crener pretrain --out {path.relative_to(ASSETS_DIR.parent.parent)}), or pass another --encoder"
+        )
+    return str(path)
+
+
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 MAX_POSITIONS = 512  # BERT's position table; sentences are split to data.max_len <= 510 first
 
@@ -122,7 +142,7 @@ def load_pretrained(name_or_path: str | os.PathLike) -> tuple[nn.Module, CharTok
     """Load a BERT-style encoder and tokenizer with ``from_pretrained``; clear error if missing."""
     from transformers import AutoModel, AutoTokenizer
 
-    name = str(name_or_path)
+    name = resolve_encoder(name_or_path)
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=offline)

@@ -286,6 +286,26 @@ class CoPredictor(nn.Module):
         self.mlp_rel = MLP(grid_dim, ffn_dim, dropout, fast_dropout) if use_mlp else None
         self.linear = nn.Linear(ffn_dim, num_labels) if use_mlp else None
 
+    @torch.no_grad()
+    def set_output_bias(self, bias: torch.Tensor) -> None:
+        """Start each label's score at ``bias`` (its prior log-odds, say) instead of about 0.
+
+        The summed score has two constant terms, the MLP head's bias and the biaffine's [1; 1]
+        entry of U (eq. 16); the first that exists takes ``bias`` and the other is zeroed, so every
+        logit moves by exactly ``bias`` minus the old constant."""
+        bias = bias.to(self.biaffine.weight if self.biaffine is not None else self.linear.weight)
+        affine_const = None
+        if self.biaffine is not None and self.biaffine.bias_x and self.biaffine.bias_y:
+            affine_const = self.biaffine.weight[:, -1, -1]
+        if self.linear is not None:
+            self.linear.bias.copy_(bias)
+            if affine_const is not None:
+                affine_const.zero_()
+        elif affine_const is not None:
+            affine_const.copy_(bias)
+        else:
+            raise ValueError("the biaffine was built without its constant term: no output bias to set")
+
     def forward(self, s: torch.Tensor, o: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
         logits = None
         if self.biaffine is not None:

@@ -64,6 +64,39 @@ class GridTask:
     def loss(self, outputs: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
         return self.criterion(outputs["logits"], batch.targets, batch.grid_mask)
 
+    def output_prior(self, targets: Sequence[np.ndarray], lengths: Sequence[int]) -> torch.Tensor:
+        """Per output, the score a model should start from given the training grids' label frequencies.
+
+        The loss averages over every valid cell (n^2 a sentence), so frequencies are taken over the
+        same cells. ZLPR thresholds each label at 0: its start is the label's log-odds log p / (1 - p).
+        Cross-entropy over classes (``none`` first): the log prior log p, whose softmax is p itself.
+        A label never seen in training counts as half a cell, so no score starts at minus infinity."""
+        cells = float(sum(n * n for n in lengths))
+        counts = np.zeros(self.labels.num_labels, dtype=np.float64)
+        for t in targets:
+            if len(t):
+                counts += np.bincount(np.asarray(t)[:, 2], minlength=self.labels.num_labels)
+        counts = np.maximum(counts, 0.5)
+        if self.target == "classes":
+            full = np.concatenate([[max(cells - counts.sum(), 0.5)], counts])
+            return torch.from_numpy(np.log(full / full.sum())).float()
+        p = counts / cells
+        return torch.from_numpy(np.log(p) - np.log1p(-p)).float()
+
+    @staticmethod
+    def shifted(outputs: dict[str, torch.Tensor], delta: float, target: str) -> dict[str, torch.Tensor]:
+        """Outputs with every decision threshold moved by ``delta`` (positive: more positives).
+
+        Used to tell a model that ranks positive cells above negative ones but is miscalibrated
+        from one that has learned nothing: F1 at the best single shift."""
+        logits = outputs["logits"]
+        if target == "classes":
+            logits = logits.clone()
+            logits[..., 0] -= delta  # the "none" class
+        else:
+            logits = logits + delta
+        return {**outputs, "logits": logits}
+
     def positive_cells(self, logits: torch.Tensor, batch: Batch) -> list[np.ndarray]:
         """Per sentence, the (k, 3) cells predicted positive; one device->host copy per batch."""
         mask = batch.grid_mask

@@ -437,6 +437,10 @@ class RunLogger:
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
         self.log_metrics(metrics, step=int(epoch))
 
+    def on_step_eval(self, step: int, metrics: dict[str, float]) -> None:
+        """The learning-start curve (``train.eval_every``): ``curve/*`` metrics against the step."""
+        self.log_metrics({f"curve/{k.replace('/', '_')}": v for k, v in metrics.items()}, step=int(step))
+
     # ---- primitives
     def log_params(self, params: dict[str, Any]) -> None:
         """Log params not logged yet; a changed value keeps the first one and warns."""

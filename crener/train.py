@@ -162,6 +162,44 @@ def parameter_groups(model: nn.Module, cfg: RunConfig) -> list[dict[str, Any]]:
     return groups
 
 
+def start_from_priors(model: nn.Module, task: Task, examples: Sequence[Example]) -> torch.Tensor | None:
+    """Set a grid model's output biases to the training label priors; returns them (None: no grid).
+
+    Positive cells are rare (log-odds -4 to -12), so scores that start at 0 spend the first hundreds
+    of steps only pushing every cell down (the "all-negative plateau")."""
+    predictor = getattr(model, "predictor", None)
+    if not (hasattr(task, "output_prior") and hasattr(predictor, "set_output_bias")):
+        return None
+    prior = task.output_prior([e.targets for e in examples], [e.n for e in examples])
+    predictor.set_output_bias(prior)
+    return prior
+
+
+def unk_replacement_probs(
+    examples: Sequence[Example], vocab_size: int, alpha: float, special_ids: Sequence[int]
+) -> torch.Tensor | None:
+    """Per token id, the probability that fine-tuning feeds ``[UNK]`` instead: alpha / (alpha + count).
+
+    Counts are over the training examples, so rare characters are replaced most often and the
+    encoder's ``[UNK]`` vector keeps being trained for the unseen characters of dev and test (the
+    rule ``crener pretrain`` uses too). ``special_ids`` ([CLS], [SEP], [PAD], [UNK]) are never
+    replaced. None when ``alpha`` is 0."""
+    if alpha <= 0:
+        return None
+    counts = np.zeros(vocab_size, dtype=np.float64)
+    for e in examples:
+        counts += np.bincount(e.token_ids[1:-1], minlength=vocab_size)[:vocab_size]
+    probs = np.where(counts > 0, alpha / (alpha + counts), 0.0)
+    probs[list(special_ids)] = 0.0
+    return torch.from_numpy(probs).float()
+
+
+def replace_with_unk(input_ids: torch.Tensor, probs: torch.Tensor, unk_id: int) -> torch.Tensor:
+    """``input_ids`` with each token replaced by ``unk_id`` with its probability (global torch RNG)."""
+    hit = torch.rand(input_ids.shape) < probs[input_ids]
+    return input_ids.masked_fill(hit, unk_id)
+
+
 def linear_schedule(total_steps: int, warmup: float):
     warm = int(total_steps * warmup)
 
@@ -195,7 +233,11 @@ def train_one_epoch(
     *,
     epoch: int,
     max_steps: int = 0,
+    unk_probs: torch.Tensor | None = None,
+    unk_id: int = 0,
+    on_step: Any = None,
 ) -> dict[str, float]:
+    """One pass over ``batches``; ``on_step(loss)`` is called after every optimiser step."""
     model.train()
     total, count, sentences = 0.0, 0, 0
     start = time.perf_counter()
@@ -203,7 +245,10 @@ def train_one_epoch(
     for step, idx in enumerate(batches):
         if max_steps and step >= max_steps:
             break
-        batch = collate([examples[i] for i in idx], task.target, task.num_labels).to(device)
+        batch = collate([examples[i] for i in idx], task.target, task.num_labels)
+        if unk_probs is not None:
+            batch.input_ids = replace_with_unk(batch.input_ids, unk_probs, unk_id)
+        batch = batch.to(device)
         with autocast(device, cfg.train.bf16):
             outputs = model(batch)
         terms = task.loss(outputs, batch)
@@ -220,6 +265,8 @@ def train_one_epoch(
         optimizer.step()
         scheduler.step()
         value = loss.item()
+        if on_step is not None:
+            on_step(value)
         total += value * len(idx)
         count += len(idx)
         sentences += len(idx)
@@ -256,6 +303,36 @@ def evaluate(model: nn.Module, task: Task, split: Split, device: torch.device, c
     preds = merge_predictions(split.chunks, chunk_preds, len(split.sentences))
     gold = [set(s.entities) for s in split.sentences]
     return score(gold, preds), preds
+
+
+# Decision-threshold shifts of the diagnostic (logit units; positive = more positive cells).
+THRESHOLD_SHIFTS = (-4.0, -2.0, -1.0, 0.0, 1.0, 2.0, 4.0, 6.0, 8.0)
+
+
+@torch.inference_mode()
+def shifted_f1(
+    model: nn.Module, task: Task, split: Split, device: torch.device, cfg: RunConfig,
+    shifts: Sequence[float] = THRESHOLD_SHIFTS,
+) -> dict[float, float]:  # fmt: skip
+    """Dev F1 with every decision threshold moved by each shift: one forward pass, one decode each.
+
+    F1 at the best shift far above F1 at 0 means the model ranks entity cells above the rest but
+    is not calibrated yet; both at 0 means it has learned nothing. Grid tasks only."""
+    model.eval()
+    preds = {d: [set() for _ in split.examples] for d in shifts}
+    lengths = [e.n for e in split.examples]
+    for idx in make_batches(lengths, max_cells=cfg.train.eval_max_cells, batch_size=cfg.train.batch_size):
+        batch = collate([split.examples[i] for i in idx], "none", task.num_labels).to(device)
+        with autocast(device, cfg.train.bf16):
+            outputs = model(batch)
+        for d in shifts:
+            for i, entities in zip(idx, task.decode(task.shifted(outputs, d, task.target), batch)):
+                preds[d][i] = entities
+    gold = [set(s.entities) for s in split.sentences]
+    return {
+        d: score(gold, merge_predictions(split.chunks, p, len(split.sentences))).micro.f1
+        for d, p in preds.items()
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,9 +413,19 @@ def fit(
     test = dev if same else build_split("test", data.test, max_len, task, tokenizer)
 
     model = build_model(cfg.model, task, encoder).to(device)
+    lengths = [e.n for e in train_examples]
+    if cfg.model.prior_bias:
+        start_from_priors(model, task, train_examples)
+    if cfg.train.encoder_lr == 0:  # a frozen encoder: no gradient, no optimiser state, no backward
+        for name, p in model.named_parameters():
+            if name.startswith("encoder."):
+                p.requires_grad_(False)
+    unk_probs = unk_replacement_probs(
+        train_examples, int(encoder.bert.config.vocab_size), cfg.train.unk_alpha,
+        (tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id, tokenizer.unk_id),
+    )  # fmt: skip
     n_params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg), weight_decay=cfg.train.weight_decay)
-    lengths = [e.n for e in train_examples]
     # Batch count depends only on lengths and the budget, so the step total is known up front.
     steps_per_epoch = len(make_batches(lengths, max_cells=cfg.train.max_cells, batch_size=cfg.train.batch_size,
                                        shuffle=True, rng=np.random.default_rng(0)))  # fmt: skip
@@ -350,6 +437,7 @@ def fit(
     ckpt_dir = workdir / "checkpoints"
     last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
     history: list[dict[str, float]] = []
+    curve: list[dict[str, float]] = []  # dev F1 every train.eval_every steps (learning-start diagnostic)
     best_f1, best_epoch, start_epoch = -1.0, 0, 1
     if resume and last_path.exists():
         state = load_checkpoint(last_path)
@@ -362,6 +450,7 @@ def fit(
         if device.type == "cuda" and state.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(state["rng_cuda"], device)
         history = json.loads(state["history"])
+        curve = json.loads(state.get("curve", "[]"))
         best_f1, best_epoch = state["best_f1"], state["best_epoch"]
         start_epoch = state["epoch"] + 1
         log.info("resuming %s from epoch %d", workdir, state["epoch"])
@@ -384,6 +473,24 @@ def fit(
         _call(callback, "on_epoch_end", int(past["epoch"]), {k: v for k, v in past.items() if k != "epoch"})
 
     (workdir / "config.json").write_text(json.dumps(cfg.flatten(), indent=2, default=list))
+    step_state = {"step": (start_epoch - 1) * steps_per_epoch, "losses": []}
+
+    def on_step(loss_value: float) -> None:
+        step_state["step"] += 1
+        step_state["losses"].append(loss_value)
+        if not cfg.train.eval_every or step_state["step"] % cfg.train.eval_every:
+            return
+        row = {"step": step_state["step"], "train/loss": float(np.mean(step_state["losses"]))}
+        row.update(_dev_diagnostic(model, task, dev, device, cfg))
+        step_state["losses"] = []
+        curve.append(row)
+        model.train()
+        log.info(
+            "step %d loss %.4f dev F1 %.4f (best shift %+.1f: %.4f)", row["step"], row["train/loss"],
+            row["dev/f1"], row["dev/best_shift"], row["dev/f1_best_shift"],
+        )  # fmt: skip
+        _call(callback, "on_step_eval", row["step"], {k: v for k, v in row.items() if k != "step"})
+
     for epoch in range(start_epoch, cfg.train.epochs + 1):
         t0 = time.perf_counter()
         rng = np.random.default_rng([cfg.train.seed, epoch])
@@ -391,7 +498,8 @@ def fit(
                                shuffle=True, rng=rng)  # fmt: skip
         metrics = train_one_epoch(
             model, task, train_examples, batches, optimizer, scheduler, device, cfg,
-            epoch=epoch, max_steps=cfg.train.max_steps,
+            epoch=epoch, max_steps=cfg.train.max_steps, unk_probs=unk_probs, unk_id=tokenizer.unk_id,
+            on_step=on_step,
         )  # fmt: skip
         dev_scores, _ = evaluate(model, task, dev, device, cfg)
         metrics.update({f"dev/{k}": v for k, v in _prf(dev_scores).items()})
@@ -411,6 +519,7 @@ def fit(
             "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "epoch": epoch,
             "history": json.dumps(history),
+            "curve": json.dumps(curve),
             "best_f1": best_f1,
             "best_epoch": best_epoch,
             "labels": list(task.names),
@@ -431,6 +540,8 @@ def fit(
     model.load_state_dict(load_checkpoint(best_path)["model"])
     dev_scores, _ = evaluate(model, task, dev, device, cfg)
     test_scores, test_preds = evaluate(model, task, test, device, cfg)
+    diagnostic = _dev_diagnostic(model, task, dev, device, cfg)
+    first_positive = next((int(r["step"]) for r in curve if r["dev/f1"] > 0), None)
     summary = {
         "dev": _prf(dev_scores),
         "test": _prf(test_scores),
@@ -448,6 +559,9 @@ def fit(
         "seed": cfg.train.seed,
         "encoder": cfg.model.encoder,
         "dev_is_test": data.dev_is_test,
+        # Diagnostic: dev F1 of the best checkpoint with the decision threshold moved (grid models).
+        "dev_best_shift": {"shift": diagnostic["dev/best_shift"], "f1": diagnostic["dev/f1_best_shift"]},
+        "first_step_dev_f1_positive": first_positive,  # from the curve (train.eval_every), else None
     }
     pred_dir = workdir / "predictions"
     pred_dir.mkdir(exist_ok=True)
@@ -462,10 +576,22 @@ def fit(
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
     (workdir / "per_type.json").write_text(json.dumps(test_scores.to_dict(), indent=2, ensure_ascii=False))
     (workdir / "history.json").write_text(json.dumps(history, indent=2))
+    if curve:
+        (workdir / "curve.json").write_text(json.dumps(curve, indent=1))
     tmp = workdir / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2))
     os.replace(tmp, workdir / "summary.json")  # written last: its presence means finished
     return summary
+
+
+def _dev_diagnostic(model: nn.Module, task: Task, dev: Split, device: torch.device, cfg: RunConfig):
+    """Dev F1 at the learned thresholds and at the best single shift (see :func:`shifted_f1`)."""
+    if hasattr(task, "shifted"):
+        f1s = shifted_f1(model, task, dev, device, cfg)
+    else:  # sequence taggers have no threshold to move
+        f1s = {0.0: evaluate(model, task, dev, device, cfg)[0].micro.f1}
+    best = max(f1s, key=lambda d: (f1s[d], -abs(d)))
+    return {"dev/f1": f1s[0.0], "dev/f1_best_shift": f1s[best], "dev/best_shift": best}
 
 
 def _replace_root(cfg: RunConfig, data_root: str):

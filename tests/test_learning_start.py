@@ -1,0 +1,184 @@
+"""The learning start of grid models: prior output biases, [UNK] replacement, frozen encoders,
+the threshold-shift diagnostic and the step-level dev curve."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from crener.config import ModelConfig
+from crener.data.batching import Example
+from crener.model import CoPredictor
+from crener.tasks import GridTask
+from crener.train import fit, replace_with_unk, start_from_priors, unk_replacement_probs
+from tests.conftest import SENTENCES, TYPES
+from tests.test_train import data_root, tiny_cfg  # noqa: F401 - fixture
+
+# ------------------------------------------------------------------------------ priors
+
+
+def _examples(task: GridTask, tok=None) -> list[Example]:
+    out = []
+    for k, s in enumerate(SENTENCES):
+        ids = np.zeros(len(s) + 2, dtype=np.int64) if tok is None else np.asarray(tok.encode(s.chars))
+        out.append(Example(k, ids, task.featurize(s.entities, len(s)), len(s)))
+    return out
+
+
+def test_zlpr_prior_is_the_training_log_odds_per_label():
+    task = GridTask(ModelConfig(), TYPES)
+    examples = _examples(task)
+    prior = task.output_prior([e.targets for e in examples], [e.n for e in examples]).double()
+    cells = sum(len(s) ** 2 for s in SENTENCES)
+    # Count by hand: the label of every gold cell of every sentence.
+    counts = np.zeros(task.num_labels)
+    for s in SENTENCES:
+        for _, _, label in task.labels.encode(s.entities, len(s)):
+            counts[label] += 1
+    for label in range(task.num_labels):
+        p = max(counts[label], 0.5) / cells
+        assert prior[label].item() == pytest.approx(math.log(p / (1 - p)), rel=1e-6)
+    # The NNC label (links inside entities) is the most frequent one; absent labels get half a cell.
+    assert counts.max() > 0 and prior.argmax().item() == counts.argmax()
+    # A type never seen in training counts as half a cell, not minus infinity.
+    wider = GridTask(ModelConfig(), (*TYPES, "ZZZ"))
+    ex = _examples(wider)
+    prior = wider.output_prior([e.targets for e in ex], [e.n for e in ex]).double()
+    assert prior.min().item() == pytest.approx(math.log(0.5 / cells / (1 - 0.5 / cells)), rel=1e-6)
+
+
+def test_ce_prior_is_the_log_class_frequency_with_none_first():
+    cfg = ModelConfig(tag_scheme="w2ner", loss="ce", link_mode="nnc_only")
+    task = GridTask(cfg, TYPES)
+    examples = _examples(task)
+    prior = task.output_prior([e.targets for e in examples], [e.n for e in examples])
+    probs = prior.double().exp()
+    assert probs.sum().item() == pytest.approx(1.0, rel=1e-6)
+    cells = sum(len(s) ** 2 for s in SENTENCES)
+    counts = np.zeros(task.num_labels - 1)
+    for e in examples:  # one class per cell after the collision rule
+        for _, _, label in e.targets:
+            counts[label] += 1
+    full = np.concatenate([[cells - counts.sum()], np.maximum(counts, 0.5)])
+    torch.testing.assert_close(probs, torch.from_numpy(full / full.sum()), rtol=1e-5, atol=1e-9)
+    assert probs[0].item() > 0.9  # "none" dominates the grid
+
+
+@pytest.mark.parametrize("halves", [(True, True), (True, False), (False, True)])
+def test_output_bias_moves_every_logit_by_exactly_the_prior(halves):
+    torch.manual_seed(0)
+    use_biaffine, use_mlp = halves
+    pred = CoPredictor(5, char_dim=8, grid_dim=6, biaffine_dim=7, ffn_dim=4, dropout=0.0,
+                       use_biaffine=use_biaffine, use_mlp=use_mlp).eval()  # fmt: skip
+    s, o, grid = torch.randn(2, 3, 8), torch.randn(2, 3, 8), torch.randn(2, 3, 3, 6)
+    before = pred(s, o, grid)
+    const = torch.zeros(5)
+    if use_mlp:
+        const += pred.linear.bias.detach()
+    if use_biaffine:
+        const += pred.biaffine.weight[:, -1, -1].detach()
+    bias = torch.tensor([-4.0, -6.5, -8.0, -12.0, 0.3])
+    pred.set_output_bias(bias)
+    after = pred(s, o, grid)
+    torch.testing.assert_close(after - before, (bias - const).expand_as(after), rtol=0, atol=1e-5)
+
+
+def test_fit_starts_grid_models_at_the_priors(tiny_encoder):
+    from crener.model import build_model
+
+    encoder, tok = tiny_encoder
+    cfg = ModelConfig(hidden=16, tf_heads=4, enh_heads=4, conv_channels=8, tag_dim=8, biaffine_dim=8, ffn_dim=8,
+                      dist_dim=4, region_dim=4, attn_dim=4, rounds=2)  # fmt: skip
+    task = GridTask(cfg, TYPES)
+    model = build_model(cfg, task, encoder)
+    examples = _examples(task, tok)
+    prior = start_from_priors(model, task, examples)
+    torch.testing.assert_close(model.predictor.linear.bias.detach(), prior)
+    assert torch.all(model.predictor.biaffine.weight[:, -1, -1] == 0)
+
+
+# ------------------------------------------------------------------------------ [UNK] replacement
+
+
+def test_unk_probabilities_follow_alpha_over_alpha_plus_count(tiny_encoder):
+    _, tok = tiny_encoder
+    task = GridTask(ModelConfig(), TYPES)
+    examples = _examples(task, tok)
+    vocab = int(tiny_encoder[0].bert.config.vocab_size)
+    specials = (tok.cls_id, tok.sep_id, tok.pad_id, tok.unk_id)
+    probs = unk_replacement_probs(examples, vocab, 0.25, specials)
+    counts: dict[int, int] = {}
+    for s in SENTENCES:
+        for c in s.chars:
+            counts[tok.char_id(c)] = counts.get(tok.char_id(c), 0) + 1
+    for tid, n in counts.items():
+        assert probs[tid].item() == pytest.approx(0.25 / (0.25 + n))
+    assert all(probs[i].item() == 0 for i in specials)
+    unseen = [i for i in range(vocab) if i not in counts and i not in specials]
+    assert all(probs[i].item() == 0 for i in unseen)
+    assert unk_replacement_probs(examples, vocab, 0.0, specials) is None
+
+
+def test_replace_with_unk_rate_and_the_unk_vector_gets_gradient(tiny_encoder):
+    encoder, tok = tiny_encoder
+    probs = torch.zeros(int(encoder.bert.config.vocab_size))
+    probs[10] = 0.3
+    ids = torch.full((200, 50), 10)
+    torch.manual_seed(0)
+    out = replace_with_unk(ids, probs, tok.unk_id)
+    rate = (out == tok.unk_id).float().mean().item()
+    assert abs(rate - 0.3) < 0.02 and set(out.unique().tolist()) == {10, tok.unk_id}
+    # An input with [UNK] in it back-propagates into the [UNK] row of the embedding table.
+    batch = torch.tensor([[tok.cls_id, 10, tok.unk_id, 11, tok.sep_id]])
+    encoder.train()
+    encoder(batch, torch.ones_like(batch), 3).sum().backward()
+    grad = encoder.bert.embeddings.word_embeddings.weight.grad
+    assert grad[tok.unk_id].abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------ diagnostics
+
+
+def test_shifted_moves_zlpr_thresholds_and_the_ce_none_class():
+    logits = torch.tensor([[[[-1.0, 0.5, 2.0]]]])
+    zlpr = GridTask.shifted({"logits": logits}, 1.5, "grid")["logits"]
+    torch.testing.assert_close(zlpr, logits + 1.5)
+    ce = GridTask.shifted({"logits": logits}, 1.5, "classes")["logits"]
+    torch.testing.assert_close(ce, torch.tensor([[[[-2.5, 0.5, 2.0]]]]))
+    assert logits[0, 0, 0, 0].item() == -1.0  # the input is never changed in place
+
+
+def test_step_curve_is_written_and_changes_no_training_result(data_root, tmp_path):  # noqa: F811
+    plain = fit(tiny_cfg(data_root, **{"train.epochs": 2}), tmp_path / "a")
+    curved = fit(tiny_cfg(data_root, **{"train.epochs": 2, "train.eval_every": 1}), tmp_path / "b")
+    assert plain["dev"] == curved["dev"] and plain["test"] == curved["test"]
+    hist_a = json.loads((tmp_path / "a" / "history.json").read_text())
+    hist_b = json.loads((tmp_path / "b" / "history.json").read_text())
+    assert [h["train/loss"] for h in hist_a] == [h["train/loss"] for h in hist_b]
+    curve = json.loads((tmp_path / "b" / "curve.json").read_text())
+    steps = [r["step"] for r in curve]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 2
+    assert all(0 <= r["dev/f1"] <= r["dev/f1_best_shift"] <= 1 for r in curve)
+    assert not (tmp_path / "a" / "curve.json").exists()
+    assert set(curved["dev_best_shift"]) == {"shift", "f1"}
+
+
+def test_frozen_encoder_gets_no_update(data_root, tmp_path):  # noqa: F811
+    from crener.train import load_checkpoint
+
+    cfg = tiny_cfg(data_root, **{"train.epochs": 1, "train.encoder_lr": 0.0})
+    fit(cfg, tmp_path / "frozen")
+    state = load_checkpoint(tmp_path / "frozen" / "checkpoints" / "last.pt")
+    from crener.encoder import load_pretrained
+
+    enc_dirs = list((tmp_path / "frozen").glob("encoder-*"))
+    bert, _ = load_pretrained(enc_dirs[0])
+    for name, value in bert.state_dict().items():
+        torch.testing.assert_close(state["model"][f"encoder.bert.{name}"], value, rtol=0, atol=0)
+    # Nothing of the encoder is in the optimiser: its state only covers the head's parameters.
+    n_head = sum(1 for k in state["model"] if not k.startswith("encoder."))
+    assert len(state["optimizer"]["state"]) <= n_head
