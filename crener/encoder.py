@@ -157,6 +157,20 @@ def load_pretrained(name_or_path: str | os.PathLike) -> tuple[nn.Module, CharTok
     return model, CharTokenizer.from_tokenizer(tokenizer)
 
 
+# Frozen encoders' features, shared by every run of a process that uses the same weights (a sweep
+# trains dozens of cells over the same sentences): encoder identity -> token ids -> (n, d) features.
+_FEATURE_CACHES: dict[tuple, dict[tuple[int, ...], torch.Tensor]] = {}
+FEATURE_CACHE_MAX_FLOATS = 1 << 28  # 1 GiB of fp32 a process; past it, features are computed, not kept
+
+
+def feature_cache(name_or_path: str | os.PathLike, last4_mean: bool) -> dict[tuple[int, ...], torch.Tensor]:
+    """The process-wide cache of a frozen encoder's features, keyed by its weights' file and mode."""
+    path = Path(resolve_encoder(name_or_path))
+    weights = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
+    stamp = tuple((str(w.resolve()), w.stat().st_size, w.stat().st_mtime_ns) for w in weights)
+    return _FEATURE_CACHES.setdefault((str(path.resolve()), stamp, last4_mean), {})
+
+
 class CharEncoder(nn.Module):
     """BERT over ``[CLS] chars [SEP]`` -> one vector per character, (B, N, d_bert)."""
 
@@ -165,8 +179,61 @@ class CharEncoder(nn.Module):
         self.bert = bert
         self.last4_mean = last4_mean
         self.out_dim = int(bert.config.hidden_size)
+        self.frozen = False
+        self.cache: dict[tuple[int, ...], torch.Tensor] | None = None
+        self.source = ""  # name or folder the weights were loaded from (set by the loader)
+
+    def freeze(self, cache: dict[tuple[int, ...], torch.Tensor] | None = None) -> None:
+        """Make the encoder a fixed feature extractor: no gradient, its dropout off for good, and,
+        with ``cache``, each distinct sentence encoded once (features equal up to float rounding:
+        a sentence may be encoded beside others of another padded width)."""
+        self.frozen = True
+        self.cache = cache
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.bert.eval()
+
+    def train(self, mode: bool = True) -> CharEncoder:
+        super().train(mode)
+        if self.frozen:
+            self.bert.eval()
+        return self
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_chars: int) -> torch.Tensor:
+        if not self.frozen:
+            return self._encode(input_ids, attention_mask, n_chars)
+        with torch.no_grad():
+            if self.cache is None:
+                return self._encode(input_ids, attention_mask, n_chars)
+            return self._cached(input_ids, attention_mask, n_chars)
+
+    def _cached(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_chars: int) -> torch.Tensor:
+        cache = self.cache
+        lengths = (attention_mask.sum(dim=1) - 2).tolist()  # characters: all but [CLS] and [SEP]
+        keys = [tuple(row[: n + 2]) for row, n in zip(input_ids.tolist(), lengths)]
+        missing = [b for b, k in enumerate(keys) if k not in cache]
+        if missing:
+            # Normal tensors even under evaluation's inference mode: training reuses them later.
+            with torch.inference_mode(False):
+                rows = torch.tensor(missing, device=input_ids.device)
+                width = max(lengths[b] for b in missing)
+                ids, mask = input_ids[rows, : width + 2].clone(), attention_mask[rows, : width + 2].clone()
+                hidden = self._encode(ids, mask, width).float()
+                stored = sum(v.numel() for v in cache.values())
+                for r, b in enumerate(missing):
+                    feats = hidden[r, : lengths[b]].cpu().clone()
+                    if stored + feats.numel() <= FEATURE_CACHE_MAX_FLOATS:
+                        cache[keys[b]] = feats
+                        stored += feats.numel()
+                    else:  # over the cap: use it for this batch only
+                        keys[b] = feats  # type: ignore[call-overload]
+        out = torch.zeros(len(keys), n_chars, self.out_dim, device=input_ids.device)
+        for b, k in enumerate(keys):
+            feats = k if isinstance(k, torch.Tensor) else cache[k]
+            out[b, : feats.size(0)] = feats.to(out.device)
+        return out
+
+    def _encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_chars: int) -> torch.Tensor:
         out = self.bert(
             input_ids=input_ids,
             attention_mask=attention_mask,

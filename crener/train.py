@@ -36,7 +36,14 @@ from crener.data.datasets import load_dataset
 from crener.data.digest import dataset_digest
 from crener.data.schema import Entity, Sentence
 from crener.data.split import Chunk, merge_predictions, split_all, split_blind
-from crener.encoder import EMBEDDED, CharEncoder, CharTokenizer, build_embedded_encoder, load_pretrained
+from crener.encoder import (
+    EMBEDDED,
+    CharEncoder,
+    CharTokenizer,
+    build_embedded_encoder,
+    feature_cache,
+    load_pretrained,
+)
 from crener.errors import CheckpointError, CrenerError
 from crener.inference import encoder_state
 from crener.metrics import score
@@ -119,7 +126,9 @@ def load_encoder(
         out_dir = workdir / f"encoder-{embedded_encoder_key(chars, cfg.model, cfg.train.seed)}"
         name = build_embedded_encoder(chars, cfg.model, out_dir, seed=cfg.train.seed)
     bert, tokenizer = load_pretrained(name)
-    return CharEncoder(bert, cfg.model.last4_mean), tokenizer
+    encoder = CharEncoder(bert, cfg.model.last4_mean)
+    encoder.source = str(name)  # where the weights came from (keys the frozen-feature cache)
+    return encoder, tokenizer
 
 
 @dataclass
@@ -416,11 +425,12 @@ def fit(
     lengths = [e.n for e in train_examples]
     if cfg.model.prior_bias:
         start_from_priors(model, task, train_examples)
-    if cfg.train.encoder_lr == 0:  # a frozen encoder: no gradient, no optimiser state, no backward
-        for name, p in model.named_parameters():
-            if name.startswith("encoder."):
-                p.requires_grad_(False)
-    unk_probs = unk_replacement_probs(
+    if cfg.train.encoder_lr == 0:
+        # A frozen encoder is a fixed feature extractor (dropout off): no gradient, no optimiser
+        # state, and every distinct sentence encoded once per process, whatever the cell of a sweep.
+        encoder.freeze(feature_cache(encoder.source, cfg.model.last4_mean))
+    # [UNK] replacement trains the encoder's [UNK] vector: nothing to train in a frozen encoder.
+    unk_probs = None if encoder.frozen else unk_replacement_probs(
         train_examples, int(encoder.bert.config.vocab_size), cfg.train.unk_alpha,
         (tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id, tokenizer.unk_id),
     )  # fmt: skip

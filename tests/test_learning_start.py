@@ -182,3 +182,34 @@ def test_frozen_encoder_gets_no_update(data_root, tmp_path):  # noqa: F811
     # Nothing of the encoder is in the optimiser: its state only covers the head's parameters.
     n_head = sum(1 for k in state["model"] if not k.startswith("encoder."))
     assert len(state["optimizer"]["state"]) <= n_head
+
+
+def test_frozen_cached_features_equal_the_encoder_and_survive_inference_mode(tiny_encoder):
+    encoder, tok = tiny_encoder
+    rows = [tok.encode(s.chars) for s in SENTENCES[:4]]
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [tok.pad_id] * (width - len(r)) for r in rows])
+    mask = (ids != tok.pad_id).long()
+    n = width - 2
+    encoder.eval()
+    with torch.no_grad():
+        plain = encoder(ids, mask, n)
+    cache: dict = {}
+    encoder.freeze(cache)
+    encoder.train()  # a frozen encoder stays in eval mode: no dropout
+    assert not encoder.bert.training
+    with torch.inference_mode():  # first seen during evaluation
+        first = encoder(ids, mask, n)
+    assert len(cache) == 4
+    valid = (mask[:, 2:] == 1)[..., None]  # characters (BERT's outputs at padding are not features)
+    torch.testing.assert_close(first * valid, plain * valid, rtol=1e-5, atol=1e-5)
+    # Reused in training: the cached tensors enter an autograd graph without complaint.
+    proj = torch.nn.Linear(encoder.out_dim, 3)
+    again = encoder(ids[1:3], mask[1:3], n)
+    proj(again).sum().backward()
+    assert proj.weight.grad is not None and len(cache) == 4
+    torch.testing.assert_close(again * valid[1:3], plain[1:3] * valid[1:3], rtol=1e-5, atol=1e-5)
+    # Padding rows are zero; real rows carry features.
+    lengths = mask.sum(1) - 2
+    for b, length in enumerate(lengths.tolist()):
+        assert torch.all(first[b, length:] == 0) and first[b, :length].abs().sum() > 0
