@@ -158,7 +158,7 @@ def build_corpus(cfg: PretrainConfig) -> Corpus:
     dataset is dropped rather than trusted, so no evaluation sentence can reach pretraining.
     """
     from crener.config import DataConfig
-    from crener.data.datasets import load_dataset
+    from crener.data.datasets import DATASETS, load_dataset
 
     train_texts: list[str] = []
     held_out: set[str] = set()
@@ -168,6 +168,16 @@ def build_corpus(cfg: PretrainConfig) -> Corpus:
         for split, path in data.files.items():
             files[f"{name}/{split}"] = path
         train_texts.extend(s.text for s in data.train)
+        held_out.update(s.text for s in (*data.dev, *data.test))
+    # The dev and test text of every other registered dataset is held out too: an encoder pretrained
+    # on some datasets is fine-tuned and scored on the others. One that cannot be read here cannot be
+    # scored here either; say so and go on.
+    for name in sorted(set(DATASETS) - set(cfg.datasets)):
+        try:
+            data = load_dataset(DataConfig(dataset=name, data_root=cfg.data_root, msra_protocol="clean"))
+        except DataError as exc:
+            log.warning("dev/test text of dataset %s not read, so not held out: %s", name, exc)
+            continue
         held_out.update(s.text for s in (*data.dev, *data.test))
     for path in cfg.text:
         files[f"text/{Path(path).name}"] = str(path)
@@ -418,7 +428,9 @@ def pretrain(
     model = BertForMaskedLM(bert_cfg)
     initialised = 0
     if vectors:
-        initialised = init_from_vectors(model.bert.embeddings.word_embeddings.weight, vocab, vectors, cfg.seed)
+        initialised = init_from_vectors(
+            model.bert.embeddings.word_embeddings.weight, vocab, vectors, cfg.seed
+        )
     log.info("%d of %d vocabulary rows initialised from %s", initialised, len(vocab), vec_path)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "LayerNorm" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "LayerNorm" not in n)]
@@ -428,7 +440,9 @@ def pretrain(
     )  # fmt: skip
     warm = max(1, int(cfg.steps * cfg.warmup))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warm if s < warm else max(0.0, (cfg.steps - s) / (cfg.steps - warm))
+        optimizer,
+        # max(1, ..): the warm-up may cover every step (--steps 1, or --warmup 1).
+        lambda s: (s + 1) / warm if s < warm else max(0.0, (cfg.steps - s) / max(1, cfg.steps - warm)),
     )
 
     state_path = workdir / CHECKPOINT_NAME
@@ -462,7 +476,9 @@ def pretrain(
             tags={"crener.kind": "pretrain", "crener.encoder": out.name},
         )  # fmt: skip
         run_id = logger.run_id
-        logger.log_params({**{f"pretrain.{k}": v for k, v in cfg.identity().items()}, "vocab_size": len(vocab)})
+        logger.log_params(
+            {**{f"pretrain.{k}": v for k, v in cfg.identity().items()}, "vocab_size": len(vocab)}
+        )
 
     def save_state() -> None:
         tmp = state_path.with_suffix(".tmp")
@@ -657,7 +673,9 @@ def render_card(card: dict[str, Any], history: Sequence[dict[str, float]]) -> st
 
 
 def config_from_args(args: Any) -> PretrainConfig:
-    fields = {k: getattr(args, k) for k in PretrainConfig.__dataclass_fields__ if getattr(args, k, None) is not None}
+    fields = {
+        k: getattr(args, k) for k in PretrainConfig.__dataclass_fields__ if getattr(args, k, None) is not None
+    }
     for k in ("datasets", "text"):
         if k in fields:
             fields[k] = tuple(fields[k])
