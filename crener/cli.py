@@ -21,6 +21,7 @@ _COMMAND_MODULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("crener.commands", ("train", "evaluate", "predict", "bench", "pretrain")),
     ("crener.migrate", ("migrate",)),
     ("experiments.commands", ("reproduce", "tune", "ui")),
+    ("experiments.curves", ("curves",)),
     ("reports.commands", ("report",)),
 )
 

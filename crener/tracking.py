@@ -57,7 +57,9 @@ SQLITE_PREFIX = "sqlite:///"
 # in step, but a SIGKILLed process leaves its run RUNNING, so readers should trust neither blindly.
 STATE_RUNNING, STATE_FINISHED, STATE_FAILED = "running", "finished", "failed"
 STATES = (STATE_RUNNING, STATE_FINISHED, STATE_FAILED)
-SWEEPS = ("main", "ablation", "tune", "adhoc")
+# "diagnostic": runs of `crener curves`, never reused as sweep cells (like tune trials).
+SWEEPS = ("main", "ablation", "tune", "adhoc", "diagnostic")
+NOT_CELLS = ("tune", "diagnostic")
 
 # What fit's callback reports each epoch (logged with step = epoch).
 EPOCH_METRICS = ("train/loss", "dev/precision", "dev/recall", "dev/f1", "epoch_seconds")
@@ -276,7 +278,7 @@ class Tracker:
         )
         found = [RunInfo.from_mlflow(r) for r in runs]
         if not include_tune:
-            found = [r for r in found if r.tags.get("crener.sweep") != "tune"]
+            found = [r for r in found if r.tags.get("crener.sweep") not in NOT_CELLS]
         return sorted(found, key=lambda r: (r.start_time, r.run_id))
 
     def crener_runs(self, *, include_tune: bool = True) -> list[RunInfo]:

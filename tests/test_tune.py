@@ -287,3 +287,19 @@ def test_tune_never_selects_on_test_for_a_dataset_without_dev(
     # Datasets with a dev split keep their config untouched.
     tune(dataset="resume", trials=1, profile="smoke", storage=storage, runs_dir=tmp_path, track=False)
     assert seen[-1] == "lineage"
+
+
+def test_space_is_centred_on_the_defaults_and_keeps_a_frozen_encoder_frozen() -> None:
+    from experiments.tune import DROPOUT_SPAN, LR_SPAN, SEARCH_SPACES
+
+    base = build_run_config(profile="quick", overrides={"train.encoder_lr": 0.0, "model.out_dropout": 0.1})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(30):
+        trial = study.ask()
+        values = SEARCH_SPACES["crener"](trial, base)
+        assert "train.encoder_lr" not in values  # 0 = frozen: never tuned into a trained encoder
+        assert base.train.lr / LR_SPAN <= values["train.lr"] <= base.train.lr * LR_SPAN
+        assert 0.0 <= values["model.out_dropout"] <= 0.1 + DROPOUT_SPAN
+        study.tell(trial, 0.0)
+    dists = study.trials[0].distributions
+    assert dists["model.out_dropout"].low == 0.0 and dists["model.out_dropout"].high == pytest.approx(0.25)
