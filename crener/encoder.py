@@ -79,7 +79,12 @@ class CharTokenizer:
         tid = self._cache.get(ch)
         if tid is None:
             pieces = self.tokenizer.tokenize(ch)
-            tid = self.tokenizer.convert_tokens_to_ids(pieces[0]) if pieces else self.unk_id
+            if pieces:
+                tid = self.tokenizer.convert_tokens_to_ids(pieces[0])
+            else:
+                # BERT's cleaning deletes U+FFFD and private-use characters; a character vocabulary
+                # (ours) may still hold them, and then they keep their own vector instead of [UNK].
+                tid = self.tokenizer.get_vocab().get(ch, self.unk_id)
             if tid is None:
                 tid = self.unk_id
             self._cache[ch] = tid

@@ -517,8 +517,6 @@ def test_written_folder_loads_offline_with_the_vocabulary_ids(written, monkeypat
     assert torch.equal(emb, _weights(out)["embeddings.word_embeddings.weight"])
 
 
-@pytest.mark.xfail(strict=True, reason="pretraining maps U+FFFD and private-use characters to their own "
-                   "vocabulary ids, but the BERT tokenizer deletes them, so fine-tuning maps them to [UNK]")  # fmt: skip
 def test_characters_the_bert_tokenizer_deletes_keep_their_pretraining_ids():
     from transformers import BertTokenizer
 
