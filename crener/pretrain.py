@@ -644,6 +644,9 @@ def render_card(card: dict[str, Any], history: Sequence[dict[str, float]]) -> st
         "",
         "## Inputs (SHA-256; the data files match `shared/data/SHA256SUMS`)",
         "",
+        "Only training splits are trained on; dev and test files (and MSRA's clean dev, the end of its "
+        "training file) are read to hold their sentences out.",
+        "",
         "| input | path | sha256 |",
         "|---|---|---|",
         *[f"| {k} | `{v['path']}` | `{v['sha256']}` |" for k, v in card["inputs"].items()],
