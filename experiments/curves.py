@@ -23,18 +23,18 @@ from crener.config import build_run_config, parse_set
 
 log = logging.getLogger(__name__)
 
-# The quick profile of commit 6d9c92e, before issue 13, as overrides of today's quick profile.
+# The whole quick profile of commit 6d9c92e, before issue 13, applied over today's quick profile.
 BEFORE_QUICK: dict[str, Any] = {
-    "model.encoder": "embedded",
-    "model.embedded_hidden": 64,
-    "model.embedded_layers": 1,
-    "model.embedded_heads": 2,
-    "model.embedded_ff": 128,
-    "model.prior_bias": False,
-    "train.lr": 1e-2,
-    "train.encoder_lr": 5e-3,
-    "train.unk_alpha": 0.0,
-}
+    "model.encoder": "embedded", "model.prior_bias": False, "train.unk_alpha": 0.0,
+    "model.embedded_hidden": 64, "model.embedded_layers": 1, "model.embedded_heads": 2, "model.embedded_ff": 128,
+    "model.hidden": 64, "model.tf_layers": 1, "model.tf_heads": 4, "model.tf_ff": 128, "model.conv_channels": 16,
+    "model.tag_dim": 16, "model.enh_heads": 4, "model.biaffine_dim": 64, "model.ffn_dim": 32,
+    "model.lstm_hidden": 64, "model.dist_dim": 10, "model.region_dim": 10, "model.attn_dim": 10,
+    "model.emb_dropout": 0.1, "model.conv_dropout": 0.1, "model.out_dropout": 0.1, "data.max_len": 64,
+    "data.train_limit": 500, "data.eval_limit": 200, "data.test_limit": 500, "model.rounds": 2,
+    "train.epochs": 4, "train.max_cells": 4000, "train.max_steps": 200, "train.lr": 0.01,
+    "train.encoder_lr": 0.005, "train.warmup": 0.1,
+}  # fmt: skip
 SETTINGS: dict[str, dict[str, Any]] = {"main-before-13": BEFORE_QUICK, "new": {}}
 OUT_DIR = Path("reports") / "out" / "curves"
 
@@ -51,6 +51,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE", help="applies to all")
     p.add_argument("--out", default=str(OUT_DIR))
+    p.add_argument("--name", default="", help="suffix of the output files (default: none)")
     p.add_argument("--runs-dir", default=None, help="default: $CRENER_RUNS or runs")
     p.set_defaults(func=cmd_curves)
 
@@ -68,7 +69,7 @@ def cmd_curves(args: argparse.Namespace) -> int:
         )
         workdir = resolve_runs_dir(args.runs_dir) / "curves" / f"{name}-{cfg.key()}"
         results[name] = run_diagnostic(cfg, workdir, label=name)
-    stem = f"{args.model}-{args.dataset}-{args.profile}-s{args.seed}"
+    stem = f"{args.model}-{args.dataset}-{args.profile}-s{args.seed}" + (f"-{args.name}" if args.name else "")
     write_curves(results, out / stem)
     return 0
 

@@ -79,12 +79,18 @@ class Sweep:
     variants: tuple[str, ...]
     datasets: tuple[str, ...]
     default_profile: str
-    seeds: dict[str, tuple[int, ...]]  # profile (or "default") -> seeds
+    # profile (or "default") -> {dataset (or "default") -> seeds}; in TOML either a list for every
+    # dataset (``quick = [0]``) or a table (``quick = {default = [0], resume = [0, 1, 2]}``)
+    seeds: dict[str, dict[str, tuple[int, ...]]]
     tables: dict[str, tuple[str, ...]]  # "table3" -> datasets
     overrides: tuple[Override, ...] = ()
 
-    def seeds_for(self, profile: str) -> tuple[int, ...]:
-        return self.seeds.get(profile, self.seeds.get(DEFAULT_SEEDS_KEY, (0,)))
+    def seeds_for(self, profile: str, dataset: str | None = None) -> tuple[int, ...]:
+        """The seeds of ``dataset`` under ``profile``; without a dataset, the union in order."""
+        table = self.seeds.get(profile, self.seeds.get(DEFAULT_SEEDS_KEY, {DEFAULT_SEEDS_KEY: (0,)}))
+        if dataset is None:
+            return tuple(sorted({s for seeds in table.values() for s in seeds}))
+        return table.get(dataset, table.get(DEFAULT_SEEDS_KEY, (0,)))
 
 
 @dataclass(frozen=True)
@@ -196,14 +202,18 @@ def load_sweep(name_or_path: str | Path) -> Sweep:
     default_profile = raw.get("default_profile", "quick")
     if default_profile not in PROFILES:
         raise SweepError(f"{where}: default_profile {default_profile!r} is not one of {', '.join(PROFILES)}")
-    seeds: dict[str, tuple[int, ...]] = {}
+    datasets = _str_list(f"{where}: datasets", raw["datasets"])
+    seeds: dict[str, dict[str, tuple[int, ...]]] = {}
     for profile, values in raw.get("seeds", {}).items():
         if profile != DEFAULT_SEEDS_KEY and profile not in PROFILES:
             raise SweepError(f"{where}: seeds.{profile}: unknown profile")
-        if not isinstance(values, list) or not values or not all(type(v) is int for v in values):
-            raise SweepError(f"{where}: seeds.{profile}: expected a non-empty list of integers")
-        seeds[profile] = tuple(values)
-    datasets = _str_list(f"{where}: datasets", raw["datasets"])
+        table = values if isinstance(values, dict) else {DEFAULT_SEEDS_KEY: values}
+        for name, seed_list in table.items():
+            if name != DEFAULT_SEEDS_KEY and name not in datasets:
+                raise SweepError(f"{where}: seeds.{profile}.{name}: not a dataset of this sweep")
+            if not isinstance(seed_list, list) or not seed_list or not all(type(v) is int for v in seed_list):
+                raise SweepError(f"{where}: seeds.{profile}.{name}: expected a non-empty list of integers")
+        seeds[profile] = {name: tuple(v) for name, v in table.items()}
     tables = {}
     for table, ds in raw.get("tables", {}).items():
         tables[table] = _str_list(f"{where}: tables.{table}", ds, datasets)
@@ -297,12 +307,18 @@ def expand(
     if variants_t is not None and (bad := [v for v in variants_t if v not in VARIANTS]):
         raise SweepError(f"--variants: unknown {', '.join(bad)}; choose from {', '.join(VARIANTS)}")
     seed_list = tuple(seeds) if seeds is not None else sw.seeds_for(profile)
+
+    def seeded(seed: int, dataset: str) -> bool:  # --seeds overrides the sweep's per-dataset seeds
+        return seeds is not None or seed in sw.seeds_for(profile, dataset)
+
     all_overrides = (*sw.overrides, *overrides)
 
     out: list[RunConfig] = []
     seen: set[str] = set()
     for seed in seed_list:
         for dataset in chosen:
+            if not seeded(seed, dataset):
+                continue
             for model in model_list:
                 # Variants are ablations of CRENER; other families run their faithful setting only.
                 for variant in sw.variants if model == "crener" else ("full",):

@@ -37,11 +37,16 @@ def test_shipped_sweeps_parse() -> None:
     assert set(ablation.tables) == {"table6"}
     for sw in (main, ablation):
         assert sw.default_profile == "quick"
-        assert sw.seeds_for("quick") == sw.seeds_for("smoke") == (0,)
+        assert sw.seeds_for("smoke") == sw.seeds_for("quick", "msra") == (0,)
         assert sw.seeds_for("full") == sw.seeds_for("paper") == (0, 1, 2, 3, 4)
+    # quick: Table 6 has three seeds on Resume and Weibo, the main tables one
+    assert main.seeds_for("quick") == (0,)
+    assert ablation.seeds_for("quick", "resume") == ablation.seeds_for("quick", "weibo") == (0, 1, 2)
 
 
-@pytest.mark.parametrize(("profile", "seeds", "datasets"), [("quick", 1, DATASETS), ("full", 5, ("msra",))])
+@pytest.mark.parametrize(
+    ("profile", "seeds", "datasets"), [("quick", 1, ("ontonotes4", "msra")), ("full", 5, ("msra",))]
+)
 def test_expand_counts_and_unique_keys(profile: str, seeds: int, datasets: tuple[str, ...]) -> None:
     n = len(datasets)
     main = expand("main", profile, datasets=datasets)
@@ -176,3 +181,42 @@ def test_format_toml_value_round_trips() -> None:
     text = "\n".join(f"{k} = {format_toml_value(v)}" for k, v in values.items())
     parsed = tomllib.loads(text)
     assert parsed == {**values, "e": [1, 2, 3]}
+
+
+def test_seeds_by_dataset(tmp_path) -> None:
+    from experiments.sweeps import SweepError, expand, load_sweep
+
+    path = tmp_path / "s.toml"
+    path.write_text(
+        'models = ["crener"]\nvariants = ["full", "no_region"]\ndatasets = ["resume", "weibo", "msra"]\n'
+        "[seeds]\ndefault = [0]\nsmoke = { default = [0], resume = [0, 1, 2] }\n"
+    )
+    sweep = load_sweep(path)
+    assert sweep.seeds_for("smoke", "resume") == (0, 1, 2) and sweep.seeds_for("smoke", "msra") == (0,)
+    assert sweep.seeds_for("smoke") == (0, 1, 2) and sweep.seeds_for("quick", "resume") == (0,)
+    cells = expand(sweep, "smoke")
+    got = [(c.data.dataset, c.train.seed) for c in cells]
+    # seed-major order: every dataset's seed 0 first, then the extra seeds of resume
+    assert (
+        got
+        == [(d, 0) for d in ("resume", "weibo", "msra") for _ in range(2)]
+        + [("resume", 1)] * 2
+        + [("resume", 2)] * 2
+    )
+    assert len(expand(sweep, "smoke", seeds=[0, 1])) == 12  # --seeds applies to every dataset
+    path.write_text(
+        'models = ["crener"]\nvariants = ["full"]\ndatasets = ["resume"]\n[seeds]\nquick = { ontonotes4 = [1] }\n'
+    )
+    with pytest.raises(SweepError, match="not a dataset of this sweep"):
+        load_sweep(path)
+
+
+def test_quick_plan_has_three_table6_seeds_on_resume_and_weibo() -> None:
+    cells = plan(profile="quick")
+    per = {}
+    for c in cells:
+        if c.cfg.model.name == "crener":
+            per.setdefault((c.cfg.data.dataset, c.cfg.variant), set()).add(c.cfg.train.seed)
+    for (dataset, _variant), seeds in per.items():
+        assert seeds == ({0, 1, 2} if dataset in ("resume", "weibo") else {0})
+    assert len(cells) == 52 + 2 * 9 * 2  # one seed everywhere, two more Table 6 seeds on two datasets
