@@ -100,8 +100,9 @@ class PretrainConfig:
             raise CrenerError(f"--hidden {self.hidden} is not divisible by --heads {self.heads}")
         if self.max_len < 8 or self.max_len > 510:
             raise CrenerError("--max-len must be between 8 and 510 characters")
-        if self.steps < 1 or self.batch_tokens < self.max_len:
-            raise CrenerError("--steps must be >= 1 and --batch-tokens at least --max-len")
+        # --steps 0 writes the initialised encoder untrained (the "vectors only" arm of an ablation).
+        if self.steps < 0 or self.batch_tokens < self.max_len:
+            raise CrenerError("--steps must be >= 0 and --batch-tokens at least --max-len")
         if not 0 < self.mask_rate < 1:
             raise CrenerError("--mask-rate must be in (0, 1)")
 

@@ -592,3 +592,21 @@ def test_cli_pretrain_writes_the_folder(tmp_path, capsys):
     assert json.loads((out / "config.json").read_text())["vocab_size"] == summary["vocab_size"]
     # A user error is reported, not raised.
     assert main([*argv, "--heads", "3"]) == 2
+
+
+def test_zero_steps_writes_the_initialised_encoder(tmp_path: Path) -> None:
+    """``--steps 0``: the vectors-only arm of the encoder ablation, untrained but initialised."""
+    from crener.encoder import load_pretrained
+
+    cfg = tiny_cfg(tmp_path / "enc", steps=0, vectors="default")
+    summary = pretrain(cfg, workdir=tmp_path / "work", track=False, progress=False)
+    assert summary["finished"] and summary["step"] == 0 and summary["initialised_rows"] > 5000
+    bert, tok = load_pretrained(tmp_path / "enc")
+    weight = bert.embeddings.word_embeddings.weight.detach()
+    vectors = read_vectors(resolve_vectors(cfg))
+    vocab = tok.tokenizer.get_vocab()
+    expected = torch.randn(len(vocab), weight.shape[1]) * 0.02  # the scale differs; directions do not
+    init_from_vectors(expected, vocab, vectors, cfg.seed)
+    rows = [vocab[c] for c in ("张", "北", "，")]
+    direction = torch.nn.functional.cosine_similarity(weight[rows], expected[rows], dim=1)
+    assert torch.all(direction > 0.9999)

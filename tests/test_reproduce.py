@@ -327,7 +327,11 @@ def test_sigkill_mid_sweep_real_fit(mlflow_store: str, tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "crener.cli", "reproduce", "--profile", "smoke", *sel]
     cmd += ["--data-root", str(data), "--no-report"]
     cells = plan(
-        profile="smoke", datasets=["resume"], models=["crener"], variants=["full", "no_mlp", "no_dconv"]
+        profile="smoke",
+        datasets=["resume"],
+        models=["crener"],
+        variants=["full", "no_mlp", "no_dconv"],
+        sets={"data.data_root": str(data)},  # as --data-root does: the keys digest these files
     )
     env = _subprocess_env(tmp_path, mlflow_store, OMP_NUM_THREADS="1")
     _kill_and_rerun(cmd, cells, env, tmp_path, timeout=420)
