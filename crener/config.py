@@ -390,7 +390,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no_enhancement": {"model.use_relation_enhancement": False, "model.rounds": 1},
     "no_relation": {"model.tag_scheme": "w2ner"},
 }
-TABLE6_VARIANTS = tuple(VARIANTS)
 
 # Model families other than CRENER start from these overrides (their faithful settings).
 MODEL_DEFAULTS: dict[str, dict[str, Any]] = {

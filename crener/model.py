@@ -33,14 +33,6 @@ from crener.tasks import Task
 TAG_KINDS = {"crener": 4, "w2ner": 2, "ht_only": 2}
 
 
-def channel_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Dropout2d for channels-last grids (B, N, N, C): drops whole channels per example."""
-    if not training or p == 0.0:
-        return x
-    keep = torch.empty(x.size(0), 1, 1, x.size(-1), device=x.device, dtype=x.dtype).bernoulli_(1 - p)
-    return x * keep / (1 - p)
-
-
 class GridConvModule(nn.Module):
     """One convolution pass (eqs 5-8): CLN, grid embeddings, 1x1 conv, dilated convs.
 

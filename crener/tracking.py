@@ -56,7 +56,6 @@ SQLITE_PREFIX = "sqlite:///"
 # Values of the ``crener.state`` tag; MLflow's own status (RUNNING/FINISHED/FAILED/KILLED) is kept
 # in step, but a SIGKILLed process leaves its run RUNNING, so readers should trust neither blindly.
 STATE_RUNNING, STATE_FINISHED, STATE_FAILED = "running", "finished", "failed"
-STATES = (STATE_RUNNING, STATE_FINISHED, STATE_FAILED)
 # "diagnostic": runs of `crener curves`, never reused as sweep cells (like tune trials).
 SWEEPS = ("main", "ablation", "tune", "adhoc", "diagnostic")
 NOT_CELLS = ("tune", "diagnostic")

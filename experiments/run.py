@@ -61,26 +61,13 @@ def read_summary(workdir: Path) -> dict[str, Any] | None:
 
 
 def history_epochs(workdir: Path) -> list[tuple[int, dict[str, float]]]:
-    """``[(epoch, metrics), ...]`` from ``history.json`` (a list of per-epoch records, or
-    ``{"epochs": [...]}``); epochs are 1-based when a record has no ``epoch`` field."""
-    path = Path(workdir) / HISTORY_FILE
+    """``[(epoch, metrics), ...]`` from the ``history.json`` fit writes: a list of per-epoch
+    records ``{"epoch": 1, "train/loss": ..., "dev/f1": ..., ...}``."""
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        records = json.loads((Path(workdir) / HISTORY_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return []
-    records = raw.get("epochs", raw.get("history", [])) if isinstance(raw, dict) else raw
-    out = []
-    for i, rec in enumerate(records if isinstance(records, list) else []):
-        if not isinstance(rec, dict):
-            continue
-        epoch = int(rec.get("epoch", i + 1))
-        metrics = rec.get("metrics", rec)
-        out.append((epoch, {k: float(v) for k, v in metrics.items() if k != "epoch" and _is_number(v)}))
-    return out
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    return [(int(r["epoch"]), {k: float(v) for k, v in r.items() if k != "epoch"}) for r in records]
 
 
 def _fit(

@@ -62,7 +62,6 @@ LINK_MODES = ("and", "nnc_only", "or")
 
 # Tag kinds (one per label, see LabelSet.kind_ids). W2NER's NNW plays NNC's role and THW plays THC's.
 NNC, PNC, THC, HTC = 0, 1, 2, 3
-KIND_NAMES = ("NNC", "PNC", "THC", "HTC")
 UNTYPED = -1  # type id of a label that carries no entity type (NNC, PNC, untyped HTC, NNW)
 NONE_CLASS = 0  # single-label class of a cell with no label (W2NER's none/pad)
 CLASS_OFFSET = 1  # single-label class id = label index + CLASS_OFFSET
