@@ -63,11 +63,7 @@ def main(
 
     # --- tables
     built: list[tables.Table] = []
-    t1 = tables.dataset_table(loader=dataset_loader, data_root=data_root)
-    if t1 is None:
-        warnings.append("Table 1 skipped: crener.data.datasets.load_dataset is not available.")
-    else:
-        built.append(t1)
+    built.append(tables.dataset_table(loader=dataset_loader, data_root=data_root))
     built += [tables.main_table(index, n, profile, msra_protocol) for n in sorted(TABLE_DATASET)]
     t6 = tables.ablation_table(index, profile, msra_protocol)
     built.append(t6)

@@ -2,7 +2,7 @@
 
 This module is the single source of every number we *copy* rather than measure: Tables 1-6 of
 the paper, TENER's F1 (method.md §6.8) and the notes of §6.7. Tables, plots and
-``baselines/reported.py`` read them through :func:`paper_table`; nothing else should hard-code a
+:mod:`reports.reported` read them through :func:`paper_table`; nothing else should hard-code a
 paper value.
 
 Percentages are stored as printed in the paper (0-100). Our MLflow metrics are fractions, so

@@ -36,6 +36,7 @@ from reports.paper import (
     TABLE_DATASET,
     VARIANT_LABELS,
 )
+from reports.reported import REPORTED
 from reports.stats import MISSING
 
 log = logging.getLogger(__name__)
@@ -397,12 +398,8 @@ def main_table(index: RunIndex, n: int, profile: str, msra_protocol: str = "line
 
 
 def _not_rerun_reasons() -> dict[str, str]:
-    """System -> one-line reason it is not rerun, from ``baselines.reported`` when present."""
-    try:
-        from baselines.reported import REPORTED
-    except ImportError:
-        return {}
-    return {name: getattr(system, "reason", "") for name, system in REPORTED.items()}
+    """System -> one-line reason it is not rerun (:mod:`reports.reported`)."""
+    return {name: system.reason for name, system in REPORTED.items()}
 
 
 # --- Table 6 -----------------------------------------------------------------------------
@@ -643,22 +640,17 @@ def bootstrap_table(
 # --- Table 1 -----------------------------------------------------------------------------
 
 
-def dataset_table(loader: Callable[[str], Any] | None = None, data_root: str | None = None) -> Table | None:
+def dataset_table(loader: Callable[[str], Any] | None = None, data_root: str | None = None) -> Table:
     """Table 1: measured sentences/entities/types per split beside the paper's.
 
     ``loader(name)`` returns the dataset's splits (a mapping or an object with ``train``,
     ``dev``, ``test`` attributes, each a sequence of Sentence; a ``dev_is_test`` attribute marks
     a dev that is really the test set). Default: ``crener.data.datasets.load_dataset`` with the
-    default :class:`~crener.config.DataConfig` (whole splits); returns None (with a warning)
-    when the data layer is unavailable.
+    default :class:`~crener.config.DataConfig` (whole splits).
     """
     if loader is None:
-        try:
-            from crener.config import DataConfig
-            from crener.data.datasets import load_dataset
-        except ImportError:
-            log.warning("crener.data.datasets.load_dataset is not available: Table 1 skipped")
-            return None
+        from crener.config import DataConfig
+        from crener.data.datasets import load_dataset
 
         def loader(name: str) -> Any:
             return load_dataset(DataConfig(dataset=name, data_root=data_root))

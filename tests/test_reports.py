@@ -235,6 +235,19 @@ def test_breakdown_and_spearman():
     assert math.isnan(stats.spearman([1, 2], [1, 2]))
 
 
+def test_reported_systems_cover_the_paper_rows_we_do_not_rerun() -> None:
+    from reports.paper import RERUN_SYSTEMS, paper_table, paper_value
+    from reports.reported import REPORTED, reported_table
+
+    paper_systems = {s for n in (2, 3, 4, 5) for s in paper_table(n).system}
+    assert set(REPORTED) == paper_systems - set(RERUN_SYSTEMS)
+    df = reported_table()
+    assert set(df.system) == set(REPORTED)
+    assert all(df.reason.str.len() > 0)
+    row = df[(df.system == "VisPhone") & (df.dataset == "weibo")].iloc[0]
+    assert row.f1 == paper_value(2, "VisPhone", "weibo")  # numbers come from reports.paper, not copies
+
+
 # --- collect ------------------------------------------------------------------------------
 
 
@@ -290,8 +303,7 @@ def test_main_table_cells(index, store):
     assert labelled(shown, "BERT-CRF")["F1 ours"] == "—" and labelled(shown, "TENER")["F1 paper"] == "58.17"
     assert labelled(shown, "MECT")["Source"] == "reported" and labelled(shown, "MECT")["F1 ours"] == ""
     assert "bert_crf/full on weibo: all seeds (0, 1, 2)" in t.missing
-    if tables._not_rerun_reasons():  # baselines/reported.py gives a reason per reported row
-        assert any(n.startswith("Not rerun: MECT — ") for n in t.notes)
+    assert any(n.startswith("Not rerun: MECT — ") for n in t.notes)  # reports/reported.py's reason
     data = t.data.set_index("system")
     assert data.loc["CRENER", "run_ids"].split(";") == [
         rid(store, "crener", "full", "weibo", s) for s in SEEDS

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from reports.paper import TABLE_DATASET, paper_table
+
 
 @dataclass(frozen=True)
 class ReportedSystem:
@@ -86,8 +88,6 @@ def reported_table() -> pd.DataFrame:
     """One row per (not-rerun system, dataset) of Tables 2-5: the paper's P/R/F1 and note,
     plus ``needs`` and ``reason``. Systems absent from a table (e.g. MSFM on OntoNotes) have no row.
     """
-    from reports.paper import TABLE_DATASET, paper_table
-
     frames = []
     for n in TABLE_DATASET:
         df = paper_table(n)
