@@ -24,8 +24,7 @@ from torch import nn
 from crener.config import ModelConfig
 from crener.data.batching import Batch
 from crener.encoder import CharEncoder
-from crener.layers import BiLSTM
-from crener.model import CoPredictor, GridConvModule
+from crener.layers import BiLSTM, CoPredictor, GridConvModule
 from crener.tasks import Task
 
 

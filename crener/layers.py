@@ -1,6 +1,9 @@
-"""Leaf layers with plain-size constructors, shared by CRENER and the baselines.
+"""Layers with plain-size constructors, shared by CRENER and the baselines.
 
 Nothing here reads a config object: W2NER, TENER and CRENER wire these with their own widths.
+Besides the leaves (CLN, dilated convolutions, biaffine, MLP, the adapted Transformer, BiLSTM),
+the two grid blocks CRENER and W2NER both build live here, :class:`GridConvModule` (eqs 5-8) and
+:class:`CoPredictor` (eqs 16-18), so a baseline never imports CRENER itself.
 Grid tensors are channels-last, (B, N, N, C), except inside :class:`DilatedConvBlock`.
 """
 
@@ -11,6 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from crener.data.features import NUM_DIST_IDS, NUM_REGION_IDS, distance_ids, region_ids
 
 CLN_EPS = 1e-12  # W2NER's epsilon
 
@@ -349,3 +354,235 @@ def masked_row_col_max(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tenso
     ties every tied cell gets the whole gradient instead of a share (a measure-zero difference).
     """
     return _RowColMax.apply(x, mask)
+
+
+# --------------------------------------------------------------------------- grid blocks
+
+
+class GridConvModule(nn.Module):
+    """One convolution pass (eqs 5-8): CLN, grid embeddings, 1x1 conv, dilated convs.
+
+    Returns Q, (B, N, N, out_dim), zero on padded cells. ``attn_heads`` > 0 adds the attention
+    matrix embedding E^a built from the Transformer's last-layer probabilities.
+    """
+
+    def __init__(
+        self,
+        hidden: int,
+        channels: int,
+        *,
+        dist_dim: int = 0,
+        region_dim: int = 0,
+        attn_heads: int = 0,
+        attn_dim: int = 0,
+        dropout: float = 0.5,
+        dilations: tuple[int, ...] | None = (1, 2, 3),
+        chain: bool = False,
+        orientation: str = "paper",
+        input_form: str = "split",
+        space_to_batch: bool = True,
+    ):
+        super().__init__()
+        self.orientation = orientation
+        self.input_form = input_form
+        self.dropout = dropout
+        self.cln = ConditionalLayerNorm(hidden, hidden)
+        self.dist_emb = nn.Embedding(NUM_DIST_IDS, dist_dim) if dist_dim else None
+        self.region_emb = nn.Embedding(NUM_REGION_IDS, region_dim) if region_dim else None
+        self.attn_proj = nn.Linear(attn_heads, attn_dim) if attn_heads else None
+        in_dim = hidden + dist_dim + region_dim + (attn_dim if attn_heads else 0)
+        self.reduce = nn.Linear(in_dim, channels)  # the 1x1 convolution, channels-last
+        self.dconv = DilatedConvBlock(channels, dilations, chain, space_to_batch) if dilations else None
+        self.out_dim = self.dconv.out_dim if self.dconv is not None else channels
+
+    def forward(
+        self,
+        s: torch.Tensor,
+        o: torch.Tensor,
+        mask: torch.Tensor,
+        attn: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        form = {"split": self._split, "concat": self._concat, "factored": self._factored}[self.input_form]
+        c = form(s, o, mask, attn)  # (B, N, N, d_c), the same function in each form (tested)
+        if self.dconv is not None:
+            c = self.dconv(c, mask)  # (B, N, N, rates * d_c)
+        return c
+
+    def _concat(
+        self, s: torch.Tensor, o: torch.Tensor, mask: torch.Tensor, attn: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Eq. 7 as written: concatenate [CLN(s, o); E^d; E^r; E^a] on the grid, then the 1x1 conv."""
+        b, n = s.size(0), s.size(1)
+        v = self.cln(o, s) if self.orientation == "paper" else self.cln(s, o).transpose(1, 2)
+        parts = [v]
+        for emb, ids_fn in ((self.dist_emb, distance_ids), (self.region_emb, region_ids)):
+            if emb is not None:
+                parts.append(emb(ids_fn(n, s.device)).expand(b, -1, -1, -1))
+        if self.attn_proj is not None:
+            parts.append(self.attn_proj(attn.to(s.dtype).permute(0, 2, 3, 1)))
+        x = torch.cat(parts, dim=-1)  # (B, N, N, in_dim)
+        keep = self._channel_keep(b, x.size(-1), s)  # the same draws as the factored path
+        if keep is not None:
+            x = x * keep[:, None, None, :]
+        return F.gelu(self.reduce(x)) * mask[..., None].to(x.dtype)
+
+    def _split(
+        self, s: torch.Tensor, o: torch.Tensor, mask: torch.Tensor, attn: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Eq. 7 with only the CLN grid materialised (the default form).
+
+        The 1x1 conv is linear, so it splits over the concatenated parts: the d_h-wide CLN grid
+        goes through one large matmul, while each d_E-wide embedding goes through its small
+        table (ids x d_c) before a one-hot matmul puts it on the grid, and the attention matrix
+        through a heads -> d_c map. Channel dropout (a per-example mask on input channels) folds
+        into gamma, beta and those small maps. This saves the (B, N, N, d_h + 3 d_E) concatenation
+        and its dropout product, forward and backward, in every round.
+        """
+        w = self.reduce.weight  # (d_c, in_dim), column blocks: [CLN | dist | region | attn]
+        keep = self._channel_keep(s.size(0), w.size(1), s)  # (B, in_dim) or None
+        normed, gamma, beta = self._cln_factors(s, o, keep)  # (B, N, d_h) each
+        if self.orientation == "paper":  # row i conditions, column j is normalised
+            v = torch.addcmul(beta[:, :, None], gamma[:, :, None], normed[:, None])
+        else:  # W2NER's code: the transpose, row i normalised, column j conditions
+            v = torch.addcmul(beta[:, None], gamma[:, None], normed[:, :, None])
+        c = F.linear(v, w[:, : normed.size(-1)], self.reduce.bias)  # (B, N, N, d_c)
+        return F.gelu(self._small_parts(c, keep, attn)) * mask[..., None].to(c.dtype)
+
+    def _cln_factors(
+        self, s: torch.Tensor, o: torch.Tensor, keep: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(normalised, gamma, beta) of the CLN grid, with channel dropout folded into gamma and beta."""
+        x, cond = (o, s) if self.orientation == "paper" else (s, o)
+        normed, gamma, beta = self.cln.parts(x, cond)  # (B, N, d_h) each
+        if keep is not None:
+            hidden = normed.size(-1)
+            gamma = gamma * keep[:, None, :hidden]
+            beta = beta * keep[:, None, :hidden]
+        return normed, gamma, beta
+
+    def _small_parts(
+        self, c: torch.Tensor, keep: torch.Tensor | None, attn: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``c`` (B, N, N, d_c) plus the 1x1 conv of the distance, region and attention parts.
+
+        Each embedding goes through its small table (ids x d_c, channel dropout folded in) and a
+        one-hot matmul puts it on the grid: a gather's backward (index_put with accumulation into
+        a 20-row table) cost more than the whole forward of this part.
+        """
+        n = c.size(1)
+        w = self.reduce.weight
+        col = self.cln.gamma.out_features
+        onehots, projs = [], []
+        for emb, ids_fn in ((self.dist_emb, distance_ids), (self.region_emb, region_ids)):
+            if emb is None:
+                continue
+            dim = emb.embedding_dim
+            table = emb.weight[None]  # (1, ids, d_E)
+            if keep is not None:
+                table = table * keep[:, None, col : col + dim]
+            projs.append(table @ w[:, col : col + dim].t())  # (B or 1, ids, d_c)
+            onehots.append(F.one_hot(ids_fn(n, c.device), emb.num_embeddings))  # (N, N, ids)
+            col += dim
+        if projs:
+            onehot = torch.cat(onehots, dim=-1).reshape(n * n, -1).to(c.dtype)
+            proj = torch.cat(projs, dim=1)  # (B or 1, ids, d_c): all with dropout or none
+            c = c + torch.matmul(onehot, proj).reshape(-1, n, n, c.size(-1))  # broadcast over B if 1
+        if self.attn_proj is not None:
+            c = c + self._attn_part(attn.to(c.dtype), w[:, col:], keep[:, col:] if keep is not None else None)
+        return c
+
+    def _attn_part(self, probs: torch.Tensor, w_a: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """The attention embedding through the 1x1 conv: (B, heads, N, N) -> (B, N, N, d_c)."""
+        if keep is not None:
+            w_a = w_a[None] * keep[:, None, :]  # (B, d_c, d_E)
+        w_eff = w_a @ self.attn_proj.weight  # (B or -, d_c, heads): attn_proj then the 1x1 conv
+        b_eff = w_a @ self.attn_proj.bias  # (B or -, d_c)
+        if w_eff.dim() == 2:
+            return torch.einsum("bhij,ch->bijc", probs, w_eff) + b_eff
+        return torch.einsum("bhij,bch->bijc", probs, w_eff) + b_eff[:, None, None, :]
+
+    def _factored(
+        self, s: torch.Tensor, o: torch.Tensor, mask: torch.Tensor, attn: torch.Tensor | None
+    ) -> torch.Tensor:
+        """C = GELU(Conv1x1(Dropout2d([CLN(s, o); E^d; E^r; E^a]))), the input of the dilated convs.
+
+        Computed without materialising the concatenated (B, N, N, d_h + 3 d_E) input: the 1x1
+        conv is linear, so it is applied to each part separately (the CLN grid through its
+        factors, each embedding through its small table), and channel dropout, a per-example
+        mask on input channels, folds into those factors. Same function as the naive form (a
+        test checks it). Not the default: its (B, N, d_c, d_h) factor is no smaller than the grid
+        while N < d_c, and on CPU it measured slower (W2NER at paper widths: 10.1 vs 12.5
+        training sentences/s, 2.9 vs 2.4 GB peak, `crener bench --suite levers`).
+        """
+        w = self.reduce.weight  # (d_c, in_dim), column blocks: [CLN | dist | region | attn]
+        keep = self._channel_keep(s.size(0), w.size(1), s)  # (B, in_dim) or None
+        # CLN part: out[i, j] = W_v (gamma_i * n_j + beta_i), rows condition, columns are normalised.
+        normed, gamma, beta = self._cln_factors(s, o, keep)  # (B, N, d_h) each
+        w_v = w[:, : normed.size(-1)]
+        g = gamma[:, :, None, :] * w_v[None, None]  # (B, N, d_c, d_h): W_v diag(gamma_i)
+        c = torch.matmul(g, normed.transpose(1, 2)[:, None])  # (B, N, d_c, N): row i, column j
+        c = c.transpose(2, 3) + (beta @ w_v.t())[:, :, None, :]  # (B, N, N, d_c)
+        if self.orientation != "paper":
+            c = c.transpose(1, 2)  # W2NER code: normalise the row, condition on the column
+        return F.gelu(self._small_parts(c + self.reduce.bias, keep, attn)) * mask[..., None].to(c.dtype)
+
+    def _channel_keep(self, b: int, width: int, like: torch.Tensor) -> torch.Tensor | None:
+        """Dropout2d's per-example channel mask, scaled by 1 / (1 - p); None when inactive."""
+        if not self.training or self.dropout == 0.0:
+            return None
+        keep = torch.empty(b, width, device=like.device, dtype=like.dtype).bernoulli_(1 - self.dropout)
+        return keep / (1 - self.dropout)
+
+
+class CoPredictor(nn.Module):
+    """Biaffine over character pairs plus an MLP over grid features; scores are summed (eqs 16-18)."""
+
+    def __init__(
+        self,
+        num_labels: int,
+        *,
+        char_dim: int,
+        grid_dim: int,
+        biaffine_dim: int,
+        ffn_dim: int,
+        dropout: float,
+        use_biaffine: bool = True,
+        use_mlp: bool = True,
+        fast_dropout: bool = False,
+    ):
+        super().__init__()
+        self.dropout = GridDropout(dropout, fast_dropout)
+        self.mlp_s = MLP(char_dim, biaffine_dim, dropout, fast_dropout) if use_biaffine else None
+        self.mlp_o = MLP(char_dim, biaffine_dim, dropout, fast_dropout) if use_biaffine else None
+        self.biaffine = Biaffine(biaffine_dim, num_labels) if use_biaffine else None
+        self.mlp_rel = MLP(grid_dim, ffn_dim, dropout, fast_dropout) if use_mlp else None
+        self.linear = nn.Linear(ffn_dim, num_labels) if use_mlp else None
+
+    @torch.no_grad()
+    def set_output_bias(self, bias: torch.Tensor) -> None:
+        """Start each label's score at ``bias`` (its prior log-odds, say) instead of about 0.
+
+        The summed score has two constant terms, the MLP head's bias and the biaffine's [1; 1]
+        entry of U (eq. 16); the first that exists takes ``bias`` and the other is zeroed, so every
+        logit moves by exactly ``bias`` minus the old constant."""
+        bias = bias.to(self.biaffine.weight if self.biaffine is not None else self.linear.weight)
+        affine_const = None
+        if self.biaffine is not None and self.biaffine.bias_x and self.biaffine.bias_y:
+            affine_const = self.biaffine.weight[:, -1, -1]
+        if self.linear is not None:
+            self.linear.bias.copy_(bias)
+            if affine_const is not None:
+                affine_const.zero_()
+        elif affine_const is not None:
+            affine_const.copy_(bias)
+        else:
+            raise ValueError("the biaffine was built without its constant term: no output bias to set")
+
+    def forward(self, s: torch.Tensor, o: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        logits = None
+        if self.biaffine is not None:
+            logits = self.biaffine(self.dropout(self.mlp_s(s)), self.dropout(self.mlp_o(o)))
+        if self.mlp_rel is not None:
+            y = self.linear(self.dropout(self.mlp_rel(grid)))
+            logits = y if logits is None else logits + y
+        return logits  # (B, N, N, L)

@@ -12,7 +12,7 @@ import torch
 
 from crener.config import ModelConfig
 from crener.data.batching import Example
-from crener.model import CoPredictor
+from crener.layers import CoPredictor
 from crener.tasks import GridTask
 from crener.train import fit, replace_with_unk, start_from_priors, unk_replacement_probs
 from tests.conftest import SENTENCES, TYPES
