@@ -62,9 +62,10 @@ def bench_config(width: str, model: str, variant: str, overrides: dict[str, Any]
 def _setup(cfg: RunConfig, n_sentences: int, tmp: Path):
     from crener.data.datasets import load_dataset
     from crener.data.split import split_all
+    from crener.evaluation import featurize
     from crener.model import build_model
     from crener.tasks import build_task
-    from crener.train import featurize, load_encoder
+    from crener.train import load_encoder
 
     data = load_dataset(cfg.data, seed=0)
     task = build_task(cfg.model, data.types)
@@ -81,7 +82,8 @@ def _setup(cfg: RunConfig, n_sentences: int, tmp: Path):
 def measure_speed(cfg: RunConfig, n_sentences: int) -> dict[str, float]:
     """Training and inference sentences/s on ``n_sentences`` Resume training sentences."""
     from crener.data.batching import collate, make_batches
-    from crener.train import autocast, keep_large_tensors_on_heap, predict_examples, resolve_device
+    from crener.evaluation import autocast, predict_examples, resolve_device
+    from crener.train import keep_large_tensors_on_heap
 
     device = resolve_device(cfg.train.device)
     keep_large_tensors_on_heap(cfg.train.heap_tensors)
@@ -140,9 +142,10 @@ def memory_probe(cfg: RunConfig, length: int, batch: int = 1) -> dict[str, float
     training step, so on CPU it only shows when it exceeds the training peak)."""
     from crener.data.batching import Example, collate
     from crener.data.schema import Entity
+    from crener.evaluation import autocast, resolve_device
     from crener.model import build_model
     from crener.tasks import build_task
-    from crener.train import autocast, keep_large_tensors_on_heap, resolve_device
+    from crener.train import keep_large_tensors_on_heap
 
     device = resolve_device(cfg.train.device)
     keep_large_tensors_on_heap(cfg.train.heap_tensors)  # as in training: the heap's peak, not mmaps'

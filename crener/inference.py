@@ -1,17 +1,12 @@
-"""Load a trained checkpoint and use it: score a dataset split, or tag raw text.
-
-Checkpoints are self-contained: besides the weights they carry the resolved config, the entity
-types, the encoder's architecture (BERT config) and its vocabulary, so a checkpoint can be
-evaluated or used for prediction without the run directory or a model hub. They are read with
-``torch.load(weights_only=True)``.
-"""
+"""Load a trained checkpoint (:mod:`crener.checkpoint`) and use it: score a dataset split, or
+tag raw text."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
-from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,40 +14,16 @@ from typing import Any
 
 from torch import nn
 
+from crener.checkpoint import load_checkpoint, rebuild_encoder
 from crener.config import RunConfig
 from crener.data.schema import Sentence
-from crener.encoder import CharEncoder, CharTokenizer
+from crener.data.split import merge_predictions, split_blind
+from crener.encoder import CharTokenizer
 from crener.errors import CheckpointError, DataError
+from crener.evaluation import build_split, evaluate, featurize, predict_examples, resolve_device
 from crener.tasks import Task, build_task
 
 log = logging.getLogger(__name__)
-
-
-def encoder_state(encoder: CharEncoder, tokenizer: CharTokenizer) -> dict[str, str]:
-    """What a checkpoint needs to rebuild the encoder without its original files."""
-    tok = tokenizer.tokenizer
-    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
-    return {
-        "encoder_config": json.dumps(encoder.bert.config.to_dict()),
-        "encoder_vocab": json.dumps([t for t, _ in vocab], ensure_ascii=False),
-        "encoder_lowercase": json.dumps(bool(getattr(tok, "do_lower_case", False))),
-    }
-
-
-def rebuild_encoder(state: dict[str, Any], last4_mean: bool) -> tuple[CharEncoder, CharTokenizer]:
-    from transformers import BertConfig, BertModel, BertTokenizer
-
-    try:
-        bert_cfg = BertConfig.from_dict(json.loads(state["encoder_config"]))
-        vocab = json.loads(state["encoder_vocab"])
-        lower = json.loads(state.get("encoder_lowercase", "false"))
-    except KeyError as exc:
-        raise CheckpointError(f"checkpoint lacks the encoder description ({exc})") from exc
-    tokenizer = BertTokenizer(
-        vocab=OrderedDict((t, i) for i, t in enumerate(vocab)), do_lower_case=lower, strip_accents=False
-    )
-    bert = BertModel(bert_cfg, add_pooling_layer=False)
-    return CharEncoder(bert, last4_mean), CharTokenizer.from_tokenizer(tokenizer)
 
 
 @dataclass
@@ -66,7 +37,6 @@ class Loaded:
 
 def load_for_inference(path: str | Path, device: str = "cpu") -> Loaded:
     from crener.model import build_model
-    from crener.train import load_checkpoint
 
     state = load_checkpoint(Path(path))
     cfg = RunConfig.from_flat(json.loads(state["config"]))
@@ -83,10 +53,7 @@ def load_for_inference(path: str | Path, device: str = "cpu") -> Loaded:
 
 def evaluate_checkpoint(path: str | Path, *, dataset: str | None = None, split: str = "test",
                         data_root: str | None = None) -> dict[str, Any]:  # fmt: skip
-    import dataclasses
-
     from crener.data.datasets import load_dataset
-    from crener.train import build_split, evaluate, resolve_device
 
     loaded = load_for_inference(path)
     cfg = loaded.cfg
@@ -135,8 +102,6 @@ class Predictor:
     """Tags sentences of any length: long ones are split (data.max_len) and merged back."""
 
     def __init__(self, loaded: Loaded, device: str = "auto"):
-        from crener.train import resolve_device
-
         self.loaded = loaded
         self.device = resolve_device(device)
         loaded.model.to(self.device)
@@ -146,9 +111,6 @@ class Predictor:
         return cls(load_for_inference(path))
 
     def predict(self, sentences: Iterable[Sentence]) -> Iterator[dict[str, Any]]:
-        from crener.data.split import merge_predictions, split_blind
-        from crener.train import featurize, predict_examples
-
         sentences = list(sentences)
         chunks = split_blind(sentences, self.loaded.cfg.data.max_len)
         examples = featurize(chunks, self.loaded.task, self.loaded.tokenizer)

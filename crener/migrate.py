@@ -142,7 +142,7 @@ def _move_folder(profile_dir: Path, old: str, new: str, *, dry_run: bool) -> tup
 
 def _rewrite_keys(workdir: Path, key: str) -> int:
     """Write ``key`` into the checkpoints and ``summary.json`` of ``workdir`` where it differs."""
-    from crener.train import load_checkpoint, save_checkpoint  # (loads torch)
+    from crener.checkpoint import load_checkpoint, save_checkpoint  # (loads torch)
 
     changed = 0
     for path in sorted(workdir.glob(CHECKPOINT_GLOB)):

@@ -1,4 +1,4 @@
-"""Training and evaluation loop shared by CRENER and every baseline (method.md §4, §5).
+"""Training loop shared by CRENER and every baseline (method.md §4, §5).
 
 ``fit(cfg, workdir)`` is the whole protocol: seed, load and split the data, build (or load)
 the encoder, train with AdamW (separate encoder and head learning rates, linear warm-up and
@@ -7,7 +7,8 @@ once with it, and write everything a report needs into ``workdir``. A checkpoint
 after each epoch; ``resume=True`` continues from it to exactly the result of an uninterrupted
 run (model, optimiser, scheduler and RNG states are restored; the data order of an epoch is a
 pure function of (seed, epoch)). No tracking library is imported here: a callback receives
-the per-epoch metrics.
+the per-epoch metrics. Predicting and scoring a split live in :mod:`crener.evaluation`, the
+checkpoint format in :mod:`crener.checkpoint`.
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ import random
 import sys
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +29,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from crener.checkpoint import CHECKPOINT_VERSION, encoder_state, load_checkpoint, save_checkpoint
 from crener.config import ModelConfig, RunConfig
 from crener.data.batching import Example, collate, make_batches
 from crener.data.datasets import load_dataset
 from crener.data.digest import dataset_digest
 from crener.data.schema import Entity, Sentence
-from crener.data.split import Chunk, merge_predictions, split_all, split_blind
+from crener.data.split import split_all
 from crener.encoder import (
     EMBEDDED,
     CharEncoder,
@@ -45,14 +45,19 @@ from crener.encoder import (
     load_pretrained,
 )
 from crener.errors import CheckpointError, CrenerError
-from crener.inference import encoder_state
-from crener.metrics import score
+from crener.evaluation import (
+    Split,
+    autocast,
+    build_split,
+    evaluate,
+    featurize,
+    resolve_device,
+    shifted_f1,
+)
 from crener.model import build_model
 from crener.tasks import Task, build_task
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_VERSION = 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -63,15 +68,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CrenerError(f"train.device={name} but CUDA is not available; use train.device=cpu")
-    return device
 
 
 # glibc mallopt parameters (malloc.h)
@@ -129,34 +125,6 @@ def load_encoder(
     encoder = CharEncoder(bert, cfg.model.last4_mean)
     encoder.source = str(name)  # where the weights came from (keys the frozen-feature cache)
     return encoder, tokenizer
-
-
-@dataclass
-class Split:
-    """One evaluation split: original sentences, their chunks and featurised examples."""
-
-    name: str
-    sentences: list[Sentence]
-    chunks: list[Chunk]
-    examples: list[Example]
-
-
-def featurize(chunks: Sequence[Chunk], task: Task, tokenizer: CharTokenizer) -> list[Example]:
-    out = []
-    for k, chunk in enumerate(chunks):
-        s = chunk.sentence
-        ids = np.asarray(tokenizer.encode(s.chars), dtype=np.int64)
-        out.append(Example(index=k, token_ids=ids, targets=task.featurize(s.entities, len(s)), n=len(s)))
-    return out
-
-
-def build_split(
-    name: str, sentences: list[Sentence], max_len: int, task: Task, tokenizer: CharTokenizer
-) -> Split:
-    """An evaluation split, cut blind to its gold (crener.data.split): its examples carry no
-    targets, and its gold is only read when scoring against the original sentences."""
-    chunks = split_blind(sentences, max_len)
-    return Split(name, sentences, chunks, featurize(chunks, task, tokenizer))
 
 
 def parameter_groups(model: nn.Module, cfg: RunConfig) -> list[dict[str, Any]]:
@@ -220,12 +188,6 @@ def linear_schedule(total_steps: int, warmup: float):
     return factor
 
 
-def autocast(device: torch.device, enabled: bool):
-    if not enabled:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
 # --------------------------------------------------------------------------------------------
 # one epoch, evaluation
 
@@ -287,86 +249,6 @@ def train_one_epoch(
         bar.close()
     seconds = time.perf_counter() - start
     return {"train/loss": total / max(count, 1), "train/sentences_per_s": sentences / max(seconds, 1e-9)}
-
-
-@torch.inference_mode()
-def predict_examples(
-    model: nn.Module, task: Task, examples: Sequence[Example], device: torch.device, cfg: RunConfig
-) -> list[set[Entity]]:
-    """Predicted entities per example (chunk), in example order."""
-    model.eval()
-    preds: list[set[Entity]] = [set() for _ in examples]
-    lengths = [e.n for e in examples]
-    for idx in make_batches(lengths, max_cells=cfg.train.eval_max_cells, batch_size=cfg.train.batch_size):
-        batch = collate([examples[i] for i in idx], "none", task.num_labels).to(device)
-        with autocast(device, cfg.train.bf16):
-            outputs = model(batch)
-        for i, entities in zip(idx, task.decode(outputs, batch)):
-            preds[i] = entities
-    return preds
-
-
-def evaluate(model: nn.Module, task: Task, split: Split, device: torch.device, cfg: RunConfig):
-    """Scores on the original (unsplit) sentences, and the per-sentence predictions."""
-    chunk_preds = predict_examples(model, task, split.examples, device, cfg)
-    preds = merge_predictions(split.chunks, chunk_preds, len(split.sentences))
-    gold = [set(s.entities) for s in split.sentences]
-    return score(gold, preds), preds
-
-
-# Decision-threshold shifts of the diagnostic (logit units; positive = more positive cells).
-THRESHOLD_SHIFTS = (-4.0, -2.0, -1.0, 0.0, 1.0, 2.0, 4.0, 6.0, 8.0)
-
-
-@torch.inference_mode()
-def shifted_f1(
-    model: nn.Module, task: Task, split: Split, device: torch.device, cfg: RunConfig,
-    shifts: Sequence[float] = THRESHOLD_SHIFTS,
-) -> dict[float, float]:  # fmt: skip
-    """Dev F1 with every decision threshold moved by each shift: one forward pass, one decode each.
-
-    F1 at the best shift far above F1 at 0 means the model ranks entity cells above the rest but
-    is not calibrated yet; both at 0 means it has learned nothing. Grid tasks only."""
-    model.eval()
-    preds = {d: [set() for _ in split.examples] for d in shifts}
-    lengths = [e.n for e in split.examples]
-    for idx in make_batches(lengths, max_cells=cfg.train.eval_max_cells, batch_size=cfg.train.batch_size):
-        batch = collate([split.examples[i] for i in idx], "none", task.num_labels).to(device)
-        with autocast(device, cfg.train.bf16):
-            outputs = model(batch)
-        for d in shifts:
-            for i, entities in zip(idx, task.decode(task.shifted(outputs, d, task.target), batch)):
-                preds[d][i] = entities
-    gold = [set(s.entities) for s in split.sentences]
-    return {
-        d: score(gold, merge_predictions(split.chunks, p, len(split.sentences))).micro.f1
-        for d, p in preds.items()
-    }
-
-
-# --------------------------------------------------------------------------------------------
-# checkpoints
-
-
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Atomic write (temp file + rename), so a kill mid-save leaves the previous checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load with ``weights_only=True``: a checkpoint can hold tensors and plain data, never code."""
-    if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for a corrupt file
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
-    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION or "model" not in state:
-        raise CheckpointError(f"{path} is not a crener checkpoint (version {CHECKPOINT_VERSION})")
-    return state
 
 
 # --------------------------------------------------------------------------------------------

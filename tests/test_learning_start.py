@@ -168,7 +168,7 @@ def test_step_curve_is_written_and_changes_no_training_result(data_root, tmp_pat
 
 
 def test_frozen_encoder_gets_no_update(data_root, tmp_path):  # noqa: F811
-    from crener.train import load_checkpoint
+    from crener.checkpoint import load_checkpoint
 
     cfg = tiny_cfg(data_root, **{"train.epochs": 1, "train.encoder_lr": 0.0})
     fit(cfg, tmp_path / "frozen")

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from crener.checkpoint import CHECKPOINT_VERSION, load_checkpoint, save_checkpoint
 from crener.cli import main
 from crener.config import RunConfig
 from crener.migrate import LEGACY_KEY_TAG, migrate_store, rebuild_config
 from crener.tracking import Tracker
-from crener.train import CHECKPOINT_VERSION, load_checkpoint, save_checkpoint
 
 try:  # the shared MLflow store fixture
     from test_tracking import mlflow_store, smoke_cfg

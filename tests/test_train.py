@@ -10,10 +10,11 @@ import sys
 import pytest
 import torch
 
+from crener.checkpoint import load_checkpoint
 from crener.cli import main as cli_main
 from crener.config import build_run_config
 from crener.errors import CheckpointError, CrenerError
-from crener.train import fit, load_checkpoint
+from crener.train import fit
 from tests.conftest import SENTENCES
 
 

@@ -1,0 +1,124 @@
+"""Predict and score a split: what training (dev every epoch, test once), ``crener evaluate``,
+``crener predict`` and ``crener bench`` share.
+
+An evaluation split is cut blind to its gold (:func:`crener.data.split.split_blind`), predicted
+chunk by chunk under the evaluation cell budget, merged back and scored on the original
+sentences (:mod:`crener.metrics`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from crener.config import RunConfig
+from crener.data.batching import Example, collate, make_batches
+from crener.data.schema import Entity, Sentence
+from crener.data.split import Chunk, merge_predictions, split_blind
+from crener.encoder import CharTokenizer
+from crener.errors import CrenerError
+from crener.metrics import score
+from crener.tasks import Task
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CrenerError(f"train.device={name} but CUDA is not available; use train.device=cpu")
+    return device
+
+
+def autocast(device: torch.device, enabled: bool):
+    if not enabled:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+@dataclass
+class Split:
+    """One evaluation split: original sentences, their chunks and featurised examples."""
+
+    name: str
+    sentences: list[Sentence]
+    chunks: list[Chunk]
+    examples: list[Example]
+
+
+def featurize(chunks: Sequence[Chunk], task: Task, tokenizer: CharTokenizer) -> list[Example]:
+    out = []
+    for k, chunk in enumerate(chunks):
+        s = chunk.sentence
+        ids = np.asarray(tokenizer.encode(s.chars), dtype=np.int64)
+        out.append(Example(index=k, token_ids=ids, targets=task.featurize(s.entities, len(s)), n=len(s)))
+    return out
+
+
+def build_split(
+    name: str, sentences: list[Sentence], max_len: int, task: Task, tokenizer: CharTokenizer
+) -> Split:
+    """An evaluation split, cut blind to its gold (crener.data.split): its examples carry no
+    targets, and its gold is only read when scoring against the original sentences."""
+    chunks = split_blind(sentences, max_len)
+    return Split(name, sentences, chunks, featurize(chunks, task, tokenizer))
+
+
+@torch.inference_mode()
+def predict_examples(
+    model: nn.Module, task: Task, examples: Sequence[Example], device: torch.device, cfg: RunConfig
+) -> list[set[Entity]]:
+    """Predicted entities per example (chunk), in example order."""
+    model.eval()
+    preds: list[set[Entity]] = [set() for _ in examples]
+    lengths = [e.n for e in examples]
+    for idx in make_batches(lengths, max_cells=cfg.train.eval_max_cells, batch_size=cfg.train.batch_size):
+        batch = collate([examples[i] for i in idx], "none", task.num_labels).to(device)
+        with autocast(device, cfg.train.bf16):
+            outputs = model(batch)
+        for i, entities in zip(idx, task.decode(outputs, batch)):
+            preds[i] = entities
+    return preds
+
+
+def evaluate(model: nn.Module, task: Task, split: Split, device: torch.device, cfg: RunConfig):
+    """Scores on the original (unsplit) sentences, and the per-sentence predictions."""
+    chunk_preds = predict_examples(model, task, split.examples, device, cfg)
+    preds = merge_predictions(split.chunks, chunk_preds, len(split.sentences))
+    gold = [set(s.entities) for s in split.sentences]
+    return score(gold, preds), preds
+
+
+# Decision-threshold shifts of the diagnostic (logit units; positive = more positive cells).
+THRESHOLD_SHIFTS = (-4.0, -2.0, -1.0, 0.0, 1.0, 2.0, 4.0, 6.0, 8.0)
+
+
+@torch.inference_mode()
+def shifted_f1(
+    model: nn.Module, task: Task, split: Split, device: torch.device, cfg: RunConfig,
+    shifts: Sequence[float] = THRESHOLD_SHIFTS,
+) -> dict[float, float]:  # fmt: skip
+    """Dev F1 with every decision threshold moved by each shift: one forward pass, one decode each.
+
+    F1 at the best shift far above F1 at 0 means the model ranks entity cells above the rest but
+    is not calibrated yet; both at 0 means it has learned nothing. Grid tasks only."""
+    model.eval()
+    preds = {d: [set() for _ in split.examples] for d in shifts}
+    lengths = [e.n for e in split.examples]
+    for idx in make_batches(lengths, max_cells=cfg.train.eval_max_cells, batch_size=cfg.train.batch_size):
+        batch = collate([split.examples[i] for i in idx], "none", task.num_labels).to(device)
+        with autocast(device, cfg.train.bf16):
+            outputs = model(batch)
+        for d in shifts:
+            for i, entities in zip(idx, task.decode(task.shifted(outputs, d, task.target), batch)):
+                preds[d][i] = entities
+    gold = [set(s.entities) for s in split.sentences]
+    return {
+        d: score(gold, merge_predictions(split.chunks, p, len(split.sentences))).micro.f1
+        for d, p in preds.items()
+    }
