@@ -11,10 +11,11 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from baselines.bert_softmax import BertTagger
+from baselines.bert_softmax import TAGGER_DEFAULTS, BertTagger, search_space
 from baselines.sequence import SequenceTask
-from crener.config import ModelConfig
+from crener.config import ENCODER_FIELDS, ModelConfig
 from crener.encoder import CharEncoder
+from crener.registry import ModelFamily
 
 
 def build_task(cfg: ModelConfig, types: Sequence[str]) -> SequenceTask:
@@ -23,3 +24,15 @@ def build_task(cfg: ModelConfig, types: Sequence[str]) -> SequenceTask:
 
 def build_model(cfg: ModelConfig, task: SequenceTask, encoder: CharEncoder) -> nn.Module:
     return BertTagger(cfg, task.num_labels, encoder, crf=task.tags.build_crf())
+
+
+FAMILY = ModelFamily(
+    name="bert_crf",
+    build_model=build_model,
+    build_task=build_task,
+    fields=frozenset(ENCODER_FIELDS),  # encoder -> dropout -> linear -> CRF over BIOES tags
+    defaults=TAGGER_DEFAULTS,
+    search_space=search_space,
+    label="BERT-CRF",
+    order=3,
+)

@@ -8,15 +8,21 @@ which adds a CRF on the same emissions. ``model.emb_dropout`` is the dropout bef
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from baselines.crf import CRF
 from baselines.sequence import SequenceTask
-from crener.config import ModelConfig
+from crener import search
+from crener.config import ENCODER_FIELDS, ModelConfig, RunConfig
 from crener.data.batching import Batch
 from crener.encoder import CharEncoder
+from crener.registry import ModelFamily
+
+# Neither tagger has a context layer; "none" also spares them the Transformer's width checks.
+TAGGER_DEFAULTS = {"model.context": "none", "model.attn_matrix": "none"}
 
 
 class BertTagger(nn.Module):
@@ -43,3 +49,24 @@ def build_task(cfg: ModelConfig, types: Sequence[str]) -> SequenceTask:
 
 def build_model(cfg: ModelConfig, task: SequenceTask, encoder: CharEncoder) -> nn.Module:
     return BertTagger(cfg, task.num_labels, encoder)
+
+
+def search_space(trial: Any, base: RunConfig) -> dict[str, Any]:
+    """BERT-Softmax / BERT-CRF: learning rates, dropout, batch budget."""
+    return {
+        **search.learning_rates(trial, base),
+        "model.emb_dropout": search.dropout(trial, "model.emb_dropout", base.model.emb_dropout),
+        **search.batch_budget(trial, base),
+    }
+
+
+FAMILY = ModelFamily(
+    name="bert_softmax",
+    build_model=build_model,
+    build_task=build_task,
+    fields=frozenset(ENCODER_FIELDS),  # encoder -> dropout -> linear over BIOES tags
+    defaults=TAGGER_DEFAULTS,
+    search_space=search_space,
+    label="BERT-Softmax",
+    order=2,
+)

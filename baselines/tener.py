@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,10 +32,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from baselines.sequence import SequenceTask, TagSet
-from crener.config import ModelConfig
+from crener import search
+from crener.config import ENCODER_FIELDS, TRANSFORMER_FIELDS, ModelConfig, RunConfig
 from crener.data.batching import Batch
 from crener.encoder import CharEncoder
 from crener.layers import AdaptedTransformer
+from crener.registry import ModelFamily
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,32 @@ def build_model(cfg: ModelConfig, task: SequenceTask, encoder: CharEncoder) -> n
     emb = encoder.bert.get_input_embeddings()
     pad_id = encoder.bert.config.pad_token_id
     return TENER(cfg, task.tags, emb.num_embeddings, 0 if pad_id is None else int(pad_id))
+
+
+def search_space(trial: Any, base: RunConfig) -> dict[str, Any]:
+    """TENER: learning rates, width, depth, Transformer dropout, batch budget."""
+    m = base.model
+    return {
+        **search.learning_rates(trial, base),
+        "model.hidden": search.width(trial, "model.hidden", m.hidden, m.tf_heads),
+        "model.tf_layers": trial.suggest_int("model.tf_layers", 1, max(2, m.tf_layers)),
+        "model.tf_dropout": search.dropout(trial, "model.tf_dropout", m.tf_dropout),
+        **search.batch_budget(trial, base),
+    }
+
+
+FAMILY = ModelFamily(
+    name="tener",
+    build_model=build_model,
+    build_task=build_task,
+    # its own character embeddings (the encoder gives the vocabulary) -> adapted Transformer -> CRF
+    fields=frozenset(ENCODER_FIELDS + TRANSFORMER_FIELDS + ("out_dropout",)),
+    # TENER's released code leaves the key unprojected (method.md §2.1).
+    defaults={"model.context": "transformer", "model.attn_matrix": "none", "model.key_proj": False},
+    search_space=search_space,
+    label="TENER",
+    order=4,
+)
 
 
 def read_word2vec(path: str | Path) -> dict[str, np.ndarray]:

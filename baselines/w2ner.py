@@ -7,7 +7,7 @@ CLN] -> Dropout2d, 1x1 conv, GELU -> chained depthwise dilated convs -> co-predi
 the LSTM output + MLP over the conv output, summed).
 
 The task is :class:`crener.tasks.GridTask` (W2NER scheme NNW + THW-τ, softmax CE, W2NER decoding:
-``MODEL_DEFAULTS["w2ner"]``), so this file only builds the model. The context layer is always the
+the ``defaults`` of ``FAMILY`` below), so this file only builds the model and registers it. The context layer is always the
 BiLSTM (``model.context`` is not read); the grid knobs (orientation, chaining, embedding flags,
 dilations, predictor halves) are read from the config, so W2NER-side ablations work too.
 
@@ -18,14 +18,25 @@ leak into real cells near the sentence end; predictions are then independent of 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
-from crener.config import ModelConfig
+from crener import search
+from crener.config import (
+    ENCODER_FIELDS,
+    GRID_FIELDS,
+    GRID_TASK_FIELDS,
+    ModelConfig,
+    RunConfig,
+    check_grid_fields,
+)
 from crener.data.batching import Batch
 from crener.encoder import CharEncoder
 from crener.layers import BiLSTM, CoPredictor, GridConvModule
-from crener.tasks import Task
+from crener.registry import ModelFamily
+from crener.tasks import GridTask, Task
 
 
 class W2NER(nn.Module):
@@ -61,3 +72,43 @@ class W2NER(nn.Module):
 
 def build_model(cfg: ModelConfig, task: Task, encoder: CharEncoder) -> nn.Module:
     return W2NER(cfg, task.num_labels, encoder)
+
+
+def search_space(trial: Any, base: RunConfig) -> dict[str, Any]:
+    """W2NER: learning rates, BiLSTM/conv/biaffine widths, dropouts, batch budget."""
+    m = base.model
+    return {
+        **search.learning_rates(trial, base),
+        "model.lstm_hidden": search.width(trial, "model.lstm_hidden", m.lstm_hidden, 2),
+        "model.conv_channels": search.width(trial, "model.conv_channels", m.conv_channels),
+        "model.biaffine_dim": search.width(trial, "model.biaffine_dim", m.biaffine_dim),
+        "model.emb_dropout": search.dropout(trial, "model.emb_dropout", m.emb_dropout),
+        "model.conv_dropout": search.dropout(trial, "model.conv_dropout", m.conv_dropout),
+        "model.out_dropout": search.dropout(trial, "model.out_dropout", m.out_dropout),
+        **search.batch_budget(trial, base),
+    }
+
+
+FAMILY = ModelFamily(
+    name="w2ner",
+    build_model=build_model,
+    build_task=GridTask,
+    # BiLSTM context (model.context is not read), no relation enhancement, no attention matrix
+    fields=frozenset(ENCODER_FIELDS + GRID_FIELDS + GRID_TASK_FIELDS + ("lstm_hidden",)),
+    defaults={
+        "model.context": "bilstm",
+        "model.attn_matrix": "none",
+        "model.cln_orientation": "code",
+        "model.dconv_chain": True,
+        "model.use_relation_enhancement": False,
+        "model.rounds": 1,
+        "model.tag_scheme": "w2ner",
+        "model.loss": "ce",
+        "model.link_mode": "nnc_only",
+    },
+    search_space=search_space,
+    label="W²NER",
+    order=1,
+    paper_row=True,
+    check=check_grid_fields,
+)

@@ -7,8 +7,8 @@ __all__ = ["Entity", "ModelConfig", "RunConfig", "Sentence", "build_model"]
 __version__ = "0.1.0"
 
 
-def build_model(cfg, labels, encoder):  # noqa: ANN001 - thin lazy re-export, see crener.model
-    """Build a model for ``cfg`` (lazy import so the data layer does not load torch)."""
-    from crener.model import build_model as _build
+def build_model(cfg, task, encoder):  # noqa: ANN001 - thin lazy re-export, see crener.registry
+    """Build the model of family ``cfg.name`` (lazy import so the data layer does not load torch)."""
+    from crener.registry import build_model as _build
 
-    return _build(cfg, labels, encoder)
+    return _build(cfg, task, encoder)

@@ -63,8 +63,7 @@ def _setup(cfg: RunConfig, n_sentences: int, tmp: Path):
     from crener.data.datasets import load_dataset
     from crener.data.split import split_all
     from crener.evaluation import featurize
-    from crener.model import build_model
-    from crener.tasks import build_task
+    from crener.registry import build_model, build_task
     from crener.train import load_encoder
 
     data = load_dataset(cfg.data, seed=0)
@@ -143,8 +142,7 @@ def memory_probe(cfg: RunConfig, length: int, batch: int = 1) -> dict[str, float
     from crener.data.batching import Example, collate
     from crener.data.schema import Entity
     from crener.evaluation import autocast, resolve_device
-    from crener.model import build_model
-    from crener.tasks import build_task
+    from crener.registry import build_model, build_task
     from crener.train import keep_large_tensors_on_heap
 
     device = resolve_device(cfg.train.device)

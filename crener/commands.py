@@ -11,7 +11,8 @@ import logging
 import sys
 from pathlib import Path
 
-from crener.config import MODEL_DEFAULTS, PROFILES, VARIANTS, build_run_config, parse_set
+from crener import registry
+from crener.config import PROFILES, VARIANTS, build_run_config, parse_set
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +20,7 @@ log = logging.getLogger(__name__)
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train one model/variant on one dataset; prints a JSON summary")
     p.add_argument("--dataset", required=True)
-    p.add_argument("--model", default="crener", choices=list(MODEL_DEFAULTS))
+    p.add_argument("--model", default="crener", choices=registry.names())
     p.add_argument("--variant", default="full", choices=list(VARIANTS))
     p.add_argument("--profile", default="quick", choices=list(PROFILES))
     p.add_argument("--seed", type=int, default=0)

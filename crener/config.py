@@ -18,15 +18,16 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-MODEL_NAMES = ("crener", "w2ner", "bert_softmax", "bert_crf", "tener")
-GRID_MODELS = ("crener", "w2ner")
+from crener import registry
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture. Section numbers refer to method.md."""
 
-    name: str = "crener"  # which model family: crener | w2ner | bert_softmax | bert_crf | tener
+    name: str = (
+        "crener"  # which model family (crener.registry): crener | w2ner | bert_softmax | bert_crf | tener
+    )
     # --- character encoder (§2.1) ---
     encoder: str = "embedded"  # "embedded" (local random BERT) or a from_pretrained name/path
     embedded_hidden: int = 256  # width of the embedded BERT-shaped encoder
@@ -98,7 +99,7 @@ class ModelConfig:
     lstm_hidden: int = 512  # total BiLSTM width when context = bilstm
 
     def __post_init__(self) -> None:
-        _check_choice("model.name", self.name, MODEL_NAMES)
+        _check_choice("model.name", self.name, registry.names())
         _check_choice("model.context", self.context, ("transformer", "none", "bilstm"))
         _check_choice("model.rel_pos", self.rel_pos, ("full", "none", "symmetric"))
         _check_choice("model.cln_orientation", self.cln_orientation, ("paper", "code"))
@@ -111,26 +112,9 @@ class ModelConfig:
         _check_choice("model.loss", self.loss, ("zlpr", "ce"))
         _check_choice("model.ht_mode", self.ht_mode, ("union", "intersect", "thc_only"))
         _check_choice("model.link_mode", self.link_mode, ("and", "nnc_only", "or"))
-        if self.name in GRID_MODELS:
-            if not (self.use_biaffine or self.use_grid_mlp):
-                raise ValueError("use_biaffine and use_grid_mlp cannot both be false: no predictor left")
-            if self.attn_matrix == "transformer_probs" and self.context != "transformer":
-                raise ValueError(
-                    "attn_matrix=transformer_probs needs context=transformer; "
-                    "set model.attn_matrix=none when the adapted Transformer is removed"
-                )
-            if self.loss == "ce" and self.tag_scheme != "w2ner":
-                raise ValueError("loss=ce is single-label and only fits tag_scheme=w2ner (§2.6)")
-            if self.rounds < 1:
-                raise ValueError("model.rounds must be >= 1")
-            if self.use_relation_enhancement and self.rounds < 2:
-                raise ValueError("relation enhancement needs rounds >= 2 (one feedback at least)")
-            if not self.use_relation_enhancement and self.rounds != 1:
-                raise ValueError("without relation enhancement the conv module runs once: set rounds=1")
-            if self.biaffine_input == "enhanced" and not self.use_relation_enhancement:
-                raise ValueError("biaffine_input=enhanced needs use_relation_enhancement")
-            if self.tag_scheme == "w2ner" and self.ht_mode != "union":
-                raise ValueError("the W2NER scheme has THW only: leave ht_mode=union")
+        check = registry.get(self.name).check
+        if check is not None:
+            check(self)
         if self.context == "transformer" and self.hidden % self.tf_heads:
             raise ValueError(f"hidden={self.hidden} is not divisible by tf_heads={self.tf_heads}")
         if self.use_relation_enhancement and self.hidden % self.enh_heads:
@@ -139,6 +123,29 @@ class ModelConfig:
             raise ValueError("embedded_hidden must be divisible by embedded_heads")
         if not self.dilations or any(d < 1 for d in self.dilations):
             raise ValueError("dilations must be positive integers")
+
+
+def check_grid_fields(m: ModelConfig) -> None:
+    """The combinations a grid model (CRENER, W2NER) cannot build; their families' ``check``."""
+    if not (m.use_biaffine or m.use_grid_mlp):
+        raise ValueError("use_biaffine and use_grid_mlp cannot both be false: no predictor left")
+    if m.attn_matrix == "transformer_probs" and m.context != "transformer":
+        raise ValueError(
+            "attn_matrix=transformer_probs needs context=transformer; "
+            "set model.attn_matrix=none when the adapted Transformer is removed"
+        )
+    if m.loss == "ce" and m.tag_scheme != "w2ner":
+        raise ValueError("loss=ce is single-label and only fits tag_scheme=w2ner (§2.6)")
+    if m.rounds < 1:
+        raise ValueError("model.rounds must be >= 1")
+    if m.use_relation_enhancement and m.rounds < 2:
+        raise ValueError("relation enhancement needs rounds >= 2 (one feedback at least)")
+    if not m.use_relation_enhancement and m.rounds != 1:
+        raise ValueError("without relation enhancement the conv module runs once: set rounds=1")
+    if m.biaffine_input == "enhanced" and not m.use_relation_enhancement:
+        raise ValueError("biaffine_input=enhanced needs use_relation_enhancement")
+    if m.tag_scheme == "w2ner" and m.ht_mode != "union":
+        raise ValueError("the W2NER scheme has THW only: leave ht_mode=union")
 
 
 @dataclass(frozen=True)
@@ -252,14 +259,14 @@ class RunConfig:
     def identity(self) -> dict[str, Any]:
         """The fields that tell this run's experiment apart, ``{"model.hidden": 64, ...}``.
 
-        Only fields its model family reads (:data:`FAMILY_FIELDS`; data and train fields are
-        read by every family), minus :data:`KEY_IGNORED`, whose value differs from its identity
+        Only fields its model family reads (``fields`` of its :class:`crener.registry.ModelFamily`;
+        data and train fields are read by every family), minus :data:`KEY_IGNORED`, whose value differs from its identity
         default (the dataclass default, or the value recorded in :data:`KEY_DEFAULTS`). The
         ``profile`` and ``variant`` labels count too: run folders and reports address runs by
         them. ``model.name`` and ``train.seed`` are left out here: :meth:`key` names them itself.
         """
-        reads = FAMILY_FIELDS.get(self.model.name)  # None: a family that declares nothing reads all
-        declared = frozenset().union(*FAMILY_FIELDS.values())
+        reads = registry.get(self.model.name).fields  # None: a family that declares nothing reads all
+        declared = registry.declared_fields()
         defaults = _identity_defaults(self)
         out: dict[str, Any] = {}
         for name, value in self.flatten().items():
@@ -320,48 +327,31 @@ KEY_IGNORED = frozenset(
     }
 )
 
-# The ModelConfig fields each family reads: its encoder, its model and its task (labels, loss,
-# decoding), as crener/model.py, crener/tasks.py and baselines/ read them; data and train fields
-# are read by every family. Only these enter a family's key, so a baseline's key ignores CRENER's
-# grid flags. A model field no family lists enters every key (tests/test_identity.py asks for it
-# to be listed).
+# Groups of ModelConfig fields that several families read, from which each family's ``fields``
+# (crener.registry.ModelFamily) is made: its encoder, its model and its task (labels, loss,
+# decoding); data and train fields are read by every family. Only these enter a family's key, so
+# a baseline's key ignores CRENER's grid flags. A model field no family lists enters every key
+# (tests/test_identity.py asks for it to be listed).
 # The character encoder (crener.train builds one for every family) and the dropout on its output:
-_ENCODER_FIELDS = (
+ENCODER_FIELDS = (
     "encoder", "embedded_hidden", "embedded_layers", "embedded_heads", "embedded_ff", "last4_mean",
     "emb_dropout",
 )  # fmt: skip
 # crener.layers' grid convolution module and co-predictor, as CRENER and W2NER build them:
-_GRID_FIELDS = (
+GRID_FIELDS = (
     "cln_orientation", "use_distance_embedding", "use_region_embedding", "dist_dim",
     "region_dim", "conv_channels", "conv_dropout", "use_dilated_conv", "dilations", "dconv_chain",
     "use_biaffine", "use_grid_mlp", "biaffine_dim", "ffn_dim", "out_dropout", "fast_dropout",
 )  # fmt: skip
 # crener.tasks.GridTask, the task of both grid models: label scheme, loss, decoder:
-_GRID_TASK_FIELDS = (
+GRID_TASK_FIELDS = (
     "tag_scheme", "ht_typed", "loss", "ht_mode", "link_mode", "contiguous_only", "max_paths", "prior_bias",
 )  # fmt: skip
 # The adapted Transformer (CRENER's context layer, TENER's encoder):
-_TRANSFORMER_FIELDS = (
+TRANSFORMER_FIELDS = (
     "hidden", "tf_layers", "tf_heads", "tf_ff", "tf_dropout", "key_proj", "attn_out_proj", "attn_scale",
     "rel_pos",
 )  # fmt: skip
-# CRENER's own: context choice, attention matrix, relation enhancement, biaffine input:
-_CRENER_FIELDS = (
-    "context", "concat_bert", "attn_matrix", "attn_dim", "use_relation_enhancement", "rounds", "tag_dim",
-    "enh_heads", "enh_dropout", "enh_block", "biaffine_input",
-)  # fmt: skip
-FAMILY_FIELDS: dict[str, frozenset[str]] = {
-    "crener": frozenset(
-        _ENCODER_FIELDS + _GRID_FIELDS + _GRID_TASK_FIELDS + _TRANSFORMER_FIELDS + _CRENER_FIELDS
-    ),
-    # BiLSTM context (model.context is not read), no relation enhancement, no attention matrix
-    "w2ner": frozenset(_ENCODER_FIELDS + _GRID_FIELDS + _GRID_TASK_FIELDS + ("lstm_hidden",)),
-    # encoder -> dropout -> linear (-> CRF) over BIOES tags
-    "bert_softmax": frozenset(_ENCODER_FIELDS),
-    "bert_crf": frozenset(_ENCODER_FIELDS),
-    # its own character embeddings (the encoder gives the vocabulary) -> adapted Transformer -> CRF
-    "tener": frozenset(_ENCODER_FIELDS + _TRANSFORMER_FIELDS + ("out_dropout",)),
-}
 
 # Identity defaults that differ from today's dataclass defaults. When a default changes, record
 # the old one here ("model.fast_dropout": True): runs that kept the old value keep their keys,
@@ -389,26 +379,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no_biaffine": {"model.use_biaffine": False},
     "no_enhancement": {"model.use_relation_enhancement": False, "model.rounds": 1},
     "no_relation": {"model.tag_scheme": "w2ner"},
-}
-
-# Model families other than CRENER start from these overrides (their faithful settings).
-MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
-    "crener": {},
-    "w2ner": {
-        "model.context": "bilstm",
-        "model.attn_matrix": "none",
-        "model.cln_orientation": "code",
-        "model.dconv_chain": True,
-        "model.use_relation_enhancement": False,
-        "model.rounds": 1,
-        "model.tag_scheme": "w2ner",
-        "model.loss": "ce",
-        "model.link_mode": "nnc_only",
-    },
-    "bert_softmax": {"model.context": "none", "model.attn_matrix": "none"},
-    "bert_crf": {"model.context": "none", "model.attn_matrix": "none"},
-    # TENER's released code leaves the key unprojected (method.md §2.1).
-    "tener": {"model.context": "transformer", "model.attn_matrix": "none", "model.key_proj": False},
 }
 
 # Profiles: named budgets. `quick` is the CPU default; `paper` is meant for a GPU.
@@ -536,18 +506,18 @@ def build_run_config(
 ) -> RunConfig:
     """Resolve model family, variant and profile into one config; ``overrides`` win last.
 
-    Order: defaults <- model family <- profile <- variant <- per-dataset rule <- overrides.
-    The variant comes after the profile so a profile can never silently undo an ablation.
+    Order: defaults <- model family (its ``defaults`` in crener.registry) <- profile <- variant <-
+    per-dataset rule <- overrides. The variant comes after the profile so a profile can never
+    silently undo an ablation.
     """
-    if model not in MODEL_DEFAULTS:
-        raise KeyError(f"unknown model {model!r}; choose from {', '.join(MODEL_DEFAULTS)}")
+    family = registry.get(model)  # KeyError for an unknown model
     if variant not in VARIANTS:
         raise KeyError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
     if profile not in PROFILES:
         raise KeyError(f"unknown profile {profile!r}; choose from {', '.join(PROFILES)}")
     if model != "crener" and variant != "full":
         raise ValueError(f"variants are ablations of CRENER; model {model!r} takes variant=full")
-    flat: dict[str, Any] = {"model.name": model, **MODEL_DEFAULTS[model]}
+    flat: dict[str, Any] = {"model.name": model, **family.defaults}
     flat.update(PROFILES[profile])
     flat.update(VARIANTS[variant])
     # A profile's `rounds` sizes the enhancement loop; models and variants without one keep

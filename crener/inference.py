@@ -21,7 +21,8 @@ from crener.data.split import merge_predictions, split_blind
 from crener.encoder import CharTokenizer
 from crener.errors import CheckpointError, DataError
 from crener.evaluation import build_split, evaluate, featurize, predict_examples, resolve_device
-from crener.tasks import Task, build_task
+from crener.registry import build_model, build_task
+from crener.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,6 @@ class Loaded:
 
 
 def load_for_inference(path: str | Path, device: str = "cpu") -> Loaded:
-    from crener.model import build_model
-
     state = load_checkpoint(Path(path))
     cfg = RunConfig.from_flat(json.loads(state["config"]))
     types = tuple(state["types"])

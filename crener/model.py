@@ -3,7 +3,7 @@ enhancement -> biaffine + MLP co-predictor.
 
 Every ablation flag of :class:`crener.config.ModelConfig` is resolved in ``__init__``: a removed
 part is ``None`` and ``forward`` checks ``is None`` once, so an ablated module is neither built
-nor called. ``build_model`` is the one place that wires a config to a model family.
+nor called. ``FAMILY`` at the end registers CRENER in :mod:`crener.registry`.
 """
 
 from __future__ import annotations
@@ -13,11 +13,20 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from crener.config import ModelConfig
+from crener.config import (
+    ENCODER_FIELDS,
+    GRID_FIELDS,
+    GRID_TASK_FIELDS,
+    TRANSFORMER_FIELDS,
+    ModelConfig,
+    check_grid_fields,
+)
 from crener.data.batching import Batch
 from crener.encoder import CharEncoder
 from crener.layers import AdaptedTransformer, BiLSTM, CoPredictor, GridConvModule, masked_row_col_max
-from crener.tasks import Task
+from crener.registry import ModelFamily
+from crener.search import space_crener
+from crener.tasks import GridTask, Task
 
 # Tag kinds per scheme (eq. 10 concatenates one d_r slice per kind).
 TAG_KINDS = {"crener": 4, "w2ner": 2, "ht_only": 2}
@@ -150,14 +159,25 @@ class CRENER(nn.Module):
         return {"logits": logits}
 
 
-def build_model(cfg: ModelConfig, task: Task, encoder: CharEncoder) -> nn.Module:
-    """Wire a config to a model family. Baselines live in ``baselines/`` and are imported lazily."""
-    if cfg.name == "crener":
-        return CRENER(cfg, task.num_labels, encoder)
-    import importlib
+def build_crener(cfg: ModelConfig, task: Task, encoder: CharEncoder) -> CRENER:
+    return CRENER(cfg, task.num_labels, encoder)
 
-    try:
-        module = importlib.import_module(f"baselines.{cfg.name}")
-    except ModuleNotFoundError as exc:
-        raise ValueError(f"model {cfg.name!r} is not available: {exc}") from exc
-    return module.build_model(cfg, task, encoder)
+
+# CRENER's own fields: context choice, attention matrix, relation enhancement, biaffine input.
+CRENER_FIELDS = (
+    "context", "concat_bert", "attn_matrix", "attn_dim", "use_relation_enhancement", "rounds", "tag_dim",
+    "enh_heads", "enh_dropout", "enh_block", "biaffine_input",
+)  # fmt: skip
+
+FAMILY = ModelFamily(
+    name="crener",
+    build_model=build_crener,
+    build_task=GridTask,
+    fields=frozenset(ENCODER_FIELDS + GRID_FIELDS + GRID_TASK_FIELDS + TRANSFORMER_FIELDS + CRENER_FIELDS),
+    defaults={},  # the ModelConfig defaults are CRENER's (method.md §4.2)
+    search_space=space_crener,
+    label="CRENER",
+    order=0,
+    paper_row=True,
+    check=check_grid_fields,
+)

@@ -1,7 +1,8 @@
 """A task ties a label scheme to its training targets, loss and decoding.
 
 ``fit`` only talks to this interface, so grid models (CRENER, W2NER) and sequence-labelling
-baselines share one training loop. Grid tasks live here; sequence tasks in ``baselines/``.
+baselines share one training loop. Grid tasks live here; sequence tasks in ``baselines/``. Each
+model family names its task builder in :mod:`crener.registry`.
 """
 
 from __future__ import annotations
@@ -131,15 +132,3 @@ class GridTask:
             self.labels.decode(n, c, max_entities=MAX_ENTITIES_PER_CHAR * n + 100, **self._decode_flags)
             for n, c in zip(lengths, cells)
         ]
-
-
-def build_task(cfg: ModelConfig, types: Sequence[str]) -> Task:
-    if cfg.name in ("crener", "w2ner"):
-        return GridTask(cfg, types)
-    import importlib
-
-    try:
-        module = importlib.import_module(f"baselines.{cfg.name}")
-    except ModuleNotFoundError as exc:
-        raise ValueError(f"model {cfg.name!r} is not available: {exc}") from exc
-    return module.build_task(cfg, types)

@@ -54,8 +54,8 @@ from crener.evaluation import (
     resolve_device,
     shifted_f1,
 )
-from crener.model import build_model
-from crener.tasks import Task, build_task
+from crener.registry import build_model, build_task
+from crener.tasks import Task
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,8 @@ import sys
 import time
 from typing import Any
 
-from crener.config import MODEL_DEFAULTS, PROFILES, VARIANTS, parse_set
+from crener import registry
+from crener.config import PROFILES, VARIANTS, parse_set
 from crener.errors import CrenerError
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def _register_reproduce(subparsers: Any) -> None:
     p.add_argument("--only", nargs="+", metavar="SEL", help="table2 .. table6, main or ablation")
     p.add_argument("--datasets", nargs="+", metavar="D", help="restrict to these datasets")
     p.add_argument("--seeds", nargs="+", type=int, metavar="S", help="seeds (default: the profile's)")
-    p.add_argument("--models", nargs="+", choices=list(MODEL_DEFAULTS), metavar="M", help="restrict models")
+    p.add_argument("--models", nargs="+", choices=registry.names(), metavar="M", help="restrict models")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), metavar="V", help="restrict variants")
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)"
@@ -189,7 +190,7 @@ def _register_tune(subparsers: Any) -> None:
         "processes with the same --storage and --study-name work on one study.",
     )
     p.add_argument("--dataset", required=True, help="dataset to tune on")
-    p.add_argument("--model", default="crener", choices=list(MODEL_DEFAULTS))
+    p.add_argument("--model", default="crener", choices=registry.names())
     p.add_argument("--variant", default="full", choices=list(VARIANTS))
     p.add_argument("--profile", default="quick", choices=list(PROFILES))
     p.add_argument("--trials", type=int, required=True, help="trials run by this process")

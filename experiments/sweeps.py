@@ -1,7 +1,7 @@
 """Sweeps as data: ``experiments/configs/*.toml`` -> ordered, de-duplicated lists of RunConfig.
 
-A sweep file names models, variants, datasets, the default profile, seeds per profile, the
-paper tables it feeds, and optional ``[[overrides]]``. An overrides file (``--config PATH``, e.g.
+A sweep file names models (or ``"all"``: every registered family), variants, datasets, the
+default profile, seeds per profile, the paper tables it feeds, and optional ``[[overrides]]``. An overrides file (``--config PATH``, e.g.
 written by ``crener tune --export``) holds only ``[[overrides]]``. Each override applies a
 ``set`` of config fields to the cells its optional filters match::
 
@@ -28,12 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from crener.config import MODEL_DEFAULTS, PROFILES, VARIANTS, RunConfig, build_run_config
+from crener import registry
+from crener.config import PROFILES, VARIANTS, RunConfig, build_run_config
 from crener.errors import CrenerError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 SWEEP_NAMES = ("main", "ablation")  # the order `crener reproduce` runs them in
 DEFAULT_SEEDS_KEY = "default"  # [seeds] entry for profiles not listed
+ALL_MODELS = "all"  # models = "all": every registered model family (crener.registry), in its order
 # Fields that define which cell a config is; an override may not change them.
 IDENTITY_KEYS = frozenset({"profile", "variant", "model.name", "data.dataset", "train.seed"})
 
@@ -137,6 +139,13 @@ def _str_list(where: str, value: Any, choices: Iterable[str] | None = None) -> t
     return tuple(value)
 
 
+def _models(where: str, value: Any) -> tuple[str, ...]:
+    """A sweep's ``models``: a list of family names, or ``"all"``: every registered family."""
+    if value == ALL_MODELS:
+        return tuple(registry.families())
+    return _str_list(f"{where}: models", value, registry.names())
+
+
 def _check_field(where: str, key: str) -> None:
     if key in IDENTITY_KEYS:
         raise SweepError(f"{where}: {key!r} names the cell itself and cannot be overridden")
@@ -165,7 +174,7 @@ def _parse_overrides(where: str, items: Any) -> tuple[Override, ...]:
         out.append(
             Override(
                 values=dict(values),
-                models=_str_list(f"{at}.models", item["models"], MODEL_DEFAULTS)
+                models=_str_list(f"{at}.models", item["models"], registry.names())
                 if "models" in item
                 else None,
                 variants=_str_list(f"{at}.variants", item["variants"], VARIANTS)
@@ -220,7 +229,7 @@ def load_sweep(name_or_path: str | Path) -> Sweep:
     return Sweep(
         name=path.stem,
         description=str(raw.get("description", "")),
-        models=_str_list(f"{where}: models", raw["models"], MODEL_DEFAULTS),
+        models=_models(where, raw["models"]),
         variants=_str_list(f"{where}: variants", raw["variants"], VARIANTS),
         datasets=datasets,
         default_profile=default_profile,
@@ -300,8 +309,8 @@ def expand(
         chosen = [d for d in chosen if d in datasets]
     if models is not None:
         models = tuple(models)
-        if bad := [m for m in models if m not in MODEL_DEFAULTS]:
-            raise SweepError(f"--models: unknown {', '.join(bad)}; choose from {', '.join(MODEL_DEFAULTS)}")
+        if bad := [m for m in models if m not in registry.names()]:
+            raise SweepError(f"--models: unknown {', '.join(bad)}; choose from {', '.join(registry.names())}")
     model_list = [m for m in sw.models if models is None or m in models]
     variants_t = tuple(variants) if variants is not None else None
     if variants_t is not None and (bad := [v for v in variants_t if v not in VARIANTS]):

@@ -1,8 +1,9 @@
 """Optuna search over one (model, variant, dataset, profile): objective = best dev F1.
 
-- The search space of each model family is ONE function below (``SEARCH_SPACES``); Optuna
-  parameter names are config keys (``train.lr``), so a trial's params are ``--set`` overrides
-  and the best ones export as an overrides file that ``crener reproduce --config`` reads.
+- The search space of each model family is ONE function, the ``search_space`` of its registry
+  entry (:mod:`crener.registry`, built from :mod:`crener.search`); Optuna parameter names are
+  config keys (``train.lr``), so a trial's params are ``--set`` overrides and the best ones
+  export as an overrides file that ``crener reproduce --config`` reads.
 - Seeded ``TPESampler``; ``MedianPruner`` on per-epoch dev F1, reported from fit's
   ``on_epoch_end`` (which raises ``optuna.TrialPruned`` out of fit).
 - Storage defaults to ``sqlite:///optuna.db`` and studies are opened with ``load_if_exists``, so
@@ -25,6 +26,7 @@ from typing import Any
 
 import optuna
 
+from crener import registry
 from crener.config import RunConfig, build_run_config
 from crener.errors import CrenerError
 from crener.tracking import RunLogger, Tracker, experiment_name, file_lock, run_name, sqlite_path
@@ -38,113 +40,7 @@ OBJECTIVE_METRIC = "dev/f1"
 TPE_STARTUP_TRIALS = 5  # random trials before TPE models the space
 PRUNER_STARTUP_TRIALS = 3  # trials that run to the end before anything is pruned
 PRUNER_WARMUP_EPOCHS = 1  # no pruning on the first epoch's (noisy) dev F1
-# Spaces are centred on the profile's defaults, which learn: learning rates within [base / span,
-# base * span] (log scale), dropouts within base +- DROPOUT_SPAN. Wider spaces (10x, dropout 0-0.5)
-# spent most trials on the all-negative plateau.
-LR_SPAN = 4.0
-DROPOUT_SPAN = 0.15
-MAX_DROPOUT = 0.6
 SQLITE_TIMEOUT_S = 60  # concurrent workers wait this long for SQLite's single writer
-
-
-# --------------------------------------------------------------------------- search spaces
-# Each returns ``--set``-style overrides. Widths and batch budgets are chosen around the
-# profile's own values, so one space serves smoke (tiny) to paper (BERT-base) budgets.
-
-
-def _lr(trial: optuna.Trial, key: str, base: float) -> dict[str, float]:
-    """``{key: lr}`` around ``base``; nothing for 0 (a frozen encoder stays frozen)."""
-    if base <= 0:
-        return {}
-    return {key: trial.suggest_float(key, base / LR_SPAN, base * LR_SPAN, log=True)}
-
-
-def _dropout(trial: optuna.Trial, key: str, base: float) -> float:
-    low, high = max(0.0, base - DROPOUT_SPAN), min(MAX_DROPOUT, base + DROPOUT_SPAN)
-    return trial.suggest_float(key, low, max(high, low))
-
-
-def _widths(base: int, multiple: int = 1) -> list[int]:
-    """Half, same and double the profile's width, each rounded to a multiple of ``multiple``."""
-    out = sorted({max(multiple, round(w / multiple) * multiple) for w in (base // 2, base, base * 2)})
-    return out
-
-
-def _batch(trial: optuna.Trial, base: RunConfig) -> dict[str, Any]:
-    if base.train.max_cells:
-        return {
-            "train.max_cells": trial.suggest_categorical("train.max_cells", _widths(base.train.max_cells))
-        }
-    return {"train.batch_size": trial.suggest_categorical("train.batch_size", _widths(base.train.batch_size))}
-
-
-def space_crener(trial: optuna.Trial, base: RunConfig) -> dict[str, Any]:
-    """CRENER: learning rates, widths, dropouts, enhancement rounds, batch budget."""
-    m = base.model
-    heads = math.lcm(m.tf_heads, m.enh_heads)
-    values: dict[str, Any] = {
-        **_lr(trial, "train.lr", base.train.lr),
-        **_lr(trial, "train.encoder_lr", base.train.encoder_lr),
-        "model.hidden": trial.suggest_categorical("model.hidden", _widths(m.hidden, heads)),
-        "model.conv_channels": trial.suggest_categorical("model.conv_channels", _widths(m.conv_channels)),
-        "model.biaffine_dim": trial.suggest_categorical("model.biaffine_dim", _widths(m.biaffine_dim)),
-        "model.emb_dropout": _dropout(trial, "model.emb_dropout", m.emb_dropout),
-        "model.conv_dropout": _dropout(trial, "model.conv_dropout", m.conv_dropout),
-        "model.out_dropout": _dropout(trial, "model.out_dropout", m.out_dropout),
-        **_batch(trial, base),
-    }
-    if m.use_relation_enhancement:  # rounds is fixed at 1 without it
-        values["model.rounds"] = trial.suggest_int("model.rounds", 2, 4)
-    return values
-
-
-def space_w2ner(trial: optuna.Trial, base: RunConfig) -> dict[str, Any]:
-    """W2NER: learning rates, BiLSTM/conv/biaffine widths, dropouts, batch budget."""
-    m = base.model
-    return {
-        **_lr(trial, "train.lr", base.train.lr),
-        **_lr(trial, "train.encoder_lr", base.train.encoder_lr),
-        "model.lstm_hidden": trial.suggest_categorical("model.lstm_hidden", _widths(m.lstm_hidden, 2)),
-        "model.conv_channels": trial.suggest_categorical("model.conv_channels", _widths(m.conv_channels)),
-        "model.biaffine_dim": trial.suggest_categorical("model.biaffine_dim", _widths(m.biaffine_dim)),
-        "model.emb_dropout": _dropout(trial, "model.emb_dropout", m.emb_dropout),
-        "model.conv_dropout": _dropout(trial, "model.conv_dropout", m.conv_dropout),
-        "model.out_dropout": _dropout(trial, "model.out_dropout", m.out_dropout),
-        **_batch(trial, base),
-    }
-
-
-def space_bert_tagger(trial: optuna.Trial, base: RunConfig) -> dict[str, Any]:
-    """BERT-Softmax / BERT-CRF: learning rates, dropout, batch budget."""
-    m = base.model
-    return {
-        **_lr(trial, "train.lr", base.train.lr),
-        **_lr(trial, "train.encoder_lr", base.train.encoder_lr),
-        "model.emb_dropout": _dropout(trial, "model.emb_dropout", m.emb_dropout),
-        **_batch(trial, base),
-    }
-
-
-def space_tener(trial: optuna.Trial, base: RunConfig) -> dict[str, Any]:
-    """TENER: learning rates, width, depth, Transformer dropout, batch budget."""
-    m = base.model
-    return {
-        **_lr(trial, "train.lr", base.train.lr),
-        **_lr(trial, "train.encoder_lr", base.train.encoder_lr),
-        "model.hidden": trial.suggest_categorical("model.hidden", _widths(m.hidden, m.tf_heads)),
-        "model.tf_layers": trial.suggest_int("model.tf_layers", 1, max(2, m.tf_layers)),
-        "model.tf_dropout": _dropout(trial, "model.tf_dropout", m.tf_dropout),
-        **_batch(trial, base),
-    }
-
-
-SEARCH_SPACES: dict[str, Callable[[optuna.Trial, RunConfig], dict[str, Any]]] = {
-    "crener": space_crener,
-    "w2ner": space_w2ner,
-    "bert_softmax": space_bert_tagger,
-    "bert_crf": space_bert_tagger,
-    "tener": space_tener,
-}
 
 
 # --------------------------------------------------------------------------- study plumbing
@@ -164,10 +60,21 @@ class _DefaultTrial:
     suggest_float = suggest_int = suggest_categorical = _value
 
 
+def search_space(model: str) -> Callable[[Any, RunConfig], dict[str, Any]]:
+    """The search space of family ``model`` (its registry entry's ``search_space``)."""
+    try:
+        space = registry.get(model).search_space
+    except KeyError as exc:
+        raise CrenerError(str(exc.args[0])) from None
+    if space is None:
+        raise CrenerError(f"model {model!r} declares no search space (crener.registry.ModelFamily)")
+    return space
+
+
 def default_params(model: str, base: RunConfig) -> dict[str, Any]:
     """The search space's parameters at the profile's defaults (enqueued as a study's trial 0)."""
     probe = _DefaultTrial(base)
-    SEARCH_SPACES[model](probe, base)  # type: ignore[arg-type]
+    search_space(model)(probe, base)
     return probe.params
 
 
@@ -263,8 +170,7 @@ def tune(
     worker joining later does not replay earlier random proposals; workers started at the
     same moment should be given different seeds. Trials train with the config's own seed.
     """
-    if model not in SEARCH_SPACES:
-        raise CrenerError(f"no search space for model {model!r}; known: {', '.join(SEARCH_SPACES)}")
+    space = search_space(model)
     if trials < 1:
         raise CrenerError("--trials must be >= 1")
     try:
@@ -314,7 +220,7 @@ def tune(
     fixed = dict(sets or {})
 
     def objective(trial: optuna.Trial) -> float:
-        values = SEARCH_SPACES[model](trial, base)
+        values = space(trial, base)
         cfg = base.with_overrides(values)
         workdir = trial_root / f"trial-{trial.number:04d}"
         logger = None

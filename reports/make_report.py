@@ -23,7 +23,7 @@ from typing import Any
 import pandas as pd
 
 from reports import collect, plots, stats, tables
-from reports.paper import EXTRA_SYSTEMS, RERUN_SYSTEMS, TABLE_DATASET, VARIANT_LABELS
+from reports.paper import TABLE_DATASET, VARIANT_LABELS, systems
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def main(
     figures["learning_curves_systems"] = plots.learning_curves(
         systems_hist, figure_dir / "learning_curves_systems"
     )
-    system_names = list({**RERUN_SYSTEMS, **EXTRA_SYSTEMS})
+    system_names = list(systems())
     for by in ("type", "length"):
         frame = _breakdowns(index, predictions, by, msra_protocol)
         frame.to_csv(table_dir / f"breakdown_{by}.csv", index=False)
@@ -155,7 +155,7 @@ def _histories(index: tables.RunIndex, uri: str, msra_protocol: str) -> pd.DataF
 def _breakdowns(index: tables.RunIndex, predictions, by: str, msra_protocol: str) -> pd.DataFrame:
     """Per-type / per-length counts of each rerun system, pooled over its seeds."""
     rows = []
-    for name, (model, variant) in {**RERUN_SYSTEMS, **EXTRA_SYSTEMS}.items():
+    for name, (model, variant) in systems().items():
         for ds in TABLE_DATASET.values():
             cell = index.cell(model, variant, ds, msra_protocol)
             parts, used = [], []

@@ -15,6 +15,8 @@ import math
 
 import pandas as pd
 
+from crener import registry
+
 # Our dataset names (crener.dataset tag) in the paper's column order, with display labels.
 DATASETS: tuple[str, ...] = ("weibo", "resume", "ontonotes4", "msra")
 DATASET_LABELS: dict[str, str] = {
@@ -33,14 +35,22 @@ DATASET_LABELS_ZH: dict[str, str] = {
 # Paper table number -> dataset of Tables 2-5.
 TABLE_DATASET: dict[int, str] = {2: "weibo", 3: "resume", 4: "ontonotes4", 5: "msra"}
 
-# Paper rows we rerun -> our (crener.model, crener.variant) tags.
-RERUN_SYSTEMS: dict[str, tuple[str, str]] = {"CRENER": ("crener", "full"), "W²NER": ("w2ner", "full")}
-# Our extra baselines (not rows of the paper's tables) -> (model, variant).
-EXTRA_SYSTEMS: dict[str, tuple[str, str]] = {
-    "BERT-Softmax": ("bert_softmax", "full"),
-    "BERT-CRF": ("bert_crf", "full"),
-    "TENER": ("tener", "full"),
-}
+
+def rerun_systems() -> dict[str, tuple[str, str]]:
+    """Paper rows we rerun -> our (crener.model, crener.variant) tags: the model families that
+    say they are a paper row (:mod:`crener.registry`), under the paper's spelling."""
+    return {f.label: (f.name, "full") for f in registry.families().values() if f.paper_row}
+
+
+def extra_systems() -> dict[str, tuple[str, str]]:
+    """Our extra baselines (registered families that are not rows of the paper's tables)."""
+    return {f.label: (f.name, "full") for f in registry.families().values() if not f.paper_row}
+
+
+def systems() -> dict[str, tuple[str, str]]:
+    """Every system of Tables 2-5 we run: the rerun paper rows, then our extra baselines."""
+    return {**rerun_systems(), **extra_systems()}
+
 
 # Table 6 rows: our variant name (crener.config.VARIANTS) -> the paper's row label.
 VARIANT_LABELS: dict[str, str] = {
@@ -105,8 +115,11 @@ _MAIN: dict[str, dict[str, tuple[float, float, float]]] = {
     },
 }
 
-# TENER (no BERT) F1, from the TENER paper (method.md §6.8); P/R are not given there.
-_TENER_F1: dict[str, float] = {"weibo": 58.17, "resume": 95.00, "ontonotes4": 72.43, "msra": 92.74}
+# Extra baselines' F1 published elsewhere: TENER (no BERT), from the TENER paper (method.md §6.8);
+# P/R are not given there.
+_EXTRA_F1: dict[str, dict[str, float]] = {
+    "TENER": {"weibo": 58.17, "resume": 95.00, "ontonotes4": 72.43, "msra": 92.74}
+}
 
 # --- Table 6 (method.md §6.6): variant -> F1 on (Weibo, Resume, OntoNotes4, MSRA).
 _ABLATION: dict[str, tuple[float, float, float, float]] = {
@@ -161,9 +174,8 @@ _HAND_NOTES: dict[tuple[int, str], str] = {
     ): "OntoNotes: MLP, Biaffine and Enhancement each cost 3.6-3.9 F1, dilated convs only 0.56",
     (6, "no_dconv"): "the prose's 'at most 1.88' is the only ablation figure that matches the table",
 }
+_EXTRA_NOTE = "our extra baseline; not in the paper"
 _EXTRA_NOTES: dict[str, str] = {
-    "BERT-Softmax": "our extra baseline; not in the paper",
-    "BERT-CRF": "our extra baseline; not in the paper",
     "TENER": "our extra baseline; F1 from the TENER paper (no BERT), P/R not reported there",
 }
 
@@ -224,8 +236,9 @@ def paper_table(n: int, include_extra: bool = False) -> pd.DataFrame:
     if n in TABLE_DATASET:
         ds = TABLE_DATASET[n]
         rows = []
+        rerun = rerun_systems()
         for system, (p, r, f1) in _MAIN[ds].items():
-            model, variant = RERUN_SYSTEMS.get(system, (None, None))
+            model, variant = rerun.get(system, (None, None))
             rows.append(
                 {
                     "system": system,
@@ -236,12 +249,12 @@ def paper_table(n: int, include_extra: bool = False) -> pd.DataFrame:
                     "note": _join(_consistency_note(p, r, f1), _HAND_NOTES.get((n, system), "")),
                     "model": model,
                     "variant": variant,
-                    "rerun": system in RERUN_SYSTEMS,
+                    "rerun": system in rerun,
                 }
             )
         if include_extra:
-            for system, (model, variant) in EXTRA_SYSTEMS.items():
-                f1 = _TENER_F1[ds] if system == "TENER" else math.nan
+            for system, (model, variant) in extra_systems().items():
+                f1 = _EXTRA_F1.get(system, {}).get(ds, math.nan)
                 rows.append(
                     {
                         "system": system,
@@ -249,7 +262,7 @@ def paper_table(n: int, include_extra: bool = False) -> pd.DataFrame:
                         "precision": math.nan,
                         "recall": math.nan,
                         "f1": f1,
-                        "note": _EXTRA_NOTES[system],
+                        "note": _EXTRA_NOTES.get(system, _EXTRA_NOTE),
                         "model": model,
                         "variant": variant,
                         "rerun": True,

@@ -31,8 +31,6 @@ from reports import paper, stats
 from reports.paper import (
     DATASET_LABELS,
     DATASETS,
-    EXTRA_SYSTEMS,
-    RERUN_SYSTEMS,
     TABLE_DATASET,
     VARIANT_LABELS,
 )
@@ -549,9 +547,7 @@ def bootstrap_table(
         return counts_cache[run_id]
 
     systems = [("crener", v, f"CRENER {VARIANT_LABELS[v]}") for v in ABLATIONS]
-    systems += [
-        (m, v, name) for name, (m, v) in {**RERUN_SYSTEMS, **EXTRA_SYSTEMS}.items() if (m, v) != REFERENCE
-    ]
+    systems += [(m, v, name) for name, (m, v) in paper.systems().items() if (m, v) != REFERENCE]
     display_rows, data_rows, footnotes, missing = [], [], [], []
     for model, variant, name in systems:
         for ds in DATASETS:

@@ -10,8 +10,7 @@ import torch
 
 from crener.config import build_run_config
 from crener.data.batching import Example, collate
-from crener.model import build_model
-from crener.tasks import build_task
+from crener.registry import build_model, build_task
 from tests.conftest import SENTENCES, TYPES
 
 BASELINES = ("w2ner", "bert_softmax", "bert_crf", "tener")
@@ -174,7 +173,7 @@ def test_tener_char_vector_init(tmp_path, tiny_encoder) -> None:
 
 
 def test_w2ner_is_built_faithfully(tiny_encoder) -> None:
-    """MODEL_DEFAULTS["w2ner"]: BiLSTM on d_bert, code-orientation CLN, chained dilated convs."""
+    """The w2ner family's defaults: BiLSTM on d_bert, code-orientation CLN, chained dilated convs."""
     from baselines.w2ner import W2NER
 
     encoder, _ = tiny_encoder

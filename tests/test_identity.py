@@ -17,10 +17,9 @@ from pathlib import Path
 import pytest
 
 import crener.config as config
+from crener import registry
 from crener.config import (
-    FAMILY_FIELDS,
     KEY_IGNORED,
-    MODEL_NAMES,
     DataConfig,
     ModelConfig,
     RunConfig,
@@ -160,25 +159,25 @@ def _with_extra_field(cfg: RunConfig, section: str, value: object, default: obje
     return dataclasses.replace(cfg, **{section: extended(**values, brand_new_option=value)})
 
 
-@pytest.mark.parametrize("model", MODEL_NAMES)
+@pytest.mark.parametrize("model", registry.names())
 @pytest.mark.parametrize("section", ["model", "data", "train"])
 def test_adding_a_field_with_a_default_changes_no_key(model: str, section: str) -> None:
     cfg = build_run_config(model=model, profile="quick", dataset="resume")
     same = _with_extra_field(cfg, section, value=7, default=7)
     assert f"{section}.brand_new_option" in same.flatten()
     assert same.key(ZERO_DIGEST) == cfg.key(ZERO_DIGEST)
-    # Set away from its default it counts, for every family until FAMILY_FIELDS says who reads it.
+    # Set away from its default it counts, for every family until one says it reads it (registry).
     assert _with_extra_field(cfg, section, value=8, default=7).key(ZERO_DIGEST) != cfg.key(ZERO_DIGEST)
 
 
 def test_every_model_field_is_declared() -> None:
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    declared = frozenset().union(*FAMILY_FIELDS.values())
+    declared = registry.declared_fields()
     ignored = {k.partition(".")[2] for k in KEY_IGNORED if k.startswith("model.")}
-    assert declared <= fields, f"FAMILY_FIELDS names fields that do not exist: {declared - fields}"
+    assert declared <= fields, f"families name fields that do not exist: {declared - fields}"
     undeclared = fields - declared - ignored - {"name"}
-    assert not undeclared, f"say which families read these in crener.config.FAMILY_FIELDS: {undeclared}"
-    assert set(FAMILY_FIELDS) == set(MODEL_NAMES)
+    assert not undeclared, f"say which families read these (ModelFamily.fields): {undeclared}"
+    assert all(f.fields is not None for f in registry.families().values())
     for section, cls_ in (("data", DataConfig), ("train", TrainConfig), ("model", ModelConfig)):
         names = {f"{section}.{f.name}" for f in dataclasses.fields(cls_)}
         assert {k for k in KEY_IGNORED if k.startswith(f"{section}.")} <= names
@@ -214,7 +213,7 @@ def test_each_family_keys_what_it_reads() -> None:
         assert cfg.with_overrides(unread).key(ZERO_DIGEST) == cfg.key(ZERO_DIGEST)
 
 
-@pytest.mark.parametrize("model", MODEL_NAMES)
+@pytest.mark.parametrize("model", registry.names())
 def test_ignored_fields_change_no_key(model: str) -> None:
     cfg = build_run_config(model=model, profile="smoke", dataset="resume")
     assert cfg.with_overrides(IGNORED_VALUES).key() == cfg.key()

@@ -88,7 +88,7 @@ def test_output_bias_moves_every_logit_by_exactly_the_prior(halves):
 
 
 def test_fit_starts_grid_models_at_the_priors(tiny_encoder):
-    from crener.model import build_model
+    from crener.registry import build_model
 
     encoder, tok = tiny_encoder
     cfg = ModelConfig(hidden=16, tf_heads=4, enh_heads=4, conv_channels=8, tag_dim=8, biaffine_dim=8, ffn_dim=8,

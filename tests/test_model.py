@@ -12,8 +12,8 @@ from crener.config import VARIANTS, build_run_config
 from crener.data.batching import Example, collate
 from crener.loss import GridLoss
 from crener.metrics import score
-from crener.model import CRENER, build_model
-from crener.tasks import build_task
+from crener.model import CRENER
+from crener.registry import build_model, build_task
 from tests.conftest import TYPES
 
 

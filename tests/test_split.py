@@ -65,7 +65,7 @@ def test_eval_splits_are_cut_blind_to_gold(tiny_encoder):
     from crener.config import ModelConfig
     from crener.evaluation import build_split
     from crener.metrics import score
-    from crener.tasks import build_task
+    from crener.registry import build_task
 
     s = sent("甲乙丙丁戊己庚辛", (4, 8, "X"))
     assert pieces(split_all([s], 6)) == ["甲乙丙丁", "戊己庚辛"]  # training chunks may use gold

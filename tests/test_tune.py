@@ -11,16 +11,17 @@ from pathlib import Path
 import optuna
 import pytest
 
+from crener import registry
 from crener.config import PROFILES, VARIANTS, build_run_config
 from crener.errors import CrenerError
 from crener.tracking import Tracker
 from experiments.sweeps import load_overrides, plan
 from experiments.tune import (
-    SEARCH_SPACES,
     TrialCallback,
     default_params,
     default_study_name,
     export_best,
+    search_space,
     tune,
 )
 
@@ -35,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 STUDY = default_study_name("crener", "full", "resume", "smoke")
 
 
-@pytest.mark.parametrize("model", list(SEARCH_SPACES))
+@pytest.mark.parametrize("model", registry.names())
 @pytest.mark.parametrize("profile", list(PROFILES))
 def test_search_spaces_give_valid_configs(model: str, profile: str) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -45,14 +46,14 @@ def test_search_spaces_give_valid_configs(model: str, profile: str) -> None:
         variant = variants[i % len(variants)]
         base = build_run_config(model=model, variant=variant, profile=profile, dataset="resume")
         trial = study.ask()
-        values = SEARCH_SPACES[model](trial, base)
+        values = search_space(model)(trial, base)
         assert values and set(values) == set(trial.params)  # Optuna names are config keys
         cfg = base.with_overrides(values)  # raises if a sampled width breaks a constraint
         assert cfg.variant == variant and cfg.profile == profile
         study.tell(trial, 0.5)
 
 
-@pytest.mark.parametrize("model", list(SEARCH_SPACES))
+@pytest.mark.parametrize("model", registry.names())
 @pytest.mark.parametrize("profile", list(PROFILES))
 def test_default_params_lie_inside_the_space(model: str, profile: str) -> None:
     # Trial 0 of every study replays the profile's defaults: they must be points of the space.
@@ -62,7 +63,7 @@ def test_default_params_lie_inside_the_space(model: str, profile: str) -> None:
     study = optuna.create_study()
     study.enqueue_trial(defaults)
     trial = study.ask()
-    values = SEARCH_SPACES[model](trial, base)
+    values = search_space(model)(trial, base)
     assert values == defaults == trial.params
     flat = base.flatten()
     assert all(flat[k] == v for k, v in values.items())
@@ -290,13 +291,13 @@ def test_tune_never_selects_on_test_for_a_dataset_without_dev(
 
 
 def test_space_is_centred_on_the_defaults_and_keeps_a_frozen_encoder_frozen() -> None:
-    from experiments.tune import DROPOUT_SPAN, LR_SPAN, SEARCH_SPACES
+    from crener.search import DROPOUT_SPAN, LR_SPAN
 
     base = build_run_config(profile="quick", overrides={"train.encoder_lr": 0.0, "model.out_dropout": 0.1})
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(30):
         trial = study.ask()
-        values = SEARCH_SPACES["crener"](trial, base)
+        values = search_space("crener")(trial, base)
         assert "train.encoder_lr" not in values  # 0 = frozen: never tuned into a trained encoder
         assert base.train.lr / LR_SPAN <= values["train.lr"] <= base.train.lr * LR_SPAN
         assert 0.0 <= values["model.out_dropout"] <= 0.1 + DROPOUT_SPAN

@@ -1,0 +1,112 @@
+"""Model families: for each ``model.name``, everything the rest of crener needs to know about it.
+
+A family is one :class:`ModelFamily`: how to build its model and its task, the overrides its
+faithful settings start from, the config fields it reads (only these enter its runs' keys), its
+tuning search space, and the row reports show it under. It is declared once, as ``FAMILY`` at the
+end of the module that builds the model (:mod:`crener.model` for CRENER, one file of
+``baselines/`` per baseline), and registered as a Python entry point of the group
+``crener.models`` in ``pyproject.toml``::
+
+    [project.entry-points."crener.models"]
+    w2ner = "baselines.w2ner:FAMILY"
+
+Entry points are the packaging standard for plugins: the registry reads their names from the
+installed metadata without importing anything (``crener train --help`` lists the choices without
+loading torch) and imports a family's module the first time that family is asked for. So
+crener/ never names baselines/, and another installed distribution adds a family the same way.
+Entry points are install metadata: after editing them, run ``pip install -e .`` again.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import EntryPoint, entry_points
+from typing import TYPE_CHECKING, Any
+
+from crener.errors import CrenerError
+
+if TYPE_CHECKING:  # annotations only: importing these here would load torch with the registry
+    from torch import nn
+
+    from crener.config import ModelConfig, RunConfig
+    from crener.encoder import CharEncoder
+    from crener.tasks import Task
+
+GROUP = "crener.models"
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """One model family, as its module declares it (see the module docstring)."""
+
+    name: str  # the value of model.name, of the crener.model tag and of --model
+    build_model: Callable[[ModelConfig, Task, CharEncoder], nn.Module]  # (cfg, its task, the encoder)
+    build_task: Callable[[ModelConfig, Sequence[str]], Task]  # (cfg, entity types): labels, loss, decoding
+    # The ModelConfig fields its model and task read. Only these enter its runs' keys
+    # (RunConfig.identity), so a baseline's key ignores CRENER's grid flags; None: every field.
+    fields: frozenset[str] | None
+    defaults: Mapping[str, Any] = field(default_factory=dict)  # its faithful settings, before the profile
+    # Optuna search space: (trial, base config) -> {config key: value}; see crener.search.
+    search_space: Callable[[Any, RunConfig], dict[str, Any]] | None = None
+    label: str = ""  # its row in the report tables; a paper row's label is spelled as in the paper
+    order: int = 100  # its place in sweeps and report tables (ties: by name)
+    paper_row: bool = False  # a system of the paper's Tables 2-5 that we rerun (else an extra baseline)
+    check: Callable[[ModelConfig], None] | None = None  # raises ValueError for combinations it cannot build
+
+
+@functools.cache
+def _entry_points() -> dict[str, EntryPoint]:
+    found: dict[str, EntryPoint] = {}
+    for ep in entry_points(group=GROUP):
+        if ep.name in found and found[ep.name].value != ep.value:
+            raise CrenerError(
+                f"model family {ep.name!r} is registered twice: {found[ep.name].value} and {ep.value}"
+            )
+        found[ep.name] = ep
+    if not found:
+        raise CrenerError(
+            f"no model family is registered (entry-point group {GROUP!r}): install the package "
+            "(pip install -e .) so its entry points exist"
+        )
+    return found
+
+
+def names() -> tuple[str, ...]:
+    """Registered family names, sorted; imports nothing."""
+    return tuple(sorted(_entry_points()))
+
+
+@functools.cache
+def get(name: str) -> ModelFamily:
+    """The family ``name``; the first call imports the module that declares it."""
+    eps = _entry_points()
+    if name not in eps:
+        raise KeyError(f"unknown model {name!r}; choose from {', '.join(eps)}")
+    family = eps[name].load()
+    if not isinstance(family, ModelFamily) or family.name != name:
+        raise CrenerError(f"entry point {name} = {eps[name].value} is not the ModelFamily {name!r}")
+    return family
+
+
+def families() -> dict[str, ModelFamily]:
+    """Every registered family by name, in their ``order`` (imports each family's module)."""
+    loaded = [get(name) for name in names()]
+    return {f.name: f for f in sorted(loaded, key=lambda f: (f.order, f.name))}
+
+
+@functools.cache
+def declared_fields() -> frozenset[str]:
+    """The model fields some family says it reads (a field no family lists counts for all)."""
+    return frozenset().union(*(f.fields for f in families().values() if f.fields is not None))
+
+
+def build_model(cfg: ModelConfig, task: Task, encoder: CharEncoder) -> nn.Module:
+    """The model of family ``cfg.name``."""
+    return get(cfg.name).build_model(cfg, task, encoder)
+
+
+def build_task(cfg: ModelConfig, types: Sequence[str]) -> Task:
+    """The task (label scheme, loss, decoding) of family ``cfg.name`` over entity ``types``."""
+    return get(cfg.name).build_task(cfg, types)
