@@ -13,6 +13,7 @@ from pathlib import Path
 
 from crener import registry
 from crener.config import PROFILES, VARIANTS, build_run_config, parse_set
+from crener.workspace import workdir_for
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE", help="config override")
     p.add_argument("--data-root", help="dataset directory (default: $CRENER_DATA, then ../shared/data)")
-    p.add_argument("--workdir", help="run directory with --no-track (default: runs/<profile>/<key>)")
-    p.add_argument("--runs-dir", help="root of run directories when tracking (default: $CRENER_RUNS or runs)")
+    p.add_argument("--workdir", help="run directory with --no-track (default: <runs-dir>/<profile>/<key>)")
+    p.add_argument("--runs-dir", help="root of run directories (default: $CRENER_RUNS, then runs)")
     p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     p.set_defaults(func=cmd_train)
@@ -102,10 +103,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.no_track:
         from crener.train import fit
 
-        workdir = Path(args.workdir) if args.workdir else _default_workdir(cfg)
+        workdir = Path(args.workdir) if args.workdir else workdir_for(cfg, args.runs_dir)
         summary = fit(cfg, workdir, resume=not args.no_resume)
     else:
-        from experiments.run import run_one
+        from crener.runner import run_one
 
         if args.workdir:
             log.warning(
@@ -119,12 +120,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     )  # fmt: skip
     sys.stdout.write(json.dumps(summary) + "\n")
     return 0
-
-
-def _default_workdir(cfg) -> Path:  # noqa: ANN001
-    import os
-
-    return Path(os.environ.get("CRENER_RUNS", "runs")) / cfg.profile / cfg.key()
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

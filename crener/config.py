@@ -218,6 +218,11 @@ class RunConfig:
     profile: str = "custom"
     variant: str = "full"
 
+    @property
+    def label(self) -> str:
+        """``crener:full/resume/s0``: how logs, sweeps and MLflow run names show this run."""
+        return run_label(self.model.name, self.variant, self.data.dataset, self.train.seed)
+
     def flatten(self) -> dict[str, Any]:
         """``{"model.hidden": 512, ..., "profile": "quick"}``: the form logged as MLflow params."""
         flat: dict[str, Any] = {"profile": self.profile, "variant": self.variant}
@@ -531,6 +536,11 @@ def build_run_config(
         flat["model.tf_layers"] = 1
     flat.update(overrides or {})
     return RunConfig().with_overrides(flat)
+
+
+def run_label(model: str, variant: str, dataset: str, seed: int | str) -> str:
+    """``{model}:{variant}/{dataset}/s{seed}``, the one spelling of a run's label."""
+    return f"{model}:{variant}/{dataset}/s{seed}"
 
 
 def parse_set(items: list[str] | None) -> dict[str, str]:

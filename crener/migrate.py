@@ -32,13 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from crener.config import KEY_SCHEMA, RunConfig
+from crener.config import KEY_SCHEMA, RunConfig, run_label
 from crener.errors import CrenerError
+from crener.workspace import resolve_runs_dir
 
 log = logging.getLogger(__name__)
 
-RUNS_ENV = "CRENER_RUNS"  # as experiments.run: the root of run folders
-DEFAULT_RUNS_DIR = "runs"
 LEGACY_KEY_TAG = "crener.legacy_key"
 CHECKPOINT_GLOB = "checkpoints/*.pt"
 SUMMARY_FILE = "summary.json"
@@ -80,12 +79,12 @@ def migrate_store(
     ``data_root`` overrides where each run's dataset is read for its digest."""
     from crener.data.digest import dataset_digest
 
-    root = Path(runs_dir or os.environ.get(RUNS_ENV) or DEFAULT_RUNS_DIR)
+    root = resolve_runs_dir(runs_dir)
     out: list[RunMigration] = []
     for run in tracker.crener_runs(include_tune=True):
         tags = run.tags
-        label = f"{tags.get('crener.model')}:{tags.get('crener.variant')}/{tags.get('crener.dataset')}"
-        item = RunMigration(run.run_id, f"{label}/s{tags.get('crener.seed')}", tags["crener.key"])
+        label = run_label(*(tags.get(f"crener.{k}") for k in ("model", "variant", "dataset", "seed")))
+        item = RunMigration(run.run_id, label, tags["crener.key"])
         out.append(item)
         try:
             if not any("." in k for k in run.params):

@@ -34,7 +34,6 @@ import json
 import logging
 import os
 import shlex
-import subprocess
 import sys
 import time
 from collections import Counter, OrderedDict
@@ -47,6 +46,7 @@ import numpy as np
 import torch
 
 from crener.errors import CheckpointError, CrenerError, DataError
+from crener.workspace import git_commit
 
 log = logging.getLogger(__name__)
 
@@ -343,17 +343,6 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-            text=True, timeout=10, check=True,
-        )  # fmt: skip
-        return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def mlm_logits(model, inputs: torch.Tensor, attn: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
     """Vocabulary logits at the chosen positions only, (k, V): the output layer is as wide as the
     vocabulary, so scoring every position would cost as much as the encoder itself."""
@@ -582,7 +571,7 @@ def pretrain(
     card = {
         "name": out.name,
         "command": command or "crener pretrain " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
-        "commit": _git_commit(),
+        "commit": git_commit(),
         "config": cfg.identity(),
         "inputs": {label: {"path": _rel_input(path), "sha256": sha256_file(path)} for label, path in inputs.items()},
         "licences": {k: v for k, v in LICENCES.items() if k in cfg.datasets or (k == "vectors" and vec_path)},

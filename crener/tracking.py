@@ -3,11 +3,11 @@
 It owns the tracking contract that ``reports/`` reads:
 
 - tracking URI: ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``; for a SQLite store,
-  artifacts live beside the database in ``mlartifacts/``;
+  artifacts live beside the database in ``mlartifacts/`` (resolved in :mod:`crener.workspace`);
 - one experiment per sweep and profile, ``crener-{sweep}-{profile}``;
 - tags on every run (``crener.key``, its ``crener.key_schema`` and ``crener.data_digest``,
-  ``crener.state``, ...), run name
-  ``{model}:{variant}/{dataset}/s{seed}``;
+  ``crener.state``, ...), run name :attr:`crener.config.RunConfig.label`
+  (``{model}:{variant}/{dataset}/s{seed}``);
 - params ``cfg.flatten()`` + ``num_labels`` + ``parameters``, logged once (MLflow params are
   immutable, so a resumed run only adds what is missing);
 - per-epoch metrics with ``step=epoch``, logged idempotently (a step already in a metric's
@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
 import json
 import logging
 import math
 import os
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -41,6 +39,7 @@ from mlflow.tracking import MlflowClient
 
 from crener.config import KEY_SCHEMA, RunConfig
 from crener.data.digest import dataset_digest
+from crener.workspace import artifact_root, git_commit, sqlite_path, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +47,6 @@ log = logging.getLogger(__name__)
 _KIND_TAG = "mlflow.experimentKind"
 _KIND_TRAINING = "custom_model_development"
 
-TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
-DEFAULT_DB_NAME = "mlflow.db"
-ARTIFACT_DIR_NAME = "mlartifacts"
-SQLITE_PREFIX = "sqlite:///"
 
 # Values of the ``crener.state`` tag; MLflow's own status (RUNNING/FINISHED/FAILED/KILLED) is kept
 # in step, but a SIGKILLed process leaves its run RUNNING, so readers should trust neither blindly.
@@ -73,51 +68,11 @@ LOCKED_BACKOFF_S = 0.25
 T = TypeVar("T")
 
 
-# --------------------------------------------------------------------------- URIs and names
-
-
-def tracking_uri() -> str:
-    """``$MLFLOW_TRACKING_URI`` if set, else a SQLite store ``mlflow.db`` in the working directory."""
-    env = os.environ.get(TRACKING_URI_ENV, "").strip()
-    return env or f"{SQLITE_PREFIX}{Path.cwd() / DEFAULT_DB_NAME}"
-
-
-def sqlite_path(uri: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URI (relative paths resolve against the cwd)."""
-    if not uri.startswith(SQLITE_PREFIX):
-        return None
-    return Path(uri[len(SQLITE_PREFIX) :].split("?", 1)[0]).resolve()
-
-
-def artifact_root(uri: str) -> str | None:
-    """``file://.../mlartifacts`` beside a SQLite store; None lets a server or database decide."""
-    db = sqlite_path(uri)
-    return (db.parent / ARTIFACT_DIR_NAME).as_uri() if db is not None else None
+# --------------------------------------------------------------------------- names
 
 
 def experiment_name(sweep: str, profile: str) -> str:
     return f"crener-{sweep}-{profile}"
-
-
-def run_name(cfg: RunConfig) -> str:
-    return f"{cfg.model.name}:{cfg.variant}/{cfg.data.dataset}/s{cfg.train.seed}"
-
-
-@functools.cache
-def git_commit() -> str:
-    """HEAD of the checkout this package was imported from, or ``unknown``."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        )
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def run_tags(cfg: RunConfig, sweep: str) -> dict[str, str]:
@@ -337,13 +292,11 @@ class Tracker:
             _retry_locked(lambda: self.client.update_run(resume_run_id, status="RUNNING"))
             logger = RunLogger(self.client, resume_run_id, resumed=True)
             logger.set_tags(all_tags)
-            log.info("resuming MLflow run %s (%s)", resume_run_id, run_name(cfg))
+            log.info("resuming MLflow run %s (%s)", resume_run_id, cfg.label)
             return logger
         exp_id = self.experiment_id(experiment or experiment_name(sweep, cfg.profile))
-        run = _retry_locked(
-            lambda: self.client.create_run(exp_id, run_name=name or run_name(cfg), tags=all_tags)
-        )
-        log.info("MLflow run %s (%s) in experiment %s", run.info.run_id, run_name(cfg), exp_id)
+        run = _retry_locked(lambda: self.client.create_run(exp_id, run_name=name or cfg.label, tags=all_tags))
+        log.info("MLflow run %s (%s) in experiment %s", run.info.run_id, cfg.label, exp_id)
         return RunLogger(self.client, run.info.run_id, resumed=False)
 
     def start_plain_run(

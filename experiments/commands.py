@@ -1,6 +1,6 @@
 """``crener reproduce``, ``crener tune`` and ``crener ui``: argument parsing and progress logs only.
 
-The work lives in :mod:`experiments.sweeps` (what to run), :mod:`experiments.run` (running one
+The work lives in :mod:`experiments.sweeps` (what to run), :mod:`crener.runner` (running one
 cell once) and :mod:`experiments.tune` (Optuna); MLflow details stay in :mod:`crener.tracking`.
 """
 
@@ -80,7 +80,7 @@ def _register_reproduce(subparsers: Any) -> None:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from experiments.run import CellBusy, run_one
+    from crener.runner import CellBusy, run_one
     from experiments.sweeps import SWEEP_NAMES, load_overrides, plan, shard, unused_overrides
 
     sets = parse_set(args.set)
@@ -246,7 +246,7 @@ def _register_ui(subparsers: Any) -> None:
 
 def ui_command(uri: str, host: str, port: int) -> list[str]:
     """The ``mlflow ui`` command line for store ``uri`` (artifacts beside a SQLite store)."""
-    from crener.tracking import ARTIFACT_DIR_NAME, sqlite_path
+    from crener.workspace import ARTIFACT_DIR_NAME, sqlite_path
 
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri]
     cmd += ["--host", host, "--port", str(port), "--workers", "1"]
@@ -258,7 +258,8 @@ def ui_command(uri: str, host: str, port: int) -> list[str]:
 
 def _crener_experiments(uri: str) -> list[tuple[str, str]]:
     """(name, id) of the crener experiments in a SQLite store; none if it does not exist yet."""
-    from crener.tracking import Tracker, sqlite_path
+    from crener.tracking import Tracker
+    from crener.workspace import sqlite_path
 
     db = sqlite_path(uri)
     if db is None or not db.exists():
@@ -267,7 +268,7 @@ def _crener_experiments(uri: str) -> list[tuple[str, str]]:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from crener.tracking import tracking_uri
+    from crener.workspace import tracking_uri
 
     uri = tracking_uri()
     if uri.startswith(("http://", "https://")):

@@ -57,7 +57,7 @@ def register(subparsers: Any) -> None:
 
 
 def cmd_curves(args: argparse.Namespace) -> int:
-    from experiments.run import resolve_runs_dir
+    from crener.workspace import resolve_runs_dir
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from crener import registry
-from crener.config import PROFILES, VARIANTS, RunConfig, build_run_config
+from crener.config import PROFILES, VARIANTS, RunConfig, build_run_config, run_label
 from crener.errors import CrenerError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -104,8 +104,7 @@ class Cell:
 
     @property
     def label(self) -> str:
-        c = self.cfg
-        return f"{c.model.name}:{c.variant}/{c.data.dataset}/s{c.train.seed}"
+        return self.cfg.label
 
 
 # --------------------------------------------------------------------------- parsing
@@ -373,8 +372,7 @@ def _build(
             model, variant, profile, dataset, seed, json.dumps(flat, sort_keys=True, default=list)
         )
     except (KeyError, ValueError) as exc:
-        label = f"{model}:{variant}/{dataset}/s{seed}"
-        raise SweepError(f"{label} ({profile}): {exc}") from exc
+        raise SweepError(f"{run_label(model, variant, dataset, seed)} ({profile}): {exc}") from exc
 
 
 @functools.lru_cache(maxsize=4096)

@@ -29,8 +29,8 @@ import optuna
 from crener import registry
 from crener.config import RunConfig, build_run_config
 from crener.errors import CrenerError
-from crener.tracking import RunLogger, Tracker, experiment_name, file_lock, run_name, sqlite_path
-from experiments.run import resolve_runs_dir
+from crener.tracking import RunLogger, Tracker, experiment_name, file_lock
+from crener.workspace import resolve_runs_dir, sqlite_path
 from experiments.sweeps import IDENTITY_KEYS, format_toml_value
 
 log = logging.getLogger(__name__)
@@ -230,7 +230,7 @@ def tune(
                 sweep="tune",
                 parent_run_id=parent.run_id,
                 experiment=experiment_name("tune", profile),
-                name=f"{run_name(cfg)}/trial-{trial.number}",
+                name=f"{cfg.label}/trial-{trial.number}",
                 tags={"crener.study": name, "crener.trial": str(trial.number)},
             )
             logger.log_config(cfg, {"trial.number": trial.number})

@@ -25,6 +25,8 @@ from typing import Any
 import pandas as pd
 
 from crener.errors import CrenerError
+from crener.workspace import sqlite_path
+from crener.workspace import tracking_uri as resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -61,25 +63,14 @@ EXPERIMENT_PREFIX = "crener-"
 _PAGE = 1000
 
 
-def resolve_tracking_uri(uri: str | None = None) -> str:
-    """``uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db`` (the contract)."""
-    if uri:
-        return uri
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-
-
 def _client(tracking_uri: str | None):
     from mlflow.tracking import MlflowClient
 
     uri = resolve_tracking_uri(tracking_uri)
-    if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///") :])
-        if not db.exists():
-            # MLflow would silently create an empty store; a report of nothing helps nobody.
-            raise CrenerError(f"no MLflow store at {db} (set --tracking-uri or MLFLOW_TRACKING_URI)")
+    db = sqlite_path(uri)
+    if db is not None and not db.exists():
+        # MLflow would silently create an empty store; a report of nothing helps nobody.
+        raise CrenerError(f"no MLflow store at {db} (set --tracking-uri or MLFLOW_TRACKING_URI)")
     return MlflowClient(tracking_uri=uri)
 
 

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from crener.workspace import git_commit, sqlite_path
+from crener.workspace import tracking_uri as resolve_tracking_uri
 from reports import collect, plots, stats, tables
 from reports.paper import TABLE_DATASET, VARIANT_LABELS, systems
 
@@ -53,7 +54,7 @@ def main(
     table_dir, figure_dir = out / "tables", out / "figures"
     table_dir.mkdir(parents=True, exist_ok=True)
     figure_dir.mkdir(parents=True, exist_ok=True)
-    uri = collect.resolve_tracking_uri(tracking_uri)
+    uri = resolve_tracking_uri(tracking_uri)
 
     all_runs = collect.collect_runs(uri, profile=profile, finished_only=False)
     all_runs.to_csv(out / "runs.csv", index=False)
@@ -210,24 +211,8 @@ def _breakdowns(index: tables.RunIndex, predictions, by: str, msra_protocol: str
 
 
 def _storage_exists(storage: str) -> bool:
-    if storage.startswith("sqlite:///"):
-        return Path(storage[len("sqlite:///") :]).exists()
-    return True
-
-
-def _git_commit() -> str:
-    try:
-        # The checkout the report code comes from, whatever the working directory.
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    db = sqlite_path(storage)
+    return db is None or db.exists()
 
 
 def _write_footnotes(
@@ -277,7 +262,7 @@ def _index_text(
         f"# CRENER reproduction report — profile `{profile}`",
         "",
         f"- generated: {_dt.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"- report code at git commit: `{_git_commit()}`; runs from commits: {', '.join(f'`{c}`' for c in run_commits) or 'none'}",
+        f"- report code at git commit: `{git_commit()[:7]}`; runs from commits: {', '.join(f'`{c}`' for c in run_commits) or 'none'}",
         f"- tracking store: `{uri}`",
         f"- runs of this profile: {len(all_runs)} ({', '.join(f'{k}: {v}' for k, v in sorted(states.items())) or 'none'}); "
         f"by sweep: {', '.join(f'{k}: {v}' for k, v in sorted(sweeps.items())) or 'none'}",

@@ -1,4 +1,4 @@
-"""experiments.run and ``crener reproduce``: each cell runs once, killed cells resume in the
+"""crener.runner and ``crener reproduce``: each cell runs once, killed cells resume in the
 same MLflow run, failures do not stop the sweep, workers split cells, a real SIGKILL is survived.
 """
 
@@ -19,8 +19,9 @@ import pytest
 
 from crener.cli import main as cli_main
 from crener.config import RunConfig
+from crener.runner import CellBusy, lock_path, run_one
 from crener.tracking import EPOCH_METRICS, Tracker, file_lock
-from experiments.run import CellBusy, lock_path, run_one, workdir_for
+from crener.workspace import workdir_for
 from experiments.sweeps import plan
 
 try:  # helpers shared by the experiment tests (tests/ is not a package; keep both spellings)

@@ -20,15 +20,8 @@ from pathlib import Path
 import pytest
 
 from crener.config import RunConfig, build_run_config
-from crener.tracking import (
-    EPOCH_METRICS,
-    Tracker,
-    artifact_root,
-    experiment_name,
-    run_name,
-    sqlite_path,
-    tracking_uri,
-)
+from crener.tracking import EPOCH_METRICS, Tracker, experiment_name
+from crener.workspace import artifact_root, sqlite_path, tracking_uri, workdir_for
 
 # --------------------------------------------------------------------------- shared helpers
 
@@ -150,12 +143,22 @@ def test_tracking_uri_default_and_env(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert tracking_uri() == "http://127.0.0.1:5000"
     assert artifact_root(tracking_uri()) is None
+    assert tracking_uri("sqlite:///x.db") == "sqlite:///x.db"  # an explicit store wins
+
+
+def test_runs_dir_default_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = smoke_cfg()
+    monkeypatch.delenv("CRENER_RUNS", raising=False)
+    assert workdir_for(cfg) == Path("runs") / "smoke" / cfg.key()
+    monkeypatch.setenv("CRENER_RUNS", str(tmp_path))
+    assert workdir_for(cfg) == tmp_path / "smoke" / cfg.key()
+    assert workdir_for(cfg, "elsewhere") == Path("elsewhere") / "smoke" / cfg.key()
 
 
 def test_names() -> None:
     cfg = smoke_cfg(variant="no_mlp", seed=3)
     assert experiment_name("ablation", "smoke") == "crener-ablation-smoke"
-    assert run_name(cfg) == "crener:no_mlp/resume/s3"
+    assert cfg.label == "crener:no_mlp/resume/s3"
 
 
 def test_run_contract_and_idempotent_resume(mlflow_store: str, tmp_path: Path) -> None:

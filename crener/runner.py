@@ -1,7 +1,8 @@
-"""One sweep cell, run at most once: workdir, per-key lock, MLflow run reuse, resume.
+"""One config run at most once: workdir, per-key lock, MLflow run reuse, resume.
 
-``run_one(cfg)`` trains ``cfg`` in ``runs/{profile}/{key}`` through ``crener.train.fit`` and
-tracks it in MLflow. Its guarantees, for a key:
+``run_one(cfg)`` trains ``cfg`` in ``runs/{profile}/{key}`` (:func:`crener.workspace.workdir_for`)
+through ``crener.train.fit`` and tracks it in MLflow. ``crener train`` runs one config this way, and
+every cell of a sweep (``experiments/``) too. Its guarantees, for a key:
 
 - a ``finished`` MLflow run means done: it is skipped and its summary returned;
 - a ``running`` (killed), ``failed`` or interrupted run is reopened under the same run id and
@@ -14,18 +15,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from crener.config import RunConfig
 from crener.errors import CrenerError
+from crener.workspace import resolve_runs_dir, workdir_for
 
 log = logging.getLogger(__name__)
 
-RUNS_ENV = "CRENER_RUNS"
-DEFAULT_RUNS_DIR = "runs"
 LOCK_DIR_NAME = ".locks"
 SUMMARY_FILE = "summary.json"
 HISTORY_FILE = "history.json"
@@ -34,15 +33,6 @@ ADHOC_SWEEP = "adhoc"
 
 class CellBusy(CrenerError):
     """Another process holds this cell's lock (and ``wait`` was off)."""
-
-
-def resolve_runs_dir(path: str | Path | None = None) -> Path:
-    """``path``, else ``$CRENER_RUNS``, else ``./runs``."""
-    return Path(path or os.environ.get(RUNS_ENV) or DEFAULT_RUNS_DIR)
-
-
-def workdir_for(cfg: RunConfig, root: str | Path | None = None) -> Path:
-    return resolve_runs_dir(root) / cfg.profile / cfg.key()
 
 
 def lock_path(cfg: RunConfig, root: str | Path | None = None) -> Path:

@@ -1,0 +1,74 @@
+"""Where crener reads and writes, each resolved in one place; no torch, no mlflow.
+
+- runs root: ``--runs-dir``, else ``$CRENER_RUNS``, else ``./runs``; a run's workdir is
+  ``<runs>/<profile>/<key>`` (:func:`workdir_for`);
+- MLflow store: ``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``;
+  a SQLite store keeps its artifacts beside it in ``mlartifacts/`` (:func:`artifact_root`);
+- the git commit of the checkout this package runs from (:func:`git_commit`).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+from pathlib import Path
+
+from crener.config import RunConfig
+
+RUNS_ENV = "CRENER_RUNS"
+DEFAULT_RUNS_DIR = "runs"
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+DEFAULT_DB_NAME = "mlflow.db"
+ARTIFACT_DIR_NAME = "mlartifacts"
+SQLITE_PREFIX = "sqlite:///"
+
+
+def resolve_runs_dir(path: str | Path | None = None) -> Path:
+    """``path``, else ``$CRENER_RUNS``, else ``./runs``."""
+    return Path(path or os.environ.get(RUNS_ENV) or DEFAULT_RUNS_DIR)
+
+
+def workdir_for(cfg: RunConfig, root: str | Path | None = None) -> Path:
+    """``<runs>/<profile>/<key>``: the folder of the run ``cfg`` (checkpoints, summary, outputs)."""
+    return resolve_runs_dir(root) / cfg.profile / cfg.key()
+
+
+def tracking_uri(uri: str | None = None) -> str:
+    """``uri``, else ``$MLFLOW_TRACKING_URI``, else a SQLite store ``mlflow.db`` in the working directory."""
+    if uri:
+        return uri
+    env = os.environ.get(TRACKING_URI_ENV, "").strip()
+    return env or f"{SQLITE_PREFIX}{Path.cwd() / DEFAULT_DB_NAME}"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (relative paths resolve against the cwd); None
+    for any other store (a server, PostgreSQL, ...)."""
+    if not uri.startswith(SQLITE_PREFIX):
+        return None
+    return Path(uri[len(SQLITE_PREFIX) :].split("?", 1)[0]).resolve()
+
+
+def artifact_root(uri: str) -> str | None:
+    """``file://.../mlartifacts`` beside a SQLite store; None lets a server or database decide."""
+    db = sqlite_path(uri)
+    return (db.parent / ARTIFACT_DIR_NAME).as_uri() if db is not None else None
+
+
+@functools.cache
+def git_commit() -> str:
+    """HEAD of the checkout this package was imported from (whatever the working directory), or
+    ``unknown``."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
