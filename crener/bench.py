@@ -250,10 +250,39 @@ def budget_overrides(width: str, n: int, overrides: dict[str, Any]) -> dict[str,
     return {"train.max_cells": cell_budget_like(base.train.batch_size, base.data.max_len, n), **overrides}
 
 
+def probe_command(
+    kind: str, width: str, model: str, variant: str, sets: list[str], **point: int
+) -> list[str]:
+    """The ``crener bench --probe`` command line that measures one point in a fresh process.
+
+    ``kind``: ``speed`` (:func:`measure_speed`, with ``sentences``) or ``memory``
+    (:func:`memory_probe`, with ``length`` and ``batch``); ``sets``: ``KEY=VALUE`` overrides."""
+    cmd = [sys.executable, "-m", "crener.cli", "bench", "--probe", kind, "--widths", width]
+    cmd += ["--models", model, "--variants", variant]
+    flags = {"sentences": "--sentences", "length": "--lengths", "batch": "--batch"}
+    for name, value in point.items():
+        cmd += [flags[name], str(value)]
+    for item in sets:
+        cmd += ["--set", item]
+    return cmd
+
+
+def run_probe(args: argparse.Namespace) -> int:
+    """One point of ``probe_command`` in this process; its JSON is the last line of stdout."""
+    cfg = bench_config(args.widths[0], args.models[0], args.variants[0], parse_set(args.overrides))
+    if args.probe == "speed":
+        r = measure_speed(cfg, args.sentences)
+        r["peak_rss_bytes"] = _rss_peak()  # the whole process: interpreter, data, model, steps
+    else:
+        r = memory_probe(cfg, args.lengths[0], args.batch)
+    sys.stdout.write(json.dumps(r) + "\n")
+    return 0
+
+
 def _speed_point(width: str, model: str, variant: str, n: int, overrides: dict[str, Any]) -> dict[str, Any]:
     """``measure_speed`` in a fresh process, so its peak resident memory is its own."""
     items = [f"{k}={v}" for k, v in overrides.items()]
-    cmd = [sys.executable, "-m", "crener.bench", "--speed-probe", width, model, variant, str(n), *items]
+    cmd = probe_command("speed", width, model, variant, items, sentences=n)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     if res.returncode != 0:
@@ -284,8 +313,7 @@ def _rss_peak() -> int:
 def _memory_point(
     width: str, model: str, variant: str, length: int, batch: int, overrides: list[str]
 ) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "crener.bench", "--probe", width, model, variant, str(length), str(batch)]
-    cmd += overrides
+    cmd = probe_command("memory", width, model, variant, overrides, length=length, batch=batch)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     if res.returncode < 0:  # a signal: on Linux most often the kernel's out-of-memory killer
@@ -297,6 +325,8 @@ def _memory_point(
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    if args.probe:
+        return run_probe(args)
     overrides = parse_set(args.overrides)
     suites = {args.suite} if isinstance(args.suite, str) else set(args.suite)
     set_items = [f"{k}={v}" for k, v in overrides.items()]
@@ -388,28 +418,3 @@ def _levers_table(rows: list[dict[str, Any]]) -> str:
     headers = ["widths", "model", "lever", "train sent/s", "eval sent/s", "peak RSS GiB", "sent/batch",
                "train speed vs default"]  # fmt: skip
     return tabulate(table, headers, tablefmt="github", disable_numparse=True)
-
-
-def _speed_probe_main(argv: list[str]) -> int:
-    width, model, variant, n, *items = argv
-    cfg = bench_config(width, model, variant, parse_set(items))
-    r = measure_speed(cfg, int(n))
-    r["peak_rss_bytes"] = _rss_peak()  # the whole process: interpreter, data, model, steps
-    sys.stdout.write(json.dumps(r) + "\n")
-    return 0
-
-
-def _probe_main(argv: list[str]) -> int:
-    width, model, variant, length, batch, *items = argv
-    cfg = bench_config(width, model, variant, parse_set(items))
-    sys.stdout.write(json.dumps(memory_probe(cfg, int(length), int(batch))) + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING)
-    if len(sys.argv) > 1 and sys.argv[1] == "--probe":
-        sys.exit(_probe_main(sys.argv[2:]))
-    if len(sys.argv) > 1 and sys.argv[1] == "--speed-probe":
-        sys.exit(_speed_probe_main(sys.argv[2:]))
-    sys.exit("use `crener bench`")

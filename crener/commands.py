@@ -64,6 +64,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=1, help="sentences of each length in a memory probe")
     p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE")
     p.add_argument("--json", action="store_true", help="one JSON object instead of tables")
+    # Internal: one point measured in a fresh process the suites start (crener.bench.probe_command).
+    p.add_argument("--probe", choices=["speed", "memory"], help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(

@@ -57,20 +57,28 @@ class ModelFamily:
 
 
 @functools.cache
-def _entry_points() -> dict[str, EntryPoint]:
+def plugins(group: str) -> dict[str, EntryPoint]:
+    """The installed entry points of ``group`` by name (metadata only: nothing is imported).
+
+    Used for the model families (:data:`GROUP`) and for the subcommands of the ``crener``
+    command line (``crener.commands``, see :mod:`crener.cli`)."""
     found: dict[str, EntryPoint] = {}
-    for ep in entry_points(group=GROUP):
+    for ep in entry_points(group=group):
         if ep.name in found and found[ep.name].value != ep.value:
             raise CrenerError(
-                f"model family {ep.name!r} is registered twice: {found[ep.name].value} and {ep.value}"
+                f"{group}: {ep.name!r} is registered twice: {found[ep.name].value} and {ep.value}"
             )
         found[ep.name] = ep
     if not found:
         raise CrenerError(
-            f"no model family is registered (entry-point group {GROUP!r}): install the package "
+            f"nothing is registered in the entry-point group {group!r}: install the package "
             "(pip install -e .) so its entry points exist"
         )
     return found
+
+
+def _entry_points() -> dict[str, EntryPoint]:
+    return plugins(GROUP)
 
 
 def names() -> tuple[str, ...]:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
+import crener.bench as bench
 from crener.bench import (
     LEVERS,
     _levers_table,
@@ -12,7 +15,9 @@ from crener.bench import (
     cell_budget_like,
     measure_speed,
     memory_probe,
+    probe_command,
 )
+from crener.cli import main as cli_main
 from crener.config import build_run_config
 from crener.data.batching import make_batches
 from crener.data.datasets import load_dataset
@@ -76,3 +81,21 @@ def test_memory_probe_reports_train_and_eval_peaks():
     assert r["process_peak_bytes"] >= r["peak_bytes"]
     with pytest.raises(ValueError, match="at most 510 characters"):
         memory_probe(build_run_config(profile="smoke"), 512)
+
+
+def test_a_probe_is_a_crener_bench_command(monkeypatch, capsys):
+    """Each point of the memory and levers suites runs `crener bench --probe` in a fresh process."""
+    cmd = probe_command("memory", "quick", "w2ner", "full", ["model.hidden=32"], length=24, batch=2)
+    assert cmd[1:5] == ["-m", "crener.cli", "bench", "--probe"]
+    seen = {}
+
+    def fake_probe(cfg, length, batch=1):
+        seen.update(cfg=cfg, length=length, batch=batch)
+        return {"length": length, "batch": batch}
+
+    monkeypatch.setattr(bench, "memory_probe", fake_probe)
+    assert cli_main(cmd[3:]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1]) == {"length": 24, "batch": 2}
+    assert (seen["cfg"].model.name, seen["cfg"].model.hidden, seen["length"]) == ("w2ner", 32, 24)
+    speed = probe_command("speed", "paper", "crener", "no_mlp", [], sentences=8)
+    assert speed[speed.index("--sentences") + 1] == "8" and "--lengths" not in speed

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
+import ast
 import dataclasses
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from crener import registry
 from crener.config import ModelConfig, build_run_config
 
+PACKAGE = Path(registry.__file__).resolve().parent
 FAMILIES = ("crener", "w2ner", "bert_softmax", "bert_crf", "tener")
 
 
@@ -41,3 +45,37 @@ def test_family_names_come_from_metadata_without_imports() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+
+
+def _imported_packages(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name.partition(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out.add(node.module.partition(".")[0])
+    return out
+
+
+def test_crener_imports_nothing_built_on_it() -> None:
+    """crener/ is the base: baselines/, experiments/ and reports/ import it, never the reverse
+    (they reach crener through the entry points of pyproject.toml)."""
+    offenders = {
+        str(p.relative_to(PACKAGE.parent)): sorted(
+            _imported_packages(p) & {"baselines", "experiments", "reports"}
+        )
+        for p in PACKAGE.rglob("*.py")
+    }
+    assert not {k: v for k, v in offenders.items() if v}
+    assert not [p for p in PACKAGE.rglob("*.py") if "import_module" in p.read_text(encoding="utf-8")]
+
+
+def test_every_subcommand_is_found_through_its_entry_point() -> None:
+    from crener.cli import COMMANDS_GROUP, build_parser
+
+    commands = registry.plugins(COMMANDS_GROUP)
+    assert {"data", "train", "evaluate", "predict", "bench", "pretrain", "migrate", "reproduce", "tune",
+            "ui", "curves", "report"} <= set(commands)  # fmt: skip
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) == set(commands)
