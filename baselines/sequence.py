@@ -6,7 +6,8 @@ types): index 0 is ``O``, then ``B-t I-t E-t S-t`` for each type, so T = 1 + 4M 
 :func:`entities_to_tags` accepts only contiguous, non-overlapping entities (all gold entities
 of the four datasets); anything else cannot be written as one BIOES sequence and raises.
 :func:`tags_to_entities` reads *any* tag sequence with the conlleval "lenient" rule that the
-CoNLL reader uses for malformed gold spans (:mod:`crener.data.readers`):
+CoNLL reader uses for malformed gold spans, through the reader's own function
+(:func:`crener.data.readers.lenient_chunks`):
 
 * a chunk **starts** at ``B``/``S``, or at an ``I``/``E`` when no chunk is open or the type changes;
 * a chunk **ends** at ``E``/``S``, before ``O``, before a type change, before a ``B``/``S``, or at
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 
 from baselines.crf import CRF, bioes_constraints, neg_log_likelihood, viterbi
 from crener.data.batching import Batch
+from crener.data.readers import lenient_chunks
 from crener.data.schema import Entity
 
 OUTSIDE = "O"
@@ -73,31 +75,16 @@ def entities_to_tags(entities: Iterable[Entity], n: int) -> list[str]:
 
 
 def tags_to_entities(tags: Sequence[str]) -> set[Entity]:
-    """Entities of a BIOES tag sequence under the lenient rule of the module docstring."""
-    out: set[Entity] = set()
-    start, open_type = -1, ""  # start of the open chunk, -1 when none is open
-
-    def close(end: int) -> None:
-        nonlocal start
-        if start >= 0:
-            out.add(Entity.span(start, end, open_type))
-        start = -1
-
-    for i, tag in enumerate(tags):
-        if tag == OUTSIDE:
-            close(i)
-            continue
+    """Entities of a BIOES tag sequence under the lenient rule of the module docstring, applied by
+    the CoNLL reader's own function (:func:`crener.data.readers.lenient_chunks`)."""
+    info: dict[str, tuple[str, str] | None] = {}
+    for tag in set(tags) - {OUTSIDE}:
         prefix, sep, type_ = tag.partition("-")
         if not sep or prefix not in PREFIXES or not type_:
             raise ValueError(f"not a BIOES tag: {tag!r}")
-        if start >= 0 and (type_ != open_type or prefix in ("B", "S")):
-            close(i)
-        if start < 0:
-            start, open_type = i, type_
-        if prefix in ("E", "S"):
-            close(i + 1)
-    close(len(tags))
-    return out
+        info[tag] = (prefix, type_)
+    positions = [i for i, tag in enumerate(tags) if tag != OUTSIDE]
+    return {Entity.span(s, e, t) for s, e, t, _ in lenient_chunks(positions, tags, info, bio=False)}
 
 
 class TagSet:

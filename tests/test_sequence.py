@@ -10,7 +10,7 @@ import torch
 
 from baselines.sequence import SequenceTask, TagSet, bioes_names, entities_to_tags, tags_to_entities
 from crener.data.batching import Example, collate
-from crener.data.readers import _lenient_chunks
+from crener.data.readers import lenient_chunks
 from crener.data.schema import Entity
 
 E = Entity.span
@@ -90,7 +90,7 @@ def test_lenient_rule_agrees_with_the_conll_reader() -> None:
         tags = [rng.choice(names) for _ in range(rng.randint(1, 9))]
         positions = [i for i, t in enumerate(tags) if t != "O"]
         ref = (
-            {E(s, e, ty) for s, e, ty, _ in _lenient_chunks(positions, tags, info, False)}
+            {E(s, e, ty) for s, e, ty, _ in lenient_chunks(positions, tags, info, False)}
             if positions
             else set()
         )

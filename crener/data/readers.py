@@ -32,6 +32,7 @@ import functools
 import gc
 import logging
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -302,7 +303,7 @@ class _Reader:
             entities: list[Entity] = []
             positions = [i for i, t in enumerate(tags) if t != OUTSIDE]
             if positions:
-                for start, end, type_, well_formed in _lenient_chunks(positions, tags, tag_info, bio):
+                for start, end, type_, well_formed in lenient_chunks(positions, tags, tag_info, bio):
                     entities.append(Entity(tuple(range(start, end)), type_))
                     if not well_formed:
                         span = " ".join(tags[start:end])
@@ -313,12 +314,18 @@ class _Reader:
         return sentences, repairs
 
 
-def _lenient_chunks(
-    positions: list[int], tags: list[str], tag_info: dict[str, tuple[str, str] | None], bio: bool
+def lenient_chunks(
+    positions: Sequence[int],
+    tags: Sequence[str],
+    tag_info: Mapping[str, tuple[str, str] | None],
+    bio: bool,
 ) -> list[tuple[int, int, str, bool]]:
-    """``(start, end, type, well_formed)`` of every chunk of one sentence (module docstring).
+    """``(start, end, type, well_formed)`` of every chunk of one sentence: THE lenient rule (module
+    docstring), for gold files here and for the sequence taggers' predicted BIOES tags.
 
     ``positions`` are the indices of the non-``O`` tags; a gap between two of them is an ``O``.
+    ``tag_info`` maps each tag to its ``(prefix, type)`` (None: a bad tag, read as ``O``); ``bio``:
+    a chunk closed without ``E``/``S`` is well formed (BIO has neither).
     """
     chunks: list[tuple[int, int, str, bool]] = []
     open_start = -1  # start of the open chunk, -1 when none is open
