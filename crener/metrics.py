@@ -15,7 +15,8 @@ from typing import Any
 
 from crener.data.schema import Entity
 
-DEFAULT_LENGTH_BUCKETS = (1, 2, 3, 4, 5)  # lower bounds: lengths 1, 2, 3, 4 and 5+
+# Lower bounds of the entity-length buckets of the reports: lengths 1, 2, 3, 4, 5-6, 7-9 and 10+.
+LENGTH_BUCKETS = (1, 2, 3, 4, 5, 7, 10)
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ def score(
 def by_length(
     gold: Sequence[Iterable[Entity]],
     pred: Sequence[Iterable[Entity]],
-    buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS,
+    buckets: Sequence[int] = LENGTH_BUCKETS,
 ) -> dict[str, Counts]:
     """Counts per entity length (number of characters), for reports.
 
@@ -107,9 +108,7 @@ def by_length(
     """
     _check_lengths(gold, pred)
     bounds = list(buckets)
-    if not bounds or bounds[0] != 1 or any(b <= a for a, b in zip(bounds, bounds[1:])):
-        raise ValueError(f"buckets must be increasing lower bounds starting at 1, got {tuple(bounds)}")
-    names = [_bucket_name(lo, hi) for lo, hi in zip(bounds, [*bounds[1:], None])]
+    names = bucket_names(bounds)
     # lookup[L - 1] = bucket of length L, for L up to the last bound; longer ones go to the last.
     lookup = [k for k, (lo, hi) in enumerate(zip(bounds, bounds[1:])) for _ in range(lo, hi)]
 
@@ -127,6 +126,25 @@ def by_length(
         for e in g:
             tally[bucket(e)][2] += 1
     return {name: Counts(*t) for name, t in zip(names, tally)}
+
+
+def sentence_counts(gold: Sequence[Iterable[Entity]], pred: Sequence[Iterable[Entity]]) -> list[Counts]:
+    """The counts of each sentence, whose sums are :func:`score`'s micro counts (the paired
+    bootstrap of the reports resamples sentences)."""
+    _check_lengths(gold, pred)
+    out = []
+    for g_items, p_items in zip(gold, pred):
+        g, p = set(g_items), set(p_items)
+        out.append(Counts(len(g & p), len(p), len(g)))
+    return out
+
+
+def bucket_names(buckets: Sequence[int] = LENGTH_BUCKETS) -> list[str]:
+    """The names :func:`by_length` gives its buckets, in order."""
+    bounds = list(buckets)
+    if not bounds or bounds[0] != 1 or any(b <= a for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"buckets must be increasing lower bounds starting at 1, got {tuple(bounds)}")
+    return [_bucket_name(lo, hi) for lo, hi in zip(bounds, [*bounds[1:], None])]
 
 
 def _bucket_name(lo: int, hi: int | None) -> str:

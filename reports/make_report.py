@@ -21,6 +21,7 @@ from typing import Any
 
 import pandas as pd
 
+from crener.metrics import Counts, bucket_names
 from crener.workspace import git_commit, sqlite_path
 from crener.workspace import tracking_uri as resolve_tracking_uri
 from reports import collect, plots, stats, tables
@@ -169,7 +170,7 @@ def _breakdowns(index: tables.RunIndex, predictions, by: str, msra_protocol: str
                 continue
             pooled = pd.concat(parts).groupby("group", sort=False)[["correct", "predicted", "gold"]].sum()
             for group, r in pooled.iterrows():
-                p, rec, f1 = stats.prf(r["correct"], r["predicted"], r["gold"])
+                counts = Counts(int(r["correct"]), int(r["predicted"]), int(r["gold"]))
                 rows.append(
                     {
                         "system": name,
@@ -178,9 +179,9 @@ def _breakdowns(index: tables.RunIndex, predictions, by: str, msra_protocol: str
                         "correct": int(r["correct"]),
                         "predicted": int(r["predicted"]),
                         "gold": int(r["gold"] / len(parts)),  # the same test set for every seed
-                        "precision": p,
-                        "recall": rec,
-                        "f1": f1,
+                        "precision": counts.precision,
+                        "recall": counts.recall,
+                        "f1": counts.f1,
                         "n_seeds": len(parts),
                         "run_ids": ";".join(used),
                     }
@@ -201,7 +202,7 @@ def _breakdowns(index: tables.RunIndex, predictions, by: str, msra_protocol: str
     frame = pd.DataFrame(rows, columns=columns)
     if len(frame):
         # Seeds may lack a group, so pooled order is arbitrary: sort buckets by length, types by name.
-        order = {label: i for i, (label, _, _) in enumerate(stats.LENGTH_BUCKETS)}
+        order = {label: i for i, label in enumerate(bucket_names())}
 
         def key(col: pd.Series) -> pd.Series:
             return col.map(order) if by == "length" and col.name == "group" else col

@@ -4,9 +4,10 @@ Conventions (documented once, used by every table):
 
 - **Mean ± std** over seeds uses the *sample* standard deviation (ddof = 1). With a single seed
   there is no spread to estimate, so the cell reads ``76.63 ± –``; with none it reads ``—``.
-- **Entity counting** follows method.md §5: per sentence, gold and predicted entities are sets
-  of (indices, type); correct = |gold ∩ pred|. Counts are summed over sentences and
-  F1 = 2c / (p + g) (equal to 2PR/(P+R), and 0 when p + g = 0).
+- **Entity counting** is :mod:`crener.metrics` (method.md §5), the scorer of training itself:
+  per sentence, gold and predicted entities are sets of (indices, type); correct = |gold ∩ pred|.
+  Counts are summed over sentences and F1 = 2c / (p + g) (equal to 2PR/(P+R), and 0 when
+  p + g = 0). Per-type and per-length breakdowns are its ``score`` and ``by_length``.
 - **Paired bootstrap** (Koehn 2004; Berg-Kirkpatrick et al. 2012) over test sentences: resample
   sentence indices with replacement B times (seeded), recompute each system's F1 from the
   summed counts of the resample, and take Δ = F1(system) − F1(reference). Both systems see the
@@ -28,19 +29,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from crener import metrics
+from crener.data.schema import Entity
+
 MISSING = "—"  # a cell without any run
 NO_STD = "–"  # the std of a single seed
-
-# Entity-length buckets (characters) of the by-length breakdown: (label, min, max inclusive).
-LENGTH_BUCKETS: tuple[tuple[str, int, int], ...] = (
-    ("1", 1, 1),
-    ("2", 2, 2),
-    ("3", 3, 3),
-    ("4", 4, 4),
-    ("5-6", 5, 6),
-    ("7-9", 7, 9),
-    ("≥10", 10, 10**9),
-)
 
 
 # --- mean ± std ---------------------------------------------------------------------------
@@ -91,34 +84,31 @@ def _isnan(value: Any) -> bool:
 # --- entity counts from predictions -------------------------------------------------------
 
 
-def _entity_set(items: Sequence[Sequence[Any]]) -> set[tuple[tuple[int, ...], str]]:
-    return {(tuple(int(i) for i in indices), str(typ)) for indices, typ in items}
+def _entities(items: Sequence[Sequence[Any]]) -> set[Entity]:
+    """Entities of one side of a ``predictions/test.jsonl`` record (``[[indices], type], ...``)."""
+    return {Entity(tuple(int(i) for i in indices), str(typ)) for indices, typ in items}
+
+
+def _gold_and_pred(predictions: Sequence[dict[str, Any]]) -> tuple[list[set[Entity]], list[set[Entity]]]:
+    records = sorted(predictions, key=lambda r: r["index"])
+    return [_entities(r["gold"]) for r in records], [_entities(r["pred"]) for r in records]
 
 
 def sentence_counts(predictions: Sequence[dict[str, Any]]) -> np.ndarray:
     """(n_sentences, 3) int array of (correct, predicted, gold) per sentence, in ``index`` order."""
-    rows = []
-    for record in sorted(predictions, key=lambda r: r["index"]):
-        gold, pred = _entity_set(record["gold"]), _entity_set(record["pred"])
-        rows.append((len(gold & pred), len(pred), len(gold)))
+    rows = [(c.correct, c.predicted, c.gold) for c in metrics.sentence_counts(*_gold_and_pred(predictions))]
     return np.asarray(rows, dtype=np.int64).reshape(-1, 3)
 
 
 def f1_from_counts(counts: np.ndarray) -> np.ndarray:
-    """F1 = 2c / (p + g) over the last axis of summed (c, p, g) counts; 0 where p + g = 0."""
+    """F1 = 2c / (p + g) over the last axis of summed (c, p, g) counts; 0 where p + g = 0.
+
+    :attr:`crener.metrics.Counts.f1` vectorised over bootstrap resamples."""
     counts = np.asarray(counts, dtype=float)
     c, p, g = counts[..., 0], counts[..., 1], counts[..., 2]
     denom = p + g
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(denom > 0, 2 * c / np.where(denom > 0, denom, 1), 0.0)
-
-
-def prf(c: float, p: float, g: float) -> tuple[float, float, float]:
-    """Micro precision, recall, F1 from counts (method.md §5); zeros where undefined."""
-    precision = c / p if p else 0.0
-    recall = c / g if g else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return precision, recall, f1
 
 
 # --- paired bootstrap ---------------------------------------------------------------------
@@ -211,50 +201,27 @@ def paired_bootstrap(
 # --- breakdowns ---------------------------------------------------------------------------
 
 
-def length_bucket(length: int) -> str:
-    for label, lo, hi in LENGTH_BUCKETS:
-        if lo <= length <= hi:
-            return label
-    raise ValueError(f"entity length {length} < 1")
-
-
 def breakdown(predictions: Sequence[dict[str, Any]], by: str) -> pd.DataFrame:
-    """Counts and P/R/F1 per entity type (``by="type"``) or length bucket (``by="length"``).
+    """Counts and P/R/F1 per entity type (``by="type"``) or length bucket (``by="length"``,
+    :data:`crener.metrics.LENGTH_BUCKETS`): :func:`crener.metrics.score` and
+    :func:`crener.metrics.by_length` of the run's test predictions.
 
-    Columns: ``group, correct, predicted, gold, precision, recall, f1``. A predicted entity is
-    grouped by its own type/length, a gold one by its own; correct ones agree on both.
+    Columns: ``group, correct, predicted, gold, precision, recall, f1``; groups with no entity on
+    either side are left out. A predicted entity is grouped by its own type/length, a gold one
+    by its own; correct ones agree on both.
     """
     if by not in ("type", "length"):
         raise ValueError("by must be 'type' or 'length'")
-
-    def group(entity: tuple[tuple[int, ...], str]) -> str:
-        return entity[1] if by == "type" else length_bucket(len(entity[0]))
-
-    counts: dict[str, list[int]] = {}
-    for record in predictions:
-        gold, pred = _entity_set(record["gold"]), _entity_set(record["pred"])
-        for e in gold & pred:
-            counts.setdefault(group(e), [0, 0, 0])[0] += 1
-        for e in pred:
-            counts.setdefault(group(e), [0, 0, 0])[1] += 1
-        for e in gold:
-            counts.setdefault(group(e), [0, 0, 0])[2] += 1
-    order = [b[0] for b in LENGTH_BUCKETS] if by == "length" else sorted(counts)
-    rows = []
-    for key in order:
-        if key not in counts:
-            continue
-        c, p, g = counts[key]
-        rows.append(
-            {
-                "group": key,
-                "correct": c,
-                "predicted": p,
-                "gold": g,
-                **dict(zip(("precision", "recall", "f1"), prf(c, p, g))),
-            }
-        )
-    return pd.DataFrame(rows, columns=["group", "correct", "predicted", "gold", "precision", "recall", "f1"])
+    gold, pred = _gold_and_pred(predictions)
+    groups = metrics.score(gold, pred).per_type if by == "type" else metrics.by_length(gold, pred)
+    return pd.DataFrame(
+        [
+            {"group": key, **counts.to_dict()}
+            for key, counts in groups.items()
+            if counts.predicted or counts.gold
+        ],
+        columns=["group", "correct", "predicted", "gold", "precision", "recall", "f1"],
+    )
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:

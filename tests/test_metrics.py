@@ -7,7 +7,7 @@ import json
 import pytest
 
 from crener.data.schema import Entity
-from crener.metrics import Counts, by_length, score
+from crener.metrics import Counts, by_length, score, sentence_counts
 
 E = Entity.span
 
@@ -101,7 +101,7 @@ def test_to_dict_is_flat_and_json_friendly():
 def test_by_length_buckets():
     gold = [[E(0, 1, "A"), E(1, 3, "A"), E(3, 8, "A"), E(8, 20, "A")]]
     pred = [[E(0, 1, "A"), E(1, 4, "A"), E(3, 8, "A"), E(8, 20, "B")]]
-    out = by_length(gold, pred)
+    out = by_length(gold, pred, buckets=(1, 2, 3, 4, 5))
     assert list(out) == ["1", "2", "3", "4", "5+"]
     assert out["1"] == Counts(1, 1, 1)
     assert out["2"] == Counts(0, 0, 1)  # gold length decides recall
@@ -112,6 +112,10 @@ def test_by_length_buckets():
     assert list(ranged) == ["1", "2-5", "6+"]
     assert ranged["2-5"] == Counts(1, 2, 2)
     assert sum(ranged.values(), Counts()) == score(gold, pred).micro
+    reports = by_length(gold, pred)  # the default: the buckets of the reports
+    assert list(reports) == ["1", "2", "3", "4", "5-6", "7-9", "10+"]
+    assert (reports["5-6"], reports["10+"]) == (Counts(1, 1, 1), Counts(0, 1, 1))
+    assert sum(sentence_counts(gold, pred), Counts()) == score(gold, pred).micro
 
 
 @pytest.mark.parametrize("buckets", [(), (2, 3), (1, 3, 3), (1, 0)])
