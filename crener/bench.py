@@ -201,11 +201,11 @@ def memory_probe(cfg: RunConfig, length: int, batch: int = 1) -> dict[str, float
 # small (16k-cell) evaluation batches, the split grid input, fp32. The factored grid input stays
 # an option (it is slower); uniform-draw dropout and the malloc heap are options (see
 # model.fast_dropout and train.heap_tensors for why they are off).
-# Measured and dropped: raising glibc's mmap threshold alone (no gain, W2NER paper widths 10.4
-# vs 10.1 training sentences/s: the threshold is capped at 32 MiB, below every big grid).
-# torch.compile is not a lever: on torch 2.13 CPU, dynamic shapes fail in Inductor ("cannot
-# determine truth value of Relational") and static ones recompile for every new batch shape
-# (over 400 s without finishing 8 sentences), so it cannot pay for varying grid sizes.
+# Measured and dropped: raising glibc's mmap threshold alone (no gain: the threshold is capped at
+# 32 MiB, below every big grid). torch.compile is not a lever: on torch 2.13 CPU, dynamic shapes
+# fail in Inductor ("cannot determine truth value of Relational") and static ones recompile for
+# every new batch shape (minutes without finishing 8 sentences), so it cannot pay for varying grid
+# sizes. Figures of the levers: README, Speed and memory.
 LEVERS: dict[str, dict[str, Any]] = {
     "default (every lever below on)": {},
     "fixed batch of 12 sentences": {"train.max_cells": 0, "train.batch_size": 12},

@@ -74,8 +74,8 @@ class ModelConfig:
     # their small tables) | concat (eq. 7 as written) | factored (nothing grid-sized before it)
     grid_input: str = "split"
     # Predictor dropouts from uniform draws instead of CPU bernoulli_: the same law, faster on CPU,
-    # but off by default: on CRENER quick/Resume 10 seeds gave test F1 0.324 +- 0.203 with it
-    # against 0.444 +- 0.134 without (not significant, t = 1.6, yet not shown harmless either).
+    # but off by default: over ten seeds its test F1 was lower, not significantly, yet not shown
+    # harmless either (figures: README, Speed and memory).
     fast_dropout: bool = False
     space_to_batch: bool = True  # dilated depthwise convs as undilated ones over sub-grids (CPU)
     # --- co-predictor (§2.5) ---
@@ -175,9 +175,9 @@ class TrainConfig:
     epochs: int = 10  # passes over the training split
     batch_size: int = 12  # sentences per batch when max_cells = 0
     max_cells: int = 0  # >0: batches hold at most this many grid cells (B * N^2), length-bucketed
-    # Grid-cell budget of evaluation batches. Small batches keep the (B, N, N, d) grids in cache:
-    # on 2 CPU cores 16k cells evaluated W2NER at paper widths at 36 sentences/s against 19 with
-    # 200k (CRENER 15 vs 6). On a GPU larger batches may pay: raise it there.
+    # Grid-cell budget of evaluation batches. Small batches keep the (B, N, N, d) grids in cache, so
+    # on CPU they evaluate faster than 200k-cell ones (`crener bench --suite levers`; figures:
+    # README, Speed and memory). On a GPU larger batches may pay: raise it there.
     eval_max_cells: int = 16_000
     lr: float = 1e-3  # learning rate of everything but the pretrained encoder
     encoder_lr: float = 5e-6  # learning rate of the pretrained (or embedded) encoder
@@ -189,8 +189,8 @@ class TrainConfig:
     threads: int = 0  # >0: torch.set_num_threads
     # glibc: big tensors from the malloc heap instead of fresh mmaps that page-fault on every use
     # (process-wide, see crener.train.keep_large_tensors_on_heap). Off: within noise for cell-budget
-    # batches, and with fixed batches of 12 it doubled W2NER's peak (8.6 vs 4.4 GiB) while faster
-    # (3.0 vs 1.8 sentences/s); `crener bench --suite levers`
+    # batches, and with fixed batches of 12 faster but at about twice the peak memory
+    # (`crener bench --suite levers`; figures: README, Speed and memory).
     heap_tensors: bool = False
     progress: bool = True  # progress bar with loss and speed
     max_steps: int = 0  # >0: at most this many optimiser steps per epoch (the first of its shuffled batches)
@@ -416,7 +416,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "train.encoder_lr": 3e-3,
         "train.progress": False,
     },
-    # The CPU default: Tables 2-6 (52 runs) in under 45 minutes on 2 cores. Small widths, a
+    # The CPU default: Tables 2-6 on 2 cores, in the time the README measures. Small widths, a
     # 500-sentence training budget, sentences split at 64 characters, and test scored on a
     # fixed 500-sentence sample: a smoke-level reproduction whose numbers are not the paper's.
     "quick": {
@@ -493,8 +493,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "model.encoder": "bert-base-chinese",
         "train.bf16": True,
         # The paper's batches of 12 as a cell budget (see `full`). Fixed batches of 12 do not fit
-        # MSRA: twelve 256-character chunks at these widths outgrew 22 GiB in one CRENER step,
-        # while under the budget its worst batch is one 256-character chunk (about 2.7 GiB on CPU).
+        # MSRA: twelve 256-character chunks at these widths outgrew the memory of one CRENER step,
+        # while under the budget its worst batch is one 256-character chunk (`crener bench
+        # --suite memory`; figures: README, Speed and memory).
         "train.max_cells": 20_000,
     },
 }

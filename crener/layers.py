@@ -39,9 +39,10 @@ class _Dropout(torch.autograd.Function):
 class GridDropout(nn.Dropout):
     """``nn.Dropout`` for grid-sized tensors: the same distribution, drawn faster on CPU.
 
-    CPU ``bernoulli_`` (what ``F.dropout`` uses) took 113 ms for a (158, 158, 288) grid, against
-    51 ms for uniform draws compared with p; the predictor's two grid dropouts were a quarter of
-    W2NER's training step. The mask is also kept as bool rather than float. Different random
+    CPU ``bernoulli_`` (what ``F.dropout`` uses) took about twice as long as uniform draws
+    compared with p on a predictor-sized grid, and the predictor's two grid dropouts were a
+    large share of W2NER's training step (figures: README, Speed and memory). The mask is also
+    kept as bool rather than float. Different random
     stream from ``nn.Dropout``, same law: each element is kept with probability 1 - p and scaled
     by 1 / (1 - p). ``fast=False`` (the default, see ``model.fast_dropout``) is ``nn.Dropout``.
     """
@@ -147,14 +148,14 @@ def dilated_depthwise(conv: nn.Conv2d, h: torch.Tensor) -> torch.Tensor:
     """``conv(h)`` for a 3x3 depthwise conv with dilation d and padding d, computed fast on CPU.
 
     oneDNN's backward pass for dilated depthwise convolutions is pathologically slow on CPU
-    (measured 13x slower at d = 2 and 30x at d = 3 than at d = 1, for the same tensor). A
+    (an order of magnitude slower than at d = 1 for the same tensor; README, Speed and memory). A
     dilated conv only mixes cells in the same residue class mod d, so it equals an undilated
     conv over the d * d interleaved sub-grids ("space to batch"); zero padding to a multiple
     of d matches the conv's own zero padding. Exact, not an approximation (tested).
     """
     d = conv.dilation[0]
     # Only the backward pass is pathological: without autograd (evaluation) the library conv
-    # is faster than the extra reshapes (W2NER paper widths: 23.9 vs 18.5 eval sentences/s).
+    # is faster than the extra reshapes (`crener bench --suite levers`).
     if d == 1 or h.device.type != "cpu" or not torch.is_grad_enabled():
         return conv(h)
     b, c, n, _ = h.shape
@@ -350,7 +351,8 @@ def masked_row_col_max(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tenso
     Why a custom function: autograd's ``amax`` backward spreads the gradient with dense
     comparisons, divisions and a ``masked_fill`` copy per axis; here one masked copy serves both
     axes and the backward is two selects from 1-byte "is the max" grids. ``max`` with indices and
-    a scatter backward was tried too: its indexed reduction is 8x slower than ``amax``. At exact
+    a scatter backward was tried too: its indexed reduction is several times slower than ``amax``
+    (README, Speed and memory). At exact
     ties every tied cell gets the whole gradient instead of a share (a measure-zero difference).
     """
     return _RowColMax.apply(x, mask)
@@ -511,8 +513,8 @@ class GridConvModule(nn.Module):
         factors, each embedding through its small table), and channel dropout, a per-example
         mask on input channels, folds into those factors. Same function as the naive form (a
         test checks it). Not the default: its (B, N, d_c, d_h) factor is no smaller than the grid
-        while N < d_c, and on CPU it measured slower (W2NER at paper widths: 10.1 vs 12.5
-        training sentences/s, 2.9 vs 2.4 GB peak, `crener bench --suite levers`).
+        while N < d_c, and on CPU it measured slower, with a higher peak (`crener bench --suite
+        levers`; figures: README, Speed and memory).
         """
         w = self.reduce.weight  # (d_c, in_dim), column blocks: [CLN | dist | region | attn]
         keep = self._channel_keep(s.size(0), w.size(1), s)  # (B, in_dim) or None

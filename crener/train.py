@@ -79,13 +79,13 @@ def keep_large_tensors_on_heap(enabled: bool = True) -> bool:
 
     glibc hands every block above its mmap threshold (at most 32 MiB, so every big grid tensor)
     a fresh ``mmap`` and unmaps it on free, so each new (B, N, N, d) tensor pays page faults on
-    first touch: a 38 MB ``zeros`` took 17.5 ms instead of 6.8 ms. Turning mmap off for malloc
-    (M_MMAP_MAX = 0) and trimming off lets freed grids be reused. Raising only the mmap
-    threshold, tried first, does nothing for tensors above its 32 MiB cap. The price is
-    fragmentation: the heap's high-water mark is the peak, and with batches of very different
-    sizes it grows (see
-    ``train.heap_tensors`` for the figures and why it is off by default). Process-wide and
-    idempotent; returns whether it took effect (False off glibc, e.g. macOS or musl).
+    first touch (a large ``zeros`` took over twice as long; README, Speed and memory). Turning
+    mmap off for malloc (M_MMAP_MAX = 0) and trimming off lets freed grids be reused. Raising
+    only the mmap threshold, tried first, does nothing for tensors above its 32 MiB cap. The
+    price is fragmentation: the heap's high-water mark is the peak, and with batches of very
+    different sizes it grows (see ``train.heap_tensors`` for why it is off by default).
+    Process-wide and idempotent; returns whether it took effect (False off glibc, e.g. macOS or
+    musl).
     """
     if not enabled or not sys.platform.startswith("linux"):
         return False
@@ -288,7 +288,8 @@ def fit(
     device = resolve_device(cfg.train.device)
     if cfg.train.bf16 and device.type == "cpu":
         log.warning(
-            "train.bf16 on CPU: measured 12x slower than fp32 on a 2-core x86 CPU; set train.bf16=false"
+            "train.bf16 on CPU: many times slower than fp32 on x86 CPUs (crener bench --suite levers); "
+            "set train.bf16=false"
         )
     data_cfg = cfg.data if data_root is None else _replace_root(cfg, data_root)
     key = cfg.key(data_digest=dataset_digest(data_cfg))  # of the files this run reads
