@@ -4,6 +4,7 @@
   ``<runs>/<profile>/<key>`` (:func:`workdir_for`);
 - MLflow store: ``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``;
   a SQLite store keeps its artifacts beside it in ``mlartifacts/`` (:func:`artifact_root`);
+- Optuna storage: ``--storage``, else :data:`OPTUNA_STORAGE` (``optuna.db`` in the working directory);
 - the git commit of the checkout this package runs from (:func:`git_commit`).
 """
 
@@ -22,6 +23,7 @@ TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 DEFAULT_DB_NAME = "mlflow.db"
 ARTIFACT_DIR_NAME = "mlartifacts"
 SQLITE_PREFIX = "sqlite:///"
+OPTUNA_STORAGE = f"{SQLITE_PREFIX}optuna.db"  # crener tune's default study storage, read by reports
 
 
 def resolve_runs_dir(path: str | Path | None = None) -> Path:

@@ -17,6 +17,7 @@ from typing import Any
 from crener import registry
 from crener.config import PROFILES, VARIANTS, parse_set
 from crener.errors import CrenerError
+from crener.workspace import OPTUNA_STORAGE
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +196,8 @@ def _register_tune(subparsers: Any) -> None:
     p.add_argument("--profile", default="quick", choices=list(PROFILES))
     p.add_argument("--trials", type=int, required=True, help="trials run by this process")
     p.add_argument(
-        "--storage", help="Optuna storage URL (default sqlite:///optuna.db; postgresql://... to scale out)"
+        "--storage",
+        help=f"Optuna storage URL (default {OPTUNA_STORAGE}; postgresql://... to scale out)",
     )
     p.add_argument("--study-name", help="default crener-{model}-{variant}-{dataset}-{profile}")
     p.add_argument("--timeout", type=float, metavar="S", help="stop starting trials after S seconds")

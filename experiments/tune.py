@@ -30,12 +30,11 @@ from crener import registry
 from crener.config import RunConfig, build_run_config
 from crener.errors import CrenerError
 from crener.tracking import RunLogger, Tracker, experiment_name, file_lock
-from crener.workspace import resolve_runs_dir, sqlite_path
+from crener.workspace import OPTUNA_STORAGE, resolve_runs_dir, sqlite_path
 from experiments.sweeps import IDENTITY_KEYS, format_toml_value
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STORAGE = "sqlite:///optuna.db"
 OBJECTIVE_METRIC = "dev/f1"
 TPE_STARTUP_TRIALS = 5  # random trials before TPE models the space
 PRUNER_STARTUP_TRIALS = 3  # trials that run to the end before anything is pruned
@@ -181,7 +180,7 @@ def tune(
         raise CrenerError(str(exc)) from exc
     base = _clean_dev_protocol(base, dataset, sets or {})
     name = study_name or default_study_name(model, variant, dataset, profile)
-    store = open_storage(storage or DEFAULT_STORAGE)
+    store = open_storage(storage or OPTUNA_STORAGE)
     study = optuna.create_study(
         study_name=name,
         storage=store,

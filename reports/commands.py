@@ -6,6 +6,7 @@ import argparse
 import logging
 
 from crener.errors import CrenerError
+from crener.workspace import OPTUNA_STORAGE
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=("lineage", "clean"),
         help="MSRA protocol of Tables 5-6 (the other one gets extra rows in Table 5)",
     )
-    p.add_argument(
-        "--optuna-storage", default="sqlite:///optuna.db", help="Optuna storage for the tuning figures"
-    )
+    p.add_argument("--optuna-storage", default=OPTUNA_STORAGE, help="Optuna storage for the tuning figures")
     p.add_argument(
         "--sweeps",
         default="main,ablation",

@@ -22,14 +22,12 @@ from typing import Any
 import pandas as pd
 
 from crener.metrics import Counts, bucket_names
-from crener.workspace import git_commit, sqlite_path
+from crener.workspace import OPTUNA_STORAGE, git_commit, sqlite_path
 from crener.workspace import tracking_uri as resolve_tracking_uri
 from reports import collect, plots, stats, tables
 from reports.paper import TABLE_DATASET, VARIANT_LABELS, systems
 
 log = logging.getLogger(__name__)
-
-DEFAULT_OPTUNA_STORAGE = "sqlite:///optuna.db"
 
 
 def main(
@@ -39,7 +37,7 @@ def main(
     bootstrap: int = 1000,
     seed: int = 0,
     msra_protocol: str = "lineage",
-    optuna_storage: str | None = DEFAULT_OPTUNA_STORAGE,
+    optuna_storage: str | None = OPTUNA_STORAGE,
     data_root: str | None = None,
     dataset_loader: Any = None,
     sweeps: tuple[str, ...] = tables.TABLE_SWEEPS,
