@@ -31,14 +31,20 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def read_state(path: Path, what: str = "checkpoint") -> Any:
+    """``torch.load`` with ``weights_only=True`` (tensors and plain data, never code) on the CPU; an
+    unreadable file is a :class:`~crener.errors.CheckpointError` naming ``what`` it should be."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a corrupt file
+        raise CheckpointError(f"cannot read {what} {path}: {exc}") from exc
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load with ``weights_only=True``: a checkpoint can hold tensors and plain data, never code."""
+    """A checkpoint written by ``fit``, checked to be one (:func:`read_state`)."""
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for a corrupt file
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+    state = read_state(path)
     if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION or "model" not in state:
         raise CheckpointError(f"{path} is not a crener checkpoint (version {CHECKPOINT_VERSION})")
     return state

@@ -32,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shlex
 import sys
 import time
@@ -45,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from crener.checkpoint import read_state, save_checkpoint
 from crener.errors import CheckpointError, CrenerError, DataError
 from crener.workspace import git_commit
 
@@ -439,10 +439,7 @@ def pretrain(
     identity = json.dumps(cfg.identity(), sort_keys=True, default=list)
     step, seconds, run_id, history = 0, 0.0, None, []
     if state_path.exists():
-        try:
-            state = torch.load(state_path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - torch raises many types for a corrupt file
-            raise CheckpointError(f"cannot read pretraining state {state_path}: {exc}") from exc
+        state = read_state(state_path, "pretraining state")
         if state.get("version") != STATE_VERSION or state.get("identity") != identity:
             raise CheckpointError(
                 f"{state_path} belongs to another pretraining configuration; "
@@ -471,21 +468,16 @@ def pretrain(
         )
 
     def save_state() -> None:
-        tmp = state_path.with_suffix(".tmp")
-        torch.save(
-            {
-                "version": STATE_VERSION, "identity": identity, "step": step, "seconds": seconds,
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
-                "run_id": run_id or "", "history": json.dumps(history),
-            },
-            tmp,
-        )  # fmt: skip
-        os.replace(tmp, state_path)
+        save_checkpoint(state_path, {
+            "version": STATE_VERSION, "identity": identity, "step": step, "seconds": seconds,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+            "run_id": run_id or "", "history": json.dumps(history),
+        })  # fmt: skip
 
-    from crener.train import _progress
+    from crener.train import progress_bar
 
-    bar = _progress(cfg.steps, "pretrain", progress)
+    bar = progress_bar(cfg.steps, "pretrain", progress)
     if bar is not None:
         bar.update(step)
     model.train()

@@ -212,7 +212,7 @@ def train_one_epoch(
     model.train()
     total, count, sentences = 0.0, 0, 0
     start = time.perf_counter()
-    bar = _progress(min(len(batches), max_steps or len(batches)), f"epoch {epoch}", cfg.train.progress)
+    bar = progress_bar(min(len(batches), max_steps or len(batches)), f"epoch {epoch}", cfg.train.progress)
     for step, idx in enumerate(batches):
         if max_steps and step >= max_steps:
             break
@@ -493,7 +493,7 @@ def _replace_root(cfg: RunConfig, data_root: str):
     return dataclasses.replace(cfg.data, data_root=data_root)
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def progress_bar(total: int, desc: str, enabled: bool):
     # Only on a terminal: redirected to a file, a bar is thousands of carriage-return lines; the
     # per-epoch log line carries the same loss and speed.
     if not enabled or not sys.stderr.isatty():
