@@ -45,12 +45,12 @@ import numpy as np
 import torch
 
 from crener.checkpoint import read_state, save_checkpoint
+from crener.encoder import SPECIAL_TOKENS  # the same vocabulary layout as the embedded encoder
 from crener.errors import CheckpointError, CrenerError, DataError
 from crener.workspace import git_commit
 
 log = logging.getLogger(__name__)
 
-SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 PAD, UNK, CLS, SEP, MASK = range(len(SPECIAL_TOKENS))
 DEFAULT_DATASETS = ("weibo", "resume", "ontonotes4", "msra")
 # word2vec tokens of the People's Daily file that are not characters of text.
