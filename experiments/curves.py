@@ -131,10 +131,13 @@ def _plot(frame: Any, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_f1) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for name, part in frame.groupby("setting", sort=False):
-        ax_loss.plot(part["step"], part["train/loss"], label=name)
-        ax_f1.plot(part["step"], part["dev/f1"], label=f"{name}")
-        ax_f1.plot(part["step"], part["dev/f1_best_shift"], linestyle=":", label=f"{name}, best shift")
+    for k, (name, part) in enumerate(frame.groupby("setting", sort=False)):
+        color = f"C{k}"  # one colour per setting in both panels
+        ax_loss.plot(part["step"], part["train/loss"], color=color, label=name)
+        ax_f1.plot(part["step"], part["dev/f1"], color=color, label=f"{name}")
+        ax_f1.plot(
+            part["step"], part["dev/f1_best_shift"], color=color, linestyle=":", label=f"{name}, best shift"
+        )
     ax_loss.set(xlabel="step", ylabel="training loss (mean since last point)", yscale="log")
     ax_f1.set(xlabel="step", ylabel="dev F1", ylim=(0, 1))
     ax_f1.legend(fontsize=8)
