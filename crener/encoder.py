@@ -164,16 +164,26 @@ def load_pretrained(name_or_path: str | os.PathLike) -> tuple[nn.Module, CharTok
 
 # Frozen encoders' features, shared by every run of a process that uses the same weights (a sweep
 # trains dozens of cells over the same sentences): encoder identity -> token ids -> (n, d) features.
-_FEATURE_CACHES: dict[tuple, dict[tuple[int, ...], torch.Tensor]] = {}
 FEATURE_CACHE_MAX_FLOATS = 1 << 28  # 1 GiB of fp32 a process; past it, features are computed, not kept
 
 
-def feature_cache(name_or_path: str | os.PathLike, last4_mean: bool) -> dict[tuple[int, ...], torch.Tensor]:
+class FeatureCache(dict):
+    """token ids -> (n, d) features, counting the floats it holds (checked against the cap)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.floats = 0
+
+
+_FEATURE_CACHES: dict[tuple, FeatureCache] = {}
+
+
+def feature_cache(name_or_path: str | os.PathLike, last4_mean: bool) -> FeatureCache:
     """The process-wide cache of a frozen encoder's features, keyed by its weights' file and mode."""
     path = Path(resolve_encoder(name_or_path))
     weights = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
     stamp = tuple((str(w.resolve()), w.stat().st_size, w.stat().st_mtime_ns) for w in weights)
-    return _FEATURE_CACHES.setdefault((str(path.resolve()), stamp, last4_mean), {})
+    return _FEATURE_CACHES.setdefault((str(path.resolve()), stamp, last4_mean), FeatureCache())
 
 
 class CharEncoder(nn.Module):
@@ -185,10 +195,10 @@ class CharEncoder(nn.Module):
         self.last4_mean = last4_mean
         self.out_dim = int(bert.config.hidden_size)
         self.frozen = False
-        self.cache: dict[tuple[int, ...], torch.Tensor] | None = None
+        self.cache: FeatureCache | None = None
         self.source = ""  # name or folder the weights were loaded from (set by the loader)
 
-    def freeze(self, cache: dict[tuple[int, ...], torch.Tensor] | None = None) -> None:
+    def freeze(self, cache: FeatureCache | None = None) -> None:
         """Make the encoder a fixed feature extractor: no gradient, its dropout off for good, and,
         with ``cache``, each distinct sentence encoded once (features equal up to float rounding:
         a sentence may be encoded beside others of another padded width)."""
@@ -224,12 +234,11 @@ class CharEncoder(nn.Module):
                 width = max(lengths[b] for b in missing)
                 ids, mask = input_ids[rows, : width + 2].clone(), attention_mask[rows, : width + 2].clone()
                 hidden = self._encode(ids, mask, width).float()
-                stored = sum(v.numel() for v in cache.values())
                 for r, b in enumerate(missing):
                     feats = hidden[r, : lengths[b]].cpu().clone()
-                    if stored + feats.numel() <= FEATURE_CACHE_MAX_FLOATS:
+                    if cache.floats + feats.numel() <= FEATURE_CACHE_MAX_FLOATS:
                         cache[keys[b]] = feats
-                        stored += feats.numel()
+                        cache.floats += feats.numel()
                     else:  # over the cap: use it for this batch only
                         keys[b] = feats  # type: ignore[call-overload]
         out = torch.zeros(len(keys), n_chars, self.out_dim, device=input_ids.device)

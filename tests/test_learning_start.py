@@ -194,13 +194,15 @@ def test_frozen_cached_features_equal_the_encoder_and_survive_inference_mode(tin
     encoder.eval()
     with torch.no_grad():
         plain = encoder(ids, mask, n)
-    cache: dict = {}
+    from crener.encoder import FeatureCache
+
+    cache = FeatureCache()
     encoder.freeze(cache)
     encoder.train()  # a frozen encoder stays in eval mode: no dropout
     assert not encoder.bert.training
     with torch.inference_mode():  # first seen during evaluation
         first = encoder(ids, mask, n)
-    assert len(cache) == 4
+    assert len(cache) == 4 and cache.floats == int((mask.sum(1) - 2).sum()) * encoder.out_dim
     valid = (mask[:, 2:] == 1)[..., None]  # characters (BERT's outputs at padding are not features)
     torch.testing.assert_close(first * valid, plain * valid, rtol=1e-5, atol=1e-5)
     # Reused in training: the cached tensors enter an autograd graph without complaint.
