@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -160,6 +161,25 @@ def load_pretrained(name_or_path: str | os.PathLike) -> tuple[nn.Module, CharTok
             "(model.encoder=embedded). Hub downloads are off (HF_HUB_OFFLINE=1); unset it to allow them."
         ) from exc
     return model, CharTokenizer.from_tokenizer(tokenizer)
+
+
+def unk_rates(counts: np.ndarray, alpha: float, special_ids: Iterable[int]) -> torch.Tensor:
+    """The [UNK] replacement rule of pretraining and fine-tuning, per token id: alpha / (alpha + count).
+
+    ``counts`` holds each id's occurrences in the training text; ids never seen and ``special_ids``
+    get 0. Rare characters are replaced most often, so [UNK] stays a trained vector (alpha > 0)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    probs = np.where(counts > 0, alpha / (alpha + np.maximum(counts, 1.0)), 0.0)
+    probs[list(special_ids)] = 0.0
+    return torch.from_numpy(probs).float()
+
+
+def replace_with_unk(
+    input_ids: torch.Tensor, probs: torch.Tensor, unk_id: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """``input_ids`` with each token replaced by ``unk_id`` with its probability in ``probs``."""
+    hit = torch.rand(input_ids.shape, generator=generator) < probs[input_ids]
+    return input_ids.masked_fill(hit, unk_id)
 
 
 # Frozen encoders' features, shared by every run of a process that uses the same weights (a sweep

@@ -22,7 +22,7 @@ from crener.data.schema import Entity, Sentence
 from crener.data.split import Chunk, merge_predictions, split_blind
 from crener.encoder import CharTokenizer
 from crener.errors import CrenerError
-from crener.metrics import score
+from crener.metrics import Scores, score
 from crener.tasks import Task
 
 
@@ -69,56 +69,57 @@ def build_split(
     return Split(name, sentences, chunks, featurize(chunks, task, tokenizer))
 
 
-@torch.inference_mode()
-def predict_examples(
-    model: nn.Module, task: Task, examples: Sequence[Example], device: torch.device, cfg: RunConfig
-) -> list[set[Entity]]:
-    """Predicted entities per example (chunk), in example order."""
-    model.eval()
-    preds: list[set[Entity]] = [set() for _ in examples]
-    lengths = [e.n for e in examples]
-    for idx in make_batches(lengths, max_cells=cfg.train.eval_max_cells, batch_size=cfg.train.batch_size):
-        batch = collate([examples[i] for i in idx], "none", task.num_labels).to(device)
-        with autocast(device, cfg.train.bf16):
-            outputs = model(batch)
-        for i, entities in zip(idx, task.decode(outputs, batch)):
-            preds[i] = entities
-    return preds
-
-
-def evaluate(model: nn.Module, task: Task, split: Split, device: torch.device, cfg: RunConfig):
-    """Scores on the original (unsplit) sentences, and the per-sentence predictions."""
-    chunk_preds = predict_examples(model, task, split.examples, device, cfg)
-    preds = merge_predictions(split.chunks, chunk_preds, len(split.sentences))
-    gold = [set(s.entities) for s in split.sentences]
-    return score(gold, preds), preds
-
-
 # Decision-threshold shifts of the diagnostic (logit units; positive = more positive cells).
 THRESHOLD_SHIFTS = (-4.0, -2.0, -1.0, 0.0, 1.0, 2.0, 4.0, 6.0, 8.0)
 
 
 @torch.inference_mode()
-def shifted_f1(
-    model: nn.Module, task: Task, split: Split, device: torch.device, cfg: RunConfig,
-    shifts: Sequence[float] = THRESHOLD_SHIFTS,
-) -> dict[float, float]:  # fmt: skip
-    """Dev F1 with every decision threshold moved by each shift: one forward pass, one decode each.
-
-    F1 at the best shift far above F1 at 0 means the model ranks entity cells above the rest but
-    is not calibrated yet; both at 0 means it has learned nothing. Grid tasks only."""
+def predict_shifted(
+    model: nn.Module, task: Task, examples: Sequence[Example], device: torch.device, cfg: RunConfig,
+    shifts: Sequence[float] = (0.0,),
+) -> dict[float, list[set[Entity]]]:  # fmt: skip
+    """Predicted entities per example (chunk), in example order, for each decision-threshold shift:
+    one forward pass a batch, one decode a shift (``task.shifted``; 0 decodes the outputs as they are)."""
     model.eval()
-    preds = {d: [set() for _ in split.examples] for d in shifts}
-    lengths = [e.n for e in split.examples]
+    preds = {d: [set() for _ in examples] for d in shifts}
+    lengths = [e.n for e in examples]
     for idx in make_batches(lengths, max_cells=cfg.train.eval_max_cells, batch_size=cfg.train.batch_size):
-        batch = collate([split.examples[i] for i in idx], "none", task.num_labels).to(device)
+        batch = collate([examples[i] for i in idx], "none", task.num_labels).to(device)
         with autocast(device, cfg.train.bf16):
             outputs = model(batch)
         for d in shifts:
-            for i, entities in zip(idx, task.decode(task.shifted(outputs, d, task.target), batch)):
+            moved = outputs if d == 0 else task.shifted(outputs, d, task.target)
+            for i, entities in zip(idx, task.decode(moved, batch)):
                 preds[d][i] = entities
+    return preds
+
+
+def predict_examples(
+    model: nn.Module, task: Task, examples: Sequence[Example], device: torch.device, cfg: RunConfig
+) -> list[set[Entity]]:
+    """Predicted entities per example (chunk), in example order."""
+    return predict_shifted(model, task, examples, device, cfg)[0.0]
+
+
+def score_split(split: Split, chunk_preds: Sequence[set[Entity]]) -> tuple[Scores, list[set[Entity]]]:
+    """Scores on the original (unsplit) sentences of ``split``, and the per-sentence predictions."""
+    preds = merge_predictions(split.chunks, chunk_preds, len(split.sentences))
     gold = [set(s.entities) for s in split.sentences]
-    return {
-        d: score(gold, merge_predictions(split.chunks, p, len(split.sentences))).micro.f1
-        for d, p in preds.items()
-    }
+    return score(gold, preds), preds
+
+
+def evaluate(model: nn.Module, task: Task, split: Split, device: torch.device, cfg: RunConfig):
+    """Scores on the original (unsplit) sentences, and the per-sentence predictions."""
+    return score_split(split, predict_examples(model, task, split.examples, device, cfg))
+
+
+def shifted_scores(
+    model: nn.Module, task: Task, split: Split, device: torch.device, cfg: RunConfig,
+    shifts: Sequence[float] = THRESHOLD_SHIFTS,
+) -> dict[float, Scores]:  # fmt: skip
+    """Scores of ``split`` with every decision threshold moved by each shift (``predict_shifted``).
+
+    F1 at the best shift far above F1 at 0 means the model ranks entity cells above the rest but
+    is not calibrated yet; both at 0 means it has learned nothing. Grid tasks only."""
+    per_shift = predict_shifted(model, task, split.examples, device, cfg, shifts)
+    return {d: score_split(split, p)[0] for d, p in per_shift.items()}

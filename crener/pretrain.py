@@ -29,7 +29,6 @@ Choices, each a documented default:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shlex
@@ -45,7 +44,8 @@ import numpy as np
 import torch
 
 from crener.checkpoint import read_state, save_checkpoint
-from crener.encoder import SPECIAL_TOKENS  # the same vocabulary layout as the embedded encoder
+from crener.data.digest import file_digest
+from crener.encoder import SPECIAL_TOKENS, replace_with_unk, unk_rates  # the embedded encoder's layout
 from crener.errors import CheckpointError, CrenerError, DataError
 from crener.workspace import git_commit
 
@@ -227,17 +227,15 @@ def build_vocab(pieces: Iterable[str], vector_tokens: Iterable[str]) -> OrderedD
 
 
 def unk_probabilities(counts: Counter, vocab: dict[str, int], alpha: float) -> torch.Tensor:
-    """Per token id, the probability of replacing it by [UNK] in the input: alpha / (alpha + count).
-
-    Characters never seen in the corpus get 0 (they never occur in the input); specials get 0."""
-    probs = torch.zeros(len(vocab))
+    """Per token id, the probability of replacing it by [UNK] in the input (``unk_rates``):
+    alpha / (alpha + count); characters never seen in the corpus and specials get 0."""
     if alpha <= 0:
-        return probs
+        return torch.zeros(len(vocab))
+    by_id = np.zeros(len(vocab))
     for ch, n in counts.items():
-        tid = vocab.get(ch)
-        if tid is not None and tid >= len(SPECIAL_TOKENS):
-            probs[tid] = alpha / (alpha + n)
-    return probs
+        if ch in vocab:
+            by_id[vocab[ch]] = n
+    return unk_rates(by_id, alpha, range(len(SPECIAL_TOKENS)))
 
 
 def orthogonal_projection(d_in: int, d_out: int, seed: int) -> torch.Tensor:
@@ -305,9 +303,7 @@ def mask_batch(
     real = ids >= len(SPECIAL_TOKENS)
     chosen = (torch.rand(ids.shape, generator=gen) < cfg.mask_rate) & real
     labels = torch.where(chosen, ids, torch.full_like(ids, -100))
-    inputs = ids.clone()
-    unk = (torch.rand(ids.shape, generator=gen) < unk_prob[ids]) & real
-    inputs[unk] = UNK
+    inputs = replace_with_unk(ids, unk_prob, UNK, gen)  # specials have rate 0
     action = torch.rand(ids.shape, generator=gen)
     inputs[chosen & (action < 0.8)] = MASK
     randomise = chosen & (action >= 0.8) & (action < 0.9)
@@ -333,14 +329,6 @@ def pad(rows: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def mlm_logits(model, inputs: torch.Tensor, attn: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
@@ -565,7 +553,7 @@ def pretrain(
         "command": command or "crener pretrain " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
         "commit": git_commit(),
         "config": cfg.identity(),
-        "inputs": {label: {"path": _rel_input(path), "sha256": sha256_file(path)} for label, path in inputs.items()},
+        "inputs": {label: {"path": _rel_input(path), "sha256": file_digest(path)} for label, path in inputs.items()},
         "licences": {k: v for k, v in LICENCES.items() if k in cfg.datasets or (k == "vectors" and vec_path)},
         "summary": summary,
         "torch": torch.__version__,

@@ -43,6 +43,8 @@ from crener.encoder import (
     build_embedded_encoder,
     feature_cache,
     load_pretrained,
+    replace_with_unk,
+    unk_rates,
 )
 from crener.errors import CheckpointError, CrenerError
 from crener.evaluation import (
@@ -52,7 +54,7 @@ from crener.evaluation import (
     evaluate,
     featurize,
     resolve_device,
-    shifted_f1,
+    shifted_scores,
 )
 from crener.registry import build_model, build_task
 from crener.tasks import Task
@@ -155,26 +157,14 @@ def start_from_priors(model: nn.Module, task: Task, examples: Sequence[Example])
 def unk_replacement_probs(
     examples: Sequence[Example], vocab_size: int, alpha: float, special_ids: Sequence[int]
 ) -> torch.Tensor | None:
-    """Per token id, the probability that fine-tuning feeds ``[UNK]`` instead: alpha / (alpha + count).
-
-    Counts are over the training examples, so rare characters are replaced most often and the
-    encoder's ``[UNK]`` vector keeps being trained for the unseen characters of dev and test (the
-    rule ``crener pretrain`` uses too). ``special_ids`` ([CLS], [SEP], [PAD], [UNK]) are never
-    replaced. None when ``alpha`` is 0."""
+    """Per token id, the probability that fine-tuning feeds ``[UNK]`` instead (``unk_rates``, the rule
+    ``crener pretrain`` uses), counted over the training examples; None when ``alpha`` is 0."""
     if alpha <= 0:
         return None
     counts = np.zeros(vocab_size, dtype=np.float64)
     for e in examples:
         counts += np.bincount(e.token_ids[1:-1], minlength=vocab_size)[:vocab_size]
-    probs = np.where(counts > 0, alpha / (alpha + counts), 0.0)
-    probs[list(special_ids)] = 0.0
-    return torch.from_numpy(probs).float()
-
-
-def replace_with_unk(input_ids: torch.Tensor, probs: torch.Tensor, unk_id: int) -> torch.Tensor:
-    """``input_ids`` with each token replaced by ``unk_id`` with its probability (global torch RNG)."""
-    hit = torch.rand(input_ids.shape) < probs[input_ids]
-    return input_ids.masked_fill(hit, unk_id)
+    return unk_rates(counts, alpha, special_ids)
 
 
 def linear_schedule(total_steps: int, warmup: float):
@@ -374,7 +364,7 @@ def fit(
         if not cfg.train.eval_every or step_state["step"] % cfg.train.eval_every:
             return
         row = {"step": step_state["step"], "train/loss": float(np.mean(step_state["losses"]))}
-        row.update(_dev_diagnostic(model, task, dev, device, cfg))
+        row.update(_dev_diagnostic(model, task, dev, device, cfg)[1])
         step_state["losses"] = []
         curve.append(row)
         model.train()
@@ -431,9 +421,8 @@ def fit(
 
     # Test once, with the best-dev checkpoint (method.md §5).
     model.load_state_dict(load_checkpoint(best_path)["model"])
-    dev_scores, _ = evaluate(model, task, dev, device, cfg)
+    dev_scores, diagnostic = _dev_diagnostic(model, task, dev, device, cfg)
     test_scores, test_preds = evaluate(model, task, test, device, cfg)
-    diagnostic = _dev_diagnostic(model, task, dev, device, cfg)
     first_positive = next((int(r["step"]) for r in curve if r["dev/f1"] > 0), None)
     summary = {
         "dev": _prf(dev_scores),
@@ -478,13 +467,15 @@ def fit(
 
 
 def _dev_diagnostic(model: nn.Module, task: Task, dev: Split, device: torch.device, cfg: RunConfig):
-    """Dev F1 at the learned thresholds and at the best single shift (see :func:`shifted_f1`)."""
+    """Dev scores at the learned thresholds, and F1 at the best single shift (``shifted_scores``),
+    from one forward pass over dev."""
     if hasattr(task, "shifted"):
-        f1s = shifted_f1(model, task, dev, device, cfg)
+        per_shift = shifted_scores(model, task, dev, device, cfg)
     else:  # sequence taggers have no threshold to move
-        f1s = {0.0: evaluate(model, task, dev, device, cfg)[0].micro.f1}
+        per_shift = {0.0: evaluate(model, task, dev, device, cfg)[0]}
+    f1s = {d: sc.micro.f1 for d, sc in per_shift.items()}
     best = max(f1s, key=lambda d: (f1s[d], -abs(d)))
-    return {"dev/f1": f1s[0.0], "dev/f1_best_shift": f1s[best], "dev/best_shift": best}
+    return per_shift[0.0], {"dev/f1": f1s[0.0], "dev/f1_best_shift": f1s[best], "dev/best_shift": best}
 
 
 def _replace_root(cfg: RunConfig, data_root: str):

@@ -20,6 +20,7 @@ import crener.config as config
 from crener import registry
 from crener.config import (
     KEY_IGNORED,
+    QUICK_V1,
     DataConfig,
     ModelConfig,
     RunConfig,
@@ -56,19 +57,6 @@ GOLDEN = {
         "75a6164a7d6530b0",
     ),
 }
-# The quick profile as it was when the golden keys were written (KEY_SCHEMA 1): the golden configs are
-# built from this snapshot, so the profile itself may evolve (a new profile value is a new experiment
-# and rightly a new key) while the pins keep testing the key function.
-QUICK_V1 = {
-    "model.embedded_hidden": 64, "model.embedded_layers": 1, "model.embedded_heads": 2, "model.embedded_ff": 128,
-    "model.hidden": 64, "model.tf_layers": 1, "model.tf_heads": 4, "model.tf_ff": 128, "model.conv_channels": 16,
-    "model.tag_dim": 16, "model.enh_heads": 4, "model.biaffine_dim": 64, "model.ffn_dim": 32,
-    "model.lstm_hidden": 64, "model.dist_dim": 10, "model.region_dim": 10, "model.attn_dim": 10,
-    "model.emb_dropout": 0.1, "model.conv_dropout": 0.1, "model.out_dropout": 0.1, "data.max_len": 64,
-    "data.train_limit": 500, "data.eval_limit": 200, "data.test_limit": 500, "model.rounds": 2,
-    "train.epochs": 4, "train.max_cells": 4000, "train.max_steps": 200, "train.lr": 0.01,
-    "train.encoder_lr": 0.005, "train.warmup": 0.1,
-}  # fmt: skip
 ZERO_DIGEST = "0" * 64
 # Digests of the shared benchmark files: these move only if the data does.
 GOLDEN_DIGESTS = {

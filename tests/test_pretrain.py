@@ -21,6 +21,7 @@ import torch
 import crener.pretrain as pretrain_mod
 from crener.config import DataConfig
 from crener.data.datasets import DATASETS, load_dataset, read_split, register_dataset, resolve_data_root
+from crener.data.digest import file_digest
 from crener.errors import CheckpointError, DataError
 from crener.pretrain import (
     CLS,
@@ -40,7 +41,6 @@ from crener.pretrain import (
     read_text_file,
     read_vectors,
     resolve_vectors,
-    sha256_file,
     to_ids,
     unk_probabilities,
 )
@@ -548,7 +548,7 @@ def test_card_lists_the_inputs_with_their_hashes(written):
     assert (
         card["inputs"]["resume/train"]["sha256"]
         == sums["resume/train.char.bmes"]
-        == sha256_file(resolve_data_root() / "resume" / "train.char.bmes")
+        == file_digest(resolve_data_root() / "resume" / "train.char.bmes")
     )
     assert card["config"] == json.loads(json.dumps(cfg.identity()))
     assert card["command"] == "crener pretrain TEST"
