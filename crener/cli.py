@@ -49,9 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     first = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(first if first in plugins(COMMANDS_GROUP) else None)
     args = parser.parse_args(argv)
+    args.argv = argv  # for commands that start copies of themselves (reproduce --jobs)
+    # A worker process of such a command says which one it is on every line.
+    job = os.environ.get("CRENER_JOB", "")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s " + (f"[{job}] " if job else "") + "%(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )

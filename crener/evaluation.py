@@ -95,10 +95,12 @@ def predict_shifted(
 
 
 def predict_examples(
-    model: nn.Module, task: Task, examples: Sequence[Example], device: torch.device, cfg: RunConfig
-) -> list[set[Entity]]:
-    """Predicted entities per example (chunk), in example order."""
-    return predict_shifted(model, task, examples, device, cfg)[0.0]
+    model: nn.Module, task: Task, examples: Sequence[Example], device: torch.device, cfg: RunConfig,
+    shift: float = 0.0,
+) -> list[set[Entity]]:  # fmt: skip
+    """Predicted entities per example (chunk), in example order, decoded with the decision
+    threshold moved by ``shift`` (a calibrated checkpoint's, see :func:`calibrate`)."""
+    return predict_shifted(model, task, examples, device, cfg, (shift,))[shift]
 
 
 def score_split(split: Split, chunk_preds: Sequence[set[Entity]]) -> tuple[Scores, list[set[Entity]]]:
@@ -108,9 +110,11 @@ def score_split(split: Split, chunk_preds: Sequence[set[Entity]]) -> tuple[Score
     return score(gold, preds), preds
 
 
-def evaluate(model: nn.Module, task: Task, split: Split, device: torch.device, cfg: RunConfig):
+def evaluate(
+    model: nn.Module, task: Task, split: Split, device: torch.device, cfg: RunConfig, shift: float = 0.0
+):  # fmt: skip
     """Scores on the original (unsplit) sentences, and the per-sentence predictions."""
-    return score_split(split, predict_examples(model, task, split.examples, device, cfg))
+    return score_split(split, predict_examples(model, task, split.examples, device, cfg, shift))
 
 
 def shifted_scores(
@@ -123,3 +127,19 @@ def shifted_scores(
     is not calibrated yet; both at 0 means it has learned nothing. Grid tasks only."""
     per_shift = predict_shifted(model, task, split.examples, device, cfg, shifts)
     return {d: score_split(split, p)[0] for d, p in per_shift.items()}
+
+
+# Candidate shifts of `model.calibrate`: finer than the diagnostic's near 0, where the best shift of
+# a trained model lies, and bounded above because a large shift floods the decoder with candidates.
+CALIBRATION_SHIFTS = (-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
+
+
+def calibrate(
+    model: nn.Module, task: Task, split: Split, device: torch.device, cfg: RunConfig,
+    shifts: Sequence[float] = CALIBRATION_SHIFTS,
+) -> tuple[float, Scores]:  # fmt: skip
+    """The decision-threshold shift with the best F1 on ``split`` (dev; ties go to the smallest
+    move), and its scores: one forward pass, one decode a shift. Grid tasks only."""
+    per_shift = shifted_scores(model, task, split, device, cfg, shifts)
+    best = max(per_shift, key=lambda d: (per_shift[d].micro.f1, -abs(d)))
+    return float(best), per_shift[best]

@@ -34,6 +34,7 @@ class Loaded:
     task: Task
     tokenizer: CharTokenizer
     types: tuple[str, ...]
+    shift: float = 0.0  # decision-threshold shift chosen on dev (model.calibrate)
 
 
 def load_for_inference(path: str | Path, device: str = "cpu") -> Loaded:
@@ -47,7 +48,8 @@ def load_for_inference(path: str | Path, device: str = "cpu") -> Loaded:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not match the stored configuration: {exc}") from exc
-    return Loaded(cfg, model.to(device).eval(), task, tokenizer, types)
+    shift = float(state.get("threshold_shift", 0.0))
+    return Loaded(cfg, model.to(device).eval(), task, tokenizer, types, shift)
 
 
 def evaluate_checkpoint(path: str | Path, *, dataset: str | None = None, split: str = "test",
@@ -70,7 +72,7 @@ def evaluate_checkpoint(path: str | Path, *, dataset: str | None = None, split: 
     device = resolve_device("auto")
     loaded.model.to(device)
     ev = build_split(split, getattr(data, split), cfg.data.max_len, loaded.task, loaded.tokenizer)
-    scores, _ = evaluate(loaded.model, loaded.task, ev, device, cfg)
+    scores, _ = evaluate(loaded.model, loaded.task, ev, device, cfg, loaded.shift)
     return {"checkpoint": str(path), "dataset": data_cfg.dataset, "split": split, **scores.to_dict()}
 
 
@@ -113,7 +115,9 @@ class Predictor:
         sentences = list(sentences)
         chunks = split_blind(sentences, self.loaded.cfg.data.max_len)
         examples = featurize(chunks, self.loaded.task, self.loaded.tokenizer)
-        preds = predict_examples(self.loaded.model, self.loaded.task, examples, self.device, self.loaded.cfg)
+        preds = predict_examples(
+            self.loaded.model, self.loaded.task, examples, self.device, self.loaded.cfg, self.loaded.shift
+        )
         merged = merge_predictions(chunks, preds, len(sentences))
         for s, ents in zip(sentences, merged):
             yield {

@@ -48,9 +48,11 @@ from crener.encoder import (
 )
 from crener.errors import CheckpointError, CrenerError
 from crener.evaluation import (
+    THRESHOLD_SHIFTS,
     Split,
     autocast,
     build_split,
+    calibrate,
     evaluate,
     featurize,
     resolve_device,
@@ -321,7 +323,8 @@ def fit(
     last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
     history: list[dict[str, float]] = []
     curve: list[dict[str, float]] = []  # dev F1 every train.eval_every steps (learning-start diagnostic)
-    best_f1, best_epoch, start_epoch = -1.0, 0, 1
+    best_f1, best_epoch, best_shift, start_epoch = -1.0, 0, 0.0, 1
+    calibrated = _calibrates(cfg, task)
     if resume and last_path.exists():
         state = load_checkpoint(last_path)
         if state.get("key") != key:
@@ -335,6 +338,7 @@ def fit(
         history = json.loads(state["history"])
         curve = json.loads(state.get("curve", "[]"))
         best_f1, best_epoch = state["best_f1"], state["best_epoch"]
+        best_shift = float(state.get("threshold_shift", 0.0))
         start_epoch = state["epoch"] + 1
         log.info("resuming %s from epoch %d", workdir, state["epoch"])
     info = {
@@ -384,12 +388,14 @@ def fit(
             epoch=epoch, max_steps=cfg.train.max_steps, unk_probs=unk_probs, unk_id=tokenizer.unk_id,
             on_step=on_step,
         )  # fmt: skip
-        dev_scores, _ = evaluate(model, task, dev, device, cfg)
+        shift, dev_scores = _dev_scores(model, task, dev, device, cfg)
         metrics.update({f"dev/{k}": v for k, v in _prf(dev_scores).items()})
+        if calibrated:
+            metrics["dev/threshold_shift"] = shift
         metrics["epoch_seconds"] = time.perf_counter() - t0
         improved = metrics["dev/f1"] > best_f1
         if improved:
-            best_f1, best_epoch = metrics["dev/f1"], epoch
+            best_f1, best_epoch, best_shift = metrics["dev/f1"], epoch, shift
         history.append({"epoch": epoch, **metrics})
         state = {
             "version": CHECKPOINT_VERSION,
@@ -405,6 +411,7 @@ def fit(
             "curve": json.dumps(curve),
             "best_f1": best_f1,
             "best_epoch": best_epoch,
+            "threshold_shift": best_shift,  # of the best checkpoint; decoders apply it
             "labels": list(task.names),
             "types": list(data.types),
             **encoder_state(encoder, tokenizer),
@@ -420,9 +427,11 @@ def fit(
         _call(callback, "on_epoch_end", epoch, metrics)
 
     # Test once, with the best-dev checkpoint (method.md §5).
-    model.load_state_dict(load_checkpoint(best_path)["model"])
-    dev_scores, diagnostic = _dev_diagnostic(model, task, dev, device, cfg)
-    test_scores, test_preds = evaluate(model, task, test, device, cfg)
+    best_state = load_checkpoint(best_path)
+    model.load_state_dict(best_state["model"])
+    best_shift = float(best_state.get("threshold_shift", 0.0))
+    dev_scores, diagnostic = _dev_diagnostic(model, task, dev, device, cfg, best_shift)
+    test_scores, test_preds = evaluate(model, task, test, device, cfg, best_shift)
     first_positive = next((int(r["step"]) for r in curve if r["dev/f1"] > 0), None)
     summary = {
         "dev": _prf(dev_scores),
@@ -443,6 +452,8 @@ def fit(
         "dev_is_test": data.dev_is_test,
         # Diagnostic: dev F1 of the best checkpoint with the decision threshold moved (grid models).
         "dev_best_shift": {"shift": diagnostic["dev/best_shift"], "f1": diagnostic["dev/f1_best_shift"]},
+        # The shift dev and test were decoded with (model.calibrate; 0 otherwise).
+        "threshold_shift": best_shift,
         "first_step_dev_f1_positive": first_positive,  # from the curve (train.eval_every), else None
     }
     pred_dir = workdir / "predictions"
@@ -466,16 +477,29 @@ def fit(
     return summary
 
 
-def _dev_diagnostic(model: nn.Module, task: Task, dev: Split, device: torch.device, cfg: RunConfig):
-    """Dev scores at the learned thresholds, and F1 at the best single shift (``shifted_scores``),
-    from one forward pass over dev."""
+def _calibrates(cfg: RunConfig, task: Task) -> bool:
+    return cfg.model.calibrate and hasattr(task, "shifted")  # sequence taggers have no threshold
+
+
+def _dev_scores(model: nn.Module, task: Task, dev: Split, device: torch.device, cfg: RunConfig):
+    """``(shift, dev scores)``: at the calibrated shift (``model.calibrate``), else at 0."""
+    if _calibrates(cfg, task):
+        return calibrate(model, task, dev, device, cfg)
+    return 0.0, evaluate(model, task, dev, device, cfg)[0]
+
+
+def _dev_diagnostic(
+    model: nn.Module, task: Task, dev: Split, device: torch.device, cfg: RunConfig, shift: float = 0.0
+):  # fmt: skip
+    """Dev scores at the learned thresholds moved by ``shift``, and F1 at the best single shift
+    (``shifted_scores``), from one forward pass over dev."""
     if hasattr(task, "shifted"):
-        per_shift = shifted_scores(model, task, dev, device, cfg)
+        per_shift = shifted_scores(model, task, dev, device, cfg, sorted({*THRESHOLD_SHIFTS, shift}))
     else:  # sequence taggers have no threshold to move
         per_shift = {0.0: evaluate(model, task, dev, device, cfg)[0]}
     f1s = {d: sc.micro.f1 for d, sc in per_shift.items()}
     best = max(f1s, key=lambda d: (f1s[d], -abs(d)))
-    return per_shift[0.0], {"dev/f1": f1s[0.0], "dev/f1_best_shift": f1s[best], "dev/best_shift": best}
+    return per_shift[shift], {"dev/f1": f1s[shift], "dev/f1_best_shift": f1s[best], "dev/best_shift": best}
 
 
 def _replace_root(cfg: RunConfig, data_root: str):

@@ -75,19 +75,79 @@ def _register_reproduce(subparsers: Any) -> None:
     )
     p.add_argument("--runs-dir", metavar="D", help="workdirs root (default: $CRENER_RUNS, then ./runs)")
     p.add_argument("--worker", type=_worker, metavar="I/N", help="take cells whose index %% N == I")
+    p.add_argument(
+        "--jobs",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="run N worker processes on this machine, each taking the next free cell, with the CPU "
+        "threads split between them (default 1)",
+    )
     p.add_argument("--no-report", action="store_true", help="do not build the report at the end")
     p.add_argument("--dry-run", action="store_true", help="list the cells and exit")
     p.set_defaults(func=cmd_reproduce)
 
 
-def cmd_reproduce(args: argparse.Namespace) -> int:
-    from crener.runner import CellBusy, run_one
-    from experiments.sweeps import SWEEP_NAMES, load_overrides, plan, shard, unused_overrides
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _without_jobs(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--jobs":
+            skip = True
+        elif not a.startswith("--jobs="):
+            out.append(a)
+    return out
+
+
+def _run_jobs(args: argparse.Namespace) -> int:
+    """``--jobs N``: N copies of this command, each walking the whole cell list. A cell's lock
+    (crener.runner) hands each cell to the first copy that reaches it; the others pass it by and
+    find it finished at the end, so the cells spread over the copies as they free up, however
+    uneven their costs. Small grid steps are bound by per-op overhead, which a second thread
+    hides less well than a second process does (figures: README, Reproducing the paper)."""
+    import subprocess
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = max(1, cores // args.jobs)
+    child = [sys.executable, "-m", "crener.cli", *_without_jobs(args.argv), "--no-report"]
+    if not any(s.startswith("train.threads=") for s in args.set):
+        child += ["--set", f"train.threads={threads}"]
+    log.info("%d worker processes, %d CPU thread(s) each", args.jobs, threads)
+    procs = [
+        subprocess.Popen(child, env={**os.environ, "CRENER_JOB": f"job {i}", "OMP_NUM_THREADS": str(threads)})
+        for i in range(args.jobs)
+    ]
+    try:
+        rc = max(p.wait() for p in procs)
+    except KeyboardInterrupt:
+        for p in procs:
+            p.terminate()
+        raise
+    if rc:
+        log.error("a worker process failed (exit status %d); finished cells are kept, rerun to retry", rc)
+    if args.no_report:
+        return rc
+    return max(rc, _report(sorted({c.cfg.profile for c in _plan(args)})))
+
+
+def _plan(args: argparse.Namespace) -> list[Any]:
+    from experiments.sweeps import SWEEP_NAMES, plan
 
     sets = parse_set(args.set)
     if args.data_root:  # the cells' keys digest the files they will read
         sets.setdefault("data.data_root", args.data_root)
-    cells = plan(
+    return plan(
         SWEEP_NAMES,
         args.profile,
         only=args.only,
@@ -98,6 +158,15 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         configs=args.config,
         sets=sets,
     )
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    if args.jobs > 1 and not args.worker and not args.dry_run:
+        return _run_jobs(args)
+    from crener.runner import CellBusy, run_one
+    from experiments.sweeps import load_overrides, shard, unused_overrides
+
+    cells = _plan(args)
     for ov in unused_overrides(cells, (o for path in args.config for o in load_overrides(path))):
         log.warning("an override in %s matches no cell: %s", ov.source, ov.values)
     total = len(cells)
