@@ -37,7 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="score a checkpoint on a dataset split")
-    p.add_argument("--checkpoint", required=True, help="a best.pt / last.pt written by crener train")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", help="a best.pt / last.pt written by crener train")
+    which.add_argument("--run-id", help="an MLflow run of a finished cell: its best checkpoint")
     p.add_argument("--dataset", help="default: the dataset the checkpoint was trained on")
     p.add_argument("--split", default="test", choices=["train", "dev", "test"])
     p.add_argument("--data-root")
@@ -127,9 +129,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from crener.inference import evaluate_checkpoint
 
-    result = evaluate_checkpoint(
-        args.checkpoint, dataset=args.dataset, split=args.split, data_root=args.data_root
-    )
+    checkpoint = args.checkpoint
+    if args.run_id:
+        from crener.tracking import Tracker
+
+        checkpoint = Tracker().checkpoint_of(args.run_id)
+    result = evaluate_checkpoint(checkpoint, dataset=args.dataset, split=args.split, data_root=args.data_root)
     sys.stdout.write(json.dumps(result, ensure_ascii=False) + "\n")
     return 0
 

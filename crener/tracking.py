@@ -59,6 +59,8 @@ NOT_CELLS = ("tune", "diagnostic")
 EPOCH_METRICS = ("train/loss", "dev/precision", "dev/recall", "dev/f1", "epoch_seconds")
 # Workdir files logged as artifacts at the end, relative to the workdir.
 ARTIFACT_FILES = ("summary.json", "config.json", "history.json", "per_type.json", "predictions/test.jsonl")
+# The best checkpoint's absolute path on the machine that trained the run.
+CHECKPOINT_TAG = "crener.checkpoint"
 # MLflow caps tag values (5000 chars); an error message is cut well below that.
 MAX_TAG_CHARS = 1000
 # SQLite allows one writer at a time; concurrent workers retry a locked database this often.
@@ -91,7 +93,37 @@ def run_tags(cfg: RunConfig, sweep: str) -> dict[str, str]:
         "crener.encoder": cfg.model.encoder,
         "crener.msra_protocol": cfg.data.msra_protocol,
         "crener.git_commit": git_commit(),
+        # MLflow's own source tags, which its UI shows on the run page.
+        "mlflow.source.git.commit": git_commit(),
+        "mlflow.source.name": "crener",
+        "mlflow.source.type": "LOCAL",
     }
+
+
+# MLflow stores an input dataset's digest in a 36-character column.
+INPUT_DIGEST_CHARS = 32
+
+
+def dataset_inputs(cfg: RunConfig) -> list[Any]:
+    """The split files ``cfg`` reads as MLflow dataset inputs: name ``dataset/split``, digest the
+    file's SHA-256 (first 32 hex digits; the whole one is in ``crener.data_digest``), the path as
+    source, and the split as MLflow's ``mlflow.data.context`` tag."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    from crener.data.datasets import get_spec, resolve_data_root
+    from crener.data.digest import file_digest
+
+    spec = get_spec(cfg.data.dataset)
+    root = resolve_data_root(cfg.data.data_root)
+    out = []
+    for split in sorted(spec.files):
+        path = spec.path(split, root)
+        ds = Dataset(
+            name=f"{cfg.data.dataset}/{split}", digest=file_digest(path)[:INPUT_DIGEST_CHARS],
+            source_type="local", source=str(path.resolve()),
+        )  # fmt: skip
+        out.append(DatasetInput(ds, tags=[InputTag("mlflow.data.context", split)]))
+    return out
 
 
 def param_value(value: Any) -> str:
@@ -339,6 +371,24 @@ class Tracker:
         return RunLogger(self.client, found[0].run_id, resumed=True)
 
     # ---- reading back
+    def checkpoint_of(self, run_id: str) -> Path:
+        """The best checkpoint of a finished run (its ``crener.checkpoint`` tag), or a clear error."""
+        from crener.errors import CheckpointError
+
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException as exc:
+            raise CheckpointError(f"no MLflow run {run_id!r} in {self.uri}") from exc
+        path = run.data.tags.get(CHECKPOINT_TAG)
+        if not path:
+            raise CheckpointError(
+                f"run {run_id} has no {CHECKPOINT_TAG} tag (not finished, or made before the tag): "
+                "pass --checkpoint <workdir>/checkpoints/best.pt"
+            )
+        if not Path(path).is_file():
+            raise CheckpointError(f"run {run_id}'s checkpoint {path} is not on this machine: pass --checkpoint")
+        return Path(path)
+
     def load_summary(self, run: RunInfo) -> dict[str, Any]:
         """The run's ``summary.json`` artifact, or one rebuilt from its ``best/*`` metrics."""
         with tempfile.TemporaryDirectory() as tmp:
@@ -372,6 +422,7 @@ class RunLogger:
     def __init__(self, client: MlflowClient, run_id: str, *, resumed: bool):
         self.client = client
         self.run_id = run_id
+        self.resumed = resumed
         self._logged_steps: dict[str, set[int]] = {}
         self._params: dict[str, str] = {}
         if resumed:
@@ -415,7 +466,10 @@ class RunLogger:
         self._params.update(new)
 
     def log_config(self, cfg: RunConfig, extra: dict[str, Any] | None = None) -> None:
+        """Params, and on a new run the dataset inputs (a resumed run has them already)."""
         self.log_params({**cfg.flatten(), **(extra or {})})
+        if not self.resumed:
+            _retry_locked(lambda: self.client.log_inputs(self.run_id, datasets=dataset_inputs(cfg)))
 
     def log_metrics(self, metrics: dict[str, float], *, step: int = 0) -> None:
         """Log each finite metric at ``step`` unless that step is already in its history."""
@@ -465,6 +519,9 @@ class RunLogger:
             self.log_summary(summary)
         if workdir is not None:
             self.log_artifacts(workdir)
+            best = Path(workdir) / "checkpoints" / "best.pt"
+            if best.is_file():  # too large to copy per run: where it is (crener evaluate --run-id)
+                tags = {CHECKPOINT_TAG: str(best.resolve()), **tags}
         self.set_tags({"crener.state": STATE_FINISHED, **tags})
         _retry_locked(lambda: self.client.set_terminated(self.run_id, "FINISHED"))
 

@@ -110,24 +110,23 @@ def _without_jobs(argv: list[str]) -> list[str]:
     return out
 
 
-def _run_jobs(args: argparse.Namespace) -> int:
-    """``--jobs N``: N copies of this command, each walking the whole cell list. A cell's lock
-    (crener.runner) hands each cell to the first copy that reaches it; the others pass it by and
-    find it finished at the end, so the cells spread over the copies as they free up, however
-    uneven their costs. Small grid steps are bound by per-op overhead, which a second thread
-    hides less well than a second process does (figures: README, Reproducing the paper)."""
+def spawn_jobs(argv: list[str], jobs: int, sets: list[str]) -> int:
+    """``--jobs N``: N copies of this command (``argv`` less ``--jobs``, plus ``--no-report``),
+    each walking the whole cell list. A cell's lock (crener.runner) hands each cell to the first
+    copy that reaches it; the others pass it by and find it finished at the end, so the cells
+    spread over the copies as they free up, however uneven their costs. The CPU threads are split
+    between them: small grid steps are bound by per-op overhead, which a second process hides
+    better than a second thread (figures: README, Reproducing the paper). The worst exit status."""
     import subprocess
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    threads = max(1, cores // args.jobs)
-    child = [sys.executable, "-m", "crener.cli", *_without_jobs(args.argv), "--no-report"]
-    if not any(s.startswith("train.threads=") for s in args.set):
+    threads = max(1, cores // jobs)
+    child = [sys.executable, "-m", "crener.cli", *_without_jobs(argv), "--no-report"]
+    if not any(s.startswith("train.threads=") for s in sets):  # an ignored field: keys unchanged
         child += ["--set", f"train.threads={threads}"]
-    log.info("%d worker processes, %d CPU thread(s) each", args.jobs, threads)
-    procs = [
-        subprocess.Popen(child, env={**os.environ, "CRENER_JOB": f"job {i}", "OMP_NUM_THREADS": str(threads)})
-        for i in range(args.jobs)
-    ]
+    log.info("%d worker processes, %d CPU thread(s) each", jobs, threads)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    procs = [subprocess.Popen(child, env={**env, "CRENER_JOB": f"job {i}"}) for i in range(jobs)]
     try:
         rc = max(p.wait() for p in procs)
     except KeyboardInterrupt:
@@ -136,47 +135,14 @@ def _run_jobs(args: argparse.Namespace) -> int:
         raise
     if rc:
         log.error("a worker process failed (exit status %d); finished cells are kept, rerun to retry", rc)
-    if args.no_report:
-        return rc
-    return max(rc, _report(sorted({c.cfg.profile for c in _plan(args)})))
+    return rc
 
 
-def _plan(args: argparse.Namespace) -> list[Any]:
-    from experiments.sweeps import SWEEP_NAMES, plan
-
-    sets = parse_set(args.set)
-    if args.data_root:  # the cells' keys digest the files they will read
-        sets.setdefault("data.data_root", args.data_root)
-    return plan(
-        SWEEP_NAMES,
-        args.profile,
-        only=args.only,
-        datasets=args.datasets,
-        seeds=args.seeds,
-        models=args.models,
-        variants=args.variants,
-        configs=args.config,
-        sets=sets,
-    )
-
-
-def cmd_reproduce(args: argparse.Namespace) -> int:
-    if args.jobs > 1 and not args.worker and not args.dry_run:
-        return _run_jobs(args)
+def run_cells(cells: list[Any], *, runs_dir: str | None, data_root: str | None) -> tuple[int, list]:
+    """Run each cell once (crener.runner.run_one), cells held by another worker last, after
+    waiting for it. ``(trained count, [(label, error)] of failed cells)``; a failure never stops
+    the others."""
     from crener.runner import CellBusy, run_one
-    from experiments.sweeps import load_overrides, shard, unused_overrides
-
-    cells = _plan(args)
-    for ov in unused_overrides(cells, (o for path in args.config for o in load_overrides(path))):
-        log.warning("an override in %s matches no cell: %s", ov.source, ov.values)
-    total = len(cells)
-    if args.worker:
-        cells = shard(cells, *args.worker)
-        log.info("worker %d/%d: %d of %d cells", args.worker[0], args.worker[1], len(cells), total)
-    if args.dry_run:
-        for cell in cells:
-            print(f"{cell.sweep:9s} {cell.cfg.profile:6s} {cell.cfg.key()} {cell.label}")
-        return 0
 
     failed: list[tuple[str, str]] = []
     busy = []
@@ -187,9 +153,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         log.info("%s: start", tag)
         t0 = time.monotonic()
         try:
-            out = run_one(
-                cell.cfg, sweep=cell.sweep, runs_dir=args.runs_dir, data_root=args.data_root, wait=wait
-            )
+            out = run_one(cell.cfg, sweep=cell.sweep, runs_dir=runs_dir, data_root=data_root, wait=wait)
         except CellBusy:
             log.info("%s: held by another worker, retried at the end", tag)
             busy.append((index, cell))
@@ -215,16 +179,53 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     deferred, busy = busy, []
     for index, cell in deferred:
         run(index, cell, wait=True)
-
     log.info(
         "%d cell(s): %d trained, %d already finished, %d failed",
-        len(cells),
-        counts["ran"],
-        counts["skipped"],
-        len(failed),
-    )
+        len(cells), counts["ran"], counts["skipped"], len(failed),
+    )  # fmt: skip
     for label, msg in failed:
         log.error("failed cell %s: %s", label, msg)
+    return counts["ran"], failed
+
+
+def _plan(args: argparse.Namespace) -> list[Any]:
+    from experiments.sweeps import SWEEP_NAMES, plan
+
+    sets = parse_set(args.set)
+    if args.data_root:  # the cells' keys digest the files they will read
+        sets.setdefault("data.data_root", args.data_root)
+    return plan(
+        SWEEP_NAMES,
+        args.profile,
+        only=args.only,
+        datasets=args.datasets,
+        seeds=args.seeds,
+        models=args.models,
+        variants=args.variants,
+        configs=args.config,
+        sets=sets,
+    )
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    if args.jobs > 1 and not args.worker and not args.dry_run:
+        rc = spawn_jobs(args.argv, args.jobs, args.set)
+        return rc if args.no_report else max(rc, _report(sorted({c.cfg.profile for c in _plan(args)})))
+    from experiments.sweeps import load_overrides, shard, unused_overrides
+
+    cells = _plan(args)
+    for ov in unused_overrides(cells, (o for path in args.config for o in load_overrides(path))):
+        log.warning("an override in %s matches no cell: %s", ov.source, ov.values)
+    total = len(cells)
+    if args.worker:
+        cells = shard(cells, *args.worker)
+        log.info("worker %d/%d: %d of %d cells", args.worker[0], args.worker[1], len(cells), total)
+    if args.dry_run:
+        for cell in cells:
+            print(f"{cell.sweep:9s} {cell.cfg.profile:6s} {cell.cfg.key()} {cell.label}")
+        return 0
+
+    _, failed = run_cells(cells, runs_dir=args.runs_dir, data_root=args.data_root)
     rc = 1 if failed else 0
     if not args.no_report:
         if args.worker and args.worker[1] > 1:

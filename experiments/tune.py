@@ -147,6 +147,26 @@ def _clean_dev_protocol(base: RunConfig, dataset: str, sets: dict[str, Any]) -> 
     return base.with_overrides({"data.msra_protocol": "clean"})
 
 
+class TrialOutOfMemory(RuntimeError):
+    """A trial's configuration did not fit in memory: that trial fails, the study goes on."""
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError | MemoryError):
+        return True
+    text = str(exc)  # CPU allocators raise a plain RuntimeError
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "DefaultCPUAllocator" in text)
+
+
+def _trials_so_far(store: Any, name: str) -> int:
+    try:
+        return len(optuna.load_study(study_name=name, storage=store).trials)
+    except KeyError:  # no such study yet
+        return 0
+
+
 def tune(
     *,
     dataset: str,
@@ -181,21 +201,26 @@ def tune(
     base = _clean_dev_protocol(base, dataset, sets or {})
     name = study_name or default_study_name(model, variant, dataset, profile)
     store = open_storage(storage or OPTUNA_STORAGE)
+    offset = _trials_so_far(store, name)
     study = optuna.create_study(
         study_name=name,
         storage=store,
         direction="maximize",
         load_if_exists=True,
+        # constant_liar: trials running in other workers count as bad results, so concurrent
+        # workers propose different points; the seed offset keeps a worker joining later from
+        # replaying the random start-up proposals of an earlier one.
+        sampler=optuna.samplers.TPESampler(
+            seed=seed + offset, n_startup_trials=TPE_STARTUP_TRIALS, constant_liar=True
+        ),
         pruner=optuna.pruners.MedianPruner(
             n_startup_trials=PRUNER_STARTUP_TRIALS, n_warmup_steps=PRUNER_WARMUP_EPOCHS
         ),
     )
-    offset = len(study.trials)
     if offset == 0:
         # Trial 0 is the untuned default, so every study measures what tuning gained. Enqueued
         # trials are claimed atomically, so of several workers starting together one runs it.
         study.enqueue_trial(default_params(model, base), user_attrs={"crener.default": True})
-    study.sampler = optuna.samplers.TPESampler(seed=seed + offset, n_startup_trials=TPE_STARTUP_TRIALS)
     for key, value in {"model": model, "variant": variant, "dataset": dataset, "profile": profile}.items():
         study.set_user_attr(key, value)
 
@@ -243,6 +268,8 @@ def tune(
         except BaseException as exc:
             if logger is not None:
                 logger.fail(exc, killed=isinstance(exc, KeyboardInterrupt))
+            if _out_of_memory(exc):
+                raise TrialOutOfMemory(str(exc)) from exc
             raise
         value = float(summary["dev"]["f1"])
         if logger is not None:
@@ -251,9 +278,9 @@ def tune(
         return value
 
     log.info("study %s: %d trial(s) in this worker (%d already in the study)", name, trials, offset)
-    # A trial that runs out of memory fails alone; configuration bugs still stop the worker.
+    # A trial that runs out of memory fails alone; any other error (a shape bug) stops the worker.
     try:
-        study.optimize(objective, n_trials=trials, timeout=timeout, catch=(RuntimeError,))
+        study.optimize(objective, n_trials=trials, timeout=timeout, catch=(TrialOutOfMemory,))
     finally:
         if parent is not None:  # reopened by the next worker that joins (status only)
             parent.terminate()

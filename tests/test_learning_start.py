@@ -215,3 +215,72 @@ def test_frozen_cached_features_equal_the_encoder_and_survive_inference_mode(tin
     lengths = mask.sum(1) - 2
     for b, length in enumerate(lengths.tolist()):
         assert torch.all(first[b, length:] == 0) and first[b, :length].abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------ calibration
+
+
+def test_calibrate_takes_the_best_dev_shift_and_the_smallest_move_on_ties(monkeypatch):
+    from crener import evaluation
+    from crener.data.schema import Entity
+    from crener.metrics import score
+
+    gold = [{Entity.span(0, 2, "PER")}]
+
+    def fake(model, task, split, device, cfg, shifts):
+        # F1 1.0 at 1.0 and at -1.0 (a tie: the smaller move wins over 2.0), 0 elsewhere
+        hit = {-1.0: 1.0, 1.0: 1.0, 2.0: 1.0}
+        return {d: score(gold, [gold[0] if hit.get(d) else set()]) for d in shifts}
+
+    monkeypatch.setattr(evaluation, "shifted_scores", fake)
+    shift, scores = evaluation.calibrate(None, None, None, None, None, shifts=(-1.0, 0.0, 1.0, 2.0))
+    assert shift == -1.0 and scores.micro.f1 == 1.0
+    shift, _ = evaluation.calibrate(None, None, None, None, None, shifts=(0.0, 2.0, 1.0))
+    assert shift == 1.0
+    shift, scores = evaluation.calibrate(None, None, None, None, None, shifts=(0.5, 0.0, 3.0))
+    assert shift == 0.0 and scores.micro.f1 == 0.0  # nothing helps: no move
+
+
+def test_calibrated_shift_reaches_test_the_checkpoint_and_predict(data_root, tmp_path, monkeypatch):  # noqa: F811
+    """With model.calibrate the shift chosen on dev decodes test, is stored in the best
+    checkpoint, and `crener evaluate` and `crener predict` decode with it too."""
+    from crener import train as train_mod
+    from crener.evaluation import calibrate, predict_shifted, score_split
+    from crener.inference import Predictor, evaluate_checkpoint, load_for_inference
+
+    chosen = 2.0  # forced, so the plumbing is checked with a shift that changes predictions
+    monkeypatch.setattr(
+        train_mod, "calibrate", lambda *a, **k: (chosen, calibrate(*a, **k, shifts=(chosen,))[1])
+    )
+    cfg = tiny_cfg(data_root, **{"train.epochs": 2, "model.calibrate": True})
+    out = fit(cfg, tmp_path / "cal")
+    assert out["threshold_shift"] == chosen
+    best = tmp_path / "cal" / "checkpoints" / "best.pt"
+    loaded = load_for_inference(best)
+    assert loaded.shift == chosen
+    # The summary's test F1 is the best checkpoint's at the shift, not at 0.
+    from crener.data.datasets import load_dataset
+    from crener.evaluation import build_split
+
+    data = load_dataset(cfg.data, seed=cfg.train.seed)
+    test = build_split("test", data.test, cfg.data.max_len, loaded.task, loaded.tokenizer)
+    per = predict_shifted(loaded.model, loaded.task, test.examples, torch.device("cpu"), loaded.cfg, (0.0, chosen))
+    at_shift, at_zero = score_split(test, per[chosen])[0], score_split(test, per[0.0])[0]
+    assert per[chosen] != per[0.0]  # the shift really changes the decoded entities here
+    assert out["test"]["f1"] == pytest.approx(at_shift.micro.f1)
+    assert evaluate_checkpoint(best)["f1"] == pytest.approx(at_shift.micro.f1)
+    assert at_shift.micro.f1 != at_zero.micro.f1 or at_shift.micro.precision != at_zero.micro.precision
+    # predict decodes with the stored shift as well
+    tagged = list(Predictor(loaded, device="cpu").predict(data.test))
+    n_pred = sum(len(r["entities"]) for r in tagged)
+    assert n_pred == sum(len(p) for p in score_split(test, per[chosen])[1])
+
+
+def test_calibrate_is_a_grid_task_field_only():
+    from crener.config import build_run_config
+
+    on = {"model.calibrate": True}
+    for name, changes in (("crener", True), ("w2ner", True), ("bert_crf", False), ("tener", False)):
+        a = build_run_config(model=name, profile="smoke").key()
+        b = build_run_config(model=name, profile="smoke", overrides=on).key()
+        assert (a != b) is changes, name

@@ -338,3 +338,60 @@ def test_sigkill_mid_sweep_real_fit(mlflow_store: str, tmp_path: Path) -> None:
     _kill_and_rerun(cmd, cells, env, tmp_path, timeout=420)
     summary = json.loads((workdir_for(cells[1].cfg, tmp_path / "runs") / "summary.json").read_text())
     assert summary["key"] == cells[1].cfg.key()
+
+
+def test_without_jobs_drops_both_spellings() -> None:
+    from experiments.commands import _without_jobs
+
+    argv = ["reproduce", "--jobs", "2", "--profile", "quick", "--jobs=3", "--seeds", "1"]
+    assert _without_jobs(argv) == ["reproduce", "--profile", "quick", "--seeds", "1"]
+    with pytest.raises(SystemExit):
+        cli_main(_table3_args("--jobs", "0"))
+
+
+@pytest.mark.slow
+def test_reproduce_jobs_share_the_cells_real_fit(mlflow_store: str, tmp_path: Path) -> None:
+    """``--jobs 2``: two worker processes take the cells as they free up; every cell trains once,
+    both workers train some, each with one CPU thread, and the parent writes the report."""
+    data = _tiny_resume(tmp_path / "data", 24)
+    sel = ["--datasets", "resume", "--models", "crener", "--variants", "full", "no_mlp", "no_dconv", "no_region"]
+    cmd = [sys.executable, "-m", "crener.cli", "reproduce", "--profile", "smoke", *sel]
+    cmd += ["--data-root", str(data), "--no-report", "--jobs", "2"]
+    env = _subprocess_env(tmp_path, mlflow_store)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cells = plan(
+        profile="smoke", datasets=["resume"], models=["crener"],
+        variants=["full", "no_mlp", "no_dconv", "no_region"], sets={"data.data_root": str(data)},
+    )  # fmt: skip
+    for c in cells:
+        run_id = _check_one_finished_run(c.cfg)
+        assert Tracker().get_run(run_id).params["train.threads"] == "1"
+    trained = [line for line in proc.stderr.splitlines() if ": done," in line]
+    assert len(trained) == len(cells)
+    assert any("[job 0]" in line for line in trained) and any("[job 1]" in line for line in trained)
+    assert "2 worker processes, 1 CPU thread(s) each" in proc.stderr
+
+
+def test_tracked_train_then_evaluate_by_run_id(
+    mlflow_store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A tracked ``crener train`` (the real fit, MLflow on) logs the contract, and ``crener
+    evaluate --run-id`` finds its best checkpoint and scores it as training did."""
+    data = _tiny_resume(tmp_path / "data", 16)
+    args = ["train", "--dataset", "resume", "--profile", "smoke", "--data-root", str(data),
+            "--set", "train.epochs=2", "--set", "train.progress=false"]  # fmt: skip
+    assert cli_main(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    (run,) = _runs(summary["key"])
+    assert run.state == "finished" and run.tags["crener.sweep"] == "adhoc"
+    assert _steps(run.run_id, "train/loss") == [1, 2] and _steps(run.run_id, "dev/f1") == [1, 2]
+    assert run.metrics["best/test_f1"] == pytest.approx(summary["test"]["f1"])
+    assert run.params["train.epochs"] == "2" and run.params["profile"] == "smoke"
+    artifacts = {a.path for a in Tracker().client.list_artifacts(run.run_id)}
+    assert {"summary.json", "config.json", "history.json", "per_type.json", "predictions"} <= artifacts
+    assert run.tags["mlflow.source.git.commit"] and len(Tracker().client.get_run(run.run_id).inputs.dataset_inputs) == 3
+    assert cli_main(["evaluate", "--run-id", run.run_id, "--data-root", str(data)]) == 0
+    scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert scored["f1"] == pytest.approx(summary["test"]["f1"]) and scored["split"] == "test"
+    assert cli_main(["evaluate", "--run-id", "f" * 32]) == 2  # a clear error, no traceback

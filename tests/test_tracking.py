@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from crener.config import RunConfig, build_run_config
+from crener.errors import CheckpointError
 from crener.tracking import EPOCH_METRICS, Tracker, experiment_name
 from crener.workspace import artifact_root, sqlite_path, tracking_uri, workdir_for
 
@@ -191,8 +192,21 @@ def test_run_contract_and_idempotent_resume(mlflow_store: str, tmp_path: Path) -
         "crener.msra_protocol": "lineage",
     }.items():
         assert tags[name] == value
-    assert tags["crener.git_commit"]
+    assert tags["crener.git_commit"] and tags["mlflow.source.git.commit"] == tags["crener.git_commit"]
+    assert tags["mlflow.source.name"] == "crener"
     assert run.params["model.use_biaffine"] == "True" and run.params["num_labels"] == "9"
+    # The split files as MLflow dataset inputs, each with its file digest and split context.
+    from crener.data.datasets import get_spec, resolve_data_root
+    from crener.data.digest import file_digest
+
+    inputs = tracker.client.get_run(run.run_id).inputs.dataset_inputs
+    by_name = {i.dataset.name: i for i in inputs}
+    assert set(by_name) == {"resume/train", "resume/dev", "resume/test"}
+    for split in ("train", "dev", "test"):
+        item = by_name[f"resume/{split}"]
+        path = get_spec("resume").path(split, resolve_data_root(None))
+        assert item.dataset.digest == file_digest(path)[:32] and item.dataset.source == str(path.resolve())
+        assert {t.key: t.value for t in item.tags} == {"mlflow.data.context": split}
     assert (
         RunConfig.from_flat(
             {k: v for k, v in run.params.items() if "." in k or k in ("profile", "variant")}
@@ -221,6 +235,8 @@ def test_run_contract_and_idempotent_resume(mlflow_store: str, tmp_path: Path) -
     }
     (workdir / "summary.json").write_text(json.dumps(summary))
     (workdir / "predictions" / "test.jsonl").write_text("{}\n")
+    (workdir / "checkpoints").mkdir()
+    (workdir / "checkpoints" / "best.pt").write_bytes(b"not read here")
     resumed.finish(summary, workdir)
     resumed.finish(summary, workdir)  # finishing twice logs nothing twice
 
@@ -236,6 +252,11 @@ def test_run_contract_and_idempotent_resume(mlflow_store: str, tmp_path: Path) -
     artifacts = {a.path for a in tracker.client.list_artifacts(run.run_id)}
     assert {"summary.json", "predictions"} <= artifacts
     assert tracker.load_summary(run)["test"]["f1"] == 0.6
+    # The resumed run logged its inputs once, and points at its best checkpoint.
+    assert len(tracker.client.get_run(run.run_id).inputs.dataset_inputs) == 3
+    assert tracker.checkpoint_of(run.run_id) == (workdir / "checkpoints" / "best.pt").resolve()
+    with pytest.raises(CheckpointError, match="no MLflow run"):
+        tracker.checkpoint_of("0" * 32)
 
 
 def test_find_runs_ignores_tune_and_other_keys(mlflow_store: str) -> None:

@@ -304,3 +304,33 @@ def test_space_is_centred_on_the_defaults_and_keeps_a_frozen_encoder_frozen() ->
         study.tell(trial, 0.0)
     dists = study.trials[0].distributions
     assert dists["model.out_dropout"].low == 0.0 and dists["model.out_dropout"].high == pytest.approx(0.25)
+
+
+def test_only_out_of_memory_fails_a_trial_alone_and_the_sampler_is_the_studys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    import experiments.tune as tune_module
+
+    calls: list[int] = []
+
+    def oom(cfg, workdir, *, callback, data_root):  # noqa: ANN001
+        calls.append(1)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(tune_module, "_fit", oom)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = tune(dataset="resume", trials=2, profile="smoke", storage=storage, runs_dir=tmp_path, track=False)
+    assert len(calls) == 2  # the study went on after the first failed trial
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL] * 2
+    assert isinstance(study.sampler, optuna.samplers.TPESampler) and study.sampler._constant_liar
+
+    def shape_bug(cfg, workdir, *, callback, data_root):  # noqa: ANN001
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (3x64 and 32x8)")
+
+    monkeypatch.setattr(tune_module, "_fit", shape_bug)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        tune(dataset="resume", trials=2, profile="smoke", storage=storage, runs_dir=tmp_path,
+             track=False, study_name="bug")  # fmt: skip
+    assert len(optuna.load_study(study_name="bug", storage=storage).trials) == 1  # stopped at once
