@@ -134,7 +134,12 @@ def _run_tracked(
         _clear(workdir)
     if previous is not None:
         sweep = _owner_sweep(previous.tags.get("crener.sweep"), sweep)
+    monitor_cls = system_metrics_monitor()  # before the run exists: a missing psutil fails cleanly
     logger = tracker.start_run(cfg, sweep=sweep, resume_run_id=previous.run_id if previous else None)
+    monitor = None
+    if monitor_cls is not None:
+        monitor = monitor_cls(logger.run_id, resume_logging=previous is not None, tracking_uri=tracker.uri)
+        monitor.start()
     try:
         logger.log_config(cfg)
         summary = read_summary(workdir)
@@ -151,7 +156,27 @@ def _run_tracked(
     except BaseException as exc:
         logger.fail(exc)
         raise
+    finally:
+        if monitor is not None:
+            monitor.finish()
     return {**summary, "run_id": logger.run_id, "workdir": str(workdir), "skipped": False}
+
+
+def system_metrics_monitor() -> Any:
+    """MLflow's system metrics monitor class (CPU, memory, disk, network, GPU per run) when the
+    user turned them on with MLflow's own switch, ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=true``
+    (needs ``psutil``: ``pip install -e '.[system-metrics]'``); else None."""
+    from mlflow.environment_variables import MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
+
+    if not MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.get():
+        return None
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    except ImportError as exc:
+        raise CrenerError(
+            "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING is on but psutil is missing: pip install -e '.[system-metrics]'"
+        ) from exc
+    return SystemMetricsMonitor
 
 
 def _owner_sweep(tagged: str | None, requested: str) -> str:

@@ -395,3 +395,35 @@ def test_tracked_train_then_evaluate_by_run_id(
     scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert scored["f1"] == pytest.approx(summary["test"]["f1"]) and scored["split"] == "test"
     assert cli_main(["evaluate", "--run-id", "f" * 32]) == 2  # a clear error, no traceback
+
+
+def test_system_metrics_follow_mlflows_switch(
+    mlflow_store: str, fake_fit: types.ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events: list[tuple[str, str, bool]] = []
+
+    class Monitor:  # stands in for MLflow's, which needs psutil
+        def __init__(self, run_id, *, resume_logging, tracking_uri):  # noqa: ANN001
+            self.run_id = run_id
+            events.append(("init", run_id, resume_logging))
+
+        def start(self) -> None:
+            events.append(("start", self.run_id, False))
+
+        def finish(self) -> None:
+            events.append(("finish", self.run_id, False))
+
+    module = types.ModuleType("mlflow.system_metrics.system_metrics_monitor")
+    module.SystemMetricsMonitor = Monitor
+    monkeypatch.setitem(sys.modules, "mlflow.system_metrics.system_metrics_monitor", module)
+    run_one(smoke_cfg(seed=1))
+    assert events == []  # off by default
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true")
+    out = run_one(smoke_cfg(seed=2))
+    assert [e[0] for e in events] == ["init", "start", "finish"] and {e[1] for e in events} == {out["run_id"]}
+    monkeypatch.setitem(sys.modules, "mlflow.system_metrics.system_metrics_monitor", None)  # no psutil
+    from crener.errors import CrenerError
+
+    with pytest.raises(CrenerError, match="psutil"):
+        run_one(smoke_cfg(seed=3))
+    assert _runs(smoke_cfg(seed=3).key()) == []  # refused before any run was created
