@@ -435,21 +435,40 @@ def test_latex_is_valid_tabular(index, tmp_path):
         assert paths["md"].read_text(encoding="utf-8").startswith("### ")
         assert "run_ids" in paths["csv"].read_text(encoding="utf-8").splitlines()[0]
     assert r"\multicolumn{4}{c}{Weibo}" in built[1].latex() and r"\cmidrule(lr){2-5}" in built[1].latex()
-    if shutil.which("pdflatex"):
-        doc = tmp_path / "doc.tex"
-        doc.write_text(
-            "\\documentclass{article}\\usepackage{booktabs,graphicx}\\usepackage[T1]{fontenc}\n\\begin{document}\n"
-            + "\n".join(t.latex() for t in [*built, weird])
-            + "\\end{document}\n",
-            encoding="utf-8",
-        )
-        proc = subprocess.run(
-            ["pdflatex", "-interaction=nonstopmode", "-halt-on-error", doc.name],
-            cwd=tmp_path,
-            capture_output=True,
-            timeout=120,
-        )
-        assert proc.returncode == 0, proc.stdout[-2000:]
+
+
+def _weird_table():
+    import pandas as pd
+
+    return tables.Table(
+        name="weird_name",
+        title="100% of A & B_c #1 {x} ~ ^ \\",
+        display=pd.DataFrame([{"a_b": "x_y & 5%", "Δ": "1.00 ± –"}]),
+        data=pd.DataFrame([{"a": 1, "run_ids": ""}]),
+        notes=["W²NER ≥ 3 — ok"],
+    )
+
+
+def test_latex_compiles(index, tmp_path):
+    """The tables compile with pdflatex and booktabs (CI installs them; see .ci/run)."""
+    if not shutil.which("pdflatex"):
+        pytest.skip("no pdflatex (apt-get install texlive-latex-base texlive-latex-recommended)")
+    built = [tables.main_table(index, 2, "quick"), tables.ablation_table(index, "quick"), _weird_table()]
+    doc = tmp_path / "doc.tex"
+    doc.write_text(
+        "\\documentclass{article}\\usepackage{booktabs,graphicx}\\usepackage[T1]{fontenc}\n\\begin{document}\n"
+        + "\n".join(t.latex() for t in built)
+        + "\\end{document}\n",
+        encoding="utf-8",
+    )
+    proc = subprocess.run(
+        ["pdflatex", "-interaction=nonstopmode", "-halt-on-error", doc.name],
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    assert (tmp_path / "doc.pdf").stat().st_size > 1000
 
 
 # --- the whole report ---------------------------------------------------------------------
@@ -515,14 +534,18 @@ def test_make_report_end_to_end(store, tmp_path, monkeypatch):
     assert "CRENER,weibo,LOC" in by_type
 
 
-def test_cjk_font_and_cli(tmp_path):
-    from crener.cli import build_parser
+def test_cjk_font_is_found():
     from reports import plots
 
     font = plots.setup_cjk_font()
     if font is None:
         pytest.skip("no CJK font installed (apt-get install fonts-noto-cjk)")
     assert "CJK" in font or "Hei" in font or "Han" in font
+
+
+def test_report_cli(tmp_path):
+    from crener.cli import build_parser
+
     args = build_parser("report").parse_args(
         ["report", "--profile", "full", "--bootstrap", "10", "--out", "x"]
     )

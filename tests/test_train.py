@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
-import pickle
 import subprocess
 import sys
+import zipfile
+from pathlib import Path
 
 import pytest
 import torch
 
+from crener import train as train_mod
 from crener.checkpoint import load_checkpoint
 from crener.cli import main as cli_main
 from crener.config import build_run_config
@@ -55,6 +57,10 @@ class Recorder:
     def __init__(self, stop_after: int | None = None):
         self.epochs: list[tuple[int, dict]] = []
         self.stop_after = stop_after
+        self.info: dict = {}
+
+    def on_start(self, info):
+        self.info = info
 
     def on_epoch_end(self, epoch, metrics):
         self.epochs.append((epoch, metrics))
@@ -80,7 +86,21 @@ def test_same_seed_same_metrics_and_resume_equals_uninterrupted(data_root, tmp_p
         fit(cfg, tmp_path / "c", callback=rec)
     assert not (tmp_path / "c" / "summary.json").exists()
     rec2 = Recorder()
-    c = fit(cfg, tmp_path / "c", callback=rec2)
+    epochs_trained = []
+    real_epoch = train_mod.train_one_epoch
+
+    def counting(*args, **kwargs):
+        epochs_trained.append(kwargs["epoch"])
+        return real_epoch(*args, **kwargs)
+
+    train_mod.train_one_epoch = counting
+    try:
+        c = fit(cfg, tmp_path / "c", callback=rec2)
+    finally:
+        train_mod.train_one_epoch = real_epoch
+    # It really resumed: started after the saved epoch and trained only the two missing ones
+    # (a silent retrain from scratch would reach the same deterministic weights).
+    assert rec2.info["resumed_from_epoch"] == 1 and epochs_trained == [2, 3]
     hist_c = json.loads((tmp_path / "c" / "history.json").read_text())
     assert strip_times(hist_c) == strip_times(hist_a)
     assert c["test"] == a["test"] and c["best_epoch"] == a["best_epoch"]
@@ -89,6 +109,9 @@ def test_same_seed_same_metrics_and_resume_equals_uninterrupted(data_root, tmp_p
     wa = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt")["model"]
     wc = load_checkpoint(tmp_path / "c" / "checkpoints" / "last.pt")["model"]
     assert all(torch.equal(wa[k], wc[k]) for k in wa)
+    # A checkpoint of another configuration is refused, not silently continued.
+    with pytest.raises(CheckpointError, match="belongs to another configuration"):
+        fit(tiny_cfg(data_root, **{"train.lr": 0.5}), tmp_path / "c")
 
 
 def test_different_seed_differs(data_root, tmp_path):
@@ -124,14 +147,26 @@ def test_missing_and_malformed_checkpoints(tmp_path):
     with pytest.raises(CheckpointError, match="not a crener checkpoint"):
         load_checkpoint(other)
 
+
+
+def test_a_malicious_torch_checkpoint_runs_no_code(tmp_path):
+    """A real torch zip checkpoint whose pickle would write a marker file when unpickled (the
+    legacy raw-pickle case fails on its magic number whatever weights_only says)."""
+    marker = tmp_path / "pwned"
+
     class Evil:
         def __reduce__(self):
-            return (print, ("code ran",))
+            return (Path.write_text, (marker, "code ran"))
 
     evil = tmp_path / "evil.pt"
-    evil.write_bytes(pickle.dumps({"version": 1, "model": Evil()}))
-    with pytest.raises(CheckpointError):  # weights_only=True refuses arbitrary objects
+    torch.save({"version": 1, "model": {"w": torch.zeros(2)}, "payload": Evil()}, evil)
+    assert zipfile.is_zipfile(evil)  # the format torch.load reads with weights_only
+    with pytest.raises(CheckpointError, match="cannot read"):
         load_checkpoint(evil)
+    assert not marker.exists()
+    # The payload is live: an unsafe load would have run it (the claim above can fail).
+    torch.load(evil, weights_only=False)
+    assert marker.read_text() == "code ran"
 
 
 def test_missing_encoder_fails_fast_with_advice(data_root, tmp_path):
