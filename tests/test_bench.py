@@ -76,8 +76,7 @@ def test_memory_probe_reports_train_and_eval_peaks():
     cfg = build_run_config(profile="smoke")
     r = memory_probe(cfg, 24, batch=2)
     assert (r["length"], r["batch"]) == (24, 2)
-    assert r["peak_bytes"] >= 0 and r["eval_peak_bytes"] >= 0
-    assert r["bytes_per_cell"] == r["peak_bytes"] / (2 * 24 * 24)
+    assert set(r) >= {"peak_bytes", "eval_peak_bytes", "bytes_per_cell", "process_peak_bytes"}
     assert r["process_peak_bytes"] >= r["peak_bytes"]
     with pytest.raises(ValueError, match="at most 510 characters"):
         memory_probe(build_run_config(profile="smoke"), 512)
@@ -99,3 +98,20 @@ def test_a_probe_is_a_crener_bench_command(monkeypatch, capsys):
     assert (seen["cfg"].model.name, seen["cfg"].model.hidden, seen["length"]) == ("w2ner", 32, 24)
     speed = probe_command("speed", "paper", "crener", "no_mlp", [], sentences=8)
     assert speed[speed.index("--sentences") + 1] == "8" and "--lengths" not in speed
+
+
+def test_memory_points_measure_the_grid_in_a_fresh_process():
+    """In a fresh process (as the memory suite runs each point) the training peak covers at least
+    the grid activations a step must hold, and grows with the sentence length: a probe that
+    measured nothing (the peak of an already larger heap, clamped at 0) fails here."""
+    from crener.bench import _memory_point
+
+    short = _memory_point("quick", "w2ner", "full", 64, 2, [])
+    long = _memory_point("quick", "w2ner", "full", 192, 2, [])
+    assert "error" not in short and "error" not in long, (short, long)
+    cfg = bench.bench_config("quick", "w2ner", "full", {})
+    for r, n in ((short, 64), (long, 192)):
+        # the conv input (d_c channels) and output of one grid: a floor well below the real peak
+        assert r["peak_bytes"] >= 2 * n * n * cfg.model.conv_channels * 4 * 2, r
+        assert r["bytes_per_cell"] == pytest.approx(r["peak_bytes"] / (2 * n * n))
+    assert long["peak_bytes"] > 3 * short["peak_bytes"]  # 9x the cells; fixed costs blur the rest
