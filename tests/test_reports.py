@@ -363,7 +363,11 @@ def test_bootstrap_table(index, store):
     direct = stats.paired_bootstrap(
         [counts[("no_region", s)] for s in SEEDS], [counts[("full", s)] for s in SEEDS], resamples=100, seed=0
     )
-    assert row["95% CI"] == f"[{direct.ci_low * 100:+.2f}, {direct.ci_high * 100:+.2f}]"
+    assert row["95% CI"] == f"[{direct.ci_low * 100:+.2f}, {direct.ci_high * 100:+.2f}]"  # wiring
+    # Independent of the function: no resample can favour no_region (it is never right where full
+    # is wrong), so the whole interval lies below 0, and it holds the observed -25 points.
+    low, high = (float(x) for x in row["95% CI"].strip("[]").split(","))
+    assert low <= -25.0 <= high and high < 0
     w2 = shown[(shown["System (vs CRENER full)"] == "W²NER") & (shown["Dataset"] == "Resume")].iloc[0]
     assert w2["seeds"] == "2"
     assert any(m.startswith("W²NER vs CRENER full on resume: unpaired seeds 2") for m in t.missing)
