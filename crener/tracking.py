@@ -204,13 +204,16 @@ class Tracker:
 
     def __init__(self, uri: str | None = None):
         self.uri = uri or tracking_uri()
-        self.client = MlflowClient(tracking_uri=self.uri)
         db = sqlite_path(self.uri)
-        if db is not None:
-            # Creating a SQLite store runs schema migrations; two workers doing it at once on a
-            # fresh file collide, so the first touch is serialised through a lock beside it.
-            with file_lock(db.with_name(db.name + ".init.lock")):
-                self.client.search_experiments(max_results=1)
+        if db is None:
+            self.client = MlflowClient(tracking_uri=self.uri)
+            return
+        # Creating a SQLite store runs schema migrations; two workers doing it at once on a fresh
+        # file collide, so the client is made and first used under a lock beside the file (MLflow
+        # may open the store, and migrate it, as soon as the client exists).
+        with file_lock(db.with_name(db.name + ".init.lock")):
+            self.client = MlflowClient(tracking_uri=self.uri)
+            self.client.search_experiments(max_results=1)
 
     # ---- experiments
     def experiment_id(self, name: str) -> str:

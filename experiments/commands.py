@@ -124,6 +124,9 @@ def spawn_jobs(argv: list[str], jobs: int, sets: list[str]) -> int:
     child = [sys.executable, "-m", "crener.cli", *_without_jobs(argv), "--no-report"]
     if not any(s.startswith("train.threads=") for s in sets):  # an ignored field: keys unchanged
         child += ["--set", f"train.threads={threads}"]
+    from crener.tracking import Tracker
+
+    Tracker()  # create (migrate) the tracking store once, before the workers race to do it
     log.info("%d worker processes, %d CPU thread(s) each", jobs, threads)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     procs = [subprocess.Popen(child, env={**env, "CRENER_JOB": f"job {i}"}) for i in range(jobs)]
