@@ -350,15 +350,18 @@ def test_without_jobs_drops_both_spellings() -> None:
 
 
 @pytest.mark.slow
-def test_reproduce_jobs_share_the_cells_real_fit(mlflow_store: str, tmp_path: Path) -> None:
+def test_reproduce_jobs_share_the_cells_real_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``--jobs 2``: two worker processes take the cells as they free up; every cell trains once,
     both workers train some, each with one CPU thread, and the parent writes the report."""
     data = _tiny_resume(tmp_path / "data", 24)
     sel = ["--datasets", "resume", "--models", "crener", "--variants", "full", "no_mlp", "no_dconv", "no_region"]
     cmd = [sys.executable, "-m", "crener.cli", "reproduce", "--profile", "smoke", *sel]
     cmd += ["--data-root", str(data), "--no-report", "--jobs", "2"]
-    env = _subprocess_env(tmp_path, mlflow_store)
+    # A store that does not exist yet: the workers must not race to create its schema.
+    fresh = f"sqlite:///{tmp_path / 'fresh.db'}"
+    env = _subprocess_env(tmp_path, fresh)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", fresh)
     assert proc.returncode == 0, proc.stderr[-3000:]
     cells = plan(
         profile="smoke", datasets=["resume"], models=["crener"],
