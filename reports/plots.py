@@ -6,8 +6,8 @@
 - Optuna optimisation history and parameter importances, when studies exist.
 
 Titles use Chinese dataset names (微博, 简历), so a CJK font is needed: :func:`setup_cjk_font`
-looks for Noto Sans CJK (``apt-get install fonts-noto-cjk``) or another CJK family and returns
-None with a warning when there is none (glyphs then render as boxes).
+looks for Noto Sans CJK (``apt-get install fonts-noto-cjk``) or another CJK family; without one
+it warns once and every figure falls back to its English labels.
 """
 
 from __future__ import annotations
@@ -52,8 +52,15 @@ FORMATS: tuple[str, ...] = ("png", "pdf")
 DPI = 150
 
 
+# Whether figure labels may hold Chinese: False after setup_cjk_font found no CJK font, so the
+# figures fall back to their English labels instead of boxes and one glyph warning per character.
+_CJK = True
+
+
 def setup_cjk_font() -> str | None:
-    """Make a CJK-capable family matplotlib's first sans-serif; return its name or None."""
+    """Make a CJK-capable family matplotlib's first sans-serif; return its name, or None (then
+    every label of these figures is English)."""
+    global _CJK
     names = {f.name for f in font_manager.fontManager.ttflist}
     if not any(f in names for f in CJK_FAMILIES):
         # Fonts installed after matplotlib built its cache are not in it: register them.
@@ -69,15 +76,22 @@ def setup_cjk_font() -> str | None:
             plt.rcParams["font.family"] = "sans-serif"
             plt.rcParams["font.sans-serif"] = [family, *plt.rcParams["font.sans-serif"]]
             plt.rcParams["axes.unicode_minus"] = False  # CJK fonts often lack U+2212
+            _CJK = True
             return family
-    log.warning("no CJK font found (install fonts-noto-cjk): Chinese labels will render as boxes")
+    _CJK = False
+    log.warning("no CJK font found (install fonts-noto-cjk): figures use English labels only")
     return None
 
 
 def dataset_title(dataset: str) -> str:
-    """``微博 Weibo``; the plain label where the Chinese name is the same."""
+    """``微博 Weibo``; the plain label where the Chinese name is the same or no CJK font exists."""
     zh, en = DATASET_LABELS_ZH.get(dataset, dataset), DATASET_LABELS.get(dataset, dataset)
-    return en if zh == en else f"{zh} {en}"
+    return en if zh == en or not _CJK else f"{zh} {en}"
+
+
+def bilingual(zh: str, en: str) -> str:
+    """``zh (en)``, or ``en`` alone without a CJK font."""
+    return f"{zh} ({en})" if _CJK else en
 
 
 def save(fig: plt.Figure, stem: Path) -> list[Path]:
@@ -111,8 +125,8 @@ def ablation_chart(data: pd.DataFrame, stem: Path) -> list[Path]:
         ours = sub["delta_full"].astype(float).to_numpy()
         theirs = sub["paper_delta_full"].astype(float).to_numpy()
         err = sub["f1_std"].astype(float).fillna(0).to_numpy() if "f1_std" in sub else None
-        ax.barh(y - 0.2, theirs, height=0.4, label="paper / 论文", color="#bbbbbb")
-        ax.barh(y + 0.2, np.nan_to_num(ours), height=0.4, xerr=err, label="ours / 复现", color="#1f77b4")
+        ax.barh(y - 0.2, theirs, height=0.4, label="paper / 论文" if _CJK else "paper", color="#bbbbbb")
+        ax.barh(y + 0.2, np.nan_to_num(ours), height=0.4, xerr=err, label="ours / 复现" if _CJK else "ours", color="#1f77b4")
         for yi, value in zip(y, ours):
             if np.isnan(value):  # no run: say so instead of drawing a zero-length bar
                 ax.text(0, yi + 0.2, "no run ", ha="right", va="center", fontsize=7, color="#1f77b4")
@@ -123,7 +137,7 @@ def ablation_chart(data: pd.DataFrame, stem: Path) -> list[Path]:
         ax.invert_yaxis()
         ax.set_xlabel("Δ F1 from full (points)")
     np.atleast_1d(axes)[0].legend(loc="lower left", fontsize=8)
-    fig.suptitle("消融实验 Ablation: Δ test F1 vs full model")
+    fig.suptitle(("消融实验 " if _CJK else "") + "Ablation: Δ test F1 vs full model")
     fig.tight_layout()
     return save(fig, stem)
 
@@ -156,7 +170,7 @@ def learning_curves(history: pd.DataFrame, stem: Path, metric: str = "dev/f1") -
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel("dev F1 (%)")
-    fig.suptitle("学习曲线 Learning curves (dev F1)")
+    fig.suptitle(("学习曲线 " if _CJK else "") + "Learning curves (dev F1)")
     _figure_legend(fig, axes[0])
     return save(fig, stem)
 
@@ -195,9 +209,9 @@ def f1_by_group(
         ax.set_ylabel("test F1 (%)")
         ax.set_title(dataset_title(ds))
     what = (
-        "各实体类型的 F1 (F1 by entity type)"
+        bilingual("各实体类型的 F1", "F1 by entity type")
         if by == "type"
-        else "按实体长度的 F1 (F1 by entity length, characters)"
+        else bilingual("按实体长度的 F1", "F1 by entity length, characters")
     )
     fig.suptitle(what)
     _figure_legend(fig, axes[0])

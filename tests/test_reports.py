@@ -556,3 +556,35 @@ def test_report_cli(tmp_path):
     assert (args.profile, args.bootstrap, args.out, args.tracking_uri) == ("full", 10, "x", None)
     assert args.sweeps == "main,ablation" and args.msra_protocol == "lineage"
     assert callable(args.func)
+
+
+def test_without_a_cjk_font_figures_fall_back_to_english(index, tmp_path, monkeypatch):
+    """No CJK font: one warning from setup_cjk_font, then English labels, no glyph warnings."""
+    import re
+    import warnings
+
+    import matplotlib.pyplot as plt
+
+    from reports import plots
+
+    monkeypatch.setattr(plots, "CJK_FAMILIES", ())
+    monkeypatch.setattr(plots, "_CJK_FILE_HINTS", ())
+    monkeypatch.setattr(plots, "_CJK", True)
+    monkeypatch.setitem(plt.rcParams, "font.sans-serif", ["DejaVu Sans"])
+    assert plots.setup_cjk_font() is None
+    assert plots.dataset_title("weibo") == "Weibo" and plots.bilingual("消融", "Ablation") == "Ablation"
+    texts: list[str] = []
+    real_save = plots.save
+
+    def save(fig, stem):  # the figure's texts, read before save closes it
+        texts.extend(t.get_text() for t in fig.findobj(lambda a: hasattr(a, "get_text")))
+        return real_save(fig, stem)
+
+    monkeypatch.setattr(plots, "save", save)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        paths = plots.ablation_chart(tables.ablation_table(index, "quick").data, tmp_path / "ablation")
+    assert paths and all(p.stat().st_size > 1000 for p in paths)
+    assert [w for w in caught if "Glyph" in str(w.message)] == []
+    assert any("Ablation" in t for t in texts) and any("Weibo" in t for t in texts)
+    assert not any(re.search("[\u4e00-\u9fff]", t) for t in texts)
