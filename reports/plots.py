@@ -254,6 +254,24 @@ def optuna_figures(storage: str, out_dir: Path) -> list[Path]:
     return paths
 
 
+def study_title(study) -> str:  # noqa: ANN001 - an optuna.Study
+    """``CRENER full on Resume (quick), 20 trials`` from the attributes `crener tune` stores; the
+    study name only for other studies (the default name repeats the project's prefix)."""
+    a = study.user_attrs
+    n = len(study.trials)
+    if {"model", "variant", "dataset", "profile"} <= set(a):
+        from crener import registry
+        from reports.paper import DATASET_LABELS, VARIANT_LABELS
+
+        family = registry.families().get(a["model"])
+        name = family.label if family is not None else a["model"]
+        if a["variant"] != "full":
+            name += f" {VARIANT_LABELS.get(a['variant'], a['variant'])}"
+        what = f"{name} on {DATASET_LABELS.get(a['dataset'], a['dataset'])}"
+        return f"Tuning {what} ({a['profile']}), {n} trials"
+    return f"Optuna study {study.study_name}, {n} trials"
+
+
 def _optuna_plot(study, kind: str, stem: Path) -> list[Path]:
     import warnings
 
@@ -272,5 +290,5 @@ def _optuna_plot(study, kind: str, stem: Path) -> list[Path]:
         plt.close("all")
         return []
     fig = np.atleast_1d(ax)[0].figure
-    fig.suptitle(f"Optuna {study.study_name}")
+    fig.suptitle(study_title(study))
     return save(fig, stem)

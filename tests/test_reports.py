@@ -588,3 +588,18 @@ def test_without_a_cjk_font_figures_fall_back_to_english(index, tmp_path, monkey
     assert [w for w in caught if "Glyph" in str(w.message)] == []
     assert any("Ablation" in t for t in texts) and any("Weibo" in t for t in texts)
     assert not any(re.search("[\u4e00-\u9fff]", t) for t in texts)
+
+
+def test_optuna_figure_titles_name_the_study_once():
+    import optuna
+
+    from reports import plots
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name="crener-crener-no_mlp-resume-quick")
+    for k, v in {"model": "crener", "variant": "no_mlp", "dataset": "resume", "profile": "quick"}.items():
+        study.set_user_attr(k, v)
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    assert plots.study_title(study) == "Tuning CRENER w/o MLP on Resume (quick), 2 trials"
+    other = optuna.create_study(study_name="mine")
+    assert plots.study_title(other) == "Optuna study mine, 0 trials"
