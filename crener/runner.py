@@ -29,6 +29,9 @@ LOCK_DIR_NAME = ".locks"
 SUMMARY_FILE = "summary.json"
 HISTORY_FILE = "history.json"
 ADHOC_SWEEP = "adhoc"
+# Sweeps whose runs a table sweep (main, ablation) claims when it reaches the same key: single
+# `crener train` runs and the encoder ablation's shipped-encoder arm.
+SIDE_SWEEPS = (ADHOC_SWEEP, "encoders")
 
 
 class CellBusy(CrenerError):
@@ -183,7 +186,7 @@ def _owner_sweep(tagged: str | None, requested: str) -> str:
     """The sweep a reused run keeps: the one it was made by, except that a table sweep claims an
     ``adhoc`` run (e.g. from ``crener train``) so the reports, which select runs by their
     ``crener.sweep`` tag, do not miss a cell that was trained before the sweep reached it."""
-    return requested if tagged in (None, ADHOC_SWEEP) else tagged
+    return requested if tagged in (None, *SIDE_SWEEPS) else tagged
 
 
 def _clear(workdir: Path) -> None:
