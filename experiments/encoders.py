@@ -41,6 +41,8 @@ BUILD_DIR = Path(".crener") / "encoders"
 
 
 def register(subparsers: Any) -> None:
+    from experiments.commands import _positive as positive_int
+
     p = subparsers.add_parser(
         "encoders",
         help="encoder ablation: random, vectors only, pretrained only, pretrained + vectors (issue 13)",
@@ -54,7 +56,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--build-dir", default=str(BUILD_DIR), help="where the non-shipped encoders are built")
     p.add_argument("--data-root", default=None)
     p.add_argument("--runs-dir", default=None, help="default: $CRENER_RUNS or runs")
-    p.add_argument("--jobs", type=int, default=1, help="worker processes (as crener reproduce --jobs)")
+    p.add_argument("--jobs", type=positive_int, default=1, help="worker processes (as crener reproduce --jobs)")
     p.add_argument("--no-report", action="store_true")
     p.set_defaults(func=cmd_encoders)
 
