@@ -328,6 +328,13 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.probe:
         return run_probe(args)
     overrides = parse_set(args.overrides)
+    # Every (width, model) the suites will build, resolved once here: a bad --set fails now, in one
+    # message, not as an error row per measurement.
+    for width in args.widths:
+        for model in sorted({"crener", "w2ner", *args.models}):
+            bench_config(width, model, "full", overrides)
+        for variant in args.variants:
+            bench_config(width, "crener", variant, overrides)
     suites = {args.suite} if isinstance(args.suite, str) else set(args.suite)
     set_items = [f"{k}={v}" for k, v in overrides.items()]
     results: dict[str, Any] = {"device": str(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
@@ -360,6 +367,14 @@ def run_bench(args: argparse.Namespace) -> int:
                 results["memory"].append({"width": width, "model": model, "variant": variant, **point})
                 log.info("memory %s %s %s L=%d: %s", width, model, variant, length, point)
     _print(results, args.json)
+    failed = [
+        r for rows in (results["speed"], results["memory"], results["levers"]) for r in rows if "error" in r
+    ]
+    if failed:
+        log.error(
+            "%d measurement(s) failed (error rows above), the first: %s", len(failed), failed[0]["error"]
+        )
+        return 1
     return 0
 
 

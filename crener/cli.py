@@ -66,6 +66,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.error("interrupted")
         return 130
+    except BrokenPipeError:
+        # The reader of the output went away (`crener predict ... | head`): stop without a
+        # traceback, and keep Python's exit-time flush of stdout from failing on the same pipe.
+        _silence_stdout()
+        log.error("the output pipe was closed before crener finished writing (broken pipe); stopped")
+        return BROKEN_PIPE_EXIT
+
+
+BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE, what a shell reports for a command killed by a closed pipe
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (captured in tests)
+        pass
 
 
 if __name__ == "__main__":

@@ -8,14 +8,41 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 from crener import registry
-from crener.config import PROFILES, VARIANTS, build_run_config, parse_set
+from crener.config import MAX_LEN, PROFILES, VARIANTS, build_run_config, parse_set
+from crener.errors import CrenerError
 from crener.workspace import workdir_for
 
 log = logging.getLogger(__name__)
+
+# Width presets of `crener bench` (crener.bench.WIDTHS, which imports torch; tests/test_cli_errors.py
+# checks the two agree).
+BENCH_WIDTHS = ("quick", "paper")
+
+
+def _int_at_least(low: int, high: int | None = None):
+    """An argparse type: an integer in ``[low, high]``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            bound = f"between {low} and {high}" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"expected an integer {bound}, got {text!r}")
+        return value
+
+    parse.__name__ = "integer"  # argparse names the type in its messages
+    return parse
+
+
+non_negative_int = _int_at_least(0)
+positive_int = _int_at_least(1)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="crener", choices=registry.names())
     p.add_argument("--variant", default="full", choices=list(VARIANTS))
     p.add_argument("--profile", default="quick", choices=list(PROFILES))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0, help="run seed (>= 0)")
     p.add_argument(
         "--encoder", help="from_pretrained name or path (default: the profile's, usually embedded)"
     )
@@ -41,7 +68,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     which.add_argument("--checkpoint", help="a best.pt / last.pt written by crener train")
     which.add_argument("--run-id", help="an MLflow run of a finished cell: its best checkpoint")
     p.add_argument("--dataset", help="default: the dataset the checkpoint was trained on")
-    p.add_argument("--split", default="test", choices=["train", "dev", "test"])
+    p.add_argument("--split", default="test", choices=["train", "dev", "test"],
+                   help="test is scored on the checkpoint profile's fixed sample (data.test_limit), as "
+                        "training reported it, unless --whole-split; the JSON says how many sentences "
+                        "were scored (sentences, split_sentences) and whether they are a sample")  # fmt: skip
+    p.add_argument("--whole-split", action="store_true", help="score every sentence of the split")
     p.add_argument("--data-root")
     p.set_defaults(func=cmd_evaluate)
 
@@ -49,21 +80,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("input", nargs="?", default="-", help="text file, CoNLL file, or - for stdin")
     p.add_argument("--format", default="auto", choices=["auto", "text", "conll"])
-    p.add_argument("--output", "-o", default="-")
+    p.add_argument(
+        "--output", "-o", default="-", help="JSON lines file (its folder must exist), or - for stdout"
+    )
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("bench", help="training/inference speed and peak memory against sentence length")
     p.add_argument("--suite", nargs="+", default=["model"], choices=["model", "memory", "w2ner", "levers", "all"],
                    help="model: every variant's speed; w2ner: W2NER's; levers: each speed lever on/off, "
                         "one process per point with its peak memory; memory: peak memory against length")  # fmt: skip
+    p.add_argument("--models", nargs="+", default=["w2ner", "crener"], choices=registry.names(),
+                   metavar="MODEL", help="models of the levers and memory suites")  # fmt: skip
+    p.add_argument("--widths", nargs="+", default=list(BENCH_WIDTHS), choices=BENCH_WIDTHS,
+                   help="width presets to measure")  # fmt: skip
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="VARIANT")
+    p.add_argument("--lengths", nargs="+", type=_int_at_least(4, MAX_LEN), default=[32, 64, 128, 256, 510],
+                   help=f"sentence lengths of the memory suite (4 to {MAX_LEN} characters)")  # fmt: skip
     p.add_argument(
-        "--models", nargs="+", default=["w2ner", "crener"], help="models of the levers and memory suites"
+        "--sentences", type=positive_int, default=96, help="Resume training sentences per measurement"
     )
-    p.add_argument("--widths", nargs="+", default=["quick", "paper"], help="width presets to measure")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS))
-    p.add_argument("--lengths", nargs="+", type=int, default=[32, 64, 128, 256, 510])
-    p.add_argument("--sentences", type=int, default=96, help="Resume training sentences per measurement")
-    p.add_argument("--batch", type=int, default=1, help="sentences of each length in a memory probe")
+    p.add_argument("--batch", type=positive_int, default=1, help="sentences of each length in a memory probe")
     p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE")
     p.add_argument("--json", action="store_true", help="one JSON object instead of tables")
     # Internal: one point measured in a fresh process the suites start (crener.bench.probe_command).
@@ -95,6 +131,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from crener.data.datasets import get_spec
+
+    get_spec(args.dataset)  # an unknown dataset fails here, before any run or workdir exists
     overrides = parse_set(args.overrides)
     if args.encoder:
         overrides["model.encoder"] = args.encoder
@@ -127,6 +166,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.dataset:
+        from crener.data.datasets import get_spec
+
+        get_spec(args.dataset)  # before loading anything
     from crener.inference import evaluate_checkpoint
 
     checkpoint = args.checkpoint
@@ -134,23 +177,48 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from crener.tracking import Tracker
 
         checkpoint = Tracker().checkpoint_of(args.run_id)
-    result = evaluate_checkpoint(checkpoint, dataset=args.dataset, split=args.split, data_root=args.data_root)
+    result = evaluate_checkpoint(
+        checkpoint, dataset=args.dataset, split=args.split, data_root=args.data_root,
+        whole_split=args.whole_split,
+    )  # fmt: skip
     sys.stdout.write(json.dumps(result, ensure_ascii=False) + "\n")
     return 0
+
+
+def check_output_file(path: Path) -> None:
+    """Refuse, before any work, an output file that cannot be written."""
+    if path.is_dir():
+        raise CrenerError(
+            f"--output {path} is a folder: name a file in it, e.g. {path / 'predictions.jsonl'}"
+        )
+    folder = path.parent
+    if not folder.is_dir():
+        raise CrenerError(
+            f"--output {path}: folder {folder} does not exist; create it first (mkdir -p {folder})"
+        )
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise CrenerError(f"--output {path}: no permission to write there")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from crener.inference import Predictor, read_inputs
 
+    out_path = None if args.output == "-" else Path(args.output)
+    if out_path is not None:
+        check_output_file(out_path)
+    sentences = read_inputs(args.input, args.format)  # input mistakes before the checkpoint loads
     predictor = Predictor.from_checkpoint(args.checkpoint)
-    sentences = read_inputs(args.input, args.format)
-    out = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")  # noqa: SIM115
+    lines = [json.dumps(record, ensure_ascii=False) + "\n" for record in predictor.predict(sentences)]
+    if out_path is None:
+        for line in lines:
+            sys.stdout.write(line)
+        sys.stdout.flush()  # a closed pipe (| head) shows here, inside crener.cli's handling
+        return 0
     try:
-        for record in predictor.predict(sentences):
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
-    finally:
-        if out is not sys.stdout:
-            out.close()
+        with open(out_path, "w", encoding="utf-8") as out:
+            out.writelines(lines)
+    except OSError as exc:
+        raise CrenerError(f"cannot write --output {out_path}: {exc.strerror or exc}") from exc
     return 0
 
 

@@ -10,15 +10,31 @@ Values that come from the data (the number of labels, the vocabulary) are argume
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from crener import registry
+from crener.errors import ConfigError
+
+# Validation limits (no field or default is defined here).
+# crener.encoder.MAX_POSITIONS: the position table of every character encoder crener builds or loads
+# (BERT's 512); [CLS] and [SEP] take two, so a piece of a sentence holds at most 510 characters.
+ENCODER_POSITIONS = 512
+MIN_LEN, MAX_LEN = 8, ENCODER_POSITIONS - 2  # bounds of data.max_len
+# Widths, depths, head counts and caps that must be >= 1.
+POSITIVE_MODEL_FIELDS = (
+    "embedded_hidden", "embedded_layers", "embedded_heads", "embedded_ff", "hidden", "tf_layers",
+    "tf_heads", "tf_ff", "dist_dim", "region_dim", "attn_dim", "conv_channels", "tag_dim", "enh_heads",
+    "biaffine_dim", "ffn_dim", "max_paths", "lstm_hidden",
+)  # fmt: skip
+DROPOUT_FIELDS = ("emb_dropout", "tf_dropout", "conv_dropout", "enh_dropout", "out_dropout")
 
 
 @dataclass(frozen=True)
@@ -116,40 +132,54 @@ class ModelConfig:
         _check_choice("model.loss", self.loss, ("zlpr", "ce"))
         _check_choice("model.ht_mode", self.ht_mode, ("union", "intersect", "thc_only"))
         _check_choice("model.link_mode", self.link_mode, ("and", "nnc_only", "or"))
+        _check_positive("model", self, POSITIVE_MODEL_FIELDS)
+        for name in DROPOUT_FIELDS:
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"model.{name}={getattr(self, name)!r}: a dropout must be in [0, 1)")
         check = registry.get(self.name).check
         if check is not None:
             check(self)
         if self.context == "transformer" and self.hidden % self.tf_heads:
-            raise ValueError(f"hidden={self.hidden} is not divisible by tf_heads={self.tf_heads}")
+            raise ConfigError(
+                f"model.hidden={self.hidden} is not divisible by model.tf_heads={self.tf_heads}"
+            )
         if self.use_relation_enhancement and self.hidden % self.enh_heads:
-            raise ValueError(f"hidden={self.hidden} is not divisible by enh_heads={self.enh_heads}")
+            raise ConfigError(
+                f"model.hidden={self.hidden} is not divisible by model.enh_heads={self.enh_heads}"
+            )
         if self.embedded_hidden % self.embedded_heads:
-            raise ValueError("embedded_hidden must be divisible by embedded_heads")
+            raise ConfigError(
+                f"model.embedded_hidden={self.embedded_hidden} is not divisible by "
+                f"model.embedded_heads={self.embedded_heads}"
+            )
         if not self.dilations or any(d < 1 for d in self.dilations):
-            raise ValueError("dilations must be positive integers")
+            raise ConfigError(f"model.dilations={self.dilations}: dilations must be positive integers")
 
 
 def check_grid_fields(m: ModelConfig) -> None:
     """The combinations a grid model (CRENER, W2NER) cannot build; their families' ``check``."""
     if not (m.use_biaffine or m.use_grid_mlp):
-        raise ValueError("use_biaffine and use_grid_mlp cannot both be false: no predictor left")
+        raise ConfigError(
+            "model.use_biaffine and model.use_grid_mlp cannot both be false: no predictor left "
+            "(set one of them to true, or use variant no_biaffine / no_mlp)"
+        )
     if m.attn_matrix == "transformer_probs" and m.context != "transformer":
-        raise ValueError(
-            "attn_matrix=transformer_probs needs context=transformer; "
+        raise ConfigError(
+            "model.attn_matrix=transformer_probs needs model.context=transformer; "
             "set model.attn_matrix=none when the adapted Transformer is removed"
         )
     if m.loss == "ce" and m.tag_scheme != "w2ner":
-        raise ValueError("loss=ce is single-label and only fits tag_scheme=w2ner (§2.6)")
+        raise ConfigError("model.loss=ce is single-label and only fits model.tag_scheme=w2ner (§2.6)")
     if m.rounds < 1:
-        raise ValueError("model.rounds must be >= 1")
+        raise ConfigError("model.rounds must be >= 1")
     if m.use_relation_enhancement and m.rounds < 2:
-        raise ValueError("relation enhancement needs rounds >= 2 (one feedback at least)")
+        raise ConfigError("relation enhancement needs model.rounds >= 2 (one feedback at least)")
     if not m.use_relation_enhancement and m.rounds != 1:
-        raise ValueError("without relation enhancement the conv module runs once: set rounds=1")
+        raise ConfigError("without relation enhancement the conv module runs once: set model.rounds=1")
     if m.biaffine_input == "enhanced" and not m.use_relation_enhancement:
-        raise ValueError("biaffine_input=enhanced needs use_relation_enhancement")
+        raise ConfigError("model.biaffine_input=enhanced needs model.use_relation_enhancement=true")
     if m.tag_scheme == "w2ner" and m.ht_mode != "union":
-        raise ValueError("the W2NER scheme has THW only: leave ht_mode=union")
+        raise ConfigError("the W2NER scheme has THW only: leave model.ht_mode=union")
 
 
 @dataclass(frozen=True)
@@ -167,8 +197,15 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check_choice("data.msra_protocol", self.msra_protocol, ("lineage", "clean"))
-        if self.max_len < 8:
-            raise ValueError("data.max_len must be at least 8")
+        if not MIN_LEN <= self.max_len <= MAX_LEN:
+            raise ConfigError(
+                f"data.max_len={self.max_len}: must be between {MIN_LEN} and {MAX_LEN} characters "
+                f"(the character encoder reads at most {MAX_LEN}: {ENCODER_POSITIONS} positions less "
+                "[CLS] and [SEP]; longer sentences are cut into pieces of max_len)"
+            )
+        for name in ("train_limit", "eval_limit", "test_limit"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"data.{name}={getattr(self, name)}: must be >= 0 (0 = no limit)")
 
 
 @dataclass(frozen=True)
@@ -205,11 +242,30 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
-            raise ValueError("train.epochs must be >= 1")
+            raise ConfigError(f"train.epochs={self.epochs}: must be >= 1")
         if self.batch_size < 1:
-            raise ValueError("train.batch_size must be >= 1")
+            raise ConfigError(f"train.batch_size={self.batch_size}: must be >= 1")
         if self.unk_alpha < 0 or self.eval_every < 0:
-            raise ValueError("train.unk_alpha and train.eval_every must be >= 0")
+            raise ConfigError("train.unk_alpha and train.eval_every must be >= 0")
+        if self.seed < 0:
+            raise ConfigError(f"train.seed={self.seed}: a seed must be >= 0")
+        for name in ("max_cells", "max_steps", "threads"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}={getattr(self, name)}: must be >= 0 (0 = off)")
+        if self.eval_max_cells < 1:
+            raise ConfigError(f"train.eval_max_cells={self.eval_max_cells}: must be >= 1")
+        if not self.lr > 0 or not self.encoder_lr >= 0:
+            raise ConfigError(
+                f"train.lr={self.lr} must be > 0 and train.encoder_lr={self.encoder_lr} >= 0 "
+                "(0 freezes the encoder)"
+            )
+        if not re.fullmatch(r"auto|cpu|mps|(cuda|xpu)(:\d+)?", self.device):
+            raise ConfigError(f"train.device={self.device!r} is not one of auto, cpu, cuda, cuda:N, mps")
+        if self.weight_decay < 0 or not self.clip > 0 or not 0 <= self.warmup <= 1:
+            raise ConfigError(
+                f"train.weight_decay={self.weight_decay} must be >= 0, train.clip={self.clip} > 0 "
+                f"and train.warmup={self.warmup} in [0, 1]"
+            )
 
 
 @dataclass(frozen=True)
@@ -250,20 +306,27 @@ class RunConfig:
                 continue
             section, _, name = key.partition(".")
             if section not in sections:
-                raise KeyError(f"unknown config key {key!r} (expected model.*, data.*, train.*)")
+                raise ConfigError(f"unknown config key {key!r} (expected model.*, data.*, train.*)")
             cls_ = type(getattr(self, section))
             hints = _type_hints(cls_)
             if name not in hints:
                 known = ", ".join(f.name for f in dataclasses.fields(cls_))
-                raise KeyError(f"unknown config key {key!r}; {section} has: {known}")
+                close = difflib.get_close_matches(name, list(hints), n=1)
+                hint = f"did you mean {section}.{close[0]}? " if close else ""
+                raise ConfigError(f"unknown config key {key!r}; {hint}{section} has: {known}")
             sections[section][name] = _coerce(value, hints[name], key)
-        return dataclasses.replace(
-            self,
-            model=dataclasses.replace(self.model, **sections["model"]),
-            data=dataclasses.replace(self.data, **sections["data"]),
-            train=dataclasses.replace(self.train, **sections["train"]),
-            **top,
-        )
+        try:
+            return dataclasses.replace(
+                self,
+                model=dataclasses.replace(self.model, **sections["model"]),
+                data=dataclasses.replace(self.data, **sections["data"]),
+                train=dataclasses.replace(self.train, **sections["train"]),
+                **top,
+            )
+        except ConfigError:
+            raise
+        except (KeyError, ValueError, TypeError) as exc:  # a family's own check
+            raise ConfigError(str(exc.args[0]) if exc.args else repr(exc)) from exc
 
     def identity(self) -> dict[str, Any]:
         """The fields that tell this run's experiment apart, ``{"model.hidden": 64, ...}``.
@@ -542,13 +605,16 @@ def build_run_config(
     per-dataset rule <- overrides. The variant comes after the profile so a profile can never
     silently undo an ablation.
     """
-    family = registry.get(model)  # KeyError for an unknown model
+    try:
+        family = registry.get(model)
+    except KeyError as exc:
+        raise ConfigError(str(exc.args[0])) from None
     if variant not in VARIANTS:
-        raise KeyError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+        raise ConfigError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
     if profile not in PROFILES:
-        raise KeyError(f"unknown profile {profile!r}; choose from {', '.join(PROFILES)}")
+        raise ConfigError(f"unknown profile {profile!r}; choose from {', '.join(PROFILES)}")
     if model != "crener" and variant != "full":
-        raise ValueError(f"variants are ablations of CRENER; model {model!r} takes variant=full")
+        raise ConfigError(f"variants are ablations of CRENER; model {model!r} takes variant=full")
     flat: dict[str, Any] = {"model.name": model, **family.defaults}
     flat.update(PROFILES[profile])
     flat.update(VARIANTS[variant])
@@ -575,8 +641,8 @@ def parse_set(items: list[str] | None) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects key=value, got {item!r}")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects KEY=VALUE (e.g. --set model.hidden=64), got {item!r}")
         out[key.strip()] = value.strip()
     return out
 
@@ -589,17 +655,39 @@ def _type_hints(cls: type) -> dict[str, Any]:
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(choices)}")
+
+
+def _check_positive(section: str, obj: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value < 1:
+            raise ConfigError(f"{section}.{name}={value}: must be a positive integer (>= 1)")
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Turn a CLI or MLflow string into the field's declared type."""
+    """Turn a CLI or MLflow string into the field's declared type (:class:`ConfigError` if it is
+    not one)."""
+    try:
+        return _coerce_value(value, hint, key)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, OverflowError):
+        kind = {int: "an integer", float: "a number", bool: "a boolean"}.get(hint)
+        if typing.get_origin(hint) is tuple:
+            kind = "integers separated by commas, e.g. 1,2,3"
+        raise ConfigError(
+            f"{key}: expected {kind or 'a value of type ' + str(hint)}, got {value!r}"
+        ) from None
+
+
+def _coerce_value(value: Any, hint: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         if value is None or (isinstance(value, str) and value in ("None", "none", "")):
             return None
-        return _coerce(value, args[0], key)
+        return _coerce_value(value, args[0], key)
     if origin is tuple:
         if isinstance(value, str):
             value = [v for v in value.strip("()[] ").replace(" ", "").split(",") if v]
@@ -612,10 +700,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return True
         if text in ("false", "0", "no", "off"):
             return False
-        raise ValueError(f"{key}: expected a boolean, got {value!r}")
+        raise ConfigError(f"{key}: expected a boolean (true/false), got {value!r}")
     if hint is int:
         if isinstance(value, bool):
-            raise ValueError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
     if hint is float:
         return float(value)

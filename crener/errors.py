@@ -21,3 +21,16 @@ class DataError(CrenerError, ValueError):
 
 class CheckpointError(CrenerError):
     """A checkpoint or encoder that is missing or cannot be loaded."""
+
+
+class ConfigError(CrenerError, KeyError, ValueError):
+    """An invalid configuration: an unknown key, a value of the wrong type, a value out of range
+    or a combination that cannot be built. It is a ``KeyError`` and a ``ValueError`` too, so code
+    that caught those (unknown keys, bad values) keeps working."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class StoreError(CrenerError):
+    """A tracking store (MLflow) or study storage (Optuna) that cannot be reached or opened."""

@@ -53,17 +53,40 @@ def load_for_inference(path: str | Path, device: str = "cpu") -> Loaded:
 
 
 def evaluate_checkpoint(path: str | Path, *, dataset: str | None = None, split: str = "test",
-                        data_root: str | None = None) -> dict[str, Any]:  # fmt: skip
-    from crener.data.datasets import load_dataset
+                        data_root: str | None = None, whole_split: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Scores of the checkpoint on ``split``. Test (and MSRA's lineage dev, which is test) is
+    scored on the checkpoint profile's fixed sample (``data.test_limit``), the sentences its
+    training run reported, unless ``whole_split``; train and dev always whole. The result says
+    how many sentences were scored (``sentences``), of how many (``split_sentences``), and
+    whether they are a ``sample``."""
+    from crener.data.datasets import get_spec, load_dataset
 
     loaded = load_for_inference(path)
     cfg = loaded.cfg
+    name = dataset or cfg.data.dataset
+    # The sample applies to test, and to a dev that is test (no dev split, lineage protocol).
+    sampled = split == "test" or (
+        split == "dev" and "dev" not in get_spec(name).files and cfg.data.msra_protocol == "lineage"
+    )
     data_cfg = dataclasses.replace(
-        cfg.data, dataset=dataset or cfg.data.dataset, data_root=data_root or cfg.data.data_root,
-        train_limit=0, eval_limit=0,
+        cfg.data, dataset=name, data_root=data_root or cfg.data.data_root,
+        train_limit=0, eval_limit=0, test_limit=cfg.data.test_limit if sampled and not whole_split else 0,
     )  # fmt: skip
     data = load_dataset(data_cfg, seed=cfg.train.seed)
-    unknown = {e.type for s in getattr(data, split) for e in s.entities} - set(loaded.types)
+    sentences = getattr(data, split)
+    total = len(sentences)
+    if data_cfg.test_limit > 0:  # the same split, unsampled (files are read once per process)
+        total = len(
+            getattr(load_dataset(dataclasses.replace(data_cfg, test_limit=0), seed=cfg.train.seed), split)
+        )
+    sample = len(sentences) < total
+    if sample:
+        log.info(
+            "scoring %d of %d %s sentences: the fixed sample (data.test_limit=%d) the checkpoint's "
+            "profile scores; --whole-split scores them all",
+            len(sentences), total, split, data_cfg.test_limit,
+        )  # fmt: skip
+    unknown = {e.type for s in sentences for e in s.entities} - set(loaded.types)
     if unknown:  # types come from train + dev; the model cannot predict these: scored as misses
         log.warning(
             "split %s of %s has types the checkpoint never saw (counted as misses): %s",
@@ -71,14 +94,26 @@ def evaluate_checkpoint(path: str | Path, *, dataset: str | None = None, split: 
         )  # fmt: skip
     device = resolve_device("auto")
     loaded.model.to(device)
-    ev = build_split(split, getattr(data, split), cfg.data.max_len, loaded.task, loaded.tokenizer)
+    ev = build_split(split, sentences, cfg.data.max_len, loaded.task, loaded.tokenizer)
     scores, _ = evaluate(loaded.model, loaded.task, ev, device, cfg, loaded.shift)
-    return {"checkpoint": str(path), "dataset": data_cfg.dataset, "split": split, **scores.to_dict()}
+    return {
+        "checkpoint": str(path), "dataset": data_cfg.dataset, "split": split,
+        "sentences": len(sentences), "split_sentences": total, "sample": sample, **scores.to_dict(),
+    }  # fmt: skip
+
+
+TEXT_HINT = "if it is plain text (one sentence a line), pass --format text"
 
 
 def read_inputs(source: str, fmt: str = "auto") -> list[Sentence]:
     """Raw text (one sentence a line, any length) or a CoNLL file (gold tags are ignored)."""
     if source == "-":
+        if sys.stdin is None or sys.stdin.isatty():
+            # Nothing is piped in: reading the terminal would wait, silently, for typed text.
+            raise DataError(
+                "no input: pass a text or CoNLL file (crener predict --checkpoint C input.txt), "
+                "or pipe text in (echo 张三在北京工作 | crener predict --checkpoint C)"
+            )
         text, name = sys.stdin.read(), "<stdin>"
     else:
         p = Path(source)
@@ -90,13 +125,31 @@ def read_inputs(source: str, fmt: str = "auto") -> list[Sentence]:
             raise DataError(f"not UTF-8 ({exc.reason} at byte {exc.start})", path=source) from exc
     lines = text.splitlines()
     looks_conll = all(len(ln.split()) == 2 and len(ln.split()[0]) == 1 for ln in lines if ln.strip())
-    if fmt == "conll" or (fmt == "auto" and looks_conll and any(ln.strip() for ln in lines)):
+    guessed = fmt == "auto" and looks_conll and any(ln.strip() for ln in lines)
+    if fmt == "conll" or guessed:
         from crener.data.readers import read_conll
 
         if source == "-":
-            raise DataError("CoNLL input must be a file, not stdin")
-        return list(read_conll(source).sentences)
-    return [Sentence(tuple(ln), (), name, i) for i, ln in enumerate(lines, 1) if ln.strip()]
+            raise DataError("CoNLL input must be a file, not stdin" + (f"; {TEXT_HINT}" if guessed else ""))
+        try:
+            sentences = list(read_conll(source).sentences)
+        except DataError as exc:
+            if guessed:
+                raise DataError(
+                    f"{exc}; read as CoNLL because every line looks like 'character tag': {TEXT_HINT}"
+                ) from exc
+            raise
+        if guessed:
+            log.warning(
+                "%s looks like CoNLL (every line is a character and a tag): read as CoNLL, "
+                "sentences separated by blank lines, tags ignored; %s",
+                name, TEXT_HINT,
+            )  # fmt: skip
+        return sentences
+    sentences = [Sentence(tuple(ln), (), name, i) for i, ln in enumerate(lines, 1) if ln.strip()]
+    if not sentences:
+        log.warning("%s has no text to tag (no non-blank line)", name)
+    return sentences
 
 
 class Predictor:

@@ -26,8 +26,11 @@ import json
 import logging
 import math
 import os
+import socket
+import sqlite3
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +42,8 @@ from mlflow.tracking import MlflowClient
 
 from crener.config import KEY_SCHEMA, RunConfig
 from crener.data.digest import dataset_digest
-from crener.workspace import artifact_root, git_commit, sqlite_path, tracking_uri
+from crener.errors import StoreError
+from crener.workspace import TRACKING_URI_ENV, artifact_root, git_commit, sqlite_path, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +169,77 @@ def _retry_locked(fn: Callable[[], T]) -> T:
     raise AssertionError("unreachable")
 
 
+# --------------------------------------------------------------------------- reachability
+
+# MLflow retries a store it cannot open for minutes (SQLAlchemy: 15 attempts with exponential
+# back-off; HTTP: 7 retries with back-off factor 2), so a wrong store is checked once, up front.
+STORE_PROBE_TIMEOUT_S = 5.0
+# Default ports of the store schemes probed with a TCP connect (``postgresql+psycopg2`` -> postgresql).
+STORE_PORTS = {"http": 80, "https": 443, "postgresql": 5432, "mysql": 3306, "mssql": 1433}
+
+
+def masked_uri(uri: str) -> str:
+    """``uri`` with any password masked, for messages."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def check_store(uri: str) -> None:
+    """Raise :class:`~crener.errors.StoreError` within seconds if the tracking store ``uri`` cannot
+    be used: a SQLite file in a missing or read-only folder, or not a database; a server (http,
+    https, postgresql, mysql, mssql) where nothing accepts a connection. Other stores pass."""
+    how = f"set {TRACKING_URI_ENV} to a reachable store, or unset it for ./mlflow.db"
+    db = sqlite_path(uri)
+    if db is not None:
+        where = f"MLflow store {uri}"
+        if db.is_dir():
+            raise StoreError(f"{where}: {db} is a folder, not a database file; {how}")
+        if not db.parent.is_dir():
+            raise StoreError(f"{where}: folder {db.parent} does not exist; create it, or {how}")
+        try:  # the store, its journal and the lock beside it are new files in that folder
+            tempfile.TemporaryFile(dir=db.parent).close()
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise StoreError(f"{where}: cannot create files in {db.parent} ({reason}); {how}") from None
+        if not db.exists():  # MLflow creates it
+            return
+        if not os.access(db, os.R_OK):
+            raise StoreError(f"{where}: {db} is not readable; {how}")
+        try:
+            con = sqlite3.connect(str(db), timeout=STORE_PROBE_TIMEOUT_S)
+            try:
+                con.execute("PRAGMA schema_version").fetchone()
+            finally:
+                con.close()
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc).lower():  # another worker is writing: the store is fine
+                return
+            raise StoreError(f"{where}: cannot open {db} ({exc}); {how}") from None
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{where}: {db} is not an SQLite database ({exc}); {how}") from None
+        return
+    parts = urllib.parse.urlsplit(uri)
+    scheme = parts.scheme.split("+", 1)[0].lower()
+    if scheme not in STORE_PORTS:
+        return
+    try:
+        host, port = parts.hostname, parts.port or STORE_PORTS[scheme]
+    except ValueError as exc:  # a port that is not a number
+        raise StoreError(f"MLflow store {masked_uri(uri)}: {exc}; {how}") from None
+    if not host:
+        raise StoreError(f"MLflow store {masked_uri(uri)} names no host; {how}")
+    try:
+        socket.create_connection((host, port), timeout=STORE_PROBE_TIMEOUT_S).close()
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise StoreError(
+            f"cannot reach the MLflow store {masked_uri(uri)} ({host}:{port}: {reason}); start that server, or {how}"
+        ) from None
+
+
 # --------------------------------------------------------------------------- runs
 
 
@@ -204,6 +279,7 @@ class Tracker:
 
     def __init__(self, uri: str | None = None):
         self.uri = uri or tracking_uri()
+        check_store(self.uri)  # fail in seconds, not after MLflow's minutes of retries
         db = sqlite_path(self.uri)
         if db is None:
             self.client = MlflowClient(tracking_uri=self.uri)

@@ -267,15 +267,20 @@ def _register_tune(subparsers: Any) -> None:
     p.add_argument("--model", default="crener", choices=registry.names())
     p.add_argument("--variant", default="full", choices=list(VARIANTS))
     p.add_argument("--profile", default="quick", choices=list(PROFILES))
-    p.add_argument("--trials", type=int, required=True, help="trials run by this process")
+    p.add_argument("--trials", type=_positive, required=True, help="trials run by this process (>= 1)")
     p.add_argument(
         "--storage",
         help=f"Optuna storage URL (default {OPTUNA_STORAGE}; postgresql://... to scale out)",
     )
     p.add_argument("--study-name", help="default crener-{model}-{variant}-{dataset}-{profile}")
-    p.add_argument("--timeout", type=float, metavar="S", help="stop starting trials after S seconds")
     p.add_argument(
-        "--seed", type=int, default=0, help="sampler seed (give concurrent workers different ones)"
+        "--timeout", type=_positive_seconds, metavar="S", help="stop starting trials after S seconds (> 0)"
+    )
+    p.add_argument(
+        "--seed",
+        type=_non_negative,
+        default=0,
+        help="sampler seed >= 0 (give concurrent workers different ones)",
     )
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="fixed override for every trial"
@@ -286,10 +291,33 @@ def _register_tune(subparsers: Any) -> None:
     p.set_defaults(func=cmd_tune)
 
 
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:  # also NaN; inf is allowed (no limit)
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
+    from crener.data.datasets import get_spec
+
+    get_spec(args.dataset)  # an unknown dataset fails before the study or any run is created
+    sets = parse_set(args.set)
     from experiments.tune import export_best, tune
 
-    sets = parse_set(args.set)
     study = tune(
         dataset=args.dataset,
         trials=args.trials,
@@ -312,23 +340,72 @@ def cmd_tune(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- ui
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number from 1 to 65535, got {text!r}")
+    return value
+
+
 def _register_ui(subparsers: Any) -> None:
-    p = subparsers.add_parser("ui", help="MLflow UI on the tracking store (127.0.0.1, one worker)")
-    p.add_argument("--port", type=int, default=DEFAULT_UI_PORT)
+    p = subparsers.add_parser(
+        "ui",
+        help="MLflow UI on the tracking store (127.0.0.1, one worker)",
+        description="Serve the MLflow UI on the tracking store. MLflow answers only browsers that "
+        "address it as localhost or by a private IP address (10.*, 172.16-31.*, 192.168.*); to open "
+        "it by another name (e.g. with --host 0.0.0.0 on a server), list that name in --allowed-hosts.",
+    )
+    p.add_argument(
+        "--port", type=_port, default=DEFAULT_UI_PORT, help=f"port (default {DEFAULT_UI_PORT}); must be free"
+    )
     p.add_argument("--host", default=LOOPBACK, help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument(
+        "--allowed-hosts",
+        metavar="NAMES",
+        help="comma-separated host names (host or host:port; wildcards like *.example.org) a browser "
+        "may use to reach the UI besides localhost and private IPs; passed to `mlflow ui "
+        "--allowed-hosts` (MLflow's guard against DNS rebinding)",
+    )
     p.set_defaults(func=cmd_ui)
 
 
-def ui_command(uri: str, host: str, port: int) -> list[str]:
+def ui_command(uri: str, host: str, port: int, allowed_hosts: str | None = None) -> list[str]:
     """The ``mlflow ui`` command line for store ``uri`` (artifacts beside a SQLite store)."""
     from crener.workspace import ARTIFACT_DIR_NAME, sqlite_path
 
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri]
     cmd += ["--host", host, "--port", str(port), "--workers", "1"]
+    if allowed_hosts:
+        cmd += ["--allowed-hosts", allowed_hosts]
     db = sqlite_path(uri)
     if db is not None:
         cmd += ["--artifacts-destination", str(db.parent / ARTIFACT_DIR_NAME)]
     return cmd
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse (:class:`CrenerError`) a host that does not resolve or a port already in use there;
+    MLflow itself logs the failure and exits 0."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise CrenerError(f"--host {host}: cannot resolve it ({exc.strerror})") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise CrenerError(
+                f"cannot serve on {host}:{port} ({exc.strerror or exc}): another program (an MLflow UI "
+                "already running?) holds the port, or the address is not this machine's; pass --port N "
+                "with a free port, or another --host"
+            ) from None
 
 
 def _crener_experiments(uri: str) -> list[tuple[str, str]]:
@@ -348,18 +425,25 @@ def cmd_ui(args: argparse.Namespace) -> int:
     uri = tracking_uri()
     if uri.startswith(("http://", "https://")):
         raise CrenerError(f"MLFLOW_TRACKING_URI={uri} is already a server: open it in a browser")
+    check_port_free(args.host, args.port)
     try:
-        if not ipaddress.ip_address(args.host).is_loopback:
-            log.warning("binding %s exposes the UI (no authentication) beyond this machine", args.host)
+        exposed = not ipaddress.ip_address(args.host).is_loopback
     except ValueError:
-        log.warning("binding host name %s: make sure that is intended", args.host)
+        exposed = args.host != "localhost"
+    if exposed:
+        log.warning("binding %s exposes the UI (no authentication) beyond this machine", args.host)
+        if not args.allowed_hosts:
+            log.warning(
+                "MLflow answers only browsers that address it as localhost or by a private IP; "
+                "to open it by another name, pass --allowed-hosts NAME[,NAME...]"
+            )
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     base = f"http://{shown}:{args.port}"
     log.info("MLflow UI at %s (store %s); Ctrl-C stops it", base, uri)
     # MLflow 3 opens an experiment on its GenAI overview; these links go straight to the runs.
     for name, exp_id in _crener_experiments(uri):
         log.info("  %-28s %s/#/experiments/%s/runs", name, base, exp_id)
-    cmd = ui_command(uri, args.host, args.port)
+    cmd = ui_command(uri, args.host, args.port, args.allowed_hosts)
     # Become the server (no wrapper process left behind): signals reach mlflow directly.
     os.execv(cmd[0], cmd)
     return 0  # not reached

@@ -28,8 +28,8 @@ import optuna
 
 from crener import registry
 from crener.config import RunConfig, build_run_config
-from crener.errors import CrenerError
-from crener.tracking import RunLogger, Tracker, experiment_name, file_lock
+from crener.errors import CrenerError, StoreError
+from crener.tracking import RunLogger, Tracker, experiment_name, file_lock, masked_uri
 from crener.workspace import OPTUNA_STORAGE, resolve_runs_dir, sqlite_path
 from experiments.sweeps import IDENTITY_KEYS, format_toml_value
 
@@ -92,6 +92,23 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         return optuna.storages.RDBStorage(url)
     with file_lock(db.with_name(db.name + ".init.lock")):
         return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": SQLITE_TIMEOUT_S}})
+
+
+def _open_storage_or_explain(url: str) -> optuna.storages.BaseStorage:
+    """:func:`open_storage`, with a URL it cannot open refused in one message (no traceback)."""
+    import sqlalchemy.exc
+
+    db = sqlite_path(url)
+    if db is not None and not db.parent.is_dir():
+        raise StoreError(f"--storage {url}: folder {db.parent} does not exist; create it first")
+    try:
+        return open_storage(url)
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StoreError(
+            f"cannot open the Optuna storage {masked_uri(url)!r} ({reason}); pass --storage sqlite:///PATH.db "
+            "or a reachable postgresql:// or mysql:// URL"
+        ) from None
 
 
 class TrialCallback:
@@ -200,7 +217,7 @@ def tune(
         raise CrenerError(str(exc)) from exc
     base = _clean_dev_protocol(base, dataset, sets or {})
     name = study_name or default_study_name(model, variant, dataset, profile)
-    store = open_storage(storage or OPTUNA_STORAGE)
+    store = _open_storage_or_explain(storage or OPTUNA_STORAGE)
     offset = _trials_so_far(store, name)
     study = optuna.create_study(
         study_name=name,
