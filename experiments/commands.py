@@ -116,7 +116,7 @@ def spawn_jobs(argv: list[str], jobs: int, sets: list[str]) -> int:
     copy that reaches it; the others pass it by and find it finished at the end, so the cells
     spread over the copies as they free up, however uneven their costs. The CPU threads are split
     between them: small grid steps are bound by per-op overhead, which a second process hides
-    better than a second thread (figures: README, Reproducing the paper). The worst exit status."""
+    better than a second thread (figures: README, Reproduce Tables 2-6). The worst exit status."""
     import subprocess
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
