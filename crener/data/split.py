@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from crener.config import MAX_LEN  # the longest piece an encoder reads
 from crener.data.schema import Entity, Sentence
 from crener.errors import DataError
 
@@ -63,7 +64,9 @@ def split_sentence(sentence: Sentence, max_len: int, index: int = 0) -> list[Chu
             raise DataError(
                 f"sentence {index} ({n} characters) cannot be cut into pieces of at most {max_len}: "
                 f"entity {longest.type} {longest.text(chars)!r} spans characters "
-                f"{longest.start}..{longest.end - 1}; raise max_len",
+                f"{longest.start}..{longest.end - 1}; "
+                + (f"raise max_len (data.max_len, at most {MAX_LEN})" if max_len < MAX_LEN else
+                   f"max_len is already the encoder's limit ({MAX_LEN}): shorten or drop this sentence"),
                 sentence.source,
                 None if sentence.line is None else sentence.line + longest.start,
             )
