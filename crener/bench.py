@@ -137,8 +137,8 @@ def _sync(device: torch.device) -> None:
 
 def memory_probe(cfg: RunConfig, length: int, batch: int = 1) -> dict[str, float]:
     """One training step, then one evaluation forward, on ``batch`` synthetic sentences of
-    ``length`` characters; the peak memory of each (the evaluation peak is measured after the
-    training step, so on CPU it only shows when it exceeds the training peak)."""
+    ``length`` characters; the peak memory of each above the memory held before it (on Linux CPUs
+    from the resettable peak-RSS mark, so each peak is its own)."""
     from crener.data.batching import Example, collate
     from crener.data.schema import Entity
     from crener.evaluation import autocast, resolve_device
@@ -166,33 +166,42 @@ def memory_probe(cfg: RunConfig, length: int, batch: int = 1) -> dict[str, float
         examples.append(Example(k, np.asarray(tok.encode(text)), task.featurize(ents, length), length))
     b = collate(examples, task.target, task.num_labels).to(device)
     model.train()
+    cpu = _CpuPeak()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     else:
-        base = _rss_peak()
+        cpu.start()
     with autocast(device, cfg.train.bf16):
         out = model(b)
     task.loss(out, b)["loss"].backward()
     _sync(device)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _rss_peak()
+    if device.type == "cuda":
+        train_peak = torch.cuda.max_memory_allocated(device)
+        used = max(train_peak - base, 0)
+    else:
+        used = cpu.peak()
     del out
     model.zero_grad(set_to_none=True)
     model.eval()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    else:
+        cpu.start()
     with torch.inference_mode(), autocast(device, cfg.train.bf16):
         task.decode(model(b), b)
     _sync(device)
-    eval_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _rss_peak()
-    used = max(peak - base, 0)
+    if device.type == "cuda":
+        eval_used = max(torch.cuda.max_memory_allocated(device) - base, 0)
+    else:
+        eval_used = cpu.peak()
     return {
         "length": length,
         "batch": batch,
         "peak_bytes": used,
-        "eval_peak_bytes": max(eval_peak - base, 0),
+        "eval_peak_bytes": eval_used,
         "bytes_per_cell": used / (batch * length * length),
-        "process_peak_bytes": _rss_peak() if device.type == "cpu" else peak,
+        "process_peak_bytes": cpu.lifetime if device.type == "cpu" else train_peak,
     }
 
 
@@ -308,6 +317,49 @@ def run_levers(budgeted: dict[str, dict[str, Any]], models: list[str], n: int) -
 
 def _rss_peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _status_bytes(field: str) -> int | None:
+    """``VmRSS`` / ``VmHWM`` of this process from /proc (Linux), or None."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _reset_rss_peak() -> bool:
+    """Start the process's peak-RSS mark afresh at its current RSS (Linux ``clear_refs`` 5), so a
+    step's own peak shows even when loading the model once reached a higher one."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return _status_bytes("VmHWM") is not None
+
+
+class _CpuPeak:
+    """Peak resident memory of a stretch of code above the RSS at its start: the kernel's
+    resettable high-water mark where it exists, else the lifetime peak (which hides a stretch
+    that stays below what came before, so it is only a fallback)."""
+
+    def __init__(self) -> None:
+        self.lifetime = _rss_peak()  # before any reset, for process_peak_bytes
+        self.base = 0
+
+    def start(self) -> None:
+        if _reset_rss_peak():
+            self.base = _status_bytes("VmRSS") or 0
+            self.resettable = True
+        else:
+            self.base, self.resettable = _rss_peak(), False
+
+    def peak(self) -> int:
+        now = _status_bytes("VmHWM") if self.resettable else _rss_peak()
+        self.lifetime = max(self.lifetime, now or 0)
+        return max((now or 0) - self.base, 0)
 
 
 def _memory_point(
