@@ -27,7 +27,7 @@ from typing import Any
 import optuna
 
 from crener import registry
-from crener.config import RunConfig, build_run_config
+from crener.config import KEY_IGNORED, RunConfig, build_run_config
 from crener.errors import CrenerError, StoreError
 from crener.tracking import RunLogger, Tracker, experiment_name, file_lock, masked_uri
 from crener.workspace import OPTUNA_STORAGE, resolve_runs_dir, sqlite_path
@@ -328,7 +328,11 @@ def export_best(study: optuna.Study, path: str | Path, *, sets: dict[str, Any] |
     except ValueError:
         raise CrenerError(f"study {study.study_name!r} has no completed trial to export") from None
     attrs = study.user_attrs
-    values = {k: v for k, v in {**(sets or {}), **best.params}.items() if k not in IDENTITY_KEYS}
+    # Identity keys are the file's filters; fields that cannot change a result (threads, device,
+    # progress bar: crener.config.KEY_IGNORED) belong to the machine that tuned, not to the recipe.
+    values = {
+        k: v for k, v in {**(sets or {}), **best.params}.items() if k not in IDENTITY_KEYS and k not in KEY_IGNORED
+    }
     lines = [
         f"# Best trial of Optuna study {study.study_name!r}, exported by `crener tune --export`.",
         "# Apply with: crener reproduce --config THIS_FILE  (filters below; edit them to widen).",
