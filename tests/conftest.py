@@ -7,6 +7,10 @@ floating-point reductions do not depend on the machine's core count.
 from __future__ import annotations
 
 import os
+import shutil
+import sys
+import types
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -73,3 +77,54 @@ def pytest_runtest_makereport(item, call):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
         report.longrepr = f"skipped under CRENER_STRICT_SKIPS=1 (CI must run every test): {reason}"
+
+
+# ------------------------------------------------------------------ shared fixtures
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    """The real datasets (``../shared/data`` or ``$CRENER_DATA``); skipped where they are missing,
+    which CI turns into a failure (CRENER_STRICT_SKIPS)."""
+    from crener.data.datasets import resolve_data_root
+    from crener.errors import DataError
+
+    try:
+        return resolve_data_root()
+    except DataError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A synthetic "resume" dataset whose three splits are the hand-written SENTENCES."""
+    from tests.helpers import write_bmes
+
+    root = tmp_path_factory.mktemp("data")
+    (root / "resume").mkdir()
+    for split in ("train", "dev", "test"):
+        write_bmes(root / "resume" / f"{split}.char.bmes", SENTENCES)
+    return root
+
+
+@pytest.fixture
+def fake_fit(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
+    """``crener.train`` replaced by the fake for this test (``.CALLS`` lists fitted keys)."""
+    from tests.helpers import fake_train_module
+
+    module = fake_train_module()
+    monkeypatch.setitem(sys.modules, "crener.train", module)
+    return module
+
+
+@pytest.fixture
+def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh store in ``tmp_path``; ``MLFLOW_TRACKING_URI`` and ``CRENER_RUNS`` point there."""
+    from tests.helpers import mlflow_template
+
+    db = tmp_path / "mlflow.db"
+    shutil.copy(mlflow_template(), db)
+    uri = f"sqlite:///{db}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("CRENER_RUNS", str(tmp_path / "runs"))
+    return uri

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 from crener.cli import main
-from crener.data.datasets import DATASETS, register_dataset, resolve_data_root
-from crener.errors import DataError
+from crener.data.datasets import DATASETS, register_dataset
 
 README = {  # shared/data/README.md: sentences, characters, lenient entities per split
     "weibo": {"train": (1_350, 73_778, 1_895), "dev": (270, 14_509, 389), "test": (270, 14_842, 418)},
@@ -47,14 +46,6 @@ def toy(tmp_path, monkeypatch):
     return tmp_path
 
 
-@pytest.fixture(scope="module")
-def data_root() -> Path:
-    try:
-        return resolve_data_root()
-    except DataError as exc:
-        pytest.skip(str(exc))
-
-
 # --- stats ------------------------------------------------------------------------------------
 
 
@@ -82,7 +73,7 @@ def test_stats_table(capsys, toy):
     assert "train" not in out.split("entities by type")[0]
 
 
-def test_stats_resume_dev(capsys, data_root):
+def test_stats_resume_dev(capsys, shared_data):
     code, out = run(capsys, "data", "stats", "resume", "--split", "dev", "--json")
     dev = json.loads(out)["splits"]["dev"]
     assert code == 0 and (dev["sentences"], dev["characters"], dev["entities"]) == README["resume"]["dev"]
@@ -90,7 +81,7 @@ def test_stats_resume_dev(capsys, data_root):
     assert dev["lengths"]["p95"] == 75 and dev["lengths"]["max"] == 178  # method.md §7
 
 
-def test_stats_coarse(capsys, data_root):
+def test_stats_coarse(capsys, shared_data):
     code, out = run(capsys, "data", "stats", "weibo", "--split", "dev", "--json", "--coarse")
     assert code == 0 and set(json.loads(out)["splits"]["dev"]["types"]) == {"GPE", "LOC", "ORG", "PER"}
 
@@ -183,7 +174,7 @@ def test_console_script(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dataset", list(README))
-def test_every_sentence_roundtrips_and_counts_match_readme(data_root, dataset):
+def test_every_sentence_roundtrips_and_counts_match_readme(shared_data, dataset):
     from crener.data.commands import dataset_stats
 
     stats = dataset_stats(dataset)

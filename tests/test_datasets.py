@@ -167,28 +167,20 @@ def test_cache_is_keyed_on_mtime_and_hands_out_copies(toy):
 # --- real data --------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def data_root() -> Path:
-    try:
-        return resolve_data_root()
-    except DataError as exc:
-        pytest.skip(str(exc))
-
-
-def test_resume(data_root):
+def test_resume(shared_data):
     splits = load_dataset(DataConfig(dataset="resume"))
     assert (len(splits.train), len(splits.dev), len(splits.test)) == (3_821, 463, 477)
     assert splits.types == ("CONT", "EDU", "LOC", "NAME", "ORG", "PRO", "RACE", "TITLE")
     assert splits.repaired == {"train": 4, "dev": 0, "test": 0} and not splits.dev_is_test
 
 
-def test_weibo_coarse(data_root):
+def test_weibo_coarse(shared_data):
     splits = load_dataset(DataConfig(dataset="weibo", weibo_coarse=True))
     assert splits.types == ("GPE", "LOC", "ORG", "PER")
 
 
 @pytest.mark.slow
-def test_msra_protocols(data_root):
+def test_msra_protocols(shared_data):
     lineage = load_dataset(DataConfig(dataset="msra"))
     assert lineage.dev_is_test and lineage.dev == lineage.test
     assert (len(lineage.train), len(lineage.test)) == (46_364, 4_365)

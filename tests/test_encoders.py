@@ -12,13 +12,6 @@ from crener.cli import main as cli_main
 from crener.tracking import Tracker
 from experiments import encoders
 
-try:  # helpers shared by the experiment tests
-    from test_tracking import fake_fit, mlflow_store
-except ImportError:  # pragma: no cover
-    from tests.test_tracking import fake_fit, mlflow_store
-
-__all__ = ["fake_fit", "mlflow_store"]
-
 
 def test_encoder_ablation_cells_and_report(
     mlflow_store: str, fake_fit: types.ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

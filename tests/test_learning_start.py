@@ -16,7 +16,7 @@ from crener.layers import CoPredictor
 from crener.tasks import GridTask
 from crener.train import fit, replace_with_unk, start_from_priors, unk_replacement_probs
 from tests.conftest import SENTENCES, TYPES
-from tests.test_train import data_root, tiny_cfg  # noqa: F401 - fixture
+from tests.helpers import tiny_cfg
 
 # ------------------------------------------------------------------------------ priors
 
@@ -152,9 +152,9 @@ def test_shifted_moves_zlpr_thresholds_and_the_ce_none_class():
     assert logits[0, 0, 0, 0].item() == -1.0  # the input is never changed in place
 
 
-def test_step_curve_is_written_and_changes_no_training_result(data_root, tmp_path):  # noqa: F811
-    plain = fit(tiny_cfg(data_root, **{"train.epochs": 2}), tmp_path / "a")
-    curved = fit(tiny_cfg(data_root, **{"train.epochs": 2, "train.eval_every": 1}), tmp_path / "b")
+def test_step_curve_is_written_and_changes_no_training_result(tiny_data, tmp_path):  # noqa: F811
+    plain = fit(tiny_cfg(tiny_data, **{"train.epochs": 2}), tmp_path / "a")
+    curved = fit(tiny_cfg(tiny_data, **{"train.epochs": 2, "train.eval_every": 1}), tmp_path / "b")
     assert plain["dev"] == curved["dev"] and plain["test"] == curved["test"]
     hist_a = json.loads((tmp_path / "a" / "history.json").read_text())
     hist_b = json.loads((tmp_path / "b" / "history.json").read_text())
@@ -167,10 +167,10 @@ def test_step_curve_is_written_and_changes_no_training_result(data_root, tmp_pat
     assert set(curved["dev_best_shift"]) == {"shift", "f1"}
 
 
-def test_frozen_encoder_gets_no_update(data_root, tmp_path):  # noqa: F811
+def test_frozen_encoder_gets_no_update(tiny_data, tmp_path):  # noqa: F811
     from crener.checkpoint import load_checkpoint
 
-    cfg = tiny_cfg(data_root, **{"train.epochs": 1, "train.encoder_lr": 0.0})
+    cfg = tiny_cfg(tiny_data, **{"train.epochs": 1, "train.encoder_lr": 0.0})
     fit(cfg, tmp_path / "frozen")
     state = load_checkpoint(tmp_path / "frozen" / "checkpoints" / "last.pt")
     from crener.encoder import load_pretrained
@@ -241,7 +241,7 @@ def test_calibrate_takes_the_best_dev_shift_and_the_smallest_move_on_ties(monkey
     assert shift == 0.0 and scores.micro.f1 == 0.0  # nothing helps: no move
 
 
-def test_calibrated_shift_reaches_test_the_checkpoint_and_predict(data_root, tmp_path, monkeypatch):  # noqa: F811
+def test_calibrated_shift_reaches_test_the_checkpoint_and_predict(tiny_data, tmp_path, monkeypatch):  # noqa: F811
     """With model.calibrate the shift chosen on dev decodes test, is stored in the best
     checkpoint, and `crener evaluate` and `crener predict` decode with it too."""
     from crener import train as train_mod
@@ -252,7 +252,7 @@ def test_calibrated_shift_reaches_test_the_checkpoint_and_predict(data_root, tmp
     monkeypatch.setattr(
         train_mod, "calibrate", lambda *a, **k: (chosen, calibrate(*a, **k, shifts=(chosen,))[1])
     )
-    cfg = tiny_cfg(data_root, **{"train.epochs": 2, "model.calibrate": True})
+    cfg = tiny_cfg(tiny_data, **{"train.epochs": 2, "model.calibrate": True})
     out = fit(cfg, tmp_path / "cal")
     assert out["threshold_shift"] == chosen
     best = tmp_path / "cal" / "checkpoints" / "best.pt"

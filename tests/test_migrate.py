@@ -13,13 +13,7 @@ from crener.cli import main
 from crener.config import RunConfig
 from crener.migrate import LEGACY_KEY_TAG, migrate_store, rebuild_config
 from crener.tracking import Tracker
-
-try:  # the shared MLflow store fixture
-    from test_tracking import mlflow_store, smoke_cfg
-except ImportError:
-    from tests.test_tracking import mlflow_store, smoke_cfg
-
-__all__ = ["mlflow_store"]  # fixtures used by name
+from tests.helpers import smoke_cfg
 
 
 def _old_run(tracker: Tracker, cfg: RunConfig, runs: Path, legacy: str, extra: dict[str, str]) -> str:

@@ -200,16 +200,6 @@ WEIBO_TRAIN_TYPES = {
 FAST = {"weibo", "resume"}
 
 
-@pytest.fixture(scope="module")
-def data_root() -> Path:
-    from crener.data.datasets import resolve_data_root
-
-    try:
-        return resolve_data_root()
-    except DataError as exc:
-        pytest.skip(str(exc))
-
-
 def _counts(path: Path) -> tuple[int, int, int, int]:
     result = read_conll(path)
     return (
@@ -227,12 +217,12 @@ def _counts(path: Path) -> tuple[int, int, int, int]:
         for d, f in README_COUNTS
     ],
 )
-def test_counts_equal_data_readme(data_root, dataset, file):
-    assert _counts(data_root / dataset / file) == README_COUNTS[(dataset, file)]
+def test_counts_equal_data_readme(shared_data, dataset, file):
+    assert _counts(shared_data / dataset / file) == README_COUNTS[(dataset, file)]
 
 
-def test_weibo_train_types_and_repairs(data_root):
-    result = read_conll(data_root / "weibo" / "train.all.bmes")
+def test_weibo_train_types_and_repairs(shared_data):
+    result = read_conll(shared_data / "weibo" / "train.all.bmes")
     types: dict[str, int] = {}
     for s in result.sentences:
         for e in s.entities:
@@ -240,12 +230,12 @@ def test_weibo_train_types_and_repairs(data_root):
     assert types == WEIBO_TRAIN_TYPES
     # 9 spans start with M- after O, and one span changes type midway (two repairs)
     assert sum("[M-" in r.message for r in result.repairs) == 10
-    coarse = read_conll(data_root / "weibo" / "train.all.bmes", coarse_types=True)
+    coarse = read_conll(shared_data / "weibo" / "train.all.bmes", coarse_types=True)
     assert {e.type for s in coarse.sentences for e in s.entities} == {"PER", "ORG", "LOC", "GPE"}
 
 
 @pytest.mark.slow
-def test_msra_train_is_fast(data_root):
+def test_msra_train_is_fast(shared_data):
     start = time.perf_counter()
-    read_conll(data_root / "msra" / "train.char.bmes")
+    read_conll(shared_data / "msra" / "train.char.bmes")
     assert time.perf_counter() - start < 10  # ~1.5 s on a laptop core; generous for shared CI

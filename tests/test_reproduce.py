@@ -23,13 +23,7 @@ from crener.runner import CellBusy, lock_path, run_one
 from crener.tracking import EPOCH_METRICS, Tracker, file_lock
 from crener.workspace import workdir_for
 from experiments.sweeps import plan
-
-try:  # helpers shared by the experiment tests (tests/ is not a package; keep both spellings)
-    from test_tracking import fake_cli, fake_fit, mlflow_store, smoke_cfg
-except ImportError:  # pragma: no cover
-    from tests.test_tracking import fake_cli, fake_fit, mlflow_store, smoke_cfg
-
-__all__ = ["fake_fit", "mlflow_store"]  # fixtures used by name
+from tests.helpers import fake_cli, smoke_cfg, tiny_resume
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -306,24 +300,12 @@ def test_sigkill_mid_sweep_fake_fit(
     assert [c.cfg.key() for c in cells[1:]] == fake_fit.CALLS  # the finished cell was not retrained
 
 
-def _tiny_resume(root: Path, sentences: int) -> Path:
-    """The first ``sentences`` sentences of each Resume split, so a real smoke run takes seconds."""
-    from crener.data.datasets import resolve_data_root
-
-    src = resolve_data_root() / "resume"
-    for split in ("train", "dev", "test"):
-        blocks = (src / f"{split}.char.bmes").read_text(encoding="utf-8").split("\n\n")[:sentences]
-        (root / "resume").mkdir(parents=True, exist_ok=True)
-        (root / "resume" / f"{split}.char.bmes").write_text("\n\n".join(blocks) + "\n\n", encoding="utf-8")
-    return root
-
-
 @pytest.mark.slow
 def test_sigkill_mid_sweep_real_fit(mlflow_store: str, tmp_path: Path) -> None:
     """``crener reproduce --profile smoke --datasets resume`` with the real fit, killed by SIGKILL
     after the second cell's first checkpoint, then rerun: each run exists once, with its metrics."""
     pytest.importorskip("crener.train")
-    data = _tiny_resume(tmp_path / "data", 24)
+    data = tiny_resume(tmp_path / "data", 24)
     sel = ["--datasets", "resume", "--models", "crener", "--variants", "full", "no_mlp", "no_dconv"]
     cmd = [sys.executable, "-m", "crener.cli", "reproduce", "--profile", "smoke", *sel]
     cmd += ["--data-root", str(data), "--no-report"]
@@ -353,7 +335,7 @@ def test_without_jobs_drops_both_spellings() -> None:
 def test_reproduce_jobs_share_the_cells_real_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``--jobs 2``: two worker processes take the cells as they free up; every cell trains once,
     both workers train some, each with one CPU thread, and the parent writes the report."""
-    data = _tiny_resume(tmp_path / "data", 24)
+    data = tiny_resume(tmp_path / "data", 24)
     sel = ["--datasets", "resume", "--models", "crener", "--variants", "full", "no_mlp", "no_dconv", "no_region"]
     cmd = [sys.executable, "-m", "crener.cli", "reproduce", "--profile", "smoke", *sel]
     cmd += ["--data-root", str(data), "--no-report", "--jobs", "2"]
@@ -381,7 +363,7 @@ def test_tracked_train_then_evaluate_by_run_id(
 ) -> None:
     """A tracked ``crener train`` (the real fit, MLflow on) logs the contract, and ``crener
     evaluate --run-id`` finds its best checkpoint and scores it as training did."""
-    data = _tiny_resume(tmp_path / "data", 16)
+    data = tiny_resume(tmp_path / "data", 16)
     args = ["train", "--dataset", "resume", "--profile", "smoke", "--data-root", str(data),
             "--set", "train.epochs=2", "--set", "train.progress=false"]  # fmt: skip
     assert cli_main(args) == 0

@@ -128,19 +128,9 @@ def test_random_sentences_roundtrip(max_len):
     roundtrip(sentences, max_len)
 
 
-@pytest.fixture(scope="module")
-def data_root():
-    from crener.data.datasets import resolve_data_root
-
-    try:
-        return resolve_data_root()
-    except DataError as exc:
-        pytest.skip(str(exc))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("max_len", [64, DataConfig.max_len, 510])
-def test_msra_split_merge_reproduces_gold(data_root, max_len):
+def test_msra_split_merge_reproduces_gold(shared_data, max_len):
     from crener.data.datasets import load_dataset
 
     splits = load_dataset(DataConfig(dataset="msra"))

@@ -14,43 +14,10 @@ import torch
 from crener import train as train_mod
 from crener.checkpoint import load_checkpoint
 from crener.cli import main as cli_main
-from crener.config import build_run_config
 from crener.errors import CheckpointError, CrenerError
 from crener.train import fit
 from tests.conftest import SENTENCES
-
-
-def write_bmes(path, sentences):
-    lines = []
-    for s in sentences:
-        tags = ["O"] * len(s)
-        for e in s.entities:
-            if len(e.indices) == 1:
-                tags[e.start] = f"S-{e.type}"
-            else:
-                tags[e.start] = f"B-{e.type}"
-                for i in e.indices[1:-1]:
-                    tags[i] = f"M-{e.type}"
-                tags[e.end - 1] = f"E-{e.type}"
-        lines += [f"{c} {t}" for c, t in zip(s.chars, tags)] + [""]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    (root / "resume").mkdir()
-    for split in ("train", "dev", "test"):
-        write_bmes(root / "resume" / f"{split}.char.bmes", SENTENCES)
-    return root
-
-
-def tiny_cfg(data_root, **overrides):
-    base = {
-        "data.data_root": str(data_root), "data.train_limit": 0, "data.eval_limit": 0,
-        "train.epochs": 3, "train.max_cells": 400, "train.progress": False,
-    }  # fmt: skip
-    return build_run_config(profile="smoke", overrides={**base, **overrides})
+from tests.helpers import tiny_cfg, write_bmes
 
 
 class Recorder:
@@ -72,8 +39,8 @@ def strip_times(history):
     return [{k: v for k, v in h.items() if "second" not in k and "per_s" not in k} for h in history]
 
 
-def test_same_seed_same_metrics_and_resume_equals_uninterrupted(data_root, tmp_path):
-    cfg = tiny_cfg(data_root)
+def test_same_seed_same_metrics_and_resume_equals_uninterrupted(tiny_data, tmp_path):
+    cfg = tiny_cfg(tiny_data)
     a = fit(cfg, tmp_path / "a")
     b = fit(cfg, tmp_path / "b")
     hist_a = json.loads((tmp_path / "a" / "history.json").read_text())
@@ -111,19 +78,19 @@ def test_same_seed_same_metrics_and_resume_equals_uninterrupted(data_root, tmp_p
     assert all(torch.equal(wa[k], wc[k]) for k in wa)
     # A checkpoint of another configuration is refused, not silently continued.
     with pytest.raises(CheckpointError, match="belongs to another configuration"):
-        fit(tiny_cfg(data_root, **{"train.lr": 0.5}), tmp_path / "c")
+        fit(tiny_cfg(tiny_data, **{"train.lr": 0.5}), tmp_path / "c")
 
 
-def test_different_seed_differs(data_root, tmp_path):
-    a = fit(tiny_cfg(data_root, **{"train.epochs": 1}), tmp_path / "a")
-    b = fit(tiny_cfg(data_root, **{"train.epochs": 1, "train.seed": 1}), tmp_path / "b")
+def test_different_seed_differs(tiny_data, tmp_path):
+    a = fit(tiny_cfg(tiny_data, **{"train.epochs": 1}), tmp_path / "a")
+    b = fit(tiny_cfg(tiny_data, **{"train.epochs": 1, "train.seed": 1}), tmp_path / "b")
     assert a["key"] != b["key"]
     ha = json.loads((tmp_path / "a" / "history.json").read_text())[0]["train/loss"]
     hb = json.loads((tmp_path / "b" / "history.json").read_text())[0]["train/loss"]
     assert ha != hb
 
 
-def test_non_finite_loss_stops_the_run(data_root, tmp_path, monkeypatch):
+def test_non_finite_loss_stops_the_run(tiny_data, tmp_path, monkeypatch):
     from crener.tasks import GridTask
 
     def nan_loss(self, outputs, batch):
@@ -131,7 +98,7 @@ def test_non_finite_loss_stops_the_run(data_root, tmp_path, monkeypatch):
 
     monkeypatch.setattr(GridTask, "loss", nan_loss)
     with pytest.raises(CrenerError, match="non-finite loss"):
-        fit(tiny_cfg(data_root, **{"train.epochs": 1}), tmp_path / "nan")
+        fit(tiny_cfg(tiny_data, **{"train.epochs": 1}), tmp_path / "nan")
     assert not (tmp_path / "nan" / "checkpoints" / "last.pt").exists()
 
 
@@ -169,16 +136,16 @@ def test_a_malicious_torch_checkpoint_runs_no_code(tmp_path):
     assert marker.read_text() == "code ran"
 
 
-def test_missing_encoder_fails_fast_with_advice(data_root, tmp_path):
-    cfg = tiny_cfg(data_root, **{"model.encoder": str(tmp_path / "no-such-bert")})
+def test_missing_encoder_fails_fast_with_advice(tiny_data, tmp_path):
+    cfg = tiny_cfg(tiny_data, **{"model.encoder": str(tmp_path / "no-such-bert")})
     with pytest.raises(CheckpointError, match="--encoder"):
         fit(cfg, tmp_path / "run")
 
 
-def test_cli_train_evaluate_predict(data_root, tmp_path, capsys):
+def test_cli_train_evaluate_predict(tiny_data, tmp_path, capsys):
     work = tmp_path / "run"
     args = ["train", "--dataset", "resume", "--profile", "smoke", "--no-track", "--workdir", str(work),
-            "--data-root", str(data_root), "--set", "train.epochs=1", "--set", "data.train_limit=0"]  # fmt: skip
+            "--data-root", str(tiny_data), "--set", "train.epochs=1", "--set", "data.train_limit=0"]  # fmt: skip
     assert cli_main(args) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(summary) >= {"dev", "test", "best_epoch", "epochs", "seconds", "parameters"}
@@ -186,7 +153,7 @@ def test_cli_train_evaluate_predict(data_root, tmp_path, capsys):
 
     ckpt = work / "checkpoints" / "best.pt"
     assert (
-        cli_main(["evaluate", "--checkpoint", str(ckpt), "--split", "dev", "--data-root", str(data_root)])
+        cli_main(["evaluate", "--checkpoint", str(ckpt), "--split", "dev", "--data-root", str(tiny_data)])
         == 0
     )
     ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

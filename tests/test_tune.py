@@ -24,13 +24,7 @@ from experiments.tune import (
     search_space,
     tune,
 )
-
-try:  # helpers shared by the experiment tests (tests/ is not a package; keep both spellings)
-    from test_tracking import fake_cli, fake_fit, mlflow_store
-except ImportError:  # pragma: no cover
-    from tests.test_tracking import fake_cli, fake_fit, mlflow_store
-
-__all__ = ["fake_fit", "mlflow_store"]  # fixtures used by name
+from tests.helpers import fake_cli
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY = default_study_name("crener", "full", "resume", "smoke")
@@ -258,10 +252,7 @@ def test_two_tune_workers_share_one_study(mlflow_store: str, tmp_path: Path) -> 
 def test_two_tune_workers_real_fit(mlflow_store: str, tmp_path: Path) -> None:
     """The same with the real fit on a tiny Resume slice (smoke profile)."""
     pytest.importorskip("crener.train")
-    try:
-        from test_reproduce import _tiny_resume
-    except ImportError:  # pragma: no cover
-        from tests.test_reproduce import _tiny_resume
+    from tests.helpers import tiny_resume as _tiny_resume
     data = _tiny_resume(tmp_path / "data", 16)
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     prefix = [sys.executable, "-m", "crener.cli"]

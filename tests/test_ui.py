@@ -16,11 +16,7 @@ from pathlib import Path
 import pytest
 
 from experiments.commands import ui_command
-
-try:  # helpers shared by the experiment tests (tests/ is not a package; keep both spellings)
-    from test_tracking import mlflow_template
-except ImportError:  # pragma: no cover
-    from tests.test_tracking import mlflow_template
+from tests.helpers import mlflow_template
 
 REPO = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 90  # a cold `mlflow ui` on a loaded 2-core machine
