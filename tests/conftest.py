@@ -128,3 +128,23 @@ def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("CRENER_RUNS", str(tmp_path / "runs"))
     return uri
+
+
+@pytest.fixture(autouse=True)
+def _no_global_state_leaks():
+    """Each test starts from, and leaves behind, the same process-wide state: torch's thread
+    count (1, set above) and RNG, numpy's and Python's RNGs, and matplotlib's rcParams (the CJK
+    font setup changes them)."""
+    import random
+
+    import matplotlib
+    import numpy as np
+
+    threads = torch.get_num_threads()
+    torch_rng, np_rng, py_rng = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    with matplotlib.rc_context():
+        yield
+    torch.set_num_threads(threads)
+    torch.set_rng_state(torch_rng)
+    np.random.set_state(np_rng)
+    random.setstate(py_rng)

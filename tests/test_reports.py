@@ -18,6 +18,7 @@ import subprocess
 
 import numpy as np
 import pytest
+import torch
 
 from crener.data.schema import Entity, Sentence
 from reports import paper, stats, tables
@@ -603,3 +604,16 @@ def test_optuna_figure_titles_name_the_study_once():
     assert plots.study_title(study) == "Tuning CRENER w/o MLP on Resume (quick), 2 trials"
     other = optuna.create_study(study_name="mine")
     assert plots.study_title(other) == "Optuna study mine, 0 trials"
+
+
+def test_global_state_does_not_leak_between_tests_a():
+    import matplotlib.pyplot as plt
+
+    plt.rcParams["font.sans-serif"] = ["Leaky Sans"]
+    torch.set_num_threads(2)
+
+
+def test_global_state_does_not_leak_between_tests_b():
+    import matplotlib.pyplot as plt
+
+    assert plt.rcParams["font.sans-serif"] != ["Leaky Sans"] and torch.get_num_threads() == 1
