@@ -347,7 +347,7 @@ class _CpuPeak:
 
     def __init__(self) -> None:
         self.lifetime = _rss_peak()  # before any reset, for process_peak_bytes
-        self.base = 0
+        self.base, self.resettable = 0, False
 
     def start(self) -> None:
         if _reset_rss_peak():

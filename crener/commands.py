@@ -24,8 +24,9 @@ log = logging.getLogger(__name__)
 BENCH_WIDTHS = ("quick", "paper")
 
 
-def _int_at_least(low: int, high: int | None = None):
-    """An argparse type: an integer in ``[low, high]``."""
+def int_at_least(low: int, high: int | None = None, *, label: str | None = None):
+    """An argparse type: an integer in ``[low, high]``; ``label`` names it in the error message
+    (default "an integer >= low" or "an integer between low and high")."""
 
     def parse(text: str) -> int:
         try:
@@ -34,15 +35,16 @@ def _int_at_least(low: int, high: int | None = None):
             value = None
         if value is None or value < low or (high is not None and value > high):
             bound = f"between {low} and {high}" if high is not None else f">= {low}"
-            raise argparse.ArgumentTypeError(f"expected an integer {bound}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected {label or 'an integer ' + bound}, got {text!r}")
         return value
 
     parse.__name__ = "integer"  # argparse names the type in its messages
     return parse
 
 
-non_negative_int = _int_at_least(0)
-positive_int = _int_at_least(1)
+non_negative_int = int_at_least(0)
+positive_int = int_at_least(1)
+count_int = int_at_least(1, label="a positive integer")  # how many: trials, jobs
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -94,7 +96,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--widths", nargs="+", default=list(BENCH_WIDTHS), choices=BENCH_WIDTHS,
                    help="width presets to measure")  # fmt: skip
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="VARIANT")
-    p.add_argument("--lengths", nargs="+", type=_int_at_least(4, MAX_LEN), default=[32, 64, 128, 256, 510],
+    p.add_argument("--lengths", nargs="+", type=int_at_least(4, MAX_LEN), default=[32, 64, 128, 256, 510],
                    help=f"sentence lengths of the memory suite (4 to {MAX_LEN} characters)")  # fmt: skip
     p.add_argument(
         "--sentences", type=positive_int, default=96, help="Resume training sentences per measurement"

@@ -24,8 +24,8 @@ from crener import registry
 from crener.errors import ConfigError
 
 # Validation limits (no field or default is defined here).
-# crener.encoder.MAX_POSITIONS: the position table of every character encoder crener builds or loads
-# (BERT's 512); [CLS] and [SEP] take two, so a piece of a sentence holds at most 510 characters.
+# The position table of every character encoder crener builds or loads (BERT's 512; crener.encoder
+# uses it); [CLS] and [SEP] take two, so a piece of a sentence holds at most 510 characters.
 ENCODER_POSITIONS = 512
 MIN_LEN, MAX_LEN = 8, ENCODER_POSITIONS - 2  # bounds of data.max_len
 # Widths, depths, head counts and caps that must be >= 1.

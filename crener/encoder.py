@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from crener.config import ModelConfig
+from crener.config import ENCODER_POSITIONS, ModelConfig
 from crener.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def resolve_encoder(name: str | os.PathLike) -> str:
 
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
-MAX_POSITIONS = 512  # BERT's position table; sentences are split to data.max_len <= 510 first
+MAX_POSITIONS = ENCODER_POSITIONS  # BERT's position table; sentences are split to data.max_len <= 510 first
 
 
 @dataclass

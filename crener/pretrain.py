@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from crener.checkpoint import read_state, save_checkpoint
+from crener.config import MAX_LEN, MIN_LEN
 from crener.data.digest import file_digest
 from crener.encoder import SPECIAL_TOKENS, replace_with_unk, unk_rates  # the embedded encoder's layout
 from crener.errors import CheckpointError, CrenerError, DataError
@@ -98,8 +99,8 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         if self.hidden % self.heads:
             raise CrenerError(f"--hidden {self.hidden} is not divisible by --heads {self.heads}")
-        if self.max_len < 8 or self.max_len > 510:
-            raise CrenerError("--max-len must be between 8 and 510 characters")
+        if not MIN_LEN <= self.max_len <= MAX_LEN:
+            raise CrenerError(f"--max-len must be between {MIN_LEN} and {MAX_LEN} characters")
         # --steps 0 writes the initialised encoder untrained (the "vectors only" arm of an ablation).
         if self.steps < 0 or self.batch_tokens < self.max_len:
             raise CrenerError("--steps must be >= 0 and --batch-tokens at least --max-len")
@@ -112,6 +113,11 @@ class PretrainConfig:
         for k in ("out", "data_root", "save_every", "log_every"):
             out.pop(k)
         return out
+
+    @classmethod
+    def from_identity(cls, identity: dict[str, Any], out: str) -> PretrainConfig:
+        """Inverse of :meth:`identity` (as a card's ``config`` stores it, lists for tuples)."""
+        return cls(out=out, **{k: tuple(v) if isinstance(v, list) else v for k, v in identity.items()})
 
 
 # ------------------------------------------------------------------------------------------ corpus

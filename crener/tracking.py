@@ -42,7 +42,7 @@ from mlflow.tracking import MlflowClient
 
 from crener.config import KEY_SCHEMA, RunConfig
 from crener.data.digest import dataset_digest
-from crener.errors import StoreError
+from crener.errors import CheckpointError, StoreError
 from crener.workspace import TRACKING_URI_ENV, artifact_root, git_commit, sqlite_path, tracking_uri
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,7 @@ def experiment_name(sweep: str, profile: str) -> str:
 def run_tags(cfg: RunConfig, sweep: str) -> dict[str, str]:
     """The tags every crener run carries (``crener.state`` is set separately)."""
     digest = dataset_digest(cfg.data)
+    commit = git_commit()
     return {
         "crener.key": cfg.key(data_digest=digest),
         "crener.key_schema": str(KEY_SCHEMA),
@@ -96,9 +97,9 @@ def run_tags(cfg: RunConfig, sweep: str) -> dict[str, str]:
         "crener.seed": str(cfg.train.seed),
         "crener.encoder": cfg.model.encoder,
         "crener.msra_protocol": cfg.data.msra_protocol,
-        "crener.git_commit": git_commit(),
+        "crener.git_commit": commit,
         # MLflow's own source tags, which its UI shows on the run page.
-        "mlflow.source.git.commit": git_commit(),
+        "mlflow.source.git.commit": commit,
         "mlflow.source.name": "crener",
         "mlflow.source.type": "LOCAL",
     }
@@ -452,8 +453,6 @@ class Tracker:
     # ---- reading back
     def checkpoint_of(self, run_id: str) -> Path:
         """The best checkpoint of a finished run (its ``crener.checkpoint`` tag), or a clear error."""
-        from crener.errors import CheckpointError
-
         try:
             run = self.client.get_run(run_id)
         except MlflowException as exc:
@@ -465,7 +464,9 @@ class Tracker:
                 "pass --checkpoint <workdir>/checkpoints/best.pt"
             )
         if not Path(path).is_file():
-            raise CheckpointError(f"run {run_id}'s checkpoint {path} is not on this machine: pass --checkpoint")
+            raise CheckpointError(
+                f"run {run_id}'s checkpoint {path} is not on this machine: pass --checkpoint"
+            )
         return Path(path)
 
     def load_summary(self, run: RunInfo) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from crener import registry
+from crener.commands import count_int, int_at_least, non_negative_int
 from crener.config import PROFILES, VARIANTS, parse_set
 from crener.errors import CrenerError
 from crener.workspace import OPTUNA_STORAGE
@@ -77,7 +78,7 @@ def _register_reproduce(subparsers: Any) -> None:
     p.add_argument("--worker", type=_worker, metavar="I/N", help="take cells whose index %% N == I")
     p.add_argument(
         "--jobs",
-        type=_positive,
+        type=count_int,
         default=1,
         metavar="N",
         help="run N worker processes on this machine, each taking the next free cell, with the CPU "
@@ -86,16 +87,6 @@ def _register_reproduce(subparsers: Any) -> None:
     p.add_argument("--no-report", action="store_true", help="do not build the report at the end")
     p.add_argument("--dry-run", action="store_true", help="list the cells and exit")
     p.set_defaults(func=cmd_reproduce)
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def _without_jobs(argv: list[str]) -> list[str]:
@@ -267,7 +258,7 @@ def _register_tune(subparsers: Any) -> None:
     p.add_argument("--model", default="crener", choices=registry.names())
     p.add_argument("--variant", default="full", choices=list(VARIANTS))
     p.add_argument("--profile", default="quick", choices=list(PROFILES))
-    p.add_argument("--trials", type=_positive, required=True, help="trials run by this process (>= 1)")
+    p.add_argument("--trials", type=count_int, required=True, help="trials run by this process (>= 1)")
     p.add_argument(
         "--storage",
         help=f"Optuna storage URL (default {OPTUNA_STORAGE}; postgresql://... to scale out)",
@@ -278,7 +269,7 @@ def _register_tune(subparsers: Any) -> None:
     )
     p.add_argument(
         "--seed",
-        type=_non_negative,
+        type=non_negative_int,
         default=0,
         help="sampler seed >= 0 (give concurrent workers different ones)",
     )
@@ -289,16 +280,6 @@ def _register_tune(subparsers: Any) -> None:
     p.add_argument("--data-root", metavar="D")
     p.add_argument("--runs-dir", metavar="D", help="trial workdirs go to <runs>/tune/<study>/trial-NNNN")
     p.set_defaults(func=cmd_tune)
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
 
 
 def _positive_seconds(text: str) -> float:
@@ -340,14 +321,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- ui
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port number from 1 to 65535, got {text!r}")
-    return value
+# A TCP port for `crener ui`.
+_port = int_at_least(1, 65535, label="a port number from 1 to 65535")
 
 
 def _register_ui(subparsers: Any) -> None:

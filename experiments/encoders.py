@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ BUILD_DIR = Path(".crener") / "encoders"
 
 
 def register(subparsers: Any) -> None:
-    from experiments.commands import _positive as positive_int
+    from crener.commands import count_int
 
     p = subparsers.add_parser(
         "encoders",
@@ -56,7 +55,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--build-dir", default=str(BUILD_DIR), help="where the non-shipped encoders are built")
     p.add_argument("--data-root", default=None)
     p.add_argument("--runs-dir", default=None, help="default: $CRENER_RUNS or runs")
-    p.add_argument("--jobs", type=positive_int, default=1, help="worker processes (as crener reproduce --jobs)")
+    p.add_argument("--jobs", type=count_int, default=1, help="worker processes (as crener reproduce --jobs)")
     p.add_argument("--no-report", action="store_true")
     p.set_defaults(func=cmd_encoders)
 
@@ -67,7 +66,7 @@ def build_encoders(arms: list[str], build_dir: Path, data_root: str | None) -> d
     from crener.pretrain import PretrainConfig, pretrain
 
     card = json.loads((SHIPPED_ENCODERS[SHIPPED] / "card.json").read_text(encoding="utf-8"))
-    shipped = PretrainConfig(out="", **{k: tuple(v) if isinstance(v, list) else v for k, v in card["config"].items()})
+    shipped = PretrainConfig.from_identity(card["config"], out="")
     out: dict[str, str] = {}
     for arm in arms:
         vectors, steps = ARMS[arm]
@@ -86,16 +85,17 @@ def build_encoders(arms: list[str], build_dir: Path, data_root: str | None) -> d
     return out
 
 
-def plan(args: argparse.Namespace, encoders: dict[str, str]) -> list[Any]:
+def plan(args: argparse.Namespace, encoders: dict[str, str]) -> list[tuple[str, Any]]:
+    """``[(arm, cell), ...]`` for every arm, dataset and seed."""
     from experiments.sweeps import Cell
 
     sets = parse_set(args.set)
     if args.data_root:
         sets.setdefault("data.data_root", args.data_root)
     return [
-        Cell(SWEEP, build_run_config(
+        (arm, Cell(SWEEP, build_run_config(
             profile=args.profile, dataset=d, seed=s, overrides={**sets, "model.encoder": encoders[arm]}
-        ))
+        )))
         for arm in args.arms for d in args.datasets for s in args.seeds
     ]  # fmt: skip
 
@@ -104,24 +104,25 @@ def cmd_encoders(args: argparse.Namespace) -> int:
     from experiments.commands import run_cells, spawn_jobs
 
     encoders = build_encoders(args.arms, Path(args.build_dir), args.data_root)  # before any worker starts
-    cells = plan(args, encoders)
+    planned = plan(args, encoders)
     if args.jobs > 1:
         rc = spawn_jobs(args.argv, args.jobs, args.set)
     else:
-        _, failed = run_cells(cells, runs_dir=args.runs_dir, data_root=args.data_root)
+        _, failed = run_cells([cell for _, cell in planned], runs_dir=args.runs_dir, data_root=args.data_root)
         rc = 1 if failed else 0
     if not args.no_report:
-        write_report(args, encoders, cells)
+        write_report(args, encoders, planned)
     return rc
 
 
-def write_report(args: argparse.Namespace, encoders: dict[str, str], cells: list[Any]) -> Path:
+def write_report(args: argparse.Namespace, encoders: dict[str, str], planned: list[tuple[str, Any]]) -> Path:
     """Test F1 per arm and dataset, mean ± std over the seeds that finished, from MLflow."""
     from crener.tracking import Tracker
+    from reports.stats import format_mean_std
 
     tracker = Tracker()
     rows: dict[tuple[str, str], list[tuple[int, float, str]]] = {}
-    for arm, cell in zip([a for a in args.arms for _ in args.datasets for _ in args.seeds], cells):
+    for arm, cell in planned:
         done = next((r for r in tracker.find_runs(cell.cfg.key()) if r.finished), None)
         if done is None:
             continue
@@ -140,15 +141,13 @@ def write_report(args: argparse.Namespace, encoders: dict[str, str], cells: list
         row = [f"{arm} (`{Path(encoders[arm]).name}`)"]
         for d in args.datasets:
             vals = [f for _, f, _ in rows.get((arm, d), [])]
-            if not vals:
-                row.append("–")
-                continue
-            std = statistics.stdev(vals) if len(vals) > 1 else float("nan")
-            row.append(f"{100 * statistics.mean(vals):.2f} ± {100 * std:.2f} (n={len(vals)})")
+            row.append(f"{format_mean_std(vals)} (n={len(vals)})" if vals else format_mean_std(vals))
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "Runs (MLflow run id per arm, dataset, seed):", ""]
     for (arm, d), items in sorted(rows.items()):
-        lines.append(f"- {arm} / {d}: " + ", ".join(f"s{s} `{rid}` {100 * f:.2f}" for s, f, rid in sorted(items)))
+        lines.append(
+            f"- {arm} / {d}: " + ", ".join(f"s{s} `{rid}` {100 * f:.2f}" for s, f, rid in sorted(items))
+        )
     out = Path("reports") / "out" / args.profile / "encoders.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")

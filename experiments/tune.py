@@ -331,7 +331,9 @@ def export_best(study: optuna.Study, path: str | Path, *, sets: dict[str, Any] |
     # Identity keys are the file's filters; fields that cannot change a result (threads, device,
     # progress bar: crener.config.KEY_IGNORED) belong to the machine that tuned, not to the recipe.
     values = {
-        k: v for k, v in {**(sets or {}), **best.params}.items() if k not in IDENTITY_KEYS and k not in KEY_IGNORED
+        k: v
+        for k, v in {**(sets or {}), **best.params}.items()
+        if k not in IDENTITY_KEYS and k not in KEY_IGNORED
     }
     lines = [
         f"# Best trial of Optuna study {study.study_name!r}, exported by `crener tune --export`.",

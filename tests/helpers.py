@@ -103,7 +103,8 @@ def smoke_cfg(**kw: object) -> RunConfig:
     return build_run_config(profile="smoke", dataset=kw.pop("dataset", "resume"), **kw)  # type: ignore[arg-type]
 
 
-def write_bmes(path, sentences):
+def write_bmes(path: Path, sentences) -> None:  # noqa: ANN001 - Sentence objects
+    """``sentences`` as a BMES file (one ``char tag`` a line, a blank line between sentences)."""
     lines = []
     for s in sentences:
         tags = ["O"] * len(s)
@@ -116,6 +117,7 @@ def write_bmes(path, sentences):
                     tags[i] = f"M-{e.type}"
                 tags[e.end - 1] = f"E-{e.type}"
         lines += [f"{c} {t}" for c, t in zip(s.chars, tags)] + [""]
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 

@@ -41,6 +41,7 @@ from crener.registry import build_model, build_task
 from crener.tasks import MAX_ENTITIES_PER_CHAR, GridTask
 from crener.train import fit
 from tests.conftest import SENTENCES, TYPES
+from tests.helpers import write_bmes
 
 CPU = torch.device("cpu")
 
@@ -427,22 +428,6 @@ def test_checkpoint_rounds_gives_the_same_forward_and_gradients(tiny_encoder, mo
     assert g_ckpt.keys() == g_plain.keys() and any(k.startswith("grid.") for k in g_plain)
     for name in g_plain:
         torch.testing.assert_close(g_ckpt[name], g_plain[name], rtol=1e-5, atol=1e-7, msg=name)
-
-
-def write_bmes(path, sentences):
-    lines = []
-    for s in sentences:
-        tags = ["O"] * len(s)
-        for e in s.entities:
-            if len(e.indices) == 1:
-                tags[e.start] = f"S-{e.type}"
-            else:
-                tags[e.start] = f"B-{e.type}"
-                tags[e.start + 1 : e.end - 1] = [f"M-{e.type}"] * (len(e.indices) - 2)
-                tags[e.end - 1] = f"E-{e.type}"
-        lines += [f"{c} {t}" for c, t in zip(s.chars, tags)] + [""]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 # Twelve distinct test sentences: the fixture's six, and the same with one character in front.

@@ -22,7 +22,6 @@ import pytest
 from crener.cli import main
 from crener.config import MAX_LEN, build_run_config
 from crener.errors import ConfigError, CrenerError
-from tests.conftest import SENTENCES
 
 REPO = Path(__file__).resolve().parents[1]
 FAST_S = 30  # a wrong store must fail within seconds, not after MLflow's minutes of retries
@@ -38,37 +37,13 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return db
 
 
-def _bmes(sentences) -> str:
-    lines = []
-    for s in sentences:
-        tags = ["O"] * len(s)
-        for e in s.entities:
-            if e.end - e.start == 1:
-                tags[e.start] = f"S-{e.type}"
-            else:
-                tags[e.start] = f"B-{e.type}"
-                tags[e.start + 1 : e.end - 1] = [f"M-{e.type}"] * (e.end - e.start - 2)
-                tags[e.end - 1] = f"E-{e.type}"
-        lines += [f"{c} {t}" for c, t in zip(s.chars, tags)] + [""]
-    return "\n".join(lines) + "\n"
-
-
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    (root / "resume").mkdir()
-    for split in ("train", "dev", "test"):
-        (root / "resume" / f"{split}.char.bmes").write_text(_bmes(SENTENCES), encoding="utf-8")
-    return root
-
-
-@pytest.fixture(scope="module")
-def checkpoint(data_root, tmp_path_factory) -> Path:
+def checkpoint(tiny_data, tmp_path_factory) -> Path:
     """The one training run of this file: test is scored on a 3-of-6 sample (data.test_limit)."""
     from crener.train import fit
 
     cfg = build_run_config(profile="smoke", overrides={
-        "data.data_root": str(data_root), "data.train_limit": 0, "data.eval_limit": 0, "data.test_limit": 3,
+        "data.data_root": str(tiny_data), "data.train_limit": 0, "data.eval_limit": 0, "data.test_limit": 3,
         "train.epochs": 1, "train.max_cells": 400, "train.progress": False,
     })  # fmt: skip
     work = tmp_path_factory.mktemp("run")
@@ -289,14 +264,14 @@ def _stores(tmp_path: Path) -> dict[str, tuple[str, str]]:
 @pytest.mark.parametrize(
     "which", ["missing folder", "not a database", "a folder", "nobody listening", "folder takes no files"]
 )
-def test_an_unusable_store_fails_fast(which, data_root, tmp_path, monkeypatch, capsys, caplog) -> None:
+def test_an_unusable_store_fails_fast(which, tiny_data, tmp_path, monkeypatch, capsys, caplog) -> None:
     if which == "folder takes no files" and not Path("/proc/self").is_dir():
         pytest.skip("needs Linux /proc")
     uri, message = _stores(tmp_path)[which]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("CRENER_RUNS", str(tmp_path / "runs"))
     t0 = time.monotonic()
-    rc, text = _run(["train", "--dataset", "resume", "--profile", "smoke", "--data-root", str(data_root)],
+    rc, text = _run(["train", "--dataset", "resume", "--profile", "smoke", "--data-root", str(tiny_data)],
                     capsys, caplog)  # fmt: skip
     _assert_refused(rc, text, message)
     assert time.monotonic() - t0 < FAST_S
@@ -309,7 +284,7 @@ def test_evaluate_run_id_on_an_unreachable_server(monkeypatch, capsys, caplog) -
     _assert_refused(rc, text, "cannot reach the MLflow store")
 
 
-def test_tune_refuses_a_bad_storage_url(data_root, tmp_path, capsys, caplog) -> None:
+def test_tune_refuses_a_bad_storage_url(tiny_data, tmp_path, capsys, caplog) -> None:
     argv = [
         "tune",
         "--dataset",
@@ -319,7 +294,7 @@ def test_tune_refuses_a_bad_storage_url(data_root, tmp_path, capsys, caplog) -> 
         "--trials",
         "1",
         "--data-root",
-        str(data_root),
+        str(tiny_data),
     ]
     rc, text = _run([*argv, "--storage", "nosuch://x"], capsys, caplog)
     _assert_refused(rc, text, "cannot open the Optuna storage 'nosuch://x'")

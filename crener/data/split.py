@@ -65,8 +65,11 @@ def split_sentence(sentence: Sentence, max_len: int, index: int = 0) -> list[Chu
                 f"sentence {index} ({n} characters) cannot be cut into pieces of at most {max_len}: "
                 f"entity {longest.type} {longest.text(chars)!r} spans characters "
                 f"{longest.start}..{longest.end - 1}; "
-                + (f"raise max_len (data.max_len, at most {MAX_LEN})" if max_len < MAX_LEN else
-                   f"max_len is already the encoder's limit ({MAX_LEN}): shorten or drop this sentence"),
+                + (
+                    f"raise max_len (data.max_len, at most {MAX_LEN})"
+                    if max_len < MAX_LEN
+                    else f"max_len is already the encoder's limit ({MAX_LEN}): shorten or drop this sentence"
+                ),
                 sentence.source,
                 None if sentence.line is None else sentence.line + longest.start,
             )
