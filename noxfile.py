@@ -94,3 +94,10 @@ def bench(session: nox.Session) -> None:
         *session.posargs,
         env={**ENV, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")},
     )
+
+
+@nox.session(python=PY)
+def gpu_check(session: nox.Session) -> None:
+    """The GPU check (crener/gpucheck.py): gpu tests, fp32 vs bf16 speed, an epoch, MSRA's worst batch."""
+    _install(session)
+    session.run("python", "-m", "crener.gpucheck", *session.posargs, env=ENV)

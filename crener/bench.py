@@ -109,18 +109,25 @@ def measure_speed(cfg: RunConfig, n_sentences: int) -> dict[str, float]:
     for idx in (by_cells[0], by_cells[len(by_cells) // 2], by_cells[-1]):
         step(idx)
     _sync(device)
+    _reset_device_peak(device)
     t0 = time.perf_counter()
     for idx in batches:
         step(idx)
     _sync(device)
     train_s = time.perf_counter() - t0
+    train_peak = _device_peak(device)
     predict_examples(model, task, examples[:8], device, cfg)
+    _reset_device_peak(device)
     t0 = time.perf_counter()
     predict_examples(model, task, examples, device, cfg)
     _sync(device)
     eval_s = time.perf_counter() - t0
     n = len(examples)
     return {
+        # Accelerator peaks (allocated bytes, weights and optimiser state included); None on CPU,
+        # whose peaks the levers and memory suites measure in a fresh process each.
+        "train_peak_bytes": train_peak,
+        "eval_peak_bytes": _device_peak(device),
         "train_sent_per_s": n / train_s,
         "eval_sent_per_s": n / eval_s,
         "train_ms_per_sentence": 1000 * train_s / n,
@@ -133,6 +140,15 @@ def measure_speed(cfg: RunConfig, n_sentences: int) -> dict[str, float]:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _reset_device_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _device_peak(device: torch.device) -> int | None:
+    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
 
 
 def memory_probe(cfg: RunConfig, length: int, batch: int = 1) -> dict[str, float]:

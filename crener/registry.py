@@ -70,11 +70,31 @@ def plugins(group: str) -> dict[str, EntryPoint]:
             )
         found[ep.name] = ep
     if not found:
+        found = _source_tree_entry_points(group)
+    if not found:
         raise CrenerError(
             f"nothing is registered in the entry-point group {group!r}: install the package "
             "(pip install -e .) so its entry points exist"
         )
     return found
+
+
+def _source_tree_entry_points(group: str) -> dict[str, EntryPoint]:
+    """The entry points ``pyproject.toml`` declares, for a source checkout used uninstalled.
+
+    The GPU check (:mod:`crener.gpucheck`) runs from a copied working tree with a Python that has
+    torch and transformers but not this package installed, so there is no install metadata; the
+    checkout's own ``pyproject.toml`` says the same thing. An installed package never gets here.
+    """
+    import tomllib
+    from pathlib import Path
+
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    if not pyproject.is_file():
+        return {}
+    with pyproject.open("rb") as f:
+        declared = tomllib.load(f).get("project", {}).get("entry-points", {}).get(group, {})
+    return {name: EntryPoint(name=name, value=value, group=group) for name, value in declared.items()}
 
 
 def _entry_points() -> dict[str, EntryPoint]:

@@ -211,7 +211,7 @@ def train_one_epoch(
         batch = collate([examples[i] for i in idx], task.target, task.num_labels)
         if unk_probs is not None:
             batch.input_ids = replace_with_unk(batch.input_ids, unk_probs, unk_id)
-        batch = batch.to(device)
+        batch = (batch.pin_memory() if device.type == "cuda" else batch).to(device)
         with autocast(device, cfg.train.bf16):
             outputs = model(batch)
         terms = task.loss(outputs, batch)

@@ -264,7 +264,9 @@ def test_calibrated_shift_reaches_test_the_checkpoint_and_predict(tiny_data, tmp
 
     data = load_dataset(cfg.data, seed=cfg.train.seed)
     test = build_split("test", data.test, cfg.data.max_len, loaded.task, loaded.tokenizer)
-    per = predict_shifted(loaded.model, loaded.task, test.examples, torch.device("cpu"), loaded.cfg, (0.0, chosen))
+    per = predict_shifted(
+        loaded.model, loaded.task, test.examples, torch.device("cpu"), loaded.cfg, (0.0, chosen)
+    )
     at_shift, at_zero = score_split(test, per[chosen])[0], score_split(test, per[0.0])[0]
     assert per[chosen] != per[0.0]  # the shift really changes the decoded entities here
     assert out["test"]["f1"] == pytest.approx(at_shift.micro.f1)

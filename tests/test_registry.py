@@ -79,3 +79,13 @@ def test_every_subcommand_is_found_through_its_entry_point() -> None:
             "ui", "curves", "report"} <= set(commands)  # fmt: skip
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     assert set(sub.choices) == set(commands)
+
+
+def test_a_source_checkout_declares_the_installed_entry_points() -> None:
+    """Uninstalled (the GPU check's copied tree), pyproject.toml stands in for the metadata."""
+    from importlib.metadata import entry_points
+
+    for group in (registry.GROUP, "crener.commands"):
+        installed = {(ep.name, ep.value) for ep in entry_points(group=group)}
+        declared = {(ep.name, ep.value) for ep in registry._source_tree_entry_points(group).values()}
+        assert declared == installed and installed

@@ -336,7 +336,17 @@ def test_reproduce_jobs_share_the_cells_real_fit(tmp_path: Path, monkeypatch: py
     """``--jobs 2``: two worker processes take the cells as they free up; every cell trains once,
     both workers train some, each with one CPU thread, and the parent writes the report."""
     data = tiny_resume(tmp_path / "data", 24)
-    sel = ["--datasets", "resume", "--models", "crener", "--variants", "full", "no_mlp", "no_dconv", "no_region"]
+    sel = [
+        "--datasets",
+        "resume",
+        "--models",
+        "crener",
+        "--variants",
+        "full",
+        "no_mlp",
+        "no_dconv",
+        "no_region",
+    ]
     cmd = [sys.executable, "-m", "crener.cli", "reproduce", "--profile", "smoke", *sel]
     cmd += ["--data-root", str(data), "--no-report", "--jobs", "2"]
     # A store that does not exist yet: the workers must not race to create its schema.
@@ -375,7 +385,10 @@ def test_tracked_train_then_evaluate_by_run_id(
     assert run.params["train.epochs"] == "2" and run.params["profile"] == "smoke"
     artifacts = {a.path for a in Tracker().client.list_artifacts(run.run_id)}
     assert {"summary.json", "config.json", "history.json", "per_type.json", "predictions"} <= artifacts
-    assert run.tags["mlflow.source.git.commit"] and len(Tracker().client.get_run(run.run_id).inputs.dataset_inputs) == 3
+    assert (
+        run.tags["mlflow.source.git.commit"]
+        and len(Tracker().client.get_run(run.run_id).inputs.dataset_inputs) == 3
+    )
     assert cli_main(["evaluate", "--run-id", run.run_id, "--data-root", str(data)]) == 0
     scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert scored["f1"] == pytest.approx(summary["test"]["f1"]) and scored["split"] == "test"

@@ -115,7 +115,6 @@ def test_missing_and_malformed_checkpoints(tmp_path):
         load_checkpoint(other)
 
 
-
 def test_a_malicious_torch_checkpoint_runs_no_code(tmp_path):
     """A real torch zip checkpoint whose pickle would write a marker file when unpickled (the
     legacy raw-pickle case fails on its magic number whatever weights_only says)."""

@@ -253,6 +253,7 @@ def test_two_tune_workers_real_fit(mlflow_store: str, tmp_path: Path) -> None:
     """The same with the real fit on a tiny Resume slice (smoke profile)."""
     pytest.importorskip("crener.train")
     from tests.helpers import tiny_resume as _tiny_resume
+
     data = _tiny_resume(tmp_path / "data", 16)
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     prefix = [sys.executable, "-m", "crener.cli"]

@@ -54,6 +54,16 @@ class Batch:
     def __len__(self) -> int:
         return int(self.lengths.numel())
 
+    def pin_memory(self) -> Batch:
+        """A copy in page-locked host memory, so ``to(cuda)`` runs asynchronously (non_blocking
+        from pageable memory is a synchronous copy)."""
+        out = Batch.__new__(Batch)
+        for name in ("input_ids", "attention_mask", "lengths", "char_mask", "grid_mask"):
+            setattr(out, name, getattr(self, name).pin_memory())
+        out.targets = None if self.targets is None else self.targets.pin_memory()
+        out.indices = self.indices
+        return out
+
     def to(self, device: torch.device | str) -> Batch:
         out = Batch.__new__(Batch)
         for name in ("input_ids", "attention_mask", "lengths", "char_mask", "grid_mask"):
