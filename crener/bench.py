@@ -49,8 +49,13 @@ WIDTHS: dict[str, tuple[str, dict[str, Any]]] = {
             "train.batch_size": 12,
             "train.max_cells": 0,
         },
-    ),  # fmt: skip
-}
+    ),
+    # The `full` profile as trained on CPU: its widths over the shipped encoder (roofline suite).
+    "full": ("full", {}),
+}  # fmt: skip
+# Width presets each suite measures unless --widths says otherwise.
+DEFAULT_WIDTHS = ("quick", "paper")
+ROOFLINE_WIDTHS = ("paper", "full")
 
 
 def bench_config(width: str, model: str, variant: str, overrides: dict[str, Any]) -> RunConfig:
@@ -396,6 +401,9 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.probe:
         return run_probe(args)
     overrides = parse_set(args.overrides)
+    suites = {args.suite} if isinstance(args.suite, str) else set(args.suite)
+    if not args.widths:
+        args.widths = list(ROOFLINE_WIDTHS if suites == {"roofline"} else DEFAULT_WIDTHS)
     # Every (width, model) the suites will build, resolved once here: a bad --set fails now, in one
     # message, not as an error row per measurement.
     for width in args.widths:
@@ -403,7 +411,6 @@ def run_bench(args: argparse.Namespace) -> int:
             bench_config(width, model, "full", overrides)
         for variant in args.variants:
             bench_config(width, "crener", variant, overrides)
-    suites = {args.suite} if isinstance(args.suite, str) else set(args.suite)
     set_items = [f"{k}={v}" for k, v in overrides.items()]
     results: dict[str, Any] = {"device": str(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
                                "threads": torch.get_num_threads(), "speed": [], "memory": [], "levers": []}  # fmt: skip
@@ -434,6 +441,10 @@ def run_bench(args: argparse.Namespace) -> int:
                 point = _memory_point(width, model, variant, length, args.batch, set_items)
                 results["memory"].append({"width": width, "model": model, "variant": variant, **point})
                 log.info("memory %s %s %s L=%d: %s", width, model, variant, length, point)
+    if {"roofline", "all"} & suites:
+        from crener.roofline import run_roofline
+
+        results.update(run_roofline(args.widths, args.models, args.sentences, overrides))
     _print(results, args.json)
     failed = [
         r for rows in (results["speed"], results["memory"], results["levers"]) for r in rows if "error" in r
@@ -480,6 +491,10 @@ def _print(results: dict[str, Any], as_json: bool) -> None:
         out.append(tabulate(rows, headers, tablefmt="github"))
     if results["levers"]:
         out.append(_levers_table(results["levers"]))
+    if results.get("steps"):
+        from crener.roofline import roofline_tables
+
+        out.append(roofline_tables(results))
     sys.stdout.write("\n\n".join(out) + "\n")
 
 

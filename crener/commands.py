@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 # Width presets of `crener bench` (crener.bench.WIDTHS, which imports torch; tests/test_cli_errors.py
 # checks the two agree).
-BENCH_WIDTHS = ("quick", "paper")
+BENCH_WIDTHS = ("quick", "paper", "full")
 
 
 def int_at_least(low: int, high: int | None = None, *, label: str | None = None):
@@ -88,13 +88,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("bench", help="training/inference speed and peak memory against sentence length")
-    p.add_argument("--suite", nargs="+", default=["model"], choices=["model", "memory", "w2ner", "levers", "all"],
+    p.add_argument("--suite", nargs="+", default=["model"], choices=["model", "memory", "w2ner", "levers", "roofline", "all"],
                    help="model: every variant's speed; w2ner: W2NER's; levers: each speed lever on/off, "
-                        "one process per point with its peak memory; memory: peak memory against length")  # fmt: skip
+                        "one process per point with its peak memory; memory: peak memory against length; "
+                        "roofline: this machine's peaks and each op group's share of a profiled step")  # fmt: skip
     p.add_argument("--models", nargs="+", default=["w2ner", "crener"], choices=registry.names(),
                    metavar="MODEL", help="models of the levers and memory suites")  # fmt: skip
-    p.add_argument("--widths", nargs="+", default=list(BENCH_WIDTHS), choices=BENCH_WIDTHS,
-                   help="width presets to measure")  # fmt: skip
+    p.add_argument("--widths", nargs="+", choices=BENCH_WIDTHS,
+                   help="width presets to measure (default: quick paper; roofline alone: paper full)")  # fmt: skip
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="VARIANT")
     p.add_argument("--lengths", nargs="+", type=int_at_least(4, MAX_LEN), default=[32, 64, 128, 256, 510],
                    help=f"sentence lengths of the memory suite (4 to {MAX_LEN} characters)")  # fmt: skip

@@ -126,7 +126,14 @@ def ablation_chart(data: pd.DataFrame, stem: Path) -> list[Path]:
         theirs = sub["paper_delta_full"].astype(float).to_numpy()
         err = sub["f1_std"].astype(float).fillna(0).to_numpy() if "f1_std" in sub else None
         ax.barh(y - 0.2, theirs, height=0.4, label="paper / 论文" if _CJK else "paper", color="#bbbbbb")
-        ax.barh(y + 0.2, np.nan_to_num(ours), height=0.4, xerr=err, label="ours / 复现" if _CJK else "ours", color="#1f77b4")
+        ax.barh(
+            y + 0.2,
+            np.nan_to_num(ours),
+            height=0.4,
+            xerr=err,
+            label="ours / 复现" if _CJK else "ours",
+            color="#1f77b4",
+        )
         for yi, value in zip(y, ours):
             if np.isnan(value):  # no run: say so instead of drawing a zero-length bar
                 ax.text(0, yi + 0.2, "no run ", ha="right", va="center", fontsize=7, color="#1f77b4")
