@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import resource
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -400,6 +401,10 @@ def _memory_point(
 def run_bench(args: argparse.Namespace) -> int:
     if args.probe:
         return run_probe(args)
+    if getattr(args, "from_json", None):
+        results = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
+        _write_page(results, args.page or str(Path(args.from_json).with_suffix(".md")))
+        return 0
     overrides = parse_set(args.overrides)
     suites = {args.suite} if isinstance(args.suite, str) else set(args.suite)
     if not args.widths:
@@ -413,7 +418,8 @@ def run_bench(args: argparse.Namespace) -> int:
             bench_config(width, "crener", variant, overrides)
     set_items = [f"{k}={v}" for k, v in overrides.items()]
     results: dict[str, Any] = {"device": str(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
-                               "threads": torch.get_num_threads(), "speed": [], "memory": [], "levers": []}  # fmt: skip
+                               "threads": torch.get_num_threads(), "speed": [], "memory": [], "levers": [],
+                               "machine": machine_info(), "command": "crener " + shlex.join(sys.argv[1:])}  # fmt: skip
     budgeted = {}  # width -> overrides with the cell budget the speed suites train with
     if {"model", "w2ner", "levers", "all"} & suites:
         budgeted = {w: budget_overrides(w, args.sentences, overrides) for w in args.widths}
@@ -446,6 +452,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
         results.update(run_roofline(args.widths, args.models, args.sentences, overrides))
     _print(results, args.json)
+    if getattr(args, "page", None):
+        _write_page(results, args.page)
     failed = [
         r for rows in (results["speed"], results["memory"], results["levers"]) for r in rows if "error" in r
     ]
@@ -461,24 +469,32 @@ def _print(results: dict[str, Any], as_json: bool) -> None:
     if as_json:
         sys.stdout.write(json.dumps(results) + "\n")
         return
+    out = [f"device {results['device']}, {results['threads']} threads"]
+    out += [body for _, body in _sections(results)]
+    sys.stdout.write("\n\n".join(out) + "\n")
+
+
+def _sections(results: dict[str, Any]) -> list[tuple[str, str]]:
+    """``(title, Markdown body)`` for each suite present in ``results``."""
     from tabulate import tabulate
 
-    out = [f"device {results['device']}, {results['threads']} threads"]
+    out = []
     if results["speed"]:
         rows = [[r["width"], r["model"], r["variant"], f"{r['train_sent_per_s']:.1f}", f"{r['eval_sent_per_s']:.1f}",
                  f"{r['train_ms_per_sentence']:.0f}", f"{r['parameters'] / 1e6:.2f}M"] for r in results["speed"]]  # fmt: skip
-        out.append(tabulate(rows, ["widths", "model", "variant", "train sent/s", "eval sent/s", "train ms/sent", "params"],
-                            tablefmt="github"))  # fmt: skip
+        body = [tabulate(rows, ["widths", "model", "variant", "train sent/s", "eval sent/s", "train ms/sent", "params"],
+                         tablefmt="github")]  # fmt: skip
         full = {r["width"]: r for r in results["speed"] if r["model"] == "crener" and r["variant"] == "full"}
         for r in results["speed"]:
             if r["variant"] == "no_enhancement" and r["width"] in full:
                 ratio = full[r["width"]]["train_ms_per_sentence"] / r["train_ms_per_sentence"]
-                out.append(
+                body.append(
                     f"{r['width']}: CRENER full / no_enhancement training cost per sentence = {ratio:.2f}x"
                 )
             if r["model"] == "w2ner" and r["width"] in full:
                 ratio = full[r["width"]]["train_ms_per_sentence"] / r["train_ms_per_sentence"]
-                out.append(f"{r['width']}: CRENER full / W2NER training cost per sentence = {ratio:.2f}x")
+                body.append(f"{r['width']}: CRENER full / W2NER training cost per sentence = {ratio:.2f}x")
+        out.append(("Speed of every variant", "\n\n".join(body)))
     if results["memory"]:
         rows = [[m["width"], m["model"], m["variant"], m["length"], m.get("batch", ""),
                  f"{m['peak_bytes'] / 2**20:.0f}" if "peak_bytes" in m else m.get("error", "?"),
@@ -488,14 +504,103 @@ def _print(results: dict[str, Any], as_json: bool) -> None:
                 for m in results["memory"]]  # fmt: skip
         headers = ["widths", "model", "variant", "length", "batch", "train step peak MiB", "KiB per grid cell",
                    "eval peak MiB", "process peak GiB"]  # fmt: skip
-        out.append(tabulate(rows, headers, tablefmt="github"))
+        out.append(("Peak memory against sentence length", tabulate(rows, headers, tablefmt="github")))
     if results["levers"]:
-        out.append(_levers_table(results["levers"]))
+        out.append(("Speed levers, each on and off", _levers_table(results["levers"])))
     if results.get("steps"):
         from crener.roofline import roofline_tables
 
-        out.append(roofline_tables(results))
-    sys.stdout.write("\n\n".join(out) + "\n")
+        out.append(("Roofline: each op group against this machine's peaks", roofline_tables(results)))
+    return out
+
+
+# What each suite measures and each lever is, for the generated page (no figures: those come
+# from the run the page is generated from).
+SUITE_NOTES = {
+    "Speed of every variant": "Training and evaluation sentences/s of each CRENER variant (and W2NER) on "
+    "Resume training sentences with random weights, in the profile's batches.",
+    "Peak memory against sentence length": "One training step, then one evaluation forward, on synthetic "
+    "sentences of each length, each point in a fresh process: the peak above the process's size before "
+    "the step (CPU: the resettable peak-RSS mark; CUDA: peak allocation).",
+    "Speed levers, each on and off": "Each lever flipped from the default, one fresh process per point "
+    "(so each peak resident memory is its own). Repeated runs of one point differ by up to about 10 %, "
+    "so small differences between rows are noise.",
+    "Roofline: each op group against this machine's peaks": "The machine's peaks, then one profiled "
+    "training and evaluation step on the median batch (crener/roofline.py says how time, FLOPs and "
+    "bytes are attributed).",
+}
+LEVER_NOTES = {
+    "fixed batch of 12 sentences": "instead of the cell budget (`train.max_cells`): length-sorted buckets "
+    "filled up to B·N² cells, buckets shuffled, so one long sentence does not pad a whole batch to N².",
+    "evaluation batches of 200k cells": "instead of small evaluation batches (`train.eval_max_cells`): "
+    "evaluation has no backward pass to amortise, and small grids stay in cache.",
+    "library dilated convs": "instead of space-to-batch dilated convolutions (`model.space_to_batch`): "
+    "in training, dilated depthwise convolutions run as undilated ones over interleaved sub-grids, "
+    "because oneDNN's dilated backward pass was many times slower on CPU. Exact (tested).",
+    "concatenated grid input (eq. 7 as written)": "instead of the split grid input (`model.grid_input`): "
+    "the 1x1 convolution is linear, so only the CLN grid goes through the large matmul while the "
+    "distance, region and attention inputs reach the grid through small projected tables. Exact (tested).",
+    "factored grid input": "`model.grid_input=factored`: avoids the CLN grid too. Exact (tested).",
+    "uniform-draw dropout": "`model.fast_dropout`: the predictor's grid dropouts as uniforms compared "
+    "with p, with a 1-byte mask. Same law; off by default (README, Speed and memory).",
+    "bf16 autocast": "`train.bf16`: on by default in `paper` (a GPU profile); on CPU it pays only "
+    "where the CPU has fast bf16 matmuls (see the roofline's peaks).",
+    "large tensors on the malloc heap": "`train.heap_tensors` (glibc): keep freed grids mapped for reuse "
+    "instead of paying page faults on every new large tensor.",
+    "checkpointed rounds": "`model.checkpoint_rounds`: recompute each convolution round in the backward "
+    "pass, trading time for memory on long sentences.",
+}
+
+
+def machine_info() -> dict[str, Any]:
+    """What the figures were measured on: they hold for this machine only."""
+    import datetime
+    import platform
+
+    from crener.workspace import git_commit
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "gpu": gpu,
+            "torch": torch.__version__, "commit": git_commit(),
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")}  # fmt: skip
+
+
+def _write_page(results: dict[str, Any], page: str) -> None:
+    """``page`` (Markdown) and its results beside it as JSON (same name, ``.json``)."""
+    path = Path(page)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix != ".json":
+        path.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    path.write_text(render_page(results, results.get("command", "crener bench")), encoding="utf-8")
+    log.info("wrote %s and its JSON", path)
+
+
+def render_page(results: dict[str, Any], command: str) -> str:
+    """The generated performance page (reports/performance.md) from one bench run's results."""
+    m = results.get("machine") or {}
+    lines = [
+        "# Performance: speed, memory and the roofline",
+        "",
+        f"Generated by `{command}` (do not edit: rerun it). Every figure below comes from that one run "
+        f"and holds for its machine only: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, "
+        f"{results['threads']} torch threads{', GPU ' + m['gpu'] if m.get('gpu') else ''}, torch "
+        f"{m.get('torch', '?')}, commit `{str(m.get('commit', '?'))[:7]}`, {m.get('date', '?')}. "
+        "Compare rows of one run, never figures across machines.",
+    ]
+    for title, body in _sections(results):
+        lines += ["", f"## {title}", "", SUITE_NOTES.get(title, ""), "", body]
+        if title.startswith("Speed levers"):
+            lines += ["", "The levers:", ""]
+            lines += [f"- **{name}**: {note}" for name, note in LEVER_NOTES.items()]
+    return "\n".join(lines).rstrip() + "\n"
 
 
 def _levers_table(rows: list[dict[str, Any]]) -> str:

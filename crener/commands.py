@@ -105,6 +105,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=positive_int, default=1, help="sentences of each length in a memory probe")
     p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE")
     p.add_argument("--json", action="store_true", help="one JSON object instead of tables")
+    p.add_argument("--page", metavar="FILE", help="also write a Markdown page of the results (and FILE's .json "
+                   "beside it), e.g. reports/performance.md")  # fmt: skip
+    p.add_argument(
+        "--from-json", metavar="FILE", help="render --page from an earlier run's JSON; measure nothing"
+    )
     # Internal: one point measured in a fresh process the suites start (crener.bench.probe_command).
     p.add_argument("--probe", choices=["speed", "memory"], help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_bench)

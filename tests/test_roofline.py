@@ -131,3 +131,28 @@ def test_suite_json_has_the_issue_schema(
         "optimiser",
     } <= groups
     assert "decode" in {g["group"] for g in out["steps"][1]["groups"]}
+
+
+def test_page_is_generated_from_the_run_and_rerendered_from_its_json(
+    monkeypatch: pytest.MonkeyPatch, tmp_path, capsys: pytest.CaptureFixture
+) -> None:
+    from crener.bench import run_bench
+
+    monkeypatch.setattr(
+        roofline, "machine_peaks", lambda: {"fp32_gflops": 123.4, "bf16_gflops": 5.6, "bandwidth_gbs": 7.8}
+    )
+    page = tmp_path / "perf" / "performance.md"
+    args = argparse.Namespace(probe=None, overrides=[], suite=["roofline"], widths=["quick"], models=["w2ner"],
+                              variants=["full"], sentences=4, json=False, lengths=[], batch=1, page=str(page),
+                              from_json=None)  # fmt: skip
+    assert run_bench(args) == 0
+    text = page.read_text()
+    data = json.loads(page.with_suffix(".json").read_text())
+    assert text.startswith("# Performance") and "## Roofline" in text
+    assert "fp32 matmul 123.4 GFLOP/s" in text and data["machine"]["commit"][:7] in text
+    step = data["steps"][0]
+    assert f"{step['sent_per_s']:.1f} sent/s" in text  # the page shows the run's own figures
+    page.unlink()
+    again = argparse.Namespace(probe=None, from_json=str(page.with_suffix(".json")), page=None)
+    assert run_bench(again) == 0
+    assert page.read_text() == text
