@@ -49,6 +49,7 @@ WIDTHS: dict[str, tuple[str, dict[str, Any]]] = {
             # suites put the default cell budget on top (`budget_overrides`), the levers flip it.
             "train.batch_size": 12,
             "train.max_cells": 0,
+            "train.sorted_batches": False,
         },
     ),
     # The `full` profile as trained on CPU: its widths over the shipped encoder (roofline suite).
@@ -86,7 +87,7 @@ def _setup(cfg: RunConfig, n_sentences: int, tmp: Path):
 
 def measure_speed(cfg: RunConfig, n_sentences: int) -> dict[str, float]:
     """Training and inference sentences/s on ``n_sentences`` Resume training sentences."""
-    from crener.data.batching import collate, make_batches
+    from crener.data.batching import collate, training_batches
     from crener.evaluation import autocast, predict_examples, resolve_device
     from crener.train import keep_large_tensors_on_heap
 
@@ -97,8 +98,7 @@ def measure_speed(cfg: RunConfig, n_sentences: int) -> dict[str, float]:
     model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     lengths = [e.n for e in examples]
-    batches = make_batches(lengths, max_cells=cfg.train.max_cells, batch_size=cfg.train.batch_size,
-                           shuffle=True, rng=np.random.default_rng(0))  # fmt: skip
+    batches = training_batches(lengths, cfg.train, np.random.default_rng(0))
     model.train()
 
     def step(idx):

@@ -214,8 +214,11 @@ class TrainConfig:
 
     seed: int = 0  # seeds python, numpy and torch; logged with every run
     epochs: int = 10  # passes over the training split
-    batch_size: int = 12  # sentences per batch when max_cells = 0
+    batch_size: int = 12  # sentences per batch when max_cells = 0 or sorted_batches
     max_cells: int = 0  # >0: batches hold at most this many grid cells (B * N^2), length-bucketed
+    # The paper's batches: batch_size sentences from length-sorted buckets; max_cells (if > 0) is
+    # then only a memory guard that splits a batch above it (logged).
+    sorted_batches: bool = False
     # Grid-cell budget of evaluation batches. Small batches keep the (B, N, N, d) grids in cache, so
     # on CPU they evaluate faster than 200k-cell ones (`crener bench --suite levers`; figures:
     # README, Speed and memory). On a GPU larger batches may pay: raise it there.
@@ -567,11 +570,13 @@ PROFILES: dict[str, dict[str, Any]] = {
     "paper": {
         "model.encoder": "bert-base-chinese",
         "train.bf16": True,
-        # The paper's batches of 12 as a cell budget (see `full`). Fixed batches of 12 do not fit
-        # MSRA: twelve 256-character chunks at these widths outgrew the memory of one CRENER step,
-        # while under the budget its worst batch is one 256-character chunk (`crener bench
-        # --suite memory`; figures: README, Speed and memory).
-        "train.max_cells": 20_000,
+        # The paper's recipe: batches of exactly 12 sentences from length-sorted buckets. The cell
+        # cap only guards memory: 12 chunks of data.max_len (256) characters, so at the default
+        # max_len nothing is split; lower it on a GPU that cannot hold MSRA's worst batch of 12
+        # (`python -m crener.gpucheck` measures it). On CPU, `full`'s cell budget is the deviation.
+        "train.sorted_batches": True,
+        "train.batch_size": 12,
+        "train.max_cells": 12 * 256 * 256,
     },
 }
 

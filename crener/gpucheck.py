@@ -74,7 +74,8 @@ def _config(args: argparse.Namespace, model: str, bf16: bool, **extra: Any):
         "train.device": args.device,
         "train.bf16": bf16,
         "train.progress": False,
-        # The paper's batches of 12 sentences (fixed size, no cell budget).
+        # The paper's batches: 12 sentences from length-sorted buckets, no memory guard.
+        "train.sorted_batches": True,
         "train.max_cells": 0,
         "train.batch_size": 12,
         **extra,

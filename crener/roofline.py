@@ -229,10 +229,9 @@ def flops_by_group(counts: dict[str, dict[Any, int]], root: str, train: bool) ->
 
 def _median_batch(lengths: list[int], cfg) -> list[int]:  # noqa: ANN001 - RunConfig
     """The batch of median size (B * N^2 cells) among the batches training would make."""
-    from crener.data.batching import make_batches
+    from crener.data.batching import training_batches
 
-    batches = make_batches(lengths, max_cells=cfg.train.max_cells, batch_size=cfg.train.batch_size,
-                           shuffle=True, rng=np.random.default_rng(0))  # fmt: skip
+    batches = training_batches(lengths, cfg.train, np.random.default_rng(0))
     cells = [len(b) * max(lengths[i] for i in b) ** 2 for b in batches]
     return batches[int(np.argsort(cells, kind="stable")[len(cells) // 2])]
 

@@ -31,7 +31,7 @@ from torch import nn
 
 from crener.checkpoint import CHECKPOINT_VERSION, encoder_state, load_checkpoint, save_checkpoint
 from crener.config import ModelConfig, RunConfig
-from crener.data.batching import Example, collate, make_batches
+from crener.data.batching import Example, collate, training_batches
 from crener.data.datasets import load_dataset
 from crener.data.digest import dataset_digest
 from crener.data.schema import Entity, Sentence
@@ -312,8 +312,7 @@ def fit(
     n_params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg), weight_decay=cfg.train.weight_decay)
     # Batch count depends only on lengths and the budget, so the step total is known up front.
-    steps_per_epoch = len(make_batches(lengths, max_cells=cfg.train.max_cells, batch_size=cfg.train.batch_size,
-                                       shuffle=True, rng=np.random.default_rng(0)))  # fmt: skip
+    steps_per_epoch = len(training_batches(lengths, cfg.train, np.random.default_rng(0)))
     if cfg.train.max_steps:
         steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps)
     total_steps = steps_per_epoch * cfg.train.epochs
@@ -381,8 +380,7 @@ def fit(
     for epoch in range(start_epoch, cfg.train.epochs + 1):
         t0 = time.perf_counter()
         rng = np.random.default_rng([cfg.train.seed, epoch])
-        batches = make_batches(lengths, max_cells=cfg.train.max_cells, batch_size=cfg.train.batch_size,
-                               shuffle=True, rng=rng)  # fmt: skip
+        batches = training_batches(lengths, cfg.train, rng)
         metrics = train_one_epoch(
             model, task, train_examples, batches, optimizer, scheduler, device, cfg,
             epoch=epoch, max_steps=cfg.train.max_steps, unk_probs=unk_probs, unk_id=tokenizer.unk_id,

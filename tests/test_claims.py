@@ -540,6 +540,59 @@ def test_cell_budget_batches(max_cells, shuffle):
             assert len(batches) < len(lengths)
 
 
+@pytest.mark.parametrize("guard", [0, 5_000, 200_000])
+def test_sorted_batches_of_twelve_with_a_memory_guard(guard, caplog):
+    """The paper's recipe: batches of exactly 12 consecutive sentences of length-sorted order (the
+    last may be shorter); the guard splits only the batches above it, into consecutive pieces
+    within it (or single sentences), and says how many it split."""
+    rng = np.random.default_rng(guard)
+    lengths = rng.integers(1, 120, size=500).tolist()  # 12 * 119^2 < 200k: that guard splits nothing
+    with caplog.at_level("INFO", logger="crener.data.batching"):
+        batches = make_batches(lengths, batch_size=12, max_cells=guard, sorted_fixed=True)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    order = [i for b in batches for i in b]  # unshuffled: the batches in sorted order
+    assert [lengths[i] for i in order] == sorted(lengths)
+    buckets = [order[k : k + 12] for k in range(0, len(order), 12)]
+    pieces = iter(batches)
+    split = 0
+    for bucket in buckets:  # consume the batches that make up each 12-sentence bucket
+        got: list[int] = []
+        parts = 0
+        while len(got) < len(bucket):
+            got += next(pieces)
+            parts += 1
+        assert got == bucket
+        if guard and len(bucket) * lengths[bucket[-1]] ** 2 > guard:
+            split += 1
+            assert parts > 1
+        else:
+            assert parts == 1
+    assert next(pieces, None) is None
+    assert (split > 0) == (guard == 5_000)
+    if split:
+        assert f"{split} of {len(buckets)} batches of 12 sentences were split" in caplog.text
+    else:
+        assert "split" not in caplog.text
+    for b in batches:
+        assert len(b) * max(lengths[i] for i in b) ** 2 <= (guard or 10**9) or len(b) == 1
+    # Shuffled: the same sizes of buckets and guard pieces, in another order.
+    mixed = make_batches(lengths, batch_size=12, max_cells=guard, shuffle=True, rng=np.random.default_rng(1),
+                         sorted_fixed=True)  # fmt: skip
+    assert sorted(i for b in mixed for i in b) == list(range(len(lengths)))
+    assert mixed != batches and sorted(map(len, mixed)) == sorted(map(len, batches))
+
+
+def test_the_paper_profile_is_the_papers_batches() -> None:
+    from crener.data.batching import training_batches
+
+    cfg = build_run_config(profile="paper", dataset="weibo").train
+    assert (cfg.sorted_batches, cfg.batch_size) == (True, 12)
+    lengths = list(range(1, 257)) * 3  # every length up to max_len: nothing reaches the guard
+    batches = training_batches(lengths, cfg, np.random.default_rng(0))
+    assert sorted(len(b) for b in batches) == [12] * 64
+    assert build_run_config(profile="full").train.sorted_batches is False  # CPU: the cell budget
+
+
 # --- relation enhancement against the equations ------------------------------------------------
 
 

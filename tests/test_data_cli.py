@@ -183,3 +183,17 @@ def test_every_sentence_roundtrips_and_counts_match_readme(shared_data, dataset)
         assert (st["sentences"], st["characters"], st["entities"]) == (sentences, characters, entities)
         for scheme in ("crener", "w2ner"):
             assert st["roundtrip"][scheme] == {"ok": sentences, "total": sentences}, (split, scheme)
+
+
+def test_data_batches_shows_the_papers_twelve_against_the_cell_budget(shared_data, capsys) -> None:
+    """Weibo under `paper`: ceil(1,350 / 12) = 113 steps of 12 sentences (the last 6); under
+    `full`'s 20k-cell budget, most batches are one long sentence."""
+    from crener.cli import main
+
+    assert main(["data", "batches", "weibo", "--profile", "paper", "--json"]) == 0
+    paper = json.loads(capsys.readouterr().out)
+    assert (paper["chunks"], paper["steps_per_epoch"], paper["sizes"]) == (1350, 113, {"6": 1, "12": 112})
+    assert main(["data", "batches", "weibo", "--profile", "full", "--json"]) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert full["steps_per_epoch"] > 3 * paper["steps_per_epoch"] and full["median_batch"] == 1
+    assert full["max_cells"] <= 20_000 or full["sizes"].get("1")

@@ -8,13 +8,20 @@ share big batches and one long sentence does not pad a whole batch to N^2.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from crener.data.features import char_mask, grid_mask
+
+if TYPE_CHECKING:
+    from crener.config import TrainConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -115,30 +122,63 @@ def make_batches(
     batch_size: int = 12,
     shuffle: bool = False,
     rng: np.random.Generator | None = None,
+    sorted_fixed: bool = False,
 ) -> list[list[int]]:
     """Group example positions into batches.
 
-    ``max_cells > 0``: sort by length (with random jitter inside equal lengths when shuffling),
-    fill each batch while B * N_max^2 <= max_cells, then shuffle the batches (buckets, not
-    sentences, are shuffled). A sentence whose own grid exceeds the budget gets a batch alone.
-    ``max_cells == 0``: W2NER's fixed-size batches, shuffled sentence order when ``shuffle``.
+    ``sorted_fixed``: the paper's recipe, ``batch_size`` sentences a batch from length-sorted
+    order (random jitter inside equal lengths when shuffling), batches shuffled; ``max_cells > 0``
+    is then only a memory guard: a batch above it is split into the fewest length-sorted pieces
+    within it (logged). Otherwise ``max_cells > 0``: fill each batch from length-sorted order while
+    B * N_max^2 <= max_cells, then shuffle the batches (buckets, not sentences, are shuffled); a
+    sentence whose own grid exceeds the budget gets a batch alone. ``max_cells == 0``: W2NER's
+    fixed-size batches, shuffled sentence order when ``shuffle``.
     """
     lengths = np.asarray(lengths, dtype=np.int64)
     if len(lengths) == 0:
         return []
     if shuffle and rng is None:
         raise ValueError("shuffle needs an rng")
-    if max_cells <= 0:
+    if max_cells <= 0 and not sorted_fixed:
         order = rng.permutation(len(lengths)) if shuffle else np.arange(len(lengths))
         return [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
     if shuffle:
-        order = np.lexsort((rng.random(len(lengths)), lengths))
+        order = np.lexsort((rng.random(len(lengths)), lengths)).tolist()
     else:
-        order = np.argsort(lengths, kind="stable")
+        order = np.argsort(lengths, kind="stable").tolist()
+    if sorted_fixed:
+        batches, split = [], 0
+        for i in range(0, len(order), batch_size):
+            bucket = order[i : i + batch_size]
+            if max_cells > 0 and len(bucket) * int(lengths[bucket[-1]]) ** 2 > max_cells:
+                pieces = _fill(bucket, lengths, max_cells)
+                split += 1
+                batches += pieces
+            else:
+                batches.append(bucket)
+        if split:
+            log.info("%d of %d batches of %d sentences were split to stay within the %d-cell memory guard "
+                     "(train.max_cells)", split, -(-len(order) // batch_size), batch_size, max_cells)  # fmt: skip
+    else:
+        batches = _fill(order, lengths, max_cells)
+    if shuffle:
+        perm = rng.permutation(len(batches))
+        batches = [batches[i] for i in perm]
+    return batches
+
+
+def training_batches(lengths: Sequence[int], train: TrainConfig, rng: np.random.Generator) -> list[list[int]]:
+    """One epoch's shuffled training batches as ``train`` (``cfg.train``) asks for them."""
+    return make_batches(lengths, max_cells=train.max_cells, batch_size=train.batch_size, shuffle=True, rng=rng,
+                        sorted_fixed=train.sorted_batches)  # fmt: skip
+
+
+def _fill(order: list[int], lengths: np.ndarray, max_cells: int) -> list[list[int]]:
+    """Consecutive batches of length-sorted ``order``, each while B * N_max^2 <= ``max_cells``."""
     batches: list[list[int]] = []
     current: list[int] = []
     longest = 0
-    for pos in order.tolist():
+    for pos in order:
         n = int(lengths[pos])
         m = max(longest, n)
         if current and (len(current) + 1) * m * m > max_cells:
@@ -148,7 +188,4 @@ def make_batches(
         longest = m
     if current:
         batches.append(current)
-    if shuffle:
-        perm = rng.permutation(len(batches))
-        batches = [batches[i] for i in perm]
     return batches

@@ -4,6 +4,7 @@
   length percentiles, repaired spans, sentences over ``max_len``, and whether every sentence's
   gold entities survive a grid encode -> decode round trip under both tag schemes.
 * ``crener data check FILE`` - every problem of one CoNLL file with ``file:line``; exit 1 if any.
+* ``crener data batches DATASET --profile P`` - one training epoch's steps and batch sizes.
 * ``crener data bench DATASET`` - seconds and sentences/s to read and grid-encode a split.
 
 Results go to stdout (tables, or one JSON object with ``--json``); diagnostics go to logging.
@@ -54,6 +55,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check.add_argument("file", metavar="FILE")
     check.add_argument("--format", choices=("auto", *FORMATS), default="auto", help="tag format")
     check.set_defaults(func=cmd_check)
+
+    batches = sub.add_parser("batches", help="one training epoch's batches under a profile: steps, sizes")
+    batches.add_argument("dataset", metavar="DATASET", help=f"registered dataset ({known})")
+    batches.add_argument(
+        "--profile", default="quick", help="profile whose batching to apply (default: quick)"
+    )
+    batches.add_argument(
+        "--model", default="crener", help="model family whose defaults apply (default: crener)"
+    )
+    batches.add_argument(
+        "--set", dest="overrides", action="append", metavar="KEY=VALUE", help="config override"
+    )
+    batches.add_argument("--data-root", help="data directory (default: $CRENER_DATA, then shared/data)")
+    batches.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    batches.set_defaults(func=cmd_batches)
 
     bench = sub.add_parser("bench", help="time reading and grid-encoding one split")
     bench.add_argument("dataset", metavar="DATASET", help=f"registered dataset ({known})")
@@ -223,6 +239,53 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 # --- bench -------------------------------------------------------------------------------------
+
+
+def epoch_batches(dataset: str, profile: str, model: str = "crener", overrides: Sequence[str] = (),
+                  data_root: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """Steps and batch sizes of one training epoch (seed 0) as ``profile`` batches ``dataset``."""
+    import numpy as np
+
+    from crener.config import build_run_config, parse_set
+    from crener.data.batching import training_batches
+    from crener.data.datasets import load_dataset
+    from crener.data.split import split_all
+
+    flat = parse_set(list(overrides))
+    if data_root:
+        flat["data.data_root"] = data_root
+    cfg = build_run_config(model=model, profile=profile, dataset=dataset, overrides=flat)
+    data = load_dataset(cfg.data, seed=0)
+    lengths = [len(c.sentence) for c in split_all(data.train, cfg.data.max_len)]
+    batches = training_batches(lengths, cfg.train, np.random.default_rng(0))
+    sizes = Counter(len(b) for b in batches)
+    cells = sorted(len(b) * max(lengths[i] for i in b) ** 2 for b in batches)
+    t = cfg.train
+    rule = (f"{t.batch_size} sentences from length-sorted buckets" + (f", guard {t.max_cells:,} cells" if t.max_cells else "")
+            if t.sorted_batches else f"cell budget {t.max_cells:,}" if t.max_cells else f"{t.batch_size} sentences, random order")  # fmt: skip
+    steps = len(batches) if not t.max_steps else min(len(batches), t.max_steps)
+    return {
+        "dataset": dataset, "profile": profile, "rule": rule, "chunks": len(lengths), "batches": len(batches),
+        "steps_per_epoch": steps, "median_batch": int(np.median([len(b) for b in batches])),
+        "sizes": {int(k): v for k, v in sorted(sizes.items())}, "median_cells": cells[len(cells) // 2],
+        "max_cells": cells[-1],
+    }  # fmt: skip
+
+
+def cmd_batches(args: argparse.Namespace) -> int:
+    out = epoch_batches(args.dataset, args.profile, args.model, args.overrides or (), args.data_root)
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    from tabulate import tabulate
+
+    print(
+        f"{out['dataset']} train, profile {out['profile']} ({out['rule']}): {out['chunks']:,} chunks in "
+        f"{out['batches']:,} batches, {out['steps_per_epoch']:,} steps an epoch; median batch "
+        f"{out['median_batch']} sentences, {out['median_cells']:,} cells (largest {out['max_cells']:,})\n"
+        + tabulate(list(out["sizes"].items()), headers=["sentences a batch", "batches"])
+    )
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
