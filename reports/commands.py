@@ -43,6 +43,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "add adhoc to include runs of `crener train`)",
     )
     p.add_argument("--data-root", default=None, help="data directory for Table 1 (default: the data layer's)")
+    p.add_argument(
+        "--ablation-shared-x",
+        action="store_true",
+        help="one Δ F1 scale for all datasets in the ablation chart (default: each panel its own)",
+    )
     p.set_defaults(func=_run)
 
 
@@ -61,6 +66,7 @@ def _run(args: argparse.Namespace) -> int:
         optuna_storage=args.optuna_storage,
         data_root=args.data_root,
         sweeps=tuple(s.strip() for s in args.sweeps.split(",") if s.strip()),
+        ablation_shared_x=args.ablation_shared_x,
     )
     log.info("report index: %s", path)
     return 0

@@ -41,13 +41,15 @@ def main(
     data_root: str | None = None,
     dataset_loader: Any = None,
     sweeps: tuple[str, ...] = tables.TABLE_SWEEPS,
+    ablation_shared_x: bool = False,
 ) -> Path:
     """Write the whole report for ``profile`` under ``out``; return the path of ``index.md``.
 
     ``bootstrap`` is the number of resamples B; ``seed`` seeds them. ``dataset_loader``
     replaces ``crener.data.datasets.load_dataset`` for Table 1 (tests). ``sweeps`` are the
     sweeps whose runs make the tables (default main and ablation; tune and adhoc runs use
-    other configurations on purpose).
+    other configurations on purpose). ``ablation_shared_x``: one Δ F1 scale for every
+    dataset's panel of the ablation chart.
     """
     out = Path(out)
     table_dir, figure_dir = out / "tables", out / "figures"
@@ -83,7 +85,9 @@ def main(
             "No CJK font found: Chinese labels in figures render as boxes (apt-get install fonts-noto-cjk)."
         )
     figures: dict[str, list[Path]] = {}
-    figures["ablation_delta_f1"] = plots.ablation_chart(t6.data, figure_dir / "ablation_delta_f1")
+    figures["ablation_delta_f1"] = plots.ablation_chart(
+        t6.data, figure_dir / "ablation_delta_f1", ablation_shared_x
+    )
     history = _histories(index, uri, msra_protocol)
     crener_hist = history[history["model"] == "crener"] if len(history) else history
     figures["learning_curves_variants"] = plots.learning_curves(

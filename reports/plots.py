@@ -111,14 +111,18 @@ def _datasets_present(df: pd.DataFrame) -> list[str]:
     return [d for d in DATASETS if d in present] or list(DATASETS)
 
 
-def ablation_chart(data: pd.DataFrame, stem: Path) -> list[Path]:
+def ablation_chart(data: pd.DataFrame, stem: Path, shared_x: bool = False) -> list[Path]:
     """Δ F1 from full per ablation, ours (error bar = std of the variant) vs paper, per dataset.
 
     ``data``: Table 6 CSV rows with ``variant, dataset, delta_full, paper_delta_full, f1_std``.
+    ``shared_x``: one Δ scale for every dataset, so bar lengths compare across panels (each
+    panel's own scale shows small deltas better).
     """
     rows = data[~data["variant"].isin(["full", "_agreement"])]
     variants = [v for v in VARIANT_LABELS if v != "full"]
-    fig, axes = plt.subplots(1, len(DATASETS), figsize=(4.2 * len(DATASETS), 4.6), sharey=False)
+    fig, axes = plt.subplots(
+        1, len(DATASETS), figsize=(4.2 * len(DATASETS), 4.6), sharey=False, sharex=shared_x
+    )
     y = np.arange(len(variants))
     for ax, ds in zip(np.atleast_1d(axes), DATASETS):
         sub = rows[rows["dataset"] == ds].set_index("variant").reindex(variants)

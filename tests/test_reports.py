@@ -617,3 +617,22 @@ def test_global_state_does_not_leak_between_tests_b():
     import matplotlib.pyplot as plt
 
     assert plt.rcParams["font.sans-serif"] != ["Leaky Sans"] and torch.get_num_threads() == 1
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_ablation_chart_can_share_one_delta_scale(index, tmp_path, monkeypatch, shared):
+    from reports import plots
+
+    limits: list[tuple[float, float]] = []
+    real_save = plots.save
+
+    def save(fig, stem):  # the panels' x ranges, read before save closes the figure
+        limits.extend(tuple(round(v, 6) for v in ax.get_xlim()) for ax in fig.axes)
+        return real_save(fig, stem)
+
+    monkeypatch.setattr(plots, "save", save)
+    data = tables.ablation_table(index, "quick").data.copy()
+    data.loc[data["dataset"] == "weibo", "paper_delta_full"] = -40.0  # one panel with a far wider range
+    plots.ablation_chart(data, tmp_path / "ablation", shared_x=shared)
+    assert len(limits) == 4
+    assert (len(set(limits)) == 1) == shared
