@@ -84,6 +84,32 @@ def _register_reproduce(subparsers: Any) -> None:
         help="run N worker processes on this machine, each taking the next free cell, with the CPU "
         "threads split between them (default 1)",
     )
+    p.add_argument(
+        "--executor",
+        choices=["local", "dask"],
+        default="local",
+        help="local: this machine's processes (--jobs); dask: one task per cell on a Dask cluster, "
+        "retried on another worker if its worker dies (pip install -e '.[cluster]')",
+    )
+    p.add_argument(
+        "--address",
+        metavar="ADDR",
+        help="dask: the scheduler (tcp://host:port, or a scheduler JSON file); default: a local cluster "
+        "of --jobs worker processes on 127.0.0.1 with its dashboard on 127.0.0.1:8787",
+    )
+    p.add_argument(
+        "--gpus-per-cell",
+        type=non_negative_int,
+        default=0,
+        metavar="N",
+        help="dask: the GPU resource each cell asks for (workers started with --resources GPU=1)",
+    )
+    p.add_argument(
+        "--gpus",
+        metavar="IDS",
+        help="local: one worker process per GPU id (comma-separated, e.g. 0,1,2,3), each seeing only its "
+        "own (CUDA_VISIBLE_DEVICES); sets --jobs to their count",
+    )
     p.add_argument("--no-report", action="store_true", help="do not build the report at the end")
     p.add_argument("--dry-run", action="store_true", help="list the cells and exit")
     p.set_defaults(func=cmd_reproduce)
@@ -101,7 +127,11 @@ def _without_jobs(argv: list[str]) -> list[str]:
     return out
 
 
-def spawn_jobs(argv: list[str], jobs: int, sets: list[str]) -> int:
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def spawn_jobs(argv: list[str], jobs: int, sets: list[str], gpus: list[str] | None = None) -> int:
     """``--jobs N``: N copies of this command (``argv`` less ``--jobs``, plus ``--no-report``),
     each walking the whole cell list. A cell's lock (crener.runner) hands each cell to the first
     copy that reaches it; the others pass it by and find it finished at the end, so the cells
@@ -110,8 +140,7 @@ def spawn_jobs(argv: list[str], jobs: int, sets: list[str]) -> int:
     better than a second thread (figures: README, Reproduce Tables 2-6). The worst exit status."""
     import subprocess
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    threads = max(1, cores // jobs)
+    threads = max(1, _cores() // jobs)
     child = [sys.executable, "-m", "crener.cli", *_without_jobs(argv), "--no-report"]
     if not any(s.startswith("train.threads=") for s in sets):  # an ignored field: keys unchanged
         child += ["--set", f"train.threads={threads}"]
@@ -120,7 +149,11 @@ def spawn_jobs(argv: list[str], jobs: int, sets: list[str]) -> int:
     Tracker()  # create (migrate) the tracking store once, before the workers race to do it
     log.info("%d worker processes, %d CPU thread(s) each", jobs, threads)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    procs = [subprocess.Popen(child, env={**env, "CRENER_JOB": f"job {i}"}) for i in range(jobs)]
+    # With --gpus, job i sees only GPU gpus[i] (as cuda:0): one cell per GPU at a time.
+    per_job = [{"CUDA_VISIBLE_DEVICES": gpus[i]} if gpus else {} for i in range(jobs)]
+    procs = [
+        subprocess.Popen(child, env={**env, "CRENER_JOB": f"job {i}", **per_job[i]}) for i in range(jobs)
+    ]
     try:
         rc = max(p.wait() for p in procs)
     except KeyboardInterrupt:
@@ -202,8 +235,16 @@ def _plan(args: argparse.Namespace) -> list[Any]:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    if args.jobs > 1 and not args.worker and not args.dry_run:
-        rc = spawn_jobs(args.argv, args.jobs, args.set)
+    gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
+    if gpus:
+        if args.executor != "local":
+            raise CrenerError("--gpus is for the local executor; on Dask, start one worker per GPU (README)")
+        args.jobs = len(gpus)
+        args.argv = _without_gpus(args.argv)
+    if args.executor == "dask" and not args.dry_run:
+        return _reproduce_on_dask(args)
+    if (args.jobs > 1 or gpus) and not args.worker and not args.dry_run:
+        rc = spawn_jobs(args.argv, args.jobs, args.set, gpus)
         return rc if args.no_report else max(rc, _report(sorted({c.cfg.profile for c in _plan(args)})))
     from experiments.sweeps import load_overrides, shard, unused_overrides
 
@@ -227,6 +268,45 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         else:
             rc = max(rc, _report(sorted({c.cfg.profile for c in cells})))
     return rc
+
+
+def _without_gpus(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--gpus":
+            skip = True
+        elif not a.startswith("--gpus="):
+            out.append(a)
+    return out
+
+
+def _reproduce_on_dask(args: argparse.Namespace) -> int:
+    try:
+        from experiments.executor import connect, run_cells_dask
+    except ImportError as exc:
+        raise CrenerError(f"--executor dask needs Dask: pip install -e '.[cluster]' ({exc})") from None
+    if args.worker:
+        raise CrenerError("--worker I/N splits cells by hand; with --executor dask the scheduler does it")
+    threads = max(1, _cores() // args.jobs)
+    if not args.address and not any(s.startswith("train.threads=") for s in args.set):
+        args.set = [*args.set, f"train.threads={threads}"]  # an ignored field: keys unchanged
+    cells = _plan(args)
+    from crener.tracking import Tracker
+
+    Tracker()  # create (migrate) the tracking store once, before the workers race to do it
+    client = connect(args.address, args.jobs, threads)
+    try:
+        _, failed = run_cells_dask(cells, client, runs_dir=args.runs_dir, data_root=args.data_root,
+                                   gpus_per_cell=args.gpus_per_cell)  # fmt: skip
+    finally:
+        cluster = client.cluster
+        client.close()
+        if cluster is not None and not args.address:
+            cluster.close()
+    rc = 1 if failed else 0
+    return rc if args.no_report else max(rc, _report(sorted({c.cfg.profile for c in cells})))
 
 
 def _report(profiles: list[str]) -> int:
