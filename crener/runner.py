@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from crener.config import RunConfig
-from crener.errors import CrenerError
+from crener.errors import CrenerError, StoreError
 from crener.workspace import resolve_runs_dir, workdir_for
 
 log = logging.getLogger(__name__)
@@ -158,11 +158,29 @@ def _run_tracked(
         raise
     except BaseException as exc:
         logger.fail(exc)
+        if _lost_store(exc):
+            from crener.tracking import masked_uri
+
+            raise StoreError(
+                f"lost the MLflow store {masked_uri(tracker.uri)} during the run ({type(exc).__name__}); the cell's "
+                "checkpoints are kept: rerun once the store is back and it resumes"
+            ) from exc
         raise
     finally:
         if monitor is not None:
             monitor.finish()
     return {**summary, "run_id": logger.run_id, "workdir": str(workdir), "skipped": False}
+
+
+def _lost_store(exc: BaseException) -> bool:
+    """An MLflow client error caused by the store being unreachable (connection refused or reset)."""
+    from mlflow.exceptions import MlflowException
+
+    text = str(exc)
+    return isinstance(exc, MlflowException) and any(
+        s in text
+        for s in ("Connection refused", "ConnectionError", "Max retries exceeded", "connection broken")
+    )
 
 
 def system_metrics_monitor() -> Any:

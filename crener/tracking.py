@@ -615,5 +615,7 @@ class RunLogger:
         try:
             self.set_tags({"crener.state": STATE_FAILED, "crener.error": text[:MAX_TAG_CHARS]})
             _retry_locked(lambda: self.client.set_terminated(self.run_id, "KILLED" if killed else "FAILED"))
-        except Exception:  # noqa: BLE001 - never hide the original error behind a logging one
-            log.exception("could not mark MLflow run %s failed", self.run_id)
+        except Exception as exc:  # noqa: BLE001 - never hide the original error behind a logging one
+            # One line: the store is most often unreachable here, and the cause is reported anyway.
+            reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            log.error("could not mark MLflow run %s failed (%s); it stays resumable", self.run_id, reason)

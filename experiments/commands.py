@@ -357,6 +357,16 @@ def _register_tune(subparsers: Any) -> None:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="fixed override for every trial"
     )
     p.add_argument("--export", metavar="PATH", help="write the best params as a --config file for reproduce")
+    p.add_argument(
+        "--executor",
+        choices=["local", "dask"],
+        default="local",
+        help="dask: --jobs tune workers of --trials each as Dask tasks on one study (seeds --seed, --seed+1, ...)",
+    )
+    p.add_argument("--jobs", type=count_int, default=1, metavar="N", help="dask: tune workers (default 1)")
+    p.add_argument(
+        "--address", metavar="ADDR", help="dask: the scheduler; default: a local cluster of --jobs"
+    )
     p.add_argument("--data-root", metavar="D")
     p.add_argument("--runs-dir", metavar="D", help="trial workdirs go to <runs>/tune/<study>/trial-NNNN")
     p.set_defaults(func=cmd_tune)
@@ -379,23 +389,46 @@ def cmd_tune(args: argparse.Namespace) -> int:
     sets = parse_set(args.set)
     from experiments.tune import export_best, tune
 
-    study = tune(
-        dataset=args.dataset,
-        trials=args.trials,
-        model=args.model,
-        variant=args.variant,
-        profile=args.profile,
-        storage=args.storage,
-        study_name=args.study_name,
-        timeout=args.timeout,
-        seed=args.seed,
-        sets=sets,
-        data_root=args.data_root,
-        runs_dir=args.runs_dir,
-    )
+    kwargs = dict(dataset=args.dataset, trials=args.trials, model=args.model, variant=args.variant,
+                  profile=args.profile, storage=args.storage, study_name=args.study_name, timeout=args.timeout,
+                  seed=args.seed, sets=sets, data_root=args.data_root, runs_dir=args.runs_dir)  # fmt: skip
+    if args.executor == "dask":
+        study = _tune_on_dask(args, kwargs)
+    else:
+        study = tune(**kwargs)
     if args.export:
         export_best(study, args.export, sets=sets)
     return 0
+
+
+def _tune_on_dask(args: argparse.Namespace, kwargs: dict[str, Any]) -> Any:
+    import optuna
+
+    try:
+        from experiments.executor import connect, tune_on_dask
+    except ImportError as exc:
+        raise CrenerError(f"--executor dask needs Dask: pip install -e '.[cluster]' ({exc})") from None
+    from crener.workspace import resolve_runs_dir
+    from experiments.tune import _open_storage_or_explain, default_study_name
+
+    name = args.study_name or default_study_name(args.model, args.variant, args.dataset, args.profile)
+    storage = args.storage or OPTUNA_STORAGE
+    _open_storage_or_explain(storage)  # a bad URL fails here, once, not in every worker
+    kwargs = {**kwargs, "study_name": name, "storage": storage,
+              "runs_dir": str(resolve_runs_dir(args.runs_dir).resolve())}  # fmt: skip
+    from crener.tracking import Tracker
+
+    Tracker()  # create (migrate) the tracking store once, before the workers race to do it
+    threads = max(1, _cores() // args.jobs)
+    client = connect(args.address, args.jobs, threads)
+    try:
+        tune_on_dask(client, args.jobs, kwargs)
+    finally:
+        cluster = client.cluster
+        client.close()
+        if cluster is not None and not args.address:
+            cluster.close()
+    return optuna.load_study(study_name=name, storage=storage)
 
 
 # --------------------------------------------------------------------------- ui

@@ -107,3 +107,33 @@ def run_cells_dask(
     log.info("%d cell(s): %d trained, %d already finished, %d failed", len(cells), ran,
              len(cells) - ran - len(failed), len(failed))  # fmt: skip
     return ran, failed
+
+
+def tune_task(kwargs: dict[str, Any], tracking_uri: str) -> int:
+    """One ``crener tune`` worker in a Dask worker: its trials on the shared study."""
+    from crener.workspace import TRACKING_URI_ENV
+    from experiments.tune import tune
+
+    os.environ[TRACKING_URI_ENV] = tracking_uri
+    study = tune(**kwargs)
+    return len(study.trials)
+
+
+def tune_on_dask(client: Any, workers: int, kwargs: dict[str, Any]) -> None:
+    """``workers`` tune workers as Dask tasks on one study (seeds ``seed``, ``seed + 1``, ...);
+    the storage must be one every worker reaches (PostgreSQL on a cluster)."""
+    from distributed import as_completed
+
+    from crener.workspace import tracking_uri
+
+    uri = tracking_uri()
+    futures = [client.submit(tune_task, {**kwargs, "seed": kwargs.get("seed", 0) + i}, uri, pure=False,
+                             key=f"tune-{kwargs.get('study_name') or 'study'}-{i}") for i in range(workers)]  # fmt: skip
+    log.info(
+        "%d tune workers of %d trials each submitted to %s",
+        workers,
+        kwargs["trials"],
+        client.scheduler.address,
+    )
+    for done, fut in enumerate(as_completed(futures), 1):
+        log.info("[%d/%d] tune worker finished: %d trials in the study", done, workers, fut.result())

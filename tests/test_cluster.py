@@ -142,3 +142,134 @@ def test_reproduce_cli_runs_on_a_local_dask_cluster(tmp_path: Path, monkeypatch:
     assert "cells submitted to tcp://127.0.0.1:" in first.stderr
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert again.returncode == 0 and "3 cell(s): 0 trained, 3 already finished, 0 failed" in again.stderr
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+
+@pytest.fixture
+def postgres_db():  # noqa: ANN201
+    """A fresh database on the test server (``$CRENER_TEST_POSTGRES``), dropped afterwards."""
+    url = os.environ.get("CRENER_TEST_POSTGRES")
+    if not url:
+        pytest.skip("no PostgreSQL server: export CRENER_TEST_POSTGRES=$(.ci/postgres)")
+    import uuid
+
+    import psycopg
+
+    plain = url.replace("postgresql+psycopg://", "postgresql://")
+    name = f"crener_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(plain, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    base = url.rsplit("/", 1)[0]
+    yield f"{base}/{name}"
+    with psycopg.connect(plain, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_mlflow_server(backend: str, artifacts: Path, port: int):  # noqa: ANN202
+    import subprocess
+    import urllib.request
+
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend, "--host", "127.0.0.1",
+           "--port", str(port), "--workers", "1", "--artifacts-destination", str(artifacts)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise AssertionError("mlflow server did not come up in 90 s")
+
+
+def test_four_tune_workers_share_one_postgresql_study(postgres_db: str, tmp_path: Path) -> None:
+    """Four ``crener tune`` processes, 10 trials each, one study on PostgreSQL (fake fit, MLflow
+    on SQLite): 40 finished trials, numbered 0-39 once each, and the best one exported."""
+    import subprocess
+
+    import optuna
+
+    from tests.helpers import fake_cli
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "HF_HUB_OFFLINE": "1",
+           "CRENER_RUNS": str(tmp_path / "runs"), "CRENER_FAKE_EPOCH_SECONDS": "0"}  # fmt: skip
+    Tracker(env["MLFLOW_TRACKING_URI"])  # the MLflow schema once, before four workers race for it
+    args = ["tune", "--dataset", "resume", "--profile", "smoke", "--trials", "10", "--storage", postgres_db,
+            "--study-name", "pg", "--set", "train.epochs=2"]  # fmt: skip
+    procs = [
+        subprocess.Popen([*fake_cli(tmp_path), *args, "--seed", str(i), *(["--export", str(tmp_path / "best.toml")] if i == 0 else [])],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(4)
+    ]  # fmt: skip
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-2000:] for o in outs)
+    study = optuna.load_study(study_name="pg", storage=postgres_db)
+    trials = study.get_trials(deepcopy=False)
+    assert len(trials) == 40
+    assert sorted(t.number for t in trials) == list(range(40))  # none lost, none twice
+    assert {t.state for t in trials} <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
+    assert sum(t.user_attrs.get("crener.default", False) for t in trials) == 1  # the default ran once
+    # Worker 0's export is its view of the best when it finished: a finished trial of this study.
+    exported = (tmp_path / "best.toml").read_text()
+    assert "train.lr" in exported
+
+
+@pytest.mark.slow
+def test_sweep_on_an_mlflow_server_over_postgresql_survives_a_server_outage(
+    postgres_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sweep logs to an MLflow server whose backend is PostgreSQL; the server is stopped for a
+    few seconds mid-sweep and started again. The sweep either finishes or fails with a clear
+    error, and a rerun finishes every cell, each once, with no epoch logged twice."""
+    import subprocess
+
+    from tests.helpers import fake_cli
+
+    port = _free_port()
+    server = _start_mlflow_server(postgres_db, tmp_path / "artifacts", port)
+    uri = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "HF_HUB_OFFLINE": "1", "CRENER_RUNS": str(tmp_path / "runs"),
+           "CRENER_FAKE_EPOCH_SECONDS": "1", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+           "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}  # fmt: skip
+    variants = ["full", "no_mlp", "no_region"]
+    args = ["reproduce", "--profile", "smoke", "--datasets", "resume", "--models", "crener", "--variants",
+            *variants, "--set", "train.epochs=3", "--no-report"]  # fmt: skip
+    sweep = subprocess.Popen([*fake_cli(tmp_path), *args], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120  # stop the server once the first cell has logged an epoch
+        while not list((tmp_path / "runs").rglob("history.json")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert sweep.poll() is None, "the sweep ended before the outage"
+        server.terminate()
+        server.wait(timeout=30)
+        time.sleep(4)
+        server = _start_mlflow_server(postgres_db, tmp_path / "artifacts", port)
+        first = sweep.communicate(timeout=300)[0]
+        (tmp_path / "first-sweep.log").write_text(f"exit status {sweep.returncode}\n{first}")
+        if sweep.returncode != 0:  # a clear error per cell, not a traceback
+            assert "cannot reach the MLflow store" in first and "Traceback" not in first, first[-3000:]
+        rerun = subprocess.run(
+            [*fake_cli(tmp_path), *args], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        cells = plan(profile="smoke", datasets=["resume"], models=["crener"], variants=variants,
+                     sets={"train.epochs": "3"})  # fmt: skip
+        for cell in cells:
+            _check_one_finished_run(cell.cfg)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
