@@ -273,3 +273,26 @@ def test_sweep_on_an_mlflow_server_over_postgresql_survives_a_server_outage(
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_tune_runs_its_workers_as_dask_tasks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``crener tune --executor dask --jobs 2 --trials 3`` (fake fit): 6 trials on one study,
+    numbered once each, and the best exported."""
+    import subprocess
+
+    import optuna
+
+    _fake_fit_everywhere(tmp_path, monkeypatch, epoch_seconds=0.1)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "HF_HUB_OFFLINE": "1",
+           "CRENER_RUNS": str(tmp_path / "runs")}  # fmt: skip
+    cmd = [sys.executable, "-m", "crener.cli", "tune", "--dataset", "resume", "--profile", "smoke", "--trials", "3",
+           "--storage", storage, "--study-name", "d", "--set", "train.epochs=2", "--executor", "dask", "--jobs", "2",
+           "--export", str(tmp_path / "best.toml")]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = optuna.load_study(study_name="d", storage=storage).get_trials(deepcopy=False)
+    assert sorted(t.number for t in trials) == list(range(6))
+    assert "2 tune workers of 3 trials each submitted" in proc.stderr
+    assert "train.lr" in (tmp_path / "best.toml").read_text()
