@@ -55,7 +55,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", default="quick", choices=list(PROFILES))
     p.add_argument("--seed", type=non_negative_int, default=0, help="run seed (>= 0)")
     p.add_argument(
-        "--encoder", help="from_pretrained name or path (default: the profile's, usually embedded)"
+        "--encoder",
+        help="from_pretrained name or path (default: the profile's: crener-char in quick and full, embedded in smoke, bert-base-chinese in paper)",
     )
     p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE", help="config override")
     p.add_argument("--data-root", help="dataset directory (default: $CRENER_DATA, then ../shared/data)")

@@ -116,13 +116,18 @@ def _register_reproduce(subparsers: Any) -> None:
 
 
 def _without_jobs(argv: list[str]) -> list[str]:
+    return _without_option(argv, "--jobs")
+
+
+def _without_option(argv: list[str], option: str) -> list[str]:
+    """``argv`` less ``option VALUE`` and ``option=VALUE``."""
     out, skip = [], False
     for a in argv:
         if skip:
             skip = False
-        elif a == "--jobs":
+        elif a == option:
             skip = True
-        elif not a.startswith("--jobs="):
+        elif not a.startswith(option + "="):
             out.append(a)
     return out
 
@@ -240,7 +245,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         if args.executor != "local":
             raise CrenerError("--gpus is for the local executor; on Dask, start one worker per GPU (README)")
         args.jobs = len(gpus)
-        args.argv = _without_gpus(args.argv)
+        args.argv = _without_option(args.argv, "--gpus")
     if args.executor == "dask" and not args.dry_run:
         return _reproduce_on_dask(args)
     if (args.jobs > 1 or gpus) and not args.worker and not args.dry_run:
@@ -268,18 +273,6 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         else:
             rc = max(rc, _report(sorted({c.cfg.profile for c in cells})))
     return rc
-
-
-def _without_gpus(argv: list[str]) -> list[str]:
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--gpus":
-            skip = True
-        elif not a.startswith("--gpus="):
-            out.append(a)
-    return out
 
 
 def _reproduce_on_dask(args: argparse.Namespace) -> int:

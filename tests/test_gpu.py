@@ -10,18 +10,14 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
 import torch
 
 from crener.checkpoint import load_checkpoint
-from crener.config import build_run_config
-from crener.data.batching import Example, collate
+from crener.data.batching import collate
 from crener.evaluation import autocast, predict_examples
-from crener.registry import build_model, build_task
-from tests.conftest import TYPES
 from tests.helpers import tiny_cfg
-from tests.test_model import model_cfg
+from tests.test_model import make
 
 pytestmark = pytest.mark.gpu
 
@@ -35,16 +31,7 @@ def device() -> torch.device:
 
 
 def _setup(tiny_encoder, sentences, model="crener"):
-    encoder, tok = tiny_encoder
-    cfg = model_cfg() if model == "crener" else build_run_config(model=model, profile="smoke").model
-    task = build_task(cfg, TYPES)
-    torch.manual_seed(0)
-    net = build_model(cfg, task, encoder)
-    examples = [
-        Example(k, np.asarray(tok.encode(s.chars)), task.featurize(s.entities, len(s)), len(s))
-        for k, s in enumerate(sentences)
-    ]
-    return cfg, task, net, examples
+    return make("full", tiny_encoder, sentences, family=model)
 
 
 def _loss_and_grads(net, task, batch, device, bf16=False):

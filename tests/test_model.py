@@ -29,9 +29,13 @@ def model_cfg(variant: str = "full", **overrides):
     return dataclasses.replace(cfg, **{**zero, **overrides})
 
 
-def make(variant, tiny_encoder, sentences, **overrides):
+def make(variant, tiny_encoder, sentences, family="crener", **overrides):
     encoder, tok = tiny_encoder
-    cfg = model_cfg(variant, **overrides)
+    cfg = (
+        model_cfg(variant, **overrides)
+        if family == "crener"
+        else build_run_config(model=family, profile="smoke").model
+    )
     task = build_task(cfg, TYPES)
     torch.manual_seed(0)
     model = build_model(cfg, task, encoder)
