@@ -89,9 +89,29 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     """An RDB storage; for SQLite, a long lock timeout and a serialised first schema setup."""
     db = sqlite_path(url)
     if db is None:
-        return optuna.storages.RDBStorage(url)
+        return _open_server_storage(url)
     with file_lock(db.with_name(db.name + ".init.lock")):
         return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": SQLITE_TIMEOUT_S}})
+
+
+def _open_server_storage(url: str, attempts: int = 5) -> optuna.storages.BaseStorage:
+    """A database server's storage. Workers opening a fresh database together race to create
+    its tables (PostgreSQL: a duplicate-key error on its type catalogue for the loser); the
+    schema is complete once the winner commits, so the loser tries again after a short wait."""
+    import random
+    import time
+
+    import sqlalchemy.exc
+
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as exc:
+            if attempt == attempts - 1 or not any(s in str(exc) for s in ("duplicate key", "already exists")):
+                raise
+            log.info("another worker is creating the Optuna schema; retrying (%s)", type(exc).__name__)
+            time.sleep(0.2 + random.random())  # noqa: S311 - jitter, not security
+    raise AssertionError("unreachable")
 
 
 def _open_storage_or_explain(url: str) -> optuna.storages.BaseStorage:

@@ -296,3 +296,20 @@ def test_tune_runs_its_workers_as_dask_tasks(tmp_path: Path, monkeypatch: pytest
     assert sorted(t.number for t in trials) == list(range(6))
     assert "2 tune workers of 3 trials each submitted" in proc.stderr
     assert "train.lr" in (tmp_path / "best.toml").read_text()
+
+
+def test_workers_opening_a_fresh_postgresql_study_together_all_succeed(postgres_db: str) -> None:
+    """Eight workers open the same fresh database at once: one creates Optuna's schema, the
+    others lose the race (a duplicate-key error in PostgreSQL's catalogue) and must retry."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from experiments.tune import open_storage
+
+    barrier = threading.Barrier(8)
+
+    def worker(_: int) -> str:
+        barrier.wait()
+        return type(open_storage(postgres_db)).__name__
+
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(worker, range(8))) == ["RDBStorage"] * 8
