@@ -164,21 +164,18 @@ NO_DATA = {"aten::view", "aten::_unsafe_view", "aten::as_strided", "aten::expand
            "aten::narrow", "aten::reshape", "aten::flatten", "aten::unflatten", "aten::diagonal"}  # fmt: skip
 
 
+# Bytes per element by the profiler's C++ type names (the rest: 4, the common float).
+ITEM_BYTES = {"double": 8, "long int": 8, "long": 8, "float": 4, "int": 4, "c10::BFloat16": 2, "c10::Half": 2,
+              "short int": 2, "bool": 1, "unsigned char": 1, "signed char": 1}  # fmt: skip
+
+
 def _input_bytes(event) -> int:  # noqa: ANN001
     if event.name in NO_DATA:
         return 0
     total = 0
     for shape, dtype in zip(event.input_shapes or (), getattr(event, "input_dtypes", None) or ()):
-        if not shape or not dtype or not isinstance(shape, list | tuple):
-            continue
-        try:
-            size = torch.empty(
-                (), dtype=getattr(torch, dtype.replace("c10::", "").lower(), torch.float32)
-            ).element_size()
-        except (TypeError, AttributeError):
-            size = 4
-        if all(isinstance(d, int) for d in shape):
-            total += int(np.prod(shape)) * size
+        if shape and dtype and isinstance(shape, list | tuple) and all(isinstance(d, int) for d in shape):
+            total += int(np.prod(shape)) * ITEM_BYTES.get(dtype, 4)
     return total
 
 

@@ -156,3 +156,17 @@ def test_page_is_generated_from_the_run_and_rerendered_from_its_json(
     again = argparse.Namespace(probe=None, from_json=str(page.with_suffix(".json")), page=None)
     assert run_bench(again) == 0
     assert page.read_text() == text
+
+
+def test_bytes_read_count_each_dtype_at_its_width() -> None:
+    longs, halves = torch.ones(100, dtype=torch.long), torch.ones(100, dtype=torch.bfloat16)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        longs.add(longs)
+        halves.mul(halves)
+        longs.view(10, 10)
+    got = {
+        e.name: roofline._input_bytes(e)
+        for e in prof.events()
+        if e.name in ("aten::add", "aten::mul", "aten::view")
+    }
+    assert got == {"aten::add": 2 * 100 * 8, "aten::mul": 2 * 100 * 2, "aten::view": 0}
