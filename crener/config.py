@@ -91,7 +91,7 @@ class ModelConfig:
     grid_input: str = "split"
     # Predictor dropouts from uniform draws instead of CPU bernoulli_: the same law, faster on CPU,
     # but off by default: over ten seeds its test F1 was lower, not significantly, yet not shown
-    # harmless either (figures: README, Speed and memory).
+    # harmless either (ten seeds each on quick Resume, before the shipped encoder).
     fast_dropout: bool = False
     space_to_batch: bool = True  # dilated depthwise convs as undilated ones over sub-grids (CPU)
     # --- co-predictor (§2.5) ---
@@ -221,7 +221,7 @@ class TrainConfig:
     sorted_batches: bool = False
     # Grid-cell budget of evaluation batches. Small batches keep the (B, N, N, d) grids in cache, so
     # on CPU they evaluate faster than 200k-cell ones (`crener bench --suite levers`; figures:
-    # README, Speed and memory). On a GPU larger batches may pay: raise it there.
+    # reports/performance.md). On a GPU larger batches may pay: raise it there.
     eval_max_cells: int = 16_000
     lr: float = 1e-3  # learning rate of everything but the pretrained encoder
     encoder_lr: float = 5e-6  # learning rate of the pretrained (or embedded) encoder
@@ -234,7 +234,7 @@ class TrainConfig:
     # glibc: big tensors from the malloc heap instead of fresh mmaps that page-fault on every use
     # (process-wide, see crener.train.keep_large_tensors_on_heap). Off: within noise for cell-budget
     # batches, and with fixed batches of 12 faster but at about twice the peak memory
-    # (`crener bench --suite levers`; figures: README, Speed and memory).
+    # (`crener bench --suite levers`; figures: reports/performance.md).
     heap_tensors: bool = False
     progress: bool = True  # progress bar with loss and speed
     max_steps: int = 0  # >0: at most this many optimiser steps per epoch (the first of its shuffled batches)

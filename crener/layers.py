@@ -41,7 +41,8 @@ class GridDropout(nn.Dropout):
 
     CPU ``bernoulli_`` (what ``F.dropout`` uses) took about twice as long as uniform draws
     compared with p on a predictor-sized grid, and the predictor's two grid dropouts were a
-    large share of W2NER's training step (figures: README, Speed and memory). The mask is also
+    large share of W2NER's training step (measured in isolation when written; the whole step's
+    effect is the levers suite's, reports/performance.md). The mask is also
     kept as bool rather than float. Different random
     stream from ``nn.Dropout``, same law: each element is kept with probability 1 - p and scaled
     by 1 / (1 - p). ``fast=False`` (the default, see ``model.fast_dropout``) is ``nn.Dropout``.
@@ -148,7 +149,7 @@ def dilated_depthwise(conv: nn.Conv2d, h: torch.Tensor) -> torch.Tensor:
     """``conv(h)`` for a 3x3 depthwise conv with dilation d and padding d, computed fast on CPU.
 
     oneDNN's backward pass for dilated depthwise convolutions is pathologically slow on CPU
-    (an order of magnitude slower than at d = 1 for the same tensor; README, Speed and memory). A
+    (an order of magnitude slower than at d = 1 for the same tensor, measured when written). A
     dilated conv only mixes cells in the same residue class mod d, so it equals an undilated
     conv over the d * d interleaved sub-grids ("space to batch"); zero padding to a multiple
     of d matches the conv's own zero padding. Exact, not an approximation (tested).
@@ -352,7 +353,7 @@ def masked_row_col_max(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tenso
     comparisons, divisions and a ``masked_fill`` copy per axis; here one masked copy serves both
     axes and the backward is two selects from 1-byte "is the max" grids. ``max`` with indices and
     a scatter backward was tried too: its indexed reduction is several times slower than ``amax``
-    (README, Speed and memory). At exact
+    (measured in isolation when written). At exact
     ties every tied cell gets the whole gradient instead of a share (a measure-zero difference).
     """
     return _RowColMax.apply(x, mask)
@@ -514,7 +515,7 @@ class GridConvModule(nn.Module):
         mask on input channels, folds into those factors. Same function as the naive form (a
         test checks it). Not the default: its (B, N, d_c, d_h) factor is no smaller than the grid
         while N < d_c, and on CPU it measured slower, with a higher peak (`crener bench --suite
-        levers`; figures: README, Speed and memory).
+        levers`; figures: reports/performance.md).
         """
         w = self.reduce.weight  # (d_c, in_dim), column blocks: [CLN | dist | region | attn]
         keep = self._channel_keep(s.size(0), w.size(1), s)  # (B, in_dim) or None

@@ -83,7 +83,7 @@ def keep_large_tensors_on_heap(enabled: bool = True) -> bool:
 
     glibc hands every block above its mmap threshold (at most 32 MiB, so every big grid tensor)
     a fresh ``mmap`` and unmaps it on free, so each new (B, N, N, d) tensor pays page faults on
-    first touch (a large ``zeros`` took over twice as long; README, Speed and memory). Turning
+    first touch (a large ``zeros`` took over twice as long, measured when written). Turning
     mmap off for malloc (M_MMAP_MAX = 0) and trimming off lets freed grids be reused. Raising
     only the mmap threshold, tried first, does nothing for tensors above its 32 MiB cap. The
     price is fragmentation: the heap's high-water mark is the peak, and with batches of very
