@@ -277,7 +277,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 def _reproduce_on_dask(args: argparse.Namespace) -> int:
     try:
-        from experiments.executor import connect, run_cells_dask
+        from experiments.executor import dask_session, run_cells_dask
     except ImportError as exc:
         raise CrenerError(f"--executor dask needs Dask: pip install -e '.[cluster]' ({exc})") from None
     if args.worker:
@@ -289,15 +289,9 @@ def _reproduce_on_dask(args: argparse.Namespace) -> int:
     from crener.tracking import Tracker
 
     Tracker()  # create (migrate) the tracking store once, before the workers race to do it
-    client = connect(args.address, args.jobs, threads)
-    try:
+    with dask_session(args.address, args.jobs, threads) as client:
         _, failed = run_cells_dask(cells, client, runs_dir=args.runs_dir, data_root=args.data_root,
                                    gpus_per_cell=args.gpus_per_cell)  # fmt: skip
-    finally:
-        cluster = client.cluster
-        client.close()
-        if cluster is not None and not args.address:
-            cluster.close()
     rc = 1 if failed else 0
     return rc if args.no_report else max(rc, _report(sorted({c.cfg.profile for c in cells})))
 
@@ -398,7 +392,7 @@ def _tune_on_dask(args: argparse.Namespace, kwargs: dict[str, Any]) -> Any:
     import optuna
 
     try:
-        from experiments.executor import connect, tune_on_dask
+        from experiments.executor import dask_session, tune_on_dask
     except ImportError as exc:
         raise CrenerError(f"--executor dask needs Dask: pip install -e '.[cluster]' ({exc})") from None
     from crener.workspace import resolve_runs_dir
@@ -413,14 +407,8 @@ def _tune_on_dask(args: argparse.Namespace, kwargs: dict[str, Any]) -> Any:
 
     Tracker()  # create (migrate) the tracking store once, before the workers race to do it
     threads = max(1, _cores() // args.jobs)
-    client = connect(args.address, args.jobs, threads)
-    try:
+    with dask_session(args.address, args.jobs, threads) as client:
         tune_on_dask(client, args.jobs, kwargs)
-    finally:
-        cluster = client.cluster
-        client.close()
-        if cluster is not None and not args.address:
-            cluster.close()
     return optuna.load_study(study_name=name, storage=storage)
 
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,19 @@ def connect(address: str | None, workers: int, threads: int, dashboard: str = DE
     cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
                            dashboard_address=dashboard, env=env)  # fmt: skip
     return Client(cluster)
+
+
+@contextmanager
+def dask_session(address: str | None, workers: int, threads: int) -> Iterator[Any]:
+    """:func:`connect`, closing the client (and the local cluster it started) afterwards."""
+    client = connect(address, workers, threads)
+    try:
+        yield client
+    finally:
+        cluster = client.cluster
+        client.close()
+        if cluster is not None and not address:
+            cluster.close()
 
 
 def run_cells_dask(
