@@ -87,7 +87,7 @@ def _setup(cfg: RunConfig, n_sentences: int, tmp: Path):
 
 def measure_speed(cfg: RunConfig, n_sentences: int) -> dict[str, float]:
     """Training and inference sentences/s on ``n_sentences`` Resume training sentences."""
-    from crener.data.batching import collate, training_batches
+    from crener.data.batching import batch_cells, collate, training_batches
     from crener.evaluation import autocast, predict_examples, resolve_device
     from crener.train import keep_large_tensors_on_heap
 
@@ -111,7 +111,7 @@ def measure_speed(cfg: RunConfig, n_sentences: int) -> dict[str, float]:
         opt.step()
 
     # Warm-up on the shortest, a middle and the longest batch: allocator and kernel selection.
-    by_cells = sorted(batches, key=lambda idx: len(idx) * max(lengths[i] for i in idx) ** 2)
+    by_cells = sorted(batches, key=lambda idx: batch_cells(idx, lengths))
     for idx in (by_cells[0], by_cells[len(by_cells) // 2], by_cells[-1]):
         step(idx)
     _sync(device)

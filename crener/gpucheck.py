@@ -169,7 +169,7 @@ def check_worst_batch(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from crener.bench import _CpuPeak
+    from crener.bench import _CpuPeak, _device_peak, _reset_device_peak, _sync
     from crener.data.batching import collate
     from crener.data.datasets import load_dataset
     from crener.data.split import split_all
@@ -192,19 +192,14 @@ def check_worst_batch(args: argparse.Namespace) -> dict[str, Any]:
     examples = featurize([chunks[i] for i in longest], task, tok)
     batch = collate(examples, task.target, task.num_labels).to(device)
     cpu = _CpuPeak()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        cpu.start()
+    _sync(device)
+    _reset_device_peak(device)
+    cpu.start()
     with autocast(device, cfg.train.bf16):
         out = model(batch)
     task.loss(out, batch)["loss"].backward()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        peak = int(torch.cuda.max_memory_allocated(device))
-    else:
-        peak = cpu.peak()
+    _sync(device)
+    peak = _device_peak(device) if device.type == "cuda" else cpu.peak()
     n = int(np.max([e.n for e in examples]))
     fits = peak <= FITS_BYTES
     return {"check": "worst batch", "setting": f"MSRA, {size} longest chunks ({n} characters), crener full",

@@ -66,7 +66,8 @@ PEAK_SHAPES = ((16384, 512, 96), (16384, 288, 288), (4096, 512, 512), (2048, 102
 # machine peaks
 
 
-def _best_seconds(fn: Callable[[], Any], reps: int) -> float:
+def _timings(fn: Callable[[], Any], reps: int) -> list[float]:
+    """Seconds of ``reps`` calls of ``fn`` after two warm-up calls."""
     fn()
     fn()
     times = []
@@ -74,7 +75,11 @@ def _best_seconds(fn: Callable[[], Any], reps: int) -> float:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return min(times)
+    return times
+
+
+def _best_seconds(fn: Callable[[], Any], reps: int) -> float:
+    return min(_timings(fn, reps))
 
 
 def matmul_gflops(dtype: torch.dtype, shapes=PEAK_SHAPES, reps: int = 5) -> float:
@@ -228,10 +233,10 @@ def flops_by_group(counts: dict[str, dict[Any, int]], root: str, train: bool) ->
 
 def _median_batch(lengths: list[int], cfg) -> list[int]:  # noqa: ANN001 - RunConfig
     """The batch of median size (B * N^2 cells) among the batches training would make."""
-    from crener.data.batching import training_batches
+    from crener.data.batching import batch_cells, training_batches
 
     batches = training_batches(lengths, cfg.train, np.random.default_rng(0))
-    cells = [len(b) * max(lengths[i] for i in b) ** 2 for b in batches]
+    cells = [batch_cells(b, lengths) for b in batches]
     return batches[int(np.argsort(cells, kind="stable")[len(cells) // 2])]
 
 
@@ -275,14 +280,7 @@ def profile_step(cfg, phase: str, n_sentences: int, peaks: dict[str, float], rep
                     task.decode(out, batch)
         _sync(device)
 
-    step()
-    step()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    seconds = statistics.median(times)
+    seconds = statistics.median(_timings(step, reps))
     with FlopCounterMode(display=False) as counter:
         step()
     flops = flops_by_group(counter.get_flop_counts(), type(model).__name__, train)

@@ -275,21 +275,31 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return rc
 
 
-def _reproduce_on_dask(args: argparse.Namespace) -> int:
+def _dask_session(args: argparse.Namespace) -> Any:
+    """The Dask session of ``--address`` / ``--jobs``, once the tracking store exists (created
+    here, before the workers race to create it)."""
+    from experiments.executor import dask_session
+
     try:
-        from experiments.executor import dask_session, run_cells_dask
+        import distributed  # noqa: F401 - experiments.executor imports it only when connecting
     except ImportError as exc:
         raise CrenerError(f"--executor dask needs Dask: pip install -e '.[cluster]' ({exc})") from None
-    if args.worker:
-        raise CrenerError("--worker I/N splits cells by hand; with --executor dask the scheduler does it")
-    threads = max(1, _cores() // args.jobs)
-    if not args.address and not any(s.startswith("train.threads=") for s in args.set):
-        args.set = [*args.set, f"train.threads={threads}"]  # an ignored field: keys unchanged
-    cells = _plan(args)
     from crener.tracking import Tracker
 
-    Tracker()  # create (migrate) the tracking store once, before the workers race to do it
-    with dask_session(args.address, args.jobs, threads) as client:
+    Tracker()
+    return dask_session(args.address, args.jobs, max(1, _cores() // args.jobs))
+
+
+def _reproduce_on_dask(args: argparse.Namespace) -> int:
+    if args.worker:
+        raise CrenerError("--worker I/N splits cells by hand; with --executor dask the scheduler does it")
+    if not args.address and not any(s.startswith("train.threads=") for s in args.set):
+        # an ignored field: keys unchanged
+        args.set = [*args.set, f"train.threads={max(1, _cores() // args.jobs)}"]
+    cells = _plan(args)
+    from experiments.executor import run_cells_dask
+
+    with _dask_session(args) as client:
         _, failed = run_cells_dask(cells, client, runs_dir=args.runs_dir, data_root=args.data_root,
                                    gpus_per_cell=args.gpus_per_cell)  # fmt: skip
     rc = 1 if failed else 0
@@ -391,10 +401,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def _tune_on_dask(args: argparse.Namespace, kwargs: dict[str, Any]) -> Any:
     import optuna
 
-    try:
-        from experiments.executor import dask_session, tune_on_dask
-    except ImportError as exc:
-        raise CrenerError(f"--executor dask needs Dask: pip install -e '.[cluster]' ({exc})") from None
     from crener.workspace import resolve_runs_dir
     from experiments.tune import _open_storage_or_explain, default_study_name
 
@@ -403,11 +409,9 @@ def _tune_on_dask(args: argparse.Namespace, kwargs: dict[str, Any]) -> Any:
     _open_storage_or_explain(storage)  # a bad URL fails here, once, not in every worker
     kwargs = {**kwargs, "study_name": name, "storage": storage,
               "runs_dir": str(resolve_runs_dir(args.runs_dir).resolve())}  # fmt: skip
-    from crener.tracking import Tracker
+    with _dask_session(args) as client:
+        from experiments.executor import tune_on_dask
 
-    Tracker()  # create (migrate) the tracking store once, before the workers race to do it
-    threads = max(1, _cores() // args.jobs)
-    with dask_session(args.address, args.jobs, threads) as client:
         tune_on_dask(client, args.jobs, kwargs)
     return optuna.load_study(study_name=name, storage=storage)
 

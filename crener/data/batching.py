@@ -64,18 +64,17 @@ class Batch:
     def pin_memory(self) -> Batch:
         """A copy in page-locked host memory, so ``to(cuda)`` runs asynchronously (non_blocking
         from pageable memory is a synchronous copy)."""
-        out = Batch.__new__(Batch)
-        for name in ("input_ids", "attention_mask", "lengths", "char_mask", "grid_mask"):
-            setattr(out, name, getattr(self, name).pin_memory())
-        out.targets = None if self.targets is None else self.targets.pin_memory()
-        out.indices = self.indices
-        return out
+        return self._map(lambda t: t.pin_memory())
 
     def to(self, device: torch.device | str) -> Batch:
+        return self._map(lambda t: t.to(device, non_blocking=True))
+
+    def _map(self, fn) -> Batch:  # noqa: ANN001 - Tensor -> Tensor
+        """A copy with ``fn`` applied to every tensor (masks kept, not rebuilt)."""
         out = Batch.__new__(Batch)
         for name in ("input_ids", "attention_mask", "lengths", "char_mask", "grid_mask"):
-            setattr(out, name, getattr(self, name).to(device, non_blocking=True))
-        out.targets = None if self.targets is None else self.targets.to(device, non_blocking=True)
+            setattr(out, name, fn(getattr(self, name)))
+        out.targets = None if self.targets is None else fn(self.targets)
         out.indices = self.indices
         return out
 
@@ -165,6 +164,11 @@ def make_batches(
         perm = rng.permutation(len(batches))
         batches = [batches[i] for i in perm]
     return batches
+
+
+def batch_cells(batch: Sequence[int], lengths: Sequence[int]) -> int:
+    """B * N_max^2: the grid cells a batch of these example positions pads to."""
+    return len(batch) * max(int(lengths[i]) for i in batch) ** 2
 
 
 def training_batches(lengths: Sequence[int], train: TrainConfig, rng: np.random.Generator) -> list[list[int]]:

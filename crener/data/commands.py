@@ -247,7 +247,7 @@ def epoch_batches(dataset: str, profile: str, model: str = "crener", overrides: 
     import numpy as np
 
     from crener.config import build_run_config, parse_set
-    from crener.data.batching import training_batches
+    from crener.data.batching import batch_cells, training_batches
     from crener.data.datasets import load_dataset
     from crener.data.split import split_all
 
@@ -259,7 +259,7 @@ def epoch_batches(dataset: str, profile: str, model: str = "crener", overrides: 
     lengths = [len(c.sentence) for c in split_all(data.train, cfg.data.max_len)]
     batches = training_batches(lengths, cfg.train, np.random.default_rng(0))
     sizes = Counter(len(b) for b in batches)
-    cells = sorted(len(b) * max(lengths[i] for i in b) ** 2 for b in batches)
+    cells = sorted(batch_cells(b, lengths) for b in batches)
     t = cfg.train
     rule = (f"{t.batch_size} sentences from length-sorted buckets" + (f", guard {t.max_cells:,} cells" if t.max_cells else "")
             if t.sorted_batches else f"cell budget {t.max_cells:,}" if t.max_cells else f"{t.batch_size} sentences, random order")  # fmt: skip
