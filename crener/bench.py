@@ -241,11 +241,11 @@ LEVERS: dict[str, dict[str, Any]] = {
     "default (every lever below on)": {},
     "fixed batch of 12 sentences": {"train.max_cells": 0, "train.batch_size": 12},
     "evaluation batches of 200k cells": {"train.eval_max_cells": 200_000},
-    "library dilated convs": {"model.space_to_batch": False},
     "concatenated grid input (eq. 7 as written)": {"model.grid_input": "concat"},
     "factored grid input": {"model.grid_input": "factored"},
     "uniform-draw dropout": {"model.fast_dropout": True},
     "bf16 autocast": {"train.bf16": True},
+    "bf16 autocast, library dilated convs": {"train.bf16": True, "model.space_to_batch": False},
     "large tensors on the malloc heap": {"train.heap_tensors": True},
     "checkpointed rounds": {"model.checkpoint_rounds": True},
 }
@@ -534,9 +534,10 @@ LEVER_NOTES = {
     "filled up to B·N² cells, buckets shuffled, so one long sentence does not pad a whole batch to N².",
     "evaluation batches of 200k cells": "instead of small evaluation batches (`train.eval_max_cells`): "
     "evaluation has no backward pass to amortise, and small grids stay in cache.",
-    "library dilated convs": "instead of space-to-batch dilated convolutions (`model.space_to_batch`): "
-    "in training, dilated depthwise convolutions run as undilated ones over interleaved sub-grids, "
-    "because oneDNN's dilated backward pass was many times slower on CPU. Exact (tested).",
+    "bf16 autocast, library dilated convs": "bf16 autocast without space-to-batch dilated convolutions "
+    "(`model.space_to_batch`; compare with the bf16 autocast row): in bf16 CPU training, dilated depthwise "
+    "convolutions run as undilated ones over interleaved sub-grids, because oneDNN's dilated backward pass "
+    "in bf16 is several times slower. In fp32 the library's own is the faster and is used. Exact (tested).",
     "concatenated grid input (eq. 7 as written)": "instead of the split grid input (`model.grid_input`): "
     "the 1x1 convolution is linear, so only the CLN grid goes through the large matmul while the "
     "distance, region and attention inputs reach the grid through small projected tables. Exact (tested).",
@@ -544,12 +545,14 @@ LEVER_NOTES = {
     "uniform-draw dropout": "`model.fast_dropout`: the predictor's grid dropouts as uniforms compared "
     "with p, with a 1-byte mask. Same law; off by default: on quick Resume runs (ten seeds each) its F1 "
     "was lower, not significantly, so it is not shown harmless.",
-    "bf16 autocast": "`train.bf16`: on by default in `paper` (a GPU profile); on CPU it pays only "
-    "where the CPU has fast bf16 matmuls (see the roofline's peaks).",
+    "bf16 autocast": "`train.bf16`: on in `paper` (a GPU profile), `auto` in `full` (on where this "
+    "machine's bf16 matmuls measure at least twice its fp32 ones); on CPU it pays only where the CPU has "
+    "fast bf16 matmuls (see the roofline's peaks).",
     "large tensors on the malloc heap": "`train.heap_tensors` (glibc): keep freed grids mapped for reuse "
     "instead of paying page faults on every new large tensor.",
     "checkpointed rounds": "`model.checkpoint_rounds`: recompute each convolution round in the backward "
-    "pass, trading time for memory on long sentences.",
+    "pass, trading time for memory, in every batch; by default (`model.checkpoint_above`) only batches "
+    "of sentences longer than 256 characters are checkpointed.",
 }
 
 

@@ -84,7 +84,10 @@ class ModelConfig:
     enh_heads: int = 8  # heads of the enhancement attentions
     enh_dropout: float = 0.1  # their dropout
     enh_block: str = "paper"  # paper | bert_layer (TOE's decoder layer)
-    checkpoint_rounds: bool = False  # activation checkpointing of the conv rounds (long sentences)
+    checkpoint_rounds: bool = False  # activation checkpointing of the conv rounds, always
+    # ... and of the rounds of batches whose longest sentence is longer than this (0: never): long
+    # grids then cost about half the memory, while the common lengths keep their speed.
+    checkpoint_above: int = 256
     # Exact rewrites of the grid module (tested equal), measured by `crener bench --suite levers`.
     # How the 1x1 conv meets its input: split (CLN grid through one matmul, embeddings through
     # their small tables) | concat (eq. 7 as written) | factored (nothing grid-sized before it)
@@ -93,7 +96,7 @@ class ModelConfig:
     # but off by default: over ten seeds its test F1 was lower, not significantly, yet not shown
     # harmless either (ten seeds each on quick Resume, before the shipped encoder).
     fast_dropout: bool = False
-    space_to_batch: bool = True  # dilated depthwise convs as undilated ones over sub-grids (CPU)
+    space_to_batch: bool = True  # dilated depthwise convs as undilated ones over sub-grids (CPU bf16 training)
     # --- co-predictor (§2.5) ---
     use_biaffine: bool = True  # eq. 16; False is "w/o Biaffine"
     use_grid_mlp: bool = True  # eq. 17; False is "w/o MLP"
@@ -127,6 +130,8 @@ class ModelConfig:
         _check_choice("model.attn_matrix", self.attn_matrix, ("transformer_probs", "none"))
         _check_choice("model.enh_block", self.enh_block, ("paper", "bert_layer"))
         _check_choice("model.biaffine_input", self.biaffine_input, ("encoder", "enhanced"))
+        if self.checkpoint_above < 0:
+            raise ConfigError(f"model.checkpoint_above={self.checkpoint_above}: must be >= 0 (0 = never)")
         _check_choice("model.tag_scheme", self.tag_scheme, ("crener", "w2ner", "ht_only"))
         _check_choice("model.ht_typed", self.ht_typed, ("both", "thc_only"))
         _check_choice("model.loss", self.loss, ("zlpr", "ce"))
@@ -228,7 +233,10 @@ class TrainConfig:
     weight_decay: float = 0.0  # AdamW weight decay
     warmup: float = 0.1  # fraction of steps with linear warm-up, then linear decay to 0
     clip: float = 5.0  # global gradient-norm clip
-    bf16: bool = False  # bf16 autocast (CUDA and CPU)
+    # bf16 autocast (CUDA and CPU). Profiles and --set also take "auto", resolved by
+    # build_run_config to what this machine's measured matmul peaks favour
+    # (crener.evaluation.bf16_pays); the run records the value it got.
+    bf16: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # >0: torch.set_num_threads
     # glibc: big tensors from the malloc heap instead of fresh mmaps that page-fault on every use
@@ -399,6 +407,7 @@ KEY_IGNORED = frozenset(
         "model.grid_input",  # three exact forms of eq. 7 with the same dropout draws
         "model.space_to_batch",  # exact rewrite of the dilated convolutions
         "model.checkpoint_rounds",  # recomputes rounds in backward, with the RNG state restored
+        "model.checkpoint_above",  # the same, for long batches only
     }
 )
 
@@ -566,6 +575,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "train.encoder_lr": 1e-4,
         "train.unk_alpha": 0.25,
         "model.prior_bias": True,
+        # bf16 autocast where this machine's bf16 matmuls are fast (AMX): the whole training step
+        # then runs well above its fp32 speed (reports/performance.md); fp32 elsewhere.
+        "train.bf16": "auto",
     },
     "paper": {
         "model.encoder": "bert-base-chinese",
@@ -633,6 +645,11 @@ def build_run_config(
         flat.setdefault("model.tf_layers", 1)
         flat["model.tf_layers"] = 1
     flat.update(overrides or {})
+    if str(flat.get("train.bf16", "")).lower() == "auto":
+        # Resolved here, before the run's key is made: a run's identity says which it got.
+        from crener.evaluation import bf16_pays
+
+        flat["train.bf16"] = bf16_pays(str(flat.get("train.device", "auto")))
     return RunConfig().with_overrides(flat)
 
 

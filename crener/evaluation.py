@@ -8,6 +8,8 @@ sentences (:mod:`crener.metrics`).
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -25,6 +27,8 @@ from crener.errors import CrenerError
 from crener.metrics import Scores, score
 from crener.tasks import Task
 
+log = logging.getLogger(__name__)
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -33,6 +37,34 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CrenerError(f"train.device={name} but CUDA is not available; use train.device=cpu")
     return device
+
+
+# Where bf16 matmuls run at least this many times faster than fp32 ones, `train.bf16=auto` picks
+# bf16: on CPUs with AMX the whole step then runs well above its fp32 speed, while where bf16
+# matmuls are emulated (slower than fp32) every bf16 step is slower.
+BF16_MIN_MATMUL_RATIO = 2.0
+
+
+@functools.lru_cache(maxsize=None)
+def bf16_pays(device_name: str = "auto") -> bool:
+    """Whether bf16 autocast should be used on ``train.device`` (what ``train.bf16=auto`` means).
+
+    CUDA: if the device supports bf16. CPU: if bf16 matmuls at the grid's shapes measure at least
+    :data:`BF16_MIN_MATMUL_RATIO` times the fp32 rate, in this process (about a second, once).
+    """
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    from crener.roofline import matmul_gflops
+
+    shapes = ((16384, 512, 96), (4096, 512, 512))
+    fp32 = matmul_gflops(torch.float32, shapes, reps=3)
+    bf16 = matmul_gflops(torch.bfloat16, shapes, reps=3)
+    log.info("train.bf16=auto: bf16 matmuls at %.1fx fp32 on this CPU: %s", bf16 / fp32,
+             "bf16" if bf16 >= BF16_MIN_MATMUL_RATIO * fp32 else "fp32")  # fmt: skip
+    return bf16 >= BF16_MIN_MATMUL_RATIO * fp32
 
 
 def autocast(device: torch.device, enabled: bool):

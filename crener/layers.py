@@ -142,22 +142,38 @@ class DilatedConvBlock(nn.Module):
             outs.append(y)
             if self.chain:
                 h = y
-        return torch.cat(outs, dim=1).permute(0, 2, 3, 1)  # (B, N, N, rates * C)
+        # Each output is channels-last in memory (the library keeps its input's layout), so the
+        # permuted views are contiguous and the concatenation is too: the grid-wide matmuls that
+        # read it (tag projection, predictor MLP) then need no transposed copy.
+        return torch.cat([y.permute(0, 2, 3, 1) for y in outs], dim=-1)  # (B, N, N, rates * C)
 
 
 def dilated_depthwise(conv: nn.Conv2d, h: torch.Tensor) -> torch.Tensor:
     """``conv(h)`` for a 3x3 depthwise conv with dilation d and padding d, computed fast on CPU.
 
-    oneDNN's backward pass for dilated depthwise convolutions is pathologically slow on CPU
-    (an order of magnitude slower than at d = 1 for the same tensor, measured when written). A
-    dilated conv only mixes cells in the same residue class mod d, so it equals an undilated
-    conv over the d * d interleaved sub-grids ("space to batch"); zero padding to a multiple
-    of d matches the conv's own zero padding. Exact, not an approximation (tested).
+    oneDNN's backward pass for dilated depthwise convolutions in bf16 is pathologically slow on
+    CPU (several times its d = 1 cost for the same tensor; in fp32 over channels-last input it is
+    not, and there the library's conv is the faster: measured when written, see
+    reports/performance.md). A dilated conv only mixes cells in the same residue class mod d, so
+    it equals an undilated conv over the d * d interleaved sub-grids ("space to batch"); zero
+    padding to a multiple of d matches the conv's own zero padding. Exact, not an approximation
+    (tested). Used where it pays: CPU training in bf16 (autocast or bf16 tensors).
     """
     d = conv.dilation[0]
+    bf16 = h.dtype == torch.bfloat16 or (
+        torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    )
     # Only the backward pass is pathological: without autograd (evaluation) the library conv
-    # is faster than the extra reshapes (`crener bench --suite levers`).
-    if d == 1 or h.device.type != "cpu" or not torch.is_grad_enabled():
+    # is faster than the extra reshapes.
+    if d == 1 or h.device.type != "cpu" or not torch.is_grad_enabled() or not bf16:
+        return conv(h)
+    return space_to_batch_conv(conv, h)
+
+
+def space_to_batch_conv(conv: nn.Conv2d, h: torch.Tensor) -> torch.Tensor:
+    """``conv(h)`` (3x3 depthwise, dilation d, padding d) as an undilated conv over sub-grids."""
+    d = conv.dilation[0]
+    if d == 1:
         return conv(h)
     b, c, n, _ = h.shape
     m = -(-n // d) * d
@@ -186,7 +202,9 @@ class Biaffine(nn.Module):
         if self.bias_y:
             y = torch.cat([y, torch.ones_like(y[..., :1])], dim=-1)
         # Contract x with U first: N * L * d^2 + N^2 * L * d instead of materialising N^2 * d^2.
-        xu = torch.einsum("bxi,oij->boxj", x, self.weight)  # (B, L, N, d+1)
+        # U in x's dtype: under bf16 autocast x arrives in bf16, and einsum is not on autocast's
+        # list (its bmm is, but a dispatch mode such as the flop counter sees the bmm below it).
+        xu = torch.einsum("bxi,oij->boxj", x, self.weight.to(x.dtype))  # (B, L, N, d+1)
         return torch.einsum("boxj,byj->bxyo", xu, y)
 
 
@@ -332,8 +350,10 @@ class _RowColMax(torch.autograd.Function):
         row_ok = mask.any(dim=2)[..., None]  # (B, N, 1): rows with at least one real cell
         col_ok = mask.any(dim=1)[..., None]
         # Where each max was attained, as 1-byte grids (a padded cell is -inf, never a real max;
-        # rows or columns with no real cell are cut off by row_ok / col_ok in backward).
-        ctx.save_for_backward(filled == rows[:, :, None], filled == cols[:, None], row_ok, col_ok)
+        # rows or columns with no real cell are cut off by row_ok / col_ok in backward). Only
+        # when a gradient will be asked for: in evaluation the two comparisons are pure cost.
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(filled == rows[:, :, None], filled == cols[:, None], row_ok, col_ok)
         return rows.masked_fill(~row_ok, 0.0), cols.masked_fill(~col_ok, 0.0)
 
     @staticmethod

@@ -43,8 +43,10 @@ class RelationEnhancement(nn.Module):
         super().__init__()
         self.rec_s = nn.Linear(tag_width, hidden)
         self.rec_o = nn.Linear(tag_width, hidden)
-        self.self_attn = nn.MultiheadAttention(hidden, heads, dropout=dropout, batch_first=True)
-        self.cross_attn = nn.MultiheadAttention(hidden, heads, dropout=dropout, batch_first=True)
+        # Sequence-first modules fed contiguous (N, B, d) inputs (see _mha); the parameters are
+        # those of a batch_first module, so checkpoints are unaffected.
+        self.self_attn = nn.MultiheadAttention(hidden, heads, dropout=dropout)
+        self.cross_attn = nn.MultiheadAttention(hidden, heads, dropout=dropout)
         self.block = block
         if block == "bert_layer":
             self.norm_self = nn.LayerNorm(hidden)
@@ -57,14 +59,27 @@ class RelationEnhancement(nn.Module):
         self.norm_s = nn.LayerNorm(hidden)
         self.norm_o = nn.LayerNorm(hidden)
 
+    @staticmethod
+    def _mha(attn: nn.MultiheadAttention, q: torch.Tensor, kv: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        """``attn`` over (B, N, d) inputs, computed sequence-first on contiguous copies.
+
+        A batch_first module transposes its inputs to (N, B, d) views, and under bf16 autocast
+        the input projection of such a view runs as a batched matmul against the weight expanded
+        N times, a copy of N weight matrices per call (most of an evaluation step at paper widths
+        with bf16; reports/performance.md). Same function, same dropout draws.
+        """
+        q_t = q.transpose(0, 1).contiguous()
+        kv_t = q_t if kv is q else kv.transpose(0, 1).contiguous()
+        return attn(q_t, kv_t, kv_t, key_padding_mask=pad, need_weights=False)[0].transpose(0, 1)
+
     def _attend(self, x: torch.Tensor, memory: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
-        a = self.self_attn(x, x, x, key_padding_mask=pad, need_weights=False)[0]
+        a = self._mha(self.self_attn, x, x, pad)
         if self.block == "bert_layer":
             a = self.norm_self(x + self.drop(a))
-            c = self.cross_attn(a, memory, memory, key_padding_mask=pad, need_weights=False)[0]
+            c = self._mha(self.cross_attn, a, memory, pad)
             c = self.norm_cross(a + self.drop(c))
             return self.norm_ffn(c + self.drop(self.ffn(c)))
-        return self.cross_attn(a, memory, memory, key_padding_mask=pad, need_weights=False)[0]
+        return self._mha(self.cross_attn, a, memory, pad)
 
     def forward(self, tf, grid_mask, char_mask, s, o, s_base, o_base):
         pad = ~char_mask
@@ -129,6 +144,11 @@ class CRENER(nn.Module):
             fast_dropout=cfg.fast_dropout,
         )  # fmt: skip
 
+    def _round(self, s, o, gmask, attn):  # noqa: ANN001, ANN202
+        """One convolution pass and its tag projection (eqs 5-10): the unit checkpointing recomputes."""
+        q = self.grid(s, o, gmask, attn)  # (B, N, N, C)
+        return self.tag_proj(q) if self.tag_proj is not None else q
+
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         cmask, gmask = batch.char_mask, batch.grid_mask  # (B, N), (B, N, N)
         x = self.encoder(batch.input_ids, batch.attention_mask, batch.n)  # (B, N, d_bert)
@@ -144,12 +164,15 @@ class CRENER(nn.Module):
             return {"logits": self.predictor(h, h, None)}
         s = s_base = self.subj(h)
         o = o_base = self.obj(h)
+        n = gmask.size(1)
+        ckpt = self.training and (
+            self.cfg.checkpoint_rounds or 0 < self.cfg.checkpoint_above < n
+        )
         for r in range(self.rounds):
-            if self.cfg.checkpoint_rounds and self.training:
-                q = checkpoint(self.grid, s, o, gmask, attn, use_reentrant=False)
+            if ckpt:  # keeps only the round's tag grid, recomputes the rest in backward
+                tf = checkpoint(self._round, s, o, gmask, attn, use_reentrant=False)
             else:
-                q = self.grid(s, o, gmask, attn)  # (B, N, N, C)
-            tf = self.tag_proj(q) if self.tag_proj is not None else q  # (B, N, N, K * d_r)
+                tf = self._round(s, o, gmask, attn)  # (B, N, N, K * d_r)
             if self.enhance is not None and r < self.rounds - 1:
                 s, o = self.enhance(tf, gmask, cmask, s, o, s_base, o_base)
         if self.cfg.biaffine_input == "enhanced":

@@ -409,8 +409,8 @@ def test_checkpoint_rounds_gives_the_same_forward_and_gradients(tiny_encoder, mo
     batch = collate(examples, task.target, task.num_labels)
     model.train()
 
-    def run(flag: bool, seed: int = 11):
-        model.cfg = dataclasses.replace(model.cfg, checkpoint_rounds=flag)
+    def run(flag: bool, seed: int = 11, above: int = 0):
+        model.cfg = dataclasses.replace(model.cfg, checkpoint_rounds=flag, checkpoint_above=above)
         model.zero_grad(set_to_none=True)
         torch.manual_seed(seed)
         out = model(batch)["logits"]
@@ -428,6 +428,16 @@ def test_checkpoint_rounds_gives_the_same_forward_and_gradients(tiny_encoder, mo
     assert g_ckpt.keys() == g_plain.keys() and any(k.startswith("grid.") for k in g_plain)
     for name in g_plain:
         torch.testing.assert_close(g_ckpt[name], g_plain[name], rtol=1e-5, atol=1e-7, msg=name)
+    # model.checkpoint_above: only batches longer than it are checkpointed.
+    n = batch.grid_mask.size(1)
+    calls.clear()
+    run(False, above=n)
+    assert calls == []
+    long_ckpt, g_long = run(False, above=n - 1)
+    assert len(calls) == model.cfg.rounds
+    torch.testing.assert_close(long_ckpt, plain, rtol=0, atol=0)
+    for name in g_plain:
+        torch.testing.assert_close(g_long[name], g_plain[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
 # Twelve distinct test sentences: the fixture's six, and the same with one character in front.
@@ -675,6 +685,27 @@ def test_relation_enhancement_matches_a_loop_reference_of_eqs_11_to_15():
         torch.testing.assert_close(got_s[k, :m], want_s[k, :m], rtol=0, atol=1e-5)
         torch.testing.assert_close(got_o[k, :m], want_o[k, :m], rtol=0, atol=1e-5)
     assert not torch.allclose(got_s[0, :5], s[0, :5], atol=1e-2)  # the module changes its input
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_sequence_first_attention_equals_the_batch_first_module(training):
+    """RelationEnhancement._mha (contiguous sequence-first inputs) is nn.MultiheadAttention with
+    batch_first=True and the same parameters: the same outputs, gradients and dropout draws."""
+    torch.manual_seed(0)
+    seq_first = torch.nn.MultiheadAttention(8, 2, dropout=0.3).train(training)
+    batch_first = torch.nn.MultiheadAttention(8, 2, dropout=0.3, batch_first=True).train(training)
+    batch_first.load_state_dict(seq_first.state_dict())
+    x, mem = torch.randn(3, 5, 8, requires_grad=True), torch.randn(3, 5, 8)
+    pad = ~char_mask(torch.tensor([5, 3, 1]), 5)
+    for kv in (x, mem):  # self- and cross-attention
+        torch.manual_seed(1)
+        got = RelationEnhancement._mha(seq_first, x, kv, pad)
+        (g_got,) = torch.autograd.grad(got.square().sum(), x)
+        torch.manual_seed(1)
+        want = batch_first(x, kv, kv, key_padding_mask=pad, need_weights=False)[0]
+        (g_want,) = torch.autograd.grad(want.square().sum(), x)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+        torch.testing.assert_close(g_got, g_want, rtol=0, atol=1e-5)
 
 
 # --- padding invariance of every variant -------------------------------------------------------

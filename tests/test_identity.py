@@ -102,6 +102,7 @@ IGNORED_VALUES = {
     "model.grid_input": "concat",
     "model.space_to_batch": False,
     "model.checkpoint_rounds": True,
+    "model.checkpoint_above": 8,
 }
 
 

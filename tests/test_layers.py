@@ -142,6 +142,24 @@ def test_dilated_conv_chain_vs_parallel_and_masking():
     torch.testing.assert_close(par(y, mask), a)
 
 
+def test_dilated_conv_block_output_is_contiguous_channels_last():
+    # The grid matmuls after it (tag projection, predictor MLP) read it without a transposed copy.
+    blk = DilatedConvBlock(4, (1, 2, 3))
+    out = blk(torch.randn(2, 6, 6, 4), grid_mask(torch.tensor([6, 3]), 6))
+    assert out.shape == (2, 6, 6, 12) and out.is_contiguous()
+
+
+def test_masked_row_col_max_without_autograd_gives_the_same_values():
+    torch.manual_seed(0)
+    mask = grid_mask(torch.tensor([5, 2]), 5)
+    x = torch.randn(2, 5, 5, 3, requires_grad=True)
+    with_grad = masked_row_col_max(x, mask)
+    with torch.inference_mode():
+        without = masked_row_col_max(x.detach(), mask)
+    for a, b in zip(with_grad, without):
+        torch.testing.assert_close(a.detach(), b, rtol=0, atol=0)
+
+
 def test_masked_row_col_max_ignores_padding():
     x = torch.tensor([[[[1.0], [5.0]], [[-2.0], [9.0]]]])  # (1, 2, 2, 1)
     mask = torch.tensor([[[True, False], [True, False]]])
@@ -198,15 +216,37 @@ def test_grid_loss_ce_over_valid_cells():
     torch.testing.assert_close(out, ref)
 
 
+def test_dilated_depthwise_uses_space_to_batch_only_for_cpu_bf16_training(monkeypatch):
+    import crener.layers as layers
+
+    calls = []
+    real = layers.space_to_batch_conv
+    monkeypatch.setattr(layers, "space_to_batch_conv", lambda conv, h: calls.append(1) or real(conv, h))
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 4, 3, groups=4, dilation=2, padding=2)
+    x = torch.randn(2, 4, 7, 7, requires_grad=True)
+    ref = conv(x)
+    torch.testing.assert_close(layers.dilated_depthwise(conv, x), ref)  # fp32: the library's conv
+    with torch.no_grad():
+        layers.dilated_depthwise(conv, x)
+    assert calls == []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layers.dilated_depthwise(conv, x)
+    assert calls == [1]
+    torch.testing.assert_close(y.float(), ref, atol=0.05, rtol=0.05)  # bf16 rounding only
+    layers.dilated_depthwise(conv.bfloat16(), x.detach().bfloat16().requires_grad_())
+    assert calls == [1, 1]
+
+
 def test_space_to_batch_dilated_conv_is_exact():
-    from crener.layers import dilated_depthwise
+    from crener.layers import space_to_batch_conv
 
     torch.manual_seed(0)
     for d in (1, 2, 3):
         conv = torch.nn.Conv2d(4, 4, 3, groups=4, dilation=d, padding=d)
         for n in (5, 7, 9):  # multiples of d and not
             x = torch.randn(2, 4, n, n, requires_grad=True)
-            y1 = dilated_depthwise(conv, x)
+            y1 = space_to_batch_conv(conv, x)
             y2 = conv(x)
             torch.testing.assert_close(y1, y2, atol=1e-6, rtol=1e-5)
             g1 = torch.autograd.grad(y1.square().sum(), (x, conv.weight))
