@@ -244,6 +244,9 @@ class TrainConfig:
     # batches, and with fixed batches of 12 faster but at about twice the peak memory
     # (`crener bench --suite levers`; figures: reports/performance.md).
     heap_tensors: bool = False
+    # >0: a DataLoader with this many worker processes collates training batches ahead of the
+    # step (pinned for CUDA); 0: collation in the training loop. The same batches either way.
+    loader_workers: int = 0
     progress: bool = True  # progress bar with loss and speed
     max_steps: int = 0  # >0: at most this many optimiser steps per epoch (the first of its shuffled batches)
     # Fine-tuning input noise: each character becomes [UNK] with probability a / (a + its training
@@ -260,7 +263,7 @@ class TrainConfig:
             raise ConfigError("train.unk_alpha and train.eval_every must be >= 0")
         if self.seed < 0:
             raise ConfigError(f"train.seed={self.seed}: a seed must be >= 0")
-        for name in ("max_cells", "max_steps", "threads"):
+        for name in ("max_cells", "max_steps", "threads", "loader_workers"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}={getattr(self, name)}: must be >= 0 (0 = off)")
         if self.eval_max_cells < 1:
@@ -402,6 +405,7 @@ KEY_IGNORED = frozenset(
         "train.device",  # where it runs (devices differ only in float rounding)
         "train.threads",  # torch.set_num_threads
         "train.heap_tensors",  # glibc malloc policy
+        "train.loader_workers",  # where batches are collated: the same batches
         "train.eval_max_cells",  # evaluation batch size: no dropout, padding-invariant predictions
         "train.eval_every",  # extra dev evaluations: no dropout and no random draws in evaluation
         "model.grid_input",  # three exact forms of eq. 7 with the same dropout draws
@@ -589,6 +593,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "train.sorted_batches": True,
         "train.batch_size": 12,
         "train.max_cells": 12 * 256 * 256,
+        "train.loader_workers": 2,  # collate on the host while the GPU runs the step
     },
 }
 

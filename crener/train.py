@@ -14,9 +14,11 @@ checkpoint format in :mod:`crener.checkpoint`.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import sys
@@ -48,9 +50,11 @@ from crener.encoder import (
 )
 from crener.errors import CheckpointError, CrenerError
 from crener.evaluation import (
+    BF16_MIN_MATMUL_RATIO,
     THRESHOLD_SHIFTS,
     Split,
     autocast,
+    bf16_pays,
     build_split,
     calibrate,
     evaluate,
@@ -199,48 +203,102 @@ def train_one_epoch(
     unk_probs: torch.Tensor | None = None,
     unk_id: int = 0,
     on_step: Any = None,
+    sync_every: int | None = None,
 ) -> dict[str, float]:
-    """One pass over ``batches``; ``on_step(loss)`` is called after every optimiser step."""
+    """One pass over ``batches``; ``on_step(loss)`` is called after every optimiser step.
+
+    ``sync_every`` (default: every step on CPU, where ops run synchronously anyway, every
+    :data:`DEVICE_SYNC_EVERY` steps on an accelerator) is how often the host waits for the device
+    to read the losses: in between, losses and the non-finite check stay on the device, so the
+    host queues the next steps without stalling. ``on_step`` then receives the losses of the
+    steps since the last read, in order, at the read.
+    """
     model.train()
+    if sync_every is None:
+        sync_every = 1 if device.type == "cpu" else DEVICE_SYNC_EVERY
+    batches = list(batches)[:max_steps] if max_steps else list(batches)
     total, count, sentences = 0.0, 0, 0
     start = time.perf_counter()
-    bar = progress_bar(min(len(batches), max_steps or len(batches)), f"epoch {epoch}", cfg.train.progress)
-    for step, idx in enumerate(batches):
-        if max_steps and step >= max_steps:
-            break
-        batch = collate([examples[i] for i in idx], task.target, task.num_labels)
+    bar = progress_bar(len(batches), f"epoch {epoch}", cfg.train.progress)
+    pending: list[tuple[int, torch.Tensor]] = []  # (step, loss on the device) not yet read
+
+    def read_pending() -> None:
+        nonlocal total, count
+        if not pending:
+            return
+        values = torch.stack([loss for _, loss in pending]).float().cpu()  # one host sync
+        for (step, _), value in zip(pending, values.tolist()):
+            if not math.isfinite(value):
+                raise CrenerError(
+                    f"non-finite loss ({value}) at epoch {epoch}, step {step}: lower train.lr / "
+                    "train.encoder_lr, or turn off train.bf16; the run was stopped, not saved as a NaN model"
+                )
+            size = len(batches[step])
+            total += value * size
+            count += size
+            if on_step is not None:
+                on_step(value)
+        if bar is not None:
+            rate = sentences / max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix(loss=f"{values[-1].item():.4f}", sent_s=f"{rate:.1f}")
+            bar.update(len(pending))
+        pending.clear()
+
+    for step, batch in enumerate(host_batches(examples, batches, task, cfg.train.loader_workers, device)):
         if unk_probs is not None:
             batch.input_ids = replace_with_unk(batch.input_ids, unk_probs, unk_id)
-        batch = (batch.pin_memory() if device.type == "cuda" else batch).to(device)
+        batch = (batch.pin_memory() if device.type == "cuda" and not batch.input_ids.is_pinned() else batch)
+        batch = batch.to(device)
         with autocast(device, cfg.train.bf16):
             outputs = model(batch)
         terms = task.loss(outputs, batch)
         loss = terms["loss"]
-        if not torch.isfinite(loss):
-            raise CrenerError(
-                f"non-finite loss ({loss.item()}) at epoch {epoch}, step {step}: lower train.lr / "
-                "train.encoder_lr, or turn off train.bf16; the run was stopped, not saved as a NaN model"
-            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.train.clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip)
         optimizer.step()
         scheduler.step()
-        value = loss.item()
-        if on_step is not None:
-            on_step(value)
-        total += value * len(idx)
-        count += len(idx)
-        sentences += len(idx)
-        if bar is not None:
-            rate = sentences / max(time.perf_counter() - start, 1e-9)
-            bar.set_postfix(loss=f"{value:.4f}", sent_s=f"{rate:.1f}")
-            bar.update(1)
+        pending.append((step, loss.detach()))
+        sentences += len(batches[step])
+        if len(pending) >= sync_every:
+            read_pending()
+    read_pending()
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - start
     return {"train/loss": total / max(count, 1), "train/sentences_per_s": sentences / max(seconds, 1e-9)}
+
+
+# Steps between two reads of the losses on an accelerator (see train_one_epoch).
+DEVICE_SYNC_EVERY = 25
+
+
+def host_batches(
+    examples: Sequence[Example], batches: Sequence[list[int]], task: Task, workers: int, device: torch.device
+):  # fmt: skip
+    """The collated batches of ``batches``, in order: in this process, or (``workers`` > 0) by a
+    ``DataLoader`` whose worker processes collate ahead of the step, pinning memory for CUDA.
+    Collation is deterministic, so both give the same batches."""
+    if workers <= 0:
+        for idx in batches:
+            yield collate([examples[i] for i in idx], task.target, task.num_labels)
+        return
+    from torch.utils.data import DataLoader
+
+    collate_fn = functools.partial(_collate_indexed, target=task.target, num_labels=task.num_labels)
+    loader = DataLoader(
+        examples, batch_sampler=[list(b) for b in batches], collate_fn=collate_fn, num_workers=workers,
+        pin_memory=device.type == "cuda", persistent_workers=False,
+        # Its own generator: the workers' base seed would otherwise be drawn from the global
+        # torch RNG and move every later dropout draw of the run.
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    yield from loader
+
+
+def _collate_indexed(examples: list[Example], *, target: str, num_labels: int):  # noqa: ANN202
+    return collate(examples, target, num_labels)
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,11 +336,11 @@ def fit(
     keep_large_tensors_on_heap(cfg.train.heap_tensors)
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.train.device)
-    if cfg.train.bf16 and device.type == "cpu":
+    if cfg.train.bf16 and device.type == "cpu" and not bf16_pays("cpu"):
         log.warning(
-            "train.bf16 on CPU: many times slower than fp32 on x86 CPUs (crener bench --suite levers); "
-            "set train.bf16=false"
-        )
+            "train.bf16 on a CPU whose bf16 matmuls are not fast (below %.0fx its fp32 rate, measured "
+            "now): bf16 slows training here; set train.bf16=false or auto", BF16_MIN_MATMUL_RATIO,
+        )  # fmt: skip
     data_cfg = cfg.data if data_root is None else _replace_root(cfg, data_root)
     key = cfg.key(data_digest=dataset_digest(data_cfg))  # of the files this run reads
     data = load_dataset(data_cfg, seed=cfg.train.seed)

@@ -98,6 +98,7 @@ IGNORED_VALUES = {
     "train.device": "cpu",
     "train.threads": 2,
     "train.heap_tensors": True,
+    "train.loader_workers": 1,
     "train.eval_max_cells": 1000,
     "model.grid_input": "concat",
     "model.space_to_batch": False,
@@ -270,3 +271,36 @@ def test_digest_follows_file_edits(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     (tmp_path / "toy" / "test.txt").write_text("王 S-PER\n\n", encoding="utf-8")  # same size
     os.utime(tmp_path / "toy" / "test.txt", ns=(1, 1))  # and a different mtime
     assert dataset_digest(data) != first
+
+
+def test_bf16_auto_is_resolved_before_the_key_from_the_measured_peaks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`train.bf16=auto` (the full profile's) becomes True or False by what this machine's matmul
+    peaks favour, before the key is made: the run records, and is keyed by, the precision it got."""
+    import crener.evaluation as evaluation
+
+    assert config.PROFILES["full"]["train.bf16"] == "auto"
+    asked = []
+    for pays in (True, False):
+        monkeypatch.setattr(evaluation, "bf16_pays", lambda device, pays=pays: asked.append(device) or pays)
+        cfg = build_run_config(profile="full")
+        assert cfg.train.bf16 is pays
+        assert cfg.key() == build_run_config(profile="full", overrides={"train.bf16": pays}).key()
+        assert build_run_config(profile="quick", overrides={"train.bf16": "auto"}).train.bf16 is pays
+    assert asked == ["auto"] * 4
+    assert build_run_config(profile="full", overrides={"train.bf16": True}).key() != cfg.key()
+    assert build_run_config(profile="quick").train.bf16 is False  # quick stays fp32: nothing measured
+    assert len(asked) == 4
+
+
+def test_bf16_pays_compares_measured_matmul_rates(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    import crener.evaluation as evaluation
+    import crener.roofline as roofline
+
+    for fp32, bf16, want in ((100.0, 450.0, True), (100.0, 199.0, False), (100.0, 30.0, False)):
+        rates = {torch.float32: fp32, torch.bfloat16: bf16}
+        monkeypatch.setattr(roofline, "matmul_gflops", lambda dtype, *a, rates=rates, **k: rates[dtype])
+        evaluation.bf16_pays.cache_clear()
+        assert evaluation.bf16_pays("cpu") is want
+    evaluation.bf16_pays.cache_clear()

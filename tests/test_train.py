@@ -102,6 +102,52 @@ def test_non_finite_loss_stops_the_run(tiny_data, tmp_path, monkeypatch):
     assert not (tmp_path / "nan" / "checkpoints" / "last.pt").exists()
 
 
+def test_deferred_loss_reads_and_loader_workers_train_the_same(tiny_data, tmp_path, monkeypatch):
+    """Reading the losses every few steps (as on an accelerator) and collating in DataLoader
+    workers change nothing: the same per-step losses, in order, and the same weights."""
+    cfg = tiny_cfg(tiny_data, **{"train.epochs": 1})
+    real_epoch = train_mod.train_one_epoch
+    runs = {}
+    for name, sync_every, workers in (("plain", 1, 0), ("deferred", 3, 0), ("workers", 1, 1)):
+        seen: list[float] = []
+
+        def epoch(*args, sync_every=sync_every, seen=seen, **kwargs):
+            inner = kwargs.pop("on_step")
+            kwargs["on_step"] = lambda value: seen.append(value) or inner(value)
+            return real_epoch(*args, sync_every=sync_every, **kwargs)
+
+        monkeypatch.setattr(train_mod, "train_one_epoch", epoch)
+        over = {"train.epochs": 1, "train.max_cells": 100, "train.loader_workers": workers}
+        fit(tiny_cfg(tiny_data, **over), tmp_path / name)
+        weights = load_checkpoint(tmp_path / name / "checkpoints" / "last.pt")["model"]
+        runs[name] = (seen, weights)
+    plain, w_plain = runs["plain"]
+    assert len(plain) >= 5  # several reads of three
+    for name in ("deferred", "workers"):
+        seen, weights = runs[name]
+        assert seen == plain, name
+        assert all(torch.equal(weights[k], w_plain[k]) for k in w_plain), name
+    assert cfg.train.loader_workers == 0
+
+
+def test_a_non_finite_loss_is_caught_at_a_deferred_read(tiny_data, tmp_path, monkeypatch):
+    from crener.tasks import GridTask
+
+    real_loss, calls = GridTask.loss, []
+
+    def late_nan(self, outputs, batch):
+        calls.append(1)
+        out = real_loss(self, outputs, batch)
+        return {**out, "loss": out["loss"] * (float("nan") if len(calls) == 2 else 1.0)}
+
+    real_epoch = train_mod.train_one_epoch
+    monkeypatch.setattr(GridTask, "loss", late_nan)
+    monkeypatch.setattr(train_mod, "train_one_epoch", lambda *a, **k: real_epoch(*a, sync_every=4, **k))
+    with pytest.raises(CrenerError, match="non-finite loss .* step 1:"):
+        fit(tiny_cfg(tiny_data, **{"train.epochs": 1}), tmp_path / "nan")
+    assert not (tmp_path / "nan" / "checkpoints" / "last.pt").exists()
+
+
 def test_missing_and_malformed_checkpoints(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "nope.pt")
