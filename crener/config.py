@@ -96,7 +96,8 @@ class ModelConfig:
     # but off by default: over ten seeds its test F1 was lower, not significantly, yet not shown
     # harmless either (ten seeds each on quick Resume, before the shipped encoder).
     fast_dropout: bool = False
-    space_to_batch: bool = True  # dilated depthwise convs as undilated ones over sub-grids (CPU bf16 training)
+    # Dilated depthwise convs as undilated ones over interleaved sub-grids (CPU bf16 training).
+    space_to_batch: bool = True
     # --- co-predictor (§2.5) ---
     use_biaffine: bool = True  # eq. 16; False is "w/o Biaffine"
     use_grid_mlp: bool = True  # eq. 17; False is "w/o MLP"

@@ -45,7 +45,7 @@ def resolve_device(name: str) -> torch.device:
 BF16_MIN_MATMUL_RATIO = 2.0
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bf16_pays(device_name: str = "auto") -> bool:
     """Whether bf16 autocast should be used on ``train.device`` (what ``train.bf16=auto`` means).
 

@@ -60,7 +60,9 @@ class RelationEnhancement(nn.Module):
         self.norm_o = nn.LayerNorm(hidden)
 
     @staticmethod
-    def _mha(attn: nn.MultiheadAttention, q: torch.Tensor, kv: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    def _mha(
+        attn: nn.MultiheadAttention, q: torch.Tensor, kv: torch.Tensor, pad: torch.Tensor
+    ) -> torch.Tensor:
         """``attn`` over (B, N, d) inputs, computed sequence-first on contiguous copies.
 
         A batch_first module transposes its inputs to (N, B, d) views, and under bf16 autocast
@@ -144,7 +146,9 @@ class CRENER(nn.Module):
             fast_dropout=cfg.fast_dropout,
         )  # fmt: skip
 
-    def _round(self, s, o, gmask, attn):  # noqa: ANN001, ANN202
+    def _round(
+        self, s: torch.Tensor, o: torch.Tensor, gmask: torch.Tensor, attn: torch.Tensor | None
+    ) -> torch.Tensor:
         """One convolution pass and its tag projection (eqs 5-10): the unit checkpointing recomputes."""
         q = self.grid(s, o, gmask, attn)  # (B, N, N, C)
         return self.tag_proj(q) if self.tag_proj is not None else q
@@ -165,9 +169,7 @@ class CRENER(nn.Module):
         s = s_base = self.subj(h)
         o = o_base = self.obj(h)
         n = gmask.size(1)
-        ckpt = self.training and (
-            self.cfg.checkpoint_rounds or 0 < self.cfg.checkpoint_above < n
-        )
+        ckpt = self.training and (self.cfg.checkpoint_rounds or 0 < self.cfg.checkpoint_above < n)
         for r in range(self.rounds):
             if ckpt:  # keeps only the round's tag grid, recomputes the rest in backward
                 tf = checkpoint(self._round, s, o, gmask, attn, use_reentrant=False)

@@ -247,7 +247,7 @@ def train_one_epoch(
     for step, batch in enumerate(host_batches(examples, batches, task, cfg.train.loader_workers, device)):
         if unk_probs is not None:
             batch.input_ids = replace_with_unk(batch.input_ids, unk_probs, unk_id)
-        batch = (batch.pin_memory() if device.type == "cuda" and not batch.input_ids.is_pinned() else batch)
+        batch = batch.pin_memory() if device.type == "cuda" and not batch.input_ids.is_pinned() else batch
         batch = batch.to(device)
         with autocast(device, cfg.train.bf16):
             outputs = model(batch)

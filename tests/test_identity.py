@@ -273,7 +273,9 @@ def test_digest_follows_file_edits(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert dataset_digest(data) != first
 
 
-def test_bf16_auto_is_resolved_before_the_key_from_the_measured_peaks(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bf16_auto_is_resolved_before_the_key_from_the_measured_peaks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """`train.bf16=auto` (the full profile's) becomes True or False by what this machine's matmul
     peaks favour, before the key is made: the run records, and is keyed by, the precision it got."""
     import crener.evaluation as evaluation
