@@ -62,9 +62,11 @@ def bf16_pays(device_name: str = "auto") -> bool:
     shapes = ((16384, 512, 96), (4096, 512, 512))
     fp32 = matmul_gflops(torch.float32, shapes, reps=3)
     bf16 = matmul_gflops(torch.bfloat16, shapes, reps=3)
-    log.info("train.bf16=auto: bf16 matmuls at %.1fx fp32 on this CPU: %s", bf16 / fp32,
-             "bf16" if bf16 >= BF16_MIN_MATMUL_RATIO * fp32 else "fp32")  # fmt: skip
-    return bf16 >= BF16_MIN_MATMUL_RATIO * fp32
+    pays = bf16 >= BF16_MIN_MATMUL_RATIO * fp32
+    log.info(
+        "train.bf16=auto: bf16 matmuls at %.1fx fp32 on this CPU: %s", bf16 / fp32, "bf16" if pays else "fp32"
+    )
+    return pays
 
 
 def autocast(device: torch.device, enabled: bool):

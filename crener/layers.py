@@ -159,15 +159,14 @@ def dilated_depthwise(conv: nn.Conv2d, h: torch.Tensor) -> torch.Tensor:
     padding to a multiple of d matches the conv's own zero padding. Exact, not an approximation
     (tested). Used where it pays: CPU training in bf16 (autocast or bf16 tensors).
     """
-    d = conv.dilation[0]
+    # Only the backward pass is pathological: without autograd (evaluation) the library conv
+    # is faster than the extra reshapes.
+    if conv.dilation[0] == 1 or h.device.type != "cpu" or not torch.is_grad_enabled():
+        return conv(h)
     bf16 = h.dtype == torch.bfloat16 or (
         torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
     )
-    # Only the backward pass is pathological: without autograd (evaluation) the library conv
-    # is faster than the extra reshapes.
-    if d == 1 or h.device.type != "cpu" or not torch.is_grad_enabled() or not bf16:
-        return conv(h)
-    return space_to_batch_conv(conv, h)
+    return space_to_batch_conv(conv, h) if bf16 else conv(h)
 
 
 def space_to_batch_conv(conv: nn.Conv2d, h: torch.Tensor) -> torch.Tensor:

@@ -280,13 +280,13 @@ def host_batches(
     """The collated batches of ``batches``, in order: in this process, or (``workers`` > 0) by a
     ``DataLoader`` whose worker processes collate ahead of the step, pinning memory for CUDA.
     Collation is deterministic, so both give the same batches."""
+    collate_fn = functools.partial(collate, target=task.target, num_labels=task.num_labels)
     if workers <= 0:
         for idx in batches:
-            yield collate([examples[i] for i in idx], task.target, task.num_labels)
+            yield collate_fn([examples[i] for i in idx])
         return
     from torch.utils.data import DataLoader
 
-    collate_fn = functools.partial(_collate_indexed, target=task.target, num_labels=task.num_labels)
     loader = DataLoader(
         examples, batch_sampler=[list(b) for b in batches], collate_fn=collate_fn, num_workers=workers,
         pin_memory=device.type == "cuda", persistent_workers=False,
@@ -295,10 +295,6 @@ def host_batches(
         generator=torch.Generator().manual_seed(0),
     )  # fmt: skip
     yield from loader
-
-
-def _collate_indexed(examples: list[Example], *, target: str, num_labels: int):  # noqa: ANN202
-    return collate(examples, target, num_labels)
 
 
 # --------------------------------------------------------------------------------------------
