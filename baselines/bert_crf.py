@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from baselines.bert_softmax import TAGGER_DEFAULTS, BertTagger, search_space
+from baselines.bert_softmax import TAGGER_DEFAULTS, TAGGER_PROFILE_DEFAULTS, BertTagger, search_space
 from baselines.sequence import SequenceTask
 from crener.config import ENCODER_FIELDS, ModelConfig
 from crener.encoder import CharEncoder
@@ -32,6 +32,7 @@ FAMILY = ModelFamily(
     build_task=build_task,
     fields=frozenset(ENCODER_FIELDS),  # encoder -> dropout -> linear -> CRF over BIOES tags
     defaults=TAGGER_DEFAULTS,
+    profile_defaults=TAGGER_PROFILE_DEFAULTS,
     search_space=search_space,
     label="BERT-CRF",
     order=3,

@@ -23,6 +23,11 @@ from crener.registry import ModelFamily
 
 # Neither tagger has a context layer; "none" also spares them the Transformer's width checks.
 TAGGER_DEFAULTS = {"model.context": "none", "model.attn_matrix": "none"}
+# `quick` freezes the encoder for the grid models (its features computed once a sweep). A tagger
+# on frozen features is a linear probe (Softmax) or a probe plus transitions (CRF), not the
+# fine-tuned BERT baseline of the paper, and the probe barely learns in quick's steps; so the
+# taggers fine-tune the encoder there, at `full`'s encoder rate (issue 13's note has the probes).
+TAGGER_PROFILE_DEFAULTS = {"quick": {"train.encoder_lr": 1e-4}}
 
 
 class BertTagger(nn.Module):
@@ -66,6 +71,7 @@ FAMILY = ModelFamily(
     build_task=build_task,
     fields=frozenset(ENCODER_FIELDS),  # encoder -> dropout -> linear over BIOES tags
     defaults=TAGGER_DEFAULTS,
+    profile_defaults=TAGGER_PROFILE_DEFAULTS,
     search_space=search_space,
     label="BERT-Softmax",
     order=2,

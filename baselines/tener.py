@@ -98,6 +98,9 @@ FAMILY = ModelFamily(
     fields=frozenset(ENCODER_FIELDS + TRANSFORMER_FIELDS + ("out_dropout",)),
     # TENER's released code leaves the key unprojected (method.md §2.1).
     defaults={"model.context": "transformer", "model.attn_matrix": "none", "model.key_proj": False},
+    # TENER trains every weight from scratch (no pretrained encoder in its forward): at quick's
+    # 1,000 small steps it needs a higher rate than the grid heads on frozen features.
+    profile_defaults={"quick": {"train.lr": 3e-3}},
     search_space=search_space,
     label="TENER",
     order=4,

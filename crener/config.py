@@ -624,8 +624,9 @@ def build_run_config(
 ) -> RunConfig:
     """Resolve model family, variant and profile into one config; ``overrides`` win last.
 
-    Order: defaults <- model family (its ``defaults`` in crener.registry) <- profile <- variant <-
-    per-dataset rule <- overrides. The variant comes after the profile so a profile can never
+    Order: defaults <- model family (its ``defaults`` in crener.registry) <- profile <- the
+    family's settings for that profile (its ``profile_defaults``) <- variant <- per-dataset rule
+    <- overrides. The variant comes after the profile so a profile can never
     silently undo an ablation.
     """
     try:
@@ -640,6 +641,7 @@ def build_run_config(
         raise ConfigError(f"variants are ablations of CRENER; model {model!r} takes variant=full")
     flat: dict[str, Any] = {"model.name": model, **family.defaults}
     flat.update(PROFILES[profile])
+    flat.update(family.profile_defaults.get(profile, {}))
     flat.update(VARIANTS[variant])
     # A profile's `rounds` sizes the enhancement loop; models and variants without one keep
     # their single convolution pass.

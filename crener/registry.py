@@ -48,6 +48,9 @@ class ModelFamily:
     # (RunConfig.identity), so a baseline's key ignores CRENER's grid flags; None: every field.
     fields: frozenset[str] | None
     defaults: Mapping[str, Any] = field(default_factory=dict)  # its faithful settings, before the profile
+    # Its own settings within a profile, applied after the profile (before the variant): where a
+    # profile's shared budget would leave this family unable to learn, e.g. a learning rate.
+    profile_defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     # Optuna search space: (trial, base config) -> {config key: value}; see crener.search.
     search_space: Callable[[Any, RunConfig], dict[str, Any]] | None = None
     label: str = ""  # its row in the report tables; a paper row's label is spelled as in the paper

@@ -114,6 +114,9 @@ IGNORED_VALUES = {
 def test_golden_keys(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     kwargs, key, zero_digest_key = GOLDEN[name]
     monkeypatch.setitem(config.PROFILES, "quick", QUICK_V1)
+    # ...and the families as they were then, before any had settings of its own within a profile
+    get = registry.get
+    monkeypatch.setattr(registry, "get", lambda model: dataclasses.replace(get(model), profile_defaults={}))
     cfg = build_run_config(**kwargs)
     assert cfg.key(data_digest=ZERO_DIGEST) == zero_digest_key, "the key function moved"
     assert dataset_digest(cfg.data) == GOLDEN_DIGESTS[cfg.data.dataset], "the shared data files changed"

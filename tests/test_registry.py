@@ -31,6 +31,27 @@ def test_every_family_is_registered_with_what_the_suite_needs() -> None:
     assert [f.label for f in registry.families().values() if f.paper_row] == ["CRENER", "W²NER"]
 
 
+def test_a_familys_profile_settings_follow_the_profile_and_yield_to_variants_and_overrides() -> None:
+    from crener.config import PROFILES
+
+    quick = PROFILES["quick"]
+    # quick freezes the encoder for the grid models; the fine-tuned baselines of the paper fine-tune it
+    assert build_run_config(model="crener", profile="quick").train.encoder_lr == quick["train.encoder_lr"] == 0.0
+    for tagger in ("bert_softmax", "bert_crf"):
+        assert build_run_config(model=tagger, profile="quick").train.encoder_lr == 1e-4
+        assert build_run_config(model=tagger, profile="quick").train.lr == quick["train.lr"]
+    assert build_run_config(model="tener", profile="quick").train.lr == 3e-3
+    # only in the profile named: full keeps its own rates
+    assert build_run_config(model="tener", profile="full").train.lr == PROFILES["full"]["train.lr"]
+    # the user's override wins
+    cfg = build_run_config(model="bert_crf", profile="quick", overrides={"train.encoder_lr": 0.0})
+    assert cfg.train.encoder_lr == 0.0
+    for name, family in registry.families().items():
+        assert set(family.profile_defaults) <= set(PROFILES), name
+        for profile in family.profile_defaults:
+            build_run_config(model=name, profile=profile)  # its keys are real config fields
+
+
 def test_an_unknown_model_is_an_error() -> None:
     with pytest.raises(KeyError, match="unknown model 'bilstm'"):
         build_run_config(model="bilstm")
