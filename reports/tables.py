@@ -235,7 +235,9 @@ class RunIndex:
     ``runs`` is :func:`reports.collect.collect_runs` output for one profile. Runs of other
     sweeps are left out. When a seed was run twice (different keys), the latest run is used
     and the older ones are recorded in :attr:`superseded`. ``seeds`` (default: every seed seen)
-    is what each cell is expected to have; the rest is reported missing.
+    is what each cell is expected to have; the rest is reported missing. ``planned`` (model,
+    variant, dataset -> seeds, or None for a cell no plan covers) overrides it per cell: a sweep
+    may plan three seeds on Resume and one on MSRA, and MSRA's single seed is then complete.
     """
 
     def __init__(
@@ -243,6 +245,7 @@ class RunIndex:
         runs: pd.DataFrame,
         sweeps: Sequence[str] | None = TABLE_SWEEPS,
         seeds: Sequence[int] | None = None,
+        planned: Callable[[str, str, str], Sequence[int] | None] | None = None,
     ):
         df = runs.copy()
         if sweeps is not None and "sweep" in df:
@@ -258,6 +261,12 @@ class RunIndex:
         if seeds is None:
             seeds = sorted({int(s) for s in self.runs["seed"] if not pd.isna(s)})
         self.seeds: tuple[int, ...] = tuple(int(s) for s in seeds)
+        self.planned = planned
+
+    def expected_seeds(self, model: str, variant: str, dataset: str) -> tuple[int, ...]:
+        """The seeds a cell should have: its plan's, else every seed seen in the store."""
+        plan = self.planned(model, variant, dataset) if self.planned is not None else None
+        return tuple(int(s) for s in plan) if plan is not None else self.seeds
 
     def cell(self, model: str, variant: str, dataset: str, protocol: str = "lineage") -> Cell:
         df = self.runs
@@ -265,7 +274,7 @@ class RunIndex:
         sel = df[
             (df["model"] == model) & (df["variant"] == variant) & (df["dataset"] == dataset) & same_protocol
         ]
-        return Cell(sel.sort_values("seed").reset_index(drop=True), self.seeds)
+        return Cell(sel.sort_values("seed").reset_index(drop=True), self.expected_seeds(model, variant, dataset))
 
     def protocols(self) -> list[str]:
         return sorted({str(p) for p in self.runs["protocol"] if pd.notna(p)})  # NaN for non-MSRA runs

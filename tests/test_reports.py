@@ -636,3 +636,36 @@ def test_ablation_chart_can_share_one_delta_scale(index, tmp_path, monkeypatch, 
     plots.ablation_chart(data, tmp_path / "ablation", shared_x=shared)
     assert len(limits) == 4
     assert (len(set(limits)) == 1) == shared
+
+
+def test_planned_seeds_follow_the_sweep_configs():
+    """quick plans three seeds of Table 6 on Resume and Weibo and one elsewhere; main plans one."""
+    from reports.make_report import planned_seeds
+
+    quick = planned_seeds("quick", tables.TABLE_SWEEPS)
+    assert quick("crener", "no_mlp", "resume") == (0, 1, 2)
+    assert quick("crener", "no_mlp", "msra") == (0,)
+    assert quick("crener", "full", "weibo") == (0, 1, 2)  # main (seed 0) and ablation (0-2) share it
+    assert quick("w2ner", "full", "resume") == (0,)
+    assert quick("w2ner", "no_mlp", "resume") is None  # no sweep plans a baseline's ablation
+    assert planned_seeds("full", tables.TABLE_SWEEPS)("bert_crf", "full", "msra") == (0, 1, 2, 3, 4)
+    assert planned_seeds("quick", ("adhoc",))("crener", "full", "resume") is None  # no config file
+
+
+def test_a_cell_is_missing_only_the_seeds_its_plan_names(store):
+    from reports import collect
+
+    runs = collect.collect_runs(store["uri"], profile="quick")
+
+    def plan(model, variant, dataset):  # W2NER planned with seeds 0-1 on Resume only
+        return (0, 1) if (model, dataset) == ("w2ner", "resume") else None
+
+    index = tables.RunIndex(runs, planned=plan)
+    t = tables.main_table(index, 3, "quick")
+    assert not any(m.startswith("w2ner/full on resume") for m in t.missing)  # seed 2 was not planned
+    shown = labelled(t.display.set_index("System"), "W²NER")["F1 ours"]
+    assert shown == _expected("w2ner", "full", "resume", "f1", seeds=(0, 1)).removesuffix(" (n=2)")
+    assert "(n=" not in shown  # the cell has every seed of its plan
+    assert "bert_crf/full on resume: all seeds (0, 1, 2)" in t.missing  # unplanned: every seed seen
+    # Without a plan the same store reads seed 2 as missing (the behaviour the plan corrects).
+    assert "w2ner/full on resume: seeds 2" in tables.main_table(tables.RunIndex(runs), 3, "quick").missing
