@@ -237,6 +237,9 @@ def tune(
         raise CrenerError(str(exc)) from exc
     base = _clean_dev_protocol(base, dataset, sets or {})
     name = study_name or default_study_name(model, variant, dataset, profile)
+    # The MLflow store first: one that cannot be reached fails here, before a study (or its
+    # database file) is created that would then hold no trial.
+    tracker = Tracker() if track else None
     store = _open_storage_or_explain(storage or OPTUNA_STORAGE)
     offset = _trials_so_far(store, name)
     study = optuna.create_study(
@@ -261,7 +264,6 @@ def tune(
     for key, value in {"model": model, "variant": variant, "dataset": dataset, "profile": profile}.items():
         study.set_user_attr(key, value)
 
-    tracker = Tracker() if track else None
     parent = None
     if tracker is not None:
         parent = tracker.start_parent(

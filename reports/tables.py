@@ -274,7 +274,9 @@ class RunIndex:
         sel = df[
             (df["model"] == model) & (df["variant"] == variant) & (df["dataset"] == dataset) & same_protocol
         ]
-        return Cell(sel.sort_values("seed").reset_index(drop=True), self.expected_seeds(model, variant, dataset))
+        return Cell(
+            sel.sort_values("seed").reset_index(drop=True), self.expected_seeds(model, variant, dataset)
+        )
 
     def protocols(self) -> list[str]:
         return sorted({str(p) for p in self.runs["protocol"] if pd.notna(p)})  # NaN for non-MSRA runs

@@ -419,3 +419,24 @@ def test_ui_passes_allowed_hosts_to_mlflow(monkeypatch, capsys, caplog) -> None:
     cmd = started[-1]
     assert cmd[cmd.index("--allowed-hosts") + 1] == "ner.example.org"
     assert "--allowed-hosts" not in started[0]
+
+
+def test_tune_checks_the_mlflow_store_before_creating_its_study(
+    tiny_data, tmp_path, monkeypatch, capsys, caplog
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")
+    db = tmp_path / "optuna.db"
+    argv = [
+        "tune",
+        "--dataset",
+        "resume",
+        "--profile",
+        "smoke",
+        "--trials",
+        "1",
+        "--data-root",
+        str(tiny_data),
+    ]
+    rc, text = _run([*argv, "--storage", f"sqlite:///{db}"], capsys, caplog)
+    _assert_refused(rc, text, "cannot reach the MLflow store")
+    assert not db.exists()  # no study (nor its database) left behind with no trial in it
