@@ -335,6 +335,7 @@ def main_table(index: RunIndex, n: int, profile: str, msra_protocol: str = "line
     ref = ref.set_index("system").loc[order].reset_index()
 
     display_rows, data_rows, notes, footnotes, missing = [], [], [], [], []
+    regimes: dict[str, set[str]] = {}  # system -> "fine-tuned at LR" / "frozen", from its runs
     for row in ref.to_dict("records"):
         marker = ""
         if row["note"]:
@@ -382,6 +383,7 @@ def main_table(index: RunIndex, n: int, profile: str, msra_protocol: str = "line
             display_rows.append(shown)
             data_rows.append(data)
             if cell is not None:
+                regimes.setdefault(row["system"], set()).update(_encoder_regimes(cell))
                 if cell.run_ids:
                     footnotes.append((f"{label.split(' [')[0]} (P, R, F1 ours)", cell.run_ids))
                 line = _missing_line(row["model"], row["variant"], dataset, protocol or msra_protocol, cell)
@@ -389,6 +391,9 @@ def main_table(index: RunIndex, n: int, profile: str, msra_protocol: str = "line
                     missing.append(line)
     title = f"Table {n}: {DATASET_LABELS[dataset]} test P / R / F1 (%)"
     notes.append("Δ = ours − paper, in points. 'reported' rows are copied from the paper and not rerun.")
+    note = _encoder_note(regimes)
+    if note:
+        notes.append(note)
     if dataset == "msra":
         notes.append(MSRA_NOTE)
     reasons = _not_rerun_reasons()
@@ -404,6 +409,31 @@ def main_table(index: RunIndex, n: int, profile: str, msra_protocol: str = "line
         missing=missing,
         text_columns=2,
     )
+
+
+def _encoder_regimes(cell: Cell) -> set[str]:
+    """How the cell's runs trained their character encoder: "frozen" or "fine-tuned at LR"."""
+    col = "params.train.encoder_lr"
+    if col not in cell.runs:
+        return set()
+    out = set()
+    for value in cell.runs[col].dropna():
+        lr = float(value)
+        out.add("frozen" if lr == 0 else f"fine-tuned at {lr:g}")
+    return out
+
+
+def _encoder_note(regimes: dict[str, set[str]]) -> str | None:
+    """A note when the rerun systems did not all train the encoder alike (e.g. `quick`: the grid
+    models read it frozen, the BERT taggers fine-tune it), so the rows are read as what they are."""
+    if len({r for rs in regimes.values() for r in rs}) < 2:
+        return None
+    by_regime: dict[str, list[str]] = {}
+    for system, rs in regimes.items():
+        for r in sorted(rs):
+            by_regime.setdefault(r, []).append(system)
+    parts = [f"{r}: {', '.join(systems)}" for r, systems in sorted(by_regime.items())]
+    return "Encoder (train.encoder_lr of the runs) differs between rows: " + "; ".join(parts) + "."
 
 
 def _not_rerun_reasons() -> dict[str, str]:

@@ -107,7 +107,12 @@ def store(tmp_path_factory):
         client.log_batch(
             rid,
             metrics=[Metric(k, v, 0, 0) for k, v in final.items()] + history,
-            params=[Param("model.name", model), Param("variant", variant), Param("train.seed", str(seed))],
+            params=[
+                Param("model.name", model),
+                Param("variant", variant),
+                Param("train.seed", str(seed)),
+                Param("train.encoder_lr", "0.0"),
+            ],
         )
         lines = "\n".join(json.dumps(r, ensure_ascii=False) for r in predictions_of(model, variant, seed))
         client.log_text(rid, lines + "\n", "predictions/test.jsonl")
@@ -669,3 +674,25 @@ def test_a_cell_is_missing_only_the_seeds_its_plan_names(store):
     assert "bert_crf/full on resume: all seeds (0, 1, 2)" in t.missing  # unplanned: every seed seen
     # Without a plan the same store reads seed 2 as missing (the behaviour the plan corrects).
     assert "w2ner/full on resume: seeds 2" in tables.main_table(tables.RunIndex(runs), 3, "quick").missing
+
+
+def test_main_tables_say_when_rows_trained_the_encoder_differently(index):
+    import pandas as pd
+
+    assert not any(n.startswith("Encoder") for n in tables.main_table(index, 2, "quick").notes)  # all frozen
+    tuned = tables.Cell(
+        pd.DataFrame({"run_id": ["a", "b"], "seed": [0, 1], "params.train.encoder_lr": ["0.0001", "1e-4"]}),
+        (0, 1),
+    )
+    frozen = tables.Cell(
+        pd.DataFrame({"run_id": ["c"], "seed": [0], "params.train.encoder_lr": ["0.0"]}), (0,)
+    )
+    assert tables._encoder_regimes(tuned) == {"fine-tuned at 0.0001"}
+    note = tables._encoder_note(
+        {"BERT-CRF": tables._encoder_regimes(tuned), "CRENER": tables._encoder_regimes(frozen)}
+    )
+    assert note == (
+        "Encoder (train.encoder_lr of the runs) differs between rows: "
+        "fine-tuned at 0.0001: BERT-CRF; frozen: CRENER."
+    )
+    assert tables._encoder_note({"CRENER": {"frozen"}, "W²NER": {"frozen"}}) is None
