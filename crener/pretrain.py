@@ -97,6 +97,17 @@ class PretrainConfig:
     log_every: int = 50  # steps between logged metrics
 
     def __post_init__(self) -> None:
+        for name in ("hidden", "layers", "heads", "ff", "save_every", "log_every"):
+            if getattr(self, name) < 1:
+                flag = "--" + name.replace("_", "-")
+                raise CrenerError(f"{flag} {getattr(self, name)}: must be a positive integer (>= 1)")
+        if self.seed < 0:
+            raise CrenerError(f"--seed {self.seed}: a seed must be >= 0")
+        if not self.lr > 0 or not 0 <= self.warmup <= 1 or self.weight_decay < 0 or self.unk_alpha < 0:
+            raise CrenerError(
+                f"--lr {self.lr} must be > 0, --warmup {self.warmup} in [0, 1], "
+                f"--weight-decay {self.weight_decay} and --unk-alpha {self.unk_alpha} >= 0"
+            )
         if self.hidden % self.heads:
             raise CrenerError(f"--hidden {self.hidden} is not divisible by --heads {self.heads}")
         if not MIN_LEN <= self.max_len <= MAX_LEN:

@@ -610,3 +610,26 @@ def test_zero_steps_writes_the_initialised_encoder(tmp_path: Path) -> None:
     rows = [vocab[c] for c in ("张", "北", "，")]
     direction = torch.nn.functional.cosine_similarity(weight[rows], expected[rows], dim=1)
     assert torch.all(direction > 0.9999)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--hidden", "-8", "--hidden -8: must be a positive integer"),
+        ("--heads", "0", "--heads 0: must be a positive integer"),
+        ("--layers", "0", "--layers 0: must be a positive integer"),
+        ("--save-every", "0", "--save-every 0: must be a positive integer"),
+        ("--seed", "-1", "--seed -1: a seed must be >= 0"),
+        ("--lr", "0", "--lr 0.0 must be > 0"),
+        ("--warmup", "1.5", "--warmup 1.5 in [0, 1]"),
+        ("--unk-alpha", "-1", "--unk-alpha -1.0 >= 0"),
+    ],
+)
+def test_cli_pretrain_bad_values_are_one_message(flag, value, message, tmp_path, capsys, caplog):
+    """Each bad option ends in one message and exit 2 before any text is read or folder made."""
+    from crener.cli import main
+
+    out = tmp_path / "bad"
+    assert main(["pretrain", "--out", str(out), "--no-track", flag, value]) == 2
+    assert message in caplog.text + capsys.readouterr().err
+    assert "Traceback" not in caplog.text and not out.exists()
