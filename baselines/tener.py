@@ -102,6 +102,7 @@ FAMILY = ModelFamily(
     # 1,000 small steps it needs a higher rate than the grid heads on frozen features.
     profile_defaults={"quick": {"train.lr": 3e-3}},
     search_space=search_space,
+    uses_encoder=False,  # no BERT in the forward (the module docstring)
     label="TENER",
     order=4,
 )

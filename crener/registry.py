@@ -57,6 +57,9 @@ class ModelFamily:
     order: int = 100  # its place in sweeps and report tables (ties: by name)
     paper_row: bool = False  # a system of the paper's Tables 2-5 that we rerun (else an extra baseline)
     check: Callable[[ModelConfig], None] | None = None  # raises ValueError for combinations it cannot build
+    # Whether its forward runs the pretrained character encoder (TENER's does not: it trains its
+    # own embeddings from scratch); reports say so instead of calling a never-used encoder frozen.
+    uses_encoder: bool = True
 
 
 @functools.cache

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
+from crener import registry
 from reports import paper, stats
 from reports.paper import (
     DATASET_LABELS,
@@ -383,7 +384,7 @@ def main_table(index: RunIndex, n: int, profile: str, msra_protocol: str = "line
             display_rows.append(shown)
             data_rows.append(data)
             if cell is not None:
-                regimes.setdefault(row["system"], set()).update(_encoder_regimes(cell))
+                regimes.setdefault(row["system"], set()).update(_encoder_regimes(cell, row["model"]))
                 if cell.run_ids:
                     footnotes.append((f"{label.split(' [')[0]} (P, R, F1 ours)", cell.run_ids))
                 line = _missing_line(row["model"], row["variant"], dataset, protocol or msra_protocol, cell)
@@ -411,9 +412,12 @@ def main_table(index: RunIndex, n: int, profile: str, msra_protocol: str = "line
     )
 
 
-def _encoder_regimes(cell: Cell) -> set[str]:
-    """How the cell's runs trained their character encoder: "frozen" or "fine-tuned at LR"."""
+def _encoder_regimes(cell: Cell, model: str | None = None) -> set[str]:
+    """How the cell's runs trained their character encoder: "frozen" or "fine-tuned at LR", or
+    "no pretrained encoder" for a family whose forward never runs it (``uses_encoder``)."""
     col = "params.train.encoder_lr"
+    if model is not None and model in registry.names() and not registry.get(model).uses_encoder:
+        return {"no pretrained encoder"} if len(cell.runs) else set()
     if col not in cell.runs:
         return set()
     out = set()

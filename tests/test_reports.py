@@ -696,3 +696,5 @@ def test_main_tables_say_when_rows_trained_the_encoder_differently(index):
         "fine-tuned at 0.0001: BERT-CRF; frozen: CRENER."
     )
     assert tables._encoder_note({"CRENER": {"frozen"}, "W²NER": {"frozen"}}) is None
+    assert tables._encoder_regimes(frozen, "tener") == {"no pretrained encoder"}  # its own embeddings
+    assert tables._encoder_regimes(frozen, "crener") == {"frozen"}
