@@ -336,7 +336,7 @@ def main_table(index: RunIndex, n: int, profile: str, msra_protocol: str = "line
     ref = ref.set_index("system").loc[order].reset_index()
 
     display_rows, data_rows, notes, footnotes, missing = [], [], [], [], []
-    regimes: dict[str, set[str]] = {}  # system -> "fine-tuned at LR" / "frozen", from its runs
+    regimes: dict[str, set[str]] = {}  # system -> how its runs trained the encoder (_encoder_regimes)
     for row in ref.to_dict("records"):
         marker = ""
         if row["note"]:
