@@ -36,7 +36,9 @@ def test_a_familys_profile_settings_follow_the_profile_and_yield_to_variants_and
 
     quick = PROFILES["quick"]
     # quick freezes the encoder for the grid models; the fine-tuned baselines of the paper fine-tune it
-    assert build_run_config(model="crener", profile="quick").train.encoder_lr == quick["train.encoder_lr"] == 0.0
+    assert (
+        build_run_config(model="crener", profile="quick").train.encoder_lr == quick["train.encoder_lr"] == 0.0
+    )
     for tagger in ("bert_softmax", "bert_crf"):
         assert build_run_config(model=tagger, profile="quick").train.encoder_lr == 1e-4
         assert build_run_config(model=tagger, profile="quick").train.lr == quick["train.lr"]
