@@ -284,8 +284,9 @@ def test_evaluate_run_id_on_an_unreachable_server(monkeypatch, capsys, caplog) -
     _assert_refused(rc, text, "cannot reach the MLflow store")
 
 
-def test_tune_refuses_a_bad_storage_url(tiny_data, tmp_path, capsys, caplog) -> None:
-    argv = [
+def _tune_argv(data_root) -> list[str]:
+    """One smoke trial of ``crener tune`` on ``data_root``."""
+    return [
         "tune",
         "--dataset",
         "resume",
@@ -294,12 +295,27 @@ def test_tune_refuses_a_bad_storage_url(tiny_data, tmp_path, capsys, caplog) -> 
         "--trials",
         "1",
         "--data-root",
-        str(tiny_data),
+        str(data_root),
     ]
+
+
+def test_tune_refuses_a_bad_storage_url(tiny_data, tmp_path, capsys, caplog) -> None:
+    argv = _tune_argv(tiny_data)
     rc, text = _run([*argv, "--storage", "nosuch://x"], capsys, caplog)
     _assert_refused(rc, text, "cannot open the Optuna storage 'nosuch://x'")
     rc, text = _run([*argv, "--storage", f"sqlite:///{tmp_path / 'nodir' / 'o.db'}"], capsys, caplog)
     _assert_refused(rc, text, "does not exist")
+
+
+def test_tune_checks_the_mlflow_store_before_creating_its_study(
+    tiny_data, tmp_path, monkeypatch, capsys, caplog
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")
+    db = tmp_path / "optuna.db"
+    argv = _tune_argv(tiny_data)
+    rc, text = _run([*argv, "--storage", f"sqlite:///{db}"], capsys, caplog)
+    _assert_refused(rc, text, "cannot reach the MLflow store")
+    assert not db.exists()  # no study (nor its database) left behind with no trial in it
 
 
 # --------------------------------------------------------------------------- predict and evaluate
@@ -419,24 +435,3 @@ def test_ui_passes_allowed_hosts_to_mlflow(monkeypatch, capsys, caplog) -> None:
     cmd = started[-1]
     assert cmd[cmd.index("--allowed-hosts") + 1] == "ner.example.org"
     assert "--allowed-hosts" not in started[0]
-
-
-def test_tune_checks_the_mlflow_store_before_creating_its_study(
-    tiny_data, tmp_path, monkeypatch, capsys, caplog
-) -> None:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")
-    db = tmp_path / "optuna.db"
-    argv = [
-        "tune",
-        "--dataset",
-        "resume",
-        "--profile",
-        "smoke",
-        "--trials",
-        "1",
-        "--data-root",
-        str(tiny_data),
-    ]
-    rc, text = _run([*argv, "--storage", f"sqlite:///{db}"], capsys, caplog)
-    _assert_refused(rc, text, "cannot reach the MLflow store")
-    assert not db.exists()  # no study (nor its database) left behind with no trial in it
