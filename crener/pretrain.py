@@ -48,6 +48,7 @@ from crener.config import MAX_LEN, MIN_LEN
 from crener.data.digest import file_digest
 from crener.encoder import SPECIAL_TOKENS, replace_with_unk, unk_rates  # the embedded encoder's layout
 from crener.errors import CheckpointError, CrenerError, DataError
+from crener.evaluation import autocast
 from crener.workspace import git_commit
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,10 @@ class PretrainConfig:
     mask_rate: float = 0.15  # share of characters chosen for prediction (80/10/10 mask/random/keep)
     unk_alpha: float = 0.25  # input [UNK] replacement: probability alpha / (alpha + count)
     seed: int = 0
+    # bf16 autocast for the forward pass (weights, optimiser and loss stay fp32). Part of the
+    # identity: bf16 and fp32 give different weights. The CLI's "auto" resolves it to the measured
+    # answer of crener.evaluation.bf16_pays before the config is built, so the card records a bool.
+    bf16: bool = False
     save_every: int = 250  # steps between resumable checkpoints
     log_every: int = 50  # steps between logged metrics
 
@@ -123,6 +128,8 @@ class PretrainConfig:
         out = asdict(self)
         for k in ("out", "data_root", "save_every", "log_every"):
             out.pop(k)
+        if not self.bf16:  # fp32 identities stay those of the cards written before the field
+            out.pop("bf16")
         return out
 
     @classmethod
@@ -367,7 +374,8 @@ def held_out_accuracy(model, rows: Sequence[np.ndarray], unk_prob, cfg, vocab_si
         ids, attn = pad(rows[start : start + 64])
         inputs, labels = mask_batch(ids, no_unk, cfg, vocab_size, gen)
         sel = labels != -100
-        logits = mlm_logits(model, inputs, attn, sel)
+        with autocast(torch.device("cpu"), cfg.bf16):
+            logits = mlm_logits(model, inputs, attn, sel).float()
         correct += int((logits.argmax(-1) == labels[sel]).sum())
         total += int(sel.sum())
         loss_sum += float(torch.nn.functional.cross_entropy(logits, labels[sel], reduction="sum"))
@@ -500,7 +508,9 @@ def pretrain(
         ids, attn = pad([train_rows[i] for i in idx])
         inputs, labels = mask_batch(ids, unk_prob, cfg, len(vocab), _step_generator(cfg.seed, step))
         sel = labels != -100
-        logits = mlm_logits(model, inputs, attn, sel)
+        with autocast(torch.device("cpu"), cfg.bf16):
+            logits = mlm_logits(model, inputs, attn, sel)
+        logits = logits.float()
         loss = torch.nn.functional.cross_entropy(logits, labels[sel])
         if not torch.isfinite(loss):
             raise CrenerError(f"non-finite pretraining loss at step {step}: lower --lr")
@@ -671,4 +681,12 @@ def config_from_args(args: Any) -> PretrainConfig:
             fields[k] = tuple(fields[k])
     if getattr(args, "vectors", None) == "none":
         fields["vectors"] = None
+    bf16 = getattr(args, "bf16", None)
+    if bf16 is not None:
+        if bf16 == "auto":
+            from crener.evaluation import bf16_pays
+
+            fields["bf16"] = bf16_pays("cpu")
+        else:
+            fields["bf16"] = bf16 == "true"
     return replace(PretrainConfig(out=args.out), **fields)
