@@ -462,6 +462,57 @@ def test_resume_after_a_kill_reaches_the_same_weights(tmp_path, monkeypatch, cap
     assert not torch.equal(_weights(tmp_path / "d")[key], reference[key])
 
 
+def test_bf16_is_part_of_the_identity_only_when_on(tmp_path):
+    """fp32 identities are those of cards written before the field; bf16 ones say so."""
+    fp32 = tiny_cfg(tmp_path / "a")
+    assert "bf16" not in fp32.identity()
+    on = replace(fp32, bf16=True)
+    assert on.identity()["bf16"] is True
+    for cfg in (fp32, on):
+        identity = json.loads(json.dumps(cfg.identity()))
+        assert PretrainConfig.from_identity(identity, cfg.out).identity() == cfg.identity()
+
+
+def test_bf16_pretraining_resumes_to_the_same_weights_and_differs_from_fp32(tmp_path):
+    cfg = tiny_cfg(tmp_path / "a", steps=4, save_every=2, bf16=True)
+    pretrain(cfg, workdir=tmp_path / "wa", track=False, progress=False)
+    reference = _weights(tmp_path / "a")
+    assert all(w.dtype == torch.float32 for w in reference.values())  # autocast, fp32 weights
+    cfg_b = replace(cfg, out=str(tmp_path / "b"))
+    pretrain(cfg_b, workdir=tmp_path / "wb", stop_after=2, track=False, progress=False)
+    pretrain(cfg_b, workdir=tmp_path / "wb", track=False, progress=False)
+    resumed = _weights(tmp_path / "b")
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+    card = json.loads((tmp_path / "a" / "card.json").read_text(encoding="utf-8"))
+    assert card["config"]["bf16"] is True
+    # The state of the fp32 run of the same options is another configuration's.
+    with pytest.raises(CheckpointError, match="belongs to another pretraining configuration"):
+        pretrain(replace(cfg, bf16=False), workdir=tmp_path / "wa", track=False, progress=False)
+    pretrain(replace(cfg, out=str(tmp_path / "c"), bf16=False), workdir=tmp_path / "wc", track=False,
+             progress=False)  # fmt: skip
+    key = "encoder.layer.0.attention.self.query.weight"
+    assert not torch.equal(_weights(tmp_path / "c")[key], reference[key])
+
+
+@pytest.mark.parametrize(("flag", "expected"), [("true", True), ("false", False), (None, False)])
+def test_cli_bf16_flag(flag, expected, monkeypatch):
+    from crener.cli import build_parser
+
+    argv = ["pretrain", "--out", "x"] + (["--bf16", flag] if flag else [])
+    args = build_parser().parse_args(argv)
+    assert pretrain_mod.config_from_args(args).bf16 is expected
+
+
+def test_cli_bf16_auto_takes_the_measured_answer(monkeypatch):
+    import crener.evaluation
+    from crener.cli import build_parser
+
+    args = build_parser().parse_args(["pretrain", "--out", "x", "--bf16", "auto"])
+    for pays in (True, False):
+        monkeypatch.setattr(crener.evaluation, "bf16_pays", lambda device="auto", pays=pays: pays)
+        assert pretrain_mod.config_from_args(args).bf16 is pays
+
+
 def test_state_of_another_configuration_is_refused(tmp_path):
     cfg = tiny_cfg(tmp_path / "a", steps=2)
     pretrain(cfg, workdir=tmp_path / "w", stop_after=1, track=False, progress=False)
