@@ -369,11 +369,23 @@ class RunConfig:
                 out[name] = value
         return out
 
+    def encoder_weights(self) -> str | None:
+        """SHA-256 of the weights of a shipped encoder (``model.encoder`` names one and the family
+        reads an encoder), else None.
+
+        A shipped encoder keeps its name when it is rebuilt with other weights: without this in the
+        key, a sweep would take the finished runs of the old weights for runs of the new ones."""
+        if not registry.get(self.model.name).uses_encoder:
+            return None
+        from crener.encoder import shipped_weights_digest  # crener.encoder imports this module
+
+        return shipped_weights_digest(self.model.encoder)
+
     def key(self, data_digest: str | None = None) -> str:
         """Stable identity of the run (16 hex characters): what makes sweeps run-once.
 
-        A hash of :data:`KEY_SCHEMA`, the model family, :meth:`identity`, the data's digest and
-        the seed. Adding a field with a default, or a field the family does not read, changes
+        A hash of :data:`KEY_SCHEMA`, the model family, :meth:`identity`, the data's digest, the
+        seed, and the weights' digest of a shipped encoder (:meth:`encoder_weights`). Adding a field with a default, or a field the family does not read, changes
         no key. ``data_digest`` defaults to :func:`crener.data.digest.dataset_digest` of
         ``self.data`` (reads the dataset's files once per process; they must exist).
         """
@@ -388,6 +400,11 @@ class RunConfig:
             "data": data_digest,
             "seed": self.train.seed,
         }
+        weights = self.encoder_weights()
+        # Hashed only when they differ from the weights the name was first shipped with, so the
+        # runs keyed before this entered the key keep their keys (as KEY_DEFAULTS does for fields).
+        if weights is not None and weights != KEY_ENCODER_WEIGHTS.get(self.model.encoder):
+            payload["encoder_weights"] = weights
         blob = json.dumps(payload, sort_keys=True, default=list)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -447,6 +464,11 @@ TRANSFORMER_FIELDS = (
 # the old one here ("model.fast_dropout": True): runs that kept the old value keep their keys,
 # and runs with the new value get new ones, because theirs is another experiment.
 KEY_DEFAULTS: dict[str, Any] = {}
+# The weights (SHA-256 of model.safetensors) each shipped encoder had when its runs were first
+# keyed by name alone (crener-char: commit 59fdf58). Other weights under the name are hashed.
+KEY_ENCODER_WEIGHTS: dict[str, str] = {
+    "crener-char": "62742e7277e48192c649dc33280c97229aaca764236765ef58ec949d3464863c",
+}
 
 
 def _identity_defaults(cfg: RunConfig) -> dict[str, Any]:

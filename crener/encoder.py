@@ -49,6 +49,16 @@ def resolve_encoder(name: str | os.PathLike) -> str:
     return str(path)
 
 
+def shipped_weights_digest(name: str | os.PathLike) -> str | None:
+    """Hex SHA-256 of a shipped encoder's weights file, or None for any other encoder (a path or
+    hub name is the user's to version). Cached on the file's size and modification time."""
+    if str(name) not in SHIPPED_ENCODERS:
+        return None
+    from crener.data.digest import file_digest
+
+    return file_digest(Path(resolve_encoder(name)) / "model.safetensors")
+
+
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 MAX_POSITIONS = ENCODER_POSITIONS  # BERT's position table; sentences are split to data.max_len <= 510 first
 

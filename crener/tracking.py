@@ -96,6 +96,7 @@ def run_tags(cfg: RunConfig, sweep: str) -> dict[str, str]:
         "crener.profile": cfg.profile,
         "crener.seed": str(cfg.train.seed),
         "crener.encoder": cfg.model.encoder,
+        **({"crener.encoder_weights": w} if (w := cfg.encoder_weights()) else {}),
         "crener.msra_protocol": cfg.data.msra_protocol,
         "crener.git_commit": commit,
         # MLflow's own source tags, which its UI shows on the run page.

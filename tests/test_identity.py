@@ -309,3 +309,48 @@ def test_bf16_pays_compares_measured_matmul_rates(monkeypatch: pytest.MonkeyPatc
         evaluation.bf16_pays.cache_clear()
         assert evaluation.bf16_pays("cpu") is want
     evaluation.bf16_pays.cache_clear()
+
+
+def test_shipped_encoder_weights_enter_the_key_only_when_they_changed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import crener.encoder as encoder
+
+    cfg = build_run_config(profile="quick", dataset="resume")
+    assert cfg.model.encoder == "crener-char"
+    first = config.KEY_ENCODER_WEIGHTS["crener-char"]
+    monkeypatch.setattr(encoder, "shipped_weights_digest", lambda name: first)
+    assert cfg.encoder_weights() == first
+    as_first = cfg.key(ZERO_DIGEST)
+    monkeypatch.setattr(encoder, "shipped_weights_digest", lambda name: None)  # keyed by name alone
+    assert cfg.key(ZERO_DIGEST) == as_first
+    rebuilt = "ab" * 32
+    monkeypatch.setattr(encoder, "shipped_weights_digest", lambda name: rebuilt)
+    assert cfg.key(ZERO_DIGEST) != as_first
+    # A family that reads no encoder keeps its key whatever the weights.
+    tener = build_run_config(model="tener", profile="quick", dataset="resume")
+    assert tener.encoder_weights() is None
+    tener_key = tener.key(ZERO_DIGEST)
+    monkeypatch.setattr(encoder, "shipped_weights_digest", lambda name: first)
+    assert tener.key(ZERO_DIGEST) == tener_key
+
+
+def test_shipped_weights_digest_is_the_file_hash_and_none_elsewhere(tmp_path: Path) -> None:
+    from crener.encoder import SHIPPED_ENCODERS, shipped_weights_digest
+
+    weights = SHIPPED_ENCODERS["crener-char"] / "model.safetensors"
+    assert shipped_weights_digest("crener-char") == file_digest(weights)
+    assert shipped_weights_digest(str(SHIPPED_ENCODERS["crener-char"])) is None  # a path: the user's
+    assert shipped_weights_digest("bert-base-chinese") is None
+    assert shipped_weights_digest("embedded") is None
+
+
+def test_run_tags_name_the_shipped_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    from crener.tracking import run_tags
+
+    cfg = build_run_config(profile="quick", dataset="resume")
+    tags = run_tags(cfg, "main")
+    assert tags["crener.encoder_weights"] == cfg.encoder_weights()
+    assert "crener.encoder_weights" not in run_tags(
+        build_run_config(profile="smoke", dataset="resume"), "main"
+    )
