@@ -134,8 +134,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        ("weight-decay", float), ("mask-rate", float), ("unk-alpha", float), ("seed", int),
                        ("save-every", int), ("log-every", int)):  # fmt: skip
         p.add_argument(f"--{name}", type=kind, help="see crener.pretrain.PretrainConfig")
-    p.add_argument("--bf16", choices=["auto", "true", "false"],
-                   help="bf16 autocast; auto: where this CPU's bf16 matmuls are fast (default: false)")  # fmt: skip
+    p.add_argument("--bf16", choices=["auto", "true", "false"], default="auto",
+                   help="bf16 autocast; auto (default): where this CPU's bf16 matmuls are fast, as "
+                   "train.bf16=auto decides; the card records the answer")  # fmt: skip
     p.add_argument("--workdir", help="resumable state (default: .crener/pretrain/<out name>)")
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     p.set_defaults(func=cmd_pretrain)

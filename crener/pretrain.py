@@ -87,7 +87,7 @@ class PretrainConfig:
     ff: int = 1024  # feed-forward width
     max_len: int = 128  # corpus sentences are cut into pieces of at most this many characters
     batch_tokens: int = 4096  # padded tokens per batch (length-bucketed)
-    steps: int = 2400  # optimiser steps
+    steps: int = 6000  # optimiser steps
     lr: float = 4e-4  # peak learning rate (AdamW)
     warmup: float = 0.06  # fraction of steps with linear warm-up, then linear decay to 0
     weight_decay: float = 0.01
@@ -681,12 +681,12 @@ def config_from_args(args: Any) -> PretrainConfig:
             fields[k] = tuple(fields[k])
     if getattr(args, "vectors", None) == "none":
         fields["vectors"] = None
-    bf16 = getattr(args, "bf16", None)
-    if bf16 is not None:
-        if bf16 == "auto":
-            from crener.evaluation import bf16_pays
+    bf16 = fields.pop("bf16", None)  # the CLI's auto | true | false
+    if bf16 in ("true", "false"):
+        fields["bf16"] = bf16 == "true"
+    cfg = replace(PretrainConfig(out=args.out), **fields)  # validates before anything is measured
+    if bf16 == "auto":
+        from crener.evaluation import bf16_pays
 
-            fields["bf16"] = bf16_pays("cpu")
-        else:
-            fields["bf16"] = bf16 == "true"
-    return replace(PretrainConfig(out=args.out), **fields)
+        cfg = replace(cfg, bf16=bf16_pays("cpu"))
+    return cfg
