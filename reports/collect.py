@@ -8,7 +8,7 @@ Columns of :func:`collect_runs`:
 
 - ``run_id``, ``experiment`` (name), ``start_time`` (ms since the epoch);
 - one column per ``crener.*`` tag, without the prefix: ``key, sweep, model, variant, dataset,
-  profile, seed (Int64), encoder, msra_protocol, state, git_commit``;
+  profile, seed (Int64), encoder, encoder_weights, msra_protocol, state, git_commit``;
 - final metrics under their logged names (``best/test_f1``, ``seconds``, ``parameters``, ...);
 - params as ``params.<name>`` (e.g. ``params.model.hidden``), strings as MLflow stores them.
 """
@@ -40,6 +40,7 @@ TAG_FIELDS: tuple[str, ...] = (
     "profile",
     "seed",
     "encoder",
+    "encoder_weights",
     "msra_protocol",
     "state",
     "git_commit",

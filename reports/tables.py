@@ -283,7 +283,18 @@ class RunIndex:
         return sorted({str(p) for p in self.runs["protocol"] if pd.notna(p)})  # NaN for non-MSRA runs
 
     def encoders(self) -> list[str]:
-        return sorted({str(e) for e in self.runs.get("encoder", pd.Series(dtype=object)).dropna()})
+        """The encoders of the runs, a shipped one with the first 12 hex digits of its weights'
+        SHA-256 where its runs were tagged with them: two builds of one name are two entries."""
+        df = self.runs
+        if "encoder" not in df:
+            return []
+        weights = df["encoder_weights"] if "encoder_weights" in df else pd.Series(pd.NA, index=df.index)
+        out = set()
+        for enc, w in zip(df["encoder"], weights, strict=True):
+            if pd.isna(enc):
+                continue
+            out.add(f"{enc} (weights {str(w)[:12]})" if isinstance(w, str) and w else str(enc))
+        return sorted(out)
 
     def header(self, profile: str, msra_protocol: str | None = None) -> list[str]:
         lines = [

@@ -698,3 +698,21 @@ def test_main_tables_say_when_rows_trained_the_encoder_differently(index):
     assert tables._encoder_note({"CRENER": {"frozen"}, "W²NER": {"frozen"}}) is None
     assert tables._encoder_regimes(frozen, "tener") == {"no pretrained encoder"}  # its own embeddings
     assert tables._encoder_regimes(frozen, "crener") == {"frozen"}
+
+
+def test_header_names_each_build_of_a_shipped_encoder():
+    """Runs of two builds of crener-char (one tagged with its weights, one from before the tag)
+    are labelled apart, so a table mixing them says so."""
+    import pandas as pd
+
+    runs = pd.DataFrame({
+        "run_id": ["a", "b", "c"], "start_time": [1, 2, 3], "model": ["crener", "w2ner", "tener"],
+        "variant": ["full"] * 3, "dataset": ["resume"] * 3, "msra_protocol": ["lineage"] * 3,
+        "seed": [0, 0, 0], "encoder": ["crener-char", "crener-char", None],
+        "encoder_weights": ["0123456789abcdef" * 4, None, None],
+    })  # fmt: skip
+    index = tables.RunIndex(runs, sweeps=None)
+    assert index.encoders() == ["crener-char", "crener-char (weights 0123456789ab)"]
+    assert "encoder: crener-char, crener-char (weights 0123456789ab)" in index.header("quick")
+    # A store collected before the tag existed has no such column.
+    assert tables.RunIndex(runs.drop(columns="encoder_weights"), sweeps=None).encoders() == ["crener-char"]
