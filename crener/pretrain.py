@@ -95,8 +95,8 @@ class PretrainConfig:
     unk_alpha: float = 0.25  # input [UNK] replacement: probability alpha / (alpha + count)
     seed: int = 0
     # bf16 autocast for the forward pass (weights, optimiser and loss stay fp32). Part of the
-    # identity: bf16 and fp32 give different weights. The CLI's "auto" resolves it to the measured
-    # answer of crener.evaluation.bf16_pays before the config is built, so the card records a bool.
+    # identity: bf16 and fp32 give different weights. The CLI's "auto" (its default) becomes the
+    # measured answer of crener.evaluation.bf16_pays, so the card records a bool.
     bf16: bool = False
     save_every: int = 250  # steps between resumable checkpoints
     log_every: int = 50  # steps between logged metrics
