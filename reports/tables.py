@@ -289,9 +289,11 @@ class RunIndex:
         if "encoder" not in df:
             return []
         weights = df["encoder_weights"] if "encoder_weights" in df else pd.Series(pd.NA, index=df.index)
+        models = df["model"] if "model" in df else pd.Series(None, index=df.index)
         out = set()
-        for enc, w in zip(df["encoder"], weights, strict=True):
-            if pd.isna(enc):
+        for model, enc, w in zip(models, df["encoder"], weights, strict=True):
+            # A family that reads no encoder (TENER) still records the profile's name: not a build.
+            if pd.isna(enc) or (model in registry.names() and not registry.get(model).uses_encoder):
                 continue
             out.add(f"{enc} (weights {str(w)[:12]})" if isinstance(w, str) and w else str(enc))
         return sorted(out)
@@ -299,7 +301,7 @@ class RunIndex:
     def header(self, profile: str, msra_protocol: str | None = None) -> list[str]:
         lines = [
             f"profile: {profile}",
-            f"encoder: {', '.join(self.encoders()) or 'unknown'}",
+            f"encoder: {', '.join(self.encoders()) or ('none read' if len(self.runs) else 'unknown')}",
             f"seeds: {', '.join(map(str, self.seeds)) or 'none'} (mean ± sample std, ddof = 1)",
         ]
         if msra_protocol is not None:

@@ -708,11 +708,13 @@ def test_header_names_each_build_of_a_shipped_encoder():
     runs = pd.DataFrame({
         "run_id": ["a", "b", "c"], "start_time": [1, 2, 3], "model": ["crener", "w2ner", "tener"],
         "variant": ["full"] * 3, "dataset": ["resume"] * 3, "msra_protocol": ["lineage"] * 3,
-        "seed": [0, 0, 0], "encoder": ["crener-char", "crener-char", None],
+        "seed": [0, 0, 0], "encoder": ["crener-char", "crener-char", "crener-char"],
         "encoder_weights": ["0123456789abcdef" * 4, None, None],
     })  # fmt: skip
-    index = tables.RunIndex(runs, sweeps=None)
+    index = tables.RunIndex(runs, sweeps=None)  # TENER (run c) reads no encoder: not listed
     assert index.encoders() == ["crener-char", "crener-char (weights 0123456789ab)"]
     assert "encoder: crener-char, crener-char (weights 0123456789ab)" in index.header("quick")
     # A store collected before the tag existed has no such column.
     assert tables.RunIndex(runs.drop(columns="encoder_weights"), sweeps=None).encoders() == ["crener-char"]
+    only_tener = tables.RunIndex(runs[runs["model"] == "tener"], sweeps=None)
+    assert only_tener.encoders() == [] and "encoder: none read" in only_tener.header("quick")
