@@ -386,8 +386,9 @@ class RunConfig:
 
         A hash of :data:`KEY_SCHEMA`, the model family, :meth:`identity`, the data's digest, the
         seed, and the weights' digest of a shipped encoder (:meth:`encoder_weights`). Adding a
-        field with a default, or a field the family does not read, changes no key. ``data_digest`` defaults to :func:`crener.data.digest.dataset_digest` of
-        ``self.data`` (reads the dataset's files once per process; they must exist).
+        field with a default, or a field the family does not read, changes no key.
+        ``data_digest`` defaults to :func:`crener.data.digest.dataset_digest` of ``self.data``
+        (reads the dataset's files once per process; they must exist).
         """
         if data_digest is None:
             from crener.data.digest import dataset_digest  # crener.data imports this module

@@ -509,8 +509,7 @@ def pretrain(
         inputs, labels = mask_batch(ids, unk_prob, cfg, len(vocab), _step_generator(cfg.seed, step))
         sel = labels != -100
         with autocast(torch.device("cpu"), cfg.bf16):
-            logits = mlm_logits(model, inputs, attn, sel)
-        logits = logits.float()
+            logits = mlm_logits(model, inputs, attn, sel).float()
         loss = torch.nn.functional.cross_entropy(logits, labels[sel])
         if not torch.isfinite(loss):
             raise CrenerError(f"non-finite pretraining loss at step {step}: lower --lr")

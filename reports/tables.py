@@ -288,12 +288,11 @@ class RunIndex:
         df = self.runs
         if "encoder" not in df:
             return []
-        weights = df["encoder_weights"] if "encoder_weights" in df else pd.Series(pd.NA, index=df.index)
-        models = df["model"] if "model" in df else pd.Series(None, index=df.index)
+        weights = df.get("encoder_weights", pd.Series(None, index=df.index))
         out = set()
-        for model, enc, w in zip(models, df["encoder"], weights, strict=True):
+        for model, enc, w in zip(df["model"], df["encoder"], weights, strict=True):
             # A family that reads no encoder (TENER) still records the profile's name: not a build.
-            if pd.isna(enc) or (model in registry.names() and not registry.get(model).uses_encoder):
+            if pd.isna(enc) or not _reads_encoder(model):
                 continue
             out.add(f"{enc} (weights {str(w)[:12]})" if isinstance(w, str) and w else str(enc))
         return sorted(out)
@@ -425,11 +424,16 @@ def main_table(index: RunIndex, n: int, profile: str, msra_protocol: str = "line
     )
 
 
+def _reads_encoder(model: str | None) -> bool:
+    """False for a registered family whose forward never runs the encoder (``uses_encoder``)."""
+    return not (model in registry.names() and not registry.get(model).uses_encoder)
+
+
 def _encoder_regimes(cell: Cell, model: str | None = None) -> set[str]:
     """How the cell's runs trained their character encoder: "frozen" or "fine-tuned at LR", or
     "no pretrained encoder" for a family whose forward never runs it (``uses_encoder``)."""
     col = "params.train.encoder_lr"
-    if model is not None and model in registry.names() and not registry.get(model).uses_encoder:
+    if not _reads_encoder(model):
         return {"no pretrained encoder"} if len(cell.runs) else set()
     if col not in cell.runs:
         return set()
