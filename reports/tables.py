@@ -426,7 +426,7 @@ def main_table(index: RunIndex, n: int, profile: str, msra_protocol: str = "line
 
 def _reads_encoder(model: str | None) -> bool:
     """False for a registered family whose forward never runs the encoder (``uses_encoder``)."""
-    return not (model in registry.names() and not registry.get(model).uses_encoder)
+    return model not in registry.names() or registry.get(model).uses_encoder
 
 
 def _encoder_regimes(cell: Cell, model: str | None = None) -> set[str]:
