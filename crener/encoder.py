@@ -230,8 +230,8 @@ class CharEncoder(nn.Module):
 
     def freeze(self, cache: FeatureCache | None = None) -> None:
         """Make the encoder a fixed feature extractor: no gradient, its dropout off for good, and,
-        with ``cache``, each distinct sentence encoded once (features equal up to float rounding:
-        a sentence may be encoded beside others of another padded width)."""
+        with ``cache``, each distinct sentence encoded once, alone and unpadded (so equal to the
+        uncached features up to float rounding, and the same whatever batch first met it)."""
         self.frozen = True
         self.cache = cache
         for p in self.parameters():
@@ -259,13 +259,15 @@ class CharEncoder(nn.Module):
         missing = [b for b, k in enumerate(keys) if k not in cache]
         if missing:
             # Normal tensors even under evaluation's inference mode: training reuses them later.
+            # Each sentence encoded alone, unpadded: its features then do not depend on which
+            # batch (of which padded width) first met it, so a cell's result does not depend on
+            # the cells a sweep process ran before it. Each is encoded once, so this costs little.
             with torch.inference_mode(False):
-                rows = torch.tensor(missing, device=input_ids.device)
-                width = max(lengths[b] for b in missing)
-                ids, mask = input_ids[rows, : width + 2].clone(), attention_mask[rows, : width + 2].clone()
-                hidden = self._encode(ids, mask, width).float()
-                for r, b in enumerate(missing):
-                    feats = hidden[r, : lengths[b]].cpu().clone()
+                for b in missing:
+                    width = lengths[b]
+                    ids = input_ids[b : b + 1, : width + 2].clone()
+                    mask = attention_mask[b : b + 1, : width + 2].clone()
+                    feats = self._encode(ids, mask, width).float()[0].cpu().clone()
                     if cache.floats + feats.numel() <= FEATURE_CACHE_MAX_FLOATS:
                         cache[keys[b]] = feats
                         cache.floats += feats.numel()

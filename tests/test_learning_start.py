@@ -217,6 +217,30 @@ def test_frozen_cached_features_equal_the_encoder_and_survive_inference_mode(tin
         assert torch.all(first[b, length:] == 0) and first[b, :length].abs().sum() > 0
 
 
+def test_cached_features_do_not_depend_on_the_batch_that_first_met_the_sentence(tiny_encoder):
+    """A sentence first cached beside a longer one (padded) gets exactly the features it gets
+    when first cached alone: a sweep's earlier cells cannot change a later cell's inputs."""
+    from crener.encoder import FeatureCache
+
+    encoder, tok = tiny_encoder
+    rows = sorted((tok.encode(s.chars) for s in SENTENCES[:4]), key=len)
+    short, long_ = rows[0], rows[-1]
+    assert len(short) < len(long_)
+
+    def batch(*seqs):
+        width = max(len(r) for r in seqs)
+        ids = torch.tensor([r + [tok.pad_id] * (width - len(r)) for r in seqs])
+        return ids, (ids != tok.pad_id).long(), width - 2
+
+    encoder.freeze(FeatureCache())
+    ids, mask, n = batch(short, long_)
+    padded = encoder(ids, mask, n)[0, : len(short) - 2]
+    encoder.freeze(FeatureCache())
+    ids, mask, n = batch(short)
+    alone = encoder(ids, mask, n)[0]
+    assert torch.equal(padded, alone)
+
+
 # ------------------------------------------------------------------------------ calibration
 
 
