@@ -184,13 +184,16 @@ def test_frozen_encoder_gets_no_update(tiny_data, tmp_path):  # noqa: F811
     assert len(state["optimizer"]["state"]) <= n_head
 
 
-def test_frozen_cached_features_equal_the_encoder_and_survive_inference_mode(tiny_encoder):
-    encoder, tok = tiny_encoder
-    rows = [tok.encode(s.chars) for s in SENTENCES[:4]]
+def _padded(tok, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Token-id rows ([CLS] ... [SEP]) padded to one width: ids, attention mask, characters."""
     width = max(len(r) for r in rows)
     ids = torch.tensor([r + [tok.pad_id] * (width - len(r)) for r in rows])
-    mask = (ids != tok.pad_id).long()
-    n = width - 2
+    return ids, (ids != tok.pad_id).long(), width - 2
+
+
+def test_frozen_cached_features_equal_the_encoder_and_survive_inference_mode(tiny_encoder):
+    encoder, tok = tiny_encoder
+    ids, mask, n = _padded(tok, [tok.encode(s.chars) for s in SENTENCES[:4]])
     encoder.eval()
     with torch.no_grad():
         plain = encoder(ids, mask, n)
@@ -226,17 +229,11 @@ def test_cached_features_do_not_depend_on_the_batch_that_first_met_the_sentence(
     rows = sorted((tok.encode(s.chars) for s in SENTENCES[:4]), key=len)
     short, long_ = rows[0], rows[-1]
     assert len(short) < len(long_)
-
-    def batch(*seqs):
-        width = max(len(r) for r in seqs)
-        ids = torch.tensor([r + [tok.pad_id] * (width - len(r)) for r in seqs])
-        return ids, (ids != tok.pad_id).long(), width - 2
-
     encoder.freeze(FeatureCache())
-    ids, mask, n = batch(short, long_)
+    ids, mask, n = _padded(tok, [short, long_])
     padded = encoder(ids, mask, n)[0, : len(short) - 2]
     encoder.freeze(FeatureCache())
-    ids, mask, n = batch(short)
+    ids, mask, n = _padded(tok, [short])
     alone = encoder(ids, mask, n)[0]
     assert torch.equal(padded, alone)
 
