@@ -13,10 +13,10 @@ parameter here trains at ``train.lr``.
 Config fields read: ``hidden`` (d_model), ``tf_layers``/``tf_heads``/``tf_ff``/``tf_dropout``,
 ``key_proj``/``attn_out_proj``/``attn_scale``/``rel_pos`` (TENER's code: no key projection, no
 output projection, unscaled), ``emb_dropout`` (embedding dropout) and ``out_dropout`` (TENER's
-``fc_dropout``). Not reproduced: TENER's Chinese bigram embeddings and its SGD recipe (the shared
-AdamW loop is used). :func:`init_char_embeddings` loads word2vec-format character vectors
-(e.g. the 50-d People's Daily vectors in ``shared/pretrained``) for a caller that has the
-tokenizer's vocabulary.
+``fc_dropout``). TENER started its character embeddings from pretrained 50-d vectors (Gigaword's);
+here ``model.char_vectors`` (``default`` in this family: the People's Daily 50-d vectors in
+``shared/pretrained``) is loaded by :func:`init_char_embeddings`. Not reproduced: TENER's Chinese
+bigram embeddings and its SGD recipe (the shared AdamW loop is used).
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ from crener import search
 from crener.config import ENCODER_FIELDS, TRANSFORMER_FIELDS, ModelConfig, RunConfig
 from crener.data.batching import Batch
 from crener.encoder import CharEncoder
+from crener.errors import DataError
 from crener.layers import AdaptedTransformer
+from crener.pretrain import VECTOR_SPECIALS, read_vectors
 from crener.registry import ModelFamily
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,10 @@ class TENER(nn.Module):
         logits = F.log_softmax(self.out_fc(self.fc_dropout(h)), dim=-1)  # (B, N, T), as TENER feeds its CRF
         return {"logits": logits, **self.crf.outputs()}
 
+    def init_char_vectors(self, vocab: Mapping[str, int], path: str | Path) -> float:
+        """``model.char_vectors``: see :func:`init_char_embeddings`."""
+        return init_char_embeddings(self, vocab, path)
+
 
 def build_task(cfg: ModelConfig, types: Sequence[str]) -> SequenceTask:
     return SequenceTask(types, decoder="crf")
@@ -95,10 +101,14 @@ FAMILY = ModelFamily(
     build_model=build_model,
     build_task=build_task,
     # its own character embeddings (the encoder gives the vocabulary) -> adapted Transformer -> CRF
-    fields=frozenset(ENCODER_FIELDS + TRANSFORMER_FIELDS + ("out_dropout",)),
-    # TENER's released code leaves the key unprojected (method.md §2.1).
-    defaults={"model.context": "transformer", "model.attn_matrix": "none", "model.key_proj": False},
-    # TENER trains every weight from scratch (no pretrained encoder in its forward): at quick's
+    fields=frozenset(ENCODER_FIELDS + TRANSFORMER_FIELDS + ("out_dropout", "char_vectors")),
+    # TENER's released code leaves the key unprojected (method.md §2.1) and starts from pretrained
+    # character vectors (Gigaword's; here People's Daily's).
+    defaults={
+        "model.context": "transformer", "model.attn_matrix": "none", "model.key_proj": False,
+        "model.char_vectors": "default",
+    },  # fmt: skip
+    # TENER trains every weight (no pretrained encoder in its forward, only vectors): at quick's
     # 1,000 small steps it needs a higher rate than the grid heads on frozen features.
     profile_defaults={"quick": {"train.lr": 3e-3}},
     search_space=search_space,
@@ -108,33 +118,24 @@ FAMILY = ModelFamily(
 )
 
 
-def read_word2vec(path: str | Path) -> dict[str, np.ndarray]:
-    """Vectors of a word2vec text file (header ``count dim``, then ``token v1 .. v_dim``)."""
-    vectors: dict[str, np.ndarray] = {}
-    with open(path, encoding="utf-8") as fh:
-        count, dim = (int(v) for v in fh.readline().split())
-        for line in fh:
-            parts = line.rstrip("\n").split(" ")
-            if len(parts) != dim + 1:
-                continue  # a whitespace token cannot be represented; skip it
-            vectors[parts[0]] = np.asarray(parts[1:], dtype=np.float32)
-    if len(vectors) != count:
-        log.info("%s: read %d of %d vectors", path, len(vectors), count)
-    return vectors
-
-
 def init_char_embeddings(model: TENER, vocab: Mapping[str, int], path: str | Path) -> float:
     """Copy pretrained character vectors into ``model.char_embed`` for the tokens of ``vocab``.
 
-    ``vocab`` maps tokens to ids (``tokenizer.get_vocab()``). Tokens without a vector keep their
-    random init. Returns the fraction of vocabulary tokens covered.
+    ``vocab`` maps tokens to ids (``tokenizer.get_vocab()``); ``path`` is a word2vec text file,
+    read strictly (a malformed line is an error naming it). Vectors are copied as they are (the
+    People's Daily ones have a mean norm near the sqrt(50) of the N(0, 1) rows that tokens without a
+    vector keep). Returns the fraction of vocabulary tokens covered.
     """
-    vectors = read_word2vec(path)
+    vectors = read_vectors(Path(path))
     weight = model.char_embed.weight
+    if not vectors:
+        raise DataError("no character vectors in the file", str(path))
     dim = next(iter(vectors.values())).shape[0]
     if dim != weight.size(1):
-        raise ValueError(f"{path} has {dim}-d vectors; TENER's character embeddings are {weight.size(1)}-d")
-    hits = [(idx, vectors[tok]) for tok, idx in vocab.items() if tok in vectors and idx < weight.size(0)]
+        raise DataError(f"{dim}-d vectors; TENER's character embeddings are {weight.size(1)}-d", str(path))
+    # The file's own specials under the tokenizer's names, as `crener pretrain` maps them.
+    named = {VECTOR_SPECIALS.get(tok, tok): vec for tok, vec in vectors.items()}
+    hits = [(idx, named[tok]) for tok, idx in vocab.items() if tok in named and idx < weight.size(0)]
     if hits:
         rows = torch.tensor([i for i, _ in hits], dtype=torch.long)
         with torch.no_grad():

@@ -52,6 +52,10 @@ class ModelConfig:
     embedded_ff: int = 1024  # its feed-forward width
     last4_mean: bool = True  # mean of the last four hidden layers (W2NER resume-zh)
     emb_dropout: float = 0.5  # dropout on encoder output before the projection to d_h
+    # Pretrained vectors for a family's own character embeddings (TENER: its paper started from
+    # Gigaword's): none | default (the People's Daily 50-d vectors in shared/pretrained) | a
+    # word2vec text file. The path is keyed as written: a file's contents are the user's to version.
+    char_vectors: str = "none"
     hidden: int = 512  # d_h, width of character representations
     # --- context layer (§2.1 step 4); "none" is Table 6's "w/o Transformer" ---
     context: str = "transformer"  # transformer | none | bilstm (W2NER's BiLSTM)
@@ -142,6 +146,12 @@ class ModelConfig:
         for name in DROPOUT_FIELDS:
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"model.{name}={getattr(self, name)!r}: a dropout must be in [0, 1)")
+        reads = registry.get(self.name).fields
+        if self.char_vectors.lower() not in ("none", "") and reads is not None and "char_vectors" not in reads:
+            raise ConfigError(
+                f"model.char_vectors={self.char_vectors!r}: {self.name} has no character embeddings of its "
+                "own to initialise (only tener reads it); leave it at none"
+            )
         check = registry.get(self.name).check
         if check is not None:
             check(self)

@@ -215,15 +215,23 @@ def build_corpus(cfg: PretrainConfig) -> Corpus:
 
 
 def resolve_vectors(cfg: PretrainConfig) -> Path | None:
-    if cfg.vectors is None or cfg.vectors.lower() in ("none", ""):
-        return None
-    if cfg.vectors != "default":
-        return Path(cfg.vectors)
-    from crener.data.datasets import resolve_data_root
+    return vectors_path(cfg.vectors, cfg.data_root)
 
-    path = resolve_data_root(cfg.data_root).parent / VECTORS_REL
+
+def vectors_path(spec: str | None, data_root: str | Path | None = None) -> Path | None:
+    """A vectors setting -> its file: ``none`` (or empty) -> None; ``default`` -> the People's Daily
+    vectors beside the dataset root (``shared/pretrained``); anything else is a path."""
+    if spec is None or spec.lower() in ("none", ""):
+        return None
+    if spec != "default":
+        path = Path(spec)
+    else:
+        from crener.data.datasets import resolve_data_root
+
+        path = resolve_data_root(data_root).parent / VECTORS_REL
     if not path.is_file():
-        raise DataError("People's Daily vectors not found (pass --vectors PATH or --vectors none)", str(path))
+        hint = "pass another path, or none" if spec != "default" else "pass a path, or none"
+        raise DataError(f"character vectors not found ({hint})", str(path))
     return path
 
 

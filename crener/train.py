@@ -62,6 +62,7 @@ from crener.evaluation import (
     resolve_device,
     shifted_scores,
 )
+from crener.pretrain import vectors_path
 from crener.registry import build_model, build_task
 from crener.tasks import Task
 
@@ -350,7 +351,11 @@ def fit(
     same = data.dev_is_test and len(data.dev) == len(data.test)
     test = dev if same else build_split("test", data.test, max_len, task, tokenizer)
 
-    model = build_model(cfg.model, task, encoder).to(device)
+    model = build_model(cfg.model, task, encoder)
+    vectors = vectors_path(cfg.model.char_vectors, data_cfg.data_root)
+    if vectors is not None:  # only a family with its own character embeddings reads it (ModelConfig checks)
+        model.init_char_vectors(tokenizer.tokenizer.get_vocab(), vectors)
+    model = model.to(device)
     lengths = [e.n for e in train_examples]
     if cfg.model.prior_bias:
         start_from_priors(model, task, train_examples)

@@ -152,6 +152,14 @@ def test_w2ner_decodes_gold_grids_of_every_dataset(dataset: str) -> None:
     assert wrong == 0
 
 
+def write_vectors(path, rows: dict[str, float], dim: int) -> None:
+    """A word2vec text file: each token's vector is its value repeated ``dim`` times."""
+    path.write_text(
+        f"{len(rows)} {dim}\n" + "".join(f"{t} " + " ".join([str(v)] * dim) + "\n" for t, v in rows.items()),
+        encoding="utf-8",
+    )
+
+
 def test_tener_char_vector_init(tmp_path, tiny_encoder) -> None:
     from baselines.tener import CHAR_EMB_DIM, init_char_embeddings
 
@@ -160,16 +168,67 @@ def test_tener_char_vector_init(tmp_path, tiny_encoder) -> None:
     task = build_task(cfg, TYPES)
     model = build_model(cfg, task, encoder)
     vec = tmp_path / "vec.txt"
-    rows = {"张": 1.0, "北": 2.0, "不在词表": 3.0}
-    vec.write_text(
-        f"{len(rows)} {CHAR_EMB_DIM}\n"
-        + "".join(f"{t} " + " ".join([str(v)] * CHAR_EMB_DIM) + "\n" for t, v in rows.items()),
-        encoding="utf-8",
-    )
+    write_vectors(vec, {"张": 1.0, "北": 2.0, "不在词表": 3.0, "<UNK>": 4.0}, CHAR_EMB_DIM)
     vocab = tokenizer.tokenizer.get_vocab()
+    before = model.char_embed.weight.detach().clone()
     coverage = init_char_embeddings(model, vocab, vec)
-    assert coverage == pytest.approx(2 / len(vocab))
-    assert torch.all(model.char_embed.weight[vocab["北"]] == 2.0)
+    assert coverage == pytest.approx(3 / len(vocab))
+    weight = model.char_embed.weight.detach()
+    assert torch.all(weight[vocab["北"]] == 2.0)
+    assert torch.all(weight[vocab["[UNK]"]] == 4.0)  # the file's <UNK> under the tokenizer's name
+    untouched = [i for t, i in vocab.items() if t not in ("张", "北", "[UNK]")]
+    assert torch.equal(weight[untouched], before[untouched])
+
+
+def test_tener_char_vectors_are_read_strictly(tmp_path, tiny_encoder) -> None:
+    from baselines.tener import CHAR_EMB_DIM, init_char_embeddings
+    from crener.errors import DataError
+
+    encoder, tokenizer = tiny_encoder
+    model = build_model(tiny("tener"), build_task(tiny("tener"), TYPES), encoder)
+    bad = tmp_path / "bad.txt"
+    bad.write_text(f"2 {CHAR_EMB_DIM}\n张 " + " ".join(["1"] * CHAR_EMB_DIM) + "\n北 1 2\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad\.txt:3"):
+        init_char_embeddings(model, tokenizer.tokenizer.get_vocab(), bad)
+    narrow = tmp_path / "narrow.txt"
+    write_vectors(narrow, {"张": 1.0}, 8)
+    with pytest.raises(DataError, match="8-d vectors"):
+        init_char_embeddings(model, tokenizer.tokenizer.get_vocab(), narrow)
+
+
+def test_char_vectors_are_tener_s_default_and_refused_elsewhere() -> None:
+    from crener.errors import ConfigError
+
+    for profile in ("smoke", "quick", "full"):
+        assert build_run_config(model="tener", profile=profile).model.char_vectors == "default"
+    assert build_run_config(model="crener", profile="quick").model.char_vectors == "none"
+    with pytest.raises(ConfigError, match="only tener reads it"):
+        build_run_config(model="w2ner", overrides={"model.char_vectors": "default"})
+
+
+def test_tener_training_starts_from_the_configured_vectors(tmp_path, tiny_data, monkeypatch) -> None:
+    """`fit` loads model.char_vectors into TENER's embeddings before the first step."""
+    from baselines.tener import CHAR_EMB_DIM, TENER
+    from crener.train import fit
+
+    vec = tmp_path / "vec.txt"
+    write_vectors(vec, {"张": 1.5}, CHAR_EMB_DIM)
+    seen = {}
+    original = TENER.init_char_vectors
+
+    def spy(self, vocab, path):
+        coverage = original(self, vocab, path)
+        seen["row"] = self.char_embed.weight[vocab["张"]].detach().clone()
+        seen["path"] = path
+        return coverage
+
+    monkeypatch.setattr(TENER, "init_char_vectors", spy)
+    overrides = {
+        "data.data_root": str(tiny_data), "data.train_limit": 0, "data.eval_limit": 0, "train.epochs": 1,
+        "train.max_cells": 400, "train.progress": False, "model.char_vectors": str(vec),
+    }  # fmt: skip
+    fit(build_run_config(model="tener", profile="smoke", overrides=overrides), tmp_path / "run")
+    assert seen["path"] == vec and torch.all(seen["row"] == 1.5)
 
 
 def test_w2ner_is_built_faithfully(tiny_encoder) -> None:
