@@ -105,7 +105,9 @@ FAMILY = ModelFamily(
     # TENER's released code leaves the key unprojected (method.md §2.1) and starts from pretrained
     # character vectors (Gigaword's; here People's Daily's).
     defaults={
-        "model.context": "transformer", "model.attn_matrix": "none", "model.key_proj": False,
+        "model.context": "transformer",
+        "model.attn_matrix": "none",
+        "model.key_proj": False,
         "model.char_vectors": "default",
     },  # fmt: skip
     # TENER trains every weight (no pretrained encoder in its forward, only vectors): at quick's
