@@ -58,7 +58,8 @@ class ModelFamily:
     paper_row: bool = False  # a system of the paper's Tables 2-5 that we rerun (else an extra baseline)
     check: Callable[[ModelConfig], None] | None = None  # raises ValueError for combinations it cannot build
     # Whether its forward runs the pretrained character encoder (TENER's does not: it trains its
-    # own embeddings from scratch); reports say so instead of calling a never-used encoder frozen.
+    # own embeddings, started from model.char_vectors); reports say so instead of calling a
+    # never-used encoder frozen.
     uses_encoder: bool = True
 
 
