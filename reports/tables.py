@@ -431,10 +431,21 @@ def _reads_encoder(model: str | None) -> bool:
 
 def _encoder_regimes(cell: Cell, model: str | None = None) -> set[str]:
     """How the cell's runs trained their character encoder: "frozen" or "fine-tuned at LR", or
-    "no pretrained encoder" for a family whose forward never runs it (``uses_encoder``)."""
+    "no pretrained encoder" for a family whose forward never runs it (``uses_encoder``), with the
+    character vectors its own embeddings started from where the runs logged them."""
     col = "params.train.encoder_lr"
     if not _reads_encoder(model):
-        return {"no pretrained encoder"} if len(cell.runs) else set()
+        if not len(cell.runs):
+            return set()
+        vectors = "params.model.char_vectors"
+        if vectors not in cell.runs:  # runs logged before the field existed
+            return {"no pretrained encoder"}
+        return {
+            "no pretrained encoder"
+            if str(v).lower() == "none"
+            else f"no pretrained encoder, model.char_vectors={v}"
+            for v in cell.runs[vectors].fillna("none")
+        }
     if col not in cell.runs:
         return set()
     out = set()

@@ -696,7 +696,17 @@ def test_main_tables_say_when_rows_trained_the_encoder_differently(index):
         "fine-tuned at 0.0001: BERT-CRF; frozen: CRENER."
     )
     assert tables._encoder_note({"CRENER": {"frozen"}, "W²NER": {"frozen"}}) is None
-    assert tables._encoder_regimes(frozen, "tener") == {"no pretrained encoder"}  # its own embeddings
+    assert tables._encoder_regimes(frozen, "tener") == {"no pretrained encoder"}  # logged before char_vectors
+    tener = tables.Cell(
+        pd.DataFrame(
+            {"run_id": ["d", "e"], "seed": [0, 1], "params.model.char_vectors": ["default", "none"]}
+        ),
+        (0, 1),
+    )
+    assert tables._encoder_regimes(tener, "tener") == {
+        "no pretrained encoder, model.char_vectors=default",
+        "no pretrained encoder",
+    }
     assert tables._encoder_regimes(frozen, "crener") == {"frozen"}
 
 
