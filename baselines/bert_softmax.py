@@ -40,6 +40,11 @@ class BertTagger(nn.Module):
         self.classifier = nn.Linear(encoder.out_dim, num_tags)
         self.crf = crf
 
+    @torch.no_grad()
+    def set_output_bias(self, bias: torch.Tensor) -> None:
+        """Start each tag's score at ``bias`` (its training log prior: ``model.prior_bias``)."""
+        self.classifier.bias.copy_(bias.to(self.classifier.bias))
+
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         x = self.encoder(batch.input_ids, batch.attention_mask, batch.n)  # (B, N, d_bert)
         out = {"logits": self.classifier(self.dropout(x))}  # (B, N, T)
@@ -69,7 +74,8 @@ FAMILY = ModelFamily(
     name="bert_softmax",
     build_model=build_model,
     build_task=build_task,
-    fields=frozenset(ENCODER_FIELDS),  # encoder -> dropout -> linear over BIOES tags
+    # encoder -> dropout -> linear over BIOES tags, whose bias starts at the tag priors (prior_bias)
+    fields=frozenset(ENCODER_FIELDS + ("prior_bias",)),
     defaults=TAGGER_DEFAULTS,
     profile_defaults=TAGGER_PROFILE_DEFAULTS,
     search_space=search_space,

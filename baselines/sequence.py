@@ -136,6 +136,16 @@ class SequenceTask:
     def featurize(self, entities: Sequence[Entity], n: int) -> np.ndarray:
         return self.tags.encode(entities, n)  # (n,) tag ids
 
+    def output_prior(self, targets: Sequence[np.ndarray], lengths: Sequence[int]) -> torch.Tensor:
+        """Per tag, its log frequency over the training characters (whose softmax is that frequency):
+        the start of a softmax tagger's output bias (``model.prior_bias``), as
+        :meth:`crener.tasks.GridTask.output_prior` is a grid model's. A tag never seen counts half."""
+        counts = np.zeros(self.num_labels, dtype=np.float64)
+        for t, n in zip(targets, lengths):
+            counts += np.bincount(np.asarray(t)[:n], minlength=self.num_labels)
+        counts = np.maximum(counts, 0.5)
+        return torch.from_numpy(np.log(counts / counts.sum())).float()
+
     @staticmethod
     def _potentials(outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         try:

@@ -146,12 +146,7 @@ class ModelConfig:
         for name in DROPOUT_FIELDS:
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"model.{name}={getattr(self, name)!r}: a dropout must be in [0, 1)")
-        reads = registry.get(self.name).fields
-        if (
-            self.char_vectors.lower() not in ("none", "")
-            and reads is not None
-            and "char_vectors" not in reads
-        ):
+        if self.char_vectors.lower() not in ("none", "") and not registry.reads(self.name, "char_vectors"):
             raise ConfigError(
                 f"model.char_vectors={self.char_vectors!r}: {self.name} has no character embeddings of its "
                 "own to initialise (only tener reads it); leave it at none"

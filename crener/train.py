@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from crener import registry
 from crener.checkpoint import CHECKPOINT_VERSION, encoder_state, load_checkpoint, save_checkpoint
 from crener.config import ModelConfig, RunConfig
 from crener.data.batching import Example, collate, training_batches
@@ -149,15 +150,16 @@ def parameter_groups(model: nn.Module, cfg: RunConfig) -> list[dict[str, Any]]:
 
 
 def start_from_priors(model: nn.Module, task: Task, examples: Sequence[Example]) -> torch.Tensor | None:
-    """Set a grid model's output biases to the training label priors; returns them (None: no grid).
+    """Set a model's output biases to the training label priors; returns them (None: nothing to set).
 
-    Positive cells are rare (log-odds -4 to -12), so scores that start at 0 spend the first hundreds
-    of steps only pushing every cell down (the "all-negative plateau")."""
-    predictor = getattr(model, "predictor", None)
-    if not (hasattr(task, "output_prior") and hasattr(predictor, "set_output_bias")):
+    A grid model's predictor: positive cells are rare (log-odds -4 to -12), so scores that start
+    at 0 spend the first hundreds of steps only pushing every cell down (the "all-negative
+    plateau"). A softmax tagger's classifier: the tags' log priors (``O`` dominates)."""
+    target = getattr(model, "predictor", model)
+    if not (hasattr(task, "output_prior") and hasattr(target, "set_output_bias")):
         return None
     prior = task.output_prior([e.targets for e in examples], [e.n for e in examples])
-    predictor.set_output_bias(prior)
+    target.set_output_bias(prior)
     return prior
 
 
@@ -357,7 +359,8 @@ def fit(
         model.init_char_vectors(tokenizer.tokenizer.get_vocab(), vectors)
     model = model.to(device)
     lengths = [e.n for e in train_examples]
-    if cfg.model.prior_bias:
+    # Only a family that reads the field (so has it in its run key) may act on it.
+    if cfg.model.prior_bias and registry.reads(cfg.model.name, "prior_bias"):
         start_from_priors(model, task, train_examples)
     if cfg.train.encoder_lr == 0:
         # A frozen encoder is a fixed feature extractor (dropout off): no gradient, no optimiser

@@ -101,6 +101,57 @@ def test_fit_starts_grid_models_at_the_priors(tiny_encoder):
     assert torch.all(model.predictor.biaffine.weight[:, -1, -1] == 0)
 
 
+def test_softmax_tagger_prior_is_the_log_tag_frequency_and_starts_its_classifier(tiny_encoder):
+    from baselines.sequence import SequenceTask
+    from crener.config import build_run_config
+    from crener.registry import build_model
+
+    encoder, tok = tiny_encoder
+    task = SequenceTask(TYPES, decoder="softmax")
+    examples = [
+        Example(
+            k, np.asarray(tok.encode(s.chars), dtype=np.int64), task.featurize(s.entities, len(s)), len(s)
+        )
+        for k, s in enumerate(SENTENCES)
+    ]
+    prior = task.output_prior([e.targets for e in examples], [e.n for e in examples])
+    counts = np.zeros(task.num_labels)
+    for s in SENTENCES:
+        for tag in task.featurize(s.entities, len(s)):
+            counts[tag] += 1
+    counts = np.maximum(counts, 0.5)  # tags no fixture sentence uses count half
+    torch.testing.assert_close(
+        prior.double(), torch.from_numpy(np.log(counts / counts.sum())), rtol=0, atol=1e-6
+    )
+    assert prior.argmax().item() == 0  # "O"
+    model = build_model(build_run_config(model="bert_softmax", profile="smoke").model, task, encoder)
+    assert torch.equal(start_from_priors(model, task, examples), prior)
+    torch.testing.assert_close(model.classifier.bias.detach(), prior)
+
+
+def test_prior_bias_is_read_by_the_softmax_tagger_and_not_by_the_crf_one(tiny_data, tmp_path, monkeypatch):
+    """BERT-CRF does not read model.prior_bias (its key ignores it), so fit must not act on it."""
+    import crener.train as train_mod
+    from crener.config import build_run_config
+
+    on = {"model.prior_bias": True}
+    for name, changes in (("bert_softmax", True), ("bert_crf", False), ("crener", True)):
+        a = build_run_config(model=name, profile="smoke").key()
+        b = build_run_config(model=name, profile="smoke", overrides=on).key()
+        assert (a != b) is changes, name
+    called = []
+    monkeypatch.setattr(
+        train_mod, "start_from_priors", lambda model, task, ex: called.append(type(model).__name__)
+    )
+    for name in ("bert_crf", "bert_softmax"):
+        overrides = {
+            "data.data_root": str(tiny_data), "data.train_limit": 0, "data.eval_limit": 0, "train.epochs": 1,
+            "train.max_cells": 400, "train.progress": False, "model.prior_bias": True,
+        }  # fmt: skip
+        fit(build_run_config(model=name, profile="smoke", overrides=overrides), tmp_path / name, resume=False)
+    assert called == ["BertTagger"]  # once: the softmax tagger's run
+
+
 # ------------------------------------------------------------------------------ [UNK] replacement
 
 
