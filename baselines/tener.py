@@ -109,7 +109,7 @@ FAMILY = ModelFamily(
         "model.attn_matrix": "none",
         "model.key_proj": False,
         "model.char_vectors": "default",
-    },  # fmt: skip
+    },
     # TENER trains every weight (no pretrained encoder in its forward, only vectors): at quick's
     # 1,000 small steps it needs a higher rate than the grid heads on frozen features.
     profile_defaults={"quick": {"train.lr": 3e-3}},

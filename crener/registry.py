@@ -131,13 +131,13 @@ def families() -> dict[str, ModelFamily]:
     return {f.name: f for f in sorted(loaded, key=lambda f: (f.order, f.name))}
 
 
-@functools.cache
 def reads(name: str, field: str) -> bool:
     """Whether family ``name`` reads ModelConfig ``field`` (a family that declares no fields reads all)."""
     fields = get(name).fields
     return fields is None or field in fields
 
 
+@functools.cache
 def declared_fields() -> frozenset[str]:
     """The model fields some family says it reads (a field no family lists counts for all)."""
     return frozenset().union(*(f.fields for f in families().values() if f.fields is not None))
