@@ -230,8 +230,7 @@ def vectors_path(spec: str | None, data_root: str | Path | None = None) -> Path 
 
         path = resolve_data_root(data_root).parent / VECTORS_REL
     if not path.is_file():
-        hint = "pass another path, or none" if spec != "default" else "pass a path, or none"
-        raise DataError(f"character vectors not found ({hint})", str(path))
+        raise DataError("character vectors not found (pass a word2vec file's path, or none)", str(path))
     return path
 
 

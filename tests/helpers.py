@@ -122,13 +122,13 @@ def write_bmes(path: Path, sentences) -> None:  # noqa: ANN001 - Sentence object
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def tiny_cfg(data_root: Path, **overrides: object) -> RunConfig:
-    """A smoke-sized CRENER config on the synthetic dataset under ``data_root`` (tiny_data)."""
+def tiny_cfg(data_root: Path, model: str = "crener", **overrides: object) -> RunConfig:
+    """A smoke-sized config of ``model`` on the synthetic dataset under ``data_root`` (tiny_data)."""
     base = {
         "data.data_root": str(data_root), "data.train_limit": 0, "data.eval_limit": 0,
         "train.epochs": 3, "train.max_cells": 400, "train.progress": False,
     }  # fmt: skip
-    return build_run_config(profile="smoke", overrides={**base, **overrides})
+    return build_run_config(model=model, profile="smoke", overrides={**base, **overrides})
 
 
 def tiny_resume(root: Path, sentences: int) -> Path:

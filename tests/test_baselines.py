@@ -12,6 +12,7 @@ from crener.config import build_run_config
 from crener.data.batching import Example, collate
 from crener.registry import build_model, build_task
 from tests.conftest import SENTENCES, TYPES
+from tests.helpers import tiny_cfg
 
 BASELINES = ("w2ner", "bert_softmax", "bert_crf", "tener")
 ZERO_DROPOUT = {
@@ -223,11 +224,10 @@ def test_tener_training_starts_from_the_configured_vectors(tmp_path, tiny_data, 
         return coverage
 
     monkeypatch.setattr(TENER, "init_char_vectors", spy)
-    overrides = {
-        "data.data_root": str(tiny_data), "data.train_limit": 0, "data.eval_limit": 0, "train.epochs": 1,
-        "train.max_cells": 400, "train.progress": False, "model.char_vectors": str(vec),
-    }  # fmt: skip
-    fit(build_run_config(model="tener", profile="smoke", overrides=overrides), tmp_path / "run")
+    fit(
+        tiny_cfg(tiny_data, model="tener", **{"train.epochs": 1, "model.char_vectors": str(vec)}),
+        tmp_path / "run",
+    )
     assert seen["path"] == vec and torch.all(seen["row"] == 1.5)
 
 

@@ -21,7 +21,7 @@ from tests.helpers import tiny_cfg
 # ------------------------------------------------------------------------------ priors
 
 
-def _examples(task: GridTask, tok=None) -> list[Example]:
+def _examples(task, tok=None) -> list[Example]:
     out = []
     for k, s in enumerate(SENTENCES):
         ids = np.zeros(len(s) + 2, dtype=np.int64) if tok is None else np.asarray(tok.encode(s.chars))
@@ -108,12 +108,7 @@ def test_softmax_tagger_prior_is_the_log_tag_frequency_and_starts_its_classifier
 
     encoder, tok = tiny_encoder
     task = SequenceTask(TYPES, decoder="softmax")
-    examples = [
-        Example(
-            k, np.asarray(tok.encode(s.chars), dtype=np.int64), task.featurize(s.entities, len(s)), len(s)
-        )
-        for k, s in enumerate(SENTENCES)
-    ]
+    examples = _examples(task, tok)
     prior = task.output_prior([e.targets for e in examples], [e.n for e in examples])
     counts = np.zeros(task.num_labels)
     for s in SENTENCES:
@@ -144,11 +139,8 @@ def test_prior_bias_is_read_by_the_softmax_tagger_and_not_by_the_crf_one(tiny_da
         train_mod, "start_from_priors", lambda model, task, ex: called.append(type(model).__name__)
     )
     for name in ("bert_crf", "bert_softmax"):
-        overrides = {
-            "data.data_root": str(tiny_data), "data.train_limit": 0, "data.eval_limit": 0, "train.epochs": 1,
-            "train.max_cells": 400, "train.progress": False, "model.prior_bias": True,
-        }  # fmt: skip
-        fit(build_run_config(model=name, profile="smoke", overrides=overrides), tmp_path / name, resume=False)
+        cfg = tiny_cfg(tiny_data, model=name, **{"train.epochs": 1, "model.prior_bias": True})
+        fit(cfg, tmp_path / name, resume=False)
     assert called == ["BertTagger"]  # once: the softmax tagger's run
 
 
