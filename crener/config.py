@@ -571,7 +571,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         # capped epoch draws a fresh shuffle, so the cap samples rather than truncates. 4 epochs:
         # the whole plan must fit 45 minutes on the slowest 2-core machine this suite meets (an
         # AMD EPYC); the plan's cost grows about linearly with the steps, and 5 epochs of these
-        # batches leave no margin there (README, Profiles, has the measurements).
+        # batches would run past it there (README, Profiles, has the measurements).
         "train.epochs": 4,
         # lr 1e-2 (before the pretrained encoder) kept CRENER at dev F1 0 on Weibo; 1e-3 learned,
         # 3e-3 less (`crener curves`, issue 13).
