@@ -124,11 +124,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--datasets", nargs="+", help="datasets whose training splits are the text (default: all four)"
     )
     p.add_argument(
-        "--text", nargs="+", metavar="FILE", help="extra unlabelled text, one sentence a line (UTF-8)"
+        "--text", nargs="+", metavar="FILE",
+        help="extra unlabelled text, one sentence a line (UTF-8, plain or .xz); 'xwlb' names the broadcast-news "
+        "corpus in ../shared/corpus/xwlb-news",
+    )  # fmt: skip
+    p.add_argument(
+        "--text-fraction", type=float, help="share of each --text file's lines used, evenly spread"
     )
+    p.add_argument("--init-from", metavar="ENCODER",
+                   help="continue pretraining this encoder (a shipped name such as crener-char, or a folder)")  # fmt: skip
     p.add_argument("--data-root", help="dataset directory (default: $CRENER_DATA, then ../shared/data)")
-    p.add_argument("--vectors", help="word2vec character vectors for the initialisation; 'none' for random "
-                   "(default: shared/pretrained People's Daily 2014)")  # fmt: skip
+    p.add_argument("--vectors", help="starting vectors of the character embeddings, sources joined by '+': "
+                   "people (shared/pretrained People's Daily 2014, the default), wiki (simplechinese), lac "
+                   "(jieba), a word2vec file; 'none' for random")  # fmt: skip
     for name, kind in (("hidden", int), ("layers", int), ("heads", int), ("ff", int), ("max-len", int),
                        ("batch-tokens", int), ("steps", int), ("lr", float), ("warmup", float),
                        ("weight-decay", float), ("mask-rate", float), ("unk-alpha", float), ("seed", int),
