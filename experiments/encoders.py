@@ -51,6 +51,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--profile", default="quick")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument(
+        "--encoders", nargs="+", default=[], metavar="ENCODER",
+        help="more arms, each an encoder used as it is: a shipped name (crener-xwlb) or a folder",
+    )  # fmt: skip
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="applies to every cell")
     p.add_argument("--build-dir", default=str(BUILD_DIR), help="where the non-shipped encoders are built")
     p.add_argument("--data-root", default=None)
@@ -96,14 +100,20 @@ def plan(args: argparse.Namespace, encoders: dict[str, str]) -> list[tuple[str, 
         (arm, Cell(SWEEP, build_run_config(
             profile=args.profile, dataset=d, seed=s, overrides={**sets, "model.encoder": encoders[arm]}
         )))
-        for arm in args.arms for d in args.datasets for s in args.seeds
+        for arm in all_arms(args) for d in args.datasets for s in args.seeds
     ]  # fmt: skip
+
+
+def all_arms(args: argparse.Namespace) -> list[str]:
+    """The constructions asked for, then the named encoders (each its own arm, named by itself)."""
+    return [*args.arms, *(e for e in args.encoders if e not in args.arms)]
 
 
 def cmd_encoders(args: argparse.Namespace) -> int:
     from experiments.commands import run_cells, spawn_jobs
 
     encoders = build_encoders(args.arms, Path(args.build_dir), args.data_root)  # before any worker starts
+    encoders.update({e: e for e in args.encoders if e not in encoders})
     planned = plan(args, encoders)
     if args.jobs > 1:
         rc = spawn_jobs(args.argv, args.jobs, args.set)
@@ -116,37 +126,46 @@ def cmd_encoders(args: argparse.Namespace) -> int:
 
 
 def write_report(args: argparse.Namespace, encoders: dict[str, str], planned: list[tuple[str, Any]]) -> Path:
-    """Test F1 per arm and dataset, mean ± std over the seeds that finished, from MLflow."""
+    """Dev and test F1 per arm and dataset, mean ± std over the seeds that finished, from MLflow.
+
+    Dev comes first: an encoder is chosen on dev (the best epoch's dev F1), test only reported."""
     from crener.tracking import Tracker
     from reports.stats import format_mean_std
 
     tracker = Tracker()
-    rows: dict[tuple[str, str], list[tuple[int, float, str]]] = {}
+    rows: dict[tuple[str, str], list[tuple[int, float, float, str]]] = {}
     for arm, cell in planned:
         done = next((r for r in tracker.find_runs(cell.cfg.key()) if r.finished), None)
         if done is None:
             continue
-        f1 = done.metrics.get("best/test_f1")
-        if f1 is not None:
-            rows.setdefault((arm, cell.cfg.data.dataset), []).append((cell.cfg.train.seed, f1, done.run_id))
+        dev, test = done.metrics.get("best/dev_f1"), done.metrics.get("best/test_f1")
+        if test is not None:
+            rows.setdefault((arm, cell.cfg.data.dataset), []).append(
+                (cell.cfg.train.seed, float("nan") if dev is None else dev, test, done.run_id)
+            )
     lines = [
         f"# Encoder ablation ({args.profile}, CRENER full)",
         "",
-        "Test F1 ×100, mean ± sample std over seeds; each encoder used as the profile uses the shipped one.",
+        "F1 ×100 at the best dev epoch, mean ± sample std over seeds (n seeds); each encoder used as the "
+        "profile uses the shipped one. Choose on dev; test is reported, never chosen on.",
         "",
-        "| encoder | " + " | ".join(args.datasets) + " |",
-        "|---|" + "---:|" * len(args.datasets),
+        "| encoder | " + " | ".join(f"{d} dev | {d} test" for d in args.datasets) + " |",
+        "|---|" + "---:|---:|" * len(args.datasets),
     ]
-    for arm in args.arms:
+    for arm in all_arms(args):
         row = [f"{arm} (`{Path(encoders[arm]).name}`)"]
         for d in args.datasets:
-            vals = [f for _, f, _ in rows.get((arm, d), [])]
-            row.append(f"{format_mean_std(vals)} (n={len(vals)})" if vals else format_mean_std(vals))
+            for col in (1, 2):
+                vals = [item[col] for item in rows.get((arm, d), [])]
+                row.append(f"{format_mean_std(vals)} (n={len(vals)})" if vals else format_mean_std(vals))
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "Runs (MLflow run id per arm, dataset, seed):", ""]
     for (arm, d), items in sorted(rows.items()):
         lines.append(
-            f"- {arm} / {d}: " + ", ".join(f"s{s} `{rid}` {100 * f:.2f}" for s, f, rid in sorted(items))
+            f"- {arm} / {d}: "
+            + ", ".join(
+                f"s{s} `{rid}` dev {100 * dv:.2f} test {100 * f:.2f}" for s, dv, f, rid in sorted(items)
+            )
         )
     out = Path("reports") / "out" / args.profile / "encoders.md"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,12 @@ def test_encoder_ablation_cells_and_report(
     # Rerun: every cell is found by its key, none trains again.
     assert cli_main(args) == 0
     assert len(fake_fit.CALLS) == 16
+    # A named encoder is one more arm, used as it is (nothing built); the others are found again.
+    assert cli_main([*args, "--encoders", str(tmp_path / "mine")]) == 0
+    assert len(fake_fit.CALLS) == 16 + 4
+    report = (tmp_path / "reports" / "out" / "smoke" / "encoders.md").read_text(encoding="utf-8")
+    assert f"| {tmp_path / 'mine'} (`mine`) |" in report
+    assert "| resume dev | resume test |" in report and " dev " in report
 
 
 def test_arms_are_the_four_constructions():
