@@ -935,7 +935,11 @@ def pretrain(
 
 
 def _rel_input(path: str) -> str:
-    """An input's path relative to the shared folder (``data/resume/train.char.bmes``) when it is there."""
+    """An input's path relative to the shared folder (``data/resume/train.char.bmes``) or to this
+    repository (a shipped encoder's weights) when it is there: a card names no machine's folders."""
+    repo = Path(__file__).resolve().parents[1]
+    if Path(path).resolve().is_relative_to(repo):
+        return Path(path).resolve().relative_to(repo).as_posix()
     parts = Path(path).resolve().parts
     if "shared" in parts:
         return "/".join(parts[len(parts) - parts[::-1].index("shared") :])

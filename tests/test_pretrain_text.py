@@ -210,3 +210,23 @@ def test_continued_pretraining_starts_from_the_encoder_row_by_token(tmp_path):
             tiny_cfg(tmp_path / "x", init_from=str(tmp_path / "first"), hidden=32), workdir=tmp_path / "wd3",
             track=False, progress=False,
         )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_no_dev_or_test_text_of_any_dataset_reaches_pretraining_from_the_news_corpus():
+    """The real corpus, all four datasets: no piece of news text equals or shares OVERLAP_N
+    characters with a dev or test sentence, and no piece at all is a dev or test sentence."""
+    from crener.pretrain import ngrams, overlaps
+
+    held: set[str] = set()
+    for name in ("weibo", "resume", "ontonotes4", "msra"):
+        data = load_dataset(DataConfig(dataset=name, msra_protocol="clean"))
+        held.update(s.text for s in (*data.dev, *data.test))
+    base = build_corpus(PretrainConfig(out="unused"))
+    corpus = build_corpus(PretrainConfig(out="unused", text=("xwlb",)))
+    assert corpus.pieces[: len(base.pieces)] == base.pieces
+    news = corpus.pieces[len(base.pieces) :]
+    assert len(news) > 780_000 and corpus.text_lines == {"text/xwlb.txt.xz": 783_689}
+    assert not held & set(corpus.pieces)
+    grams = ngrams(held)
+    assert not [p for p in news if overlaps(p, grams)]
