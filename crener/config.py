@@ -263,6 +263,9 @@ class TrainConfig:
     # count), so rare characters most often and the [UNK] vector stays trained for unseen ones.
     unk_alpha: float = 0.0
     eval_every: int = 0  # >0: dev F1 every N steps into curve.json (learning-start diagnostic)
+    # >0: stop after this many epochs in a row without a better dev F1; the best checkpoint is
+    # tested as always. The schedule keeps its planned length, so stopping only truncates it.
+    patience: int = 0
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -273,7 +276,7 @@ class TrainConfig:
             raise ConfigError("train.unk_alpha and train.eval_every must be >= 0")
         if self.seed < 0:
             raise ConfigError(f"train.seed={self.seed}: a seed must be >= 0")
-        for name in ("max_cells", "max_steps", "threads", "loader_workers"):
+        for name in ("max_cells", "max_steps", "threads", "loader_workers", "patience"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}={getattr(self, name)}: must be >= 0 (0 = off)")
         if self.eval_max_cells < 1:

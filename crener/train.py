@@ -440,6 +440,8 @@ def fit(
         _call(callback, "on_step_eval", row["step"], {k: v for k, v in row.items() if k != "step"})
 
     for epoch in range(start_epoch, cfg.train.epochs + 1):
+        if stops_early(cfg.train.patience, epoch - 1, best_epoch):  # a resumed run stops where it did
+            break
         t0 = time.perf_counter()
         rng = np.random.default_rng([cfg.train.seed, epoch])
         batches = training_batches(lengths, cfg.train, rng)
@@ -485,6 +487,8 @@ def fit(
             metrics["dev/f1"], " *" if improved else "", metrics["epoch_seconds"], metrics["train/sentences_per_s"],
         )  # fmt: skip
         _call(callback, "on_epoch_end", epoch, metrics)
+        if stops_early(cfg.train.patience, epoch, best_epoch):
+            log.info("no better dev F1 for %d epochs: stopping after epoch %d", cfg.train.patience, epoch)
 
     # Test once, with the best-dev checkpoint (method.md §5).
     best_state = load_checkpoint(best_path)
@@ -498,6 +502,7 @@ def fit(
         "test": _prf(test_scores),
         "best_epoch": best_epoch,
         "epochs": cfg.train.epochs,
+        "epochs_run": len(history),  # fewer than planned when train.patience stopped the run
         "seconds": (time.perf_counter() - started)
         + sum(h["epoch_seconds"] for h in history[: start_epoch - 1]),
         "parameters": n_params,
@@ -535,6 +540,11 @@ def fit(
     tmp.write_text(json.dumps(summary, indent=2))
     os.replace(tmp, workdir / "summary.json")  # written last: its presence means finished
     return summary
+
+
+def stops_early(patience: int, epoch: int, best_epoch: int) -> bool:
+    """Whether training ends after ``epoch``: ``patience`` > 0 epochs since the best (by dev F1)."""
+    return patience > 0 and epoch - best_epoch >= patience
 
 
 def _calibrates(cfg: RunConfig, task: Task) -> bool:
