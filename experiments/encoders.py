@@ -36,6 +36,13 @@ ARMS: dict[str, tuple[bool, int | None]] = {
     "pretrained": (False, None),
     "pretrained+init": (True, None),
 }
+# The text ablation: one architecture and step count (the shipped crener-char's, or --text-steps),
+# pretrained from its vectors on more and more text. arm -> (unlabelled text, share of its lines).
+TEXT_ARMS: dict[str, tuple[tuple[str, ...], float]] = {
+    "text:splits": ((), 1.0),  # the four training splits alone
+    "text:quarter": (("xwlb",), 0.25),  # and an evenly spread quarter of the news corpus
+    "text:all": (("xwlb",), 1.0),  # and all of it
+}
 BUILD_DIR = Path(".crener") / "encoders"
 
 
@@ -50,7 +57,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--datasets", nargs="+", default=["resume", "weibo"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--profile", default="quick")
-    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=[*ARMS, *TEXT_ARMS])
+    p.add_argument(
+        "--text-steps", type=count_int, default=None,
+        help="pretraining steps of each text:* arm (default: the shipped crener-char's)",
+    )  # fmt: skip
     p.add_argument(
         "--encoders", nargs="+", default=[], metavar="ENCODER",
         help="more arms, each an encoder used as it is: a shipped name (crener-xwlb) or a folder",
@@ -69,15 +80,32 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=cmd_encoders)
 
 
-def build_encoders(arms: list[str], build_dir: Path, data_root: str | None) -> dict[str, str]:
+def build_encoders(
+    arms: list[str], build_dir: Path, data_root: str | None, text_steps: int | None = None
+) -> dict[str, str]:
     """``{arm: encoder name or path}``; builds the missing ones (a killed build resumes)."""
     from crener.encoder import SHIPPED_ENCODERS
+    from crener.evaluation import bf16_pays
     from crener.pretrain import PretrainConfig, pretrain
 
     card = json.loads((SHIPPED_ENCODERS[SHIPPED] / "card.json").read_text(encoding="utf-8"))
     shipped = PretrainConfig.from_identity(card["config"], out="")
     out: dict[str, str] = {}
     for arm in arms:
+        if arm in TEXT_ARMS:
+            text, fraction = TEXT_ARMS[arm]
+            steps = shipped.steps if text_steps is None else text_steps
+            path = build_dir / f"{arm.replace(':', '-')}-{steps}"  # the folder (and arm) names its budget
+            # bf16 where this machine's bf16 matmuls pay (the card records which): all arms alike.
+            cfg = replace(
+                shipped, out=str(path), data_root=data_root, text=text, text_fraction=fraction, steps=steps,
+                bf16=bf16_pays("cpu"),
+            )  # fmt: skip
+            if not (path / "config.json").is_file():
+                log.info("building encoder %s in %s (%d pretraining steps)", arm, path, cfg.steps)
+                pretrain(cfg, workdir=build_dir / "state" / path.name, progress=False)
+            out[arm] = str(path.resolve())
+            continue
         vectors, steps = ARMS[arm]
         if vectors and steps is None:
             out[arm] = SHIPPED
@@ -117,7 +145,8 @@ def all_arms(args: argparse.Namespace) -> list[str]:
 def cmd_encoders(args: argparse.Namespace) -> int:
     from experiments.commands import run_cells, spawn_jobs
 
-    encoders = build_encoders(args.arms, Path(args.build_dir), args.data_root)  # before any worker starts
+    # Built before any worker starts.
+    encoders = build_encoders(args.arms, Path(args.build_dir), args.data_root, args.text_steps)
     encoders.update({e: e for e in args.encoders if e not in encoders})
     planned = plan(args, encoders)
     if args.jobs > 1:

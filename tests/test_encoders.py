@@ -17,7 +17,7 @@ def test_encoder_ablation_cells_and_report(
     mlflow_store: str, fake_fit: types.ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     built = {a: ("crener-char" if a == "pretrained+init" else str(tmp_path / a)) for a in encoders.ARMS}
-    monkeypatch.setattr(encoders, "build_encoders", lambda arms, build_dir, data_root: built)
+    monkeypatch.setattr(encoders, "build_encoders", lambda arms, build_dir, data_root, steps: built)
     monkeypatch.chdir(tmp_path)
     args = ["encoders", "--profile", "smoke", "--datasets", "resume", "weibo", "--seeds", "0", "1"]
     assert cli_main(args) == 0
@@ -48,3 +48,26 @@ def test_arms_are_the_four_constructions():
     assert encoders.ARMS == {
         "random": (False, 0), "init": (True, 0), "pretrained": (False, None), "pretrained+init": (True, None),
     }  # fmt: skip
+
+
+def test_text_arms_share_architecture_and_steps_and_differ_only_in_text(tmp_path, monkeypatch):
+    import crener.evaluation
+    import crener.pretrain
+
+    built = []
+
+    def fake_pretrain(cfg, workdir, progress):
+        built.append(cfg)
+        Path(cfg.out).mkdir(parents=True)
+        (Path(cfg.out) / "config.json").write_text("{}")
+
+    monkeypatch.setattr(crener.pretrain, "pretrain", fake_pretrain)
+    monkeypatch.setattr(crener.evaluation, "bf16_pays", lambda device: False)
+    arms = list(encoders.TEXT_ARMS)
+    out = encoders.build_encoders(arms, tmp_path, None, text_steps=300)
+    assert [Path(out[a]).name for a in arms] == ["text-splits-300", "text-quarter-300", "text-all-300"]
+    assert [(c.text, c.text_fraction) for c in built] == [((), 1.0), (("xwlb",), 0.25), (("xwlb",), 1.0)]
+    shape = {(c.hidden, c.layers, c.heads, c.ff, c.steps, c.vectors, c.bf16, c.init_from) for c in built}
+    assert shape == {(256, 4, 4, 1024, 300, "default", False, None)}
+    # Built folders are found again, not rebuilt.
+    assert encoders.build_encoders(arms, tmp_path, None, text_steps=300) == out and len(built) == 3
