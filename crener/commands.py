@@ -64,6 +64,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--runs-dir", help="root of run directories (default: $CRENER_RUNS, then runs)")
     p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    p.add_argument(
+        "--time-budget", type=float, metavar="MINUTES",
+        help="fix the steps from a few timed ones so the whole command fits MINUTES on this machine "
+        "(crener.budget; the steps enter the run key, the minutes are logged as train.time_budget)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="score a checkpoint on a dataset split")
@@ -163,6 +168,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         model=args.model, variant=args.variant, profile=args.profile, dataset=args.dataset, seed=args.seed,
         overrides=overrides,
     )  # fmt: skip
+    if args.time_budget is not None:
+        from crener.budget import apply_budget
+
+        cfg = apply_budget(cfg, args.time_budget)
     if args.no_track:
         from crener.train import fit
 

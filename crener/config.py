@@ -266,6 +266,9 @@ class TrainConfig:
     # >0: stop after this many epochs in a row without a better dev F1; the best checkpoint is
     # tested as always. The schedule keeps its planned length, so stopping only truncates it.
     patience: int = 0
+    # Minutes this run was planned for (`--time-budget`, crener.budget): a record, not a setting;
+    # what the minutes bought is in train.epochs and train.max_steps, which the key holds.
+    time_budget: float = 0.0
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -439,6 +442,7 @@ KEY_IGNORED = frozenset(
         "train.loader_workers",  # where batches are collated: the same batches
         "train.eval_max_cells",  # evaluation batch size: no dropout, padding-invariant predictions
         "train.eval_every",  # extra dev evaluations: no dropout and no random draws in evaluation
+        "train.time_budget",  # a record of the minutes; the steps they bought are keyed
         "model.grid_input",  # three exact forms of eq. 7 with the same dropout draws
         "model.space_to_batch",  # exact rewrite of the dilated convolutions
         "model.checkpoint_rounds",  # recomputes rounds in backward, with the RNG state restored

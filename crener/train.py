@@ -24,6 +24,7 @@ import random
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from torch import nn
 
 from crener import registry
 from crener.checkpoint import CHECKPOINT_VERSION, encoder_state, load_checkpoint, save_checkpoint
-from crener.config import ModelConfig, RunConfig
+from crener.config import DataConfig, ModelConfig, RunConfig
 from crener.data.batching import Example, collate, training_batches
 from crener.data.datasets import load_dataset
 from crener.data.digest import dataset_digest
@@ -135,6 +136,47 @@ def load_encoder(
     encoder = CharEncoder(bert, cfg.model.last4_mean)
     encoder.source = str(name)  # where the weights came from (keys the frozen-feature cache)
     return encoder, tokenizer
+
+
+@dataclass
+class RunParts:
+    """What a run trains and scores: its data, task, encoder, features and model."""
+
+    data: Any  # crener.data.datasets.Dataset
+    task: Task
+    encoder: CharEncoder
+    tokenizer: CharTokenizer
+    train_examples: list[Example]
+    dev: Split
+    test: Split
+    model: nn.Module
+
+
+def build_parts(cfg: RunConfig, data_cfg: DataConfig, workdir: Path, device: torch.device) -> RunParts:
+    """The one setup of a run (data, task, encoder, features, model on ``device``), as ``fit``
+    and the time-budget probe both need it. Seed first: the model's initialisation draws."""
+    data = load_dataset(data_cfg, seed=cfg.train.seed)
+    task = build_task(cfg.model, data.types)
+    encoder, tokenizer = load_encoder(cfg, data.train, workdir)
+    max_len = cfg.data.max_len
+    train_examples = featurize(split_all(data.train, max_len), task, tokenizer)
+    dev = build_split("dev", data.dev, max_len, task, tokenizer)
+    # Under the MSRA lineage protocol dev is the test set; reuse it unless dev was cut shorter.
+    same = data.dev_is_test and len(data.dev) == len(data.test)
+    test = dev if same else build_split("test", data.test, max_len, task, tokenizer)
+    model = build_model(cfg.model, task, encoder)
+    vectors = vectors_path(cfg.model.char_vectors, data_cfg.data_root)
+    if vectors is not None:  # only a family with its own character embeddings reads it (ModelConfig checks)
+        model.init_char_vectors(tokenizer.tokenizer.get_vocab(), vectors)
+    model = model.to(device)
+    # Only a family that reads the field (so has it in its run key) may act on it.
+    if cfg.model.prior_bias and registry.reads(cfg.model.name, "prior_bias"):
+        start_from_priors(model, task, train_examples)
+    if cfg.train.encoder_lr == 0:
+        # A frozen encoder is a fixed feature extractor (dropout off): no gradient, no optimiser
+        # state, and every distinct sentence encoded once per process, whatever the cell of a sweep.
+        encoder.freeze(feature_cache(encoder.source, cfg.model.last4_mean))
+    return RunParts(data, task, encoder, tokenizer, train_examples, dev, test, model)
 
 
 def parameter_groups(model: nn.Module, cfg: RunConfig) -> list[dict[str, Any]]:
@@ -342,30 +384,16 @@ def fit(
         )  # fmt: skip
     data_cfg = cfg.data if data_root is None else _replace_root(cfg, data_root)
     key = cfg.key(data_digest=dataset_digest(data_cfg))  # of the files this run reads
-    data = load_dataset(data_cfg, seed=cfg.train.seed)
-    task = build_task(cfg.model, data.types)
-    encoder, tokenizer = load_encoder(cfg, data.train, workdir)
-    max_len = cfg.data.max_len
-    train_chunks = split_all(data.train, max_len)
-    train_examples = featurize(train_chunks, task, tokenizer)
-    dev = build_split("dev", data.dev, max_len, task, tokenizer)
-    # Under the MSRA lineage protocol dev is the test set; reuse it unless dev was cut shorter.
-    same = data.dev_is_test and len(data.dev) == len(data.test)
-    test = dev if same else build_split("test", data.test, max_len, task, tokenizer)
-
-    model = build_model(cfg.model, task, encoder)
-    vectors = vectors_path(cfg.model.char_vectors, data_cfg.data_root)
-    if vectors is not None:  # only a family with its own character embeddings reads it (ModelConfig checks)
-        model.init_char_vectors(tokenizer.tokenizer.get_vocab(), vectors)
-    model = model.to(device)
+    parts = build_parts(cfg, data_cfg, workdir, device)
+    data, task, encoder, tokenizer, model = (
+        parts.data,
+        parts.task,
+        parts.encoder,
+        parts.tokenizer,
+        parts.model,
+    )
+    train_examples, dev, test = parts.train_examples, parts.dev, parts.test
     lengths = [e.n for e in train_examples]
-    # Only a family that reads the field (so has it in its run key) may act on it.
-    if cfg.model.prior_bias and registry.reads(cfg.model.name, "prior_bias"):
-        start_from_priors(model, task, train_examples)
-    if cfg.train.encoder_lr == 0:
-        # A frozen encoder is a fixed feature extractor (dropout off): no gradient, no optimiser
-        # state, and every distinct sentence encoded once per process, whatever the cell of a sweep.
-        encoder.freeze(feature_cache(encoder.source, cfg.model.last4_mean))
     # [UNK] replacement trains the encoder's [UNK] vector: nothing to train in a frozen encoder.
     unk_probs = None if encoder.frozen else unk_replacement_probs(
         train_examples, int(encoder.bert.config.vocab_size), cfg.train.unk_alpha,
