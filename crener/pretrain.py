@@ -722,6 +722,7 @@ def pretrain(
     workdir = Path(workdir) if workdir is not None else Path(".crener") / "pretrain" / out.name
     workdir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
+    commit = git_commit()  # the code that runs: HEAD may move while a long build goes on
     t_prep = time.perf_counter()
     corpus = build_corpus(cfg)
     start = load_start_vectors(cfg.vectors, cfg.data_root)
@@ -777,7 +778,7 @@ def pretrain(
 
     state_path = workdir / CHECKPOINT_NAME
     identity = json.dumps(cfg.identity(), sort_keys=True, default=list)
-    step, seconds, run_id, history, tokens_seen = 0, 0.0, None, [], 0
+    step, seconds, run_id, history, tokens_seen, first_commit = 0, 0.0, None, [], 0, commit
     if state_path.exists():
         state = read_state(state_path, "pretraining state")
         if state.get("version") != STATE_VERSION or state.get("identity") != identity:
@@ -792,6 +793,7 @@ def pretrain(
         step, seconds, run_id = state["step"], state["seconds"], state.get("run_id") or None
         history = json.loads(state["history"])
         tokens_seen = int(state.get("tokens", 0))
+        first_commit = state.get("commit", commit)
         log.info("resuming pretraining from step %d (%s)", step, state_path)
 
     logger = None
@@ -813,7 +815,7 @@ def pretrain(
             "version": STATE_VERSION, "identity": identity, "step": step, "seconds": seconds,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
-            "run_id": run_id or "", "history": json.dumps(history), "tokens": tokens_seen,
+            "run_id": run_id or "", "history": json.dumps(history), "tokens": tokens_seen, "commit": first_commit,
         })  # fmt: skip
 
     from crener.train import progress_bar
@@ -911,7 +913,8 @@ def pretrain(
     card = {
         "name": out.name,
         "command": command or "crener pretrain " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
-        "commit": git_commit(),
+        "commit": first_commit,  # where the build started; a resumed one says where it ended too
+        **({"resumed_commit": commit} if commit != first_commit else {}),
         "config": cfg.identity(),
         "inputs": {label: {"path": _rel_input(path), "sha256": file_digest(path)} for label, path in inputs.items()},
         "licences": licences(cfg, start.sources),

@@ -230,3 +230,13 @@ def test_no_dev_or_test_text_of_any_dataset_reaches_pretraining_from_the_news_co
     assert not held & set(corpus.pieces)
     grams = ngrams(held)
     assert not [p for p in news if overlaps(p, grams)]
+
+
+def test_card_names_the_commit_the_build_started_at_and_the_one_it_resumed_at(tmp_path, monkeypatch):
+    cfg = tiny_cfg(tmp_path / "enc", steps=4, save_every=2)
+    monkeypatch.setattr(pretrain_mod, "git_commit", lambda: "a" * 40)
+    pretrain_mod.pretrain(cfg, workdir=tmp_path / "wd", track=False, progress=False, stop_after=2)
+    monkeypatch.setattr(pretrain_mod, "git_commit", lambda: "b" * 40)  # HEAD moved during the build
+    pretrain_mod.pretrain(cfg, workdir=tmp_path / "wd", track=False, progress=False)
+    card = json.loads((tmp_path / "enc" / "card.json").read_text(encoding="utf-8"))
+    assert (card["commit"], card["resumed_commit"]) == ("a" * 40, "b" * 40)
