@@ -363,7 +363,8 @@ PACKAGED_VECTORS = {
     "lac": (
         "jieba",
         ("lac_small/word.dic", "lac_small/model_baseline/word_emb"),
-        "128-d character embeddings of Baidu's LAC-small tagger, from the jieba 0.42.1 package (Apache-2.0)",
+        "128-d character embeddings of Baidu's LAC-small tagger (Apache-2.0), shipped in the jieba 0.42.1 "
+        "package (MIT)",
     ),
 }
 PEOPLE = "people"  # the People's Daily 50-d file in shared/pretrained ("default" names it too)
@@ -380,9 +381,14 @@ def packaged_vector_files(name: str) -> list[Path]:
     package, rel, _ = PACKAGED_VECTORS[name]
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
+        how = (
+            "pip install --no-deps simplechinese==0.2.15"
+            if package == "simplechinese"
+            else "pip install -e '.[vectors]'"
+        )
         raise DataError(
-            f"--vectors {name} reads the {package} package, which is not installed: "
-            "pip install -e '.[vectors]' (an optional extra, needed only to build an encoder)"
+            f"--vectors {name} reads the {package} package, which is not installed: {how} "
+            "(needed only to build an encoder)"
         )
     files = [Path(spec.origin).parent / r for r in rel]
     for f in files:

@@ -160,8 +160,10 @@ def test_packaged_sources_are_read_when_installed():
 
 def test_a_missing_package_says_how_to_install_it(monkeypatch):
     monkeypatch.setattr(pretrain_mod.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(DataError, match=r"pip install -e '\.\[vectors\]'"):
+    with pytest.raises(DataError, match=r"pip install --no-deps simplechinese==0\.2\.15"):
         load_start_vectors("wiki")
+    with pytest.raises(DataError, match=r"pip install -e '\.\[vectors\]'"):
+        load_start_vectors("lac")
 
 
 def test_card_reports_dev_accuracy_of_each_dataset_and_text_inputs(tmp_path):
