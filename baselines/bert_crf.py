@@ -13,8 +13,9 @@ from torch import nn
 
 from baselines.bert_softmax import TAGGER_DEFAULTS, TAGGER_PROFILE_DEFAULTS, BertTagger, search_space
 from baselines.sequence import SequenceTask
-from crener.config import ENCODER_FIELDS, ModelConfig
+from crener.config import ModelConfig
 from crener.encoder import CharEncoder
+from crener.identity import ENCODER_FIELDS
 from crener.registry import ModelFamily
 
 

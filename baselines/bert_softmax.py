@@ -16,9 +16,10 @@ from torch import nn
 from baselines.crf import CRF
 from baselines.sequence import SequenceTask
 from crener import search
-from crener.config import ENCODER_FIELDS, ModelConfig, RunConfig
+from crener.config import ModelConfig, RunConfig
 from crener.data.batching import Batch
 from crener.encoder import CharEncoder
+from crener.identity import ENCODER_FIELDS
 from crener.registry import ModelFamily
 
 # Neither tagger has a context layer; "none" also spares them the Transformer's width checks.

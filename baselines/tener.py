@@ -33,10 +33,11 @@ from torch import nn
 
 from baselines.sequence import SequenceTask, TagSet
 from crener import search
-from crener.config import ENCODER_FIELDS, TRANSFORMER_FIELDS, ModelConfig, RunConfig
+from crener.config import ModelConfig, RunConfig
 from crener.data.batching import Batch
 from crener.encoder import CharEncoder
 from crener.errors import DataError
+from crener.identity import ENCODER_FIELDS, TRANSFORMER_FIELDS
 from crener.layers import AdaptedTransformer
 from crener.pretrain import VECTOR_SPECIALS, read_vectors
 from crener.registry import ModelFamily

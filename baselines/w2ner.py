@@ -24,16 +24,10 @@ import torch
 from torch import nn
 
 from crener import search
-from crener.config import (
-    ENCODER_FIELDS,
-    GRID_FIELDS,
-    GRID_TASK_FIELDS,
-    ModelConfig,
-    RunConfig,
-    check_grid_fields,
-)
+from crener.config import ModelConfig, RunConfig, check_grid_fields
 from crener.data.batching import Batch
 from crener.encoder import CharEncoder
+from crener.identity import ENCODER_FIELDS, GRID_FIELDS, GRID_TASK_FIELDS
 from crener.layers import BiLSTM, CoPredictor, GridConvModule
 from crener.registry import ModelFamily
 from crener.tasks import GridTask, Task

@@ -1,5 +1,5 @@
 """``crener migrate``: bring a tracking store made under an older run identity up to today's
-:meth:`crener.config.RunConfig.key`, so its finished cells are found again instead of retrained.
+:func:`crener.identity.run_key`, so its finished cells are found again instead of retrained.
 
 For every crener run in the MLflow store (tune trials included):
 
@@ -32,8 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from crener.config import KEY_SCHEMA, RunConfig, run_label
+from crener.config import RunConfig, run_label
 from crener.errors import CrenerError
+from crener.identity import KEY_SCHEMA, run_key
 from crener.workspace import resolve_runs_dir
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ def migrate_store(
             if data_root is not None:
                 cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_root=data_root))
             digest = tags.get("crener.data_digest") or dataset_digest(cfg.data)
-            item.new_key = cfg.key(data_digest=digest)
+            item.new_key = run_key(cfg, data_digest=digest)
         except (CrenerError, KeyError, ValueError) as exc:
             item.action, item.error = "skipped", f"{type(exc).__name__}: {exc}"
             log.warning("run %s (%s): not migrated: %s", run.run_id, item.label, item.error)

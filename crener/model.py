@@ -13,16 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from crener.config import (
-    ENCODER_FIELDS,
-    GRID_FIELDS,
-    GRID_TASK_FIELDS,
-    TRANSFORMER_FIELDS,
-    ModelConfig,
-    check_grid_fields,
-)
+from crener.config import ModelConfig, check_grid_fields
 from crener.data.batching import Batch
 from crener.encoder import CharEncoder
+from crener.identity import ENCODER_FIELDS, GRID_FIELDS, GRID_TASK_FIELDS, TRANSFORMER_FIELDS
 from crener.layers import AdaptedTransformer, BiLSTM, CoPredictor, GridConvModule, masked_row_col_max
 from crener.registry import ModelFamily
 from crener.search import space_crener

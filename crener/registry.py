@@ -45,7 +45,7 @@ class ModelFamily:
     build_model: Callable[[ModelConfig, Task, CharEncoder], nn.Module]  # (cfg, its task, the encoder)
     build_task: Callable[[ModelConfig, Sequence[str]], Task]  # (cfg, entity types): labels, loss, decoding
     # The ModelConfig fields its model and task read. Only these enter its runs' keys
-    # (RunConfig.identity), so a baseline's key ignores CRENER's grid flags; None: every field.
+    # (crener.identity.run_identity), so a baseline's key ignores CRENER's grid flags; None: every field.
     fields: frozenset[str] | None
     defaults: Mapping[str, Any] = field(default_factory=dict)  # its faithful settings, before the profile
     # Its own settings within a profile, applied after the profile (before the variant): where a

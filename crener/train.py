@@ -63,6 +63,7 @@ from crener.evaluation import (
     resolve_device,
     shifted_scores,
 )
+from crener.identity import run_key
 from crener.pretrain import vectors_path
 from crener.registry import build_model, build_task
 from crener.tasks import Task
@@ -341,7 +342,7 @@ def fit(
             "now): bf16 slows training here; set train.bf16=false or auto", BF16_MIN_MATMUL_RATIO,
         )  # fmt: skip
     data_cfg = cfg.data if data_root is None else _replace_root(cfg, data_root)
-    key = cfg.key(data_digest=dataset_digest(data_cfg))  # of the files this run reads
+    key = run_key(cfg, data_digest=dataset_digest(data_cfg))  # of the files this run reads
     data = load_dataset(data_cfg, seed=cfg.train.seed)
     task = build_task(cfg.model, data.types)
     encoder, tokenizer = load_encoder(cfg, data.train, workdir)

@@ -18,6 +18,7 @@ from crener import registry
 from crener.commands import count_int, int_at_least, non_negative_int
 from crener.config import PROFILES, VARIANTS, parse_set
 from crener.errors import CrenerError
+from crener.identity import run_key
 from crener.workspace import OPTUNA_STORAGE
 
 log = logging.getLogger(__name__)
@@ -181,7 +182,7 @@ def run_cells(cells: list[Any], *, runs_dir: str | None, data_root: str | None) 
     counts = {"ran": 0, "skipped": 0}
 
     def run(index: int, cell: Any, *, wait: bool) -> None:
-        tag = f"[{index}/{len(cells)}] {cell.sweep} {cell.label} ({cell.cfg.key()})"
+        tag = f"[{index}/{len(cells)}] {cell.sweep} {cell.label} ({run_key(cell.cfg)})"
         log.info("%s: start", tag)
         t0 = time.monotonic()
         try:
@@ -262,7 +263,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         log.info("worker %d/%d: %d of %d cells", args.worker[0], args.worker[1], len(cells), total)
     if args.dry_run:
         for cell in cells:
-            print(f"{cell.sweep:9s} {cell.cfg.profile:6s} {cell.cfg.key()} {cell.label}")
+            print(f"{cell.sweep:9s} {cell.cfg.profile:6s} {run_key(cell.cfg)} {cell.label}")
         return 0
 
     _, failed = run_cells(cells, runs_dir=args.runs_dir, data_root=args.data_root)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from crener.config import QUICK_V1, build_run_config, parse_set
+from crener.identity import run_key
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def cmd_curves(args: argparse.Namespace) -> int:
         cfg = build_run_config(
             model=args.model, profile=args.profile, dataset=args.dataset, seed=args.seed, overrides=overrides
         )
-        workdir = resolve_runs_dir(args.runs_dir) / "curves" / f"{name}-{cfg.key()}"
+        workdir = resolve_runs_dir(args.runs_dir) / "curves" / f"{name}-{run_key(cfg)}"
         results[name] = run_diagnostic(cfg, workdir, label=name)
     stem = f"{args.model}-{args.dataset}-{args.profile}-s{args.seed}" + (f"-{args.name}" if args.name else "")
     write_curves(results, out / stem)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from crener.config import build_run_config, parse_set
+from crener.identity import run_key
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ def write_report(args: argparse.Namespace, encoders: dict[str, str], planned: li
     tracker = Tracker()
     rows: dict[tuple[str, str], list[tuple[int, float, str]]] = {}
     for arm, cell in planned:
-        done = next((r for r in tracker.find_runs(cell.cfg.key()) if r.finished), None)
+        done = next((r for r in tracker.find_runs(run_key(cell.cfg)) if r.finished), None)
         if done is None:
             continue
         f1 = done.metrics.get("best/test_f1")

@@ -26,6 +26,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from crener.identity import run_key
+
 log = logging.getLogger(__name__)
 
 EXECUTORS = ("local", "dask")
@@ -99,7 +101,7 @@ def run_cells_dask(
     resources = {"GPU": gpus_per_cell} if gpus_per_cell else None
     futures = {}
     for cell in cells:
-        fut = client.submit(cell_task, cell.cfg, cell.sweep, root, data, uri, key=f"cell-{cell.sweep}-{cell.cfg.key()}",
+        fut = client.submit(cell_task, cell.cfg, cell.sweep, root, data, uri, key=f"cell-{cell.sweep}-{run_key(cell.cfg)}",
                             pure=False, retries=retries, resources=resources)  # fmt: skip
         futures[fut] = cell
     dashboard = getattr(client, "dashboard_link", None)

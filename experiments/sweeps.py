@@ -31,6 +31,7 @@ from typing import Any
 from crener import registry
 from crener.config import PROFILES, VARIANTS, RunConfig, build_run_config, run_label
 from crener.errors import CrenerError
+from crener.identity import run_key
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 SWEEP_NAMES = ("main", "ablation")  # the order `crener reproduce` runs them in
@@ -341,8 +342,8 @@ def expand(
                         dataset=dataset,
                         seed=seed,
                     )
-                    if cfg.key() not in seen:
-                        seen.add(cfg.key())
+                    if run_key(cfg) not in seen:
+                        seen.add(run_key(cfg))
                         out.append(cfg)
     return out
 
@@ -416,8 +417,8 @@ def plan(
             overrides=extra,
             sets=sets,
         ):
-            if cfg.key() not in seen:
-                seen.add(cfg.key())
+            if run_key(cfg) not in seen:
+                seen.add(run_key(cfg))
                 cells.append(Cell(name, cfg))
     return cells
 

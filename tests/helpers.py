@@ -22,6 +22,8 @@ FAKE_TRAIN_SOURCE = textwrap.dedent(
     import json, math, os, time
     from pathlib import Path
 
+    from crener.identity import run_key
+
     CALLS = []  # keys fit was called with (in-process tests read it)
 
     def _f1(cfg, epoch):
@@ -30,7 +32,7 @@ FAKE_TRAIN_SOURCE = textwrap.dedent(
         return max(0.01, peak * epoch / cfg.train.epochs)
 
     def fit(cfg, workdir, *, callback=None, resume=True, data_root=None):
-        CALLS.append(cfg.key())
+        CALLS.append(run_key(cfg))
         failing = set(filter(None, os.environ.get("CRENER_FAKE_FAIL_MODELS", "").split(",")))
         if cfg.model.name in failing:
             raise ModuleNotFoundError(f"No module named 'baselines.{cfg.model.name}'")
@@ -65,7 +67,7 @@ FAKE_TRAIN_SOURCE = textwrap.dedent(
         (workdir / "per_type.json").write_text(json.dumps({"PER": {"precision": 1.0, "recall": 1.0, "f1": 1.0}}))
         dev = {"precision": best["dev/precision"], "recall": best["dev/recall"], "f1": best["dev/f1"]}
         summary = {"dev": dev, "test": dict(dev), "best_epoch": best["epoch"], "epochs": cfg.train.epochs,
-                   "seconds": 0.5, "parameters": 1234, "num_labels": 9, "key": cfg.key()}
+                   "seconds": 0.5, "parameters": 1234, "num_labels": 9, "key": run_key(cfg)}
         (workdir / "summary.json").write_text(json.dumps(summary))
         return summary
     '''

@@ -1,4 +1,4 @@
-"""Run identity (``RunConfig.key``): golden keys that must not move, what enters a key and what
+"""Run identity (``crener.identity.run_key``): golden keys that must not move, what enters a key and what
 does not, and the dataset digests it is built on.
 
 A golden key changing means every finished sweep cell is retrained: if the change is meant,
@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 import crener.config as config
+import crener.identity as identity
 from crener import registry
 from crener.config import (
-    KEY_IGNORED,
     QUICK_V1,
     DataConfig,
     ModelConfig,
@@ -29,6 +29,7 @@ from crener.config import (
 )
 from crener.data.datasets import DATASETS, register_dataset, resolve_data_root
 from crener.data.digest import dataset_digest, file_digest
+from crener.identity import KEY_IGNORED, encoder_weights, run_key
 from crener.tracking import param_value
 
 # (build_run_config arguments, key, key over ZERO_DIGEST). Written once; they must never move. The
@@ -66,7 +67,7 @@ GOLDEN_DIGESTS = {
 }
 # Identity defaults as of KEY_SCHEMA 1. A field left at its default is not hashed, so changing a
 # default would silently give the old key to a new experiment: record the old value in
-# config.KEY_DEFAULTS instead (then this table still holds).
+# identity.KEY_DEFAULTS instead (then this table still holds).
 IDENTITY_DEFAULTS_V1 = {
     "profile": "custom", "variant": "full",
     "model.encoder": "embedded", "model.embedded_hidden": 256, "model.embedded_layers": 2,
@@ -118,15 +119,15 @@ def test_golden_keys(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     get = registry.get
     monkeypatch.setattr(registry, "get", lambda model: dataclasses.replace(get(model), profile_defaults={}))
     cfg = build_run_config(**kwargs)
-    assert cfg.key(data_digest=ZERO_DIGEST) == zero_digest_key, "the key function moved"
+    assert run_key(cfg, data_digest=ZERO_DIGEST) == zero_digest_key, "the key function moved"
     assert dataset_digest(cfg.data) == GOLDEN_DIGESTS[cfg.data.dataset], "the shared data files changed"
-    assert cfg.key() == key
+    assert run_key(cfg) == key
 
 
 def test_identity_defaults_unchanged() -> None:
-    defaults = config._identity_defaults(RunConfig())
+    defaults = identity.identity_defaults(RunConfig())
     moved = {k: (v, defaults[k]) for k, v in IDENTITY_DEFAULTS_V1.items() if defaults.get(k, v) != v}
-    assert not moved, f"defaults changed; record the old ones in crener.config.KEY_DEFAULTS: {moved}"
+    assert not moved, f"defaults changed; record the old ones in crener.identity.KEY_DEFAULTS: {moved}"
     missing = set(IDENTITY_DEFAULTS_V1) - set(defaults)
     assert not missing, f"fields removed (a run logged with them still migrates): {missing}"
 
@@ -158,9 +159,11 @@ def test_adding_a_field_with_a_default_changes_no_key(model: str, section: str) 
     cfg = build_run_config(model=model, profile="quick", dataset="resume")
     same = _with_extra_field(cfg, section, value=7, default=7)
     assert f"{section}.brand_new_option" in same.flatten()
-    assert same.key(ZERO_DIGEST) == cfg.key(ZERO_DIGEST)
+    assert run_key(same, ZERO_DIGEST) == run_key(cfg, ZERO_DIGEST)
     # Set away from its default it counts, for every family until one says it reads it (registry).
-    assert _with_extra_field(cfg, section, value=8, default=7).key(ZERO_DIGEST) != cfg.key(ZERO_DIGEST)
+    assert run_key(_with_extra_field(cfg, section, value=8, default=7), ZERO_DIGEST) != run_key(
+        cfg, ZERO_DIGEST
+    )
 
 
 def test_every_model_field_is_declared() -> None:
@@ -185,9 +188,9 @@ def test_sequence_baselines_ignore_grid_fields(model: str) -> None:
         "model.attn_matrix": "none", "model.context": "none", "model.biaffine_dim": 16,
         "model.lstm_hidden": 8,
     }  # fmt: skip
-    assert cfg.with_overrides(grid_only).key(ZERO_DIGEST) == cfg.key(ZERO_DIGEST)
-    assert cfg.with_overrides({"model.emb_dropout": 0.2}).key(ZERO_DIGEST) != cfg.key(ZERO_DIGEST)
-    assert cfg.with_overrides({"model.embedded_layers": 3}).key(ZERO_DIGEST) != cfg.key(ZERO_DIGEST)
+    assert run_key(cfg.with_overrides(grid_only), ZERO_DIGEST) == run_key(cfg, ZERO_DIGEST)
+    assert run_key(cfg.with_overrides({"model.emb_dropout": 0.2}), ZERO_DIGEST) != run_key(cfg, ZERO_DIGEST)
+    assert run_key(cfg.with_overrides({"model.embedded_layers": 3}), ZERO_DIGEST) != run_key(cfg, ZERO_DIGEST)
 
 
 def test_each_family_keys_what_it_reads() -> None:
@@ -202,40 +205,43 @@ def test_each_family_keys_what_it_reads() -> None:
         (crener, {"model.tf_layers": 3, "model.conv_channels": 8}, {"model.lstm_hidden": 8}),
     ):  # fmt: skip
         for name, value in read.items():
-            assert cfg.with_overrides({name: value}).key(ZERO_DIGEST) != cfg.key(ZERO_DIGEST), name
-        assert cfg.with_overrides(unread).key(ZERO_DIGEST) == cfg.key(ZERO_DIGEST)
+            assert run_key(cfg.with_overrides({name: value}), ZERO_DIGEST) != run_key(cfg, ZERO_DIGEST), name
+        assert run_key(cfg.with_overrides(unread), ZERO_DIGEST) == run_key(cfg, ZERO_DIGEST)
 
 
 @pytest.mark.parametrize("model", registry.names())
 def test_ignored_fields_change_no_key(model: str) -> None:
     cfg = build_run_config(model=model, profile="smoke", dataset="resume")
-    assert cfg.with_overrides(IGNORED_VALUES).key() == cfg.key()
+    assert run_key(cfg.with_overrides(IGNORED_VALUES)) == run_key(cfg)
 
 
 def test_data_root_is_not_identity_but_the_files_are(tmp_path: Path) -> None:
     cfg = build_run_config(profile="smoke", dataset="resume")
     shutil.copytree(resolve_data_root() / "resume", tmp_path / "resume")
     copy = cfg.with_overrides({"data.data_root": str(tmp_path)})
-    assert copy.key() == cfg.key()
+    assert run_key(copy) == run_key(cfg)
     with open(tmp_path / "resume" / "dev.char.bmes", "a", encoding="utf-8") as fh:
         fh.write("\n")  # one more byte: other data, another run
     assert dataset_digest(copy.data) != dataset_digest(cfg.data)
-    assert copy.key() != cfg.key()
+    assert run_key(copy) != run_key(cfg)
 
 
 def test_seed_digest_labels_and_values_change_the_key() -> None:
     cfg = build_run_config(profile="smoke", dataset="resume")
     keys = {
-        cfg.key(ZERO_DIGEST),
-        cfg.key("1" * 64),
-        cfg.with_overrides({"train.seed": 1}).key(ZERO_DIGEST),
-        cfg.with_overrides({"profile": "custom"}).key(ZERO_DIGEST),
-        cfg.with_overrides({"variant": "no_region"}).key(ZERO_DIGEST),
-        cfg.with_overrides({"train.lr": 1e-4}).key(ZERO_DIGEST),
-        cfg.with_overrides(
-            {"model.name": "w2ner", "model.context": "bilstm", "model.attn_matrix": "none"}
-        ).key(ZERO_DIGEST),
-        cfg.with_overrides({"data.dataset": "weibo"}).key(ZERO_DIGEST),
+        run_key(cfg, ZERO_DIGEST),
+        run_key(cfg, "1" * 64),
+        run_key(cfg.with_overrides({"train.seed": 1}), ZERO_DIGEST),
+        run_key(cfg.with_overrides({"profile": "custom"}), ZERO_DIGEST),
+        run_key(cfg.with_overrides({"variant": "no_region"}), ZERO_DIGEST),
+        run_key(cfg.with_overrides({"train.lr": 1e-4}), ZERO_DIGEST),
+        run_key(
+            cfg.with_overrides(
+                {"model.name": "w2ner", "model.context": "bilstm", "model.attn_matrix": "none"}
+            ),
+            ZERO_DIGEST,
+        ),
+        run_key(cfg.with_overrides({"data.dataset": "weibo"}), ZERO_DIGEST),
     }
     assert len(keys) == 8
     assert all(re.fullmatch("[0-9a-f]{16}", k) for k in keys)
@@ -244,21 +250,21 @@ def test_seed_digest_labels_and_values_change_the_key() -> None:
 def test_key_depends_on_values_not_on_how_they_were_set() -> None:
     cfg = build_run_config(model="w2ner", profile="quick", dataset="weibo", seed=3)
     logged = {k: param_value(v) for k, v in cfg.flatten().items()}  # as MLflow returns params
-    assert RunConfig.from_flat(logged).key() == cfg.key()
+    assert run_key(RunConfig.from_flat(logged)) == run_key(cfg)
     variant = build_run_config(variant="no_region", profile="smoke")
     by_hand = build_run_config(
         profile="smoke", overrides={"model.use_region_embedding": "false", "variant": "no_region"}
     )
-    assert by_hand.key() == variant.key()
+    assert run_key(by_hand) == run_key(variant)
 
 
 def test_a_recorded_default_change_keeps_old_keys(monkeypatch: pytest.MonkeyPatch) -> None:
     # Pretend model.fast_dropout used to default to True: runs that kept True keep their keys,
     # runs with today's default (False) are another experiment.
-    before = RunConfig(model=ModelConfig(fast_dropout=False)).key(ZERO_DIGEST)  # today's default
-    monkeypatch.setattr(config, "KEY_DEFAULTS", {"model.fast_dropout": True})
-    assert RunConfig(model=ModelConfig(fast_dropout=True)).key(ZERO_DIGEST) == before
-    assert RunConfig(model=ModelConfig(fast_dropout=False)).key(ZERO_DIGEST) != before
+    before = run_key(RunConfig(model=ModelConfig(fast_dropout=False)), ZERO_DIGEST)  # today's default
+    monkeypatch.setattr(identity, "KEY_DEFAULTS", {"model.fast_dropout": True})
+    assert run_key(RunConfig(model=ModelConfig(fast_dropout=True)), ZERO_DIGEST) == before
+    assert run_key(RunConfig(model=ModelConfig(fast_dropout=False)), ZERO_DIGEST) != before
 
 
 def test_digest_follows_file_edits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -289,10 +295,10 @@ def test_bf16_auto_is_resolved_before_the_key_from_the_measured_peaks(
         monkeypatch.setattr(evaluation, "bf16_pays", lambda device, pays=pays: asked.append(device) or pays)
         cfg = build_run_config(profile="full")
         assert cfg.train.bf16 is pays
-        assert cfg.key() == build_run_config(profile="full", overrides={"train.bf16": pays}).key()
+        assert run_key(cfg) == run_key(build_run_config(profile="full", overrides={"train.bf16": pays}))
         assert build_run_config(profile="quick", overrides={"train.bf16": "auto"}).train.bf16 is pays
     assert asked == ["auto"] * 4
-    assert build_run_config(profile="full", overrides={"train.bf16": True}).key() != cfg.key()
+    assert run_key(build_run_config(profile="full", overrides={"train.bf16": True})) != run_key(cfg)
     assert build_run_config(profile="quick").train.bf16 is False  # quick stays fp32: nothing measured
     assert len(asked) == 4
 
@@ -318,21 +324,21 @@ def test_shipped_encoder_weights_enter_the_key_only_when_they_changed(
 
     cfg = build_run_config(profile="quick", dataset="resume")
     assert cfg.model.encoder == "crener-char"
-    first = config.KEY_ENCODER_WEIGHTS["crener-char"]
+    first = identity.KEY_ENCODER_WEIGHTS["crener-char"]
     monkeypatch.setattr(encoder, "shipped_weights_digest", lambda name: first)
-    assert cfg.encoder_weights() == first
-    as_first = cfg.key(ZERO_DIGEST)
+    assert encoder_weights(cfg) == first
+    as_first = run_key(cfg, ZERO_DIGEST)
     monkeypatch.setattr(encoder, "shipped_weights_digest", lambda name: None)  # keyed by name alone
-    assert cfg.key(ZERO_DIGEST) == as_first
+    assert run_key(cfg, ZERO_DIGEST) == as_first
     rebuilt = "ab" * 32
     monkeypatch.setattr(encoder, "shipped_weights_digest", lambda name: rebuilt)
-    assert cfg.key(ZERO_DIGEST) != as_first
+    assert run_key(cfg, ZERO_DIGEST) != as_first
     # A family that reads no encoder keeps its key whatever the weights.
     tener = build_run_config(model="tener", profile="quick", dataset="resume")
-    assert tener.encoder_weights() is None
-    tener_key = tener.key(ZERO_DIGEST)
+    assert encoder_weights(tener) is None
+    tener_key = run_key(tener, ZERO_DIGEST)
     monkeypatch.setattr(encoder, "shipped_weights_digest", lambda name: first)
-    assert tener.key(ZERO_DIGEST) == tener_key
+    assert run_key(tener, ZERO_DIGEST) == tener_key
 
 
 def test_shipped_weights_digest_is_the_file_hash_and_none_elsewhere(tmp_path: Path) -> None:
@@ -350,7 +356,7 @@ def test_run_tags_name_the_shipped_weights(monkeypatch: pytest.MonkeyPatch) -> N
 
     cfg = build_run_config(profile="quick", dataset="resume")
     tags = run_tags(cfg, "main")
-    assert tags["crener.encoder_weights"] == cfg.encoder_weights()
+    assert tags["crener.encoder_weights"] == encoder_weights(cfg)
     assert "crener.encoder_weights" not in run_tags(
         build_run_config(profile="smoke", dataset="resume"), "main"
     )

@@ -12,6 +12,7 @@ import torch
 
 from crener.config import ModelConfig
 from crener.data.batching import Example
+from crener.identity import run_key
 from crener.layers import CoPredictor
 from crener.tasks import GridTask
 from crener.train import fit, replace_with_unk, start_from_priors, unk_replacement_probs
@@ -131,8 +132,8 @@ def test_prior_bias_is_read_by_the_softmax_tagger_and_not_by_the_crf_one(tiny_da
 
     on = {"model.prior_bias": True}
     for name, changes in (("bert_softmax", True), ("bert_crf", False), ("crener", True)):
-        a = build_run_config(model=name, profile="smoke").key()
-        b = build_run_config(model=name, profile="smoke", overrides=on).key()
+        a = run_key(build_run_config(model=name, profile="smoke"))
+        b = run_key(build_run_config(model=name, profile="smoke", overrides=on))
         assert (a != b) is changes, name
     called = []
     monkeypatch.setattr(
@@ -347,6 +348,6 @@ def test_calibrate_is_a_grid_task_field_only():
 
     on = {"model.calibrate": True}
     for name, changes in (("crener", True), ("w2ner", True), ("bert_crf", False), ("tener", False)):
-        a = build_run_config(model=name, profile="smoke").key()
-        b = build_run_config(model=name, profile="smoke", overrides=on).key()
+        a = run_key(build_run_config(model=name, profile="smoke"))
+        b = run_key(build_run_config(model=name, profile="smoke", overrides=on))
         assert (a != b) is changes, name

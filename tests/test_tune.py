@@ -14,6 +14,7 @@ import pytest
 from crener import registry
 from crener.config import PROFILES, VARIANTS, build_run_config
 from crener.errors import CrenerError
+from crener.identity import run_key
 from crener.tracking import Tracker
 from experiments.sweeps import load_overrides, plan
 from experiments.tune import (
@@ -68,7 +69,7 @@ def test_default_params_lie_inside_the_space(model: str, profile: str) -> None:
             assert dist.low <= value <= dist.high, (name, value, dist.low, dist.high)
     flat = base.flatten()
     assert all(flat[k] == v for k, v in values.items())
-    assert base.with_overrides(values).key() == base.key()  # the untuned run itself
+    assert run_key(base.with_overrides(values)) == run_key(base)  # the untuned run itself
 
 
 def _trial_runs(study: str) -> tuple[list, list]:

@@ -1,5 +1,5 @@
-"""SHA-256 digests of a dataset's files: what a run's identity (:meth:`RunConfig.key`) records
-about its data.
+"""SHA-256 digests of a dataset's files: what a run's identity
+(:func:`crener.identity.run_key`) records about its data.
 
 A dataset's digest covers the bytes of each of its split files, named by split, so the same
 files under another data root give the same digest and an edited file gives another one. How

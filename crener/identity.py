@@ -1,0 +1,156 @@
+"""Run identity: which experiment a config is, as the key that makes sweeps run-once.
+
+A run's key hashes a schema version, the model family, the fields that tell the experiment apart
+(:func:`run_identity`), the data's digest, the seed and, where they were rebuilt, a shipped
+encoder's weights. Golden keys in tests/test_identity.py pin it: adding a field with a default
+must never change an existing key. :mod:`crener.config` holds the schema; this module decides
+what of it counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any
+
+from crener import registry
+from crener.config import RunConfig
+from crener.data.digest import dataset_digest
+
+# What run_key hashes. Bump KEY_SCHEMA only to retire every key on purpose (and give
+# `crener migrate` a way to map the old ones).
+KEY_SCHEMA = 1
+
+# Fields that cannot change a run's result, so never part of its identity: where and how fast it
+# runs, and exact rewrites of the same computation (each tested equal to the plain form).
+KEY_IGNORED = frozenset(
+    {
+        "data.data_root",  # where the files are; their digest is in the key
+        "train.progress",  # a progress bar
+        "train.device",  # where it runs (devices differ only in float rounding)
+        "train.threads",  # torch.set_num_threads
+        "train.heap_tensors",  # glibc malloc policy
+        "train.loader_workers",  # where batches are collated: the same batches
+        "train.eval_max_cells",  # evaluation batch size: no dropout, padding-invariant predictions
+        "train.eval_every",  # extra dev evaluations: no dropout and no random draws in evaluation
+        "model.grid_input",  # three exact forms of eq. 7 with the same dropout draws
+        "model.space_to_batch",  # exact rewrite of the dilated convolutions
+        "model.checkpoint_rounds",  # recomputes rounds in backward, with the RNG state restored
+        "model.checkpoint_above",  # the same, for long batches only
+    }
+)
+
+# Groups of ModelConfig fields that several families read, from which each family's ``fields``
+# (crener.registry.ModelFamily) is made: its encoder, its model and its task (labels, loss,
+# decoding); data and train fields are read by every family. Only these enter a family's key, so
+# a baseline's key ignores CRENER's grid flags. A model field no family lists enters every key
+# (tests/test_identity.py asks for it to be listed).
+# The character encoder (crener.train builds one for every family) and the dropout on its output:
+ENCODER_FIELDS = (
+    "encoder", "embedded_hidden", "embedded_layers", "embedded_heads", "embedded_ff", "last4_mean",
+    "emb_dropout",
+)  # fmt: skip
+# crener.layers' grid convolution module and co-predictor, as CRENER and W2NER build them:
+GRID_FIELDS = (
+    "cln_orientation", "use_distance_embedding", "use_region_embedding", "dist_dim",
+    "region_dim", "conv_channels", "conv_dropout", "use_dilated_conv", "dilations", "dconv_chain",
+    "use_biaffine", "use_grid_mlp", "biaffine_dim", "ffn_dim", "out_dropout", "fast_dropout",
+)  # fmt: skip
+# crener.tasks.GridTask, the task of both grid models: label scheme, loss, decoder:
+GRID_TASK_FIELDS = (
+    "tag_scheme", "ht_typed", "loss", "ht_mode", "link_mode", "contiguous_only", "max_paths", "prior_bias",
+    "calibrate",
+)  # fmt: skip
+# The adapted Transformer (CRENER's context layer, TENER's encoder):
+TRANSFORMER_FIELDS = (
+    "hidden", "tf_layers", "tf_heads", "tf_ff", "tf_dropout", "key_proj", "attn_out_proj", "attn_scale",
+    "rel_pos",
+)  # fmt: skip
+
+# Identity defaults that differ from today's dataclass defaults. When a default changes, record
+# the old one here ("model.fast_dropout": True): runs that kept the old value keep their keys,
+# and runs with the new value get new ones, because theirs is another experiment.
+KEY_DEFAULTS: dict[str, Any] = {}
+# The weights (SHA-256 of model.safetensors) each shipped encoder had when its runs were first
+# keyed by name alone (crener-char: commit 59fdf58). Other weights under the name are hashed.
+KEY_ENCODER_WEIGHTS: dict[str, str] = {
+    "crener-char": "62742e7277e48192c649dc33280c97229aaca764236765ef58ec949d3464863c",
+}
+
+
+def identity_defaults(cfg: RunConfig) -> dict[str, Any]:
+    """``{flat name: identity default}`` for the classes of ``cfg`` (see :data:`KEY_DEFAULTS`)."""
+    out = {f.name: f.default for f in dataclasses.fields(cfg) if f.name in ("profile", "variant")}
+    for section in ("model", "data", "train"):
+        out.update({f"{section}.{f.name}": f.default for f in dataclasses.fields(getattr(cfg, section))})
+    out.update({k: v for k, v in KEY_DEFAULTS.items() if k in out})
+    return out
+
+
+def run_identity(cfg: RunConfig) -> dict[str, Any]:
+    """The fields that tell this run's experiment apart, ``{"model.hidden": 64, ...}``.
+
+    Only fields its model family reads (``fields`` of its :class:`crener.registry.ModelFamily`;
+    data and train fields are read by every family), minus :data:`KEY_IGNORED`, whose value
+    differs from its identity default (the dataclass default, or the value recorded in
+    :data:`KEY_DEFAULTS`). The ``profile`` and ``variant`` labels count too: run folders and
+    reports address runs by them. ``model.name`` and ``train.seed`` are left out here:
+    :func:`run_key` names them itself.
+    """
+    reads = registry.get(cfg.model.name).fields  # None: a family that declares nothing reads all
+    declared = registry.declared_fields()
+    defaults = identity_defaults(cfg)
+    out: dict[str, Any] = {}
+    for name, value in cfg.flatten().items():
+        if name in ("model.name", "train.seed") or name in KEY_IGNORED:
+            continue
+        section, _, field_name = name.partition(".")
+        # A model field no family declares yet counts for every family: it can only split
+        # keys (when set away from its default), never make two experiments share one.
+        unread = reads is not None and field_name in declared and field_name not in reads
+        if section == "model" and unread:
+            continue
+        if value != defaults[name]:
+            out[name] = value
+    return out
+
+
+def encoder_weights(cfg: RunConfig) -> str | None:
+    """SHA-256 of the weights of a shipped encoder (``model.encoder`` names one and the family
+    reads an encoder), else None.
+
+    A shipped encoder keeps its name when it is rebuilt with other weights: without this in the
+    key, a sweep would take the finished runs of the old weights for runs of the new ones."""
+    if not registry.get(cfg.model.name).uses_encoder:
+        return None
+    from crener.encoder import shipped_weights_digest  # imports torch: only when a key needs it
+
+    return shipped_weights_digest(cfg.model.encoder)
+
+
+def run_key(cfg: RunConfig, data_digest: str | None = None) -> str:
+    """Stable identity of the run (16 hex characters): what makes sweeps run-once.
+
+    A hash of :data:`KEY_SCHEMA`, the model family, :func:`run_identity`, the data's digest, the
+    seed, and the weights' digest of a shipped encoder (:func:`encoder_weights`). Adding a field
+    with a default, or a field the family does not read, changes no key. ``data_digest``
+    defaults to :func:`crener.data.digest.dataset_digest` of ``cfg.data`` (reads the dataset's
+    files once per process; they must exist).
+    """
+    if data_digest is None:
+        data_digest = dataset_digest(cfg.data)
+    payload = {
+        "schema": KEY_SCHEMA,
+        "model": cfg.model.name,
+        "fields": run_identity(cfg),
+        "data": data_digest,
+        "seed": cfg.train.seed,
+    }
+    weights = encoder_weights(cfg)
+    # Hashed only when they differ from the weights the name was first shipped with, so the
+    # runs keyed before this entered the key keep their keys (as KEY_DEFAULTS does for fields).
+    if weights is not None and weights != KEY_ENCODER_WEIGHTS.get(cfg.model.encoder):
+        payload["encoder_weights"] = weights
+    blob = json.dumps(payload, sort_keys=True, default=list)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
