@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from crener.config import RunConfig, build_run_config, parse_set
+from crener.config import RunConfig, parse_set
+from crener.profiles import build_run_config
 
 log = logging.getLogger(__name__)
 
@@ -260,9 +261,9 @@ def cell_budget_like(batch_size: int, max_len: int, n_sentences: int) -> int:
     ``batch_size`` times the mean n^2 keeps roughly the step count (the optimiser's schedule) of
     fixed-size batches, with similar-length sentences in each batch.
     """
-    from crener.config import build_run_config
     from crener.data.datasets import load_dataset
     from crener.data.split import split_all
+    from crener.profiles import build_run_config
 
     cfg = build_run_config(dataset="resume", profile="paper", overrides={"data.max_len": max_len})
     data = load_dataset(cfg.data, seed=0)

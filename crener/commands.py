@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 
 from crener import registry
-from crener.config import MAX_LEN, PROFILES, VARIANTS, build_run_config, parse_set
+from crener.config import MAX_LEN, parse_set
 from crener.errors import CrenerError
+from crener.profiles import PROFILES, VARIANTS, build_run_config
 from crener.workspace import workdir_for
 
 log = logging.getLogger(__name__)

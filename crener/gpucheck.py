@@ -66,7 +66,7 @@ def prepare(out: Path, data_root: str | None) -> Path:
 
 
 def _config(args: argparse.Namespace, model: str, bf16: bool, **extra: Any):
-    from crener.config import build_run_config
+    from crener.profiles import build_run_config
 
     flat: dict[str, Any] = {
         "model.encoder": "embedded",

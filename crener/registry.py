@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from typing import TYPE_CHECKING, Any
 
-from crener.errors import CrenerError
+from crener.errors import ConfigError, CrenerError
 
 if TYPE_CHECKING:  # annotations only: importing these here would load torch with the registry
     from torch import nn
@@ -143,8 +143,34 @@ def declared_fields() -> frozenset[str]:
     return frozenset().union(*(f.fields for f in families().values() if f.fields is not None))
 
 
+def check_model(cfg: ModelConfig) -> None:
+    """Raise :class:`ConfigError` for a model config its family cannot build: an unknown family,
+    a field only other families read (``char_vectors``), or a combination its ``check`` rejects.
+
+    The one home of the family-aware checks: :class:`crener.config.ModelConfig` checks only what
+    needs no family, so that building a config imports no model module (nor torch)."""
+    if cfg.name not in names():
+        raise ConfigError(f"model.name={cfg.name!r} is not one of {', '.join(names())}")
+    if cfg.char_vectors.lower() not in ("none", "") and not reads(cfg.name, "char_vectors"):
+        raise ConfigError(
+            f"model.char_vectors={cfg.char_vectors!r}: {cfg.name} has no character embeddings of its "
+            "own to initialise (only tener reads it); leave it at none"
+        )
+    check = get(cfg.name).check
+    if check is None:
+        return
+    try:
+        check(cfg)
+    except ConfigError:
+        raise
+    except (KeyError, ValueError, TypeError) as exc:  # a family may raise plain errors
+        raise ConfigError(str(exc.args[0]) if exc.args else repr(exc)) from exc
+
+
 def build_model(cfg: ModelConfig, task: Task, encoder: CharEncoder) -> nn.Module:
-    """The model of family ``cfg.name``."""
+    """The model of family ``cfg.name`` (checked first: a config made without
+    :func:`crener.profiles.build_run_config` is refused here, before any weight is made)."""
+    check_model(cfg)
     return get(cfg.name).build_model(cfg, task, encoder)
 
 

@@ -16,9 +16,10 @@ from typing import Any
 
 from crener import registry
 from crener.commands import count_int, int_at_least, non_negative_int
-from crener.config import PROFILES, VARIANTS, parse_set
+from crener.config import parse_set
 from crener.errors import CrenerError
 from crener.identity import run_key
+from crener.profiles import PROFILES, VARIANTS
 from crener.workspace import OPTUNA_STORAGE
 
 log = logging.getLogger(__name__)

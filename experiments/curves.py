@@ -19,8 +19,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from crener.config import QUICK_V1, build_run_config, parse_set
+from crener.config import parse_set
 from crener.identity import run_key
+from crener.profiles import QUICK_V1, build_run_config
 
 log = logging.getLogger(__name__)
 

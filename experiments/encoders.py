@@ -23,8 +23,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from crener.config import build_run_config, parse_set
+from crener.config import parse_set
 from crener.identity import run_key
+from crener.profiles import build_run_config
 
 log = logging.getLogger(__name__)
 

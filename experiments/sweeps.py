@@ -29,9 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from crener import registry
-from crener.config import PROFILES, VARIANTS, RunConfig, build_run_config, run_label
+from crener.config import RunConfig, run_label
 from crener.errors import CrenerError
 from crener.identity import run_key
+from crener.profiles import PROFILES, VARIANTS, build_run_config
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 SWEEP_NAMES = ("main", "ablation")  # the order `crener reproduce` runs them in

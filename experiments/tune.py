@@ -27,9 +27,10 @@ from typing import Any
 import optuna
 
 from crener import registry
-from crener.config import RunConfig, build_run_config
+from crener.config import RunConfig
 from crener.errors import CrenerError, StoreError
 from crener.identity import KEY_IGNORED
+from crener.profiles import build_run_config
 from crener.tracking import RunLogger, Tracker, experiment_name, file_lock, masked_uri
 from crener.workspace import OPTUNA_STORAGE, resolve_runs_dir, sqlite_path
 from experiments.sweeps import IDENTITY_KEYS, format_toml_value

@@ -14,7 +14,8 @@ import textwrap
 import types
 from pathlib import Path
 
-from crener.config import RunConfig, build_run_config
+from crener.config import RunConfig
+from crener.profiles import build_run_config
 
 FAKE_TRAIN_SOURCE = textwrap.dedent(
     '''

@@ -18,10 +18,10 @@ from crener.bench import (
     probe_command,
 )
 from crener.cli import main as cli_main
-from crener.config import build_run_config
 from crener.data.batching import make_batches
 from crener.data.datasets import load_dataset
 from crener.data.split import split_all
+from crener.profiles import build_run_config
 
 
 def test_cell_budget_keeps_the_step_count_of_fixed_batches():

@@ -27,7 +27,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import crener.model as crener_model
-from crener.config import VARIANTS, DataConfig, ModelConfig, build_run_config
+from crener.config import DataConfig, ModelConfig
 from crener.data.batching import Example, collate, make_batches
 from crener.data.datasets import load_dataset
 from crener.data.features import char_mask, grid_mask
@@ -37,6 +37,7 @@ from crener.data.split import merge_predictions
 from crener.evaluation import build_split, evaluate, predict_examples, score_split
 from crener.metrics import Counts
 from crener.model import RelationEnhancement
+from crener.profiles import VARIANTS, build_run_config
 from crener.registry import build_model, build_task
 from crener.tasks import MAX_ENTITIES_PER_CHAR, GridTask
 from crener.train import fit

@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 
 from crener.cli import main
-from crener.config import MAX_LEN, build_run_config
+from crener.config import MAX_LEN
 from crener.errors import ConfigError, CrenerError
+from crener.profiles import build_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 FAST_S = 30  # a wrong store must fail within seconds, not after MLflow's minutes of retries

@@ -16,20 +16,14 @@ from pathlib import Path
 
 import pytest
 
-import crener.config as config
 import crener.identity as identity
+import crener.profiles as profiles
 from crener import registry
-from crener.config import (
-    QUICK_V1,
-    DataConfig,
-    ModelConfig,
-    RunConfig,
-    TrainConfig,
-    build_run_config,
-)
+from crener.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from crener.data.datasets import DATASETS, register_dataset, resolve_data_root
 from crener.data.digest import dataset_digest, file_digest
 from crener.identity import KEY_IGNORED, encoder_weights, run_key
+from crener.profiles import QUICK_V1, build_run_config
 from crener.tracking import param_value
 
 # (build_run_config arguments, key, key over ZERO_DIGEST). Written once; they must never move. The
@@ -114,7 +108,7 @@ IGNORED_VALUES = {
 @pytest.mark.parametrize("name", list(GOLDEN))
 def test_golden_keys(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     kwargs, key, zero_digest_key = GOLDEN[name]
-    monkeypatch.setitem(config.PROFILES, "quick", QUICK_V1)
+    monkeypatch.setitem(profiles.PROFILES, "quick", QUICK_V1)
     # ...and the families as they were then, before any had settings of its own within a profile
     get = registry.get
     monkeypatch.setattr(registry, "get", lambda model: dataclasses.replace(get(model), profile_defaults={}))
@@ -289,7 +283,7 @@ def test_bf16_auto_is_resolved_before_the_key_from_the_measured_peaks(
     peaks favour, before the key is made: the run records, and is keyed by, the precision it got."""
     import crener.evaluation as evaluation
 
-    assert config.PROFILES["full"]["train.bf16"] == "auto"
+    assert profiles.PROFILES["full"]["train.bf16"] == "auto"
     asked = []
     for pays in (True, False):
         monkeypatch.setattr(evaluation, "bf16_pays", lambda device, pays=pays: asked.append(device) or pays)

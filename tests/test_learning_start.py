@@ -104,7 +104,7 @@ def test_fit_starts_grid_models_at_the_priors(tiny_encoder):
 
 def test_softmax_tagger_prior_is_the_log_tag_frequency_and_starts_its_classifier(tiny_encoder):
     from baselines.sequence import SequenceTask
-    from crener.config import build_run_config
+    from crener.profiles import build_run_config
     from crener.registry import build_model
 
     encoder, tok = tiny_encoder
@@ -128,7 +128,7 @@ def test_softmax_tagger_prior_is_the_log_tag_frequency_and_starts_its_classifier
 def test_prior_bias_is_read_by_the_softmax_tagger_and_not_by_the_crf_one(tiny_data, tmp_path, monkeypatch):
     """BERT-CRF does not read model.prior_bias (its key ignores it), so fit must not act on it."""
     import crener.train as train_mod
-    from crener.config import build_run_config
+    from crener.profiles import build_run_config
 
     on = {"model.prior_bias": True}
     for name, changes in (("bert_softmax", True), ("bert_crf", False), ("crener", True)):
@@ -344,7 +344,7 @@ def test_calibrated_shift_reaches_test_the_checkpoint_and_predict(tiny_data, tmp
 
 
 def test_calibrate_is_a_grid_task_field_only():
-    from crener.config import build_run_config
+    from crener.profiles import build_run_config
 
     on = {"model.calibrate": True}
     for name, changes in (("crener", True), ("w2ner", True), ("bert_crf", False), ("tener", False)):

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from crener.config import VARIANTS, build_run_config
+from crener import registry
 from crener.data.batching import Example, collate
 from crener.loss import GridLoss
 from crener.metrics import score
 from crener.model import CRENER
+from crener.profiles import VARIANTS, build_run_config
 from crener.registry import build_model, build_task
 from tests.conftest import TYPES
 
@@ -145,14 +146,17 @@ def test_every_built_parameter_is_used_and_removed_parts_never_run(variant, tiny
 
 
 def test_invalid_combinations_refused():
-    with pytest.raises(ValueError, match="both be false"):
-        model_cfg(use_biaffine=False, use_grid_mlp=False)
-    with pytest.raises(ValueError, match="attn_matrix"):
-        model_cfg(context="none")
-    with pytest.raises(ValueError, match="loss=ce"):
-        model_cfg(loss="ce")
-    with pytest.raises(ValueError, match="rounds"):
-        model_cfg(use_relation_enhancement=False)
+    # The family checks these where a run is built (crener.registry.check_model), not the config.
+    for overrides, match in (
+        ({"use_biaffine": False, "use_grid_mlp": False}, "both be false"),
+        ({"context": "none"}, "attn_matrix"),
+        ({"loss": "ce"}, "loss=ce"),
+        ({"use_relation_enhancement": False}, "rounds"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            build_run_config(profile="smoke", overrides={f"model.{k}": v for k, v in overrides.items()})
+        with pytest.raises(ValueError, match=match):
+            registry.check_model(model_cfg(**overrides))
 
 
 def test_profile_rounds_apply_only_where_enhancement_runs():

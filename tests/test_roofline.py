@@ -13,7 +13,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from crener import roofline
-from crener.config import VARIANTS, build_run_config
+from crener.profiles import VARIANTS, build_run_config
 from crener.registry import build_model, build_task
 from tests.conftest import TYPES
 

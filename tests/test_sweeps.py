@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from crener.config import VARIANTS, build_run_config
 from crener.identity import run_key
+from crener.profiles import VARIANTS, build_run_config
 from experiments.sweeps import (
     Cell,
     SweepError,

@@ -12,9 +12,9 @@ import optuna
 import pytest
 
 from crener import registry
-from crener.config import PROFILES, VARIANTS, build_run_config
 from crener.errors import CrenerError
 from crener.identity import run_key
+from crener.profiles import PROFILES, VARIANTS, build_run_config
 from crener.tracking import Tracker
 from experiments.sweeps import load_overrides, plan
 from experiments.tune import (

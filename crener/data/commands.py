@@ -246,10 +246,11 @@ def epoch_batches(dataset: str, profile: str, model: str = "crener", overrides: 
     """Steps and batch sizes of one training epoch (seed 0) as ``profile`` batches ``dataset``."""
     import numpy as np
 
-    from crener.config import build_run_config, parse_set
+    from crener.config import parse_set
     from crener.data.batching import batch_cells, training_batches
     from crener.data.datasets import load_dataset
     from crener.data.split import split_all
+    from crener.profiles import build_run_config
 
     flat = parse_set(list(overrides))
     if data_root:
