@@ -16,7 +16,7 @@ from torch import nn
 from baselines.crf import CRF
 from baselines.sequence import SequenceTask
 from crener import search
-from crener.config import ModelConfig, RunConfig
+from crener.config import ModelConfig, RunConfig, RuntimeConfig
 from crener.data.batching import Batch
 from crener.encoder import CharEncoder
 from crener.identity import ENCODER_FIELDS
@@ -58,7 +58,10 @@ def build_task(cfg: ModelConfig, types: Sequence[str]) -> SequenceTask:
     return SequenceTask(types, decoder="softmax")
 
 
-def build_model(cfg: ModelConfig, task: SequenceTask, encoder: CharEncoder) -> nn.Module:
+def build_model(
+    cfg: ModelConfig, task: SequenceTask, encoder: CharEncoder, runtime: RuntimeConfig
+) -> nn.Module:
+    del runtime  # its runtime fields are the grid module's; a tagger has none to apply
     return BertTagger(cfg, task.num_labels, encoder)
 
 

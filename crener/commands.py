@@ -151,7 +151,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.encoder:
         overrides["model.encoder"] = args.encoder
     if args.data_root:
-        overrides["data.data_root"] = args.data_root
+        overrides["runtime.data_root"] = args.data_root
     cfg = build_run_config(
         model=args.model, variant=args.variant, profile=args.profile, dataset=args.dataset, seed=args.seed,
         overrides=overrides,

@@ -88,20 +88,10 @@ class ModelConfig:
     enh_heads: int = 8  # heads of the enhancement attentions
     enh_dropout: float = 0.1  # their dropout
     enh_block: str = "paper"  # paper | bert_layer (TOE's decoder layer)
-    checkpoint_rounds: bool = False  # activation checkpointing of the conv rounds, always
-    # ... and of the rounds of batches whose longest sentence is longer than this (0: never): long
-    # grids then cost about half the memory, while the common lengths keep their speed.
-    checkpoint_above: int = 256
-    # Exact rewrites of the grid module (tested equal), measured by `crener bench --suite levers`.
-    # How the 1x1 conv meets its input: split (CLN grid through one matmul, embeddings through
-    # their small tables) | concat (eq. 7 as written) | factored (nothing grid-sized before it)
-    grid_input: str = "split"
     # Predictor dropouts from uniform draws instead of CPU bernoulli_: the same law, faster on CPU,
     # but off by default: over ten seeds its test F1 was lower, not significantly, yet not shown
     # harmless either (ten seeds each on quick Resume, before the shipped encoder).
     fast_dropout: bool = False
-    # Dilated depthwise convs as undilated ones over interleaved sub-grids (CPU bf16 training).
-    space_to_batch: bool = True
     # --- co-predictor (§2.5) ---
     use_biaffine: bool = True  # eq. 16; False is "w/o Biaffine"
     use_grid_mlp: bool = True  # eq. 17; False is "w/o MLP"
@@ -132,12 +122,9 @@ class ModelConfig:
         _check_choice("model.context", self.context, ("transformer", "none", "bilstm"))
         _check_choice("model.rel_pos", self.rel_pos, ("full", "none", "symmetric"))
         _check_choice("model.cln_orientation", self.cln_orientation, ("paper", "code"))
-        _check_choice("model.grid_input", self.grid_input, ("split", "concat", "factored"))
         _check_choice("model.attn_matrix", self.attn_matrix, ("transformer_probs", "none"))
         _check_choice("model.enh_block", self.enh_block, ("paper", "bert_layer"))
         _check_choice("model.biaffine_input", self.biaffine_input, ("encoder", "enhanced"))
-        if self.checkpoint_above < 0:
-            raise ConfigError(f"model.checkpoint_above={self.checkpoint_above}: must be >= 0 (0 = never)")
         _check_choice("model.tag_scheme", self.tag_scheme, ("crener", "w2ner", "ht_only"))
         _check_choice("model.ht_typed", self.ht_typed, ("both", "thc_only"))
         _check_choice("model.loss", self.loss, ("zlpr", "ce"))
@@ -195,7 +182,6 @@ class DataConfig:
     """Which data, and how it is cut."""
 
     dataset: str = "resume"  # weibo | resume | ontonotes4 | msra (or a registered name)
-    data_root: str | None = None  # None: --data-root, then $CRENER_DATA, then ../shared/data
     weibo_coarse: bool = False  # Weibo: 4 coarse types instead of the 8 fine labels
     msra_protocol: str = "lineage"  # MSRA has no dev: lineage (dev = test) | clean (last 4,365 train)
     max_len: int = 256  # longer sentences are split at punctuation, never inside an entity
@@ -227,20 +213,57 @@ class TrainConfig:
     # The paper's batches: batch_size sentences from length-sorted buckets; max_cells (if > 0) is
     # then only a memory guard that splits a batch above it (logged).
     sorted_batches: bool = False
-    # Grid-cell budget of evaluation batches. Small batches keep the (B, N, N, d) grids in cache, so
-    # on CPU they evaluate faster than 200k-cell ones (`crener bench --suite levers`; figures:
-    # reports/performance.md). On a GPU larger batches may pay: raise it there.
-    eval_max_cells: int = 16_000
     lr: float = 1e-3  # learning rate of everything but the pretrained encoder
     encoder_lr: float = 5e-6  # learning rate of the pretrained (or embedded) encoder
     weight_decay: float = 0.0  # AdamW weight decay
     warmup: float = 0.1  # fraction of steps with linear warm-up, then linear decay to 0
     clip: float = 5.0  # global gradient-norm clip
     # bf16 autocast (CUDA and CPU). Profiles and --set also take "auto", resolved by
-    # build_run_config to what this machine's measured matmul peaks favour
+    # crener.profiles.build_run_config to what this machine's measured matmul peaks favour
     # (crener.evaluation.bf16_pays); the run records the value it got.
     bf16: bool = False
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    max_steps: int = 0  # >0: at most this many optimiser steps per epoch (the first of its shuffled batches)
+    # Fine-tuning input noise: each character becomes [UNK] with probability a / (a + its training
+    # count), so rare characters most often and the [UNK] vector stays trained for unseen ones.
+    unk_alpha: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"train.epochs={self.epochs}: must be >= 1")
+        if self.batch_size < 1:
+            raise ConfigError(f"train.batch_size={self.batch_size}: must be >= 1")
+        if self.unk_alpha < 0:
+            raise ConfigError(f"train.unk_alpha={self.unk_alpha}: must be >= 0")
+        if self.seed < 0:
+            raise ConfigError(f"train.seed={self.seed}: a seed must be >= 0")
+        for name in ("max_cells", "max_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}={getattr(self, name)}: must be >= 0 (0 = off)")
+        if not self.lr > 0 or not self.encoder_lr >= 0:
+            raise ConfigError(
+                f"train.lr={self.lr} must be > 0 and train.encoder_lr={self.encoder_lr} >= 0 "
+                "(0 freezes the encoder)"
+            )
+        if self.weight_decay < 0 or not self.clip > 0 or not 0 <= self.warmup <= 1:
+            raise ConfigError(
+                f"train.weight_decay={self.weight_decay} must be >= 0, train.clip={self.clip} > 0 "
+                f"and train.warmup={self.warmup} in [0, 1]"
+            )
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where and how fast a run runs: fields that cannot change its result.
+
+    Each one only places the work or rewrites it exactly (each rewrite tested equal to the plain
+    form), so run identity (:mod:`crener.identity`) skips this whole section: changing one keeps
+    a run's key, and a sweep finds its finished runs wherever and however they ran.
+    """
+
+    # Where the dataset files are; their digest, not their place, is in the key.
+    # None: --data-root, then $CRENER_DATA, then ../shared/data.
+    data_root: str | None = None
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps; devices differ only in float rounding
     threads: int = 0  # >0: torch.set_num_threads
     # glibc: big tensors from the malloc heap instead of fresh mmaps that page-fault on every use
     # (process-wide, see crener.train.keep_large_tensors_on_heap). Off: within noise for cell-budget
@@ -251,38 +274,57 @@ class TrainConfig:
     # step (pinned for CUDA); 0: collation in the training loop. The same batches either way.
     loader_workers: int = 0
     progress: bool = True  # progress bar with loss and speed
-    max_steps: int = 0  # >0: at most this many optimiser steps per epoch (the first of its shuffled batches)
-    # Fine-tuning input noise: each character becomes [UNK] with probability a / (a + its training
-    # count), so rare characters most often and the [UNK] vector stays trained for unseen ones.
-    unk_alpha: float = 0.0
-    eval_every: int = 0  # >0: dev F1 every N steps into curve.json (learning-start diagnostic)
+    # Grid-cell budget of evaluation batches (no dropout, padding-invariant predictions). Small
+    # batches keep the (B, N, N, d) grids in cache, so on CPU they evaluate faster than 200k-cell
+    # ones (`crener bench --suite levers`; figures: reports/performance.md). On a GPU larger
+    # batches may pay: raise it there.
+    eval_max_cells: int = 16_000
+    # >0: dev F1 every N steps into curve.json (learning-start diagnostic); evaluation draws
+    # nothing random, so the training run is the same.
+    eval_every: int = 0
+    # Exact rewrites of the grid module (tested equal), measured by `crener bench --suite levers`.
+    # How the 1x1 conv meets its input: split (CLN grid through one matmul, embeddings through
+    # their small tables) | concat (eq. 7 as written) | factored (nothing grid-sized before it);
+    # the same dropout draws in each.
+    grid_input: str = "split"
+    # Dilated depthwise convs as undilated ones over interleaved sub-grids (CPU bf16 training).
+    space_to_batch: bool = True
+    # Activation checkpointing of the conv rounds, always (recomputed in backward with the RNG
+    # state restored) ...
+    checkpoint_rounds: bool = False
+    # ... and of the rounds of batches whose longest sentence is longer than this (0: never): long
+    # grids then cost about half the memory, while the common lengths keep their speed.
+    checkpoint_above: int = 256
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ConfigError(f"train.epochs={self.epochs}: must be >= 1")
-        if self.batch_size < 1:
-            raise ConfigError(f"train.batch_size={self.batch_size}: must be >= 1")
-        if self.unk_alpha < 0 or self.eval_every < 0:
-            raise ConfigError("train.unk_alpha and train.eval_every must be >= 0")
-        if self.seed < 0:
-            raise ConfigError(f"train.seed={self.seed}: a seed must be >= 0")
-        for name in ("max_cells", "max_steps", "threads", "loader_workers"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"train.{name}={getattr(self, name)}: must be >= 0 (0 = off)")
-        if self.eval_max_cells < 1:
-            raise ConfigError(f"train.eval_max_cells={self.eval_max_cells}: must be >= 1")
-        if not self.lr > 0 or not self.encoder_lr >= 0:
-            raise ConfigError(
-                f"train.lr={self.lr} must be > 0 and train.encoder_lr={self.encoder_lr} >= 0 "
-                "(0 freezes the encoder)"
-            )
         if not re.fullmatch(r"auto|cpu|mps|(cuda|xpu)(:\d+)?", self.device):
-            raise ConfigError(f"train.device={self.device!r} is not one of auto, cpu, cuda, cuda:N, mps")
-        if self.weight_decay < 0 or not self.clip > 0 or not 0 <= self.warmup <= 1:
-            raise ConfigError(
-                f"train.weight_decay={self.weight_decay} must be >= 0, train.clip={self.clip} > 0 "
-                f"and train.warmup={self.warmup} in [0, 1]"
-            )
+            raise ConfigError(f"runtime.device={self.device!r} is not one of auto, cpu, cuda, cuda:N, mps")
+        for name in ("threads", "loader_workers", "eval_every", "checkpoint_above"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"runtime.{name}={getattr(self, name)}: must be >= 0 (0 = off)")
+        if self.eval_max_cells < 1:
+            raise ConfigError(f"runtime.eval_max_cells={self.eval_max_cells}: must be >= 1")
+        _check_choice("runtime.grid_input", self.grid_input, ("split", "concat", "factored"))
+
+
+# The flat names the runtime fields had before they were one section. Old MLflow params, old
+# sweep and tuning files and old --set habits use them; they keep working through these aliases.
+RUNTIME_ALIASES: dict[str, str] = {
+    f"{section}.{name}": f"runtime.{name}"
+    for section, names in (
+        ("data", ("data_root",)),
+        ("train", ("progress", "device", "threads", "heap_tensors", "loader_workers", "eval_max_cells",
+                   "eval_every")),
+        ("model", ("grid_input", "space_to_batch", "checkpoint_rounds", "checkpoint_above")),
+    )
+    for name in names
+}  # fmt: skip
+SECTIONS = ("model", "data", "train", "runtime")  # the sections of RunConfig, as flat-name prefixes
+
+
+def canonical_key(key: str) -> str:
+    """The flat name a config key has today (``train.progress`` -> ``runtime.progress``)."""
+    return RUNTIME_ALIASES.get(key, key)
 
 
 @dataclass(frozen=True)
@@ -292,6 +334,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     profile: str = "custom"
     variant: str = "full"
 
@@ -303,7 +346,7 @@ class RunConfig:
     def flatten(self) -> dict[str, Any]:
         """``{"model.hidden": 512, ..., "profile": "quick"}``: the form logged as MLflow params."""
         flat: dict[str, Any] = {"profile": self.profile, "variant": self.variant}
-        for section in ("model", "data", "train"):
+        for section in SECTIONS:
             for f in dataclasses.fields(getattr(self, section)):
                 flat[f"{section}.{f.name}"] = getattr(getattr(self, section), f.name)
         return flat
@@ -314,16 +357,19 @@ class RunConfig:
         return cls().with_overrides(flat)
 
     def with_overrides(self, overrides: dict[str, Any]) -> RunConfig:
-        """A new config with ``{"section.field": value}`` applied; unknown keys are an error."""
-        sections: dict[str, dict[str, Any]] = {"model": {}, "data": {}, "train": {}}
+        """A new config with ``{"section.field": value}`` applied; unknown keys are an error.
+
+        The old flat names of the runtime fields (:data:`RUNTIME_ALIASES`) are accepted too."""
+        sections: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
         top: dict[str, Any] = {}
         for key, value in overrides.items():
             if key in ("profile", "variant"):
                 top[key] = str(value)
                 continue
-            section, _, name = key.partition(".")
+            section, _, name = canonical_key(key).partition(".")
             if section not in sections:
-                raise ConfigError(f"unknown config key {key!r} (expected model.*, data.*, train.*)")
+                expected = ", ".join(f"{s}.*" for s in SECTIONS)
+                raise ConfigError(f"unknown config key {key!r} (expected {expected})")
             cls_ = type(getattr(self, section))
             hints = _type_hints(cls_)
             if name not in hints:
@@ -332,13 +378,10 @@ class RunConfig:
                 hint = f"did you mean {section}.{close[0]}? " if close else ""
                 raise ConfigError(f"unknown config key {key!r}; {hint}{section} has: {known}")
             sections[section][name] = _coerce(value, hints[name], key)
-        return dataclasses.replace(
-            self,
-            model=dataclasses.replace(self.model, **sections["model"]),
-            data=dataclasses.replace(self.data, **sections["data"]),
-            train=dataclasses.replace(self.train, **sections["train"]),
-            **top,
-        )
+        replaced = {
+            section: dataclasses.replace(getattr(self, section), **sections[section]) for section in SECTIONS
+        }
+        return dataclasses.replace(self, **replaced, **top)
 
 
 def run_label(model: str, variant: str, dataset: str, seed: int | str) -> str:

@@ -22,24 +22,9 @@ from crener.data.digest import dataset_digest
 # `crener migrate` a way to map the old ones).
 KEY_SCHEMA = 1
 
-# Fields that cannot change a run's result, so never part of its identity: where and how fast it
-# runs, and exact rewrites of the same computation (each tested equal to the plain form).
-KEY_IGNORED = frozenset(
-    {
-        "data.data_root",  # where the files are; their digest is in the key
-        "train.progress",  # a progress bar
-        "train.device",  # where it runs (devices differ only in float rounding)
-        "train.threads",  # torch.set_num_threads
-        "train.heap_tensors",  # glibc malloc policy
-        "train.loader_workers",  # where batches are collated: the same batches
-        "train.eval_max_cells",  # evaluation batch size: no dropout, padding-invariant predictions
-        "train.eval_every",  # extra dev evaluations: no dropout and no random draws in evaluation
-        "model.grid_input",  # three exact forms of eq. 7 with the same dropout draws
-        "model.space_to_batch",  # exact rewrite of the dilated convolutions
-        "model.checkpoint_rounds",  # recomputes rounds in backward, with the RNG state restored
-        "model.checkpoint_above",  # the same, for long batches only
-    }
-)
+# The sections of a RunConfig that can change a result. The runtime section (where and how fast a
+# run runs, crener.config.RuntimeConfig) is skipped as a whole.
+IDENTITY_SECTIONS = ("model", "data", "train")
 
 # Groups of ModelConfig fields that several families read, from which each family's ``fields``
 # (crener.registry.ModelFamily) is made: its encoder, its model and its task (labels, loss,
@@ -82,7 +67,7 @@ KEY_ENCODER_WEIGHTS: dict[str, str] = {
 def identity_defaults(cfg: RunConfig) -> dict[str, Any]:
     """``{flat name: identity default}`` for the classes of ``cfg`` (see :data:`KEY_DEFAULTS`)."""
     out = {f.name: f.default for f in dataclasses.fields(cfg) if f.name in ("profile", "variant")}
-    for section in ("model", "data", "train"):
+    for section in IDENTITY_SECTIONS:
         out.update({f"{section}.{f.name}": f.default for f in dataclasses.fields(getattr(cfg, section))})
     out.update({k: v for k, v in KEY_DEFAULTS.items() if k in out})
     return out
@@ -92,8 +77,8 @@ def run_identity(cfg: RunConfig) -> dict[str, Any]:
     """The fields that tell this run's experiment apart, ``{"model.hidden": 64, ...}``.
 
     Only fields its model family reads (``fields`` of its :class:`crener.registry.ModelFamily`;
-    data and train fields are read by every family), minus :data:`KEY_IGNORED`, whose value
-    differs from its identity default (the dataclass default, or the value recorded in
+    data and train fields are read by every family; the runtime section never counts), whose
+    value differs from its identity default (the dataclass default, or the value recorded in
     :data:`KEY_DEFAULTS`). The ``profile`` and ``variant`` labels count too: run folders and
     reports address runs by them. ``model.name`` and ``train.seed`` are left out here:
     :func:`run_key` names them itself.
@@ -103,9 +88,9 @@ def run_identity(cfg: RunConfig) -> dict[str, Any]:
     defaults = identity_defaults(cfg)
     out: dict[str, Any] = {}
     for name, value in cfg.flatten().items():
-        if name in ("model.name", "train.seed") or name in KEY_IGNORED:
-            continue
         section, _, field_name = name.partition(".")
+        if name in ("model.name", "train.seed") or section == "runtime":
+            continue
         # A model field no family declares yet counts for every family: it can only split
         # keys (when set away from its default), never make two experiments share one.
         unread = reads is not None and field_name in declared and field_name not in reads
@@ -135,11 +120,11 @@ def run_key(cfg: RunConfig, data_digest: str | None = None) -> str:
     A hash of :data:`KEY_SCHEMA`, the model family, :func:`run_identity`, the data's digest, the
     seed, and the weights' digest of a shipped encoder (:func:`encoder_weights`). Adding a field
     with a default, or a field the family does not read, changes no key. ``data_digest``
-    defaults to :func:`crener.data.digest.dataset_digest` of ``cfg.data`` (reads the dataset's
-    files once per process; they must exist).
+    defaults to :func:`crener.data.digest.dataset_digest` of ``cfg.data`` under
+    ``cfg.runtime.data_root`` (reads the dataset's files once per process; they must exist).
     """
     if data_digest is None:
-        data_digest = dataset_digest(cfg.data)
+        data_digest = dataset_digest(cfg.data, cfg.runtime.data_root)
     payload = {
         "schema": KEY_SCHEMA,
         "model": cfg.model.name,

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from crener import registry
-from crener.config import RunConfig
+from crener.config import RunConfig, canonical_key
 from crener.errors import ConfigError
 
 # Table 6 rows (method.md §3): name -> overrides of the full model.
@@ -56,7 +56,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "train.max_cells": 20_000,
         "train.lr": 3e-3,
         "train.encoder_lr": 3e-3,
-        "train.progress": False,
+        "runtime.progress": False,
     },
     # The CPU default: Tables 2-6 on 2 cores, in the time the README measures. Small widths, a
     # 500-sentence training budget, sentences split at 64 characters, and test scored on a
@@ -155,7 +155,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "train.sorted_batches": True,
         "train.batch_size": 12,
         "train.max_cells": 12 * 256 * 256,
-        "train.loader_workers": 2,  # collate on the host while the GPU runs the step
+        "runtime.loader_workers": 2,  # collate on the host while the GPU runs the step
     },
 }
 
@@ -213,12 +213,13 @@ def build_run_config(
     if profile == "paper" and dataset == "weibo":
         flat.setdefault("model.tf_layers", 1)
         flat["model.tf_layers"] = 1
-    flat.update(overrides or {})
+    # Old flat names (train.progress, ...) are canonical here, so they override the profile's.
+    flat.update({canonical_key(k): v for k, v in (overrides or {}).items()})
     if str(flat.get("train.bf16", "")).lower() == "auto":
         # Resolved here, before the run's key is made: a run's identity says which it got.
         from crener.evaluation import bf16_pays  # imports torch: only when a profile asks for it
 
-        flat["train.bf16"] = bf16_pays(str(flat.get("train.device", "auto")))
+        flat["train.bf16"] = bf16_pays(str(flat.get("runtime.device", "auto")))
     cfg = RunConfig().with_overrides(flat)
     registry.check_model(cfg.model)
     return cfg

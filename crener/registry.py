@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from typing import TYPE_CHECKING, Any
 
+from crener.config import RuntimeConfig
 from crener.errors import ConfigError, CrenerError
 
 if TYPE_CHECKING:  # annotations only: importing these here would load torch with the registry
@@ -42,7 +43,8 @@ class ModelFamily:
     """One model family, as its module declares it (see the module docstring)."""
 
     name: str  # the value of model.name, of the crener.model tag and of --model
-    build_model: Callable[[ModelConfig, Task, CharEncoder], nn.Module]  # (cfg, its task, the encoder)
+    # (cfg, its task, the encoder, the runtime section: exact rewrites such as grid_input)
+    build_model: Callable[[ModelConfig, Task, CharEncoder, RuntimeConfig], nn.Module]
     build_task: Callable[[ModelConfig, Sequence[str]], Task]  # (cfg, entity types): labels, loss, decoding
     # The ModelConfig fields its model and task read. Only these enter its runs' keys
     # (crener.identity.run_identity), so a baseline's key ignores CRENER's grid flags; None: every field.
@@ -167,11 +169,13 @@ def check_model(cfg: ModelConfig) -> None:
         raise ConfigError(str(exc.args[0]) if exc.args else repr(exc)) from exc
 
 
-def build_model(cfg: ModelConfig, task: Task, encoder: CharEncoder) -> nn.Module:
+def build_model(
+    cfg: ModelConfig, task: Task, encoder: CharEncoder, runtime: RuntimeConfig | None = None
+) -> nn.Module:
     """The model of family ``cfg.name`` (checked first: a config made without
     :func:`crener.profiles.build_run_config` is refused here, before any weight is made)."""
     check_model(cfg)
-    return get(cfg.name).build_model(cfg, task, encoder)
+    return get(cfg.name).build_model(cfg, task, encoder, runtime or RuntimeConfig())
 
 
 def build_task(cfg: ModelConfig, types: Sequence[str]) -> Task:

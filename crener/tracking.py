@@ -84,7 +84,7 @@ def experiment_name(sweep: str, profile: str) -> str:
 
 def run_tags(cfg: RunConfig, sweep: str) -> dict[str, str]:
     """The tags every crener run carries (``crener.state`` is set separately)."""
-    digest = dataset_digest(cfg.data)
+    digest = dataset_digest(cfg.data, cfg.runtime.data_root)
     commit = git_commit()
     return {
         "crener.key": run_key(cfg, data_digest=digest),
@@ -121,7 +121,7 @@ def dataset_inputs(cfg: RunConfig) -> list[Any]:
     from crener.data.digest import file_digest
 
     spec = get_spec(cfg.data.dataset)
-    root = resolve_data_root(cfg.data.data_root)
+    root = resolve_data_root(cfg.runtime.data_root)
     out = []
     for split in sorted(spec.files):
         path = spec.path(split, root)
@@ -525,7 +525,7 @@ class RunLogger:
         self.log_metrics(metrics, step=int(epoch))
 
     def on_step_eval(self, step: int, metrics: dict[str, float]) -> None:
-        """The learning-start curve (``train.eval_every``): ``curve/*`` metrics against the step."""
+        """The learning-start curve (``runtime.eval_every``): ``curve/*`` metrics against the step."""
         self.log_metrics({f"curve/{k.replace('/', '_')}": v for k, v in metrics.items()}, step=int(step))
 
     # ---- primitives

@@ -2,7 +2,7 @@
 
 The question it answers is whether a grid model *starts* learning: on the all-negative plateau the
 loss falls while dev F1 stays at 0 for hundreds of steps. Each setting is trained with dev evaluated
-every ``--every`` steps (``train.eval_every``: extra evaluations draw nothing random, so the run is
+every ``--every`` steps (``runtime.eval_every``: extra evaluations draw nothing random, so the run is
 the same as without them), logged to MLflow as a ``diagnostic`` run (never reused as a sweep cell),
 and the curves are written under ``reports/out/curves/`` as a Markdown table, a CSV and a figure,
 with the step where dev F1 first exceeds 0 and F1 at the best single threshold shift.
@@ -61,7 +61,7 @@ def cmd_curves(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results = {}
     for name in args.settings:
-        overrides = {**SETTINGS[name], **parse_set(args.overrides), "train.eval_every": args.every}
+        overrides = {**SETTINGS[name], **parse_set(args.overrides), "runtime.eval_every": args.every}
         cfg = build_run_config(
             model=args.model, profile=args.profile, dataset=args.dataset, seed=args.seed, overrides=overrides
         )

@@ -93,7 +93,7 @@ def plan(args: argparse.Namespace, encoders: dict[str, str]) -> list[tuple[str, 
 
     sets = parse_set(args.set)
     if args.data_root:
-        sets.setdefault("data.data_root", args.data_root)
+        sets.setdefault("runtime.data_root", args.data_root)
     return [
         (arm, Cell(SWEEP, build_run_config(
             profile=args.profile, dataset=d, seed=s, overrides={**sets, "model.encoder": encoders[arm]}

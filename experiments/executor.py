@@ -61,7 +61,7 @@ def connect(address: str | None, workers: int, threads: int, dashboard: str = DE
         if address.endswith(".json"):
             return Client(scheduler_file=address)
         return Client(address)
-    # A worker process per cell at a time; its torch threads come from the cell (train.threads).
+    # A worker process per cell at a time; its torch threads come from the cell (runtime.threads).
     env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
                            dashboard_address=dashboard, env=env)  # fmt: skip

@@ -128,8 +128,8 @@ def write_bmes(path: Path, sentences) -> None:  # noqa: ANN001 - Sentence object
 def tiny_cfg(data_root: Path, model: str = "crener", **overrides: object) -> RunConfig:
     """A smoke-sized config of ``model`` on the synthetic dataset under ``data_root`` (tiny_data)."""
     base = {
-        "data.data_root": str(data_root), "data.train_limit": 0, "data.eval_limit": 0,
-        "train.epochs": 3, "train.max_cells": 400, "train.progress": False,
+        "runtime.data_root": str(data_root), "data.train_limit": 0, "data.eval_limit": 0,
+        "train.epochs": 3, "train.max_cells": 400, "runtime.progress": False,
     }  # fmt: skip
     return build_run_config(model=model, profile="smoke", overrides={**base, **overrides})
 

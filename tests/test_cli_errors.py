@@ -44,8 +44,8 @@ def checkpoint(tiny_data, tmp_path_factory) -> Path:
     from crener.train import fit
 
     cfg = build_run_config(profile="smoke", overrides={
-        "data.data_root": str(tiny_data), "data.train_limit": 0, "data.eval_limit": 0, "data.test_limit": 3,
-        "train.epochs": 1, "train.max_cells": 400, "train.progress": False,
+        "runtime.data_root": str(tiny_data), "data.train_limit": 0, "data.eval_limit": 0, "data.test_limit": 3,
+        "train.epochs": 1, "train.max_cells": 400, "runtime.progress": False,
     })  # fmt: skip
     work = tmp_path_factory.mktemp("run")
     fit(cfg, work)
@@ -115,7 +115,7 @@ CONFIG_MISTAKES = {
     ),
     "negative limit": (["--set", "data.test_limit=-1"], "data.test_limit=-1: must be >= 0"),
     "negative seed": (["--set", "train.seed=-3"], "train.seed=-3: a seed must be >= 0"),
-    "device": (["--set", "train.device=gpu"], "train.device='gpu' is not one of auto, cpu, cuda"),
+    "device": (["--set", "runtime.device=gpu"], "runtime.device='gpu' is not one of auto, cpu, cuda"),
     "zero lr": (["--set", "train.lr=0"], "train.lr=0.0 must be > 0"),
     "bad choice": (
         ["--set", "model.context=lstm"],

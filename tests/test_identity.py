@@ -19,10 +19,10 @@ import pytest
 import crener.identity as identity
 import crener.profiles as profiles
 from crener import registry
-from crener.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from crener.config import DataConfig, ModelConfig, RunConfig, RuntimeConfig
 from crener.data.datasets import DATASETS, register_dataset, resolve_data_root
 from crener.data.digest import dataset_digest, file_digest
-from crener.identity import KEY_IGNORED, encoder_weights, run_key
+from crener.identity import encoder_weights, run_key
 from crener.profiles import QUICK_V1, build_run_config
 from crener.tracking import param_value
 
@@ -87,7 +87,8 @@ IDENTITY_DEFAULTS_V1 = {
     "train.encoder_lr": 5e-06, "train.weight_decay": 0.0, "train.warmup": 0.1, "train.clip": 5.0,
     "train.bf16": False, "train.max_steps": 0,
 }  # fmt: skip
-# A non-default value of each ignored field (data.data_root is tested on a copy of the files).
+# A non-default value of each runtime field (data_root is tested on a copy of the files), by the
+# old flat names that old MLflow params and sweep files still use (crener.config.RUNTIME_ALIASES).
 IGNORED_VALUES = {
     "train.progress": False,
     "train.device": "cpu",
@@ -99,6 +100,7 @@ IGNORED_VALUES = {
     "model.space_to_batch": False,
     "model.checkpoint_rounds": True,
     "model.checkpoint_above": 8,
+    "train.eval_every": 5,
 }
 
 
@@ -163,14 +165,10 @@ def test_adding_a_field_with_a_default_changes_no_key(model: str, section: str) 
 def test_every_model_field_is_declared() -> None:
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     declared = registry.declared_fields()
-    ignored = {k.partition(".")[2] for k in KEY_IGNORED if k.startswith("model.")}
     assert declared <= fields, f"families name fields that do not exist: {declared - fields}"
-    undeclared = fields - declared - ignored - {"name"}
+    undeclared = fields - declared - {"name"}
     assert not undeclared, f"say which families read these (ModelFamily.fields): {undeclared}"
     assert all(f.fields is not None for f in registry.families().values())
-    for section, cls_ in (("data", DataConfig), ("train", TrainConfig), ("model", ModelConfig)):
-        names = {f"{section}.{f.name}" for f in dataclasses.fields(cls_)}
-        assert {k for k in KEY_IGNORED if k.startswith(f"{section}.")} <= names
 
 
 @pytest.mark.parametrize("model", ["bert_softmax", "bert_crf", "tener"])
@@ -206,17 +204,22 @@ def test_each_family_keys_what_it_reads() -> None:
 @pytest.mark.parametrize("model", registry.names())
 def test_ignored_fields_change_no_key(model: str) -> None:
     cfg = build_run_config(model=model, profile="smoke", dataset="resume")
-    assert run_key(cfg.with_overrides(IGNORED_VALUES)) == run_key(cfg)
+    moved = cfg.with_overrides(IGNORED_VALUES)
+    assert moved.runtime != cfg.runtime
+    assert run_key(moved) == run_key(cfg)
+    assert {f.name for f in dataclasses.fields(RuntimeConfig)} == {
+        k.partition(".")[2] for k in IGNORED_VALUES
+    } | {"data_root"}, "give each runtime field a value above"
 
 
 def test_data_root_is_not_identity_but_the_files_are(tmp_path: Path) -> None:
     cfg = build_run_config(profile="smoke", dataset="resume")
     shutil.copytree(resolve_data_root() / "resume", tmp_path / "resume")
-    copy = cfg.with_overrides({"data.data_root": str(tmp_path)})
+    copy = cfg.with_overrides({"runtime.data_root": str(tmp_path)})
     assert run_key(copy) == run_key(cfg)
     with open(tmp_path / "resume" / "dev.char.bmes", "a", encoding="utf-8") as fh:
         fh.write("\n")  # one more byte: other data, another run
-    assert dataset_digest(copy.data) != dataset_digest(cfg.data)
+    assert dataset_digest(copy.data, copy.runtime.data_root) != dataset_digest(cfg.data)
     assert run_key(copy) != run_key(cfg)
 
 
@@ -268,12 +271,12 @@ def test_digest_follows_file_edits(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     (tmp_path / "toy" / "train.txt").write_text("张 S-PER\n\n", encoding="utf-8")
     (tmp_path / "toy" / "test.txt").write_text("李 S-PER\n\n", encoding="utf-8")
     register_dataset("toy", "toy", {"train": "train.txt", "test": "test.txt"}, "bmes")
-    data = DataConfig(dataset="toy", data_root=str(tmp_path))
-    first = dataset_digest(data)
-    assert dataset_digest(data) == first
+    data = DataConfig(dataset="toy")
+    first = dataset_digest(data, tmp_path)
+    assert dataset_digest(data, tmp_path) == first
     (tmp_path / "toy" / "test.txt").write_text("王 S-PER\n\n", encoding="utf-8")  # same size
     os.utime(tmp_path / "toy" / "test.txt", ns=(1, 1))  # and a different mtime
-    assert dataset_digest(data) != first
+    assert dataset_digest(data, tmp_path) != first
 
 
 def test_bf16_auto_is_resolved_before_the_key_from_the_measured_peaks(

@@ -198,7 +198,7 @@ def test_shifted_moves_zlpr_thresholds_and_the_ce_none_class():
 
 def test_step_curve_is_written_and_changes_no_training_result(tiny_data, tmp_path):  # noqa: F811
     plain = fit(tiny_cfg(tiny_data, **{"train.epochs": 2}), tmp_path / "a")
-    curved = fit(tiny_cfg(tiny_data, **{"train.epochs": 2, "train.eval_every": 1}), tmp_path / "b")
+    curved = fit(tiny_cfg(tiny_data, **{"train.epochs": 2, "runtime.eval_every": 1}), tmp_path / "b")
     assert plain["dev"] == curved["dev"] and plain["test"] == curved["test"]
     hist_a = json.loads((tmp_path / "a" / "history.json").read_text())
     hist_b = json.loads((tmp_path / "b" / "history.json").read_text())
@@ -327,7 +327,7 @@ def test_calibrated_shift_reaches_test_the_checkpoint_and_predict(tiny_data, tmp
     from crener.data.datasets import load_dataset
     from crener.evaluation import build_split
 
-    data = load_dataset(cfg.data, seed=cfg.train.seed)
+    data = load_dataset(cfg.data, seed=cfg.train.seed, data_root=cfg.runtime.data_root)
     test = build_split("test", data.test, cfg.data.max_len, loaded.task, loaded.tokenizer)
     per = predict_shifted(
         loaded.model, loaded.task, test.examples, torch.device("cpu"), loaded.cfg, (0.0, chosen)

@@ -39,7 +39,7 @@ def test_migrate_rekeys_runs_folders_and_checkpoints(mlflow_store: str, tmp_path
     runs = tmp_path / "runs"
     tracker = Tracker()
     cfg = smoke_cfg()
-    twin = cfg.with_overrides({"model.grid_input": "concat"})  # another key before, the same now
+    twin = cfg.with_overrides({"runtime.grid_input": "concat"})  # another key before, the same now
     other = smoke_cfg(model="bert_crf", seed=1)
     run_id = _old_run(tracker, cfg, runs, "0ld0000000000001", {"model.removed_option": "True"})
     twin_id = _old_run(tracker, twin, runs, "0ld0000000000002", {})

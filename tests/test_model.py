@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from crener import registry
+from crener.config import RuntimeConfig
 from crener.data.batching import Example, collate
 from crener.loss import GridLoss
 from crener.metrics import score
@@ -30,7 +31,7 @@ def model_cfg(variant: str = "full", **overrides):
     return dataclasses.replace(cfg, **{**zero, **overrides})
 
 
-def make(variant, tiny_encoder, sentences, family="crener", **overrides):
+def make(variant, tiny_encoder, sentences, family="crener", runtime=None, **overrides):
     encoder, tok = tiny_encoder
     cfg = (
         model_cfg(variant, **overrides)
@@ -39,7 +40,7 @@ def make(variant, tiny_encoder, sentences, family="crener", **overrides):
     )
     task = build_task(cfg, TYPES)
     torch.manual_seed(0)
-    model = build_model(cfg, task, encoder)
+    model = build_model(cfg, task, encoder, runtime)
     examples = [
         Example(k, np.asarray(tok.encode(s.chars)), task.featurize(s.entities, len(s)), len(s))
         for k, s in enumerate(sentences)
@@ -271,7 +272,9 @@ def test_grid_input_forms_equal_the_literal_concatenation(
 def test_grid_rewrites_compute_the_same_scores(form, tiny_encoder, sentences):
     # Another input form and library convs (both non-default) give the default model's scores.
     cfg, task, model, examples = make("full", tiny_encoder, sentences)
-    _, _, other, _ = make("full", tiny_encoder, sentences, grid_input=form, space_to_batch=False)
+    _, _, other, _ = make(
+        "full", tiny_encoder, sentences, runtime=RuntimeConfig(grid_input=form, space_to_batch=False)
+    )
     other.load_state_dict(model.state_dict())
     assert model.grid.input_form == "split" and model.grid.dconv.space_to_batch
     assert other.grid.input_form == form and not other.grid.dconv.space_to_batch

@@ -317,7 +317,7 @@ def test_sigkill_mid_sweep_real_fit(mlflow_store: str, tmp_path: Path) -> None:
         datasets=["resume"],
         models=["crener"],
         variants=["full", "no_mlp", "no_dconv"],
-        sets={"data.data_root": str(data)},  # as --data-root does: the keys digest these files
+        sets={"runtime.data_root": str(data)},  # as --data-root does: the keys digest these files
     )
     env = _subprocess_env(tmp_path, mlflow_store, OMP_NUM_THREADS="1")
     _kill_and_rerun(cmd, cells, env, tmp_path, timeout=420)
@@ -360,11 +360,11 @@ def test_reproduce_jobs_share_the_cells_real_fit(tmp_path: Path, monkeypatch: py
     assert proc.returncode == 0, proc.stderr[-3000:]
     cells = plan(
         profile="smoke", datasets=["resume"], models=["crener"],
-        variants=["full", "no_mlp", "no_dconv", "no_region"], sets={"data.data_root": str(data)},
+        variants=["full", "no_mlp", "no_dconv", "no_region"], sets={"runtime.data_root": str(data)},
     )  # fmt: skip
     for c in cells:
         run_id = _check_one_finished_run(c.cfg)
-        assert Tracker().get_run(run_id).params["train.threads"] == "1"
+        assert Tracker().get_run(run_id).params["runtime.threads"] == "1"
     trained = [line for line in proc.stderr.splitlines() if ": done," in line]
     assert len(trained) == len(cells)
     assert any("[job 0]" in line for line in trained) and any("[job 1]" in line for line in trained)
@@ -378,7 +378,7 @@ def test_tracked_train_then_evaluate_by_run_id(
     evaluate --run-id`` finds its best checkpoint and scores it as training did."""
     data = tiny_resume(tmp_path / "data", 16)
     args = ["train", "--dataset", "resume", "--profile", "smoke", "--data-root", str(data),
-            "--set", "train.epochs=2", "--set", "train.progress=false"]  # fmt: skip
+            "--set", "train.epochs=2", "--set", "runtime.progress=false"]  # fmt: skip
     assert cli_main(args) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     (run,) = _runs(summary["key"])

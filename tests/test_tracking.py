@@ -99,7 +99,7 @@ def test_run_contract_and_idempotent_resume(mlflow_store: str, tmp_path: Path) -
 
     # Resume: same run id, the replayed epoch 1 is skipped, params are not re-logged.
     resumed = tracker.start_run(cfg, sweep="main", resume_run_id=run.run_id)
-    resumed.log_config(cfg.with_overrides({"train.device": "cpu"}))  # excluded from the key: kept, warned
+    resumed.log_config(cfg.with_overrides({"runtime.device": "cpu"}))  # excluded from the key: kept, warned
     resumed.on_start({"num_labels": 9, "parameters": 1234})
     resumed.on_epoch_end(1, {k: 0.9 for k in EPOCH_METRICS})
     resumed.on_epoch_end(2, {k: 0.7 for k in EPOCH_METRICS})
@@ -131,7 +131,7 @@ def test_run_contract_and_idempotent_resume(mlflow_store: str, tmp_path: Path) -
     assert len(tracker.client.get_metric_history(run.run_id, "best/test_f1")) == 1
     assert run.metrics["best/dev_f1"] == 0.7 and run.metrics["best/epoch"] == 2
     assert run.metrics["parameters"] == 1234
-    assert run.params["train.device"] == "auto"
+    assert run.params["runtime.device"] == "auto"
     artifacts = {a.path for a in tracker.client.list_artifacts(run.run_id)}
     assert {"summary.json", "predictions"} <= artifacts
     assert tracker.load_summary(run)["test"]["f1"] == 0.6

@@ -117,7 +117,7 @@ def test_deferred_loss_reads_and_loader_workers_train_the_same(tiny_data, tmp_pa
             return real_epoch(*args, sync_every=sync_every, **kwargs)
 
         monkeypatch.setattr(train_mod, "train_one_epoch", epoch)
-        over = {"train.epochs": 1, "train.max_cells": 100, "train.loader_workers": workers}
+        over = {"train.epochs": 1, "train.max_cells": 100, "runtime.loader_workers": workers}
         fit(tiny_cfg(tiny_data, **over), tmp_path / name)
         weights = load_checkpoint(tmp_path / name / "checkpoints" / "last.pt")["model"]
         runs[name] = (seen, weights)
@@ -127,7 +127,7 @@ def test_deferred_loss_reads_and_loader_workers_train_the_same(tiny_data, tmp_pa
         seen, weights = runs[name]
         assert seen == plain, name
         assert all(torch.equal(weights[k], w_plain[k]) for k in w_plain), name
-    assert cfg.train.loader_workers == 0
+    assert cfg.runtime.loader_workers == 0
 
 
 def test_a_non_finite_loss_is_caught_at_a_deferred_read(tiny_data, tmp_path, monkeypatch):

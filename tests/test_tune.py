@@ -124,7 +124,7 @@ def test_tune_logs_nested_trials_and_exports(
     assert len(_trial_runs(STUDY)[0]) == 1
 
     path = export_best(
-        again, tmp_path / "best.toml", sets={"train.epochs": "2", "train.seed": "0", "train.threads": "1"}
+        again, tmp_path / "best.toml", sets={"train.epochs": "2", "train.seed": "0", "runtime.threads": "1"}
     )
     (override,) = load_overrides(path)
     assert (
@@ -133,7 +133,7 @@ def test_tune_logs_nested_trials_and_exports(
         and override.profiles == ("smoke",)
     )
     assert "train.seed" not in override.values and override.values["train.epochs"] == "2"
-    assert "train.threads" not in override.values  # the tuning machine's, not the recipe's
+    assert "runtime.threads" not in override.values  # the tuning machine's, not the recipe's
     best_lr = again.best_params["train.lr"]
     cells = plan(profile="smoke", datasets=["resume"], only="table6", configs=[path])
     assert {c.cfg.train.lr for c in cells} == {best_lr}

@@ -40,10 +40,10 @@ def _file_digest(path: str, mtime_ns: int, size: int) -> str:
     return sha.hexdigest()
 
 
-def dataset_digest(cfg: DataConfig) -> str:
+def dataset_digest(cfg: DataConfig, data_root: str | Path | None = None) -> str:
     """Hex SHA-256 over ``split:file digest`` lines of ``cfg.dataset``'s split files, found
-    under ``cfg.data_root`` (else ``$CRENER_DATA``, else ``shared/data``)."""
+    under ``data_root`` (``runtime.data_root``; else ``$CRENER_DATA``, else ``shared/data``)."""
     spec = get_spec(cfg.dataset)
-    root = resolve_data_root(cfg.data_root)
+    root = resolve_data_root(data_root)
     lines = [f"{split}:{file_digest(spec.path(split, root))}\n" for split in sorted(spec.files)]
     return hashlib.sha256("".join(lines).encode()).hexdigest()
