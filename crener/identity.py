@@ -139,3 +139,17 @@ def run_key(cfg: RunConfig, data_digest: str | None = None) -> str:
         payload["encoder_weights"] = weights
     blob = json.dumps(payload, sort_keys=True, default=list)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# The quick profile as it was before the shipped encoder (commit 6d9c92e, run-key schema 1): the
+# golden keys of tests/test_identity.py are built from it, and `crener curves` compares against it.
+QUICK_V1: dict[str, Any] = {
+    "model.embedded_hidden": 64, "model.embedded_layers": 1, "model.embedded_heads": 2, "model.embedded_ff": 128,
+    "model.hidden": 64, "model.tf_layers": 1, "model.tf_heads": 4, "model.tf_ff": 128, "model.conv_channels": 16,
+    "model.tag_dim": 16, "model.enh_heads": 4, "model.biaffine_dim": 64, "model.ffn_dim": 32,
+    "model.lstm_hidden": 64, "model.dist_dim": 10, "model.region_dim": 10, "model.attn_dim": 10,
+    "model.emb_dropout": 0.1, "model.conv_dropout": 0.1, "model.out_dropout": 0.1, "data.max_len": 64,
+    "data.train_limit": 500, "data.eval_limit": 200, "data.test_limit": 500, "model.rounds": 2,
+    "train.epochs": 4, "train.max_cells": 4000, "train.max_steps": 200, "train.lr": 0.01,
+    "train.encoder_lr": 0.005, "train.warmup": 0.1,
+}  # fmt: skip

@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from crener.config import parse_set
-from crener.identity import run_key
-from crener.profiles import QUICK_V1, build_run_config
+from crener.identity import QUICK_V1, run_key
+from crener.profiles import build_run_config
 
 log = logging.getLogger(__name__)
 
-# The whole quick profile of commit 6d9c92e, before issue 13, applied over today's quick profile: its
-# widths and budget, the random embedded encoder, and scores starting at 0.
+# The whole quick profile before the shipped encoder (QUICK_V1), applied over today's quick
+# profile: its widths and budget, the random embedded encoder, and scores starting at 0.
 BEFORE_QUICK: dict[str, Any] = {
     **QUICK_V1,
     "model.encoder": "embedded",

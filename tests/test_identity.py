@@ -22,8 +22,8 @@ from crener import registry
 from crener.config import DataConfig, ModelConfig, RunConfig, RuntimeConfig
 from crener.data.datasets import DATASETS, register_dataset, resolve_data_root
 from crener.data.digest import dataset_digest, file_digest
-from crener.identity import encoder_weights, run_key
-from crener.profiles import QUICK_V1, build_run_config
+from crener.identity import QUICK_V1, encoder_weights, run_key
+from crener.profiles import build_run_config
 from crener.tracking import param_value
 
 # (build_run_config arguments, key, key over ZERO_DIGEST). Written once; they must never move. The
