@@ -27,7 +27,7 @@ TAGGER_DEFAULTS = {"model.context": "none", "model.attn_matrix": "none"}
 # `quick` freezes the encoder for the grid models (its features computed once a sweep). A tagger
 # on frozen features is a linear probe (Softmax) or a probe plus transitions (CRF), not the
 # fine-tuned BERT baseline of the paper, and the probe barely learns in quick's steps; so the
-# taggers fine-tune the encoder there, at `full`'s encoder rate (issue 13's note has the probes).
+# taggers fine-tune the encoder there, at `full`'s encoder rate (reports/decisions.md).
 TAGGER_PROFILE_DEFAULTS = {"quick": {"train.encoder_lr": 1e-4}}
 
 

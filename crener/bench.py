@@ -7,7 +7,7 @@ the process's size before the step) on CPU. Widths:
 
 - ``quick``: the quick profile's widths;
 - ``paper``: method.md §4.2 widths (d_h 512, d_c 96, biaffine 512, FFN 288) over a 2-layer,
-  256-wide random BERT (the encoder issue 7 measured the released W2NER code with), so the CPU
+  256-wide random BERT (the encoder the released W2NER code was measured with), so the CPU
   figures compare the grid models, not a 110M-parameter encoder.
 """
 
@@ -228,7 +228,7 @@ def memory_probe(cfg: RunConfig, length: int, batch: int = 1) -> dict[str, float
     }
 
 
-# Speed levers of issue 7, each as the overrides that flip it from the default. The default row
+# Speed levers, each as the overrides that flip it from the default. The default row
 # has every lever that pays switched on: cell-budget batches, space-to-batch convs in training,
 # small (16k-cell) evaluation batches, the split grid input, fp32. The factored grid input stays
 # an option (it is slower); uniform-draw dropout and the malloc heap are options (see

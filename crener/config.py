@@ -89,8 +89,7 @@ class ModelConfig:
     enh_dropout: float = 0.1  # their dropout
     enh_block: str = "paper"  # paper | bert_layer (TOE's decoder layer)
     # Predictor dropouts from uniform draws instead of CPU bernoulli_: the same law, faster on CPU,
-    # but off by default: over ten seeds its test F1 was lower, not significantly, yet not shown
-    # harmless either (ten seeds each on quick Resume, before the shipped encoder).
+    # but off by default: not shown harmless to scores (reports/decisions.md).
     fast_dropout: bool = False
     # --- co-predictor (§2.5) ---
     use_biaffine: bool = True  # eq. 16; False is "w/o Biaffine"

@@ -1,4 +1,4 @@
-"""``python -m crener.gpucheck``: the one-command GPU check (``nox -s gpu_check``; issue 14).
+"""``python -m crener.gpucheck``: the one-command GPU check (``nox -s gpu_check``).
 
 One call on a GPU machine, a few minutes, one table:
 
@@ -48,7 +48,7 @@ BERT_BASE = {"model.embedded_hidden": 768, "model.embedded_layers": 12, "model.e
              "model.embedded_ff": 3072}  # fmt: skip
 TINY_ENCODER = {"model.embedded_hidden": 32, "model.embedded_layers": 2, "model.embedded_heads": 2,
                 "model.embedded_ff": 64}  # fmt: skip
-FITS_BYTES = 40 * 10**9  # the goal of issue 14: MSRA's worst batch of 12 in 40 GB
+FITS_BYTES = 40 * 10**9  # the goal: MSRA's worst batch of 12 in 40 GB (reports/decisions.md)
 
 
 def prepare(out: Path, data_root: str | None) -> Path:

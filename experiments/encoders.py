@@ -46,7 +46,7 @@ def register(subparsers: Any) -> None:
 
     p = subparsers.add_parser(
         "encoders",
-        help="encoder ablation: random, vectors only, pretrained only, pretrained + vectors (issue 13)",
+        help="encoder ablation: random, vectors only, pretrained only, pretrained + vectors",
         description=__doc__.split("\n\n")[1] if __doc__ else None,
     )
     p.add_argument("--datasets", nargs="+", default=["resume", "weibo"])

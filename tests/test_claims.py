@@ -1,4 +1,4 @@
-"""Claims made in docstrings, the README and method.md that no other test pins (issue 17).
+"""Claims made in docstrings, the README and method.md that no other test pins.
 
 Grouped by claim:
 

@@ -1,4 +1,4 @@
-"""Bad input across the whole command line (issue 17): every user mistake ends in one message that
+"""Bad input across the whole command line: every user mistake ends in one message that
 says what to change, a non-zero exit status, and no Python traceback; nothing hangs.
 
 Most probes run the CLI in this process (``crener.cli.main``); a closed output pipe and one

@@ -1,5 +1,5 @@
 """Past one machine: the Dask executor survives killed workers, and PostgreSQL carries MLflow and
-Optuna for many workers (issue 16). Loopback only, bounded in time.
+Optuna for many workers. Loopback only, bounded in time.
 
 The PostgreSQL tests need a server: ``$CRENER_TEST_POSTGRES`` (a SQLAlchemy URL such as
 ``postgresql+psycopg://postgres@127.0.0.1:5432/postgres``), which ``.ci/run`` starts and sets.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -94,3 +95,36 @@ def test_old_sweep_override_files_still_load(tmp_path: Path) -> None:
     )
     (override,) = load_overrides(path)
     assert RunConfig().with_overrides(override.values).runtime.threads == 1
+
+
+ROOT = Path(config.__file__).resolve().parent.parent
+
+
+def test_profiles_and_variants_are_data() -> None:
+    """They live in crener/profiles.toml (packaged); no module holds a profile as a literal."""
+    import tomllib
+
+    from crener.profiles import PROFILES, PROFILES_FILE, VARIANTS
+
+    assert PROFILES_FILE.parent == ROOT / "crener" and list(PROFILES)[:2] == ["smoke", "quick"]
+    assert list(VARIANTS)[0] == "full" and len(VARIANTS) == 9
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert PROFILES_FILE.name in package_data["crener"]
+    for module in ("config.py", "profiles.py"):
+        for node in ast.walk(ast.parse((ROOT / "crener" / module).read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Dict):
+                flat = [k.value for k in node.keys if isinstance(k, ast.Constant) and "." in str(k.value)]
+                assert len(flat) < 3, f"crener/{module}:{node.lineno} holds overrides: {flat[:3]}"
+
+
+def test_no_comment_in_code_cites_history() -> None:
+    """Measurements, machines and issues belong in reports/decisions.md, not in the code."""
+    history = re.compile(r"EPYC|Xeon|\bissues? #?\d+|#.*\bF1\b.*\d\.\d")
+    found = [
+        f"{path.relative_to(ROOT)}:{n}: {line.strip()}"
+        for package in ("crener", "experiments", "baselines")
+        for path in sorted((ROOT / package).rglob("*.py"))
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if history.search(line)
+    ]
+    assert not found, "\n".join(found)
