@@ -36,10 +36,12 @@ def _flat_tables(tables: dict[str, Any], where: str) -> dict[str, dict[str, Any]
     return out
 
 
-def _load(path: Path) -> dict[str, dict[str, dict[str, Any]]]:
+def _load(path: Path) -> dict[str, dict[str, Any]]:
     with path.open("rb") as f:
         data = tomllib.load(f)
-    return {kind: _flat_tables(data[kind], kind) for kind in ("variants", "profiles")}
+    out = {kind: _flat_tables(data[kind], kind) for kind in ("variants", "profiles")}
+    out["datasets"] = {p: _flat_tables(t, f"datasets.{p}") for p, t in data.get("datasets", {}).items()}
+    return out
 
 
 _TABLES = _load(PROFILES_FILE)
@@ -47,6 +49,8 @@ _TABLES = _load(PROFILES_FILE)
 VARIANTS: dict[str, dict[str, Any]] = _TABLES["variants"]
 # Named budgets: name -> overrides of the defaults.
 PROFILES: dict[str, dict[str, Any]] = _TABLES["profiles"]
+# Per-dataset rules within a profile: profile -> dataset -> overrides, applied after the variant.
+DATASET_RULES: dict[str, dict[str, dict[str, Any]]] = _TABLES["datasets"]
 
 
 def build_run_config(
@@ -62,8 +66,8 @@ def build_run_config(
 
     Order: defaults <- model family (its ``defaults`` in crener.registry) <- profile <- the
     family's settings for that profile (its ``profile_defaults``) <- variant <- per-dataset rule
-    <- overrides. The variant comes after the profile so a profile can never
-    silently undo an ablation.
+    <- overrides (profiles, variants and per-dataset rules: crener/profiles.toml). The variant
+    comes after the profile so a profile can never silently undo an ablation.
     """
     try:
         family = registry.get(model)
@@ -84,10 +88,7 @@ def build_run_config(
     if not flat.get("model.use_relation_enhancement", True):
         flat["model.rounds"] = 1
     flat.update({"data.dataset": dataset, "train.seed": seed, "profile": profile, "variant": variant})
-    # TENER's depth pattern (method.md §4.2): one Transformer layer on Weibo at paper widths.
-    if profile == "paper" and dataset == "weibo":
-        flat.setdefault("model.tf_layers", 1)
-        flat["model.tf_layers"] = 1
+    flat.update(DATASET_RULES.get(profile, {}).get(dataset, {}))
     # Old flat names (train.progress, ...) are canonical here, so they override the profile's.
     flat.update({canonical_key(k): v for k, v in (overrides or {}).items()})
     if str(flat.get("train.bf16", "")).lower() == "auto":

@@ -108,6 +108,9 @@ def test_profiles_and_variants_are_data() -> None:
 
     assert PROFILES_FILE.parent == ROOT / "crener" and list(PROFILES)[:2] == ["smoke", "quick"]
     assert list(VARIANTS)[0] == "full" and len(VARIANTS) == 9
+    # a per-dataset rule (TENER's depth pattern at paper widths) applies to its dataset only
+    assert build_run_config(profile="paper", dataset="weibo").model.tf_layers == 1
+    assert build_run_config(profile="paper", dataset="resume").model.tf_layers == 2
     package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
     assert PROFILES_FILE.name in package_data["crener"]
     for module in ("config.py", "profiles.py"):
