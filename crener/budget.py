@@ -4,7 +4,7 @@ The minutes become a step count before the run is keyed. A probe builds the run'
 (:func:`crener.train.build_parts`), times a few optimiser steps and one dev evaluation, and the
 plan keeps the profile's epochs, capping each at the steps that fit (``train.max_steps``). The
 resolved steps are part of the run's identity (a slower machine gets fewer: another experiment);
-the minutes are recorded with the run as ``train.time_budget``, which is not.
+the minutes are recorded with the run as ``runtime.time_budget``, which is not.
 
 The budget B covers the whole command: the probe itself (its one-off costs, such as loading the
 encoder and, for a frozen one, encoding every sentence, which the run then finds cached), one dev
@@ -75,9 +75,9 @@ def measure(cfg: RunConfig) -> Costs:
 
     started = time.perf_counter()
     seed_everything(cfg.train.seed)
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(cfg.runtime.device)
     with tempfile.TemporaryDirectory() as tmp:
-        parts = build_parts(cfg, cfg.data, Path(tmp), device)
+        parts = build_parts(cfg, cfg.runtime.data_root, Path(tmp), device)
     lengths = [e.n for e in parts.train_examples]
     batches = training_batches(lengths, cfg.train, np.random.default_rng([cfg.train.seed, 1]))
     optimizer = torch.optim.AdamW(parameter_groups(parts.model, cfg))
@@ -101,7 +101,7 @@ def measure(cfg: RunConfig) -> Costs:
 
 
 def apply_budget(cfg: RunConfig, minutes: float) -> RunConfig:
-    """``cfg`` with its steps fixed to fit ``minutes`` here (and ``train.time_budget`` recorded)."""
+    """``cfg`` with its steps fixed to fit ``minutes`` here (and ``runtime.time_budget`` recorded)."""
     if not minutes > 0:
         raise CrenerError(f"--time-budget {minutes:g}: must be > 0 minutes")
     costs = measure(cfg)
@@ -112,5 +112,5 @@ def apply_budget(cfg: RunConfig, minutes: float) -> RunConfig:
         costs.batches_per_epoch,
     )  # fmt: skip
     return cfg.with_overrides(
-        {"train.epochs": epochs, "train.max_steps": per_epoch, "train.time_budget": float(minutes)}
+        {"train.epochs": epochs, "train.max_steps": per_epoch, "runtime.time_budget": float(minutes)}
     )

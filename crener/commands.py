@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 
 from crener import registry
-from crener.config import MAX_LEN, PROFILES, VARIANTS, build_run_config, parse_set
+from crener.config import MAX_LEN, parse_set
 from crener.errors import CrenerError
+from crener.profiles import PROFILES, VARIANTS, build_run_config
 from crener.workspace import workdir_for
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--time-budget", type=float, metavar="MINUTES",
         help="fix the steps from a few timed ones so the whole command fits MINUTES on this machine "
-        "(crener.budget; the steps enter the run key, the minutes are logged as train.time_budget)",
+        "(crener.budget; the steps enter the run key, the minutes are logged as runtime.time_budget)",
     )  # fmt: skip
     p.set_defaults(func=cmd_train)
 
@@ -163,7 +164,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.encoder:
         overrides["model.encoder"] = args.encoder
     if args.data_root:
-        overrides["data.data_root"] = args.data_root
+        overrides["runtime.data_root"] = args.data_root
     cfg = build_run_config(
         model=args.model, variant=args.variant, profile=args.profile, dataset=args.dataset, seed=args.seed,
         overrides=overrides,

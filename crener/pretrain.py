@@ -274,7 +274,7 @@ def build_corpus(cfg: PretrainConfig) -> Corpus:
     files: dict[str, str] = {}
     dev_text: dict[str, list[str]] = {}
     for name in cfg.datasets:
-        data = load_dataset(DataConfig(dataset=name, data_root=cfg.data_root, msra_protocol="clean"))
+        data = load_dataset(DataConfig(dataset=name, msra_protocol="clean"), data_root=cfg.data_root)
         for split, path in data.files.items():
             files[f"{name}/{split}"] = path
         train_texts.extend(s.text for s in data.train)
@@ -285,7 +285,7 @@ def build_corpus(cfg: PretrainConfig) -> Corpus:
     # scored here either; say so and go on.
     for name in sorted(set(DATASETS) - set(cfg.datasets)):
         try:
-            data = load_dataset(DataConfig(dataset=name, data_root=cfg.data_root, msra_protocol="clean"))
+            data = load_dataset(DataConfig(dataset=name, msra_protocol="clean"), data_root=cfg.data_root)
         except DataError as exc:
             log.warning("dev/test text of dataset %s not read, so not held out: %s", name, exc)
             continue

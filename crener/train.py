@@ -34,7 +34,7 @@ from torch import nn
 
 from crener import registry
 from crener.checkpoint import CHECKPOINT_VERSION, encoder_state, load_checkpoint, save_checkpoint
-from crener.config import DataConfig, ModelConfig, RunConfig
+from crener.config import ModelConfig, RunConfig
 from crener.data.batching import Example, collate, training_batches
 from crener.data.datasets import load_dataset
 from crener.data.digest import dataset_digest
@@ -64,6 +64,7 @@ from crener.evaluation import (
     resolve_device,
     shifted_scores,
 )
+from crener.identity import run_key
 from crener.pretrain import vectors_path
 from crener.registry import build_model, build_task
 from crener.tasks import Task
@@ -94,7 +95,7 @@ def keep_large_tensors_on_heap(enabled: bool = True) -> bool:
     mmap off for malloc (M_MMAP_MAX = 0) and trimming off lets freed grids be reused. Raising
     only the mmap threshold, tried first, does nothing for tensors above its 32 MiB cap. The
     price is fragmentation: the heap's high-water mark is the peak, and with batches of very
-    different sizes it grows (see ``train.heap_tensors`` for why it is off by default).
+    different sizes it grows (see ``runtime.heap_tensors`` for why it is off by default).
     Process-wide and idempotent; returns whether it took effect (False off glibc, e.g. macOS or
     musl).
     """
@@ -152,10 +153,10 @@ class RunParts:
     model: nn.Module
 
 
-def build_parts(cfg: RunConfig, data_cfg: DataConfig, workdir: Path, device: torch.device) -> RunParts:
+def build_parts(cfg: RunConfig, data_root: str | None, workdir: Path, device: torch.device) -> RunParts:
     """The one setup of a run (data, task, encoder, features, model on ``device``), as ``fit``
     and the time-budget probe both need it. Seed first: the model's initialisation draws."""
-    data = load_dataset(data_cfg, seed=cfg.train.seed)
+    data = load_dataset(cfg.data, seed=cfg.train.seed, data_root=data_root)
     task = build_task(cfg.model, data.types)
     encoder, tokenizer = load_encoder(cfg, data.train, workdir)
     max_len = cfg.data.max_len
@@ -164,9 +165,9 @@ def build_parts(cfg: RunConfig, data_cfg: DataConfig, workdir: Path, device: tor
     # Under the MSRA lineage protocol dev is the test set; reuse it unless dev was cut shorter.
     same = data.dev_is_test and len(data.dev) == len(data.test)
     test = dev if same else build_split("test", data.test, max_len, task, tokenizer)
-    model = build_model(cfg.model, task, encoder)
-    vectors = vectors_path(cfg.model.char_vectors, data_cfg.data_root)
-    if vectors is not None:  # only a family with its own character embeddings reads it (ModelConfig checks)
+    model = build_model(cfg.model, task, encoder, cfg.runtime)
+    vectors = vectors_path(cfg.model.char_vectors, data_root)
+    if vectors is not None:  # only a family with its own character embeddings reads it (registry.check_model)
         model.init_char_vectors(tokenizer.tokenizer.get_vocab(), vectors)
     model = model.to(device)
     # Only a family that reads the field (so has it in its run key) may act on it.
@@ -264,7 +265,7 @@ def train_one_epoch(
     batches = list(batches)[:max_steps] if max_steps else list(batches)
     total, count, sentences = 0.0, 0, 0
     start = time.perf_counter()
-    bar = progress_bar(len(batches), f"epoch {epoch}", cfg.train.progress)
+    bar = progress_bar(len(batches), f"epoch {epoch}", cfg.runtime.progress)
     pending: list[tuple[int, torch.Tensor]] = []  # (step, loss on the device) not yet read
 
     def read_pending() -> None:
@@ -289,7 +290,7 @@ def train_one_epoch(
             bar.update(len(pending))
         pending.clear()
 
-    for step, batch in enumerate(host_batches(examples, batches, task, cfg.train.loader_workers, device)):
+    for step, batch in enumerate(host_batches(examples, batches, task, cfg.runtime.loader_workers, device)):
         if unk_probs is not None:
             batch.input_ids = replace_with_unk(batch.input_ids, unk_probs, unk_id)
         batch = batch.pin_memory() if device.type == "cuda" and not batch.input_ids.is_pinned() else batch
@@ -372,19 +373,19 @@ def fit(
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
-    keep_large_tensors_on_heap(cfg.train.heap_tensors)
+    if cfg.runtime.threads > 0:
+        torch.set_num_threads(cfg.runtime.threads)
+    keep_large_tensors_on_heap(cfg.runtime.heap_tensors)
     seed_everything(cfg.train.seed)
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(cfg.runtime.device)
     if cfg.train.bf16 and device.type == "cpu" and not bf16_pays("cpu"):
         log.warning(
             "train.bf16 on a CPU whose bf16 matmuls are not fast (below %.0fx its fp32 rate, measured "
             "now): bf16 slows training here; set train.bf16=false or auto", BF16_MIN_MATMUL_RATIO,
         )  # fmt: skip
-    data_cfg = cfg.data if data_root is None else _replace_root(cfg, data_root)
-    key = cfg.key(data_digest=dataset_digest(data_cfg))  # of the files this run reads
-    parts = build_parts(cfg, data_cfg, workdir, device)
+    root = cfg.runtime.data_root if data_root is None else data_root
+    key = run_key(cfg, data_digest=dataset_digest(cfg.data, root))  # of the files this run reads
+    parts = build_parts(cfg, root, workdir, device)
     data, task, encoder, tokenizer, model = (
         parts.data,
         parts.task,
@@ -411,7 +412,7 @@ def fit(
     ckpt_dir = workdir / "checkpoints"
     last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
     history: list[dict[str, float]] = []
-    curve: list[dict[str, float]] = []  # dev F1 every train.eval_every steps (learning-start diagnostic)
+    curve: list[dict[str, float]] = []  # dev F1 every runtime.eval_every steps (learning-start diagnostic)
     best_f1, best_epoch, best_shift, start_epoch = -1.0, 0, 0.0, 1
     calibrated = _calibrates(cfg, task)
     if resume and last_path.exists():
@@ -454,7 +455,7 @@ def fit(
     def on_step(loss_value: float) -> None:
         step_state["step"] += 1
         step_state["losses"].append(loss_value)
-        if not cfg.train.eval_every or step_state["step"] % cfg.train.eval_every:
+        if not cfg.runtime.eval_every or step_state["step"] % cfg.runtime.eval_every:
             return
         row = {"step": step_state["step"], "train/loss": float(np.mean(step_state["losses"]))}
         row.update(_dev_diagnostic(model, task, dev, device, cfg)[1])
@@ -547,7 +548,7 @@ def fit(
         "dev_best_shift": {"shift": diagnostic["dev/best_shift"], "f1": diagnostic["dev/f1_best_shift"]},
         # The shift dev and test were decoded with (model.calibrate; 0 otherwise).
         "threshold_shift": best_shift,
-        "first_step_dev_f1_positive": first_positive,  # from the curve (train.eval_every), else None
+        "first_step_dev_f1_positive": first_positive,  # from the curve (runtime.eval_every), else None
     }
     pred_dir = workdir / "predictions"
     pred_dir.mkdir(exist_ok=True)
@@ -598,12 +599,6 @@ def _dev_diagnostic(
     f1s = {d: sc.micro.f1 for d, sc in per_shift.items()}
     best = max(f1s, key=lambda d: (f1s[d], -abs(d)))
     return per_shift[shift], {"dev/f1": f1s[shift], "dev/f1_best_shift": f1s[best], "dev/best_shift": best}
-
-
-def _replace_root(cfg: RunConfig, data_root: str):
-    import dataclasses
-
-    return dataclasses.replace(cfg.data, data_root=data_root)
 
 
 def progress_bar(total: int, desc: str, enabled: bool):

@@ -16,6 +16,7 @@ import subprocess
 from pathlib import Path
 
 from crener.config import RunConfig
+from crener.identity import run_key
 
 RUNS_ENV = "CRENER_RUNS"
 DEFAULT_RUNS_DIR = "runs"
@@ -33,7 +34,7 @@ def resolve_runs_dir(path: str | Path | None = None) -> Path:
 
 def workdir_for(cfg: RunConfig, root: str | Path | None = None) -> Path:
     """``<runs>/<profile>/<key>``: the folder of the run ``cfg`` (checkpoints, summary, outputs)."""
-    return resolve_runs_dir(root) / cfg.profile / cfg.key()
+    return resolve_runs_dir(root) / cfg.profile / run_key(cfg)
 
 
 def tracking_uri(uri: str | None = None) -> str:

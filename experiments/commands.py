@@ -16,8 +16,10 @@ from typing import Any
 
 from crener import registry
 from crener.commands import count_int, int_at_least, non_negative_int
-from crener.config import PROFILES, VARIANTS, parse_set
+from crener.config import canonical_key, parse_set
 from crener.errors import CrenerError
+from crener.identity import run_key
+from crener.profiles import PROFILES, VARIANTS
 from crener.workspace import OPTUNA_STORAGE
 
 log = logging.getLogger(__name__)
@@ -136,6 +138,11 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def _sets_threads(sets: list[str]) -> bool:
+    """Whether the user's ``--set`` items choose the thread count (by today's or the old name)."""
+    return any(canonical_key(key) == "runtime.threads" for key in parse_set(sets))
+
+
 def spawn_jobs(argv: list[str], jobs: int, sets: list[str], gpus: list[str] | None = None) -> int:
     """``--jobs N``: N copies of this command (``argv`` less ``--jobs``, plus ``--no-report``),
     each walking the whole cell list. A cell's lock (crener.runner) hands each cell to the first
@@ -147,8 +154,8 @@ def spawn_jobs(argv: list[str], jobs: int, sets: list[str], gpus: list[str] | No
 
     threads = max(1, _cores() // jobs)
     child = [sys.executable, "-m", "crener.cli", *_without_jobs(argv), "--no-report"]
-    if not any(s.startswith("train.threads=") for s in sets):  # an ignored field: keys unchanged
-        child += ["--set", f"train.threads={threads}"]
+    if not _sets_threads(sets):  # a runtime field: keys unchanged
+        child += ["--set", f"runtime.threads={threads}"]
     from crener.tracking import Tracker
 
     Tracker()  # create (migrate) the tracking store once, before the workers race to do it
@@ -181,7 +188,7 @@ def run_cells(cells: list[Any], *, runs_dir: str | None, data_root: str | None) 
     counts = {"ran": 0, "skipped": 0}
 
     def run(index: int, cell: Any, *, wait: bool) -> None:
-        tag = f"[{index}/{len(cells)}] {cell.sweep} {cell.label} ({cell.cfg.key()})"
+        tag = f"[{index}/{len(cells)}] {cell.sweep} {cell.label} ({run_key(cell.cfg)})"
         log.info("%s: start", tag)
         t0 = time.monotonic()
         try:
@@ -225,7 +232,7 @@ def _plan(args: argparse.Namespace) -> list[Any]:
 
     sets = parse_set(args.set)
     if args.data_root:  # the cells' keys digest the files they will read
-        sets.setdefault("data.data_root", args.data_root)
+        sets.setdefault("runtime.data_root", args.data_root)
     return plan(
         SWEEP_NAMES,
         args.profile,
@@ -262,7 +269,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         log.info("worker %d/%d: %d of %d cells", args.worker[0], args.worker[1], len(cells), total)
     if args.dry_run:
         for cell in cells:
-            print(f"{cell.sweep:9s} {cell.cfg.profile:6s} {cell.cfg.key()} {cell.label}")
+            print(f"{cell.sweep:9s} {cell.cfg.profile:6s} {run_key(cell.cfg)} {cell.label}")
         return 0
 
     _, failed = run_cells(cells, runs_dir=args.runs_dir, data_root=args.data_root)
@@ -293,9 +300,8 @@ def _dask_session(args: argparse.Namespace) -> Any:
 def _reproduce_on_dask(args: argparse.Namespace) -> int:
     if args.worker:
         raise CrenerError("--worker I/N splits cells by hand; with --executor dask the scheduler does it")
-    if not args.address and not any(s.startswith("train.threads=") for s in args.set):
-        # an ignored field: keys unchanged
-        args.set = [*args.set, f"train.threads={max(1, _cores() // args.jobs)}"]
+    if not args.address and not _sets_threads(args.set):  # a runtime field: keys unchanged
+        args.set = [*args.set, f"runtime.threads={max(1, _cores() // args.jobs)}"]
     cells = _plan(args)
     from experiments.executor import run_cells_dask
 

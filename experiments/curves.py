@@ -2,7 +2,7 @@
 
 The question it answers is whether a grid model *starts* learning: on the all-negative plateau the
 loss falls while dev F1 stays at 0 for hundreds of steps. Each setting is trained with dev evaluated
-every ``--every`` steps (``train.eval_every``: extra evaluations draw nothing random, so the run is
+every ``--every`` steps (``runtime.eval_every``: extra evaluations draw nothing random, so the run is
 the same as without them), logged to MLflow as a ``diagnostic`` run (never reused as a sweep cell),
 and the curves are written under ``reports/out/curves/`` as a Markdown table, a CSV and a figure,
 with the step where dev F1 first exceeds 0 and F1 at the best single threshold shift.
@@ -19,12 +19,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from crener.config import QUICK_V1, build_run_config, parse_set
+from crener.config import parse_set
+from crener.identity import QUICK_V1, run_key
+from crener.profiles import build_run_config
 
 log = logging.getLogger(__name__)
 
-# The whole quick profile of commit 6d9c92e, before issue 13, applied over today's quick profile: its
-# widths and budget, the random embedded encoder, and scores starting at 0.
+# The whole quick profile before the shipped encoder (QUICK_V1), applied over today's quick
+# profile: its widths and budget, the random embedded encoder, and scores starting at 0.
 BEFORE_QUICK: dict[str, Any] = {
     **QUICK_V1,
     "model.encoder": "embedded",
@@ -59,11 +61,11 @@ def cmd_curves(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results = {}
     for name in args.settings:
-        overrides = {**SETTINGS[name], **parse_set(args.overrides), "train.eval_every": args.every}
+        overrides = {**SETTINGS[name], **parse_set(args.overrides), "runtime.eval_every": args.every}
         cfg = build_run_config(
             model=args.model, profile=args.profile, dataset=args.dataset, seed=args.seed, overrides=overrides
         )
-        workdir = resolve_runs_dir(args.runs_dir) / "curves" / f"{name}-{cfg.key()}"
+        workdir = resolve_runs_dir(args.runs_dir) / "curves" / f"{name}-{run_key(cfg)}"
         results[name] = run_diagnostic(cfg, workdir, label=name)
     stem = f"{args.model}-{args.dataset}-{args.profile}-s{args.seed}" + (f"-{args.name}" if args.name else "")
     write_curves(results, out / stem)

@@ -23,7 +23,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from crener.config import build_run_config, parse_set
+from crener.config import parse_set
+from crener.identity import run_key
+from crener.profiles import build_run_config
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ def register(subparsers: Any) -> None:
 
     p = subparsers.add_parser(
         "encoders",
-        help="encoder ablation: random, vectors only, pretrained only, pretrained + vectors (issue 13)",
+        help="encoder ablation: random, vectors only, pretrained only, pretrained + vectors",
         description=__doc__.split("\n\n")[1] if __doc__ else None,
     )
     p.add_argument("--datasets", nargs="+", default=["resume", "weibo"])
@@ -128,7 +130,7 @@ def plan(args: argparse.Namespace, encoders: dict[str, str]) -> list[tuple[str, 
 
     sets = parse_set(args.set)
     if args.data_root:
-        sets.setdefault("data.data_root", args.data_root)
+        sets.setdefault("runtime.data_root", args.data_root)
     return [
         (arm, Cell(SWEEP, build_run_config(
             profile=args.profile, dataset=d, seed=s, overrides={**sets, "model.encoder": encoders[arm]}
@@ -169,7 +171,7 @@ def write_report(args: argparse.Namespace, encoders: dict[str, str], planned: li
     tracker = Tracker()
     rows: dict[tuple[str, str], list[tuple[int, float, float, str]]] = {}
     for arm, cell in planned:
-        done = next((r for r in tracker.find_runs(cell.cfg.key()) if r.finished), None)
+        done = next((r for r in tracker.find_runs(run_key(cell.cfg)) if r.finished), None)
         if done is None:
             continue
         dev, test = done.metrics.get("best/dev_f1"), done.metrics.get("best/test_f1")

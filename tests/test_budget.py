@@ -12,6 +12,7 @@ from crener import budget
 from crener.budget import Costs, plan_steps
 from crener.cli import main as cli_main
 from crener.errors import CrenerError
+from crener.identity import run_key
 from tests.helpers import tiny_cfg
 
 
@@ -42,10 +43,10 @@ def test_steps_are_keyed_and_minutes_are_not(tiny_data, monkeypatch):
     monkeypatch.setattr(budget, "measure", lambda cfg: costs)
     cfg = tiny_cfg(tiny_data)
     a, b = budget.apply_budget(cfg, 1), budget.apply_budget(cfg, 2)
-    assert (a.train.epochs, a.train.max_steps, a.train.time_budget) == (3, (60 - 2 - 1.5) // 0.1 // 3, 1.0)
-    assert a.key() != b.key()  # more minutes bought more steps: another experiment
+    assert (a.train.epochs, a.train.max_steps, a.runtime.time_budget) == (3, (60 - 2 - 1.5) // 0.1 // 3, 1.0)
+    assert run_key(a) != run_key(b)  # more minutes bought more steps: another experiment
     again = tiny_cfg(tiny_data, **{"train.epochs": a.train.epochs, "train.max_steps": a.train.max_steps})
-    assert again.key() == a.key()  # the same steps without a budget: the same run
+    assert run_key(again) == run_key(a)  # the same steps without a budget: the same run
     with pytest.raises(CrenerError, match="must be > 0"):
         budget.apply_budget(cfg, 0)
 
@@ -64,7 +65,7 @@ def test_the_probe_measures_this_run_and_train_follows_the_plan(tiny_data, tmp_p
     assert cli_main(args) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert (config["train.time_budget"], config["train.epochs"], config["train.max_steps"]) == (
+    assert (config["runtime.time_budget"], config["train.epochs"], config["train.max_steps"]) == (
         0.25, epochs, per_epoch,
     )  # fmt: skip
     assert summary["epochs"] == epochs

@@ -15,6 +15,7 @@ from crener import train as train_mod
 from crener.checkpoint import load_checkpoint
 from crener.cli import main as cli_main
 from crener.errors import CheckpointError, CrenerError
+from crener.identity import run_key
 from crener.train import fit
 from tests.conftest import SENTENCES
 from tests.helpers import tiny_cfg, write_bmes
@@ -117,7 +118,7 @@ def test_deferred_loss_reads_and_loader_workers_train_the_same(tiny_data, tmp_pa
             return real_epoch(*args, sync_every=sync_every, **kwargs)
 
         monkeypatch.setattr(train_mod, "train_one_epoch", epoch)
-        over = {"train.epochs": 1, "train.max_cells": 100, "train.loader_workers": workers}
+        over = {"train.epochs": 1, "train.max_cells": 100, "runtime.loader_workers": workers}
         fit(tiny_cfg(tiny_data, **over), tmp_path / name)
         weights = load_checkpoint(tmp_path / name / "checkpoints" / "last.pt")["model"]
         runs[name] = (seen, weights)
@@ -127,7 +128,7 @@ def test_deferred_loss_reads_and_loader_workers_train_the_same(tiny_data, tmp_pa
         seen, weights = runs[name]
         assert seen == plain, name
         assert all(torch.equal(weights[k], w_plain[k]) for k in w_plain), name
-    assert cfg.train.loader_workers == 0
+    assert cfg.runtime.loader_workers == 0
 
 
 def test_a_non_finite_loss_is_caught_at_a_deferred_read(tiny_data, tmp_path, monkeypatch):
@@ -314,7 +315,7 @@ def test_patience_stops_and_tests_the_best_checkpoint_and_a_resumed_run_stops_al
     tiny_data, tmp_path, monkeypatch
 ):
     cfg = tiny_cfg(tiny_data, **{"train.epochs": 6, "train.patience": 2})
-    assert cfg.key() != tiny_cfg(tiny_data, **{"train.epochs": 6}).key()  # another experiment
+    assert run_key(cfg) != run_key(tiny_cfg(tiny_data, **{"train.epochs": 6}))  # another experiment
     # Best at epoch 2; epochs 3 and 4 do not beat it: stop after 4, never train 5 and 6.
     scripted_dev_f1(monkeypatch, [0.2, 0.5, 0.4, 0.5, 0.9, 0.9])
     whole = fit(cfg, tmp_path / "a")

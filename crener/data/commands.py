@@ -246,16 +246,17 @@ def epoch_batches(dataset: str, profile: str, model: str = "crener", overrides: 
     """Steps and batch sizes of one training epoch (seed 0) as ``profile`` batches ``dataset``."""
     import numpy as np
 
-    from crener.config import build_run_config, parse_set
+    from crener.config import parse_set
     from crener.data.batching import batch_cells, training_batches
     from crener.data.datasets import load_dataset
     from crener.data.split import split_all
+    from crener.profiles import build_run_config
 
     flat = parse_set(list(overrides))
     if data_root:
-        flat["data.data_root"] = data_root
+        flat["runtime.data_root"] = data_root
     cfg = build_run_config(model=model, profile=profile, dataset=dataset, overrides=flat)
-    data = load_dataset(cfg.data, seed=0)
+    data = load_dataset(cfg.data, seed=0, data_root=cfg.runtime.data_root)
     lengths = [len(c.sentence) for c in split_all(data.train, cfg.data.max_len)]
     batches = training_batches(lengths, cfg.train, np.random.default_rng(0))
     sizes = Counter(len(b) for b in batches)
