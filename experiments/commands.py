@@ -149,7 +149,7 @@ def spawn_jobs(argv: list[str], jobs: int, sets: list[str], gpus: list[str] | No
     copy that reaches it; the others pass it by and find it finished at the end, so the cells
     spread over the copies as they free up, however uneven their costs. The CPU threads are split
     between them: small grid steps are bound by per-op overhead, which a second process hides
-    better than a second thread (figures: README, Reproduce Tables 2-6). The worst exit status."""
+    better than a second thread (figures: reports/results-history.md). The worst exit status."""
     import subprocess
 
     threads = max(1, _cores() // jobs)
@@ -250,7 +250,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
     if gpus:
         if args.executor != "local":
-            raise CrenerError("--gpus is for the local executor; on Dask, start one worker per GPU (README)")
+            raise CrenerError("--gpus is for the local executor; on Dask, start one worker per GPU (experiments/README.md)")
         args.jobs = len(gpus)
         args.argv = _without_option(args.argv, "--gpus")
     if args.executor == "dask" and not args.dry_run:
