@@ -15,7 +15,15 @@ from pathlib import Path
 from crener import registry
 from crener.config import MAX_LEN, parse_set
 from crener.errors import CrenerError
-from crener.profiles import PROFILES, VARIANTS, build_run_config
+from crener.options import (
+    add_data_root,
+    add_overrides,
+    add_run_options,
+    add_seed,
+    int_at_least,
+    positive_int,
+)
+from crener.profiles import VARIANTS, build_run_config
 from crener.workspace import workdir_for
 
 log = logging.getLogger(__name__)
@@ -25,44 +33,18 @@ log = logging.getLogger(__name__)
 BENCH_WIDTHS = ("quick", "paper", "full")
 
 
-def int_at_least(low: int, high: int | None = None, *, label: str | None = None):
-    """An argparse type: an integer in ``[low, high]``; ``label`` names it in the error message
-    (default "an integer >= low" or "an integer between low and high")."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < low or (high is not None and value > high):
-            bound = f"between {low} and {high}" if high is not None else f">= {low}"
-            raise argparse.ArgumentTypeError(f"expected {label or 'an integer ' + bound}, got {text!r}")
-        return value
-
-    parse.__name__ = "integer"  # argparse names the type in its messages
-    return parse
-
-
-non_negative_int = int_at_least(0)
-positive_int = int_at_least(1)
-count_int = int_at_least(1, label="a positive integer")  # how many: trials, jobs
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train one model/variant on one dataset; prints a JSON summary")
     p.add_argument("--dataset", required=True)
     p.add_argument("--model", default="crener", choices=registry.names())
     p.add_argument("--variant", default="full", choices=list(VARIANTS))
-    p.add_argument("--profile", default="quick", choices=list(PROFILES))
-    p.add_argument("--seed", type=non_negative_int, default=0, help="run seed (>= 0)")
+    add_run_options(p)
+    add_seed(p)
     p.add_argument(
         "--encoder",
         help="from_pretrained name or path (default: the profile's: crener-char in quick and full, embedded in smoke, bert-base-chinese in paper)",
     )
-    p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE", help="config override")
-    p.add_argument("--data-root", help="dataset directory (default: $CRENER_DATA, then ../shared/data)")
     p.add_argument("--workdir", help="run directory with --no-track (default: <runs-dir>/<profile>/<key>)")
-    p.add_argument("--runs-dir", help="root of run directories (default: $CRENER_RUNS, then runs)")
     p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     p.add_argument(
@@ -82,7 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "training reported it, unless --whole-split; the JSON says how many sentences "
                         "were scored (sentences, split_sentences) and whether they are a sample")  # fmt: skip
     p.add_argument("--whole-split", action="store_true", help="score every sentence of the split")
-    p.add_argument("--data-root")
+    add_data_root(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="tag raw text (one sentence a line) or a CoNLL file; JSON lines out")
@@ -110,7 +92,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--sentences", type=positive_int, default=96, help="Resume training sentences per measurement"
     )
     p.add_argument("--batch", type=positive_int, default=1, help="sentences of each length in a memory probe")
-    p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE")
+    add_overrides(p)
     p.add_argument("--json", action="store_true", help="one JSON object instead of tables")
     p.add_argument("--page", metavar="FILE", help="also write a Markdown page of the results (and FILE's .json "
                    "beside it), e.g. reports/performance.md")  # fmt: skip
@@ -139,7 +121,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--init-from", metavar="ENCODER",
                    help="continue pretraining this encoder (a shipped name such as crener-char, or a folder)")  # fmt: skip
-    p.add_argument("--data-root", help="dataset directory (default: $CRENER_DATA, then ../shared/data)")
+    add_data_root(p)
     p.add_argument("--vectors", help="starting vectors of the character embeddings, sources joined by '+': "
                    "people (shared/pretrained People's Daily 2014, the default), wiki (simplechinese), lac "
                    "(jieba), a word2vec file; 'none' for random")  # fmt: skip

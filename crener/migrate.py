@@ -34,6 +34,7 @@ from typing import Any
 from crener.config import RUNTIME_ALIASES, RunConfig, run_label
 from crener.errors import CrenerError
 from crener.identity import KEY_SCHEMA, run_key
+from crener.options import add_data_root, add_runs_dir
 from crener.workspace import resolve_runs_dir
 
 log = logging.getLogger(__name__)
@@ -169,8 +170,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="rekey an MLflow store and its run folders made under an older run identity (idempotent)",
         description=__doc__.split("\n\n")[0],
     )
-    p.add_argument("--runs-dir", help="root of run folders (default: $CRENER_RUNS, then runs)")
-    p.add_argument("--data-root", help="dataset directory for the data digests of runs that did not log one")
+    add_runs_dir(p)
+    add_data_root(p)  # for the data digests of runs that did not log one
     p.add_argument("--dry-run", action="store_true", help="report what would change; write nothing")
     p.set_defaults(func=cmd_migrate)
 

@@ -15,11 +15,11 @@ import time
 from typing import Any
 
 from crener import registry
-from crener.commands import count_int, int_at_least, non_negative_int
 from crener.config import canonical_key, parse_set
 from crener.errors import CrenerError
 from crener.identity import run_key
-from crener.profiles import PROFILES, VARIANTS
+from crener.options import add_run_options, add_seeds, count_int, int_at_least, non_negative_int
+from crener.profiles import VARIANTS
 from crener.workspace import OPTUNA_STORAGE
 
 log = logging.getLogger(__name__)
@@ -57,15 +57,12 @@ def _register_reproduce(subparsers: Any) -> None:
         description="Expand the main (Tables 2-5) and ablation (Table 6) sweeps and run each cell once. "
         "Finished cells are skipped and interrupted ones resume, so the command can be rerun at will.",
     )
-    p.add_argument("--profile", choices=list(PROFILES), help="budget (default: each sweep's, quick)")
+    add_run_options(p, None, profile_text="each sweep's default_profile (quick)")
     p.add_argument("--only", nargs="+", metavar="SEL", help="table2 .. table6, main or ablation")
     p.add_argument("--datasets", nargs="+", metavar="D", help="restrict to these datasets")
-    p.add_argument("--seeds", nargs="+", type=int, metavar="S", help="seeds (default: the profile's)")
+    add_seeds(p, default_text="the sweep's seeds for the profile")
     p.add_argument("--models", nargs="+", choices=registry.names(), metavar="M", help="restrict models")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), metavar="V", help="restrict variants")
-    p.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)"
-    )
     p.add_argument(
         "--config",
         action="append",
@@ -73,10 +70,6 @@ def _register_reproduce(subparsers: Any) -> None:
         metavar="PATH",
         help="overrides file, e.g. from tune --export",
     )
-    p.add_argument(
-        "--data-root", metavar="D", help="dataset root (default: $CRENER_DATA, then ../shared/data)"
-    )
-    p.add_argument("--runs-dir", metavar="D", help="workdirs root (default: $CRENER_RUNS, then ./runs)")
     p.add_argument("--worker", type=_worker, metavar="I/N", help="take cells whose index %% N == I")
     p.add_argument(
         "--jobs",
@@ -230,7 +223,7 @@ def run_cells(cells: list[Any], *, runs_dir: str | None, data_root: str | None) 
 def _plan(args: argparse.Namespace) -> list[Any]:
     from experiments.sweeps import SWEEP_NAMES, plan
 
-    sets = parse_set(args.set)
+    sets = parse_set(args.overrides)
     if args.data_root:  # the cells' keys digest the files they will read
         sets.setdefault("runtime.data_root", args.data_root)
     return plan(
@@ -250,13 +243,15 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
     if gpus:
         if args.executor != "local":
-            raise CrenerError("--gpus is for the local executor; on Dask, start one worker per GPU (experiments/README.md)")
+            raise CrenerError(
+                "--gpus is for the local executor; on Dask, start one worker per GPU (experiments/README.md)"
+            )
         args.jobs = len(gpus)
         args.argv = _without_option(args.argv, "--gpus")
     if args.executor == "dask" and not args.dry_run:
         return _reproduce_on_dask(args)
     if (args.jobs > 1 or gpus) and not args.worker and not args.dry_run:
-        rc = spawn_jobs(args.argv, args.jobs, args.set, gpus)
+        rc = spawn_jobs(args.argv, args.jobs, args.overrides, gpus)
         return rc if args.no_report else max(rc, _report(sorted({c.cfg.profile for c in _plan(args)})))
     from experiments.sweeps import load_overrides, shard, unused_overrides
 
@@ -300,8 +295,8 @@ def _dask_session(args: argparse.Namespace) -> Any:
 def _reproduce_on_dask(args: argparse.Namespace) -> int:
     if args.worker:
         raise CrenerError("--worker I/N splits cells by hand; with --executor dask the scheduler does it")
-    if not args.address and not _sets_threads(args.set):  # a runtime field: keys unchanged
-        args.set = [*args.set, f"runtime.threads={max(1, _cores() // args.jobs)}"]
+    if not args.address and not _sets_threads(args.overrides):  # a runtime field: keys unchanged
+        args.overrides = [*args.overrides, f"runtime.threads={max(1, _cores() // args.jobs)}"]
     cells = _plan(args)
     from experiments.executor import run_cells_dask
 
@@ -335,12 +330,13 @@ def _register_tune(subparsers: Any) -> None:
         "tune",
         help="Optuna search on one dataset (shared study: start it in several processes)",
         description="Run N trials of a shared Optuna study (TPE, median pruning on dev F1). Several "
-        "processes with the same --storage and --study-name work on one study.",
+        "processes with the same --storage and --study-name work on one study. --set applies to every "
+        "trial; trial folders go to <runs-dir>/tune/<study>/trial-NNNN.",
     )
     p.add_argument("--dataset", required=True, help="dataset to tune on")
     p.add_argument("--model", default="crener", choices=registry.names())
     p.add_argument("--variant", default="full", choices=list(VARIANTS))
-    p.add_argument("--profile", default="quick", choices=list(PROFILES))
+    add_run_options(p)
     p.add_argument("--trials", type=count_int, required=True, help="trials run by this process (>= 1)")
     p.add_argument(
         "--storage",
@@ -356,9 +352,6 @@ def _register_tune(subparsers: Any) -> None:
         default=0,
         help="sampler seed >= 0 (give concurrent workers different ones)",
     )
-    p.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="fixed override for every trial"
-    )
     p.add_argument("--export", metavar="PATH", help="write the best params as a --config file for reproduce")
     p.add_argument(
         "--executor",
@@ -370,8 +363,6 @@ def _register_tune(subparsers: Any) -> None:
     p.add_argument(
         "--address", metavar="ADDR", help="dask: the scheduler; default: a local cluster of --jobs"
     )
-    p.add_argument("--data-root", metavar="D")
-    p.add_argument("--runs-dir", metavar="D", help="trial workdirs go to <runs>/tune/<study>/trial-NNNN")
     p.set_defaults(func=cmd_tune)
 
 
@@ -389,7 +380,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from crener.data.datasets import get_spec
 
     get_spec(args.dataset)  # an unknown dataset fails before the study or any run is created
-    sets = parse_set(args.set)
+    sets = parse_set(args.overrides)
     from experiments.tune import export_best, tune
 
     kwargs = dict(dataset=args.dataset, trials=args.trials, model=args.model, variant=args.variant,

@@ -21,6 +21,7 @@ from typing import Any
 
 from crener.config import parse_set
 from crener.identity import QUICK_V1, run_key
+from crener.options import add_overrides, add_profile, add_runs_dir, add_seed
 from crener.profiles import build_run_config
 
 log = logging.getLogger(__name__)
@@ -43,14 +44,14 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--dataset", default="weibo")
     p.add_argument("--model", default="crener")
-    p.add_argument("--profile", default="quick")
-    p.add_argument("--seed", type=int, default=0)
+    add_profile(p)
+    add_seed(p)
     p.add_argument("--every", type=int, default=25, help="dev evaluation every N steps")
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE", help="applies to all")
+    add_overrides(p)
     p.add_argument("--out", default=str(OUT_DIR))
     p.add_argument("--name", default="", help="suffix of the output files (default: none)")
-    p.add_argument("--runs-dir", default=None, help="default: $CRENER_RUNS or runs")
+    add_runs_dir(p)
     p.set_defaults(func=cmd_curves)
 
 

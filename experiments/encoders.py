@@ -49,7 +49,7 @@ BUILD_DIR = Path(".crener") / "encoders"
 
 
 def register(subparsers: Any) -> None:
-    from crener.commands import count_int
+    from crener.options import add_run_options, add_seeds, count_int
 
     p = subparsers.add_parser(
         "encoders",
@@ -57,8 +57,8 @@ def register(subparsers: Any) -> None:
         description=__doc__.split("\n\n")[1] if __doc__ else None,
     )
     p.add_argument("--datasets", nargs="+", default=["resume", "weibo"])
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
-    p.add_argument("--profile", default="quick")
+    add_seeds(p, [0, 1, 2, 3, 4])
+    add_run_options(p)
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=[*ARMS, *TEXT_ARMS])
     p.add_argument(
         "--text-steps", type=count_int, default=None,
@@ -68,10 +68,7 @@ def register(subparsers: Any) -> None:
         "--encoders", nargs="+", default=[], metavar="ENCODER",
         help="more arms, each an encoder used as it is: a shipped name (crener-xwlb) or a folder",
     )  # fmt: skip
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="applies to every cell")
     p.add_argument("--build-dir", default=str(BUILD_DIR), help="where the non-shipped encoders are built")
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--runs-dir", default=None, help="default: $CRENER_RUNS or runs")
     p.add_argument("--jobs", type=count_int, default=1, help="worker processes (as crener reproduce --jobs)")
     p.add_argument("--no-report", action="store_true")
     p.add_argument(
@@ -128,7 +125,7 @@ def plan(args: argparse.Namespace, encoders: dict[str, str]) -> list[tuple[str, 
     """``[(arm, cell), ...]`` for every arm, dataset and seed."""
     from experiments.sweeps import Cell
 
-    sets = parse_set(args.set)
+    sets = parse_set(args.overrides)
     if args.data_root:
         sets.setdefault("runtime.data_root", args.data_root)
     return [
@@ -152,7 +149,7 @@ def cmd_encoders(args: argparse.Namespace) -> int:
     encoders.update({e: e for e in args.encoders if e not in encoders})
     planned = plan(args, encoders)
     if args.jobs > 1:
-        rc = spawn_jobs(args.argv, args.jobs, args.set)
+        rc = spawn_jobs(args.argv, args.jobs, args.overrides)
     else:
         _, failed = run_cells([cell for _, cell in planned], runs_dir=args.runs_dir, data_root=args.data_root)
         rc = 1 if failed else 0

@@ -6,6 +6,7 @@ import argparse
 import logging
 
 from crener.errors import CrenerError
+from crener.options import add_data_root, add_profile
 from crener.workspace import OPTUNA_STORAGE
 
 log = logging.getLogger(__name__)
@@ -18,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Read the finished runs of one profile from MLflow and write paper-style tables, "
         "figures, run-id footnotes and index.md. Nothing is trained; absent runs are listed as missing.",
     )
-    p.add_argument("--profile", default="quick", help="profile whose runs to report (default: quick)")
+    add_profile(p)
     p.add_argument("--out", default="reports/out", help="output directory (default: reports/out)")
     p.add_argument(
         "--tracking-uri",
@@ -42,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="comma-separated sweeps whose runs make the tables (default: main,ablation; "
         "add adhoc to include runs of `crener train`)",
     )
-    p.add_argument("--data-root", default=None, help="data directory for Table 1 (default: the data layer's)")
+    add_data_root(p)  # Table 1's statistics are measured from the data
     p.add_argument(
         "--ablation-shared-x",
         action="store_true",
