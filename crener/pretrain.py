@@ -978,7 +978,16 @@ def render_card(card: dict[str, Any], history: Sequence[dict[str, float]]) -> st
         "## How it was built",
         "",
         f"- command: `{card['command']}`",
-        f"- commit: `{card['commit']}` (torch {card['torch']}, {card['threads']} threads)",
+        f"- commit: `{card['commit']}` (torch {card['torch']}, {card['threads']} threads)"
+        + (f"; {card['commit_note']}" if card.get("commit_note") else ""),
+        *(
+            [
+                f"- continued from `{cfg['init_from']}` (its weights start every layer and the rows of its "
+                "characters; new characters start from the vectors; the masked-LM head starts fresh)"
+            ]
+            if cfg.get("init_from")
+            else []
+        ),
         f"- architecture: BERT, {cfg['layers']} layers, width {cfg['hidden']}, {cfg['heads']} heads, "
         f"feed-forward {cfg['ff']}; {s['parameters']:,} parameters; vocabulary {s['vocab_size']:,} "
         f"({s['initialised_rows']:,} rows initialised from {_vectors_phrase(cfg.get('vectors'))} by a fixed "
@@ -992,8 +1001,9 @@ def render_card(card: dict[str, Any], history: Sequence[dict[str, float]]) -> st
             if cfg.get("text_fraction", 1) < 1
             else ""
         )
-        + f"; {s['corpus_sentences']:,} sentences ({s['dropped_sentences']:,} training sentences dropped "
-        f"because they also occur in a dev or test split), {s['corpus_pieces']:,} pieces of at most "
+        + f"; {s['corpus_sentences']:,} sentences ({s['dropped_sentences']:,} dropped because they occur in a "
+        f"dev or test split{', or a line of text shares 10 characters with one' if cfg['text'] else ''}), "
+        f"{s['corpus_pieces']:,} pieces of at most "
         f"{cfg['max_len']} characters, {s['corpus_characters']:,} characters trained on, "
         f"{s['held_out_pieces']} pieces held out",
         f"- steps: {s['step']:,} of {cfg['batch_tokens']:,}-token batches, learning rate {cfg['lr']}, seed {cfg['seed']}",
