@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from crener.config import RunConfig, parse_set
+from crener.data.schema import Sentence
 from crener.profiles import build_run_config
 
 log = logging.getLogger(__name__)
@@ -67,23 +68,23 @@ def bench_config(width: str, model: str, variant: str, overrides: dict[str, Any]
     return build_run_config(model=model, variant=variant, profile=profile, dataset="resume", overrides=flat)
 
 
-def _setup(cfg: RunConfig, n_sentences: int, tmp: Path):
-    from crener.data.datasets import load_dataset
-    from crener.data.split import split_all
-    from crener.evaluation import featurize
-    from crener.registry import build_model, build_task
-    from crener.train import load_encoder
+def sample_sentences(sentences: list[Sentence], n: int) -> list[Sentence]:
+    """``n`` of ``sentences`` (all if fewer), drawn with seed 0, in their order."""
+    pick = np.random.default_rng(0).choice(len(sentences), size=min(n, len(sentences)), replace=False)
+    return [sentences[i] for i in sorted(pick)]
 
-    data = load_dataset(cfg.data, seed=0, data_root=cfg.runtime.data_root)
-    task = build_task(cfg.model, data.types)
-    encoder, tok = load_encoder(cfg, data.train, tmp)
-    rng = np.random.default_rng(0)
-    pick = rng.choice(len(data.train), size=min(n_sentences, len(data.train)), replace=False)
-    sents = [data.train[i] for i in sorted(pick)]
-    examples = featurize(split_all(sents, cfg.data.max_len), task, tok)
-    torch.manual_seed(0)
-    model = build_model(cfg.model, task, encoder, cfg.runtime)
-    return task, model, examples
+
+def sample_parts(cfg: RunConfig, n_sentences: int, device: torch.device):  # -> crener.train.RunParts
+    """A fresh model of ``cfg`` on ``device`` and the training examples of ``n_sentences`` of its
+    training sentences (:func:`sample_sentences`)."""
+    from crener.data.split import split_all
+    from crener.train import build_parts
+
+    def sample(train: list[Sentence]) -> list:
+        return split_all(sample_sentences(train, n_sentences), cfg.data.max_len)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return build_parts(cfg, cfg.runtime.data_root, Path(tmp), device, sample=sample)
 
 
 def measure_speed(cfg: RunConfig, n_sentences: int) -> dict[str, float]:
@@ -94,9 +95,8 @@ def measure_speed(cfg: RunConfig, n_sentences: int) -> dict[str, float]:
 
     device = resolve_device(cfg.runtime.device)
     keep_large_tensors_on_heap(cfg.runtime.heap_tensors)
-    with tempfile.TemporaryDirectory() as tmp:
-        task, model, examples = _setup(cfg, n_sentences, Path(tmp))
-    model.to(device)
+    parts = sample_parts(cfg, n_sentences, device)
+    task, model, examples = parts.task, parts.model, parts.train_examples
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     lengths = [e.n for e in examples]
     batches = training_batches(lengths, cfg.train, np.random.default_rng(0))
@@ -162,31 +162,38 @@ def memory_probe(cfg: RunConfig, length: int, batch: int = 1) -> dict[str, float
     """One training step, then one evaluation forward, on ``batch`` synthetic sentences of
     ``length`` characters; the peak memory of each above the memory held before it (on Linux CPUs
     from the resettable peak-RSS mark, so each peak is its own)."""
-    from crener.data.batching import Example, collate
+    from crener.config import MAX_LEN
+    from crener.data.batching import collate
+    from crener.data.datasets import DatasetSplits
     from crener.data.schema import Entity
+    from crener.data.split import Chunk
     from crener.evaluation import autocast, resolve_device
-    from crener.registry import build_model, build_task
-    from crener.train import keep_large_tensors_on_heap
+    from crener.train import build_parts, keep_large_tensors_on_heap
 
+    if length > MAX_LEN:
+        raise ValueError(f"length {length}: a BERT-style encoder reads at most {MAX_LEN} characters")
     device = resolve_device(cfg.runtime.device)
     keep_large_tensors_on_heap(cfg.runtime.heap_tensors)  # as in training: the heap's peak, not mmaps'
-    with tempfile.TemporaryDirectory() as tmp:
-        from crener.encoder import CharEncoder, build_embedded_encoder, load_pretrained
-
-        chars = [chr(0x4E00 + i) for i in range(200)]
-        bert, tok = load_pretrained(build_embedded_encoder(chars, cfg.model, Path(tmp) / "enc", seed=0))
-    longest = bert.config.max_position_embeddings - 2  # [CLS] and [SEP] take two positions
-    if length > longest:
-        raise ValueError(f"length {length}: a BERT-style encoder reads at most {longest} characters")
+    # A random encoder at cfg's embedded widths, whatever encoder cfg names: no weights are needed
+    # to measure memory, and the probe runs where no pretrained encoder is.
+    cfg = cfg.with_overrides({"model.encoder": "embedded"})
+    chars = [chr(0x4E00 + i) for i in range(200)]
     types = ("A", "B", "C")
-    task = build_task(cfg.model, types)
-    model = build_model(cfg.model, task, CharEncoder(bert, cfg.model.last4_mean), cfg.runtime).to(device)
     rng = np.random.default_rng(0)
-    examples = []
-    for k in range(batch):
-        text = [chars[i] for i in rng.integers(0, len(chars), length)]
-        ents = [Entity.span(s, s + 3, types[s % 3]) for s in range(0, length - 3, 10)]
-        examples.append(Example(k, np.asarray(tok.encode(text)), task.featurize(ents, length), length))
+    sentences = []
+    for _ in range(batch):
+        text = tuple(chars[i] for i in rng.integers(0, len(chars), length))
+        ents = tuple(Entity.span(s, s + 3, types[s % 3]) for s in range(0, length - 3, 10))
+        sentences.append(Sentence(text, ents))
+    # The first training sentence only carries the encoder's vocabulary (all 200 characters);
+    # the probe's batch is the others, each one uncut chunk whatever data.max_len says.
+    data = DatasetSplits("synthetic", [Sentence(tuple(chars)), *sentences], [], [], types, {})
+    with tempfile.TemporaryDirectory() as tmp:
+        parts = build_parts(
+            cfg, None, Path(tmp), device, data=data,
+            sample=lambda train: [Chunk(s, 0, k) for k, s in enumerate(train[1:])],
+        )  # fmt: skip
+    task, model, examples = parts.task, parts.model, parts.train_examples
     b = collate(examples, task.target, task.num_labels).to(device)
     model.train()
     cpu = _CpuPeak()
@@ -267,9 +274,8 @@ def cell_budget_like(batch_size: int, max_len: int, n_sentences: int) -> int:
 
     cfg = build_run_config(dataset="resume", profile="paper", overrides={"data.max_len": max_len})
     data = load_dataset(cfg.data, seed=0, data_root=cfg.runtime.data_root)
-    rng = np.random.default_rng(0)
-    pick = rng.choice(len(data.train), size=min(n_sentences, len(data.train)), replace=False)
-    lengths = np.array([len(c.sentence) for c in split_all([data.train[i] for i in sorted(pick)], max_len)])
+    chunks = split_all(sample_sentences(data.train, n_sentences), max_len)
+    lengths = np.array([len(c.sentence) for c in chunks])
     return int(batch_size * np.mean(lengths.astype(float) ** 2))
 
 

@@ -167,29 +167,25 @@ def check_epoch(args: argparse.Namespace) -> dict[str, Any]:
 
 def check_worst_batch(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
-    import torch
 
     from crener.bench import _CpuPeak, _device_peak, _reset_device_peak, _sync
     from crener.data.batching import collate
-    from crener.data.datasets import load_dataset
     from crener.data.split import split_all
-    from crener.evaluation import autocast, featurize, resolve_device
-    from crener.registry import build_model, build_task
-    from crener.train import load_encoder
+    from crener.evaluation import autocast, resolve_device
+    from crener.train import build_parts
 
     bf16 = args.device.startswith("cuda")
     size = 2 if args.tiny else 12
     cfg = _config(args, "crener", bf16, **{"data.dataset": "msra"})
-    data = load_dataset(cfg.data, seed=0, data_root=cfg.runtime.data_root)
-    chunks = split_all(data.train, cfg.data.max_len)
-    longest = sorted(range(len(chunks)), key=lambda i: (-len(chunks[i].sentence), i))[:size]
-    task = build_task(cfg.model, data.types)
     device = resolve_device(cfg.runtime.device)
+
+    def longest(train: list) -> list:
+        # sorted is stable: among chunks of one length, the earlier ones
+        return sorted(split_all(train, cfg.data.max_len), key=lambda c: -len(c.sentence))[:size]
+
     with tempfile.TemporaryDirectory() as tmp:
-        encoder, tok = load_encoder(cfg, data.train, Path(tmp))
-    torch.manual_seed(0)
-    model = build_model(cfg.model, task, encoder, cfg.runtime).to(device).train()
-    examples = featurize([chunks[i] for i in longest], task, tok)
+        parts = build_parts(cfg, cfg.runtime.data_root, Path(tmp), device, sample=longest)
+    task, model, examples = parts.task, parts.model.train(), parts.train_examples
     batch = collate(examples, task.target, task.num_labels).to(device)
     cpu = _CpuPeak()
     _sync(device)

@@ -21,12 +21,10 @@ Figures are this machine's only: compare the rows of one run, never across machi
 from __future__ import annotations
 
 import statistics
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -246,7 +244,7 @@ def profile_step(cfg, phase: str, n_sentences: int, peaks: dict[str, float], rep
     from torch.profiler import ProfilerActivity, profile, record_function
     from torch.utils.flop_counter import FlopCounterMode
 
-    from crener.bench import _setup, _sync
+    from crener.bench import _sync, sample_parts
     from crener.data.batching import collate
     from crener.evaluation import autocast, resolve_device
 
@@ -254,9 +252,8 @@ def profile_step(cfg, phase: str, n_sentences: int, peaks: dict[str, float], rep
         raise ValueError(f"phase {phase!r}: train or eval")
     train = phase == "train"
     device = resolve_device(cfg.runtime.device)
-    with tempfile.TemporaryDirectory() as tmp:
-        task, model, examples = _setup(cfg, n_sentences, Path(tmp))
-    model.to(device).train(train)
+    parts = sample_parts(cfg, n_sentences, device)
+    task, model, examples = parts.task, parts.model.train(train), parts.train_examples
     idx = _median_batch([e.n for e in examples], cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 

@@ -23,7 +23,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,13 +33,19 @@ import torch
 from torch import nn
 
 from crener import registry
-from crener.checkpoint import CHECKPOINT_VERSION, encoder_state, load_checkpoint, save_checkpoint
+from crener.checkpoint import (
+    CHECKPOINT_VERSION,
+    encoder_state,
+    load_checkpoint,
+    rebuild_encoder,
+    save_checkpoint,
+)
 from crener.config import ModelConfig, RunConfig
 from crener.data.batching import Example, collate, training_batches
 from crener.data.datasets import load_dataset
 from crener.data.digest import dataset_digest
 from crener.data.schema import Entity, Sentence
-from crener.data.split import split_all
+from crener.data.split import Chunk, split_all
 from crener.encoder import (
     EMBEDDED,
     CharEncoder,
@@ -141,43 +147,98 @@ def load_encoder(
 
 @dataclass
 class RunParts:
-    """What a run trains and scores: its data, task, encoder, features and model."""
+    """What a run trains and scores: its data, task, encoder, features and model.
 
-    data: Any  # crener.data.datasets.Dataset
+    ``data``, ``dev`` and ``test`` are None where :func:`build_parts` read no data (a checkpoint's
+    model) or built only a sample of training examples (the measuring tools)."""
+
+    data: Any  # crener.data.datasets.DatasetSplits
     task: Task
     encoder: CharEncoder
     tokenizer: CharTokenizer
     train_examples: list[Example]
-    dev: Split
-    test: Split
+    dev: Split | None
+    test: Split | None
     model: nn.Module
 
 
-def build_parts(cfg: RunConfig, data_root: str | None, workdir: Path, device: torch.device) -> RunParts:
-    """The one setup of a run (data, task, encoder, features, model on ``device``), as ``fit``
-    and the time-budget probe both need it. Seed first: the model's initialisation draws."""
-    data = load_dataset(cfg.data, seed=cfg.train.seed, data_root=data_root)
-    task = build_task(cfg.model, data.types)
-    encoder, tokenizer = load_encoder(cfg, data.train, workdir)
+def build_parts(
+    cfg: RunConfig,
+    data_root: str | None,
+    workdir: Path | None,
+    device: torch.device,
+    *,
+    sample: Callable[[list[Sentence]], list[Chunk]] | None = None,
+    data: Any = None,
+    checkpoint: dict[str, Any] | None = None,
+) -> RunParts:
+    """The one setup of a run: data, task, encoder (built into ``workdir``), features and model on
+    ``device``. Seed first: the model's initialisation draws.
+
+    Two variants share it, so a task and an encoder are built in one place only:
+
+    - ``sample`` (the measuring tools): only the training chunks it picks from the training
+      sentences are featurised, no dev or test; the model's draws are seeded with ``train.seed``
+      just before it is built, and it gets none of training's initialisation (character vectors,
+      prior biases, a frozen encoder), so it costs what a fresh model costs. ``data`` is a dataset
+      in hand (a synthetic one) instead of ``cfg.data`` read from ``data_root``.
+    - ``checkpoint`` (a loaded checkpoint's state; inference): its labels and encoder, no data;
+      the caller loads its weights into ``model``.
+    """
+    if checkpoint is not None:
+        data, types = None, tuple(checkpoint["types"])
+    else:
+        data = data if data is not None else load_dataset(cfg.data, seed=cfg.train.seed, data_root=data_root)
+        types = data.types
+    task = build_task(cfg.model, types)
+    if checkpoint is not None:
+        encoder, tokenizer = rebuild_encoder(checkpoint, cfg.model.last4_mean)
+    else:
+        encoder, tokenizer = load_encoder(cfg, data.train, workdir)
+    train_examples, dev, test = build_features(cfg, data, task, tokenizer, sample)
+    if sample is not None:
+        torch.manual_seed(cfg.train.seed)  # the embedded encoder's build moved the generator
+    model = build_model(cfg.model, task, encoder, cfg.runtime)
+    parts = RunParts(data, task, encoder, tokenizer, train_examples, dev, test, model)
+    if checkpoint is None and sample is None:
+        prepare_for_training(cfg, parts, data_root, device)
+    parts.model = parts.model.to(device)
+    return parts
+
+
+def build_features(
+    cfg: RunConfig, data: Any, task: Task, tokenizer: CharTokenizer, sample: Callable | None = None
+) -> tuple[list[Example], Split | None, Split | None]:
+    """Training examples, dev and test of ``data`` (:func:`build_parts`): nothing without data,
+    only the training chunks ``sample`` picks with it."""
+    if data is None:
+        return [], None, None
+    if sample is not None:
+        return featurize(sample(data.train), task, tokenizer), None, None
     max_len = cfg.data.max_len
     train_examples = featurize(split_all(data.train, max_len), task, tokenizer)
     dev = build_split("dev", data.dev, max_len, task, tokenizer)
     # Under the MSRA lineage protocol dev is the test set; reuse it unless dev was cut shorter.
     same = data.dev_is_test and len(data.dev) == len(data.test)
     test = dev if same else build_split("test", data.test, max_len, task, tokenizer)
-    model = build_model(cfg.model, task, encoder, cfg.runtime)
+    return train_examples, dev, test
+
+
+def prepare_for_training(
+    cfg: RunConfig, parts: RunParts, data_root: str | None, device: torch.device
+) -> None:
+    """Training's initialisation of a freshly built model, moved to ``device`` (in place)."""
     vectors = vectors_path(cfg.model.char_vectors, data_root)
     if vectors is not None:  # only a family with its own character embeddings reads it (registry.check_model)
-        model.init_char_vectors(tokenizer.tokenizer.get_vocab(), vectors)
-    model = model.to(device)
+        parts.model.init_char_vectors(parts.tokenizer.tokenizer.get_vocab(), vectors)
+    parts.model = parts.model.to(device)
     # Only a family that reads the field (so has it in its run key) may act on it.
     if cfg.model.prior_bias and registry.reads(cfg.model.name, "prior_bias"):
-        start_from_priors(model, task, train_examples)
+        start_from_priors(parts.model, parts.task, parts.train_examples)
     if cfg.train.encoder_lr == 0:
         # A frozen encoder is a fixed feature extractor (dropout off): no gradient, no optimiser
         # state, and every distinct sentence encoded once per process, whatever the cell of a sweep.
-        encoder.freeze(feature_cache(encoder.source, cfg.model.last4_mean))
-    return RunParts(data, task, encoder, tokenizer, train_examples, dev, test, model)
+        parts.encoder.freeze(feature_cache(parts.encoder.source, cfg.model.last4_mean))
 
 
 def parameter_groups(model: nn.Module, cfg: RunConfig) -> list[dict[str, Any]]:
