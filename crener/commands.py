@@ -49,6 +49,12 @@ count_int = int_at_least(1, label="a positive integer")  # how many: trials, job
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """The subcommands this module owns, one function each."""
+    for add in (_add_train, _add_evaluate, _add_predict, _add_bench, _add_pretrain):
+        add(sub)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train one model/variant on one dataset; prints a JSON summary")
     p.add_argument("--dataset", required=True)
     p.add_argument("--model", default="crener", choices=registry.names())
@@ -72,6 +78,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.set_defaults(func=cmd_train)
 
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="score a checkpoint on a dataset split")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--checkpoint", help="a best.pt / last.pt written by crener train")
@@ -85,6 +93,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-root")
     p.set_defaults(func=cmd_evaluate)
 
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="tag raw text (one sentence a line) or a CoNLL file; JSON lines out")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("input", nargs="?", default="-", help="text file, CoNLL file, or - for stdin")
@@ -94,6 +104,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=cmd_predict)
 
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="training/inference speed and peak memory against sentence length")
     p.add_argument("--suite", nargs="+", default=["model"], choices=["model", "memory", "w2ner", "levers", "roofline", "all"],
                    help="model: every variant's speed; w2ner: W2NER's; levers: each speed lever on/off, "
@@ -121,6 +133,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--probe", choices=["speed", "memory"], help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_bench)
 
+
+def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "pretrain",
         help="pretrain a character encoder (MLM) on the training splits; writes a Hugging Face folder + card",
