@@ -1,5 +1,5 @@
-"""The house's layout, checked on the source of ``crener/`` (issue 36): one setup path for a run's
-parts."""
+"""The house's layout, checked on the source of ``crener/`` (issue 36): functions short enough to
+read, and one setup path for a run's parts."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from pathlib import Path
 import crener
 
 PACKAGE = Path(crener.__file__).resolve().parent
+MAX_FUNCTION_LINES = 100
+MAX_FIT_LINES = 60
 
 
 def _modules() -> Iterator[tuple[str, ast.Module]]:
@@ -29,6 +31,26 @@ def _functions(
             yield from _functions(node, f"{prefix}{node.name}.")
         else:
             yield from _functions(node, prefix)
+
+
+def _lines(node: ast.AST) -> int:
+    return node.end_lineno - node.lineno + 1
+
+
+def test_no_function_in_crener_is_over_100_lines() -> None:
+    long = {
+        f"{path}:{name}": _lines(fn)
+        for path, tree in _modules()
+        for name, fn in _functions(tree)
+        if _lines(fn) > MAX_FUNCTION_LINES
+    }
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
+
+
+def test_fit_reads_as_the_training_loop() -> None:
+    fits = [fn for path, tree in _modules() if path == "crener/train.py" for name, fn in _functions(tree)
+            if name == "fit"]  # fmt: skip
+    assert len(fits) == 1 and _lines(fits[0]) <= MAX_FIT_LINES
 
 
 def _callers(callee: str) -> set[str]:
