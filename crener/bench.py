@@ -17,7 +17,6 @@ import argparse
 import json
 import logging
 import os
-import resource
 import shlex
 import subprocess
 import sys
@@ -31,6 +30,7 @@ import torch
 
 from crener.config import RunConfig, parse_set
 from crener.data.schema import Sentence
+from crener.device import CpuPeak, device_peak, reset_device_peak, rss_peak, sync
 from crener.profiles import build_run_config
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,8 @@ def sample_parts(cfg: RunConfig, n_sentences: int, device: torch.device):  # -> 
 def measure_speed(cfg: RunConfig, n_sentences: int) -> dict[str, float]:
     """Training and inference sentences/s on ``n_sentences`` Resume training sentences."""
     from crener.data.batching import batch_cells, collate, training_batches
-    from crener.evaluation import autocast, predict_examples, resolve_device
+    from crener.device import autocast, resolve_device
+    from crener.evaluation import predict_examples
     from crener.train import keep_large_tensors_on_heap
 
     device = resolve_device(cfg.runtime.device)
@@ -115,26 +116,26 @@ def measure_speed(cfg: RunConfig, n_sentences: int) -> dict[str, float]:
     by_cells = sorted(batches, key=lambda idx: batch_cells(idx, lengths))
     for idx in (by_cells[0], by_cells[len(by_cells) // 2], by_cells[-1]):
         step(idx)
-    _sync(device)
-    _reset_device_peak(device)
+    sync(device)
+    reset_device_peak(device)
     t0 = time.perf_counter()
     for idx in batches:
         step(idx)
-    _sync(device)
+    sync(device)
     train_s = time.perf_counter() - t0
-    train_peak = _device_peak(device)
+    train_peak = device_peak(device)
     predict_examples(model, task, examples[:8], device, cfg)
-    _reset_device_peak(device)
+    reset_device_peak(device)
     t0 = time.perf_counter()
     predict_examples(model, task, examples, device, cfg)
-    _sync(device)
+    sync(device)
     eval_s = time.perf_counter() - t0
     n = len(examples)
     return {
         # Accelerator peaks (allocated bytes, weights and optimiser state included); None on CPU,
         # whose peaks the levers and memory suites measure in a fresh process each.
         "train_peak_bytes": train_peak,
-        "eval_peak_bytes": _device_peak(device),
+        "eval_peak_bytes": device_peak(device),
         "train_sent_per_s": n / train_s,
         "eval_sent_per_s": n / eval_s,
         "train_ms_per_sentence": 1000 * train_s / n,
@@ -142,20 +143,6 @@ def measure_speed(cfg: RunConfig, n_sentences: int) -> dict[str, float]:
         "batches": len(batches),
         "sentences_per_batch": n / len(batches),
     }
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _reset_device_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _device_peak(device: torch.device) -> int | None:
-    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
 
 
 def memory_probe(cfg: RunConfig, length: int, batch: int = 1) -> dict[str, float]:
@@ -167,7 +154,7 @@ def memory_probe(cfg: RunConfig, length: int, batch: int = 1) -> dict[str, float
     from crener.data.datasets import DatasetSplits
     from crener.data.schema import Entity
     from crener.data.split import Chunk
-    from crener.evaluation import autocast, resolve_device
+    from crener.device import autocast, resolve_device
     from crener.train import build_parts, keep_large_tensors_on_heap
 
     if length > MAX_LEN:
@@ -196,7 +183,7 @@ def memory_probe(cfg: RunConfig, length: int, batch: int = 1) -> dict[str, float
     task, model, examples = parts.task, parts.model, parts.train_examples
     b = collate(examples, task.target, task.num_labels).to(device)
     model.train()
-    cpu = _CpuPeak()
+    cpu = CpuPeak()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
@@ -205,7 +192,7 @@ def memory_probe(cfg: RunConfig, length: int, batch: int = 1) -> dict[str, float
     with autocast(device, cfg.train.bf16):
         out = model(b)
     task.loss(out, b)["loss"].backward()
-    _sync(device)
+    sync(device)
     if device.type == "cuda":
         train_peak = torch.cuda.max_memory_allocated(device)
         used = max(train_peak - base, 0)
@@ -220,7 +207,7 @@ def memory_probe(cfg: RunConfig, length: int, batch: int = 1) -> dict[str, float
         cpu.start()
     with torch.inference_mode(), autocast(device, cfg.train.bf16):
         task.decode(model(b), b)
-    _sync(device)
+    sync(device)
     if device.type == "cuda":
         eval_used = max(torch.cuda.max_memory_allocated(device) - base, 0)
     else:
@@ -310,7 +297,7 @@ def run_probe(args: argparse.Namespace) -> int:
     cfg = bench_config(args.widths[0], args.models[0], args.variants[0], parse_set(args.overrides))
     if args.probe == "speed":
         r = measure_speed(cfg, args.sentences)
-        r["peak_rss_bytes"] = _rss_peak()  # the whole process: interpreter, data, model, steps
+        r["peak_rss_bytes"] = rss_peak()  # the whole process: interpreter, data, model, steps
     else:
         r = memory_probe(cfg, args.lengths[0], args.batch)
     sys.stdout.write(json.dumps(r) + "\n")
@@ -342,53 +329,6 @@ def run_levers(budgeted: dict[str, dict[str, Any]], models: list[str], n: int) -
                 rows.append({"width": width, "model": model, "lever": lever, **point})
                 log.info("levers %s %s %s: %s", width, model, lever, point)
     return rows
-
-
-def _rss_peak() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def _status_bytes(field: str) -> int | None:
-    """``VmRSS`` / ``VmHWM`` of this process from /proc (Linux), or None."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def _reset_rss_peak() -> bool:
-    """Start the process's peak-RSS mark afresh at its current RSS (Linux ``clear_refs`` 5), so a
-    step's own peak shows even when loading the model once reached a higher one."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return _status_bytes("VmHWM") is not None
-
-
-class _CpuPeak:
-    """Peak resident memory of a stretch of code above the RSS at its start: the kernel's
-    resettable high-water mark where it exists, else the lifetime peak (which hides a stretch
-    that stays below what came before, so it is only a fallback)."""
-
-    def __init__(self) -> None:
-        self.lifetime = _rss_peak()  # before any reset, for process_peak_bytes
-        self.base, self.resettable = 0, False
-
-    def start(self) -> None:
-        if _reset_rss_peak():
-            self.base = _status_bytes("VmRSS") or 0
-            self.resettable = True
-        else:
-            self.base, self.resettable = _rss_peak(), False
-
-    def peak(self) -> int:
-        now = _status_bytes("VmHWM") if self.resettable else _rss_peak()
-        self.lifetime = max(self.lifetime, now or 0)
-        return max((now or 0) - self.base, 0)
 
 
 def _memory_point(

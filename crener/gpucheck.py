@@ -168,10 +168,9 @@ def check_epoch(args: argparse.Namespace) -> dict[str, Any]:
 def check_worst_batch(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
 
-    from crener.bench import _CpuPeak, _device_peak, _reset_device_peak, _sync
     from crener.data.batching import collate
     from crener.data.split import split_all
-    from crener.evaluation import autocast, resolve_device
+    from crener.device import CpuPeak, autocast, device_peak, reset_device_peak, resolve_device, sync
     from crener.train import build_parts
 
     bf16 = args.device.startswith("cuda")
@@ -187,15 +186,15 @@ def check_worst_batch(args: argparse.Namespace) -> dict[str, Any]:
         parts = build_parts(cfg, cfg.runtime.data_root, Path(tmp), device, sample=longest)
     task, model, examples = parts.task, parts.model.train(), parts.train_examples
     batch = collate(examples, task.target, task.num_labels).to(device)
-    cpu = _CpuPeak()
-    _sync(device)
-    _reset_device_peak(device)
+    cpu = CpuPeak()
+    sync(device)
+    reset_device_peak(device)
     cpu.start()
     with autocast(device, cfg.train.bf16):
         out = model(batch)
     task.loss(out, batch)["loss"].backward()
-    _sync(device)
-    peak = _device_peak(device) if device.type == "cuda" else cpu.peak()
+    sync(device)
+    peak = device_peak(device) if device.type == "cuda" else cpu.peak()
     n = int(np.max([e.n for e in examples]))
     fits = peak <= FITS_BYTES
     return {"check": "worst batch", "setting": f"MSRA, {size} longest chunks ({n} characters), crener full",

@@ -19,9 +19,10 @@ from crener.checkpoint import load_checkpoint
 from crener.config import RunConfig
 from crener.data.schema import Sentence
 from crener.data.split import merge_predictions, split_blind
+from crener.device import resolve_device
 from crener.encoder import CharTokenizer
 from crener.errors import CheckpointError, DataError
-from crener.evaluation import build_split, evaluate, featurize, predict_examples, resolve_device
+from crener.evaluation import build_split, evaluate, featurize, predict_examples
 from crener.tasks import Task
 from crener.train import build_parts
 

@@ -49,9 +49,14 @@ import torch
 from crener.checkpoint import read_state, save_checkpoint
 from crener.config import MAX_LEN, MIN_LEN
 from crener.data.digest import file_digest
-from crener.encoder import SPECIAL_TOKENS, replace_with_unk, unk_rates  # the embedded encoder's layout
+from crener.device import autocast
+from crener.encoder import (  # the embedded encoder's layout, and the vectors its embeddings may start from
+    SPECIAL_TOKENS,
+    replace_with_unk,
+    unk_rates,
+    vectors_path,
+)
 from crener.errors import CheckpointError, CrenerError, DataError
-from crener.evaluation import autocast
 from crener.workspace import git_commit
 
 log = logging.getLogger(__name__)
@@ -60,7 +65,6 @@ PAD, UNK, CLS, SEP, MASK = range(len(SPECIAL_TOKENS))
 DEFAULT_DATASETS = ("weibo", "resume", "ontonotes4", "msra")
 # word2vec tokens of the People's Daily file that are not characters of text.
 VECTOR_SPECIALS = {"</s>": None, "<UNK>": "[UNK]"}
-VECTORS_REL = Path("pretrained") / "people2014_char_w2v_50d" / "char_vec.txt"
 HELD_OUT = 500  # corpus pieces kept aside to measure masked-token accuracy (never trained on)
 CHECKPOINT_NAME = "pretrain_state.pt"
 STATE_VERSION = 1
@@ -317,22 +321,6 @@ def build_corpus(cfg: PretrainConfig) -> Corpus:
 
 def resolve_vectors(cfg: PretrainConfig) -> Path | None:
     return vectors_path(cfg.vectors, cfg.data_root)
-
-
-def vectors_path(spec: str | None, data_root: str | Path | None = None) -> Path | None:
-    """A vectors setting -> its file: ``none`` (or empty) -> None; ``default`` -> the People's Daily
-    vectors beside the dataset root (``shared/pretrained``); anything else is a path."""
-    if spec is None or spec.lower() in ("none", ""):
-        return None
-    if spec != "default":
-        path = Path(spec)
-    else:
-        from crener.data.datasets import resolve_data_root
-
-        path = resolve_data_root(data_root).parent / VECTORS_REL
-    if not path.is_file():
-        raise DataError("character vectors not found (pass a word2vec file's path, or none)", str(path))
-    return path
 
 
 def read_vectors(path: Path) -> dict[str, np.ndarray]:
@@ -1155,7 +1143,7 @@ def config_from_args(args: Any) -> PretrainConfig:
         fields["bf16"] = bf16 == "true"
     cfg = replace(PretrainConfig(out=args.out), **fields)  # validates before anything is measured
     if bf16 == "auto":
-        from crener.evaluation import bf16_pays
+        from crener.device import bf16_pays
 
         cfg = replace(cfg, bf16=bf16_pays("cpu"))
     return cfg

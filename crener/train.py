@@ -46,6 +46,7 @@ from crener.data.datasets import load_dataset
 from crener.data.digest import dataset_digest
 from crener.data.schema import Entity, Sentence
 from crener.data.split import Chunk, split_all
+from crener.device import BF16_MIN_MATMUL_RATIO, autocast, bf16_pays, resolve_device
 from crener.encoder import (
     EMBEDDED,
     CharEncoder,
@@ -55,23 +56,19 @@ from crener.encoder import (
     load_pretrained,
     replace_with_unk,
     unk_rates,
+    vectors_path,
 )
 from crener.errors import CheckpointError, CrenerError
 from crener.evaluation import (
-    BF16_MIN_MATMUL_RATIO,
     THRESHOLD_SHIFTS,
     Split,
-    autocast,
-    bf16_pays,
     build_split,
     calibrate,
     evaluate,
     featurize,
-    resolve_device,
     shifted_scores,
 )
 from crener.identity import run_key
-from crener.pretrain import vectors_path
 from crener.registry import build_model, build_task
 from crener.tasks import Task
 

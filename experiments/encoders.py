@@ -86,8 +86,8 @@ def build_encoders(
     arms: list[str], build_dir: Path, data_root: str | None, text_steps: int | None = None
 ) -> dict[str, str]:
     """``{arm: encoder name or path}``; builds the missing ones (a killed build resumes)."""
+    from crener.device import bf16_pays
     from crener.encoder import SHIPPED_ENCODERS
-    from crener.evaluation import bf16_pays
     from crener.pretrain import PretrainConfig, pretrain
 
     card = json.loads((SHIPPED_ENCODERS[SHIPPED] / "card.json").read_text(encoding="utf-8"))

@@ -15,7 +15,8 @@ import torch
 
 from crener.checkpoint import load_checkpoint
 from crener.data.batching import collate
-from crener.evaluation import autocast, predict_examples
+from crener.device import autocast
+from crener.evaluation import predict_examples
 from tests.helpers import tiny_cfg
 from tests.test_model import make
 

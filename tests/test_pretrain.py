@@ -504,12 +504,12 @@ def test_cli_bf16_flag(flag, expected):
 
 @pytest.mark.parametrize("argv", [[], ["--bf16", "auto"]])
 def test_cli_bf16_auto_is_the_default_and_takes_the_measured_answer(argv, monkeypatch):
-    import crener.evaluation
+    import crener.device
     from crener.cli import build_parser
 
     args = build_parser().parse_args(["pretrain", "--out", "x", *argv])
     for pays in (True, False):
-        monkeypatch.setattr(crener.evaluation, "bf16_pays", lambda device="auto", pays=pays: pays)
+        monkeypatch.setattr(crener.device, "bf16_pays", lambda device="auto", pays=pays: pays)
         assert pretrain_mod.config_from_args(args).bf16 is pays
 
 
