@@ -1,6 +1,6 @@
 """`crener train | evaluate | predict | bench`: argument parsing and printing only.
 
-The work is done by :mod:`crener.train`, :mod:`crener.inference` and :mod:`crener.bench`.
+The work is done by :mod:`crener.train`, :mod:`crener.inference` and :mod:`crener.tools.bench`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from crener.workspace import workdir_for
 
 log = logging.getLogger(__name__)
 
-# Width presets of `crener bench` (crener.bench.WIDTHS, which imports torch; tests/test_cli_errors.py
+# Width presets of `crener bench` (crener.tools.bench.WIDTHS, which imports torch; tests/test_cli_errors.py
 # checks the two agree).
 BENCH_WIDTHS = ("quick", "paper", "full")
 
@@ -129,7 +129,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--from-json", metavar="FILE", help="render --page from an earlier run's JSON; measure nothing"
     )
-    # Internal: one point measured in a fresh process the suites start (crener.bench.probe_command).
+    # Internal: one point measured in a fresh process the suites start (crener.tools.bench.probe_command).
     p.add_argument("--probe", choices=["speed", "memory"], help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_bench)
 
@@ -161,7 +161,7 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
                        ("batch-tokens", int), ("steps", int), ("lr", float), ("warmup", float),
                        ("weight-decay", float), ("mask-rate", float), ("unk-alpha", float), ("seed", int),
                        ("save-every", int), ("log-every", int)):  # fmt: skip
-        p.add_argument(f"--{name}", type=kind, help="see crener.pretrain.PretrainConfig")
+        p.add_argument(f"--{name}", type=kind, help="see crener.tools.pretrain.PretrainConfig")
     p.add_argument("--bf16", choices=["auto", "true", "false"], default="auto",
                    help="bf16 autocast; auto (default): where this CPU's bf16 matmuls are fast, as "
                    "train.bf16=auto decides; the card records the answer")  # fmt: skip
@@ -267,7 +267,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from crener.pretrain import config_from_args, pretrain
+    from crener.tools.pretrain import config_from_args, pretrain
 
     summary = pretrain(config_from_args(args), workdir=args.workdir, track=not args.no_track)
     sys.stdout.write(json.dumps(summary) + "\n")
@@ -275,6 +275,6 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from crener.bench import run_bench
+    from crener.tools.bench import run_bench
 
     return run_bench(args)

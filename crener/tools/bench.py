@@ -395,7 +395,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 results["memory"].append({"width": width, "model": model, "variant": variant, **point})
                 log.info("memory %s %s %s L=%d: %s", width, model, variant, length, point)
     if {"roofline", "all"} & suites:
-        from crener.roofline import run_roofline
+        from crener.tools.roofline import run_roofline
 
         results.update(run_roofline(args.widths, args.models, args.sentences, overrides))
     _print(results, args.json)
@@ -455,7 +455,7 @@ def _sections(results: dict[str, Any]) -> list[tuple[str, str]]:
     if results["levers"]:
         out.append(("Speed levers, each on and off", _levers_table(results["levers"])))
     if results.get("steps"):
-        from crener.roofline import roofline_tables
+        from crener.tools.roofline import roofline_tables
 
         out.append(("Roofline: each op group against this machine's peaks", roofline_tables(results)))
     return out
@@ -473,7 +473,7 @@ SUITE_NOTES = {
     "(so each peak resident memory is its own). Repeated runs of one point differ by up to about 10 %, "
     "so small differences between rows are noise.",
     "Roofline: each op group against this machine's peaks": "The machine's peaks, then one profiled "
-    "training and evaluation step on the median batch (crener/roofline.py says how time, FLOPs and "
+    "training and evaluation step on the median batch (crener/tools/roofline.py says how time, FLOPs and "
     "bytes are attributed).",
 }
 LEVER_NOTES = {

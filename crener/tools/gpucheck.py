@@ -1,4 +1,4 @@
-"""``python -m crener.gpucheck``: the one-command GPU check (``nox -s gpu_check``).
+"""``python -m crener.tools.gpucheck``: the one-command GPU check (``nox -s gpu_check``).
 
 One call on a GPU machine, a few minutes, one table:
 
@@ -38,7 +38,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository (this file is crener/tools/gpucheck.py)
 DEVICE_ENV = "CRENER_GPU_DEVICE"  # the device tests/test_gpu.py runs on (default: cuda)
 # What the check reads, relative to a data root: Resume for speed and the epoch, MSRA's training
 # split for its worst batch.
@@ -113,7 +113,7 @@ def check_tests(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def check_speed(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from crener.bench import measure_speed
+    from crener.tools.bench import measure_speed
 
     rows = []
     for model in ("w2ner", "crener"):
@@ -248,7 +248,7 @@ def machine(device: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m crener.gpucheck", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m crener.tools.gpucheck", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu for the dry run")
     p.add_argument("--tiny", action="store_true", help="tiny widths and data: the CPU dry run")
     p.add_argument("--data-root", help="dataset directory (default: $CRENER_DATA, then ../shared/data)")

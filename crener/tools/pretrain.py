@@ -1031,7 +1031,7 @@ def write_encoder(
 def _rel_input(path: str) -> str:
     """An input's path relative to the shared folder (``data/resume/train.char.bmes``) or to this
     repository (a shipped encoder's weights) when it is there: a card names no machine's folders."""
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]  # this file is crener/tools/pretrain.py
     if Path(path).resolve().is_relative_to(repo):
         return Path(path).resolve().relative_to(repo).as_posix()
     parts = Path(path).resolve().parts
