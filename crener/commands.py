@@ -20,8 +20,8 @@ from crener.workspace import workdir_for
 
 log = logging.getLogger(__name__)
 
-# Width presets of `crener bench` (crener.tools.bench.WIDTHS, which imports torch; tests/test_cli_errors.py
-# checks the two agree).
+# Width presets of `crener bench` (crener.tools.workload.WIDTHS, which imports torch;
+# tests/test_cli_errors.py checks the two agree).
 BENCH_WIDTHS = ("quick", "paper", "full")
 
 

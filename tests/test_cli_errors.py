@@ -195,9 +195,9 @@ def test_argument_mistakes_exit_2_with_usage(argv, message, capsys, caplog) -> N
 
 def test_bench_widths_match_the_presets() -> None:
     from crener.commands import BENCH_WIDTHS
-    from crener.tools import bench
+    from crener.tools.workload import WIDTHS
 
-    assert set(BENCH_WIDTHS) == set(bench.WIDTHS)
+    assert set(BENCH_WIDTHS) == set(WIDTHS)
 
 
 def test_bench_error_rows_fail_the_command(monkeypatch, capsys, caplog) -> None:

@@ -215,7 +215,7 @@ def profile_step(cfg, phase: str, n_sentences: int, peaks: dict[str, float], rep
 
     from crener.data.batching import collate
     from crener.device import autocast, resolve_device
-    from crener.tools.bench import sample_parts
+    from crener.tools.workload import sample_parts
 
     if phase not in ("train", "eval"):
         raise ValueError(f"phase {phase!r}: train or eval")
@@ -292,7 +292,7 @@ def run_roofline(
     """The peaks, then every (width, model, phase) step, in this process."""
     import logging
 
-    from crener.tools.bench import bench_config
+    from crener.tools.workload import bench_config
 
     log = logging.getLogger(__name__)
     peaks = machine_peaks()
