@@ -495,7 +495,7 @@ def fit(
         _call(callback, "on_epoch_end", epoch, metrics)
         if stops_early(cfg.train.patience, epoch, progress.best_epoch):
             log.info("no better dev F1 for %d epochs: stopping after epoch %d", cfg.train.patience, epoch)
-    return test_best(cfg, workdir, key, parts, device, progress, started)
+    return final_test(cfg, workdir, key, parts, device, progress, started)
 
 
 def prepare_process(cfg: RunConfig) -> torch.device:
@@ -662,7 +662,7 @@ def checkpoint_state(
     }
 
 
-def test_best(
+def final_test(
     cfg: RunConfig, workdir: Path, key: str, parts: RunParts, device: torch.device, progress: Progress,
     started: float,
 ) -> dict[str, Any]:  # fmt: skip
