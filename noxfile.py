@@ -98,6 +98,6 @@ def bench(session: nox.Session) -> None:
 
 @nox.session(python=PY)
 def gpu_check(session: nox.Session) -> None:
-    """The GPU check (crener/gpucheck.py): gpu tests, fp32 vs bf16 speed, an epoch, MSRA's worst batch."""
+    """The GPU check (crener/tools/gpucheck.py): gpu tests, fp32 vs bf16 speed, an epoch, MSRA's worst batch."""
     _install(session)
-    session.run("python", "-m", "crener.gpucheck", *session.posargs, env=ENV)
+    session.run("python", "-m", "crener.tools.gpucheck", *session.posargs, env=ENV)

@@ -39,8 +39,8 @@ from crener.encoder import CharEncoder
 from crener.errors import DataError
 from crener.identity import ENCODER_FIELDS, TRANSFORMER_FIELDS
 from crener.layers import AdaptedTransformer
-from crener.pretrain import VECTOR_SPECIALS, read_vectors
 from crener.registry import ModelFamily
+from crener.tools.pretrain import VECTOR_SPECIALS, read_vectors
 
 log = logging.getLogger(__name__)
 

@@ -70,7 +70,8 @@ def measure(cfg: RunConfig) -> Costs:
     import torch
 
     from crener.data.batching import training_batches
-    from crener.evaluation import evaluate, resolve_device
+    from crener.device import resolve_device
+    from crener.evaluation import evaluate
     from crener.train import build_parts, parameter_groups, seed_everything, train_one_epoch
 
     started = time.perf_counter()

@@ -1,6 +1,6 @@
 """`crener train | evaluate | predict | bench`: argument parsing and printing only.
 
-The work is done by :mod:`crener.train`, :mod:`crener.inference` and :mod:`crener.bench`.
+The work is done by :mod:`crener.train`, :mod:`crener.inference` and :mod:`crener.tools.bench`.
 """
 
 from __future__ import annotations
@@ -28,12 +28,18 @@ from crener.workspace import workdir_for
 
 log = logging.getLogger(__name__)
 
-# Width presets of `crener bench` (crener.bench.WIDTHS, which imports torch; tests/test_cli_errors.py
-# checks the two agree).
+# Width presets of `crener bench` (crener.tools.workload.WIDTHS, which imports torch;
+# tests/test_cli_errors.py checks the two agree).
 BENCH_WIDTHS = ("quick", "paper", "full")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """The subcommands this module owns, one function each."""
+    for add in (_add_train, _add_evaluate, _add_predict, _add_bench, _add_pretrain):
+        add(sub)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train one model/variant on one dataset; prints a JSON summary")
     p.add_argument("--dataset", required=True)
     p.add_argument("--model", default="crener", choices=registry.names())
@@ -54,6 +60,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.set_defaults(func=cmd_train)
 
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="score a checkpoint on a dataset split")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--checkpoint", help="a best.pt / last.pt written by crener train")
@@ -67,6 +75,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_data_root(p)
     p.set_defaults(func=cmd_evaluate)
 
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="tag raw text (one sentence a line) or a CoNLL file; JSON lines out")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("input", nargs="?", default="-", help="text file, CoNLL file, or - for stdin")
@@ -76,6 +86,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=cmd_predict)
 
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="training/inference speed and peak memory against sentence length")
     p.add_argument("--suite", nargs="+", default=["model"], choices=["model", "memory", "w2ner", "levers", "roofline", "all"],
                    help="model: every variant's speed; w2ner: W2NER's; levers: each speed lever on/off, "
@@ -99,10 +111,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--from-json", metavar="FILE", help="render --page from an earlier run's JSON; measure nothing"
     )
-    # Internal: one point measured in a fresh process the suites start (crener.bench.probe_command).
+    # Internal: one point measured in a fresh process the suites start (crener.tools.bench.probe_command).
     p.add_argument("--probe", choices=["speed", "memory"], help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_bench)
 
+
+def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "pretrain",
         help="pretrain a character encoder (MLM) on the training splits; writes a Hugging Face folder + card",
@@ -129,7 +143,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        ("batch-tokens", int), ("steps", int), ("lr", float), ("warmup", float),
                        ("weight-decay", float), ("mask-rate", float), ("unk-alpha", float), ("seed", int),
                        ("save-every", int), ("log-every", int)):  # fmt: skip
-        p.add_argument(f"--{name}", type=kind, help="see crener.pretrain.PretrainConfig")
+        p.add_argument(f"--{name}", type=kind, help="see crener.tools.pretrain.PretrainConfig")
     p.add_argument("--bf16", choices=["auto", "true", "false"], default="auto",
                    help="bf16 autocast; auto (default): where this CPU's bf16 matmuls are fast, as "
                    "train.bf16=auto decides; the card records the answer")  # fmt: skip
@@ -235,7 +249,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from crener.pretrain import config_from_args, pretrain
+    from crener.tools.pretrain import config_from_args, pretrain
 
     summary = pretrain(config_from_args(args), workdir=args.workdir, track=not args.no_track)
     sys.stdout.write(json.dumps(summary) + "\n")
@@ -243,6 +257,6 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from crener.bench import run_bench
+    from crener.tools.bench import run_bench
 
     return run_bench(args)

@@ -219,7 +219,7 @@ class TrainConfig:
     clip: float = 5.0  # global gradient-norm clip
     # bf16 autocast (CUDA and CPU). Profiles and --set also take "auto", resolved by
     # crener.profiles.build_run_config to what this machine's measured matmul peaks favour
-    # (crener.evaluation.bf16_pays); the run records the value it got.
+    # (crener.device.bf16_pays); the run records the value it got.
     bf16: bool = False
     max_steps: int = 0  # >0: at most this many optimiser steps per epoch (the first of its shuffled batches)
     # Fine-tuning input noise: each character becomes [UNK] with probability a / (a + its training

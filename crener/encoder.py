@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from crener.config import ENCODER_POSITIONS, ModelConfig
-from crener.errors import CheckpointError
+from crener.errors import CheckpointError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -294,3 +294,23 @@ class CharEncoder(nn.Module):
         else:
             hidden = out.last_hidden_state
         return hidden[:, 1 : n_chars + 1]  # drop [CLS] and everything after the last character
+
+
+# The People's Daily character vectors, relative to the folder above the dataset root (shared/).
+VECTORS_REL = Path("pretrained") / "people2014_char_w2v_50d" / "char_vec.txt"
+
+
+def vectors_path(spec: str | None, data_root: str | Path | None = None) -> Path | None:
+    """A vectors setting -> its file: ``none`` (or empty) -> None; ``default`` -> the People's Daily
+    vectors beside the dataset root (``shared/pretrained``); anything else is a path."""
+    if spec is None or spec.lower() in ("none", ""):
+        return None
+    if spec != "default":
+        path = Path(spec)
+    else:
+        from crener.data.datasets import resolve_data_root
+
+        path = resolve_data_root(data_root).parent / VECTORS_REL
+    if not path.is_file():
+        raise DataError("character vectors not found (pass a word2vec file's path, or none)", str(path))
+    return path

@@ -8,10 +8,8 @@ sentences (:mod:`crener.metrics`).
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,57 +20,12 @@ from crener.config import RunConfig
 from crener.data.batching import Example, collate, make_batches
 from crener.data.schema import Entity, Sentence
 from crener.data.split import Chunk, merge_predictions, split_blind
+from crener.device import autocast
 from crener.encoder import CharTokenizer
-from crener.errors import CrenerError
 from crener.metrics import Scores, score
 from crener.tasks import Task
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CrenerError(f"runtime.device={name} but CUDA is not available; use runtime.device=cpu")
-    return device
-
-
-# Where bf16 matmuls run at least this many times faster than fp32 ones, `train.bf16=auto` picks
-# bf16: on CPUs with AMX the whole step then runs well above its fp32 speed, while where bf16
-# matmuls are emulated (slower than fp32) every bf16 step is slower.
-BF16_MIN_MATMUL_RATIO = 2.0
-
-
-@functools.cache
-def bf16_pays(device_name: str = "auto") -> bool:
-    """Whether bf16 autocast should be used on ``runtime.device`` (what ``train.bf16=auto`` means).
-
-    CUDA: if the device supports bf16. CPU: if bf16 matmuls at the grid's shapes measure at least
-    :data:`BF16_MIN_MATMUL_RATIO` times the fp32 rate, in this process (about a second, once).
-    """
-    device = resolve_device(device_name)
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    from crener.roofline import matmul_gflops
-
-    shapes = ((16384, 512, 96), (4096, 512, 512))
-    fp32 = matmul_gflops(torch.float32, shapes, reps=3)
-    bf16 = matmul_gflops(torch.bfloat16, shapes, reps=3)
-    pays = bf16 >= BF16_MIN_MATMUL_RATIO * fp32
-    log.info(
-        "train.bf16=auto: bf16 matmuls at %.1fx fp32 on this CPU: %s", bf16 / fp32, "bf16" if pays else "fp32"
-    )
-    return pays
-
-
-def autocast(device: torch.device, enabled: bool):
-    if not enabled:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 @dataclass

@@ -12,17 +12,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
-from crener.checkpoint import load_checkpoint, rebuild_encoder
+from crener.checkpoint import load_checkpoint
 from crener.config import RunConfig
 from crener.data.schema import Sentence
 from crener.data.split import merge_predictions, split_blind
+from crener.device import resolve_device
 from crener.encoder import CharTokenizer
 from crener.errors import CheckpointError, DataError
-from crener.evaluation import build_split, evaluate, featurize, predict_examples, resolve_device
-from crener.registry import build_model, build_task
+from crener.evaluation import build_split, evaluate, featurize, predict_examples
 from crener.tasks import Task
+from crener.train import build_parts
 
 log = logging.getLogger(__name__)
 
@@ -40,16 +42,13 @@ class Loaded:
 def load_for_inference(path: str | Path, device: str = "cpu") -> Loaded:
     state = load_checkpoint(Path(path))
     cfg = RunConfig.from_flat(json.loads(state["config"]))
-    types = tuple(state["types"])
-    task = build_task(cfg.model, types)
-    encoder, tokenizer = rebuild_encoder(state, cfg.model.last4_mean)
-    model = build_model(cfg.model, task, encoder, cfg.runtime)
+    parts = build_parts(cfg, None, None, torch.device(device), checkpoint=state)
     try:
-        model.load_state_dict(state["model"])
+        parts.model.load_state_dict(state["model"])
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not match the stored configuration: {exc}") from exc
     shift = float(state.get("threshold_shift", 0.0))
-    return Loaded(cfg, model.to(device).eval(), task, tokenizer, types, shift)
+    return Loaded(cfg, parts.model.eval(), parts.task, parts.tokenizer, tuple(state["types"]), shift)
 
 
 def evaluate_checkpoint(path: str | Path, *, dataset: str | None = None, split: str = "test",

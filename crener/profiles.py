@@ -93,7 +93,7 @@ def build_run_config(
     flat.update({canonical_key(k): v for k, v in (overrides or {}).items()})
     if str(flat.get("train.bf16", "")).lower() == "auto":
         # Resolved here, before the run's key is made: a run's identity says which it got.
-        from crener.evaluation import bf16_pays  # imports torch: only when a profile asks for it
+        from crener.device import bf16_pays  # imports torch: only when a profile asks for it
 
         flat["train.bf16"] = bf16_pays(str(flat.get("runtime.device", "auto")))
     cfg = RunConfig().with_overrides(flat)

@@ -91,7 +91,7 @@ def plugins(group: str) -> dict[str, EntryPoint]:
 def _source_tree_entry_points(group: str) -> dict[str, EntryPoint]:
     """The entry points ``pyproject.toml`` declares, for a source checkout used uninstalled.
 
-    The GPU check (:mod:`crener.gpucheck`) runs from a copied working tree with a Python that has
+    The GPU check (:mod:`crener.tools.gpucheck`) runs from a copied working tree with a Python that has
     torch and transformers but not this package installed, so there is no install metadata; the
     checkout's own ``pyproject.toml`` says the same thing. An installed package never gets here.
     """

@@ -23,8 +23,8 @@ import os
 import random
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +33,20 @@ import torch
 from torch import nn
 
 from crener import registry
-from crener.checkpoint import CHECKPOINT_VERSION, encoder_state, load_checkpoint, save_checkpoint
+from crener.checkpoint import (
+    CHECKPOINT_VERSION,
+    encoder_state,
+    load_checkpoint,
+    rebuild_encoder,
+    save_checkpoint,
+)
 from crener.config import ModelConfig, RunConfig
 from crener.data.batching import Example, collate, training_batches
 from crener.data.datasets import load_dataset
 from crener.data.digest import dataset_digest
 from crener.data.schema import Entity, Sentence
-from crener.data.split import split_all
+from crener.data.split import Chunk, split_all
+from crener.device import BF16_MIN_MATMUL_RATIO, autocast, bf16_pays, resolve_device
 from crener.encoder import (
     EMBEDDED,
     CharEncoder,
@@ -49,23 +56,19 @@ from crener.encoder import (
     load_pretrained,
     replace_with_unk,
     unk_rates,
+    vectors_path,
 )
 from crener.errors import CheckpointError, CrenerError
 from crener.evaluation import (
-    BF16_MIN_MATMUL_RATIO,
     THRESHOLD_SHIFTS,
     Split,
-    autocast,
-    bf16_pays,
     build_split,
     calibrate,
     evaluate,
     featurize,
-    resolve_device,
     shifted_scores,
 )
 from crener.identity import run_key
-from crener.pretrain import vectors_path
 from crener.registry import build_model, build_task
 from crener.tasks import Task
 
@@ -141,43 +144,98 @@ def load_encoder(
 
 @dataclass
 class RunParts:
-    """What a run trains and scores: its data, task, encoder, features and model."""
+    """What a run trains and scores: its data, task, encoder, features and model.
 
-    data: Any  # crener.data.datasets.Dataset
+    ``data``, ``dev`` and ``test`` are None where :func:`build_parts` read no data (a checkpoint's
+    model) or built only a sample of training examples (the measuring tools)."""
+
+    data: Any  # crener.data.datasets.DatasetSplits
     task: Task
     encoder: CharEncoder
     tokenizer: CharTokenizer
     train_examples: list[Example]
-    dev: Split
-    test: Split
+    dev: Split | None
+    test: Split | None
     model: nn.Module
 
 
-def build_parts(cfg: RunConfig, data_root: str | None, workdir: Path, device: torch.device) -> RunParts:
-    """The one setup of a run (data, task, encoder, features, model on ``device``), as ``fit``
-    and the time-budget probe both need it. Seed first: the model's initialisation draws."""
-    data = load_dataset(cfg.data, seed=cfg.train.seed, data_root=data_root)
-    task = build_task(cfg.model, data.types)
-    encoder, tokenizer = load_encoder(cfg, data.train, workdir)
+def build_parts(
+    cfg: RunConfig,
+    data_root: str | None,
+    workdir: Path | None,
+    device: torch.device,
+    *,
+    sample: Callable[[list[Sentence]], list[Chunk]] | None = None,
+    data: Any = None,
+    checkpoint: dict[str, Any] | None = None,
+) -> RunParts:
+    """The one setup of a run: data, task, encoder (built into ``workdir``), features and model on
+    ``device``. Seed first: the model's initialisation draws.
+
+    Two variants share it, so a task and an encoder are built in one place only:
+
+    - ``sample`` (the measuring tools): only the training chunks it picks from the training
+      sentences are featurised, no dev or test; the model's draws are seeded with ``train.seed``
+      just before it is built, and it gets none of training's initialisation (character vectors,
+      prior biases, a frozen encoder), so it costs what a fresh model costs. ``data`` is a dataset
+      in hand (a synthetic one) instead of ``cfg.data`` read from ``data_root``.
+    - ``checkpoint`` (a loaded checkpoint's state; inference): its labels and encoder, no data;
+      the caller loads its weights into ``model``.
+    """
+    if checkpoint is not None:
+        data, types = None, tuple(checkpoint["types"])
+    else:
+        data = data if data is not None else load_dataset(cfg.data, seed=cfg.train.seed, data_root=data_root)
+        types = data.types
+    task = build_task(cfg.model, types)
+    if checkpoint is not None:
+        encoder, tokenizer = rebuild_encoder(checkpoint, cfg.model.last4_mean)
+    else:
+        encoder, tokenizer = load_encoder(cfg, data.train, workdir)
+    train_examples, dev, test = build_features(cfg, data, task, tokenizer, sample)
+    if sample is not None:
+        torch.manual_seed(cfg.train.seed)  # the embedded encoder's build moved the generator
+    model = build_model(cfg.model, task, encoder, cfg.runtime)
+    parts = RunParts(data, task, encoder, tokenizer, train_examples, dev, test, model)
+    if checkpoint is None and sample is None:
+        prepare_for_training(cfg, parts, data_root, device)
+    parts.model = parts.model.to(device)
+    return parts
+
+
+def build_features(
+    cfg: RunConfig, data: Any, task: Task, tokenizer: CharTokenizer, sample: Callable | None = None
+) -> tuple[list[Example], Split | None, Split | None]:
+    """Training examples, dev and test of ``data`` (:func:`build_parts`): nothing without data,
+    only the training chunks ``sample`` picks with it."""
+    if data is None:
+        return [], None, None
+    if sample is not None:
+        return featurize(sample(data.train), task, tokenizer), None, None
     max_len = cfg.data.max_len
     train_examples = featurize(split_all(data.train, max_len), task, tokenizer)
     dev = build_split("dev", data.dev, max_len, task, tokenizer)
     # Under the MSRA lineage protocol dev is the test set; reuse it unless dev was cut shorter.
     same = data.dev_is_test and len(data.dev) == len(data.test)
     test = dev if same else build_split("test", data.test, max_len, task, tokenizer)
-    model = build_model(cfg.model, task, encoder, cfg.runtime)
+    return train_examples, dev, test
+
+
+def prepare_for_training(
+    cfg: RunConfig, parts: RunParts, data_root: str | None, device: torch.device
+) -> None:
+    """Training's initialisation of a freshly built model, moved to ``device`` (in place)."""
     vectors = vectors_path(cfg.model.char_vectors, data_root)
     if vectors is not None:  # only a family with its own character embeddings reads it (registry.check_model)
-        model.init_char_vectors(tokenizer.tokenizer.get_vocab(), vectors)
-    model = model.to(device)
+        parts.model.init_char_vectors(parts.tokenizer.tokenizer.get_vocab(), vectors)
+    parts.model = parts.model.to(device)
     # Only a family that reads the field (so has it in its run key) may act on it.
     if cfg.model.prior_bias and registry.reads(cfg.model.name, "prior_bias"):
-        start_from_priors(model, task, train_examples)
+        start_from_priors(parts.model, parts.task, parts.train_examples)
     if cfg.train.encoder_lr == 0:
         # A frozen encoder is a fixed feature extractor (dropout off): no gradient, no optimiser
         # state, and every distinct sentence encoded once per process, whatever the cell of a sweep.
-        encoder.freeze(feature_cache(encoder.source, cfg.model.last4_mean))
-    return RunParts(data, task, encoder, tokenizer, train_examples, dev, test, model)
+        parts.encoder.freeze(feature_cache(parts.encoder.source, cfg.model.last4_mean))
 
 
 def parameter_groups(model: nn.Module, cfg: RunConfig) -> list[dict[str, Any]]:
@@ -361,6 +419,36 @@ def _prf(scores) -> dict[str, float]:  # noqa: ANN001 - metrics.Scores
     return {"precision": scores.micro.precision, "recall": scores.micro.recall, "f1": scores.micro.f1}
 
 
+@dataclass
+class Optimisation:
+    """How a run's model is trained: optimiser, schedule, steps an epoch, [UNK] replacement."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    steps_per_epoch: int
+    unk_probs: torch.Tensor | None  # per token id (unk_replacement_probs); None: no replacement
+
+
+@dataclass
+class Progress:
+    """Where training stands: what the epoch checkpoint restores and the summary reports."""
+
+    history: list[dict[str, float]] = field(default_factory=list)  # one row of metrics an epoch
+    curve: list[dict[str, float]] = field(default_factory=list)  # dev F1 every runtime.eval_every steps
+    best_f1: float = -1.0
+    best_epoch: int = 0
+    best_shift: float = 0.0  # threshold shift of the best epoch (model.calibrate)
+    start_epoch: int = 1  # the first epoch this process trains (> 1 when resumed)
+
+    def record(self, epoch: int, metrics: dict[str, float], shift: float) -> bool:
+        """Add an epoch's metrics; whether its dev F1 is the best so far."""
+        improved = metrics["dev/f1"] > self.best_f1
+        if improved:
+            self.best_f1, self.best_epoch, self.best_shift = metrics["dev/f1"], epoch, shift
+        self.history.append({"epoch": epoch, **metrics})
+        return improved
+
+
 def fit(
     cfg: RunConfig,
     workdir: str | Path,
@@ -373,6 +461,45 @@ def fit(
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    device = prepare_process(cfg)
+    root = cfg.runtime.data_root if data_root is None else data_root
+    key = run_key(cfg, data_digest=dataset_digest(cfg.data, root))  # of the files this run reads
+    parts = build_parts(cfg, root, workdir, device)
+    opt = build_optimisation(cfg, parts)
+    ckpt_dir = workdir / "checkpoints"
+    last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
+    progress = resume_progress(last_path, key, parts.model, opt, device) if resume else Progress()
+    announce(cfg, parts, progress, device, callback)
+    (workdir / "config.json").write_text(json.dumps(cfg.flatten(), indent=2, default=list))
+    first_step = (progress.start_epoch - 1) * opt.steps_per_epoch
+    on_step = curve_recorder(cfg, parts, device, progress.curve, first_step, callback)
+    for epoch in range(progress.start_epoch, cfg.train.epochs + 1):
+        if stops_early(
+            cfg.train.patience, epoch - 1, progress.best_epoch
+        ):  # a resumed run stops where it did
+            break
+        t0 = time.perf_counter()
+        metrics = train_epoch(cfg, parts, opt, device, epoch, on_step)
+        shift = calibrate_on_dev(cfg, parts, device, metrics)
+        metrics["epoch_seconds"] = time.perf_counter() - t0
+        improved = progress.record(epoch, metrics, shift)
+        state = checkpoint_state(cfg, key, parts, opt, device, epoch, progress)
+        if improved:
+            save_checkpoint(best_path, {**state, "optimizer": {}, "scheduler": {}})
+        save_checkpoint(last_path, state)
+        log.info(
+            "epoch %d/%d loss %.4f dev P %.4f R %.4f F1 %.4f%s (%.1fs, train %.1f sent/s)",
+            epoch, cfg.train.epochs, metrics["train/loss"], metrics["dev/precision"], metrics["dev/recall"],
+            metrics["dev/f1"], " *" if improved else "", metrics["epoch_seconds"], metrics["train/sentences_per_s"],
+        )  # fmt: skip
+        _call(callback, "on_epoch_end", epoch, metrics)
+        if stops_early(cfg.train.patience, epoch, progress.best_epoch):
+            log.info("no better dev F1 for %d epochs: stopping after epoch %d", cfg.train.patience, epoch)
+    return final_test(cfg, workdir, key, parts, device, progress, started)
+
+
+def prepare_process(cfg: RunConfig) -> torch.device:
+    """Threads, allocator, seeds, then the device; seeded before the bf16 probe and the setup draw."""
     if cfg.runtime.threads > 0:
         torch.set_num_threads(cfg.runtime.threads)
     keep_large_tensors_on_heap(cfg.runtime.heap_tensors)
@@ -383,158 +510,181 @@ def fit(
             "train.bf16 on a CPU whose bf16 matmuls are not fast (below %.0fx its fp32 rate, measured "
             "now): bf16 slows training here; set train.bf16=false or auto", BF16_MIN_MATMUL_RATIO,
         )  # fmt: skip
-    root = cfg.runtime.data_root if data_root is None else data_root
-    key = run_key(cfg, data_digest=dataset_digest(cfg.data, root))  # of the files this run reads
-    parts = build_parts(cfg, root, workdir, device)
-    data, task, encoder, tokenizer, model = (
-        parts.data,
-        parts.task,
-        parts.encoder,
-        parts.tokenizer,
-        parts.model,
-    )
-    train_examples, dev, test = parts.train_examples, parts.dev, parts.test
-    lengths = [e.n for e in train_examples]
+    return device
+
+
+def build_optimisation(cfg: RunConfig, parts: RunParts) -> Optimisation:
+    """AdamW over :func:`parameter_groups` with the linear schedule over every step of the run."""
+    encoder, tokenizer = parts.encoder, parts.tokenizer
     # [UNK] replacement trains the encoder's [UNK] vector: nothing to train in a frozen encoder.
     unk_probs = None if encoder.frozen else unk_replacement_probs(
-        train_examples, int(encoder.bert.config.vocab_size), cfg.train.unk_alpha,
+        parts.train_examples, int(encoder.bert.config.vocab_size), cfg.train.unk_alpha,
         (tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id, tokenizer.unk_id),
     )  # fmt: skip
-    n_params = sum(p.numel() for p in model.parameters())
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg), weight_decay=cfg.train.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(parts.model, cfg), weight_decay=cfg.train.weight_decay)
     # Batch count depends only on lengths and the budget, so the step total is known up front.
+    lengths = [e.n for e in parts.train_examples]
     steps_per_epoch = len(training_batches(lengths, cfg.train, np.random.default_rng(0)))
     if cfg.train.max_steps:
         steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps)
     total_steps = steps_per_epoch * cfg.train.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(total_steps, cfg.train.warmup))
+    return Optimisation(optimizer, scheduler, steps_per_epoch, unk_probs)
 
-    ckpt_dir = workdir / "checkpoints"
-    last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
-    history: list[dict[str, float]] = []
-    curve: list[dict[str, float]] = []  # dev F1 every runtime.eval_every steps (learning-start diagnostic)
-    best_f1, best_epoch, best_shift, start_epoch = -1.0, 0, 0.0, 1
-    calibrated = _calibrates(cfg, task)
-    if resume and last_path.exists():
-        state = load_checkpoint(last_path)
-        if state.get("key") != key:
-            raise CheckpointError(f"{last_path} belongs to another configuration (key {state.get('key')})")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng_cpu"])
-        if device.type == "cuda" and state.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(state["rng_cuda"], device)
-        history = json.loads(state["history"])
-        curve = json.loads(state.get("curve", "[]"))
-        best_f1, best_epoch = state["best_f1"], state["best_epoch"]
-        best_shift = float(state.get("threshold_shift", 0.0))
-        start_epoch = state["epoch"] + 1
-        log.info("resuming %s from epoch %d", workdir, state["epoch"])
+
+def resume_progress(
+    path: Path, key: str, model: nn.Module, opt: Optimisation, device: torch.device
+) -> Progress:
+    """Restore model, optimiser, schedule and RNG states from the epoch checkpoint at ``path``, if
+    there is one (a fresh :class:`Progress` otherwise); it must be of this run (``key``)."""
+    if not path.exists():
+        return Progress()
+    state = load_checkpoint(path)
+    if state.get("key") != key:
+        raise CheckpointError(f"{path} belongs to another configuration (key {state.get('key')})")
+    model.load_state_dict(state["model"])
+    opt.optimizer.load_state_dict(state["optimizer"])
+    opt.scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng_cpu"])
+    if device.type == "cuda" and state.get("rng_cuda") is not None:
+        torch.cuda.set_rng_state(state["rng_cuda"], device)
+    log.info("resuming %s from epoch %d", path.parent.parent, state["epoch"])
+    return Progress(
+        history=json.loads(state["history"]),
+        curve=json.loads(state.get("curve", "[]")),
+        best_f1=state["best_f1"],
+        best_epoch=state["best_epoch"],
+        best_shift=float(state.get("threshold_shift", 0.0)),
+        start_epoch=state["epoch"] + 1,
+    )
+
+
+def announce(
+    cfg: RunConfig, parts: RunParts, progress: Progress, device: torch.device, callback: Any
+) -> None:
+    """Log the run's shape and tell the callback: ``on_start``, then the epochs a resumed run replays."""
+    task, n_params = parts.task, sum(p.numel() for p in parts.model.parameters())
+    n_train, n_dev, n_test = len(parts.train_examples), len(parts.dev.sentences), len(parts.test.sentences)
     info = {
         "num_labels": task.num_labels,
         "labels": list(task.names),
         "parameters": n_params,
-        "resumed_from_epoch": start_epoch - 1,
-        "train_examples": len(train_examples),
-        "dev_sentences": len(dev.sentences),
-        "test_sentences": len(test.sentences),
+        "resumed_from_epoch": progress.start_epoch - 1,
+        "train_examples": n_train,
+        "dev_sentences": n_dev,
+        "test_sentences": n_test,
     }
     log.info(
         "%s/%s on %s: %d train chunks, %d dev, %d test sentences, %d labels, %.2fM parameters, device %s",
-        cfg.model.name, cfg.variant, cfg.data.dataset, len(train_examples), len(dev.sentences),
-        len(test.sentences), task.num_labels, n_params / 1e6, device,
+        cfg.model.name, cfg.variant, cfg.data.dataset, n_train, n_dev, n_test, task.num_labels, n_params / 1e6,
+        device,
     )  # fmt: skip
     _call(callback, "on_start", info)
-    for past in history:  # replay, so a logger that missed them (killed process) catches up
+    for past in progress.history:  # replay, so a logger that missed them (killed process) catches up
         _call(callback, "on_epoch_end", int(past["epoch"]), {k: v for k, v in past.items() if k != "epoch"})
 
-    (workdir / "config.json").write_text(json.dumps(cfg.flatten(), indent=2, default=list))
-    step_state = {"step": (start_epoch - 1) * steps_per_epoch, "losses": []}
+
+def curve_recorder(
+    cfg: RunConfig, parts: RunParts, device: torch.device, curve: list[dict[str, float]], step: int, callback: Any
+):  # fmt: skip
+    """The ``on_step`` of :func:`train_one_epoch`: every ``runtime.eval_every`` steps (counted from
+    ``step``), the mean training loss since the last row and the dev diagnostic, added to ``curve``."""
+    state = {"step": step, "losses": []}
 
     def on_step(loss_value: float) -> None:
-        step_state["step"] += 1
-        step_state["losses"].append(loss_value)
-        if not cfg.runtime.eval_every or step_state["step"] % cfg.runtime.eval_every:
+        state["step"] += 1
+        state["losses"].append(loss_value)
+        if not cfg.runtime.eval_every or state["step"] % cfg.runtime.eval_every:
             return
-        row = {"step": step_state["step"], "train/loss": float(np.mean(step_state["losses"]))}
-        row.update(_dev_diagnostic(model, task, dev, device, cfg)[1])
-        step_state["losses"] = []
+        row = {"step": state["step"], "train/loss": float(np.mean(state["losses"]))}
+        row.update(_dev_diagnostic(parts.model, parts.task, parts.dev, device, cfg)[1])
+        state["losses"] = []
         curve.append(row)
-        model.train()
+        parts.model.train()
         log.info(
             "step %d loss %.4f dev F1 %.4f (best shift %+.1f: %.4f)", row["step"], row["train/loss"],
             row["dev/f1"], row["dev/best_shift"], row["dev/f1_best_shift"],
         )  # fmt: skip
         _call(callback, "on_step_eval", row["step"], {k: v for k, v in row.items() if k != "step"})
 
-    for epoch in range(start_epoch, cfg.train.epochs + 1):
-        if stops_early(cfg.train.patience, epoch - 1, best_epoch):  # a resumed run stops where it did
-            break
-        t0 = time.perf_counter()
-        rng = np.random.default_rng([cfg.train.seed, epoch])
-        batches = training_batches(lengths, cfg.train, rng)
-        metrics = train_one_epoch(
-            model, task, train_examples, batches, optimizer, scheduler, device, cfg,
-            epoch=epoch, max_steps=cfg.train.max_steps, unk_probs=unk_probs, unk_id=tokenizer.unk_id,
-            on_step=on_step,
-        )  # fmt: skip
-        shift, dev_scores = _dev_scores(model, task, dev, device, cfg)
-        metrics.update({f"dev/{k}": v for k, v in _prf(dev_scores).items()})
-        if calibrated:
-            metrics["dev/threshold_shift"] = shift
-        metrics["epoch_seconds"] = time.perf_counter() - t0
-        improved = metrics["dev/f1"] > best_f1
-        if improved:
-            best_f1, best_epoch, best_shift = metrics["dev/f1"], epoch, shift
-        history.append({"epoch": epoch, **metrics})
-        state = {
-            "version": CHECKPOINT_VERSION,
-            "key": key,
-            "config": json.dumps(cfg.flatten(), default=list),
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "epoch": epoch,
-            "history": json.dumps(history),
-            "curve": json.dumps(curve),
-            "best_f1": best_f1,
-            "best_epoch": best_epoch,
-            "threshold_shift": best_shift,  # of the best checkpoint; decoders apply it
-            "labels": list(task.names),
-            "types": list(data.types),
-            **encoder_state(encoder, tokenizer),
-        }
-        if improved:
-            save_checkpoint(best_path, {**state, "optimizer": {}, "scheduler": {}})
-        save_checkpoint(last_path, state)
-        log.info(
-            "epoch %d/%d loss %.4f dev P %.4f R %.4f F1 %.4f%s (%.1fs, train %.1f sent/s)",
-            epoch, cfg.train.epochs, metrics["train/loss"], metrics["dev/precision"], metrics["dev/recall"],
-            metrics["dev/f1"], " *" if improved else "", metrics["epoch_seconds"], metrics["train/sentences_per_s"],
-        )  # fmt: skip
-        _call(callback, "on_epoch_end", epoch, metrics)
-        if stops_early(cfg.train.patience, epoch, best_epoch):
-            log.info("no better dev F1 for %d epochs: stopping after epoch %d", cfg.train.patience, epoch)
+    return on_step
 
-    # Test once, with the best-dev checkpoint (method.md §5).
-    best_state = load_checkpoint(best_path)
+
+def train_epoch(
+    cfg: RunConfig, parts: RunParts, opt: Optimisation, device: torch.device, epoch: int, on_step: Any
+) -> dict[str, float]:
+    """Epoch ``epoch`` of the run, its batches a pure function of (seed, epoch) so a resumed run
+    trains the same ones."""
+    rng = np.random.default_rng([cfg.train.seed, epoch])
+    batches = training_batches([e.n for e in parts.train_examples], cfg.train, rng)
+    return train_one_epoch(
+        parts.model, parts.task, parts.train_examples, batches, opt.optimizer, opt.scheduler, device, cfg,
+        epoch=epoch, max_steps=cfg.train.max_steps, unk_probs=opt.unk_probs, unk_id=parts.tokenizer.unk_id,
+        on_step=on_step,
+    )  # fmt: skip
+
+
+def calibrate_on_dev(
+    cfg: RunConfig, parts: RunParts, device: torch.device, metrics: dict[str, float]
+) -> float:
+    """Score dev after an epoch, at the threshold shift that is best on it (``model.calibrate``);
+    adds ``dev/*`` to ``metrics`` and returns the shift (0 when not calibrated)."""
+    shift, dev_scores = _dev_scores(parts.model, parts.task, parts.dev, device, cfg)
+    metrics.update({f"dev/{k}": v for k, v in _prf(dev_scores).items()})
+    if _calibrates(cfg, parts.task):
+        metrics["dev/threshold_shift"] = shift
+    return shift
+
+
+def checkpoint_state(
+    cfg: RunConfig, key: str, parts: RunParts, opt: Optimisation, device: torch.device, epoch: int,
+    progress: Progress,
+) -> dict[str, Any]:  # fmt: skip
+    """The epoch checkpoint: everything :func:`resume_progress` and inference read back."""
+    return {
+        "version": CHECKPOINT_VERSION,
+        "key": key,
+        "config": json.dumps(cfg.flatten(), default=list),
+        "model": parts.model.state_dict(),
+        "optimizer": opt.optimizer.state_dict(),
+        "scheduler": opt.scheduler.state_dict(),
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "epoch": epoch,
+        "history": json.dumps(progress.history),
+        "curve": json.dumps(progress.curve),
+        "best_f1": progress.best_f1,
+        "best_epoch": progress.best_epoch,
+        "threshold_shift": progress.best_shift,  # of the best checkpoint; decoders apply it
+        "labels": list(parts.task.names),
+        "types": list(parts.data.types),
+        **encoder_state(parts.encoder, parts.tokenizer),
+    }
+
+
+def final_test(
+    cfg: RunConfig, workdir: Path, key: str, parts: RunParts, device: torch.device, progress: Progress,
+    started: float,
+) -> dict[str, Any]:  # fmt: skip
+    """Test once, with the best-dev checkpoint (method.md §5); write the predictions, per-type
+    scores, history, curve and (last: its presence means finished) the summary, and return it."""
+    model, task, dev, test = parts.model, parts.task, parts.dev, parts.test
+    best_state = load_checkpoint(workdir / "checkpoints" / "best.pt")
     model.load_state_dict(best_state["model"])
     best_shift = float(best_state.get("threshold_shift", 0.0))
     dev_scores, diagnostic = _dev_diagnostic(model, task, dev, device, cfg, best_shift)
     test_scores, test_preds = evaluate(model, task, test, device, cfg, best_shift)
+    history, curve = progress.history, progress.curve
     first_positive = next((int(r["step"]) for r in curve if r["dev/f1"] > 0), None)
     summary = {
         "dev": _prf(dev_scores),
         "test": _prf(test_scores),
-        "best_epoch": best_epoch,
+        "best_epoch": progress.best_epoch,
         "epochs": cfg.train.epochs,
         "epochs_run": len(history),  # fewer than planned when train.patience stopped the run
         "seconds": (time.perf_counter() - started)
-        + sum(h["epoch_seconds"] for h in history[: start_epoch - 1]),
-        "parameters": n_params,
+        + sum(h["epoch_seconds"] for h in history[: progress.start_epoch - 1]),
+        "parameters": sum(p.numel() for p in model.parameters()),
         "num_labels": task.num_labels,
         "key": key,
         "model": cfg.model.name,
@@ -543,7 +693,7 @@ def fit(
         "profile": cfg.profile,
         "seed": cfg.train.seed,
         "encoder": cfg.model.encoder,
-        "dev_is_test": data.dev_is_test,
+        "dev_is_test": parts.data.dev_is_test,
         # Diagnostic: dev F1 of the best checkpoint with the decision threshold moved (grid models).
         "dev_best_shift": {"shift": diagnostic["dev/best_shift"], "f1": diagnostic["dev/f1_best_shift"]},
         # The shift dev and test were decoded with (model.calibrate; 0 otherwise).

@@ -399,11 +399,11 @@ def _tune_on_dask(args: argparse.Namespace, kwargs: dict[str, Any]) -> Any:
     import optuna
 
     from crener.workspace import resolve_runs_dir
-    from experiments.tune import _open_storage_or_explain, default_study_name
+    from experiments.tune import default_study_name, open_storage_or_explain
 
     name = args.study_name or default_study_name(args.model, args.variant, args.dataset, args.profile)
     storage = args.storage or OPTUNA_STORAGE
-    _open_storage_or_explain(storage)  # a bad URL fails here, once, not in every worker
+    open_storage_or_explain(storage)  # a bad URL fails here, once, not in every worker
     kwargs = {**kwargs, "study_name": name, "storage": storage,
               "runs_dir": str(resolve_runs_dir(args.runs_dir).resolve())}  # fmt: skip
     with _dask_session(args) as client:

@@ -83,9 +83,9 @@ def build_encoders(
     arms: list[str], build_dir: Path, data_root: str | None, text_steps: int | None = None
 ) -> dict[str, str]:
     """``{arm: encoder name or path}``; builds the missing ones (a killed build resumes)."""
+    from crener.device import bf16_pays
     from crener.encoder import SHIPPED_ENCODERS
-    from crener.evaluation import bf16_pays
-    from crener.pretrain import PretrainConfig, pretrain
+    from crener.tools.pretrain import PretrainConfig, pretrain
 
     card = json.loads((SHIPPED_ENCODERS[SHIPPED] / "card.json").read_text(encoding="utf-8"))
     shipped = PretrainConfig.from_identity(card["config"], out="")
@@ -216,7 +216,7 @@ def stamp(args: argparse.Namespace) -> str:
     """Where the page's figures come from: they hold for that machine, commit and store only."""
     import shlex
 
-    from crener.bench import machine_info
+    from crener.tools.bench import machine_info
 
     m = machine_info()
     argv = getattr(args, "argv", None) or []

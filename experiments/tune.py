@@ -115,7 +115,7 @@ def _open_server_storage(url: str, attempts: int = 5) -> optuna.storages.BaseSto
     raise AssertionError("unreachable")
 
 
-def _open_storage_or_explain(url: str) -> optuna.storages.BaseStorage:
+def open_storage_or_explain(url: str) -> optuna.storages.BaseStorage:
     """:func:`open_storage`, with a URL it cannot open refused in one message (no traceback)."""
     import sqlalchemy.exc
 
@@ -241,7 +241,7 @@ def tune(
     # The MLflow store first: one that cannot be reached fails here, before a study (or its
     # database file) is created that would then hold no trial.
     tracker = Tracker() if track else None
-    store = _open_storage_or_explain(storage or OPTUNA_STORAGE)
+    store = open_storage_or_explain(storage or OPTUNA_STORAGE)
     offset = _trials_so_far(store, name)
     study = optuna.create_study(
         study_name=name,

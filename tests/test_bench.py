@@ -7,8 +7,13 @@ import json
 import numpy as np
 import pytest
 
-import crener.bench as bench
-from crener.bench import (
+import crener.tools.bench as bench
+from crener.cli import main as cli_main
+from crener.data.batching import make_batches
+from crener.data.datasets import load_dataset
+from crener.data.split import split_all
+from crener.profiles import build_run_config
+from crener.tools.bench import (
     LEVERS,
     _levers_table,
     budget_overrides,
@@ -17,11 +22,6 @@ from crener.bench import (
     memory_probe,
     probe_command,
 )
-from crener.cli import main as cli_main
-from crener.data.batching import make_batches
-from crener.data.datasets import load_dataset
-from crener.data.split import split_all
-from crener.profiles import build_run_config
 
 
 def test_cell_budget_keeps_the_step_count_of_fixed_batches():
@@ -104,7 +104,7 @@ def test_memory_points_measure_the_grid_in_a_fresh_process():
     """In a fresh process (as the memory suite runs each point) the training peak covers at least
     the grid activations a step must hold, and grows with the sentence length: a probe that
     measured nothing (the peak of an already larger heap, clamped at 0) fails here."""
-    from crener.bench import _memory_point
+    from crener.tools.bench import _memory_point
 
     short = _memory_point("quick", "w2ner", "full", 64, 2, [])
     long = _memory_point("quick", "w2ner", "full", 192, 2, [])

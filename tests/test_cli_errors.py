@@ -194,14 +194,14 @@ def test_argument_mistakes_exit_2_with_usage(argv, message, capsys, caplog) -> N
 
 
 def test_bench_widths_match_the_presets() -> None:
-    from crener import bench
     from crener.commands import BENCH_WIDTHS
+    from crener.tools.workload import WIDTHS
 
-    assert set(BENCH_WIDTHS) == set(bench.WIDTHS)
+    assert set(BENCH_WIDTHS) == set(WIDTHS)
 
 
 def test_bench_error_rows_fail_the_command(monkeypatch, capsys, caplog) -> None:
-    from crener import bench
+    from crener.tools import bench
 
     monkeypatch.setattr(bench, "_memory_point", lambda *a, **k: {"length": 32, "error": "killed by signal 9"})
     argv = [

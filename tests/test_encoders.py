@@ -51,8 +51,8 @@ def test_arms_are_the_four_constructions():
 
 
 def test_text_arms_share_architecture_and_steps_and_differ_only_in_text(tmp_path, monkeypatch):
-    import crener.evaluation
-    import crener.pretrain
+    import crener.device
+    import crener.tools.pretrain
 
     built = []
 
@@ -61,8 +61,8 @@ def test_text_arms_share_architecture_and_steps_and_differ_only_in_text(tmp_path
         Path(cfg.out).mkdir(parents=True)
         (Path(cfg.out) / "config.json").write_text("{}")
 
-    monkeypatch.setattr(crener.pretrain, "pretrain", fake_pretrain)
-    monkeypatch.setattr(crener.evaluation, "bf16_pays", lambda device: False)
+    monkeypatch.setattr(crener.tools.pretrain, "pretrain", fake_pretrain)
+    monkeypatch.setattr(crener.device, "bf16_pays", lambda device: False)
     arms = list(encoders.TEXT_ARMS)
     out = encoders.build_encoders(arms, tmp_path, None, text_steps=300)
     assert [Path(out[a]).name for a in arms] == ["text-splits-300", "text-quarter-300", "text-all-300"]

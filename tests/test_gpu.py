@@ -1,7 +1,7 @@
 """The CUDA path: a training step, bf16 autocast, pinned host batches, a whole fit, on the device.
 
 Marked ``gpu``: deselected from the default and slow suites and run by the GPU check
-(``python -m crener.gpucheck``, ``nox -s gpu_check``) on a GPU machine. The device comes from
+(``python -m crener.tools.gpucheck``, ``nox -s gpu_check``) on a GPU machine. The device comes from
 ``$CRENER_GPU_DEVICE`` (default ``cuda``); the check's CPU dry run sets it to ``cpu`` so these
 tests run on every test-suite pass and cannot rot between GPU sessions.
 """
@@ -15,7 +15,8 @@ import torch
 
 from crener.checkpoint import load_checkpoint
 from crener.data.batching import collate
-from crener.evaluation import autocast, predict_examples
+from crener.device import autocast
+from crener.evaluation import predict_examples
 from tests.helpers import tiny_cfg
 from tests.test_model import make
 

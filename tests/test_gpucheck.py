@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from crener import gpucheck
+from crener.tools import gpucheck
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCKER = """
@@ -35,7 +35,7 @@ def test_dry_run_on_cpu_runs_every_check_without_tracking_libraries(shared_data,
     env.pop("CRENER_DATA", None)
     out = tmp_path / "check.json"
     res = subprocess.run(
-        [sys.executable, "-m", "crener.gpucheck", "--device", "cpu", "--tiny", "--data-root", str(data),
+        [sys.executable, "-m", "crener.tools.gpucheck", "--device", "cpu", "--tiny", "--data-root", str(data),
          "--json", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip

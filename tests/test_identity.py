@@ -285,12 +285,12 @@ def test_bf16_auto_is_resolved_before_the_key_from_the_measured_peaks(
 ) -> None:
     """`train.bf16=auto` (the full profile's) becomes True or False by what this machine's matmul
     peaks favour, before the key is made: the run records, and is keyed by, the precision it got."""
-    import crener.evaluation as evaluation
+    import crener.device as device
 
     assert profiles.PROFILES["full"]["train.bf16"] == "auto"
     asked = []
     for pays in (True, False):
-        monkeypatch.setattr(evaluation, "bf16_pays", lambda device, pays=pays: asked.append(device) or pays)
+        monkeypatch.setattr(device, "bf16_pays", lambda name, pays=pays: asked.append(name) or pays)
         cfg = build_run_config(profile="full")
         assert cfg.train.bf16 is pays
         assert run_key(cfg) == run_key(build_run_config(profile="full", overrides={"train.bf16": pays}))
@@ -304,15 +304,14 @@ def test_bf16_auto_is_resolved_before_the_key_from_the_measured_peaks(
 def test_bf16_pays_compares_measured_matmul_rates(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    import crener.evaluation as evaluation
-    import crener.roofline as roofline
+    import crener.device as device
 
     for fp32, bf16, want in ((100.0, 450.0, True), (100.0, 199.0, False), (100.0, 30.0, False)):
         rates = {torch.float32: fp32, torch.bfloat16: bf16}
-        monkeypatch.setattr(roofline, "matmul_gflops", lambda dtype, *a, rates=rates, **k: rates[dtype])
-        evaluation.bf16_pays.cache_clear()
-        assert evaluation.bf16_pays("cpu") is want
-    evaluation.bf16_pays.cache_clear()
+        monkeypatch.setattr(device, "matmul_gflops", lambda dtype, *a, rates=rates, **k: rates[dtype])
+        device.bf16_pays.cache_clear()
+        assert device.bf16_pays("cpu") is want
+    device.bf16_pays.cache_clear()
 
 
 def test_shipped_encoder_weights_enter_the_key_only_when_they_changed(

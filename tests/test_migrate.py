@@ -12,7 +12,7 @@ from crener.checkpoint import CHECKPOINT_VERSION, load_checkpoint, save_checkpoi
 from crener.cli import main
 from crener.config import RunConfig
 from crener.identity import run_key
-from crener.migrate import LEGACY_KEY_TAG, migrate_store, rebuild_config
+from crener.tools.migrate import LEGACY_KEY_TAG, migrate_store, rebuild_config
 from crener.tracking import Tracker
 from tests.helpers import smoke_cfg
 

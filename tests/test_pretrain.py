@@ -1,4 +1,4 @@
-"""`crener pretrain` (crener/pretrain.py): corpus without dev/test text, vocabulary, initialisation,
+"""`crener pretrain` (crener/tools/pretrain.py): corpus without dev/test text, vocabulary, initialisation,
 MLM masks, [UNK] training, resumption, the written folder and its card, and the command line.
 
 Every pretraining run here is tiny (width 16, one layer, a few steps on Resume) so the file runs in
@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 import torch
 
-import crener.pretrain as pretrain_mod
+import crener.tools.pretrain as pretrain_mod
 from crener.config import DataConfig
 from crener.data.datasets import DATASETS, load_dataset, read_split, register_dataset, resolve_data_root
 from crener.data.digest import file_digest
 from crener.errors import CheckpointError, DataError
-from crener.pretrain import (
+from crener.tools.pretrain import (
     CLS,
     MASK,
     PAD,
@@ -425,7 +425,7 @@ def test_resume_after_a_kill_reaches_the_same_weights(tmp_path, monkeypatch, cap
         "step": 5, "finished": False,
     }  # fmt: skip
     assert not (tmp_path / "b").exists()
-    caplog.set_level(logging.INFO, logger="crener.pretrain")
+    caplog.set_level(logging.INFO, logger="crener.tools.pretrain")
     pretrain(cfg_b, workdir=tmp_path / "wb", track=False, progress=False)
     assert "resuming pretraining from step 5" in caplog.text
     resumed = _weights(tmp_path / "b")
@@ -504,12 +504,12 @@ def test_cli_bf16_flag(flag, expected):
 
 @pytest.mark.parametrize("argv", [[], ["--bf16", "auto"]])
 def test_cli_bf16_auto_is_the_default_and_takes_the_measured_answer(argv, monkeypatch):
-    import crener.evaluation
+    import crener.device
     from crener.cli import build_parser
 
     args = build_parser().parse_args(["pretrain", "--out", "x", *argv])
     for pays in (True, False):
-        monkeypatch.setattr(crener.evaluation, "bf16_pays", lambda device="auto", pays=pays: pays)
+        monkeypatch.setattr(crener.device, "bf16_pays", lambda device="auto", pays=pays: pays)
         assert pretrain_mod.config_from_args(args).bf16 is pays
 
 

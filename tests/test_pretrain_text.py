@@ -1,4 +1,4 @@
-"""Unlabelled text and starting vectors of `crener pretrain` (crener/pretrain.py): the streamed corpus
+"""Unlabelled text and starting vectors of `crener pretrain` (crener/tools/pretrain.py): the streamed corpus
 reader (plain and .xz, blank lines, byte-order mark, bad bytes, empty files), splitting long lines at
 punctuation, the dev/test overlap filter, the evenly spread fraction, the packaged vector readers, the
 concatenation of several sources, and the per-dataset dev accuracy written to the card."""
@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-import crener.pretrain as pretrain_mod
+import crener.tools.pretrain as pretrain_mod
 from crener.config import DataConfig
 from crener.data.datasets import load_dataset
 from crener.errors import DataError
-from crener.pretrain import (
+from crener.tools.pretrain import (
     OVERLAP_N,
     PretrainConfig,
     build_corpus,
@@ -218,7 +218,7 @@ def test_continued_pretraining_starts_from_the_encoder_row_by_token(tmp_path):
 def test_no_dev_or_test_text_of_any_dataset_reaches_pretraining_from_the_news_corpus():
     """The real corpus, all four datasets: no piece of news text equals or shares OVERLAP_N
     characters with a dev or test sentence, and no piece at all is a dev or test sentence."""
-    from crener.pretrain import ngrams, overlaps
+    from crener.tools.pretrain import ngrams, overlaps
 
     held: set[str] = set()
     for name in ("weibo", "resume", "ontonotes4", "msra"):

@@ -110,6 +110,10 @@ def test_a_source_checkout_declares_the_installed_entry_points() -> None:
     from importlib.metadata import entry_points
 
     for group in (registry.GROUP, "crener.commands"):
-        installed = {(ep.name, ep.value) for ep in entry_points(group=group)}
-        declared = {(ep.name, ep.value) for ep in registry._source_tree_entry_points(group).values()}
-        assert declared == installed and installed
+        installed = {ep.name: ep for ep in entry_points(group=group)}
+        declared = registry._source_tree_entry_points(group)
+        assert declared.keys() == installed.keys() and installed
+        # A module that moved keeps a shim at its old path until the package is reinstalled
+        # (crener.migrate): the two paths must load the same object.
+        for name, ep in declared.items():
+            assert ep.value == installed[name].value or ep.load() is installed[name].load(), name

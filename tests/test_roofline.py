@@ -12,9 +12,9 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
-from crener import roofline
 from crener.profiles import VARIANTS, build_run_config
 from crener.registry import build_model, build_task
+from crener.tools import roofline
 from tests.conftest import TYPES
 
 
@@ -101,7 +101,7 @@ def test_peaks_are_rates_of_the_work_done() -> None:
 def test_suite_json_has_the_issue_schema(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    from crener.bench import run_bench
+    from crener.tools.bench import run_bench
 
     monkeypatch.setattr(
         roofline, "machine_peaks", lambda: {"fp32_gflops": 100.0, "bf16_gflops": 50.0, "bandwidth_gbs": 10.0}
@@ -136,7 +136,7 @@ def test_suite_json_has_the_issue_schema(
 def test_page_is_generated_from_the_run_and_rerendered_from_its_json(
     monkeypatch: pytest.MonkeyPatch, tmp_path, capsys: pytest.CaptureFixture
 ) -> None:
-    from crener.bench import run_bench
+    from crener.tools.bench import run_bench
 
     monkeypatch.setattr(
         roofline, "machine_peaks", lambda: {"fp32_gflops": 123.4, "bf16_gflops": 5.6, "bandwidth_gbs": 7.8}

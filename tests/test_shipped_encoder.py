@@ -15,7 +15,7 @@ import pytest
 
 import crener.encoder
 from crener.data.datasets import resolve_data_root
-from crener.pretrain import SPECIAL_TOKENS, PretrainConfig
+from crener.tools.pretrain import SPECIAL_TOKENS, PretrainConfig
 
 NAME = "crener-char"
 MAX_BYTES = 25_000_000  # 25 MB

@@ -16,7 +16,7 @@ import pytest
 import crener.encoder
 from crener.data.datasets import resolve_data_root
 from crener.data.digest import file_digest
-from crener.pretrain import SPECIAL_TOKENS, PretrainConfig, text_path
+from crener.tools.pretrain import SPECIAL_TOKENS, PretrainConfig, text_path
 from tests.test_shipped_encoder import MAX_BYTES, folder, read_card
 
 NAME = "crener-xwlb"

@@ -1,4 +1,4 @@
-"""``python -m crener.gpucheck``: the one-command GPU check (``nox -s gpu_check``).
+"""``python -m crener.tools.gpucheck``: the one-command GPU check (``nox -s gpu_check``).
 
 One call on a GPU machine, a few minutes, one table:
 
@@ -38,7 +38,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository (this file is crener/tools/gpucheck.py)
 DEVICE_ENV = "CRENER_GPU_DEVICE"  # the device tests/test_gpu.py runs on (default: cuda)
 # What the check reads, relative to a data root: Resume for speed and the epoch, MSRA's training
 # split for its worst batch.
@@ -113,7 +113,7 @@ def check_tests(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def check_speed(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from crener.bench import measure_speed
+    from crener.tools.bench import measure_speed
 
     rows = []
     for model in ("w2ner", "crener"):
@@ -167,39 +167,34 @@ def check_epoch(args: argparse.Namespace) -> dict[str, Any]:
 
 def check_worst_batch(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
-    import torch
 
-    from crener.bench import _CpuPeak, _device_peak, _reset_device_peak, _sync
     from crener.data.batching import collate
-    from crener.data.datasets import load_dataset
     from crener.data.split import split_all
-    from crener.evaluation import autocast, featurize, resolve_device
-    from crener.registry import build_model, build_task
-    from crener.train import load_encoder
+    from crener.device import CpuPeak, autocast, device_peak, reset_device_peak, resolve_device, sync
+    from crener.train import build_parts
 
     bf16 = args.device.startswith("cuda")
     size = 2 if args.tiny else 12
     cfg = _config(args, "crener", bf16, **{"data.dataset": "msra"})
-    data = load_dataset(cfg.data, seed=0, data_root=cfg.runtime.data_root)
-    chunks = split_all(data.train, cfg.data.max_len)
-    longest = sorted(range(len(chunks)), key=lambda i: (-len(chunks[i].sentence), i))[:size]
-    task = build_task(cfg.model, data.types)
     device = resolve_device(cfg.runtime.device)
+
+    def longest(train: list) -> list:
+        # sorted is stable: among chunks of one length, the earlier ones
+        return sorted(split_all(train, cfg.data.max_len), key=lambda c: -len(c.sentence))[:size]
+
     with tempfile.TemporaryDirectory() as tmp:
-        encoder, tok = load_encoder(cfg, data.train, Path(tmp))
-    torch.manual_seed(0)
-    model = build_model(cfg.model, task, encoder, cfg.runtime).to(device).train()
-    examples = featurize([chunks[i] for i in longest], task, tok)
+        parts = build_parts(cfg, cfg.runtime.data_root, Path(tmp), device, sample=longest)
+    task, model, examples = parts.task, parts.model.train(), parts.train_examples
     batch = collate(examples, task.target, task.num_labels).to(device)
-    cpu = _CpuPeak()
-    _sync(device)
-    _reset_device_peak(device)
+    cpu = CpuPeak()
+    sync(device)
+    reset_device_peak(device)
     cpu.start()
     with autocast(device, cfg.train.bf16):
         out = model(batch)
     task.loss(out, batch)["loss"].backward()
-    _sync(device)
-    peak = _device_peak(device) if device.type == "cuda" else cpu.peak()
+    sync(device)
+    peak = device_peak(device) if device.type == "cuda" else cpu.peak()
     n = int(np.max([e.n for e in examples]))
     fits = peak <= FITS_BYTES
     return {"check": "worst batch", "setting": f"MSRA, {size} longest chunks ({n} characters), crener full",
@@ -253,7 +248,7 @@ def machine(device: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m crener.gpucheck", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m crener.tools.gpucheck", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu for the dry run")
     p.add_argument("--tiny", action="store_true", help="tiny widths and data: the CPU dry run")
     p.add_argument("--data-root", help="dataset directory (default: $CRENER_DATA, then ../shared/data)")

@@ -49,9 +49,14 @@ import torch
 from crener.checkpoint import read_state, save_checkpoint
 from crener.config import MAX_LEN, MIN_LEN
 from crener.data.digest import file_digest
-from crener.encoder import SPECIAL_TOKENS, replace_with_unk, unk_rates  # the embedded encoder's layout
+from crener.device import autocast
+from crener.encoder import (  # the embedded encoder's layout, and the vectors its embeddings may start from
+    SPECIAL_TOKENS,
+    replace_with_unk,
+    unk_rates,
+    vectors_path,
+)
 from crener.errors import CheckpointError, CrenerError, DataError
-from crener.evaluation import autocast
 from crener.workspace import git_commit
 
 log = logging.getLogger(__name__)
@@ -60,7 +65,6 @@ PAD, UNK, CLS, SEP, MASK = range(len(SPECIAL_TOKENS))
 DEFAULT_DATASETS = ("weibo", "resume", "ontonotes4", "msra")
 # word2vec tokens of the People's Daily file that are not characters of text.
 VECTOR_SPECIALS = {"</s>": None, "<UNK>": "[UNK]"}
-VECTORS_REL = Path("pretrained") / "people2014_char_w2v_50d" / "char_vec.txt"
 HELD_OUT = 500  # corpus pieces kept aside to measure masked-token accuracy (never trained on)
 CHECKPOINT_NAME = "pretrain_state.pt"
 STATE_VERSION = 1
@@ -109,7 +113,7 @@ class PretrainConfig:
     init_from: str | None = None
     # bf16 autocast for the forward pass (weights, optimiser and loss stay fp32). Part of the
     # identity: bf16 and fp32 give different weights. The CLI's "auto" (its default) becomes the
-    # measured answer of crener.evaluation.bf16_pays, so the card records a bool.
+    # measured answer of crener.device.bf16_pays, so the card records a bool.
     bf16: bool = False
     save_every: int = 250  # steps between resumable checkpoints
     log_every: int = 50  # steps between logged metrics
@@ -317,22 +321,6 @@ def build_corpus(cfg: PretrainConfig) -> Corpus:
 
 def resolve_vectors(cfg: PretrainConfig) -> Path | None:
     return vectors_path(cfg.vectors, cfg.data_root)
-
-
-def vectors_path(spec: str | None, data_root: str | Path | None = None) -> Path | None:
-    """A vectors setting -> its file: ``none`` (or empty) -> None; ``default`` -> the People's Daily
-    vectors beside the dataset root (``shared/pretrained``); anything else is a path."""
-    if spec is None or spec.lower() in ("none", ""):
-        return None
-    if spec != "default":
-        path = Path(spec)
-    else:
-        from crener.data.datasets import resolve_data_root
-
-        path = resolve_data_root(data_root).parent / VECTORS_REL
-    if not path.is_file():
-        raise DataError("character vectors not found (pass a word2vec file's path, or none)", str(path))
-    return path
 
 
 def read_vectors(path: Path) -> dict[str, np.ndarray]:
@@ -709,26 +697,28 @@ def licences(cfg: PretrainConfig, sources: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def pretrain(
-    cfg: PretrainConfig,
-    *,
-    workdir: str | Path | None = None,
-    track: bool = True,
-    progress: bool = True,
-    stop_after: int | None = None,
-    command: str | None = None,
-) -> dict[str, Any]:
-    """Pretrain (or continue a killed run of) ``cfg``; write the encoder and its card to ``cfg.out``.
+@dataclass
+class MlmData:
+    """The corpus as pretraining reads it: vocabulary, token rows and the [UNK] replacement rates."""
 
-    ``workdir`` holds the resumable state (default: ``.crener/pretrain/<name of out>``). ``stop_after``
-    ends the call after that many steps without writing the encoder (used to test resumption)."""
-    from transformers import BertConfig, BertForMaskedLM, BertTokenizer
+    corpus: Corpus
+    start: StartVectors
+    init: InitEncoder | None
+    vocab: OrderedDict[str, int]
+    train_rows: list[np.ndarray]
+    held_rows: list[np.ndarray]  # a fixed sample of the corpus, for measuring, never for training
+    dev_rows: dict[str, list[np.ndarray]]  # each dataset's dev text
+    unk_prob: torch.Tensor
+    lengths: list[int]  # characters of each training row
+    prep_seconds: float  # reading, filtering and encoding the corpus
 
-    out = Path(cfg.out)
-    workdir = Path(workdir) if workdir is not None else Path(".crener") / "pretrain" / out.name
-    workdir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    commit = git_commit()  # the code that runs: HEAD may move while a long build goes on
+    @property
+    def held_out(self) -> int:
+        return len(self.held_rows)
+
+
+def prepare_mlm_data(cfg: PretrainConfig) -> MlmData:
+    """Read the corpus and the starting vectors, build the vocabulary and encode the rows."""
     t_prep = time.perf_counter()
     corpus = build_corpus(cfg)
     start = load_start_vectors(cfg.vectors, cfg.data_root)
@@ -744,14 +734,18 @@ def pretrain(
     counts = Counter(c for i in train_idx for c in corpus.pieces[i])
     unk_prob = unk_probabilities(counts, vocab, cfg.unk_alpha)
     lengths = [len(r) - 2 for r in train_rows]
-    prep_seconds = time.perf_counter() - t_prep  # reading, filtering and encoding the corpus
-    per_epoch = len(epoch_batches(lengths, cfg.batch_tokens, cfg.seed, 0))
-    log.info(
-        "corpus: %d sentences (%d dropped: also in a dev/test split) -> %d pieces (%d held out), "
-        "%d characters, vocabulary %d, %d batches an epoch",
-        corpus.sentences, corpus.dropped, len(corpus.pieces), n_held, sum(lengths), len(vocab), per_epoch,
-    )  # fmt: skip
+    prep_seconds = time.perf_counter() - t_prep
+    return MlmData(
+        corpus, start, init, vocab, train_rows, held_rows, dev_rows, unk_prob, lengths, prep_seconds
+    )
 
+
+def build_mlm_model(cfg: PretrainConfig, data: MlmData):  # noqa: ANN201 - transformers.BertForMaskedLM
+    """The masked-language model, seeded, its embedding rows from the starting vectors and (with
+    ``--init-from``) the weights of the encoder it continues; returns it and the rows initialised."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    vocab, start, init = data.vocab, data.start, data.init
     bert_cfg = BertConfig(
         vocab_size=len(vocab), hidden_size=cfg.hidden, num_hidden_layers=cfg.layers,
         num_attention_heads=cfg.heads, intermediate_size=cfg.ff, max_position_embeddings=512,
@@ -769,6 +763,11 @@ def pretrain(
         carried = continue_from(model, vocab, init)
         log.info("continuing %s: %d of %d vocabulary rows carried over", cfg.init_from, carried, len(vocab))
         start.files[f"init/{Path(init.path).name}"] = str(Path(init.path) / "model.safetensors")
+    return model, initialised
+
+
+def mlm_optimisation(cfg: PretrainConfig, model: torch.nn.Module):  # noqa: ANN201
+    """AdamW (no decay on biases and LayerNorm) and a linear warm-up then decay over ``cfg.steps``."""
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "LayerNorm" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "LayerNorm" not in n)]
     optimizer = torch.optim.AdamW(
@@ -781,68 +780,160 @@ def pretrain(
         # max(1, ..): the warm-up may cover every step (--steps 1, or --warmup 1).
         lambda s: (s + 1) / warm if s < warm else max(0.0, (cfg.steps - s) / max(1, cfg.steps - warm)),
     )
+    return optimizer, scheduler
 
+
+@dataclass
+class MlmProgress:
+    """Where pretraining stands: what its resumable state holds besides the weights."""
+
+    step: int = 0
+    seconds: float = 0.0  # spent in training steps, over every process of the build
+    run_id: str | None = None  # the MLflow run it logs to
+    history: list[dict[str, float]] = field(default_factory=list)
+    tokens_seen: int = 0
+    first_commit: str | None = None  # the commit the build started at
+
+
+def resume_mlm(
+    state_path: Path, identity: str, model, optimizer, scheduler, commit: str | None
+) -> MlmProgress:  # noqa: ANN001
+    """Restore a killed build's weights, optimiser, schedule and RNG; a fresh start otherwise."""
+    if not state_path.exists():
+        return MlmProgress(first_commit=commit)
+    state = read_state(state_path, "pretraining state")
+    if state.get("version") != STATE_VERSION or state.get("identity") != identity:
+        raise CheckpointError(
+            f"{state_path} belongs to another pretraining configuration; "
+            "use another --workdir or delete it to start over"
+        )
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    log.info("resuming pretraining from step %d (%s)", state["step"], state_path)
+    return MlmProgress(
+        step=state["step"],
+        seconds=state["seconds"],
+        run_id=state.get("run_id") or None,
+        history=json.loads(state["history"]),
+        tokens_seen=int(state.get("tokens", 0)),
+        first_commit=state.get("commit", commit),
+    )
+
+
+def start_tracking(cfg: PretrainConfig, out: Path, progress: MlmProgress, vocab_size: int):  # noqa: ANN201
+    """The MLflow run the build logs to (the killed build's, when resumed); sets its id in ``progress``."""
+    from crener.tracking import Tracker
+
+    logger = Tracker().start_plain_run(
+        "crener-pretrain", name=out.name, resume_run_id=progress.run_id,
+        tags={"crener.kind": "pretrain", "crener.encoder": out.name},
+    )  # fmt: skip
+    progress.run_id = logger.run_id
+    logger.log_params({**{f"pretrain.{k}": v for k, v in cfg.identity().items()}, "vocab_size": vocab_size})
+    return logger
+
+
+def pretrain(
+    cfg: PretrainConfig,
+    *,
+    workdir: str | Path | None = None,
+    track: bool = True,
+    progress: bool = True,
+    stop_after: int | None = None,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Pretrain (or continue a killed run of) ``cfg``; write the encoder and its card to ``cfg.out``.
+
+    ``workdir`` holds the resumable state (default: ``.crener/pretrain/<name of out>``). ``stop_after``
+    ends the call after that many steps without writing the encoder (used to test resumption)."""
+    out = Path(cfg.out)
+    workdir = Path(workdir) if workdir is not None else Path(".crener") / "pretrain" / out.name
+    workdir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    commit = git_commit()  # the code that runs: HEAD may move while a long build goes on
+    data = prepare_mlm_data(cfg)
+    per_epoch = len(epoch_batches(data.lengths, cfg.batch_tokens, cfg.seed, 0))
+    corpus = data.corpus
+    log.info(
+        "corpus: %d sentences (%d dropped: also in a dev/test split) -> %d pieces (%d held out), "
+        "%d characters, vocabulary %d, %d batches an epoch",
+        corpus.sentences, corpus.dropped, len(corpus.pieces), data.held_out, sum(data.lengths), len(data.vocab),
+        per_epoch,
+    )  # fmt: skip
+    model, initialised = build_mlm_model(cfg, data)
+    optimizer, scheduler = mlm_optimisation(cfg, model)
     state_path = workdir / CHECKPOINT_NAME
     identity = json.dumps(cfg.identity(), sort_keys=True, default=list)
-    step, seconds, run_id, history, tokens_seen, first_commit = 0, 0.0, None, [], 0, commit
-    if state_path.exists():
-        state = read_state(state_path, "pretraining state")
-        if state.get("version") != STATE_VERSION or state.get("identity") != identity:
-            raise CheckpointError(
-                f"{state_path} belongs to another pretraining configuration; "
-                "use another --workdir or delete it to start over"
-            )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        step, seconds, run_id = state["step"], state["seconds"], state.get("run_id") or None
-        history = json.loads(state["history"])
-        tokens_seen = int(state.get("tokens", 0))
-        first_commit = state.get("commit", commit)
-        log.info("resuming pretraining from step %d (%s)", step, state_path)
-
-    logger = None
-    if track:
-        from crener.tracking import Tracker
-
-        tracker = Tracker()
-        logger = tracker.start_plain_run(
-            "crener-pretrain", name=out.name, resume_run_id=run_id,
-            tags={"crener.kind": "pretrain", "crener.encoder": out.name},
-        )  # fmt: skip
-        run_id = logger.run_id
-        logger.log_params(
-            {**{f"pretrain.{k}": v for k, v in cfg.identity().items()}, "vocab_size": len(vocab)}
-        )
+    done = resume_mlm(state_path, identity, model, optimizer, scheduler, commit)
+    logger = start_tracking(cfg, out, done, len(data.vocab)) if track else None
 
     def save_state() -> None:
         save_checkpoint(state_path, {
-            "version": STATE_VERSION, "identity": identity, "step": step, "seconds": seconds,
+            "version": STATE_VERSION, "identity": identity, "step": done.step, "seconds": done.seconds,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
-            "run_id": run_id or "", "history": json.dumps(history), "tokens": tokens_seen, "commit": first_commit,
+            "run_id": done.run_id or "", "history": json.dumps(done.history), "tokens": done.tokens_seen,
+            "commit": done.first_commit,
         })  # fmt: skip
 
+    last = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    train_mlm(cfg, data, model, optimizer, scheduler, done, last, save_state, logger, progress)
+    if done.step < cfg.steps:  # stopped early on purpose (tests)
+        return {"step": done.step, "finished": False}
+    acc, held_loss = held_out_accuracy(model, data.held_rows, data.unk_prob, cfg, len(data.vocab))
+    dev_accuracy = {
+        name: round(held_out_accuracy(model, rows, data.unk_prob, cfg, len(data.vocab))[0], 4)
+        for name, rows in data.dev_rows.items()
+    }
+    log.info("masked-token accuracy on each dataset's dev text: %s", dev_accuracy)
+    summary = {
+        "step": done.step, "finished": True, "seconds": done.seconds, "held_out_mlm_accuracy": acc,
+        "held_out_mlm_loss": held_loss, "vocab_size": len(data.vocab), "initialised_rows": initialised,
+        "corpus_sentences": corpus.sentences, "corpus_pieces": len(corpus.pieces),
+        "corpus_characters": sum(data.lengths), "dropped_sentences": corpus.dropped,
+        "held_out_pieces": data.held_out, "parameters": sum(p.numel() for n, p in model.bert.named_parameters()),
+        "dev_mlm_accuracy": dev_accuracy, "tokens_seen": done.tokens_seen, "text_lines": corpus.text_lines,
+        "prep_seconds": data.prep_seconds,
+    }  # fmt: skip
+    write_encoder(cfg, out, model, data, summary, done, command, commit)
+    if logger is not None:
+        logger.log_metrics(
+            {"final/held_out_mlm_accuracy": acc, "final/seconds": done.seconds}, step=done.step
+        )
+        logger.set_tags({"crener.state": "finished"})
+        logger.terminate("FINISHED")
+    log.info("encoder written to %s: held-out masked-token accuracy %.3f after %d steps", out, acc, done.step)
+    return summary
+
+
+def train_mlm(
+    cfg: PretrainConfig, data: MlmData, model, optimizer, scheduler, done: MlmProgress, last: int,  # noqa: ANN001
+    save_state: Any, logger: Any, progress: bool,
+) -> None:  # fmt: skip
+    """Train from ``done.step`` to step ``last``, logging every ``cfg.log_every`` steps and saving
+    the resumable state every ``cfg.save_every`` (and at ``last``); updates ``done``."""
     from crener.train import progress_bar
 
     bar = progress_bar(cfg.steps, "pretrain", progress)
     if bar is not None:
-        bar.update(step)
+        bar.update(done.step)
     model.train()
+    per_epoch = len(epoch_batches(data.lengths, cfg.batch_tokens, cfg.seed, 0))
     window_loss = window_correct = window_total = window_tokens = 0.0
     t_window = time.perf_counter()
-    last = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     batches: list[np.ndarray] = []
     epoch = -1
-    while step < last:
+    while done.step < last:
+        step = done.step
         if step // per_epoch != epoch:
             epoch = step // per_epoch
-            batches = epoch_batches(lengths, cfg.batch_tokens, cfg.seed, epoch)
+            batches = epoch_batches(data.lengths, cfg.batch_tokens, cfg.seed, epoch)
         idx = batches[step % per_epoch]
         t0 = time.perf_counter()
-        ids, attn = pad([train_rows[i] for i in idx])
-        inputs, labels = mask_batch(ids, unk_prob, cfg, len(vocab), _step_generator(cfg.seed, step))
+        ids, attn = pad([data.train_rows[i] for i in idx])
+        inputs, labels = mask_batch(ids, data.unk_prob, cfg, len(data.vocab), _step_generator(cfg.seed, step))
         sel = labels != -100
         with autocast(torch.device("cpu"), cfg.bf16):
             logits = mlm_logits(model, inputs, attn, sel).float()
@@ -854,14 +945,14 @@ def pretrain(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
-        step += 1
-        seconds += time.perf_counter() - t0
+        step = done.step = step + 1
+        done.seconds += time.perf_counter() - t0
         n_sel = int(sel.sum())
         window_loss += loss.item() * n_sel
         window_correct += int((logits.detach().argmax(-1) == labels[sel]).sum())
         window_total += n_sel
         window_tokens += int(attn.sum())
-        tokens_seen += int(attn.sum())
+        done.tokens_seen += int(attn.sum())
         if bar is not None:
             bar.set_postfix(loss=f"{float(loss):.3f}")
             bar.update(1)
@@ -874,79 +965,73 @@ def pretrain(
                 "train/tokens_per_s": window_tokens / elapsed,
                 "lr": scheduler.get_last_lr()[0],
             }  # fmt: skip
-            if step % (cfg.log_every * 10) == 0 or step == cfg.steps:
-                acc, held_loss = held_out_accuracy(model, held_rows, unk_prob, cfg, len(vocab))
-                row.update({"held_out/mlm_accuracy": acc, "held_out/mlm_loss": held_loss})
-            history.append(row)
-            log.info(
-                "step %d/%d loss %.3f acc %.3f%s %.0f tok/s", step, cfg.steps, row["train/mlm_loss"],
-                row["train/mlm_accuracy"],
-                f" held-out acc {row['held_out/mlm_accuracy']:.3f}" if "held_out/mlm_accuracy" in row else "",
-                row["train/tokens_per_s"],
-            )  # fmt: skip
-            if logger is not None:
-                logger.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
+            log_mlm_row(cfg, data, model, row, done, logger)
             window_loss = window_correct = window_total = window_tokens = 0.0
             t_window = time.perf_counter()
         if step % cfg.save_every == 0 or step == last:
             save_state()
     if bar is not None:
         bar.close()
-    if step < cfg.steps:  # stopped early on purpose (tests)
-        return {"step": step, "finished": False}
 
-    acc, held_loss = held_out_accuracy(model, held_rows, unk_prob, cfg, len(vocab))
-    dev_accuracy = {
-        name: round(held_out_accuracy(model, rows, unk_prob, cfg, len(vocab))[0], 4)
-        for name, rows in dev_rows.items()
-    }
-    log.info("masked-token accuracy on each dataset's dev text: %s", dev_accuracy)
-    summary = {
-        "step": step, "finished": True, "seconds": seconds, "held_out_mlm_accuracy": acc,
-        "held_out_mlm_loss": held_loss, "vocab_size": len(vocab), "initialised_rows": initialised,
-        "corpus_sentences": corpus.sentences, "corpus_pieces": len(corpus.pieces),
-        "corpus_characters": sum(lengths), "dropped_sentences": corpus.dropped, "held_out_pieces": n_held,
-        "parameters": sum(p.numel() for n, p in model.bert.named_parameters()),
-        "dev_mlm_accuracy": dev_accuracy, "tokens_seen": tokens_seen, "text_lines": corpus.text_lines,
-        "prep_seconds": prep_seconds,
-    }  # fmt: skip
+
+def log_mlm_row(
+    cfg: PretrainConfig, data: MlmData, model, row: dict[str, float], done: MlmProgress, logger: Any
+) -> None:  # noqa: ANN001
+    """Add a logging window's row to the history (every tenth with held-out accuracy), log it."""
+    step = int(row["step"])
+    if step % (cfg.log_every * 10) == 0 or step == cfg.steps:
+        acc, held_loss = held_out_accuracy(model, data.held_rows, data.unk_prob, cfg, len(data.vocab))
+        row.update({"held_out/mlm_accuracy": acc, "held_out/mlm_loss": held_loss})
+    done.history.append(row)
+    log.info(
+        "step %d/%d loss %.3f acc %.3f%s %.0f tok/s", step, cfg.steps, row["train/mlm_loss"],
+        row["train/mlm_accuracy"],
+        f" held-out acc {row['held_out/mlm_accuracy']:.3f}" if "held_out/mlm_accuracy" in row else "",
+        row["train/tokens_per_s"],
+    )  # fmt: skip
+    if logger is not None:
+        logger.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
+
+
+def write_encoder(
+    cfg: PretrainConfig, out: Path, model, data: MlmData, summary: dict[str, Any], done: MlmProgress,  # noqa: ANN001
+    command: str | None, commit: str | None,
+) -> None:  # fmt: skip
+    """Write the encoder, its tokenizer and its card into ``out`` (whole files only: built beside
+    it, then moved in)."""
+    from transformers import BertTokenizer
+
     tmp = out.with_name(out.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    tokenizer = BertTokenizer(vocab=vocab, do_lower_case=False, strip_accents=False)
+    tokenizer = BertTokenizer(vocab=data.vocab, do_lower_case=False, strip_accents=False)
     tokenizer.save_pretrained(tmp)
     model.bert.save_pretrained(tmp, safe_serialization=True)
-    inputs = {**corpus.files, **start.files}
+    inputs = {**data.corpus.files, **data.start.files}
     card = {
         "name": out.name,
         "command": command or "crener pretrain " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
-        "commit": first_commit,  # where the build started; a resumed one says where it ended too
-        **({"resumed_commit": commit} if commit != first_commit else {}),
+        "commit": done.first_commit,  # where the build started; a resumed one says where it ended too
+        **({"resumed_commit": commit} if commit != done.first_commit else {}),
         "config": cfg.identity(),
         "inputs": {label: {"path": _rel_input(path), "sha256": file_digest(path)} for label, path in inputs.items()},
-        "licences": licences(cfg, start.sources),
+        "licences": licences(cfg, data.start.sources),
         "summary": summary,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }  # fmt: skip
     (tmp / "card.json").write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n")
-    (tmp / "README.md").write_text(render_card(card, history), encoding="utf-8")
-    (tmp / "history.json").write_text(json.dumps(history, indent=1) + "\n")
+    (tmp / "README.md").write_text(render_card(card, done.history), encoding="utf-8")
+    (tmp / "history.json").write_text(json.dumps(done.history, indent=1) + "\n")
     out.mkdir(parents=True, exist_ok=True)
     for f in tmp.iterdir():
         f.replace(out / f.name)
     tmp.rmdir()
-    if logger is not None:
-        logger.log_metrics({"final/held_out_mlm_accuracy": acc, "final/seconds": seconds}, step=step)
-        logger.set_tags({"crener.state": "finished"})
-        logger.terminate("FINISHED")
-    log.info("encoder written to %s: held-out masked-token accuracy %.3f after %d steps", out, acc, step)
-    return summary
 
 
 def _rel_input(path: str) -> str:
     """An input's path relative to the shared folder (``data/resume/train.char.bmes``) or to this
     repository (a shipped encoder's weights) when it is there: a card names no machine's folders."""
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]  # this file is crener/tools/pretrain.py
     if Path(path).resolve().is_relative_to(repo):
         return Path(path).resolve().relative_to(repo).as_posix()
     parts = Path(path).resolve().parts
@@ -1068,7 +1153,7 @@ def config_from_args(args: Any) -> PretrainConfig:
         fields["bf16"] = bf16 == "true"
     cfg = replace(PretrainConfig(out=args.out), **fields)  # validates before anything is measured
     if bf16 == "auto":
-        from crener.evaluation import bf16_pays
+        from crener.device import bf16_pays
 
         cfg = replace(cfg, bf16=bf16_pays("cpu"))
     return cfg

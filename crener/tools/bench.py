@@ -17,7 +17,6 @@ import argparse
 import json
 import logging
 import os
-import resource
 import shlex
 import subprocess
 import sys
@@ -30,73 +29,31 @@ import numpy as np
 import torch
 
 from crener.config import RunConfig, parse_set
+from crener.data.schema import Sentence
+from crener.device import CpuPeak, device_peak, reset_device_peak, rss_peak, sync
 from crener.profiles import build_run_config
+from crener.tools.workload import (  # the workloads the suites measure
+    DEFAULT_WIDTHS,
+    ROOFLINE_WIDTHS,
+    bench_config,
+    sample_parts,
+    sample_sentences,
+)
 
 log = logging.getLogger(__name__)
-
-# width preset -> (profile whose model widths it uses, extra overrides)
-WIDTHS: dict[str, tuple[str, dict[str, Any]]] = {
-    "quick": ("quick", {}),
-    "paper": (
-        "paper",
-        {
-            "model.encoder": "embedded",
-            "model.embedded_hidden": 256,
-            "model.embedded_layers": 2,
-            "model.embedded_heads": 4,
-            "model.embedded_ff": 1024,
-            "train.bf16": False,
-            # The issue's reference setting (the released code's fixed batches of 12); the speed
-            # suites put the default cell budget on top (`budget_overrides`), the levers flip it.
-            "train.batch_size": 12,
-            "train.max_cells": 0,
-            "train.sorted_batches": False,
-        },
-    ),
-    # The `full` profile as trained on CPU: its widths over the shipped encoder (roofline suite).
-    "full": ("full", {}),
-}  # fmt: skip
-# Width presets each suite measures unless --widths says otherwise.
-DEFAULT_WIDTHS = ("quick", "paper")
-ROOFLINE_WIDTHS = ("paper", "full")
-
-
-def bench_config(width: str, model: str, variant: str, overrides: dict[str, Any]) -> RunConfig:
-    profile, extra = WIDTHS[width]
-    flat = {**extra, "runtime.progress": False, **overrides}
-    return build_run_config(model=model, variant=variant, profile=profile, dataset="resume", overrides=flat)
-
-
-def _setup(cfg: RunConfig, n_sentences: int, tmp: Path):
-    from crener.data.datasets import load_dataset
-    from crener.data.split import split_all
-    from crener.evaluation import featurize
-    from crener.registry import build_model, build_task
-    from crener.train import load_encoder
-
-    data = load_dataset(cfg.data, seed=0, data_root=cfg.runtime.data_root)
-    task = build_task(cfg.model, data.types)
-    encoder, tok = load_encoder(cfg, data.train, tmp)
-    rng = np.random.default_rng(0)
-    pick = rng.choice(len(data.train), size=min(n_sentences, len(data.train)), replace=False)
-    sents = [data.train[i] for i in sorted(pick)]
-    examples = featurize(split_all(sents, cfg.data.max_len), task, tok)
-    torch.manual_seed(0)
-    model = build_model(cfg.model, task, encoder, cfg.runtime)
-    return task, model, examples
 
 
 def measure_speed(cfg: RunConfig, n_sentences: int) -> dict[str, float]:
     """Training and inference sentences/s on ``n_sentences`` Resume training sentences."""
     from crener.data.batching import batch_cells, collate, training_batches
-    from crener.evaluation import autocast, predict_examples, resolve_device
+    from crener.device import autocast, resolve_device
+    from crener.evaluation import predict_examples
     from crener.train import keep_large_tensors_on_heap
 
     device = resolve_device(cfg.runtime.device)
     keep_large_tensors_on_heap(cfg.runtime.heap_tensors)
-    with tempfile.TemporaryDirectory() as tmp:
-        task, model, examples = _setup(cfg, n_sentences, Path(tmp))
-    model.to(device)
+    parts = sample_parts(cfg, n_sentences, device)
+    task, model, examples = parts.task, parts.model, parts.train_examples
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     lengths = [e.n for e in examples]
     batches = training_batches(lengths, cfg.train, np.random.default_rng(0))
@@ -115,26 +72,26 @@ def measure_speed(cfg: RunConfig, n_sentences: int) -> dict[str, float]:
     by_cells = sorted(batches, key=lambda idx: batch_cells(idx, lengths))
     for idx in (by_cells[0], by_cells[len(by_cells) // 2], by_cells[-1]):
         step(idx)
-    _sync(device)
-    _reset_device_peak(device)
+    sync(device)
+    reset_device_peak(device)
     t0 = time.perf_counter()
     for idx in batches:
         step(idx)
-    _sync(device)
+    sync(device)
     train_s = time.perf_counter() - t0
-    train_peak = _device_peak(device)
+    train_peak = device_peak(device)
     predict_examples(model, task, examples[:8], device, cfg)
-    _reset_device_peak(device)
+    reset_device_peak(device)
     t0 = time.perf_counter()
     predict_examples(model, task, examples, device, cfg)
-    _sync(device)
+    sync(device)
     eval_s = time.perf_counter() - t0
     n = len(examples)
     return {
         # Accelerator peaks (allocated bytes, weights and optimiser state included); None on CPU,
         # whose peaks the levers and memory suites measure in a fresh process each.
         "train_peak_bytes": train_peak,
-        "eval_peak_bytes": _device_peak(device),
+        "eval_peak_bytes": device_peak(device),
         "train_sent_per_s": n / train_s,
         "eval_sent_per_s": n / eval_s,
         "train_ms_per_sentence": 1000 * train_s / n,
@@ -144,52 +101,45 @@ def measure_speed(cfg: RunConfig, n_sentences: int) -> dict[str, float]:
     }
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _reset_device_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _device_peak(device: torch.device) -> int | None:
-    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
-
-
 def memory_probe(cfg: RunConfig, length: int, batch: int = 1) -> dict[str, float]:
     """One training step, then one evaluation forward, on ``batch`` synthetic sentences of
     ``length`` characters; the peak memory of each above the memory held before it (on Linux CPUs
     from the resettable peak-RSS mark, so each peak is its own)."""
-    from crener.data.batching import Example, collate
+    from crener.config import MAX_LEN
+    from crener.data.batching import collate
+    from crener.data.datasets import DatasetSplits
     from crener.data.schema import Entity
-    from crener.evaluation import autocast, resolve_device
-    from crener.registry import build_model, build_task
-    from crener.train import keep_large_tensors_on_heap
+    from crener.data.split import Chunk
+    from crener.device import autocast, resolve_device
+    from crener.train import build_parts, keep_large_tensors_on_heap
 
+    if length > MAX_LEN:
+        raise ValueError(f"length {length}: a BERT-style encoder reads at most {MAX_LEN} characters")
     device = resolve_device(cfg.runtime.device)
     keep_large_tensors_on_heap(cfg.runtime.heap_tensors)  # as in training: the heap's peak, not mmaps'
-    with tempfile.TemporaryDirectory() as tmp:
-        from crener.encoder import CharEncoder, build_embedded_encoder, load_pretrained
-
-        chars = [chr(0x4E00 + i) for i in range(200)]
-        bert, tok = load_pretrained(build_embedded_encoder(chars, cfg.model, Path(tmp) / "enc", seed=0))
-    longest = bert.config.max_position_embeddings - 2  # [CLS] and [SEP] take two positions
-    if length > longest:
-        raise ValueError(f"length {length}: a BERT-style encoder reads at most {longest} characters")
+    # A random encoder at cfg's embedded widths, whatever encoder cfg names: no weights are needed
+    # to measure memory, and the probe runs where no pretrained encoder is.
+    cfg = cfg.with_overrides({"model.encoder": "embedded"})
+    chars = [chr(0x4E00 + i) for i in range(200)]
     types = ("A", "B", "C")
-    task = build_task(cfg.model, types)
-    model = build_model(cfg.model, task, CharEncoder(bert, cfg.model.last4_mean), cfg.runtime).to(device)
     rng = np.random.default_rng(0)
-    examples = []
-    for k in range(batch):
-        text = [chars[i] for i in rng.integers(0, len(chars), length)]
-        ents = [Entity.span(s, s + 3, types[s % 3]) for s in range(0, length - 3, 10)]
-        examples.append(Example(k, np.asarray(tok.encode(text)), task.featurize(ents, length), length))
+    sentences = []
+    for _ in range(batch):
+        text = tuple(chars[i] for i in rng.integers(0, len(chars), length))
+        ents = tuple(Entity.span(s, s + 3, types[s % 3]) for s in range(0, length - 3, 10))
+        sentences.append(Sentence(text, ents))
+    # The first training sentence only carries the encoder's vocabulary (all 200 characters);
+    # the probe's batch is the others, each one uncut chunk whatever data.max_len says.
+    data = DatasetSplits("synthetic", [Sentence(tuple(chars)), *sentences], [], [], types, {})
+    with tempfile.TemporaryDirectory() as tmp:
+        parts = build_parts(
+            cfg, None, Path(tmp), device, data=data,
+            sample=lambda train: [Chunk(s, 0, k) for k, s in enumerate(train[1:])],
+        )  # fmt: skip
+    task, model, examples = parts.task, parts.model, parts.train_examples
     b = collate(examples, task.target, task.num_labels).to(device)
     model.train()
-    cpu = _CpuPeak()
+    cpu = CpuPeak()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
@@ -198,7 +148,7 @@ def memory_probe(cfg: RunConfig, length: int, batch: int = 1) -> dict[str, float
     with autocast(device, cfg.train.bf16):
         out = model(b)
     task.loss(out, b)["loss"].backward()
-    _sync(device)
+    sync(device)
     if device.type == "cuda":
         train_peak = torch.cuda.max_memory_allocated(device)
         used = max(train_peak - base, 0)
@@ -213,7 +163,7 @@ def memory_probe(cfg: RunConfig, length: int, batch: int = 1) -> dict[str, float
         cpu.start()
     with torch.inference_mode(), autocast(device, cfg.train.bf16):
         task.decode(model(b), b)
-    _sync(device)
+    sync(device)
     if device.type == "cuda":
         eval_used = max(torch.cuda.max_memory_allocated(device) - base, 0)
     else:
@@ -263,13 +213,11 @@ def cell_budget_like(batch_size: int, max_len: int, n_sentences: int) -> int:
     """
     from crener.data.datasets import load_dataset
     from crener.data.split import split_all
-    from crener.profiles import build_run_config
 
     cfg = build_run_config(dataset="resume", profile="paper", overrides={"data.max_len": max_len})
     data = load_dataset(cfg.data, seed=0, data_root=cfg.runtime.data_root)
-    rng = np.random.default_rng(0)
-    pick = rng.choice(len(data.train), size=min(n_sentences, len(data.train)), replace=False)
-    lengths = np.array([len(c.sentence) for c in split_all([data.train[i] for i in sorted(pick)], max_len)])
+    chunks = split_all(sample_sentences(data.train, n_sentences), max_len)
+    lengths = np.array([len(c.sentence) for c in chunks])
     return int(batch_size * np.mean(lengths.astype(float) ** 2))
 
 
@@ -304,7 +252,7 @@ def run_probe(args: argparse.Namespace) -> int:
     cfg = bench_config(args.widths[0], args.models[0], args.variants[0], parse_set(args.overrides))
     if args.probe == "speed":
         r = measure_speed(cfg, args.sentences)
-        r["peak_rss_bytes"] = _rss_peak()  # the whole process: interpreter, data, model, steps
+        r["peak_rss_bytes"] = rss_peak()  # the whole process: interpreter, data, model, steps
     else:
         r = memory_probe(cfg, args.lengths[0], args.batch)
     sys.stdout.write(json.dumps(r) + "\n")
@@ -336,53 +284,6 @@ def run_levers(budgeted: dict[str, dict[str, Any]], models: list[str], n: int) -
                 rows.append({"width": width, "model": model, "lever": lever, **point})
                 log.info("levers %s %s %s: %s", width, model, lever, point)
     return rows
-
-
-def _rss_peak() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def _status_bytes(field: str) -> int | None:
-    """``VmRSS`` / ``VmHWM`` of this process from /proc (Linux), or None."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def _reset_rss_peak() -> bool:
-    """Start the process's peak-RSS mark afresh at its current RSS (Linux ``clear_refs`` 5), so a
-    step's own peak shows even when loading the model once reached a higher one."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return _status_bytes("VmHWM") is not None
-
-
-class _CpuPeak:
-    """Peak resident memory of a stretch of code above the RSS at its start: the kernel's
-    resettable high-water mark where it exists, else the lifetime peak (which hides a stretch
-    that stays below what came before, so it is only a fallback)."""
-
-    def __init__(self) -> None:
-        self.lifetime = _rss_peak()  # before any reset, for process_peak_bytes
-        self.base, self.resettable = 0, False
-
-    def start(self) -> None:
-        if _reset_rss_peak():
-            self.base = _status_bytes("VmRSS") or 0
-            self.resettable = True
-        else:
-            self.base, self.resettable = _rss_peak(), False
-
-    def peak(self) -> int:
-        now = _status_bytes("VmHWM") if self.resettable else _rss_peak()
-        self.lifetime = max(self.lifetime, now or 0)
-        return max((now or 0) - self.base, 0)
 
 
 def _memory_point(
@@ -449,7 +350,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 results["memory"].append({"width": width, "model": model, "variant": variant, **point})
                 log.info("memory %s %s %s L=%d: %s", width, model, variant, length, point)
     if {"roofline", "all"} & suites:
-        from crener.roofline import run_roofline
+        from crener.tools.roofline import run_roofline
 
         results.update(run_roofline(args.widths, args.models, args.sentences, overrides))
     _print(results, args.json)
@@ -509,7 +410,7 @@ def _sections(results: dict[str, Any]) -> list[tuple[str, str]]:
     if results["levers"]:
         out.append(("Speed levers, each on and off", _levers_table(results["levers"])))
     if results.get("steps"):
-        from crener.roofline import roofline_tables
+        from crener.tools.roofline import roofline_tables
 
         out.append(("Roofline: each op group against this machine's peaks", roofline_tables(results)))
     return out
@@ -527,7 +428,7 @@ SUITE_NOTES = {
     "(so each peak resident memory is its own). Repeated runs of one point differ by up to about 10 %, "
     "so small differences between rows are noise.",
     "Roofline: each op group against this machine's peaks": "The machine's peaks, then one profiled "
-    "training and evaluation step on the median batch (crener/roofline.py says how time, FLOPs and "
+    "training and evaluation step on the median batch (crener/tools/roofline.py says how time, FLOPs and "
     "bytes are attributed).",
 }
 LEVER_NOTES = {

@@ -21,17 +21,16 @@ Figures are this machine's only: compare the rows of one run, never across machi
 from __future__ import annotations
 
 import statistics
-import tempfile
-import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from crener.device import best_seconds, matmul_gflops, sync, timings
 
 # Direct children of a grid or sequence model -> op group; "grid.dconv" is nested in "grid" and
 # wins for its own ops. A child not listed lands in "other" (tests/test_roofline.py checks that
@@ -55,49 +54,17 @@ GROUPS = ("encoder", "context", "grid input + 1x1 conv", "dilated convs", "enhan
 # Groups whose work is mostly elementwise or memory movement: their fraction is of the bandwidth.
 MEMORY_BOUND = {"loss", "decode", "optimiser", "data/collate", "other"}
 SCOPE = "group::"
-# Matmul shapes of a grid step (cells x in x out): the 1x1 reduction, the predictor MLP, the
-# biaffine, and two large ones (a step's biggest matmuls run faster than the small grid shapes,
-# so a peak from those alone would understate it); the peak is the best of them.
-PEAK_SHAPES = ((16384, 512, 96), (16384, 288, 288), (4096, 512, 512), (2048, 1024, 1024), (8192, 1024, 1024),
-               (2048, 2048, 2048))  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
 # machine peaks
 
 
-def _timings(fn: Callable[[], Any], reps: int) -> list[float]:
-    """Seconds of ``reps`` calls of ``fn`` after two warm-up calls."""
-    fn()
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
-
-
-def _best_seconds(fn: Callable[[], Any], reps: int) -> float:
-    return min(_timings(fn, reps))
-
-
-def matmul_gflops(dtype: torch.dtype, shapes=PEAK_SHAPES, reps: int = 5) -> float:
-    """The best matmul rate over ``shapes`` in ``dtype`` (fp32 accumulation is the library's)."""
-    best = 0.0
-    gen = torch.Generator().manual_seed(0)
-    for m, k, n in shapes:
-        a = torch.randn(m, k, generator=gen).to(dtype)
-        b = torch.randn(k, n, generator=gen).to(dtype)
-        best = max(best, 2 * m * k * n / _best_seconds(lambda: a @ b, reps) / 1e9)  # noqa: B023
-    return best
-
-
 def copy_bandwidth_gbs(mib: int = 256, reps: int = 5) -> float:
     """Bytes read plus written per second by a large tensor copy."""
     src = torch.ones(mib * 2**20 // 4)
     dst = torch.empty_like(src)
-    return 2 * src.nbytes / _best_seconds(lambda: dst.copy_(src), reps) / 1e9
+    return 2 * src.nbytes / best_seconds(lambda: dst.copy_(src), reps) / 1e9
 
 
 def machine_peaks() -> dict[str, float]:
@@ -246,17 +213,16 @@ def profile_step(cfg, phase: str, n_sentences: int, peaks: dict[str, float], rep
     from torch.profiler import ProfilerActivity, profile, record_function
     from torch.utils.flop_counter import FlopCounterMode
 
-    from crener.bench import _setup, _sync
     from crener.data.batching import collate
-    from crener.evaluation import autocast, resolve_device
+    from crener.device import autocast, resolve_device
+    from crener.tools.workload import sample_parts
 
     if phase not in ("train", "eval"):
         raise ValueError(f"phase {phase!r}: train or eval")
     train = phase == "train"
     device = resolve_device(cfg.runtime.device)
-    with tempfile.TemporaryDirectory() as tmp:
-        task, model, examples = _setup(cfg, n_sentences, Path(tmp))
-    model.to(device).train(train)
+    parts = sample_parts(cfg, n_sentences, device)
+    task, model, examples = parts.task, parts.model.train(train), parts.train_examples
     idx = _median_batch([e.n for e in examples], cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
@@ -278,9 +244,9 @@ def profile_step(cfg, phase: str, n_sentences: int, peaks: dict[str, float], rep
                 out = model(batch)
                 with record_function(SCOPE + "decode"):
                     task.decode(out, batch)
-        _sync(device)
+        sync(device)
 
-    seconds = statistics.median(_timings(step, reps))
+    seconds = statistics.median(timings(step, reps))
     with FlopCounterMode(display=False) as counter:
         step()
     flops = flops_by_group(counter.get_flop_counts(), type(model).__name__, train)
@@ -326,7 +292,7 @@ def run_roofline(
     """The peaks, then every (width, model, phase) step, in this process."""
     import logging
 
-    from crener.bench import bench_config
+    from crener.tools.workload import bench_config
 
     log = logging.getLogger(__name__)
     peaks = machine_peaks()

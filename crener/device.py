@@ -1,0 +1,164 @@
+"""Device code in one place: which device a run uses, bf16 autocast and whether it pays, host
+synchronisation, and peak memory (accelerator allocation, process resident set size).
+
+Everything here is what training, inference and the measuring tools (bench, roofline, gpucheck) share
+about the machine they run on; nothing here knows about models or data.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import resource
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from crener.errors import CrenerError
+
+log = logging.getLogger(__name__)
+
+# Matmul shapes of a grid step (cells x in x out): the 1x1 reduction, the predictor MLP, the
+# biaffine, and two large ones (a step's biggest matmuls run faster than the small grid shapes,
+# so a peak from those alone would understate it); the peak is the best of them.
+MATMUL_PEAK_SHAPES = ((16384, 512, 96), (16384, 288, 288), (4096, 512, 512), (2048, 1024, 1024),
+                      (8192, 1024, 1024), (2048, 2048, 2048))  # fmt: skip
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CrenerError(f"runtime.device={name} but CUDA is not available; use runtime.device=cpu")
+    return device
+
+
+# Where bf16 matmuls run at least this many times faster than fp32 ones, `train.bf16=auto` picks
+# bf16: on CPUs with AMX the whole step then runs well above its fp32 speed, while where bf16
+# matmuls are emulated (slower than fp32) every bf16 step is slower.
+BF16_MIN_MATMUL_RATIO = 2.0
+
+
+@functools.cache
+def bf16_pays(device_name: str = "auto") -> bool:
+    """Whether bf16 autocast should be used on ``runtime.device`` (what ``train.bf16=auto`` means).
+
+    CUDA: if the device supports bf16. CPU: if bf16 matmuls at the grid's shapes measure at least
+    :data:`BF16_MIN_MATMUL_RATIO` times the fp32 rate, in this process (about a second, once).
+    """
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    shapes = ((16384, 512, 96), (4096, 512, 512))
+    fp32 = matmul_gflops(torch.float32, shapes, reps=3)
+    bf16 = matmul_gflops(torch.bfloat16, shapes, reps=3)
+    pays = bf16 >= BF16_MIN_MATMUL_RATIO * fp32
+    log.info(
+        "train.bf16=auto: bf16 matmuls at %.1fx fp32 on this CPU: %s", bf16 / fp32, "bf16" if pays else "fp32"
+    )
+    return pays
+
+
+def autocast(device: torch.device, enabled: bool):
+    if not enabled:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------------
+# timing and peaks
+
+
+def timings(fn: Callable[[], Any], reps: int) -> list[float]:
+    """Seconds of ``reps`` calls of ``fn`` after two warm-up calls."""
+    fn()
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def best_seconds(fn: Callable[[], Any], reps: int) -> float:
+    return min(timings(fn, reps))
+
+
+def matmul_gflops(dtype: torch.dtype, shapes=MATMUL_PEAK_SHAPES, reps: int = 5) -> float:
+    """The best matmul rate over ``shapes`` in ``dtype`` (fp32 accumulation is the library's)."""
+    best = 0.0
+    gen = torch.Generator().manual_seed(0)
+    for m, k, n in shapes:
+        a = torch.randn(m, k, generator=gen).to(dtype)
+        b = torch.randn(k, n, generator=gen).to(dtype)
+        best = max(best, 2 * m * k * n / best_seconds(lambda: a @ b, reps) / 1e9)  # noqa: B023
+    return best
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_device_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def device_peak(device: torch.device) -> int | None:
+    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+
+
+def rss_peak() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def status_bytes(field: str) -> int | None:
+    """``VmRSS`` / ``VmHWM`` of this process from /proc (Linux), or None."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _reset_rss_peak() -> bool:
+    """Start the process's peak-RSS mark afresh at its current RSS (Linux ``clear_refs`` 5), so a
+    step's own peak shows even when loading the model once reached a higher one."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return status_bytes("VmHWM") is not None
+
+
+class CpuPeak:
+    """Peak resident memory of a stretch of code above the RSS at its start: the kernel's
+    resettable high-water mark where it exists, else the lifetime peak (which hides a stretch
+    that stays below what came before, so it is only a fallback)."""
+
+    def __init__(self) -> None:
+        self.lifetime = rss_peak()  # before any reset, for process_peak_bytes
+        self.base, self.resettable = 0, False
+
+    def start(self) -> None:
+        if _reset_rss_peak():
+            self.base = status_bytes("VmRSS") or 0
+            self.resettable = True
+        else:
+            self.base, self.resettable = rss_peak(), False
+
+    def peak(self) -> int:
+        now = status_bytes("VmHWM") if self.resettable else rss_peak()
+        self.lifetime = max(self.lifetime, now or 0)
+        return max((now or 0) - self.base, 0)
