@@ -387,9 +387,15 @@ def fit(
     best_f1, best_epoch, best_shift, start_epoch = -1.0, 0, 0.0, 1
     calibrated = _calibrates(cfg, task)
     if resume and last_path.exists():
-        state = load_checkpoint(last_path)
+        start_over = f"; to start this run over, pass --no-resume (or delete {last_path})"
+        try:
+            state = load_checkpoint(last_path)
+        except CheckpointError as exc:  # a kill or a full disk mid-copy; resuming cannot help
+            raise CheckpointError(f"{exc}{start_over}") from exc
         if state.get("key") != key:
-            raise CheckpointError(f"{last_path} belongs to another configuration (key {state.get('key')})")
+            raise CheckpointError(
+                f"{last_path} belongs to another configuration (key {state.get('key')}){start_over}"
+            )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
