@@ -29,7 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from crener.commands import check_output_file
 from crener.config import RunConfig, build_run_config, parse_set
+from crener.errors import DataError
+from crener.files import read_text, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -402,9 +405,13 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.probe:
         return run_probe(args)
     if getattr(args, "from_json", None):
-        results = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
-        _write_page(results, args.page or str(Path(args.from_json).with_suffix(".md")))
+        results = read_results(args.from_json)
+        page = args.page or str(Path(args.from_json).with_suffix(".md"))
+        check_output_file(Path(page), "--page")
+        _write_page(results, page)
         return 0
+    if args.page:
+        check_output_file(Path(args.page), "--page")  # before minutes of measuring
     overrides = parse_set(args.overrides)
     suites = {args.suite} if isinstance(args.suite, str) else set(args.suite)
     if not args.widths:
@@ -577,13 +584,32 @@ def machine_info() -> dict[str, Any]:
             "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")}  # fmt: skip
 
 
+RESULT_KEYS = ("machine", "threads")  # what every `crener bench --json` result has
+
+
+def read_results(path: str) -> dict[str, Any]:
+    """The results of an earlier ``crener bench --json`` (or ``--page``) run, checked to be one."""
+    text = read_text(path, "JSON file")
+    try:
+        results = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"not valid JSON ({exc.msg}, column {exc.colno})", path, exc.lineno) from None
+    lacks = [k for k in RESULT_KEYS if not isinstance(results, dict) or k not in results]
+    if lacks:
+        raise DataError(
+            f"not the results of crener bench (no {', '.join(lacks)}): pass the .json that "
+            "`crener bench --json` printed or `--page` wrote beside its page",
+            path,
+        )
+    return results
+
+
 def _write_page(results: dict[str, Any], page: str) -> None:
-    """``page`` (Markdown) and its results beside it as JSON (same name, ``.json``)."""
+    """``page`` (Markdown) and its results beside it as JSON (same name, ``.json``), each whole."""
     path = Path(page)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix != ".json":
-        path.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
-    path.write_text(render_page(results, results.get("command", "crener bench")), encoding="utf-8")
+        write_atomic(path.with_suffix(".json"), json.dumps(results, indent=1) + "\n")
+    write_atomic(path, render_page(results, results.get("command", "crener bench")))
     log.info("wrote %s and its JSON", path)
 
 

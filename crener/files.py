@@ -23,28 +23,45 @@ def write_atomic(path: str | os.PathLike, content: str | bytes | Callable[[IO[by
     """Write ``content`` (text as UTF-8, bytes, or a function writing to a binary file) to ``path``
     whole or not at all; its folder is created. Returns ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if path.exists() and not path.is_file() and not path.is_dir():
+            # A device or a pipe (/dev/stdout, a FIFO): renaming over it would replace the node itself.
+            with open(path, "wb") as fh:
+                _write(fh, content)
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _replace(path, content)
+    except OSError as exc:
+        if exc.filename is None:  # a failed write() names no file; the destination is what to act on
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
+    _fsync_folder(path.parent)
+    return path
+
+
+def _replace(path: Path, content: str | bytes | Callable[[IO[bytes]], object]) -> None:
+    """Write a temporary file beside ``path`` and rename it over ``path``; on any failure (a full
+    disk, an interrupt) the temporary file is removed and ``path`` is as it was."""
     # In the same folder, so the rename stays on one file system (and is atomic); the pid keeps two
     # writers of one file apart, and the leading dot keeps a kill's leftover out of listings.
     tmp = path.parent / f".{path.name}.{os.getpid()}{TMP_SUFFIX}"
     try:
         with open(tmp, "wb") as fh:
-            if callable(content):
-                content(fh)
-            else:
-                fh.write(content.encode("utf-8") if isinstance(content, str) else content)
+            _write(fh, content)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException as exc:
+    except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        if isinstance(exc, OSError) and exc.filename is None:
-            # A failed write() names no file; the destination is what the user can act on.
-            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
-    _fsync_folder(path.parent)
-    return path
+
+
+def _write(fh: IO[bytes], content: str | bytes | Callable[[IO[bytes]], object]) -> None:
+    if callable(content):
+        content(fh)
+    else:
+        fh.write(content.encode("utf-8") if isinstance(content, str) else content)
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -60,3 +77,29 @@ def _fsync_folder(folder: Path) -> None:
             raise
     finally:
         os.close(fd)
+
+
+def read_text(path: str | os.PathLike, what: str = "file") -> str:
+    """A user's text file (``--config``, ``predict`` input, ``bench --from-json``) by the rule the
+    dataset readers follow: UTF-8, a leading byte-order mark dropped; anything else is a
+    :class:`~crener.errors.DataError` naming the file, the line and the byte, and what to do."""
+    from crener.errors import DataError
+
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"is a folder, not a {what}; name the file", str(path))
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"no such {what}; check the path", str(path)) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DataError(
+            f"not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}): a binary file, or "
+            "another encoding? Save it as UTF-8",
+            str(path),
+            line,
+        ) from None
+    return text.removeprefix("\ufeff")

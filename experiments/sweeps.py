@@ -30,7 +30,8 @@ from typing import Any
 
 from crener import registry
 from crener.config import PROFILES, VARIANTS, RunConfig, build_run_config, run_label
-from crener.errors import CrenerError
+from crener.errors import CrenerError, DataError
+from crener.files import read_text
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 SWEEP_NAMES = ("main", "ablation")  # the order `crener reproduce` runs them in
@@ -112,9 +113,9 @@ class Cell:
 
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SweepError(f"{path}: no such file") from None
+        return tomllib.loads(read_text(path, "TOML file"))
+    except DataError as exc:
+        raise SweepError(str(exc)) from None
     except tomllib.TOMLDecodeError as exc:
         raise SweepError(f"{path}: {exc}") from None
 
