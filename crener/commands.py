@@ -6,15 +6,18 @@ The work is done by :mod:`crener.train`, :mod:`crener.inference` and :mod:`crene
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
 
 from crener import registry
-from crener.config import MAX_LEN, PROFILES, VARIANTS, build_run_config, parse_set
-from crener.errors import CrenerError
+from crener.config import MAX_LEN, PROFILES, VARIANTS, RunConfig, build_run_config, parse_set
+from crener.errors import ConfigError, CrenerError
+from crener.files import write_atomic
 from crener.workspace import workdir_for
 
 log = logging.getLogger(__name__)
@@ -151,10 +154,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides["model.encoder"] = args.encoder
     if args.data_root:
         overrides["data.data_root"] = args.data_root
-    cfg = build_run_config(
+    cfg = check_run_config(build_run_config(
         model=args.model, variant=args.variant, profile=args.profile, dataset=args.dataset, seed=args.seed,
         overrides=overrides,
-    )  # fmt: skip
+    ))  # fmt: skip
+    check_run_inputs(cfg, runs_dir=args.runs_dir, workdir=args.workdir)
     if args.no_track:
         from crener.train import fit
 
@@ -162,6 +166,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         summary = fit(cfg, workdir, resume=not args.no_resume)
     else:
         from crener.runner import run_one
+        from crener.tracking import check_store
+        from crener.workspace import tracking_uri
+
+        check_store(tracking_uri())  # before the run's folders and locks are made
 
         if args.workdir:
             log.warning(
@@ -177,15 +185,37 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_run_inputs(cfg: RunConfig, *, runs_dir: str | None = None, workdir: str | None = None) -> None:
+    """What a run of ``cfg`` reads and writes, checked before any of it is made: the run folders,
+    the dataset's folder and the encoder's."""
+    from crener.data.datasets import resolve_data_root
+    from crener.encoder import check_encoder_name
+    from crener.workspace import RUNS_ENV
+
+    check_folder(workdir, "--workdir")
+    check_folder(runs_dir, "--runs-dir")
+    if not runs_dir:
+        check_folder(os.environ.get(RUNS_ENV), f"${RUNS_ENV}")
+    resolve_data_root(cfg.data.data_root or None)
+    check_encoder_name(cfg.model.encoder)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.run_id is not None and not args.run_id.strip():
+        raise CrenerError("--run-id is empty: pass the id of a finished run (crener ui lists them)")
     if args.dataset:
         from crener.data.datasets import get_spec
 
         get_spec(args.dataset)  # before loading anything
+    if args.data_root:
+        from crener.data.datasets import resolve_data_root
+
+        resolve_data_root(args.data_root)
     from crener.inference import evaluate_checkpoint
 
     checkpoint = args.checkpoint
     if args.run_id:
+        check_store_exists(f"no run {args.run_id} to evaluate")
         from crener.tracking import Tracker
 
         checkpoint = Tracker().checkpoint_of(args.run_id)
@@ -197,19 +227,99 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_output_file(path: Path) -> None:
+def check_output_file(path: Path, option: str = "--output") -> None:
     """Refuse, before any work, an output file that cannot be written."""
     if path.is_dir():
         raise CrenerError(
-            f"--output {path} is a folder: name a file in it, e.g. {path / 'predictions.jsonl'}"
+            f"{option} {path} is a folder: name a file in it, e.g. {path / 'predictions.jsonl'}"
         )
     folder = path.parent
     if not folder.is_dir():
+        blocker = folder if folder.exists() else _file_above(folder)
+        if blocker is not None:
+            raise CrenerError(f"{option} {path}: {blocker} is a file, not a folder; name another path")
         raise CrenerError(
-            f"--output {path}: folder {folder} does not exist; create it first (mkdir -p {folder})"
+            f"{option} {path}: folder {folder} does not exist; create it first (mkdir -p {folder})"
         )
     if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise CrenerError(f"--output {path}: no permission to write there")
+        raise CrenerError(f"{option} {path}: no permission to write there")
+
+
+def check_folder(path: str | Path | None, option: str) -> None:
+    """Refuse, before any work, a folder to write in (created if missing) that is a file or lies
+    under one; ``option`` is how the user named it (``--runs-dir``, ``$CRENER_RUNS``)."""
+    if path is None or str(path) == "":
+        return
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise CrenerError(f"{option} {path} is a file, not a folder; name a folder (it is made if missing)")
+    above = _file_above(path)
+    if above is not None:
+        raise CrenerError(f"{option} {path}: {above} is a file, not a folder; name another path")
+
+
+def check_input_file(path: str | Path | None, option: str) -> None:
+    """Refuse, before any work, an input file that is missing or a folder."""
+    if path is None:
+        return
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise CrenerError(f"{option} {path} is a folder, not a file; name the file")
+    if not path.exists():
+        raise CrenerError(f"{option} {path}: no such file; check the path")
+
+
+def check_existing_folder(path: str | Path | None, option: str) -> None:
+    """Refuse a folder to read from that is missing (a typo) or a file."""
+    if path is None:
+        return
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        what = "is a file, not a folder" if path.exists() else "does not exist; check the path"
+        raise CrenerError(f"{option} {path} {what}")
+
+
+def check_store_exists(why: str) -> None:
+    """Refuse a SQLite tracking store that does not exist, for a command that only reads runs:
+    opening it would create an empty store (issue 37). ``why`` says what the command cannot do."""
+    from crener.workspace import sqlite_path, tracking_uri
+
+    db = sqlite_path(tracking_uri())
+    if db is not None and not db.exists():
+        raise CrenerError(
+            f"no MLflow store at {db}: {why} (nothing was created); set MLFLOW_TRACKING_URI to the "
+            "store, or run the command in the folder of its mlflow.db"
+        )
+
+
+def _file_above(path: Path) -> Path | None:
+    """The nearest existing ancestor of ``path`` when it is not a folder."""
+    for parent in path.absolute().parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
+
+
+# Bounds no real run comes near; past them a value is a typo that would run for ever (issue 37:
+# train.epochs=1e30 was accepted). They belong with TrainConfig's own checks once crener.config
+# can take them; here, every command applies them to the configs it built, before any work.
+MAX_EPOCHS = 100_000
+MAX_STEPS = 10**9
+
+
+def check_run_config(cfg: RunConfig) -> RunConfig:
+    """``cfg`` if its budget is plausible and every number finite, else a :class:`ConfigError`."""
+    train = cfg.train
+    if train.epochs > MAX_EPOCHS:
+        raise ConfigError(f"train.epochs={train.epochs}: must be at most {MAX_EPOCHS:,}")
+    if train.max_steps > MAX_STEPS:
+        raise ConfigError(f"train.max_steps={train.max_steps}: must be at most {MAX_STEPS:,}")
+    for section in ("model", "data", "train"):
+        for f in dataclasses.fields(getattr(cfg, section)):
+            value = getattr(getattr(cfg, section), f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{section}.{f.name}={value}: must be a finite number")
+    return cfg
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -224,19 +334,26 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if out_path is None:
         for line in lines:
             sys.stdout.write(line)
-        sys.stdout.flush()  # a closed pipe (| head) shows here, inside crener.cli's handling
+        sys.stdout.flush()  # a closed pipe (| head) or a full device shows here, inside crener.cli
         return 0
-    try:
-        with open(out_path, "w", encoding="utf-8") as out:
-            out.writelines(lines)
-    except OSError as exc:
-        raise CrenerError(f"cannot write --output {out_path}: {exc.strerror or exc}") from exc
+    write_atomic(out_path, "".join(lines))  # a full disk leaves no half file (crener.cli reports it)
     return 0
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from crener.pretrain import config_from_args, pretrain
+    from crener.data.datasets import get_spec, resolve_data_root
+    from crener.pretrain import config_from_args, pretrain, vectors_path
 
+    # What pretraining reads and writes, checked before its folders are made and its text read.
+    check_folder(args.out, "--out")
+    check_folder(args.workdir, "--workdir")
+    for name in args.datasets or ():
+        get_spec(name)
+    for path in args.text or ():
+        check_input_file(path, "--text")
+    if args.data_root:
+        resolve_data_root(args.data_root)
+    vectors_path(args.vectors or "default", args.data_root)
     summary = pretrain(config_from_args(args), workdir=args.workdir, track=not args.no_track)
     sys.stdout.write(json.dumps(summary) + "\n")
     return 0

@@ -176,6 +176,24 @@ def load_pretrained(name_or_path: str | os.PathLike) -> tuple[nn.Module, CharTok
     return model, CharTokenizer.from_tokenizer(tokenizer)
 
 
+def check_encoder_name(name: str) -> None:
+    """Refuse, before any work, an encoder that cannot load whatever the network: a shipped one that
+    is missing, a path that does not exist, a folder without a saved model. Names that need the
+    hub (or the ``embedded`` encoder, built by the run) pass."""
+    if name == EMBEDDED:
+        return
+    path = Path(resolve_encoder(name)).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise CheckpointError(f"--encoder {name}: the folder lacks a saved model (no config.json in {path})")
+    if not path.exists() and _looks_like_path(str(name)):
+        raise CheckpointError(f"--encoder {name}: no such folder")
+
+
+def _looks_like_path(name: str) -> bool:
+    """Hub names are 'model' or 'owner/model': a leading / . ~ or a second separator makes a path."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1
+
+
 HUB_PROBE_S = 3.0  # seconds to wait for the hub's address before calling the network absent
 
 
@@ -199,8 +217,7 @@ def _why_not_loaded(name: str, offline: bool, no_network: bool, exc: Exception) 
     path = Path(name).expanduser()
     if path.is_dir():
         return f"the folder lacks a saved model ({str(exc).strip().splitlines()[0]})"
-    # Hub names are 'model' or 'owner/model': a leading / . ~ or a second separator makes a path.
-    if not path.exists() and (path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1):
+    if not path.exists() and _looks_like_path(name):
         return "no such folder"
     if offline:
         return "it is not a local folder and hub downloads are off (HF_HUB_OFFLINE=1); set HF_HUB_OFFLINE=0 to allow them"

@@ -34,6 +34,7 @@ from typing import Any
 
 from crener.config import KEY_SCHEMA, RunConfig, run_label
 from crener.errors import CrenerError
+from crener.files import write_atomic
 from crener.workspace import resolve_runs_dir
 
 log = logging.getLogger(__name__)
@@ -153,9 +154,7 @@ def _rewrite_keys(workdir: Path, key: str) -> int:
     if summary.is_file():
         data = json.loads(summary.read_text(encoding="utf-8"))
         if data.get("key") != key:
-            tmp = summary.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps({**data, "key": key}, indent=2), encoding="utf-8")
-            os.replace(tmp, summary)
+            write_atomic(summary, json.dumps({**data, "key": key}, indent=2))
             changed += 1
     return changed
 
@@ -176,8 +175,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
+    from crener.commands import check_existing_folder, check_store_exists
+    from crener.data.datasets import resolve_data_root
     from crener.tracking import Tracker
 
+    # A typo in a folder would find no run folder and report every run as having none.
+    check_existing_folder(args.runs_dir, "--runs-dir")
+    if args.data_root:
+        resolve_data_root(args.data_root)
+    check_store_exists("nothing to migrate")
     tracker = Tracker()
     results = migrate_store(tracker, args.runs_dir, data_root=args.data_root, dry_run=args.dry_run)
     for r in results:

@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
 import sys
 import time
@@ -63,6 +62,7 @@ from crener.evaluation import (
     resolve_device,
     shifted_scores,
 )
+from crener.files import write_atomic
 from crener.pretrain import vectors_path
 from crener.registry import build_model, build_task
 from crener.tasks import Task
@@ -318,6 +318,20 @@ def _prf(scores) -> dict[str, float]:  # noqa: ANN001 - metrics.Scores
     return {"precision": scores.micro.precision, "recall": scores.micro.recall, "f1": scores.micro.f1}
 
 
+def _resume_state(last_path: Path, key: str) -> dict[str, Any]:
+    """The checkpoint a run resumes from, checked to be this run's; its errors say how to start over."""
+    start_over = f"; to start this run over, pass --no-resume (or delete {last_path})"
+    try:
+        state = load_checkpoint(last_path)
+    except CheckpointError as exc:  # a kill or a full disk mid-copy; resuming cannot help
+        raise CheckpointError(f"{exc}{start_over}") from exc
+    if state.get("key") != key:
+        raise CheckpointError(
+            f"{last_path} belongs to another configuration (key {state.get('key')}){start_over}"
+        )
+    return state
+
+
 def fit(
     cfg: RunConfig,
     workdir: str | Path,
@@ -328,7 +342,6 @@ def fit(
 ) -> dict[str, Any]:
     """Train ``cfg`` in ``workdir`` and return the summary (also written to summary.json)."""
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
@@ -342,7 +355,12 @@ def fit(
         )  # fmt: skip
     data_cfg = cfg.data if data_root is None else _replace_root(cfg, data_root)
     key = cfg.key(data_digest=dataset_digest(data_cfg))  # of the files this run reads
+    ckpt_dir = workdir / "checkpoints"
+    last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
+    # Read before the data, the encoder and the model are built: a damaged checkpoint fails at once.
+    resumed = _resume_state(last_path, key) if resume and last_path.exists() else None
     data = load_dataset(data_cfg, seed=cfg.train.seed)
+    workdir.mkdir(parents=True, exist_ok=True)  # once the data reads: a bad file leaves no run folder
     task = build_task(cfg.model, data.types)
     encoder, tokenizer = load_encoder(cfg, data.train, workdir)
     max_len = cfg.data.max_len
@@ -380,22 +398,12 @@ def fit(
     total_steps = steps_per_epoch * cfg.train.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(total_steps, cfg.train.warmup))
 
-    ckpt_dir = workdir / "checkpoints"
-    last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
     history: list[dict[str, float]] = []
     curve: list[dict[str, float]] = []  # dev F1 every train.eval_every steps (learning-start diagnostic)
     best_f1, best_epoch, best_shift, start_epoch = -1.0, 0, 0.0, 1
     calibrated = _calibrates(cfg, task)
-    if resume and last_path.exists():
-        start_over = f"; to start this run over, pass --no-resume (or delete {last_path})"
-        try:
-            state = load_checkpoint(last_path)
-        except CheckpointError as exc:  # a kill or a full disk mid-copy; resuming cannot help
-            raise CheckpointError(f"{exc}{start_over}") from exc
-        if state.get("key") != key:
-            raise CheckpointError(
-                f"{last_path} belongs to another configuration (key {state.get('key')}){start_over}"
-            )
+    if resumed is not None:
+        state = resumed
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -426,7 +434,7 @@ def fit(
     for past in history:  # replay, so a logger that missed them (killed process) catches up
         _call(callback, "on_epoch_end", int(past["epoch"]), {k: v for k, v in past.items() if k != "epoch"})
 
-    (workdir / "config.json").write_text(json.dumps(cfg.flatten(), indent=2, default=list))
+    write_atomic(workdir / "config.json", json.dumps(cfg.flatten(), indent=2, default=list))
     step_state = {"step": (start_epoch - 1) * steps_per_epoch, "losses": []}
 
     def on_step(loss_value: float) -> None:
@@ -522,24 +530,19 @@ def fit(
         "threshold_shift": best_shift,
         "first_step_dev_f1_positive": first_positive,  # from the curve (train.eval_every), else None
     }
-    pred_dir = workdir / "predictions"
-    pred_dir.mkdir(exist_ok=True)
-    with open(pred_dir / "test.jsonl", "w", encoding="utf-8") as fh:
-        for i, (s, p) in enumerate(zip(test.sentences, test_preds)):
-            row = {
-                "index": i,
-                "text": s.text,
-                "gold": _entities_json(set(s.entities)),
-                "pred": _entities_json(p),
-            }
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    (workdir / "per_type.json").write_text(json.dumps(test_scores.to_dict(), indent=2, ensure_ascii=False))
-    (workdir / "history.json").write_text(json.dumps(history, indent=2))
+    rows = (
+        {"index": i, "text": s.text, "gold": _entities_json(set(s.entities)), "pred": _entities_json(p)}
+        for i, (s, p) in enumerate(zip(test.sentences, test_preds))
+    )
+    write_atomic(
+        workdir / "predictions" / "test.jsonl",
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+    )
+    write_atomic(workdir / "per_type.json", json.dumps(test_scores.to_dict(), indent=2, ensure_ascii=False))
+    write_atomic(workdir / "history.json", json.dumps(history, indent=2))
     if curve:
-        (workdir / "curve.json").write_text(json.dumps(curve, indent=1))
-    tmp = workdir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, workdir / "summary.json")  # written last: its presence means finished
+        write_atomic(workdir / "curve.json", json.dumps(curve, indent=1))
+    write_atomic(workdir / "summary.json", json.dumps(summary, indent=2))  # last: its presence means finished
     return summary
 
 

@@ -19,7 +19,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from crener.config import QUICK_V1, build_run_config, parse_set
+from crener import registry
+from crener.commands import check_folder, check_run_config, check_run_inputs, non_negative_int, positive_int
+from crener.config import PROFILES, QUICK_V1, build_run_config, parse_set
+from crener.data.datasets import get_spec
+from crener.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +44,10 @@ def register(subparsers: Any) -> None:
         "curves", help="loss and dev F1 against the step for settings side by side (learning-start check)"
     )
     p.add_argument("--dataset", default="weibo")
-    p.add_argument("--model", default="crener")
-    p.add_argument("--profile", default="quick")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--every", type=int, default=25, help="dev evaluation every N steps")
+    p.add_argument("--model", default="crener", choices=registry.names())
+    p.add_argument("--profile", default="quick", choices=list(PROFILES))
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--every", type=positive_int, default=25, help="dev evaluation every N steps")
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE", help="applies to all")
     p.add_argument("--out", default=str(OUT_DIR))
@@ -55,14 +59,21 @@ def register(subparsers: Any) -> None:
 def cmd_curves(args: argparse.Namespace) -> int:
     from crener.workspace import resolve_runs_dir
 
+    get_spec(args.dataset)
+    configs = {
+        name: check_run_config(build_run_config(
+            model=args.model, profile=args.profile, dataset=args.dataset, seed=args.seed,
+            overrides={**SETTINGS[name], **parse_set(args.overrides), "train.eval_every": args.every},
+        ))
+        for name in args.settings
+    }  # fmt: skip
+    check_folder(args.out, "--out")
+    for cfg in configs.values():  # every run's inputs before the first run starts
+        check_run_inputs(cfg, runs_dir=args.runs_dir)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {}
-    for name in args.settings:
-        overrides = {**SETTINGS[name], **parse_set(args.overrides), "train.eval_every": args.every}
-        cfg = build_run_config(
-            model=args.model, profile=args.profile, dataset=args.dataset, seed=args.seed, overrides=overrides
-        )
+    for name, cfg in configs.items():
         workdir = resolve_runs_dir(args.runs_dir) / "curves" / f"{name}-{cfg.key()}"
         results[name] = run_diagnostic(cfg, workdir, label=name)
     stem = f"{args.model}-{args.dataset}-{args.profile}-s{args.seed}" + (f"-{args.name}" if args.name else "")
@@ -94,7 +105,7 @@ def write_curves(results: dict[str, dict[str, Any]], stem: Path) -> None:
 
     rows = [{"setting": name, **row} for name, r in results.items() for row in r["curve"]]
     frame = pd.DataFrame(rows)
-    frame.to_csv(stem.with_suffix(".csv"), index=False)
+    write_atomic(stem.with_suffix(".csv"), frame.to_csv(index=False))
     lines = [f"# Learning start: {stem.name}", ""]
     for name, r in results.items():
         s = r["summary"]
@@ -115,7 +126,7 @@ def write_curves(results: dict[str, dict[str, Any]], stem: Path) -> None:
             f"| {row['setting']} | {int(row['step'])} | {row['train/loss']:.4f} | {row['dev/f1']:.4f} | "
             f"{row['dev/f1_best_shift']:.4f} ({row['dev/best_shift']:+.1f}) |"
         )
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_atomic(stem.with_suffix(".md"), "\n".join(lines) + "\n")
     _plot(frame, stem.with_suffix(".png"), stem.name)
     log.info("curves written to %s.{md,csv,png}", stem)
 
@@ -139,5 +150,5 @@ def _plot(frame: Any, path: Path, title: str) -> None:
     ax_f1.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_atomic(path, lambda fh: fig.savefig(fh, format="png", dpi=120))
     plt.close(fig)

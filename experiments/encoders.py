@@ -23,7 +23,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from crener.config import build_run_config, parse_set
+from crener.config import PROFILES, build_run_config, parse_set
+from crener.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ BUILD_DIR = Path(".crener") / "encoders"
 
 
 def register(subparsers: Any) -> None:
-    from crener.commands import count_int
+    from crener.commands import count_int, non_negative_int
 
     p = subparsers.add_parser(
         "encoders",
@@ -48,8 +49,8 @@ def register(subparsers: Any) -> None:
         description=__doc__.split("\n\n")[1] if __doc__ else None,
     )
     p.add_argument("--datasets", nargs="+", default=["resume", "weibo"])
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
-    p.add_argument("--profile", default="quick")
+    p.add_argument("--seeds", nargs="+", type=non_negative_int, default=[0, 1, 2, 3, 4])
+    p.add_argument("--profile", default="quick", choices=list(PROFILES))
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="applies to every cell")
     p.add_argument("--build-dir", default=str(BUILD_DIR), help="where the non-shipped encoders are built")
@@ -86,23 +87,39 @@ def build_encoders(arms: list[str], build_dir: Path, data_root: str | None) -> d
 
 
 def plan(args: argparse.Namespace, encoders: dict[str, str]) -> list[tuple[str, Any]]:
-    """``[(arm, cell), ...]`` for every arm, dataset and seed."""
+    """``[(arm, cell), ...]`` for every arm, dataset and seed, each config checked."""
+    from crener.commands import check_run_config
     from experiments.sweeps import Cell
 
     sets = parse_set(args.set)
     if args.data_root:
         sets.setdefault("data.data_root", args.data_root)
     return [
-        (arm, Cell(SWEEP, build_run_config(
+        (arm, Cell(SWEEP, check_run_config(build_run_config(
             profile=args.profile, dataset=d, seed=s, overrides={**sets, "model.encoder": encoders[arm]}
-        )))
+        ))))
         for arm in args.arms for d in args.datasets for s in args.seeds
     ]  # fmt: skip
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every argument, before an encoder is built (thousands of pretraining steps): the datasets,
+    the folders, and the cells' configs (planned with the encoders' names standing in)."""
+    from crener.commands import check_folder, check_run_inputs
+    from crener.data.datasets import get_spec
+
+    for name in args.datasets:
+        get_spec(name)
+    check_folder(args.build_dir, "--build-dir")
+    stand_in = {arm: SHIPPED for arm in args.arms}
+    for _, cell in plan(args, stand_in)[:1]:
+        check_run_inputs(cell.cfg, runs_dir=args.runs_dir)
 
 
 def cmd_encoders(args: argparse.Namespace) -> int:
     from experiments.commands import run_cells, spawn_jobs
 
+    check_args(args)
     encoders = build_encoders(args.arms, Path(args.build_dir), args.data_root)  # before any worker starts
     planned = plan(args, encoders)
     if args.jobs > 1:
@@ -148,8 +165,6 @@ def write_report(args: argparse.Namespace, encoders: dict[str, str], planned: li
         lines.append(
             f"- {arm} / {d}: " + ", ".join(f"s{s} `{rid}` {100 * f:.2f}" for s, f, rid in sorted(items))
         )
-    out = Path("reports") / "out" / args.profile / "encoders.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = write_atomic(Path("reports") / "out" / args.profile / "encoders.md", "\n".join(lines) + "\n")
     log.info("encoder ablation written to %s", out)
     return out
