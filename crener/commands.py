@@ -353,7 +353,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         check_input_file(path, "--text")
     if args.data_root:
         resolve_data_root(args.data_root)
-    vectors_path(args.vectors or "default", args.data_root)
+    # The numbers (steps, widths, rates) first, with bf16 fixed: auto measures this CPU's matmuls.
+    unmeasured = config_from_args(argparse.Namespace(**{**vars(args), "bf16": "false"}))
+    vectors_path(unmeasured.vectors, unmeasured.data_root)
     summary = pretrain(config_from_args(args), workdir=args.workdir, track=not args.no_track)
     sys.stdout.write(json.dumps(summary) + "\n")
     return 0
