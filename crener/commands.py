@@ -332,9 +332,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     predictor = Predictor.from_checkpoint(args.checkpoint)
     lines = [json.dumps(record, ensure_ascii=False) + "\n" for record in predictor.predict(sentences)]
     if out_path is None:
-        for line in lines:
-            sys.stdout.write(line)
-        sys.stdout.flush()  # a closed pipe (| head) or a full device shows here, inside crener.cli
+        try:
+            for line in lines:
+                sys.stdout.write(line)
+            sys.stdout.flush()  # a closed pipe (| head) or a full device shows here, inside crener.cli
+        except BrokenPipeError:
+            raise
+        except OSError as exc:  # name what was written to: crener.cli's one line says the path
+            raise OSError(exc.errno, exc.strerror, "standard output") from exc
         return 0
     write_atomic(out_path, "".join(lines))  # a full disk leaves no half file (crener.cli reports it)
     return 0
