@@ -589,7 +589,7 @@ RESULT_KEYS = ("machine", "threads")  # what every `crener bench --json` result 
 
 def read_results(path: str) -> dict[str, Any]:
     """The results of an earlier ``crener bench --json`` (or ``--page``) run, checked to be one."""
-    text = read_text(path, "JSON file")
+    text = read_text(path, "a JSON file")
     try:
         results = json.loads(text)
     except json.JSONDecodeError as exc:

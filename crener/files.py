@@ -79,19 +79,20 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def read_text(path: str | os.PathLike, what: str = "file") -> str:
+def read_text(path: str | os.PathLike, what: str = "a text file") -> str:
     """A user's text file (``--config``, ``predict`` input, ``bench --from-json``) by the rule the
     dataset readers follow: UTF-8, a leading byte-order mark dropped; anything else is a
-    :class:`~crener.errors.DataError` naming the file, the line and the byte, and what to do."""
+    :class:`~crener.errors.DataError` naming the file, the line and the byte, and what to do;
+    ``what`` (with its article) says what the file should be."""
     from crener.errors import DataError
 
     path = Path(path)
     if path.is_dir():
-        raise DataError(f"is a folder, not a {what}; name the file", str(path))
+        raise DataError(f"is a folder, not {what}; name the file", str(path))
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise DataError(f"no such {what}; check the path", str(path)) from None
+        raise DataError(f"no such file ({what} was expected); check the path", str(path)) from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:

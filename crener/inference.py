@@ -117,7 +117,7 @@ def read_inputs(source: str, fmt: str = "auto") -> list[Sentence]:
             )
         text, name = sys.stdin.read(), "<stdin>"
     else:
-        text, name = read_text(source, "input file"), source
+        text, name = read_text(source, "an input file"), source
     lines = text.splitlines()
     looks_conll = all(len(ln.split()) == 2 and len(ln.split()[0]) == 1 for ln in lines if ln.strip())
     guessed = fmt == "auto" and looks_conll and any(ln.strip() for ln in lines)

@@ -113,7 +113,7 @@ class Cell:
 
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
-        return tomllib.loads(read_text(path, "TOML file"))
+        return tomllib.loads(read_text(path, "a TOML file"))
     except DataError as exc:
         raise SweepError(str(exc)) from None
     except tomllib.TOMLDecodeError as exc:

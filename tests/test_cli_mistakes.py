@@ -515,9 +515,9 @@ def run_mistake(mistake: Mistake, root: Path, data: Path) -> tuple[subprocess.Co
         **os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(CODE),
         "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db", "CRENER_RUNS": str(root / "runs"),
         "CRENER_DATA": str(data), "PYTHONWARNINGS": "ignore",
-        **{k: v.format(**fmt) for k, v in mistake.env.items()},
     }  # fmt: skip
-    env.pop("CRENER_DEBUG", None)
+    env.pop("CRENER_DEBUG", None)  # a row asks for the traceback itself (test_debug_adds_the_traceback)
+    env.update({k: v.format(**fmt) for k, v in mistake.env.items()})
     argv = [a.format(**fmt) for a in mistake.argv]
     t0 = time.monotonic()
     res = subprocess.run(
@@ -585,3 +585,45 @@ def test_a_cut_checkpoint_says_so(tmp_path: Path) -> None:
     cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="cut short or damaged"):
         load_checkpoint(cut)
+
+
+# --------------------------------------------------------------------------- the boundary itself
+
+
+def test_debug_adds_the_traceback(tmp_path: Path, tiny_data: Path) -> None:
+    mistake = MISTAKES["predict: input a folder"]
+    root = tmp_path / "cwd"
+    root.mkdir()
+    _make(root, mistake.files)
+    debug = Mistake(
+        mistake.argv, mistake.says, mistake.kind, mistake.status, mistake.files, {"CRENER_DEBUG": "1"}
+    )
+    res, _ = run_mistake(debug, root, tiny_data)
+    assert res.returncode == mistake.status and "Traceback" in res.stderr
+    assert "is a folder" in res.stderr
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only expected failures become one line: a programming error is not caught by the boundary."""
+    import errno as errno_mod
+
+    from crener import cli
+
+    def buggy(args) -> int:
+        raise TypeError("unsupported operand type(s) for +: 'int' and 'str'")
+
+    parser = cli.build_parser("data")
+    monkeypatch.setattr(cli, "build_parser", lambda only=None: parser)
+    parser.set_defaults(func=buggy)
+    for sub in parser._subparsers._group_actions[0].choices.values():  # noqa: SLF001 - argparse internals
+        sub.set_defaults(func=buggy)
+        for action in sub._subparsers._group_actions if sub._subparsers else ():  # noqa: SLF001
+            for leaf in action.choices.values():
+                leaf.set_defaults(func=buggy)
+    with pytest.raises(TypeError):
+        cli.main(["data", "stats", "resume"])
+    assert cli.explain(ValueError("x")) is None and cli.explain(KeyError("x")) is None
+    assert cli.explain(OSError(errno_mod.EBADF, "Bad file descriptor")) is None  # no path: a bug
+    status, message = cli.explain(OSError(errno_mod.ENOSPC, "No space left on device", "/x/last.pt"))
+    assert status == cli.EXIT_ENVIRONMENT and message.startswith("/x/last.pt: no space left")
+    assert cli.explain(IsADirectoryError(errno_mod.EISDIR, "Is a directory", "/x"))[0] == cli.EXIT_USAGE
