@@ -71,6 +71,7 @@ def M(argv: str, says: str, kind: str, status: int = 2, files=None, env=None) ->
 
 
 FILE = {"afile": "a file, not a folder\n"}
+# /sys takes no new entry, even from root (EPERM): where the environment, not the command, refuses.
 DIR = {"adir": None}
 TEXTS = {"in.txt": TEXT}
 SMOKE = "--profile smoke --data-root {data}"
@@ -142,6 +143,9 @@ MISTAKES: dict[str, Mistake] = {
     "train: lr nan": M(f"{TRAIN} --set train.lr=nan", "train.lr", "value"),
     "train: workdir a file": M(f"{TRAIN} --workdir {{tmp}}/afile", "{tmp}/afile", "1", files=FILE),
     "train: workdir under a file": M(f"{TRAIN} --workdir {{tmp}}/afile/w", "{tmp}/afile", "1", files=FILE),
+    "train: workdir where nothing may be made": M(
+        f"{TRAIN} --workdir /sys/crener-w", "/sys/crener-w", "1", status=1
+    ),
     "train: runs-dir a file": M(f"{TRAIN} --runs-dir {{tmp}}/afile", "{tmp}/afile", "1", files=FILE),
     "train: CRENER_RUNS a file": M(TRAIN, "{tmp}/afile", "1", files=FILE, env={"CRENER_RUNS": "{tmp}/afile"}),
     "train: missing data root": M(
@@ -443,6 +447,9 @@ MISTAKES: dict[str, Mistake] = {
     "curves: epochs 1e30": M(f"{CURVES} --set train.epochs=1e30", "train.epochs", "4"),
     "curves: out a file": M(f"{CURVES} --out {{tmp}}/afile", "{tmp}/afile", "1", files=FILE),
     "curves: out under a file": M(f"{CURVES} --out {{tmp}}/afile/c", "{tmp}/afile", "1", files=FILE),
+    "curves: out where nothing may be made": M(
+        f"{CURVES} --out /sys/crener-out", "/sys/crener-out", "1", status=1
+    ),
     "curves: runs-dir a file": M(f"{CURVES} --runs-dir {{tmp}}/afile", "{tmp}/afile", "1", files=FILE),
     # ----------------------------------------------------------------- encoders
     "encoders: unknown dataset": M("encoders --datasets nosuch", "'nosuch'", "4"),
@@ -465,6 +472,9 @@ MISTAKES: dict[str, Mistake] = {
     ),
     # ----------------------------------------------------------------- report
     "report: out a file": M("report --out {tmp}/afile", "{tmp}/afile", "1", files=FILE),
+    "report: out where nothing may be made": M(
+        "report --out /sys/crener-out", "/sys/crener-out", "1", status=1
+    ),
     "report: bootstrap 0": M("report --bootstrap 0", "--bootstrap", "value"),
     "report: bootstrap x": M("report --bootstrap x", "'x'", "args"),
     "report: unknown profile": M("report --profile nosuch", "'nosuch'", "4"),
