@@ -6,7 +6,9 @@ error that names the offending value, no traceback, an answer within seconds, an
 the folder was created or changed: a mistake is refused before any work. Rows are cheap by
 construction; none trains. ``Mistake.kind`` is the issue's class of the mistake (1 a path or file
 of the wrong kind, 3 a file that is not ours, 4 a value checked before costly work, 6 a message
-that says what to do) or ``args`` (argparse) / ``value`` (a value checked by the command).
+that says what to do), ``args`` (argparse), ``value`` (a value the command checks) or ``own`` (a
+mistake found while writing the table). Rows that could only start work on the old code (a
+pretraining, a training) are killed past the bound, so the table also runs against it.
 
 ``CRENER_UNDER_TEST`` (a source tree, default this checkout) runs the rows against another
 version of the code, e.g. an older commit extracted with ``git archive``.
@@ -71,7 +73,6 @@ def M(argv: str, says: str, kind: str, status: int = 2, files=None, env=None) ->
 
 
 FILE = {"afile": "a file, not a folder\n"}
-# /sys takes no new entry, even from root (EPERM): where the environment, not the command, refuses.
 DIR = {"adir": None}
 TEXTS = {"in.txt": TEXT}
 SMOKE = "--profile smoke --data-root {data}"
@@ -143,6 +144,7 @@ MISTAKES: dict[str, Mistake] = {
     "train: lr nan": M(f"{TRAIN} --set train.lr=nan", "train.lr", "value"),
     "train: workdir a file": M(f"{TRAIN} --workdir {{tmp}}/afile", "{tmp}/afile", "1", files=FILE),
     "train: workdir under a file": M(f"{TRAIN} --workdir {{tmp}}/afile/w", "{tmp}/afile", "1", files=FILE),
+    # /sys takes no new entry, even from root (EPERM): the environment refuses, not the command (exit 1).
     "train: workdir where nothing may be made": M(
         f"{TRAIN} --workdir /sys/crener-w", "/sys/crener-w", "1", status=1
     ),
