@@ -57,7 +57,7 @@ def reproduce(session: nox.Session) -> None:
     """Tables 2-6: train every system and variant (quick profile by default), then report."""
     _install(session)
     # Two worker processes of one thread each: on 2 cores the small quick cells run 1.8x faster
-    # side by side than one after another with two threads each (README, Reproduce Tables 2-6).
+    # side by side than one after another with two threads each (reports/results-history.md).
     args = session.posargs or ["--profile", "quick", "--jobs", "2"]
     session.run("crener", "reproduce", *args, env=ENV)
 

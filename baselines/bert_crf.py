@@ -13,8 +13,9 @@ from torch import nn
 
 from baselines.bert_softmax import TAGGER_DEFAULTS, TAGGER_PROFILE_DEFAULTS, BertTagger, search_space
 from baselines.sequence import SequenceTask
-from crener.config import ENCODER_FIELDS, ModelConfig
+from crener.config import ModelConfig, RuntimeConfig
 from crener.encoder import CharEncoder
+from crener.identity import ENCODER_FIELDS
 from crener.registry import ModelFamily
 
 
@@ -22,7 +23,10 @@ def build_task(cfg: ModelConfig, types: Sequence[str]) -> SequenceTask:
     return SequenceTask(types, decoder="crf")
 
 
-def build_model(cfg: ModelConfig, task: SequenceTask, encoder: CharEncoder) -> nn.Module:
+def build_model(
+    cfg: ModelConfig, task: SequenceTask, encoder: CharEncoder, runtime: RuntimeConfig
+) -> nn.Module:
+    del runtime  # its runtime fields are the grid module's; a tagger has none to apply
     return BertTagger(cfg, task.num_labels, encoder, crf=task.tags.build_crf())
 
 

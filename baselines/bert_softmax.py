@@ -16,9 +16,10 @@ from torch import nn
 from baselines.crf import CRF
 from baselines.sequence import SequenceTask
 from crener import search
-from crener.config import ENCODER_FIELDS, ModelConfig, RunConfig
+from crener.config import ModelConfig, RunConfig, RuntimeConfig
 from crener.data.batching import Batch
 from crener.encoder import CharEncoder
+from crener.identity import ENCODER_FIELDS
 from crener.registry import ModelFamily
 
 # Neither tagger has a context layer; "none" also spares them the Transformer's width checks.
@@ -26,7 +27,7 @@ TAGGER_DEFAULTS = {"model.context": "none", "model.attn_matrix": "none"}
 # `quick` freezes the encoder for the grid models (its features computed once a sweep). A tagger
 # on frozen features is a linear probe (Softmax) or a probe plus transitions (CRF), not the
 # fine-tuned BERT baseline of the paper, and the probe barely learns in quick's steps; so the
-# taggers fine-tune the encoder there, at `full`'s encoder rate (issue 13's note has the probes).
+# taggers fine-tune the encoder there, at `full`'s encoder rate (reports/decisions.md).
 TAGGER_PROFILE_DEFAULTS = {"quick": {"train.encoder_lr": 1e-4}}
 
 
@@ -57,7 +58,10 @@ def build_task(cfg: ModelConfig, types: Sequence[str]) -> SequenceTask:
     return SequenceTask(types, decoder="softmax")
 
 
-def build_model(cfg: ModelConfig, task: SequenceTask, encoder: CharEncoder) -> nn.Module:
+def build_model(
+    cfg: ModelConfig, task: SequenceTask, encoder: CharEncoder, runtime: RuntimeConfig
+) -> nn.Module:
+    del runtime  # its runtime fields are the grid module's; a tagger has none to apply
     return BertTagger(cfg, task.num_labels, encoder)
 
 

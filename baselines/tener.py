@@ -33,10 +33,11 @@ from torch import nn
 
 from baselines.sequence import SequenceTask, TagSet
 from crener import search
-from crener.config import ENCODER_FIELDS, TRANSFORMER_FIELDS, ModelConfig, RunConfig
+from crener.config import ModelConfig, RunConfig, RuntimeConfig
 from crener.data.batching import Batch
 from crener.encoder import CharEncoder
 from crener.errors import DataError
+from crener.identity import ENCODER_FIELDS, TRANSFORMER_FIELDS
 from crener.layers import AdaptedTransformer
 from crener.pretrain import VECTOR_SPECIALS, read_vectors
 from crener.registry import ModelFamily
@@ -78,7 +79,10 @@ def build_task(cfg: ModelConfig, types: Sequence[str]) -> SequenceTask:
     return SequenceTask(types, decoder="crf")
 
 
-def build_model(cfg: ModelConfig, task: SequenceTask, encoder: CharEncoder) -> nn.Module:
+def build_model(
+    cfg: ModelConfig, task: SequenceTask, encoder: CharEncoder, runtime: RuntimeConfig
+) -> nn.Module:
+    del runtime  # its runtime fields are the grid module's; a tagger has none to apply
     emb = encoder.bert.get_input_embeddings()
     pad_id = encoder.bert.config.pad_token_id
     return TENER(cfg, task.tags, emb.num_embeddings, 0 if pad_id is None else int(pad_id))

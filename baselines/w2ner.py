@@ -24,16 +24,10 @@ import torch
 from torch import nn
 
 from crener import search
-from crener.config import (
-    ENCODER_FIELDS,
-    GRID_FIELDS,
-    GRID_TASK_FIELDS,
-    ModelConfig,
-    RunConfig,
-    check_grid_fields,
-)
+from crener.config import ModelConfig, RunConfig, RuntimeConfig, check_grid_fields
 from crener.data.batching import Batch
 from crener.encoder import CharEncoder
+from crener.identity import ENCODER_FIELDS, GRID_FIELDS, GRID_TASK_FIELDS
 from crener.layers import BiLSTM, CoPredictor, GridConvModule
 from crener.registry import ModelFamily
 from crener.tasks import GridTask, Task
@@ -42,8 +36,11 @@ from crener.tasks import GridTask, Task
 class W2NER(nn.Module):
     """``forward(batch) -> {"logits": (B, N, N, C)}``, C = 1 (none) + 1 (NNW) + M types."""
 
-    def __init__(self, cfg: ModelConfig, num_labels: int, encoder: CharEncoder):
+    def __init__(
+        self, cfg: ModelConfig, num_labels: int, encoder: CharEncoder, runtime: RuntimeConfig | None = None
+    ):
         super().__init__()
+        runtime = runtime or RuntimeConfig()
         self.encoder = encoder  # the name puts its parameters in the encoder learning-rate group
         self.emb_dropout = nn.Dropout(cfg.emb_dropout)
         self.lstm = BiLSTM(encoder.out_dim, cfg.lstm_hidden)
@@ -55,7 +52,7 @@ class W2NER(nn.Module):
             dropout=cfg.conv_dropout,
             dilations=cfg.dilations if cfg.use_dilated_conv else None,
             chain=cfg.dconv_chain, orientation=cfg.cln_orientation,
-            input_form=cfg.grid_input, space_to_batch=cfg.space_to_batch,
+            input_form=runtime.grid_input, space_to_batch=runtime.space_to_batch,
         )  # fmt: skip
         self.predictor = CoPredictor(
             num_labels, char_dim=d, grid_dim=self.grid.out_dim, biaffine_dim=cfg.biaffine_dim,
@@ -70,8 +67,8 @@ class W2NER(nn.Module):
         return {"logits": self.predictor(h, h, q)}  # (B, N, N, C)
 
 
-def build_model(cfg: ModelConfig, task: Task, encoder: CharEncoder) -> nn.Module:
-    return W2NER(cfg, task.num_labels, encoder)
+def build_model(cfg: ModelConfig, task: Task, encoder: CharEncoder, runtime: RuntimeConfig) -> nn.Module:
+    return W2NER(cfg, task.num_labels, encoder, runtime)
 
 
 def search_space(trial: Any, base: RunConfig) -> dict[str, Any]:

@@ -7,8 +7,8 @@ __all__ = ["Entity", "ModelConfig", "RunConfig", "Sentence", "build_model"]
 __version__ = "0.1.0"
 
 
-def build_model(cfg, task, encoder):  # noqa: ANN001 - thin lazy re-export, see crener.registry
+def build_model(cfg, task, encoder, runtime=None):  # noqa: ANN001 - thin lazy re-export, see crener.registry
     """Build the model of family ``cfg.name`` (lazy import so the data layer does not load torch)."""
     from crener.registry import build_model as _build
 
-    return _build(cfg, task, encoder)
+    return _build(cfg, task, encoder, runtime)

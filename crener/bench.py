@@ -7,7 +7,7 @@ the process's size before the step) on CPU. Widths:
 
 - ``quick``: the quick profile's widths;
 - ``paper``: method.md §4.2 widths (d_h 512, d_c 96, biaffine 512, FFN 288) over a 2-layer,
-  256-wide random BERT (the encoder issue 7 measured the released W2NER code with), so the CPU
+  256-wide random BERT (the encoder the released W2NER code was measured with), so the CPU
   figures compare the grid models, not a 110M-parameter encoder.
 """
 
@@ -30,9 +30,10 @@ import numpy as np
 import torch
 
 from crener.commands import check_output_file
-from crener.config import RunConfig, build_run_config, parse_set
+from crener.config import RunConfig, parse_set
 from crener.errors import DataError
 from crener.files import read_text, write_atomic
+from crener.profiles import build_run_config
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ ROOFLINE_WIDTHS = ("paper", "full")
 
 def bench_config(width: str, model: str, variant: str, overrides: dict[str, Any]) -> RunConfig:
     profile, extra = WIDTHS[width]
-    flat = {**extra, "train.progress": False, **overrides}
+    flat = {**extra, "runtime.progress": False, **overrides}
     return build_run_config(model=model, variant=variant, profile=profile, dataset="resume", overrides=flat)
 
 
@@ -76,7 +77,7 @@ def _setup(cfg: RunConfig, n_sentences: int, tmp: Path):
     from crener.registry import build_model, build_task
     from crener.train import load_encoder
 
-    data = load_dataset(cfg.data, seed=0)
+    data = load_dataset(cfg.data, seed=0, data_root=cfg.runtime.data_root)
     task = build_task(cfg.model, data.types)
     encoder, tok = load_encoder(cfg, data.train, tmp)
     rng = np.random.default_rng(0)
@@ -84,7 +85,7 @@ def _setup(cfg: RunConfig, n_sentences: int, tmp: Path):
     sents = [data.train[i] for i in sorted(pick)]
     examples = featurize(split_all(sents, cfg.data.max_len), task, tok)
     torch.manual_seed(0)
-    model = build_model(cfg.model, task, encoder)
+    model = build_model(cfg.model, task, encoder, cfg.runtime)
     return task, model, examples
 
 
@@ -94,8 +95,8 @@ def measure_speed(cfg: RunConfig, n_sentences: int) -> dict[str, float]:
     from crener.evaluation import autocast, predict_examples, resolve_device
     from crener.train import keep_large_tensors_on_heap
 
-    device = resolve_device(cfg.train.device)
-    keep_large_tensors_on_heap(cfg.train.heap_tensors)
+    device = resolve_device(cfg.runtime.device)
+    keep_large_tensors_on_heap(cfg.runtime.heap_tensors)
     with tempfile.TemporaryDirectory() as tmp:
         task, model, examples = _setup(cfg, n_sentences, Path(tmp))
     model.to(device)
@@ -170,8 +171,8 @@ def memory_probe(cfg: RunConfig, length: int, batch: int = 1) -> dict[str, float
     from crener.registry import build_model, build_task
     from crener.train import keep_large_tensors_on_heap
 
-    device = resolve_device(cfg.train.device)
-    keep_large_tensors_on_heap(cfg.train.heap_tensors)  # as in training: the heap's peak, not mmaps'
+    device = resolve_device(cfg.runtime.device)
+    keep_large_tensors_on_heap(cfg.runtime.heap_tensors)  # as in training: the heap's peak, not mmaps'
     with tempfile.TemporaryDirectory() as tmp:
         from crener.encoder import CharEncoder, build_embedded_encoder, load_pretrained
 
@@ -182,7 +183,7 @@ def memory_probe(cfg: RunConfig, length: int, batch: int = 1) -> dict[str, float
         raise ValueError(f"length {length}: a BERT-style encoder reads at most {longest} characters")
     types = ("A", "B", "C")
     task = build_task(cfg.model, types)
-    model = build_model(cfg.model, task, CharEncoder(bert, cfg.model.last4_mean)).to(device)
+    model = build_model(cfg.model, task, CharEncoder(bert, cfg.model.last4_mean), cfg.runtime).to(device)
     rng = np.random.default_rng(0)
     examples = []
     for k in range(batch):
@@ -230,11 +231,11 @@ def memory_probe(cfg: RunConfig, length: int, batch: int = 1) -> dict[str, float
     }
 
 
-# Speed levers of issue 7, each as the overrides that flip it from the default. The default row
+# Speed levers, each as the overrides that flip it from the default. The default row
 # has every lever that pays switched on: cell-budget batches, space-to-batch convs in training,
 # small (16k-cell) evaluation batches, the split grid input, fp32. The factored grid input stays
 # an option (it is slower); uniform-draw dropout and the malloc heap are options (see
-# model.fast_dropout and train.heap_tensors for why they are off).
+# model.fast_dropout and runtime.heap_tensors for why they are off).
 # Measured and dropped: raising glibc's mmap threshold alone (no gain: the threshold is capped at
 # 32 MiB, below every big grid). torch.compile is not a lever: on torch 2.13 CPU, dynamic shapes
 # fail in Inductor ("cannot determine truth value of Relational") and static ones recompile for
@@ -243,14 +244,14 @@ def memory_probe(cfg: RunConfig, length: int, batch: int = 1) -> dict[str, float
 LEVERS: dict[str, dict[str, Any]] = {
     "default (every lever below on)": {},
     "fixed batch of 12 sentences": {"train.max_cells": 0, "train.batch_size": 12},
-    "evaluation batches of 200k cells": {"train.eval_max_cells": 200_000},
-    "concatenated grid input (eq. 7 as written)": {"model.grid_input": "concat"},
-    "factored grid input": {"model.grid_input": "factored"},
+    "evaluation batches of 200k cells": {"runtime.eval_max_cells": 200_000},
+    "concatenated grid input (eq. 7 as written)": {"runtime.grid_input": "concat"},
+    "factored grid input": {"runtime.grid_input": "factored"},
     "uniform-draw dropout": {"model.fast_dropout": True},
     "bf16 autocast": {"train.bf16": True},
-    "bf16 autocast, library dilated convs": {"train.bf16": True, "model.space_to_batch": False},
-    "large tensors on the malloc heap": {"train.heap_tensors": True},
-    "checkpointed rounds": {"model.checkpoint_rounds": True},
+    "bf16 autocast, library dilated convs": {"train.bf16": True, "runtime.space_to_batch": False},
+    "large tensors on the malloc heap": {"runtime.heap_tensors": True},
+    "checkpointed rounds": {"runtime.checkpoint_rounds": True},
 }
 # The levers that change what is computed only for a model with several conv rounds.
 CRENER_ONLY = {"checkpointed rounds"}
@@ -263,12 +264,12 @@ def cell_budget_like(batch_size: int, max_len: int, n_sentences: int) -> int:
     ``batch_size`` times the mean n^2 keeps roughly the step count (the optimiser's schedule) of
     fixed-size batches, with similar-length sentences in each batch.
     """
-    from crener.config import build_run_config
     from crener.data.datasets import load_dataset
     from crener.data.split import split_all
+    from crener.profiles import build_run_config
 
     cfg = build_run_config(dataset="resume", profile="paper", overrides={"data.max_len": max_len})
-    data = load_dataset(cfg.data, seed=0)
+    data = load_dataset(cfg.data, seed=0, data_root=cfg.runtime.data_root)
     rng = np.random.default_rng(0)
     pick = rng.choice(len(data.train), size=min(n_sentences, len(data.train)), replace=False)
     lengths = np.array([len(c.sentence) for c in split_all([data.train[i] for i in sorted(pick)], max_len)])
@@ -539,26 +540,26 @@ SUITE_NOTES = {
 LEVER_NOTES = {
     "fixed batch of 12 sentences": "instead of the cell budget (`train.max_cells`): length-sorted buckets "
     "filled up to B·N² cells, buckets shuffled, so one long sentence does not pad a whole batch to N².",
-    "evaluation batches of 200k cells": "instead of small evaluation batches (`train.eval_max_cells`): "
+    "evaluation batches of 200k cells": "instead of small evaluation batches (`runtime.eval_max_cells`): "
     "evaluation has no backward pass to amortise, and small grids stay in cache.",
     "bf16 autocast, library dilated convs": "bf16 autocast without space-to-batch dilated convolutions "
-    "(`model.space_to_batch`; compare with the bf16 autocast row): in bf16 CPU training, dilated depthwise "
+    "(`runtime.space_to_batch`; compare with the bf16 autocast row): in bf16 CPU training, dilated depthwise "
     "convolutions run as undilated ones over interleaved sub-grids, because oneDNN's dilated backward pass "
     "in bf16 is several times slower. In fp32 the library's own is the faster and is used. Exact (tested).",
-    "concatenated grid input (eq. 7 as written)": "instead of the split grid input (`model.grid_input`): "
+    "concatenated grid input (eq. 7 as written)": "instead of the split grid input (`runtime.grid_input`): "
     "the 1x1 convolution is linear, so only the CLN grid goes through the large matmul while the "
     "distance, region and attention inputs reach the grid through small projected tables. Exact (tested).",
-    "factored grid input": "`model.grid_input=factored`: avoids the CLN grid too. Exact (tested).",
+    "factored grid input": "`runtime.grid_input=factored`: avoids the CLN grid too. Exact (tested).",
     "uniform-draw dropout": "`model.fast_dropout`: the predictor's grid dropouts as uniforms compared "
     "with p, with a 1-byte mask. Same law; off by default: on quick Resume runs (ten seeds each) its F1 "
     "was lower, not significantly, so it is not shown harmless.",
     "bf16 autocast": "`train.bf16`: on in `paper` (a GPU profile), `auto` in `full` (on where this "
     "machine's bf16 matmuls measure at least twice its fp32 ones); on CPU it pays only where the CPU has "
     "fast bf16 matmuls (see the roofline's peaks).",
-    "large tensors on the malloc heap": "`train.heap_tensors` (glibc): keep freed grids mapped for reuse "
+    "large tensors on the malloc heap": "`runtime.heap_tensors` (glibc): keep freed grids mapped for reuse "
     "instead of paying page faults on every new large tensor.",
-    "checkpointed rounds": "`model.checkpoint_rounds`: recompute each convolution round in the backward "
-    "pass, trading time for memory, in every batch; by default (`model.checkpoint_above`) only batches "
+    "checkpointed rounds": "`runtime.checkpoint_rounds`: recompute each convolution round in the backward "
+    "pass, trading time for memory, in every batch; by default (`runtime.checkpoint_above`) only batches "
     "of sentences longer than 256 characters are checkpointed.",
 }
 

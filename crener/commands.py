@@ -15,9 +15,18 @@ import sys
 from pathlib import Path
 
 from crener import registry
-from crener.config import MAX_LEN, PROFILES, VARIANTS, RunConfig, build_run_config, parse_set
+from crener.config import MAX_LEN, SECTIONS, RunConfig, parse_set
 from crener.errors import ConfigError, CrenerError
 from crener.files import write_atomic
+from crener.options import (
+    add_data_root,
+    add_overrides,
+    add_run_options,
+    add_seed,
+    int_at_least,
+    positive_int,
+)
+from crener.profiles import VARIANTS, build_run_config
 from crener.workspace import workdir_for
 
 log = logging.getLogger(__name__)
@@ -27,46 +36,25 @@ log = logging.getLogger(__name__)
 BENCH_WIDTHS = ("quick", "paper", "full")
 
 
-def int_at_least(low: int, high: int | None = None, *, label: str | None = None):
-    """An argparse type: an integer in ``[low, high]``; ``label`` names it in the error message
-    (default "an integer >= low" or "an integer between low and high")."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < low or (high is not None and value > high):
-            bound = f"between {low} and {high}" if high is not None else f">= {low}"
-            raise argparse.ArgumentTypeError(f"expected {label or 'an integer ' + bound}, got {text!r}")
-        return value
-
-    parse.__name__ = "integer"  # argparse names the type in its messages
-    return parse
-
-
-non_negative_int = int_at_least(0)
-positive_int = int_at_least(1)
-count_int = int_at_least(1, label="a positive integer")  # how many: trials, jobs
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train one model/variant on one dataset; prints a JSON summary")
     p.add_argument("--dataset", required=True)
     p.add_argument("--model", default="crener", choices=registry.names())
     p.add_argument("--variant", default="full", choices=list(VARIANTS))
-    p.add_argument("--profile", default="quick", choices=list(PROFILES))
-    p.add_argument("--seed", type=non_negative_int, default=0, help="run seed (>= 0)")
+    add_run_options(p)
+    add_seed(p)
     p.add_argument(
         "--encoder",
         help="from_pretrained name or path (default: the profile's: crener-char in quick and full, embedded in smoke, bert-base-chinese in paper)",
     )
-    p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE", help="config override")
-    p.add_argument("--data-root", help="dataset directory (default: $CRENER_DATA, then ../shared/data)")
     p.add_argument("--workdir", help="run directory with --no-track (default: <runs-dir>/<profile>/<key>)")
-    p.add_argument("--runs-dir", help="root of run directories (default: $CRENER_RUNS, then runs)")
     p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    p.add_argument(
+        "--time-budget", type=float, metavar="MINUTES",
+        help="fix the steps from a few timed ones so the whole command fits MINUTES on this machine "
+        "(crener.budget; the steps enter the run key, the minutes are logged as runtime.time_budget)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="score a checkpoint on a dataset split")
@@ -79,7 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "training reported it, unless --whole-split; the JSON says how many sentences "
                         "were scored (sentences, split_sentences) and whether they are a sample")  # fmt: skip
     p.add_argument("--whole-split", action="store_true", help="score every sentence of the split")
-    p.add_argument("--data-root")
+    add_data_root(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="tag raw text (one sentence a line) or a CoNLL file; JSON lines out")
@@ -107,7 +95,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--sentences", type=positive_int, default=96, help="Resume training sentences per measurement"
     )
     p.add_argument("--batch", type=positive_int, default=1, help="sentences of each length in a memory probe")
-    p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE")
+    add_overrides(p)
     p.add_argument("--json", action="store_true", help="one JSON object instead of tables")
     p.add_argument("--page", metavar="FILE", help="also write a Markdown page of the results (and FILE's .json "
                    "beside it), e.g. reports/performance.md")  # fmt: skip
@@ -127,11 +115,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--datasets", nargs="+", help="datasets whose training splits are the text (default: all four)"
     )
     p.add_argument(
-        "--text", nargs="+", metavar="FILE", help="extra unlabelled text, one sentence a line (UTF-8)"
+        "--text", nargs="+", metavar="FILE",
+        help="extra unlabelled text, one sentence a line (UTF-8, plain or .xz); 'xwlb' names the broadcast-news "
+        "corpus in ../shared/corpus/xwlb-news",
+    )  # fmt: skip
+    p.add_argument(
+        "--text-fraction", type=float, help="share of each --text file's lines used, evenly spread"
     )
-    p.add_argument("--data-root", help="dataset directory (default: $CRENER_DATA, then ../shared/data)")
-    p.add_argument("--vectors", help="word2vec character vectors for the initialisation; 'none' for random "
-                   "(default: shared/pretrained People's Daily 2014)")  # fmt: skip
+    p.add_argument("--init-from", metavar="ENCODER",
+                   help="continue pretraining this encoder (a shipped name such as crener-char, or a folder)")  # fmt: skip
+    add_data_root(p)
+    p.add_argument("--vectors", help="starting vectors of the character embeddings, sources joined by '+': "
+                   "people (shared/pretrained People's Daily 2014, the default), wiki (simplechinese), lac "
+                   "(jieba), a word2vec file; 'none' for random")  # fmt: skip
     for name, kind in (("hidden", int), ("layers", int), ("heads", int), ("ff", int), ("max-len", int),
                        ("batch-tokens", int), ("steps", int), ("lr", float), ("warmup", float),
                        ("weight-decay", float), ("mask-rate", float), ("unk-alpha", float), ("seed", int),
@@ -149,16 +145,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     from crener.data.datasets import get_spec
 
     get_spec(args.dataset)  # an unknown dataset fails here, before any run or workdir exists
+    if args.time_budget is not None and not (math.isfinite(args.time_budget) and args.time_budget > 0):
+        raise CrenerError(f"--time-budget {args.time_budget:g}: must be a finite number of minutes > 0")
     overrides = parse_set(args.overrides)
     if args.encoder:
         overrides["model.encoder"] = args.encoder
     if args.data_root:
-        overrides["data.data_root"] = args.data_root
+        overrides["runtime.data_root"] = args.data_root
     cfg = check_run_config(build_run_config(
         model=args.model, variant=args.variant, profile=args.profile, dataset=args.dataset, seed=args.seed,
         overrides=overrides,
     ))  # fmt: skip
     check_run_inputs(cfg, runs_dir=args.runs_dir, workdir=args.workdir)
+    if args.time_budget is not None:
+        from crener.budget import apply_budget
+
+        cfg = check_run_config(apply_budget(cfg, args.time_budget))
     if args.no_track:
         from crener.train import fit
 
@@ -196,7 +198,7 @@ def check_run_inputs(cfg: RunConfig, *, runs_dir: str | None = None, workdir: st
     check_folder(runs_dir, "--runs-dir")
     if not runs_dir:
         check_folder(os.environ.get(RUNS_ENV), f"${RUNS_ENV}")
-    resolve_data_root(cfg.data.data_root or None)
+    resolve_data_root(cfg.runtime.data_root or None)
     check_encoder_name(cfg.model.encoder)
 
 
@@ -281,7 +283,7 @@ def check_existing_folder(path: str | Path | None, option: str) -> None:
 
 def check_store_exists(why: str) -> None:
     """Refuse a SQLite tracking store that does not exist, for a command that only reads runs:
-    opening it would create an empty store (issue 37). ``why`` says what the command cannot do."""
+    opening it would create an empty store. ``why`` says what the command cannot do."""
     from crener.workspace import sqlite_path, tracking_uri
 
     db = sqlite_path(tracking_uri())
@@ -300,8 +302,8 @@ def _file_above(path: Path) -> Path | None:
     return None
 
 
-# Bounds no real run comes near; past them a value is a typo that would run for ever (issue 37:
-# train.epochs=1e30 was accepted). They belong with TrainConfig's own checks once crener.config
+# Bounds no real run comes near; past them a value is a typo that would run for ever (such as
+# train.epochs=1e30; reports/decisions.md). They belong with TrainConfig's own checks once crener.config
 # can take them; here, every command applies them to the configs it built, before any work.
 MAX_EPOCHS = 100_000
 MAX_STEPS = 10**9
@@ -314,7 +316,7 @@ def check_run_config(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"train.epochs={train.epochs}: must be at most {MAX_EPOCHS:,}")
     if train.max_steps > MAX_STEPS:
         raise ConfigError(f"train.max_steps={train.max_steps}: must be at most {MAX_STEPS:,}")
-    for section in ("model", "data", "train"):
+    for section in SECTIONS:
         for f in dataclasses.fields(getattr(cfg, section)):
             value = getattr(getattr(cfg, section), f.name)
             if isinstance(value, float) and not math.isfinite(value):
@@ -347,7 +349,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from crener.data.datasets import get_spec, resolve_data_root
-    from crener.pretrain import config_from_args, pretrain, vectors_path
+    from crener.pretrain import NAMED_TEXT, check_inputs, config_from_args, pretrain
 
     # What pretraining reads and writes, checked before its folders are made and its text read.
     check_folder(args.out, "--out")
@@ -355,12 +357,14 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     for name in args.datasets or ():
         get_spec(name)
     for path in args.text or ():
-        check_input_file(path, "--text")
+        if path not in NAMED_TEXT:  # a corpus named ('xwlb') lies under the data root: check_inputs
+            check_input_file(path, "--text")
     if args.data_root:
         resolve_data_root(args.data_root)
-    # The numbers (steps, widths, rates) first, with bf16 fixed: auto measures this CPU's matmuls.
+    # The numbers (steps, widths, rates) first, with bf16 fixed: auto measures this CPU's matmuls;
+    # then the text files (or the named corpus), the vectors' sources and the --init-from encoder.
     unmeasured = config_from_args(argparse.Namespace(**{**vars(args), "bf16": "false"}))
-    vectors_path(unmeasured.vectors, unmeasured.data_root)
+    check_inputs(unmeasured)
     summary = pretrain(config_from_args(args), workdir=args.workdir, track=not args.no_track)
     sys.stdout.write(json.dumps(summary) + "\n")
     return 0

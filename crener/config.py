@@ -2,7 +2,10 @@
 
 All dataclasses are frozen and every field has a default; the defaults are the paper's full
 CRENER model (method.md §4.2). Variants (rows of Table 6) and profiles (smoke/quick/full/paper)
-are named sets of overrides applied with :func:`RunConfig.with_overrides`, never by mutation.
+are named sets of overrides (:mod:`crener.profiles`) applied with :func:`RunConfig.with_overrides`,
+never by mutation. This module is a leaf: it imports the standard library and
+:mod:`crener.errors` only, so reading or building a config loads no model family and no torch;
+run identity lives in :mod:`crener.identity`.
 Values that come from the data (the number of labels, the vocabulary) are arguments of
 ``build_model`` and are never written back here.
 """
@@ -12,15 +15,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-import hashlib
-import json
 import re
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from crener import registry
 from crener.errors import ConfigError
 
 # Validation limits (no field or default is defined here).
@@ -88,20 +88,9 @@ class ModelConfig:
     enh_heads: int = 8  # heads of the enhancement attentions
     enh_dropout: float = 0.1  # their dropout
     enh_block: str = "paper"  # paper | bert_layer (TOE's decoder layer)
-    checkpoint_rounds: bool = False  # activation checkpointing of the conv rounds, always
-    # ... and of the rounds of batches whose longest sentence is longer than this (0: never): long
-    # grids then cost about half the memory, while the common lengths keep their speed.
-    checkpoint_above: int = 256
-    # Exact rewrites of the grid module (tested equal), measured by `crener bench --suite levers`.
-    # How the 1x1 conv meets its input: split (CLN grid through one matmul, embeddings through
-    # their small tables) | concat (eq. 7 as written) | factored (nothing grid-sized before it)
-    grid_input: str = "split"
     # Predictor dropouts from uniform draws instead of CPU bernoulli_: the same law, faster on CPU,
-    # but off by default: over ten seeds its test F1 was lower, not significantly, yet not shown
-    # harmless either (ten seeds each on quick Resume, before the shipped encoder).
+    # but off by default: not shown harmless to scores (reports/decisions.md).
     fast_dropout: bool = False
-    # Dilated depthwise convs as undilated ones over interleaved sub-grids (CPU bf16 training).
-    space_to_batch: bool = True
     # --- co-predictor (§2.5) ---
     use_biaffine: bool = True  # eq. 16; False is "w/o Biaffine"
     use_grid_mlp: bool = True  # eq. 17; False is "w/o MLP"
@@ -127,16 +116,14 @@ class ModelConfig:
     lstm_hidden: int = 512  # total BiLSTM width when context = bilstm
 
     def __post_init__(self) -> None:
-        _check_choice("model.name", self.name, registry.names())
+        # Checks that need no model family; what a family can build is checked where a run is
+        # built (crener.registry.check_model), so building a config loads no family module.
         _check_choice("model.context", self.context, ("transformer", "none", "bilstm"))
         _check_choice("model.rel_pos", self.rel_pos, ("full", "none", "symmetric"))
         _check_choice("model.cln_orientation", self.cln_orientation, ("paper", "code"))
-        _check_choice("model.grid_input", self.grid_input, ("split", "concat", "factored"))
         _check_choice("model.attn_matrix", self.attn_matrix, ("transformer_probs", "none"))
         _check_choice("model.enh_block", self.enh_block, ("paper", "bert_layer"))
         _check_choice("model.biaffine_input", self.biaffine_input, ("encoder", "enhanced"))
-        if self.checkpoint_above < 0:
-            raise ConfigError(f"model.checkpoint_above={self.checkpoint_above}: must be >= 0 (0 = never)")
         _check_choice("model.tag_scheme", self.tag_scheme, ("crener", "w2ner", "ht_only"))
         _check_choice("model.ht_typed", self.ht_typed, ("both", "thc_only"))
         _check_choice("model.loss", self.loss, ("zlpr", "ce"))
@@ -146,14 +133,6 @@ class ModelConfig:
         for name in DROPOUT_FIELDS:
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"model.{name}={getattr(self, name)!r}: a dropout must be in [0, 1)")
-        if self.char_vectors.lower() not in ("none", "") and not registry.reads(self.name, "char_vectors"):
-            raise ConfigError(
-                f"model.char_vectors={self.char_vectors!r}: {self.name} has no character embeddings of its "
-                "own to initialise (only tener reads it); leave it at none"
-            )
-        check = registry.get(self.name).check
-        if check is not None:
-            check(self)
         if self.context == "transformer" and self.hidden % self.tf_heads:
             raise ConfigError(
                 f"model.hidden={self.hidden} is not divisible by model.tf_heads={self.tf_heads}"
@@ -202,7 +181,6 @@ class DataConfig:
     """Which data, and how it is cut."""
 
     dataset: str = "resume"  # weibo | resume | ontonotes4 | msra (or a registered name)
-    data_root: str | None = None  # None: --data-root, then $CRENER_DATA, then ../shared/data
     weibo_coarse: bool = False  # Weibo: 4 coarse types instead of the 8 fine labels
     msra_protocol: str = "lineage"  # MSRA has no dev: lineage (dev = test) | clean (last 4,365 train)
     max_len: int = 256  # longer sentences are split at punctuation, never inside an entity
@@ -234,20 +212,60 @@ class TrainConfig:
     # The paper's batches: batch_size sentences from length-sorted buckets; max_cells (if > 0) is
     # then only a memory guard that splits a batch above it (logged).
     sorted_batches: bool = False
-    # Grid-cell budget of evaluation batches. Small batches keep the (B, N, N, d) grids in cache, so
-    # on CPU they evaluate faster than 200k-cell ones (`crener bench --suite levers`; figures:
-    # reports/performance.md). On a GPU larger batches may pay: raise it there.
-    eval_max_cells: int = 16_000
     lr: float = 1e-3  # learning rate of everything but the pretrained encoder
     encoder_lr: float = 5e-6  # learning rate of the pretrained (or embedded) encoder
     weight_decay: float = 0.0  # AdamW weight decay
     warmup: float = 0.1  # fraction of steps with linear warm-up, then linear decay to 0
     clip: float = 5.0  # global gradient-norm clip
     # bf16 autocast (CUDA and CPU). Profiles and --set also take "auto", resolved by
-    # build_run_config to what this machine's measured matmul peaks favour
+    # crener.profiles.build_run_config to what this machine's measured matmul peaks favour
     # (crener.evaluation.bf16_pays); the run records the value it got.
     bf16: bool = False
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    max_steps: int = 0  # >0: at most this many optimiser steps per epoch (the first of its shuffled batches)
+    # Fine-tuning input noise: each character becomes [UNK] with probability a / (a + its training
+    # count), so rare characters most often and the [UNK] vector stays trained for unseen ones.
+    unk_alpha: float = 0.0
+    # >0: stop after this many epochs in a row without a better dev F1; the best checkpoint is
+    # tested as always. The schedule keeps its planned length, so stopping only truncates it.
+    patience: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"train.epochs={self.epochs}: must be >= 1")
+        if self.batch_size < 1:
+            raise ConfigError(f"train.batch_size={self.batch_size}: must be >= 1")
+        if self.unk_alpha < 0:
+            raise ConfigError(f"train.unk_alpha={self.unk_alpha}: must be >= 0")
+        if self.seed < 0:
+            raise ConfigError(f"train.seed={self.seed}: a seed must be >= 0")
+        for name in ("max_cells", "max_steps", "patience"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}={getattr(self, name)}: must be >= 0 (0 = off)")
+        if not self.lr > 0 or not self.encoder_lr >= 0:
+            raise ConfigError(
+                f"train.lr={self.lr} must be > 0 and train.encoder_lr={self.encoder_lr} >= 0 "
+                "(0 freezes the encoder)"
+            )
+        if self.weight_decay < 0 or not self.clip > 0 or not 0 <= self.warmup <= 1:
+            raise ConfigError(
+                f"train.weight_decay={self.weight_decay} must be >= 0, train.clip={self.clip} > 0 "
+                f"and train.warmup={self.warmup} in [0, 1]"
+            )
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where and how fast a run runs: fields that cannot change its result.
+
+    Each one only places the work or rewrites it exactly (each rewrite tested equal to the plain
+    form), so run identity (:mod:`crener.identity`) skips this whole section: changing one keeps
+    a run's key, and a sweep finds its finished runs wherever and however they ran.
+    """
+
+    # Where the dataset files are; their digest, not their place, is in the key.
+    # None: --data-root, then $CRENER_DATA, then ../shared/data.
+    data_root: str | None = None
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps; devices differ only in float rounding
     threads: int = 0  # >0: torch.set_num_threads
     # glibc: big tensors from the malloc heap instead of fresh mmaps that page-fault on every use
     # (process-wide, see crener.train.keep_large_tensors_on_heap). Off: within noise for cell-budget
@@ -258,38 +276,60 @@ class TrainConfig:
     # step (pinned for CUDA); 0: collation in the training loop. The same batches either way.
     loader_workers: int = 0
     progress: bool = True  # progress bar with loss and speed
-    max_steps: int = 0  # >0: at most this many optimiser steps per epoch (the first of its shuffled batches)
-    # Fine-tuning input noise: each character becomes [UNK] with probability a / (a + its training
-    # count), so rare characters most often and the [UNK] vector stays trained for unseen ones.
-    unk_alpha: float = 0.0
-    eval_every: int = 0  # >0: dev F1 every N steps into curve.json (learning-start diagnostic)
+    # Grid-cell budget of evaluation batches (no dropout, padding-invariant predictions). Small
+    # batches keep the (B, N, N, d) grids in cache, so on CPU they evaluate faster than 200k-cell
+    # ones (`crener bench --suite levers`; figures: reports/performance.md). On a GPU larger
+    # batches may pay: raise it there.
+    eval_max_cells: int = 16_000
+    # >0: dev F1 every N steps into curve.json (learning-start diagnostic); evaluation draws
+    # nothing random, so the training run is the same.
+    eval_every: int = 0
+    # Exact rewrites of the grid module (tested equal), measured by `crener bench --suite levers`.
+    # How the 1x1 conv meets its input: split (CLN grid through one matmul, embeddings through
+    # their small tables) | concat (eq. 7 as written) | factored (nothing grid-sized before it);
+    # the same dropout draws in each.
+    grid_input: str = "split"
+    # Dilated depthwise convs as undilated ones over interleaved sub-grids (CPU bf16 training).
+    space_to_batch: bool = True
+    # Activation checkpointing of the conv rounds, always (recomputed in backward with the RNG
+    # state restored) ...
+    checkpoint_rounds: bool = False
+    # ... and of the rounds of batches whose longest sentence is longer than this (0: never): long
+    # grids then cost about half the memory, while the common lengths keep their speed.
+    checkpoint_above: int = 256
+    # Minutes this run was planned for (`--time-budget`, crener.budget): a record, not a setting;
+    # what the minutes bought is in train.epochs and train.max_steps, which the key holds.
+    time_budget: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ConfigError(f"train.epochs={self.epochs}: must be >= 1")
-        if self.batch_size < 1:
-            raise ConfigError(f"train.batch_size={self.batch_size}: must be >= 1")
-        if self.unk_alpha < 0 or self.eval_every < 0:
-            raise ConfigError("train.unk_alpha and train.eval_every must be >= 0")
-        if self.seed < 0:
-            raise ConfigError(f"train.seed={self.seed}: a seed must be >= 0")
-        for name in ("max_cells", "max_steps", "threads", "loader_workers"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"train.{name}={getattr(self, name)}: must be >= 0 (0 = off)")
-        if self.eval_max_cells < 1:
-            raise ConfigError(f"train.eval_max_cells={self.eval_max_cells}: must be >= 1")
-        if not self.lr > 0 or not self.encoder_lr >= 0:
-            raise ConfigError(
-                f"train.lr={self.lr} must be > 0 and train.encoder_lr={self.encoder_lr} >= 0 "
-                "(0 freezes the encoder)"
-            )
         if not re.fullmatch(r"auto|cpu|mps|(cuda|xpu)(:\d+)?", self.device):
-            raise ConfigError(f"train.device={self.device!r} is not one of auto, cpu, cuda, cuda:N, mps")
-        if self.weight_decay < 0 or not self.clip > 0 or not 0 <= self.warmup <= 1:
-            raise ConfigError(
-                f"train.weight_decay={self.weight_decay} must be >= 0, train.clip={self.clip} > 0 "
-                f"and train.warmup={self.warmup} in [0, 1]"
-            )
+            raise ConfigError(f"runtime.device={self.device!r} is not one of auto, cpu, cuda, cuda:N, mps")
+        for name in ("threads", "loader_workers", "eval_every", "checkpoint_above"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"runtime.{name}={getattr(self, name)}: must be >= 0 (0 = off)")
+        if self.eval_max_cells < 1:
+            raise ConfigError(f"runtime.eval_max_cells={self.eval_max_cells}: must be >= 1")
+        _check_choice("runtime.grid_input", self.grid_input, ("split", "concat", "factored"))
+
+
+# The flat names the runtime fields had before they were one section. Old MLflow params, old
+# sweep and tuning files and old --set habits use them; they keep working through these aliases.
+RUNTIME_ALIASES: dict[str, str] = {
+    f"{section}.{name}": f"runtime.{name}"
+    for section, names in (
+        ("data", ("data_root",)),
+        ("train", ("progress", "device", "threads", "heap_tensors", "loader_workers", "eval_max_cells",
+                   "eval_every")),
+        ("model", ("grid_input", "space_to_batch", "checkpoint_rounds", "checkpoint_above")),
+    )
+    for name in names
+}  # fmt: skip
+SECTIONS = ("model", "data", "train", "runtime")  # the sections of RunConfig, as flat-name prefixes
+
+
+def canonical_key(key: str) -> str:
+    """The flat name a config key has today (``train.progress`` -> ``runtime.progress``)."""
+    return RUNTIME_ALIASES.get(key, key)
 
 
 @dataclass(frozen=True)
@@ -299,6 +339,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     profile: str = "custom"
     variant: str = "full"
 
@@ -310,7 +351,7 @@ class RunConfig:
     def flatten(self) -> dict[str, Any]:
         """``{"model.hidden": 512, ..., "profile": "quick"}``: the form logged as MLflow params."""
         flat: dict[str, Any] = {"profile": self.profile, "variant": self.variant}
-        for section in ("model", "data", "train"):
+        for section in SECTIONS:
             for f in dataclasses.fields(getattr(self, section)):
                 flat[f"{section}.{f.name}"] = getattr(getattr(self, section), f.name)
         return flat
@@ -321,16 +362,19 @@ class RunConfig:
         return cls().with_overrides(flat)
 
     def with_overrides(self, overrides: dict[str, Any]) -> RunConfig:
-        """A new config with ``{"section.field": value}`` applied; unknown keys are an error."""
-        sections: dict[str, dict[str, Any]] = {"model": {}, "data": {}, "train": {}}
+        """A new config with ``{"section.field": value}`` applied; unknown keys are an error.
+
+        The old flat names of the runtime fields (:data:`RUNTIME_ALIASES`) are accepted too."""
+        sections: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
         top: dict[str, Any] = {}
         for key, value in overrides.items():
             if key in ("profile", "variant"):
                 top[key] = str(value)
                 continue
-            section, _, name = key.partition(".")
+            section, _, name = canonical_key(key).partition(".")
             if section not in sections:
-                raise ConfigError(f"unknown config key {key!r} (expected model.*, data.*, train.*)")
+                expected = ", ".join(f"{s}.*" for s in SECTIONS)
+                raise ConfigError(f"unknown config key {key!r} (expected {expected})")
             cls_ = type(getattr(self, section))
             hints = _type_hints(cls_)
             if name not in hints:
@@ -339,362 +383,10 @@ class RunConfig:
                 hint = f"did you mean {section}.{close[0]}? " if close else ""
                 raise ConfigError(f"unknown config key {key!r}; {hint}{section} has: {known}")
             sections[section][name] = _coerce(value, hints[name], key)
-        try:
-            return dataclasses.replace(
-                self,
-                model=dataclasses.replace(self.model, **sections["model"]),
-                data=dataclasses.replace(self.data, **sections["data"]),
-                train=dataclasses.replace(self.train, **sections["train"]),
-                **top,
-            )
-        except ConfigError:
-            raise
-        except (KeyError, ValueError, TypeError) as exc:  # a family's own check
-            raise ConfigError(str(exc.args[0]) if exc.args else repr(exc)) from exc
-
-    def identity(self) -> dict[str, Any]:
-        """The fields that tell this run's experiment apart, ``{"model.hidden": 64, ...}``.
-
-        Only fields its model family reads (``fields`` of its :class:`crener.registry.ModelFamily`;
-        data and train fields are read by every family), minus :data:`KEY_IGNORED`, whose value differs from its identity
-        default (the dataclass default, or the value recorded in :data:`KEY_DEFAULTS`). The
-        ``profile`` and ``variant`` labels count too: run folders and reports address runs by
-        them. ``model.name`` and ``train.seed`` are left out here: :meth:`key` names them itself.
-        """
-        reads = registry.get(self.model.name).fields  # None: a family that declares nothing reads all
-        declared = registry.declared_fields()
-        defaults = _identity_defaults(self)
-        out: dict[str, Any] = {}
-        for name, value in self.flatten().items():
-            if name in ("model.name", "train.seed") or name in KEY_IGNORED:
-                continue
-            section, _, field_name = name.partition(".")
-            # A model field no family declares yet counts for every family: it can only split
-            # keys (when set away from its default), never make two experiments share one.
-            unread = reads is not None and field_name in declared and field_name not in reads
-            if section == "model" and unread:
-                continue
-            if value != defaults[name]:
-                out[name] = value
-        return out
-
-    def encoder_weights(self) -> str | None:
-        """SHA-256 of the weights of a shipped encoder (``model.encoder`` names one and the family
-        reads an encoder), else None.
-
-        A shipped encoder keeps its name when it is rebuilt with other weights: without this in the
-        key, a sweep would take the finished runs of the old weights for runs of the new ones."""
-        if not registry.get(self.model.name).uses_encoder:
-            return None
-        from crener.encoder import shipped_weights_digest  # crener.encoder imports this module
-
-        return shipped_weights_digest(self.model.encoder)
-
-    def key(self, data_digest: str | None = None) -> str:
-        """Stable identity of the run (16 hex characters): what makes sweeps run-once.
-
-        A hash of :data:`KEY_SCHEMA`, the model family, :meth:`identity`, the data's digest, the
-        seed, and the weights' digest of a shipped encoder (:meth:`encoder_weights`). Adding a
-        field with a default, or a field the family does not read, changes no key.
-        ``data_digest`` defaults to :func:`crener.data.digest.dataset_digest` of ``self.data``
-        (reads the dataset's files once per process; they must exist).
-        """
-        if data_digest is None:
-            from crener.data.digest import dataset_digest  # crener.data imports this module
-
-            data_digest = dataset_digest(self.data)
-        payload = {
-            "schema": KEY_SCHEMA,
-            "model": self.model.name,
-            "fields": self.identity(),
-            "data": data_digest,
-            "seed": self.train.seed,
+        replaced = {
+            section: dataclasses.replace(getattr(self, section), **sections[section]) for section in SECTIONS
         }
-        weights = self.encoder_weights()
-        # Hashed only when they differ from the weights the name was first shipped with, so the
-        # runs keyed before this entered the key keep their keys (as KEY_DEFAULTS does for fields).
-        if weights is not None and weights != KEY_ENCODER_WEIGHTS.get(self.model.encoder):
-            payload["encoder_weights"] = weights
-        blob = json.dumps(payload, sort_keys=True, default=list)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-# --------------------------------------------------------------------------- run identity
-# What RunConfig.key hashes. Golden keys in tests/test_identity.py pin it: bump KEY_SCHEMA only to
-# retire every key on purpose (and give `crener migrate` a way to map the old ones).
-KEY_SCHEMA = 1
-
-# Fields that cannot change a run's result, so never part of its identity: where and how fast it
-# runs, and exact rewrites of the same computation (each tested equal to the plain form).
-KEY_IGNORED = frozenset(
-    {
-        "data.data_root",  # where the files are; their digest is in the key
-        "train.progress",  # a progress bar
-        "train.device",  # where it runs (devices differ only in float rounding)
-        "train.threads",  # torch.set_num_threads
-        "train.heap_tensors",  # glibc malloc policy
-        "train.loader_workers",  # where batches are collated: the same batches
-        "train.eval_max_cells",  # evaluation batch size: no dropout, padding-invariant predictions
-        "train.eval_every",  # extra dev evaluations: no dropout and no random draws in evaluation
-        "model.grid_input",  # three exact forms of eq. 7 with the same dropout draws
-        "model.space_to_batch",  # exact rewrite of the dilated convolutions
-        "model.checkpoint_rounds",  # recomputes rounds in backward, with the RNG state restored
-        "model.checkpoint_above",  # the same, for long batches only
-    }
-)
-
-# Groups of ModelConfig fields that several families read, from which each family's ``fields``
-# (crener.registry.ModelFamily) is made: its encoder, its model and its task (labels, loss,
-# decoding); data and train fields are read by every family. Only these enter a family's key, so
-# a baseline's key ignores CRENER's grid flags. A model field no family lists enters every key
-# (tests/test_identity.py asks for it to be listed).
-# The character encoder (crener.train builds one for every family) and the dropout on its output:
-ENCODER_FIELDS = (
-    "encoder", "embedded_hidden", "embedded_layers", "embedded_heads", "embedded_ff", "last4_mean",
-    "emb_dropout",
-)  # fmt: skip
-# crener.layers' grid convolution module and co-predictor, as CRENER and W2NER build them:
-GRID_FIELDS = (
-    "cln_orientation", "use_distance_embedding", "use_region_embedding", "dist_dim",
-    "region_dim", "conv_channels", "conv_dropout", "use_dilated_conv", "dilations", "dconv_chain",
-    "use_biaffine", "use_grid_mlp", "biaffine_dim", "ffn_dim", "out_dropout", "fast_dropout",
-)  # fmt: skip
-# crener.tasks.GridTask, the task of both grid models: label scheme, loss, decoder:
-GRID_TASK_FIELDS = (
-    "tag_scheme", "ht_typed", "loss", "ht_mode", "link_mode", "contiguous_only", "max_paths", "prior_bias",
-    "calibrate",
-)  # fmt: skip
-# The adapted Transformer (CRENER's context layer, TENER's encoder):
-TRANSFORMER_FIELDS = (
-    "hidden", "tf_layers", "tf_heads", "tf_ff", "tf_dropout", "key_proj", "attn_out_proj", "attn_scale",
-    "rel_pos",
-)  # fmt: skip
-
-# Identity defaults that differ from today's dataclass defaults. When a default changes, record
-# the old one here ("model.fast_dropout": True): runs that kept the old value keep their keys,
-# and runs with the new value get new ones, because theirs is another experiment.
-KEY_DEFAULTS: dict[str, Any] = {}
-# The weights (SHA-256 of model.safetensors) each shipped encoder had when its runs were first
-# keyed by name alone (crener-char: commit 59fdf58). Other weights under the name are hashed.
-KEY_ENCODER_WEIGHTS: dict[str, str] = {
-    "crener-char": "62742e7277e48192c649dc33280c97229aaca764236765ef58ec949d3464863c",
-}
-
-
-def _identity_defaults(cfg: RunConfig) -> dict[str, Any]:
-    """``{flat name: identity default}`` for the classes of ``cfg`` (see :data:`KEY_DEFAULTS`)."""
-    out = {f.name: f.default for f in dataclasses.fields(cfg) if f.name in ("profile", "variant")}
-    for section in ("model", "data", "train"):
-        out.update({f"{section}.{f.name}": f.default for f in dataclasses.fields(getattr(cfg, section))})
-    out.update({k: v for k, v in KEY_DEFAULTS.items() if k in out})
-    return out
-
-
-# Table 6 rows (method.md §3): name -> overrides of the full model.
-VARIANTS: dict[str, dict[str, Any]] = {
-    "full": {},
-    "no_transformer": {"model.context": "none", "model.attn_matrix": "none"},
-    "no_region": {"model.use_region_embedding": False},
-    "no_distance": {"model.use_distance_embedding": False},
-    "no_dconv": {"model.use_dilated_conv": False},
-    "no_mlp": {"model.use_grid_mlp": False},
-    "no_biaffine": {"model.use_biaffine": False},
-    "no_enhancement": {"model.use_relation_enhancement": False, "model.rounds": 1},
-    "no_relation": {"model.tag_scheme": "w2ner"},
-}
-
-# Profiles: named budgets. `quick` is the CPU default; `paper` is meant for a GPU.
-PROFILES: dict[str, dict[str, Any]] = {
-    "smoke": {
-        "model.embedded_hidden": 32,
-        "model.embedded_layers": 1,
-        "model.embedded_heads": 2,
-        "model.embedded_ff": 64,
-        "model.hidden": 32,
-        "model.tf_layers": 1,
-        "model.tf_heads": 4,
-        "model.tf_ff": 64,
-        "model.conv_channels": 16,
-        "model.tag_dim": 16,
-        "model.enh_heads": 4,
-        "model.biaffine_dim": 32,
-        "model.ffn_dim": 32,
-        "model.lstm_hidden": 32,
-        "model.dist_dim": 8,
-        "model.region_dim": 8,
-        "model.attn_dim": 8,
-        "data.max_len": 64,
-        "data.train_limit": 64,
-        "data.eval_limit": 64,
-        "data.test_limit": 64,
-        "train.epochs": 2,
-        "train.max_cells": 20_000,
-        "train.lr": 3e-3,
-        "train.encoder_lr": 3e-3,
-        "train.progress": False,
-    },
-    # The CPU default: Tables 2-6 on 2 cores, in the time the README measures. Small widths, a
-    # 500-sentence training budget, sentences split at 64 characters, and test scored on a
-    # fixed 500-sentence sample: a smoke-level reproduction whose numbers are not the paper's.
-    "quick": {
-        "model.embedded_hidden": 64,
-        "model.embedded_layers": 1,
-        "model.embedded_heads": 2,
-        "model.embedded_ff": 128,
-        "model.hidden": 64,
-        "model.tf_layers": 1,
-        "model.tf_heads": 4,
-        "model.tf_ff": 128,
-        "model.conv_channels": 16,
-        "model.tag_dim": 16,
-        "model.enh_heads": 4,
-        "model.biaffine_dim": 64,
-        "model.ffn_dim": 32,
-        "model.lstm_hidden": 64,
-        "model.dist_dim": 10,
-        "model.region_dim": 10,
-        "model.attn_dim": 10,
-        "model.emb_dropout": 0.1,
-        "model.conv_dropout": 0.1,
-        "model.out_dropout": 0.1,
-        "data.max_len": 64,
-        # A step cap, not the training set, bounds the cost (below): 2,000 sentences (all of
-        # Weibo's) give the same steps more distinct entities than 500 did (Weibo, seed 0, test F1
-        # 0.283 -> 0.308 at equal cost; issue 13).
-        "data.train_limit": 2000,
-        "data.eval_limit": 200,
-        "data.test_limit": 500,
-        "model.rounds": 2,  # one feedback instead of two: a third less grid work per step
-        # At these widths a step costs mostly per-op overhead, so doubling a batch costs far less
-        # than doubling the steps: 8k-cell batches (about 2 long or 8 short sentences), capped at
-        # 200 an epoch so the long-sentence datasets (Weibo, MSRA) cost what Resume does; each
-        # capped epoch draws a fresh shuffle, so the cap samples rather than truncates. 4 epochs:
-        # the whole plan must fit 45 minutes on the slowest 2-core machine this suite meets (an
-        # AMD EPYC); the plan's cost grows about linearly with the steps, and 5 epochs of these
-        # batches would run past it there (README, Profiles, has the measurements).
-        "train.epochs": 4,
-        # lr 1e-2 (before the pretrained encoder) kept CRENER at dev F1 0 on Weibo; 1e-3 learned,
-        # 3e-3 less (`crener curves`, issue 13).
-        "train.max_cells": 8_000,
-        "train.max_steps": 200,
-        "train.lr": 1e-3,
-        "train.warmup": 0.1,
-        # The encoder this project pretrains and ships (crener pretrain), frozen: a fixed feature
-        # extractor whose features are computed once per sentence for a whole sweep. Output scores
-        # start at the training label priors instead of on the all-negative plateau.
-        "model.encoder": "crener-char",
-        "train.encoder_lr": 0.0,
-        "model.prior_bias": True,
-        # After this budget's few hundred small steps a grid model ranks entity cells first but
-        # its scores have not all crossed 0 yet: decode with the threshold shift that is best on
-        # dev (Weibo, seed 0, test F1 0.206 -> 0.283).
-        "model.calibrate": True,
-    },
-    "full": {
-        "model.embedded_hidden": 256,
-        "model.hidden": 256,
-        "model.tf_heads": 8,
-        "model.tf_ff": 512,
-        "model.conv_channels": 64,
-        "model.tag_dim": 64,
-        "model.biaffine_dim": 256,
-        "model.ffn_dim": 128,
-        "model.lstm_hidden": 256,
-        "model.emb_dropout": 0.3,
-        "model.conv_dropout": 0.3,
-        "model.out_dropout": 0.3,
-        # The paper's recipe: 10 epochs of batches of 12 sentences; 20k cells is 12 times Resume's
-        # mean squared length (`crener.bench.cell_budget_like`), so about the same step count.
-        "train.epochs": 10,
-        "train.max_cells": 20_000,
-        # Halved from 1e-3 / 5e-4, with which CRENER on Resume reached dev F1 0.64 after two
-        # epochs and then diverged in the third (loss 0.04 -> 0.07, dev F1 0.08).
-        "train.lr": 5e-4,
-        # The shipped pretrained encoder, fine-tuned at a fifth of the head's rate (a random encoder
-        # needs the head's own rate; bert-base-chinese in `paper` keeps W2NER's 5e-6 default).
-        "model.encoder": "crener-char",
-        "train.encoder_lr": 1e-4,
-        "train.unk_alpha": 0.25,
-        "model.prior_bias": True,
-        # bf16 autocast where this machine's bf16 matmuls are fast (AMX): the whole training step
-        # then runs well above its fp32 speed (reports/performance.md); fp32 elsewhere.
-        "train.bf16": "auto",
-    },
-    "paper": {
-        "model.encoder": "bert-base-chinese",
-        "train.bf16": True,
-        # The paper's recipe: batches of exactly 12 sentences from length-sorted buckets. The cell
-        # cap only guards memory: 12 chunks of data.max_len (256) characters, so at the default
-        # max_len nothing is split; lower it on a GPU that cannot hold MSRA's worst batch of 12
-        # (`python -m crener.gpucheck` measures it). On CPU, `full`'s cell budget is the deviation.
-        "train.sorted_batches": True,
-        "train.batch_size": 12,
-        "train.max_cells": 12 * 256 * 256,
-        "train.loader_workers": 2,  # collate on the host while the GPU runs the step
-    },
-}
-
-
-# The quick profile as it was before the shipped encoder (commit 6d9c92e, run-key schema 1): the
-# golden keys of tests/test_identity.py are built from it, and `crener curves` compares against it.
-QUICK_V1: dict[str, Any] = {
-    "model.embedded_hidden": 64, "model.embedded_layers": 1, "model.embedded_heads": 2, "model.embedded_ff": 128,
-    "model.hidden": 64, "model.tf_layers": 1, "model.tf_heads": 4, "model.tf_ff": 128, "model.conv_channels": 16,
-    "model.tag_dim": 16, "model.enh_heads": 4, "model.biaffine_dim": 64, "model.ffn_dim": 32,
-    "model.lstm_hidden": 64, "model.dist_dim": 10, "model.region_dim": 10, "model.attn_dim": 10,
-    "model.emb_dropout": 0.1, "model.conv_dropout": 0.1, "model.out_dropout": 0.1, "data.max_len": 64,
-    "data.train_limit": 500, "data.eval_limit": 200, "data.test_limit": 500, "model.rounds": 2,
-    "train.epochs": 4, "train.max_cells": 4000, "train.max_steps": 200, "train.lr": 0.01,
-    "train.encoder_lr": 0.005, "train.warmup": 0.1,
-}  # fmt: skip
-
-
-def build_run_config(
-    *,
-    model: str = "crener",
-    variant: str = "full",
-    profile: str = "quick",
-    dataset: str = "resume",
-    seed: int = 0,
-    overrides: dict[str, Any] | None = None,
-) -> RunConfig:
-    """Resolve model family, variant and profile into one config; ``overrides`` win last.
-
-    Order: defaults <- model family (its ``defaults`` in crener.registry) <- profile <- the
-    family's settings for that profile (its ``profile_defaults``) <- variant <- per-dataset rule
-    <- overrides. The variant comes after the profile so a profile can never
-    silently undo an ablation.
-    """
-    try:
-        family = registry.get(model)
-    except KeyError as exc:
-        raise ConfigError(str(exc.args[0])) from None
-    if variant not in VARIANTS:
-        raise ConfigError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
-    if profile not in PROFILES:
-        raise ConfigError(f"unknown profile {profile!r}; choose from {', '.join(PROFILES)}")
-    if model != "crener" and variant != "full":
-        raise ConfigError(f"variants are ablations of CRENER; model {model!r} takes variant=full")
-    flat: dict[str, Any] = {"model.name": model, **family.defaults}
-    flat.update(PROFILES[profile])
-    flat.update(family.profile_defaults.get(profile, {}))
-    flat.update(VARIANTS[variant])
-    # A profile's `rounds` sizes the enhancement loop; models and variants without one keep
-    # their single convolution pass.
-    if not flat.get("model.use_relation_enhancement", True):
-        flat["model.rounds"] = 1
-    flat.update({"data.dataset": dataset, "train.seed": seed, "profile": profile, "variant": variant})
-    # TENER's depth pattern (method.md §4.2): one Transformer layer on Weibo at paper widths.
-    if profile == "paper" and dataset == "weibo":
-        flat.setdefault("model.tf_layers", 1)
-        flat["model.tf_layers"] = 1
-    flat.update(overrides or {})
-    if str(flat.get("train.bf16", "")).lower() == "auto":
-        # Resolved here, before the run's key is made: a run's identity says which it got.
-        from crener.evaluation import bf16_pays
-
-        flat["train.bf16"] = bf16_pays(str(flat.get("train.device", "auto")))
-    return RunConfig().with_overrides(flat)
+        return dataclasses.replace(self, **replaced, **top)
 
 
 def run_label(model: str, variant: str, dataset: str, seed: int | str) -> str:

@@ -32,7 +32,10 @@ EMBEDDED = "embedded"
 # Encoders this project builds with `crener pretrain` and ships (each folder has a README.md card
 # with the exact command, commit and input hashes). A name here resolves to its folder.
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
-SHIPPED_ENCODERS = {"crener-char": ASSETS_DIR / "crener-char"}
+SHIPPED_ENCODERS = {
+    "crener-char": ASSETS_DIR / "crener-char",  # the four training splits
+    "crener-xwlb": ASSETS_DIR / "crener-xwlb",  # crener-char continued on the broadcast-news corpus
+}
 
 
 def resolve_encoder(name: str | os.PathLike) -> str:

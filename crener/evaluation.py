@@ -35,7 +35,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise CrenerError(f"train.device={name} but CUDA is not available; use train.device=cpu")
+        raise CrenerError(f"runtime.device={name} but CUDA is not available; use runtime.device=cpu")
     return device
 
 
@@ -47,7 +47,7 @@ BF16_MIN_MATMUL_RATIO = 2.0
 
 @functools.cache
 def bf16_pays(device_name: str = "auto") -> bool:
-    """Whether bf16 autocast should be used on ``train.device`` (what ``train.bf16=auto`` means).
+    """Whether bf16 autocast should be used on ``runtime.device`` (what ``train.bf16=auto`` means).
 
     CUDA: if the device supports bf16. CPU: if bf16 matmuls at the grid's shapes measure at least
     :data:`BF16_MIN_MATMUL_RATIO` times the fp32 rate, in this process (about a second, once).
@@ -117,7 +117,7 @@ def predict_shifted(
     model.eval()
     preds = {d: [set() for _ in examples] for d in shifts}
     lengths = [e.n for e in examples]
-    for idx in make_batches(lengths, max_cells=cfg.train.eval_max_cells, batch_size=cfg.train.batch_size):
+    for idx in make_batches(lengths, max_cells=cfg.runtime.eval_max_cells, batch_size=cfg.train.batch_size):
         batch = collate([examples[i] for i in idx], "none", task.num_labels).to(device)
         with autocast(device, cfg.train.bf16):
             outputs = model(batch)

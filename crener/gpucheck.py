@@ -1,4 +1,4 @@
-"""``python -m crener.gpucheck``: the one-command GPU check (``nox -s gpu_check``; issue 14).
+"""``python -m crener.gpucheck``: the one-command GPU check (``nox -s gpu_check``).
 
 One call on a GPU machine, a few minutes, one table:
 
@@ -48,7 +48,7 @@ BERT_BASE = {"model.embedded_hidden": 768, "model.embedded_layers": 12, "model.e
              "model.embedded_ff": 3072}  # fmt: skip
 TINY_ENCODER = {"model.embedded_hidden": 32, "model.embedded_layers": 2, "model.embedded_heads": 2,
                 "model.embedded_ff": 64}  # fmt: skip
-FITS_BYTES = 40 * 10**9  # the goal of issue 14: MSRA's worst batch of 12 in 40 GB
+FITS_BYTES = 40 * 10**9  # the goal: MSRA's worst batch of 12 in 40 GB (reports/decisions.md)
 
 
 def prepare(out: Path, data_root: str | None) -> Path:
@@ -66,14 +66,14 @@ def prepare(out: Path, data_root: str | None) -> Path:
 
 
 def _config(args: argparse.Namespace, model: str, bf16: bool, **extra: Any):
-    from crener.config import build_run_config
+    from crener.profiles import build_run_config
 
     flat: dict[str, Any] = {
         "model.encoder": "embedded",
         **(TINY_ENCODER if args.tiny else BERT_BASE),
-        "train.device": args.device,
+        "runtime.device": args.device,
         "train.bf16": bf16,
-        "train.progress": False,
+        "runtime.progress": False,
         # The paper's batches: 12 sentences from length-sorted buckets, no memory guard.
         "train.sorted_batches": True,
         "train.max_cells": 0,
@@ -81,7 +81,7 @@ def _config(args: argparse.Namespace, model: str, bf16: bool, **extra: Any):
         **extra,
     }
     if args.data_root:
-        flat["data.data_root"] = args.data_root
+        flat["runtime.data_root"] = args.data_root
     return build_run_config(
         model=model, profile="smoke" if args.tiny else "paper", dataset="resume", overrides=flat
     )
@@ -180,15 +180,15 @@ def check_worst_batch(args: argparse.Namespace) -> dict[str, Any]:
     bf16 = args.device.startswith("cuda")
     size = 2 if args.tiny else 12
     cfg = _config(args, "crener", bf16, **{"data.dataset": "msra"})
-    data = load_dataset(cfg.data, seed=0)
+    data = load_dataset(cfg.data, seed=0, data_root=cfg.runtime.data_root)
     chunks = split_all(data.train, cfg.data.max_len)
     longest = sorted(range(len(chunks)), key=lambda i: (-len(chunks[i].sentence), i))[:size]
     task = build_task(cfg.model, data.types)
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(cfg.runtime.device)
     with tempfile.TemporaryDirectory() as tmp:
         encoder, tok = load_encoder(cfg, data.train, Path(tmp))
     torch.manual_seed(0)
-    model = build_model(cfg.model, task, encoder).to(device).train()
+    model = build_model(cfg.model, task, encoder, cfg.runtime).to(device).train()
     examples = featurize([chunks[i] for i in longest], task, tok)
     batch = collate(examples, task.target, task.num_labels).to(device)
     cpu = _CpuPeak()

@@ -44,7 +44,7 @@ def load_for_inference(path: str | Path, device: str = "cpu") -> Loaded:
     types = tuple(state["types"])
     task = build_task(cfg.model, types)
     encoder, tokenizer = rebuild_encoder(state, cfg.model.last4_mean)
-    model = build_model(cfg.model, task, encoder)
+    model = build_model(cfg.model, task, encoder, cfg.runtime)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:
@@ -69,16 +69,22 @@ def evaluate_checkpoint(path: str | Path, *, dataset: str | None = None, split: 
     sampled = split == "test" or (
         split == "dev" and "dev" not in get_spec(name).files and cfg.data.msra_protocol == "lineage"
     )
+    root = data_root or cfg.runtime.data_root
     data_cfg = dataclasses.replace(
-        cfg.data, dataset=name, data_root=data_root or cfg.data.data_root,
+        cfg.data, dataset=name,
         train_limit=0, eval_limit=0, test_limit=cfg.data.test_limit if sampled and not whole_split else 0,
     )  # fmt: skip
-    data = load_dataset(data_cfg, seed=cfg.train.seed)
+    data = load_dataset(data_cfg, seed=cfg.train.seed, data_root=root)
     sentences = getattr(data, split)
     total = len(sentences)
     if data_cfg.test_limit > 0:  # the same split, unsampled (files are read once per process)
         total = len(
-            getattr(load_dataset(dataclasses.replace(data_cfg, test_limit=0), seed=cfg.train.seed), split)
+            getattr(
+                load_dataset(
+                    dataclasses.replace(data_cfg, test_limit=0), seed=cfg.train.seed, data_root=root
+                ),
+                split,
+            )
         )
     sample = len(sentences) < total
     if sample:

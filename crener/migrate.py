@@ -1,5 +1,5 @@
 """``crener migrate``: bring a tracking store made under an older run identity up to today's
-:meth:`crener.config.RunConfig.key`, so its finished cells are found again instead of retrained.
+:func:`crener.identity.run_key`, so its finished cells are found again instead of retrained.
 
 For every crener run in the MLflow store (tune trials included):
 
@@ -15,7 +15,7 @@ For every crener run in the MLflow store (tune trials included):
 
 The folder moves before the tag, so an interrupted migration is completed by running it again,
 and a run already migrated is left as it is: the command is idempotent. Two old runs that now
-share a key (they differed only in a field that no longer counts, e.g. ``model.grid_input``) are
+share a key (they differed only in a field that no longer counts, e.g. ``runtime.grid_input``) are
 both retagged, and the second folder is left in place and reported. MLflow artifacts (the
 ``summary.json`` logged with the run) are immutable and keep the old key.
 """
@@ -23,7 +23,6 @@ both retagged, and the second folder is left in place and reported. MLflow artif
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -32,9 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from crener.config import KEY_SCHEMA, RunConfig, run_label
+from crener.config import RUNTIME_ALIASES, RunConfig, run_label
 from crener.errors import CrenerError
 from crener.files import write_atomic
+from crener.identity import KEY_SCHEMA, run_key
+from crener.options import add_data_root, add_runs_dir
 from crener.workspace import resolve_runs_dir
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class RunMigration:
 
 def rebuild_config(params: dict[str, str]) -> tuple[RunConfig, list[str]]:
     """The run's config from its MLflow params, and the config params it had to drop."""
-    known = set(RunConfig().flatten())
+    known = set(RunConfig().flatten()) | set(RUNTIME_ALIASES)  # old flat names map to runtime.*
     flat = {k: v for k, v in params.items() if "." in k or k in TOP_LEVEL_PARAMS}
     dropped = sorted(k for k in flat if k not in known)
     return RunConfig.from_flat({k: v for k, v in flat.items() if k in known}), dropped
@@ -92,9 +93,9 @@ def migrate_store(
                 raise CrenerError("no config params logged")
             cfg, item.dropped = rebuild_config(run.params)
             if data_root is not None:
-                cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_root=data_root))
-            digest = tags.get("crener.data_digest") or dataset_digest(cfg.data)
-            item.new_key = cfg.key(data_digest=digest)
+                cfg = cfg.with_overrides({"runtime.data_root": data_root})
+            digest = tags.get("crener.data_digest") or dataset_digest(cfg.data, cfg.runtime.data_root)
+            item.new_key = run_key(cfg, data_digest=digest)
         except (CrenerError, KeyError, ValueError) as exc:
             item.action, item.error = "skipped", f"{type(exc).__name__}: {exc}"
             log.warning("run %s (%s): not migrated: %s", run.run_id, item.label, item.error)
@@ -168,8 +169,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="rekey an MLflow store and its run folders made under an older run identity (idempotent)",
         description=__doc__.split("\n\n")[0],
     )
-    p.add_argument("--runs-dir", help="root of run folders (default: $CRENER_RUNS, then runs)")
-    p.add_argument("--data-root", help="dataset directory for the data digests of runs that did not log one")
+    add_runs_dir(p)
+    add_data_root(p)  # for the data digests of runs that did not log one
     p.add_argument("--dry-run", action="store_true", help="report what would change; write nothing")
     p.set_defaults(func=cmd_migrate)
 

@@ -13,16 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from crener.config import (
-    ENCODER_FIELDS,
-    GRID_FIELDS,
-    GRID_TASK_FIELDS,
-    TRANSFORMER_FIELDS,
-    ModelConfig,
-    check_grid_fields,
-)
+from crener.config import ModelConfig, RuntimeConfig, check_grid_fields
 from crener.data.batching import Batch
 from crener.encoder import CharEncoder
+from crener.identity import ENCODER_FIELDS, GRID_FIELDS, GRID_TASK_FIELDS, TRANSFORMER_FIELDS
 from crener.layers import AdaptedTransformer, BiLSTM, CoPredictor, GridConvModule, masked_row_col_max
 from crener.registry import ModelFamily
 from crener.search import space_crener
@@ -98,9 +92,14 @@ class RelationEnhancement(nn.Module):
 class CRENER(nn.Module):
     """The full model; see the module docstring. ``forward(batch) -> {"logits": (B, N, N, L)}``."""
 
-    def __init__(self, cfg: ModelConfig, num_labels: int, encoder: CharEncoder):
+    def __init__(
+        self, cfg: ModelConfig, num_labels: int, encoder: CharEncoder, runtime: RuntimeConfig | None = None
+    ):
         super().__init__()
         self.cfg = cfg
+        runtime = runtime or RuntimeConfig()
+        # Exact rewrites only (crener.config.RuntimeConfig): they change speed and memory, never a score.
+        self.checkpoint_rounds, self.checkpoint_above = runtime.checkpoint_rounds, runtime.checkpoint_above
         d = cfg.hidden
         self.encoder = encoder
         self.emb_dropout = nn.Dropout(cfg.emb_dropout)
@@ -129,7 +128,7 @@ class CRENER(nn.Module):
             attn_heads=attn_heads, attn_dim=cfg.attn_dim, dropout=cfg.conv_dropout,
             dilations=cfg.dilations if cfg.use_dilated_conv else None,
             chain=cfg.dconv_chain, orientation=cfg.cln_orientation,
-            input_form=cfg.grid_input, space_to_batch=cfg.space_to_batch,
+            input_form=runtime.grid_input, space_to_batch=runtime.space_to_batch,
         )  # fmt: skip
         kinds = TAG_KINDS[cfg.tag_scheme]
         grid_dim = self.grid.out_dim if grid_branch else 0
@@ -169,7 +168,7 @@ class CRENER(nn.Module):
         s = s_base = self.subj(h)
         o = o_base = self.obj(h)
         n = gmask.size(1)
-        ckpt = self.training and (self.cfg.checkpoint_rounds or 0 < self.cfg.checkpoint_above < n)
+        ckpt = self.training and (self.checkpoint_rounds or 0 < self.checkpoint_above < n)
         for r in range(self.rounds):
             if ckpt:  # keeps only the round's tag grid, recomputes the rest in backward
                 tf = checkpoint(self._round, s, o, gmask, attn, use_reentrant=False)
@@ -184,8 +183,8 @@ class CRENER(nn.Module):
         return {"logits": logits}
 
 
-def build_crener(cfg: ModelConfig, task: Task, encoder: CharEncoder) -> CRENER:
-    return CRENER(cfg, task.num_labels, encoder)
+def build_crener(cfg: ModelConfig, task: Task, encoder: CharEncoder, runtime: RuntimeConfig) -> CRENER:
+    return CRENER(cfg, task.num_labels, encoder, runtime)
 
 
 # CRENER's own fields: context choice, attention matrix, relation enhancement, biaffine input.

@@ -29,13 +29,16 @@ Choices, each a documented default:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
+import lzma
 import shlex
+import struct
 import sys
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -78,9 +81,15 @@ class PretrainConfig:
 
     out: str  # output directory (Hugging Face layout + README.md card)
     datasets: tuple[str, ...] = DEFAULT_DATASETS  # training splits used as text
-    text: tuple[str, ...] = ()  # extra unlabelled corpora, one sentence a line (UTF-8)
+    text: tuple[str, ...] = ()  # extra unlabelled corpora, one sentence a line (UTF-8; plain or .xz)
+    # Share of each --text file's lines used, spread evenly over the file (the text ablation's
+    # "quarter of the corpus" is 0.25): line i is kept when floor((i + 1) f) > floor(i f).
+    text_fraction: float = 1.0
     data_root: str | None = None  # None: $CRENER_DATA, then ../shared/data
-    vectors: str | None = "default"  # "default": shared/pretrained People's Daily; None: random init
+    # Starting vectors of the character embeddings: sources joined by "+" (people = default: the
+    # People's Daily 50-d file in shared/pretrained; wiki: simplechinese's Wikipedia 64-d; lac:
+    # jieba's LAC-small 128-d; or a word2vec text file's path); None: random init.
+    vectors: str | None = "default"
     hidden: int = 256  # encoder width
     layers: int = 4  # Transformer layers
     heads: int = 4  # attention heads
@@ -94,6 +103,10 @@ class PretrainConfig:
     mask_rate: float = 0.15  # share of characters chosen for prediction (80/10/10 mask/random/keep)
     unk_alpha: float = 0.25  # input [UNK] replacement: probability alpha / (alpha + count)
     seed: int = 0
+    # Continue from an encoder instead of a fresh initialisation (a shipped name such as crener-char,
+    # or a folder in the BERT layout): its weights start every row and layer they share by name and
+    # token; characters new to its vocabulary start from ``vectors``. Its width and depth are kept.
+    init_from: str | None = None
     # bf16 autocast for the forward pass (weights, optimiser and loss stay fp32). Part of the
     # identity: bf16 and fp32 give different weights. The CLI's "auto" (its default) becomes the
     # measured answer of crener.evaluation.bf16_pays, so the card records a bool.
@@ -122,14 +135,18 @@ class PretrainConfig:
             raise CrenerError("--steps must be >= 0 and --batch-tokens at least --max-len")
         if not 0 < self.mask_rate < 1:
             raise CrenerError("--mask-rate must be in (0, 1)")
+        if not 0 < self.text_fraction <= 1:
+            raise CrenerError(f"--text-fraction {self.text_fraction}: must be in (0, 1]")
 
     def identity(self) -> dict[str, Any]:
         """The fields that define the weights (not where they are written, nor logging cadence)."""
         out = asdict(self)
         for k in ("out", "data_root", "save_every", "log_every"):
             out.pop(k)
-        if not self.bf16:  # fp32 identities stay those of the cards written before the field
-            out.pop("bf16")
+        # Fields added later leave the identities of earlier cards as they were at their defaults.
+        for k, default in (("bf16", False), ("text_fraction", 1.0), ("init_from", None)):
+            if out[k] == default:
+                out.pop(k)
         return out
 
     @classmethod
@@ -148,31 +165,94 @@ class Corpus:
     pieces: list[str]
     files: dict[str, str]  # label -> path of every input file
     held_out_text: set[str] = field(default_factory=set)  # dev/test sentences (never in pieces)
-    dropped: int = 0  # training sentences dropped because they also occur in a dev or test split
+    dropped: int = 0  # sentences dropped because they occur in (or overlap) a dev or test split
     sentences: int = 0
+    dev_text: dict[str, list[str]] = field(default_factory=dict)  # dataset -> its dev sentences
+    text_lines: dict[str, int] = field(default_factory=dict)  # --text label -> lines read (kept or not)
 
 
 def _cut(text: str, max_len: int) -> list[str]:
     return [text[i : i + max_len] for i in range(0, len(text), max_len)]
 
 
-def read_text_file(path: str | Path) -> list[str]:
-    """One sentence a line, UTF-8; blank lines are skipped (documented), bad bytes name the line."""
+# Where a long line of unlabelled text may be cut: after a sentence or clause mark (full-width, as
+# the news text writes them, and their ASCII forms).
+BREAKS = frozenset("。！？；，、：…!?;,:")
+OVERLAP_N = 10  # a --text line sharing this many consecutive characters with a dev/test sentence is dropped
+
+
+def split_at_punctuation(text: str, max_len: int) -> list[str]:
+    """``text`` in pieces of at most ``max_len`` characters, each cut after the last punctuation mark
+    of its window; a window without one in its second half is cut at ``max_len`` (so no piece is
+    shorter than half the length for want of a mark). Joining the pieces gives ``text`` back."""
+    pieces = []
+    while len(text) > max_len:
+        cut = max((i + 1 for i in range(max_len // 2, max_len) if text[i] in BREAKS), default=max_len)
+        pieces.append(text[:cut])
+        text = text[cut:]
+    if text:
+        pieces.append(text)
+    return pieces
+
+
+def iter_text_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of each non-blank line of a UTF-8 file, plain or ``.xz``, streamed.
+
+    One rule for unlabelled text: a UTF-8 byte-order mark at the start is dropped, each line is
+    stripped of surrounding whitespace, blank lines are skipped (they separate nothing here), and a
+    line that is not UTF-8 stops the read with an error naming the file and line."""
     path = Path(path)
     if not path.is_file():
-        raise DataError("text file not found", str(path))
-    out = []
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            try:
-                line = raw.decode("utf-8").strip()
-            except UnicodeDecodeError as exc:
-                raise DataError(f"not UTF-8 ({exc.reason} at byte {exc.start})", str(path), lineno) from None
-            if line:
-                out.append(line)
-    if not out:
+        raise DataError("text file not found" if not path.exists() else "not a file", str(path))
+    opener = lzma.open if path.suffix == ".xz" else open
+    seen = False
+    try:
+        with opener(path, "rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                try:
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").strip()
+                except UnicodeDecodeError as exc:
+                    raise DataError(
+                        f"not UTF-8 ({exc.reason} at byte {exc.start})", str(path), lineno
+                    ) from None
+                if line:
+                    seen = True
+                    yield lineno, line
+    except lzma.LZMAError as exc:
+        raise DataError(f"not a readable .xz file ({exc})", str(path)) from None
+    if not seen:
         raise DataError("text file has no non-blank line", str(path))
-    return out
+
+
+def read_text_file(path: str | Path) -> list[str]:
+    """The non-blank lines of a text file (:func:`iter_text_lines`' rule)."""
+    return [line for _, line in iter_text_lines(path)]
+
+
+def ngrams(texts: Iterable[str], n: int = OVERLAP_N) -> set[str]:
+    return {t[i : i + n] for t in texts for i in range(len(t) - n + 1)}
+
+
+def overlaps(text: str, grams: set[str], n: int = OVERLAP_N) -> bool:
+    return any(text[i : i + n] in grams for i in range(len(text) - n + 1))
+
+
+def evenly_kept(index: int, fraction: float) -> bool:
+    """Whether the ``index``-th line (0-based) is among an evenly spread ``fraction`` of the lines."""
+    return fraction >= 1 or int((index + 1) * fraction) > int(index * fraction)
+
+
+# Unlabelled corpora known by name (beside the datasets: ``<data root>/../corpus/...``), so a card and
+# a run's identity say "xwlb" rather than a path of the machine that built it.
+NAMED_TEXT = {"xwlb": Path("corpus") / "xwlb-news" / "xwlb.txt.xz"}
+
+
+def text_path(spec: str, data_root: str | Path | None = None) -> Path:
+    if spec not in NAMED_TEXT:
+        return Path(spec)
+    from crener.data.datasets import resolve_data_root
+
+    return resolve_data_root(data_root).parent / NAMED_TEXT[spec]
 
 
 def build_corpus(cfg: PretrainConfig) -> Corpus:
@@ -180,7 +260,11 @@ def build_corpus(cfg: PretrainConfig) -> Corpus:
 
     MSRA is read under the clean protocol, so its last 4,365 training sentences (the clean dev split)
     are held out too. A training sentence whose text equals a dev or test sentence of *any* registered
-    dataset is dropped rather than trusted, so no evaluation sentence can reach pretraining.
+    dataset is dropped rather than trusted, so no evaluation sentence can reach pretraining. A line of
+    unlabelled text (``cfg.text``) is held to more: it is dropped when it shares any
+    ``OVERLAP_N``-character substring with a dev or test sentence (the rule the shared news corpus
+    was filtered with; checked again here for any file a user brings), and it is split at
+    punctuation rather than at a fixed width.
     """
     from crener.config import DataConfig
     from crener.data.datasets import DATASETS, load_dataset
@@ -188,30 +272,47 @@ def build_corpus(cfg: PretrainConfig) -> Corpus:
     train_texts: list[str] = []
     held_out: set[str] = set()
     files: dict[str, str] = {}
+    dev_text: dict[str, list[str]] = {}
     for name in cfg.datasets:
-        data = load_dataset(DataConfig(dataset=name, data_root=cfg.data_root, msra_protocol="clean"))
+        data = load_dataset(DataConfig(dataset=name, msra_protocol="clean"), data_root=cfg.data_root)
         for split, path in data.files.items():
             files[f"{name}/{split}"] = path
         train_texts.extend(s.text for s in data.train)
         held_out.update(s.text for s in (*data.dev, *data.test))
+        dev_text[name] = [s.text for s in data.dev]
     # The dev and test text of every other registered dataset is held out too: an encoder pretrained
     # on some datasets is fine-tuned and scored on the others. One that cannot be read here cannot be
     # scored here either; say so and go on.
     for name in sorted(set(DATASETS) - set(cfg.datasets)):
         try:
-            data = load_dataset(DataConfig(dataset=name, data_root=cfg.data_root, msra_protocol="clean"))
+            data = load_dataset(DataConfig(dataset=name, msra_protocol="clean"), data_root=cfg.data_root)
         except DataError as exc:
             log.warning("dev/test text of dataset %s not read, so not held out: %s", name, exc)
             continue
         held_out.update(s.text for s in (*data.dev, *data.test))
-    for path in cfg.text:
-        files[f"text/{Path(path).name}"] = str(path)
-        train_texts.extend(read_text_file(path))
+        dev_text[name] = [s.text for s in data.dev]
     kept = [t for t in train_texts if t not in held_out]
     pieces = [p for t in kept for p in _cut(t, cfg.max_len)]
+    dropped, sentences = len(train_texts) - len(kept), len(kept)
+    grams = ngrams(held_out) if cfg.text else set()
+    text_lines: dict[str, int] = {}
+    for spec in cfg.text:
+        path = text_path(spec, cfg.data_root)
+        label = f"text/{path.name}"
+        files[label] = str(path)
+        n = 0
+        for n, (_, line) in enumerate(iter_text_lines(path), 1):
+            if not evenly_kept(n - 1, cfg.text_fraction):
+                continue
+            if line in held_out or overlaps(line, grams):
+                dropped += 1
+                continue
+            sentences += 1
+            pieces.extend(split_at_punctuation(line, cfg.max_len))
+        text_lines[label] = n
     if not pieces:
         raise DataError("the pretraining corpus is empty after removing dev and test sentences")
-    return Corpus(pieces, files, held_out, dropped=len(train_texts) - len(kept), sentences=len(kept))
+    return Corpus(pieces, files, held_out, dropped, sentences, dev_text, text_lines)
 
 
 def resolve_vectors(cfg: PretrainConfig) -> Path | None:
@@ -248,6 +349,146 @@ def read_vectors(path: Path) -> dict[str, np.ndarray]:
                 raise DataError(f"expected a token and {dim} numbers", str(path), lineno)
             vectors[parts[0]] = np.asarray(parts[1:], dtype=np.float32)
     return vectors
+
+
+# Character vectors shipped inside pip packages, read straight from their files (importing either
+# package is not needed, and simplechinese's import pulls in more): name -> (package, files, licence).
+PACKAGED_VECTORS = {
+    "wiki": (
+        "simplechinese",
+        ("data/all_words.pickle", "data/all_weights_64.npy"),
+        "64-d word2vec vectors trained on Chinese Wikipedia, from the simplechinese 0.2.15 package "
+        "(MIT per its metadata; the licence of the upstream training data is not stated)",
+    ),
+    "lac": (
+        "jieba",
+        ("lac_small/word.dic", "lac_small/model_baseline/word_emb"),
+        "128-d character embeddings of Baidu's LAC-small tagger (Apache-2.0), shipped in the jieba 0.42.1 "
+        "package (MIT)",
+    ),
+}
+PEOPLE = "people"  # the People's Daily 50-d file in shared/pretrained ("default" names it too)
+
+
+def vector_sources(spec: str | None) -> list[str]:
+    """A ``vectors`` setting -> its sources in order (``people``, ``wiki``, ``lac`` or file paths)."""
+    if spec is None or spec.lower() in ("none", ""):
+        return []
+    return [PEOPLE if part in ("default", PEOPLE) else part for part in spec.split("+")]
+
+
+def packaged_vector_files(name: str) -> list[Path]:
+    package, rel, _ = PACKAGED_VECTORS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        how = (
+            "pip install --no-deps simplechinese==0.2.15"
+            if package == "simplechinese"
+            else "pip install -e '.[vectors]'"
+        )
+        raise DataError(
+            f"--vectors {name} reads the {package} package, which is not installed: {how} "
+            "(needed only to build an encoder)"
+        )
+    files = [Path(spec.origin).parent / r for r in rel]
+    for f in files:
+        if not f.is_file():
+            raise DataError(f"the {package} package has no {'/'.join(Path(*f.parts[-2:]).parts)}", str(f))
+    return files
+
+
+def read_wiki_vectors(words: Path, weights: Path) -> dict[str, np.ndarray]:
+    """simplechinese's Wikipedia word2vec: the single characters of its word list, as float32."""
+    import pickle
+
+    with open(words, "rb") as fh:
+        tokens = pickle.load(fh)  # a list of str, written by the package; nothing else is unpickled
+    matrix = np.load(weights, allow_pickle=False)
+    if not isinstance(tokens, list) or matrix.ndim != 2 or len(tokens) != len(matrix):
+        raise DataError(f"expected a word list as long as the {matrix.shape} matrix", str(words))
+    return {
+        t: matrix[i].astype(np.float32) for i, t in enumerate(tokens) if isinstance(t, str) and len(t) == 1
+    }
+
+
+def read_paddle_matrix(path: Path, rows: int) -> np.ndarray:
+    """A float32 Paddle LoDTensor file (version, LoD, tensor version, TensorDesc, data) -> (rows, d)."""
+    blob = path.read_bytes()
+    offset = 4  # format version
+    (lod_levels,) = struct.unpack_from("<Q", blob, offset)
+    offset += 8
+    for _ in range(lod_levels):
+        (size,) = struct.unpack_from("<Q", blob, offset)
+        offset += 8 + size
+    offset += 4  # tensor version
+    (desc,) = struct.unpack_from("<i", blob, offset)
+    data = blob[offset + 4 + desc :]
+    if len(data) % (4 * rows):
+        raise DataError(f"{len(data)} bytes of data are not {rows} float32 rows", str(path))
+    return np.frombuffer(data, dtype="<f4").reshape(rows, -1).copy()
+
+
+def read_lac_vectors(dic: Path, emb: Path) -> dict[str, np.ndarray]:
+    """jieba's LAC-small character embeddings: ``id<TAB>token`` lines, single characters kept."""
+    ids: dict[str, int] = {}
+    # Split on "\n" alone: some tokens are control characters that str.splitlines would break on.
+    for lineno, line in enumerate(dic.read_text(encoding="utf-8").split("\n"), 1):
+        if not line:
+            continue
+        idx, sep, tok = line.partition("\t")
+        if not sep or not idx.isdigit():
+            raise DataError("expected 'id<TAB>token'", str(dic), lineno)
+        ids[tok] = int(idx)
+    matrix = read_paddle_matrix(emb, max(ids.values()) + 1)
+    return {t: matrix[i] for t, i in ids.items() if len(t) == 1}
+
+
+@dataclass
+class StartVectors:
+    """The embeddings' starting vectors: one row a token (sources concatenated), their input files,
+    and the tokens that join the vocabulary (those of the People's Daily file or a user's file)."""
+
+    vectors: dict[str, np.ndarray]
+    files: dict[str, str]
+    vocab_tokens: set[str]
+    sources: list[str]
+
+
+def load_start_vectors(spec: str | None, data_root: str | Path | None = None) -> StartVectors:
+    """Read each source of ``spec`` and concatenate them per token.
+
+    Each source is scaled to a mean row norm of 1 first, so a combination weighs its sources alike
+    whatever their training made of their norms; a token a source lacks gets zeros in its block.
+    Only People's Daily's (or a user file's) characters enter the vocabulary: the packaged sources
+    cover far more rare characters than the corpus, and each vocabulary row costs the shipped file
+    width x 4 bytes; they start the characters the vocabulary already has."""
+    blocks: list[dict[str, np.ndarray]] = []
+    files: dict[str, str] = {}
+    vocab_tokens: set[str] = set()
+    sources = vector_sources(spec)
+    for src in sources:
+        if src in PACKAGED_VECTORS:
+            paths = packaged_vector_files(src)
+            block = (read_wiki_vectors if src == "wiki" else read_lac_vectors)(*paths)
+            files.update({f"vectors/{src}/{p.name}": str(p) for p in paths})
+        else:
+            path = vectors_path("default" if src == PEOPLE else src, data_root)
+            assert path is not None
+            block = read_vectors(path)
+            files["vectors" if src == PEOPLE and len(sources) == 1 else f"vectors/{src}"] = str(path)
+            vocab_tokens.update(block)
+        block = {
+            VECTOR_SPECIALS.get(t, t): v for t, v in block.items() if VECTOR_SPECIALS.get(t, t) is not None
+        }
+        norm = float(np.mean([np.linalg.norm(v) for v in block.values()])) or 1.0
+        blocks.append({t: v / norm for t, v in block.items()})
+    tokens = sorted(set().union(*blocks)) if blocks else []
+    dims = [len(next(iter(b.values()))) for b in blocks]
+    merged = {
+        t: np.concatenate([b[t] if t in b else np.zeros(d, np.float32) for b, d in zip(blocks, dims)])
+        for t in tokens
+    }
+    return StartVectors(merged, files, vocab_tokens, sources)
 
 
 def build_vocab(pieces: Iterable[str], vector_tokens: Iterable[str]) -> OrderedDict[str, int]:
@@ -344,7 +585,8 @@ def mask_batch(
 
 
 def to_ids(pieces: Sequence[str], vocab: dict[str, int]) -> list[np.ndarray]:
-    return [np.asarray([CLS, *(vocab.get(c, UNK) for c in p), SEP], dtype=np.int64) for p in pieces]
+    # int32: a corpus of tens of millions of characters stays a few hundred MB in memory.
+    return [np.asarray([CLS, *(vocab.get(c, UNK) for c in p), SEP], dtype=np.int32) for p in pieces]
 
 
 def pad(rows: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -390,6 +632,107 @@ def held_out_accuracy(model, rows: Sequence[np.ndarray], unk_prob, cfg, vocab_si
     return correct / max(total, 1), loss_sum / max(total, 1)
 
 
+@dataclass
+class InitEncoder:
+    path: str
+    vocab: dict[str, int]
+    state: dict[str, torch.Tensor]  # the encoder's weights (BertModel names, without "bert.")
+
+
+def check_inputs(cfg: PretrainConfig) -> None:
+    """Refuse, before any folder is made or text read, what ``cfg`` reads and cannot find: a
+    ``--text`` file (or the named corpus), a source of ``--vectors``, the ``--init-from`` encoder."""
+    from crener.encoder import resolve_encoder
+
+    for spec in cfg.text:
+        path = text_path(spec, cfg.data_root)
+        if path.is_dir():
+            raise DataError(f"--text {spec} is a folder, not a file; name the file", str(path))
+        if not path.is_file():
+            raise DataError(f"--text {spec}: no such file; check the path", str(path))
+    for src in vector_sources(cfg.vectors):
+        if src in PACKAGED_VECTORS:
+            packaged_vector_files(src)
+        else:
+            vectors_path("default" if src == PEOPLE else src, cfg.data_root)
+    if cfg.init_from:
+        path = Path(resolve_encoder(cfg.init_from)).expanduser()
+        if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+            raise CheckpointError(
+                f"--init-from {cfg.init_from}: no config.json and model.safetensors in {path}"
+            )
+
+
+def load_init_encoder(cfg: PretrainConfig) -> InitEncoder:
+    """The encoder ``cfg.init_from`` names, checked to have ``cfg``'s shape."""
+    from safetensors.torch import load_file
+    from transformers import BertConfig, BertTokenizer
+
+    from crener.encoder import resolve_encoder
+
+    path = Path(resolve_encoder(cfg.init_from))
+    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+        raise CheckpointError(f"--init-from {cfg.init_from}: no config.json and model.safetensors in {path}")
+    bert = BertConfig.from_pretrained(path)
+    shape = {"hidden": bert.hidden_size, "layers": bert.num_hidden_layers, "heads": bert.num_attention_heads,
+             "ff": bert.intermediate_size}  # fmt: skip
+    wrong = {k: v for k, v in shape.items() if getattr(cfg, k) != v}
+    if wrong:
+        flags = " ".join(f"--{k} {v}" for k, v in wrong.items())
+        raise CrenerError(f"--init-from {cfg.init_from} has another shape: pass {flags}")
+    vocab = BertTokenizer.from_pretrained(path).get_vocab()
+    return InitEncoder(str(path), vocab, load_file(path / "model.safetensors"))
+
+
+def continue_from(model, vocab: dict[str, int], init: InitEncoder) -> int:  # noqa: ANN001
+    """Copy ``init``'s weights into ``model`` (a BertForMaskedLM): every tensor by name, the word
+    embeddings row by token (the vocabularies' orders differ). Returns the rows carried over."""
+    own = model.bert.state_dict()
+    emb = "embeddings.word_embeddings.weight"
+    shared = {k: v for k, v in init.state.items() if k in own and k != emb and own[k].shape == v.shape}
+    missing = sorted(set(init.state) - set(shared) - {emb})
+    if missing:
+        raise CheckpointError(f"{init.path}: weights that do not fit this encoder: {', '.join(missing[:5])}")
+    model.bert.load_state_dict(shared, strict=False)
+    pairs = [(vocab[t], i) for t, i in init.vocab.items() if t in vocab]
+    new_ids, old_ids = (torch.tensor(x) for x in zip(*pairs))
+    with torch.no_grad():
+        model.bert.embeddings.word_embeddings.weight[new_ids] = init.state[emb][old_ids]
+    return len(pairs)
+
+
+DEV_PIECES = 500  # pieces of each dataset's dev text scored for masked-token accuracy
+
+
+def dev_pieces(texts: Sequence[str], cfg: PretrainConfig) -> list[str]:
+    """A fixed sample of a dataset's dev text in pieces of at most ``max_len`` (never trained on)."""
+    pieces = [p for t in texts for p in _cut(t, cfg.max_len)]
+    if len(pieces) <= DEV_PIECES:
+        return pieces
+    keep = np.sort(np.random.default_rng([cfg.seed, 11]).permutation(len(pieces))[:DEV_PIECES])
+    return [pieces[i] for i in keep]
+
+
+def licences(cfg: PretrainConfig, sources: Sequence[str]) -> dict[str, str]:
+    out = {k: v for k, v in LICENCES.items() if k in cfg.datasets}
+    for src in sources:
+        if src == PEOPLE:
+            out["vectors"] = LICENCES["vectors"]
+        elif src in PACKAGED_VECTORS:
+            out[f"vectors/{src}"] = PACKAGED_VECTORS[src][2]
+        else:
+            out[f"vectors/{Path(src).name}"] = "a user's file: its licence is the user's to record"
+    for spec in cfg.text:
+        path = text_path(spec, cfg.data_root)
+        readme = path.parent / "README.md"
+        out[f"text/{path.name}"] = (
+            "research use only; not to be redistributed (see the corpus README)"
+            if "research use only" in (readme.read_text(encoding="utf-8") if readme.is_file() else "").lower()
+            else "a user's file: its licence is the user's to record"
+        )
+    return out
+
+
 def pretrain(
     cfg: PretrainConfig,
     *,
@@ -409,19 +752,23 @@ def pretrain(
     workdir = Path(workdir) if workdir is not None else Path(".crener") / "pretrain" / out.name
     workdir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
+    commit = git_commit()  # the code that runs: HEAD may move while a long build goes on
+    t_prep = time.perf_counter()
     corpus = build_corpus(cfg)
-    vec_path = resolve_vectors(cfg)
-    vectors = read_vectors(vec_path) if vec_path is not None else {}
-    vocab = build_vocab(corpus.pieces, vectors)
+    start = load_start_vectors(cfg.vectors, cfg.data_root)
+    init = load_init_encoder(cfg) if cfg.init_from else None
+    vocab = build_vocab(corpus.pieces, start.vocab_tokens | (set(init.vocab) if init else set()))
     # Held-out pieces: a fixed sample of the corpus, for measuring, never for training.
     perm = np.random.default_rng([cfg.seed, 7]).permutation(len(corpus.pieces))
     n_held = min(HELD_OUT, len(corpus.pieces) // 10)
     held_idx, train_idx = np.sort(perm[:n_held]), np.sort(perm[n_held:])
     train_rows = to_ids([corpus.pieces[i] for i in train_idx], vocab)
     held_rows = to_ids([corpus.pieces[i] for i in held_idx], vocab)
+    dev_rows = {name: to_ids(dev_pieces(texts, cfg), vocab) for name, texts in corpus.dev_text.items()}
     counts = Counter(c for i in train_idx for c in corpus.pieces[i])
     unk_prob = unk_probabilities(counts, vocab, cfg.unk_alpha)
     lengths = [len(r) - 2 for r in train_rows]
+    prep_seconds = time.perf_counter() - t_prep  # reading, filtering and encoding the corpus
     per_epoch = len(epoch_batches(lengths, cfg.batch_tokens, cfg.seed, 0))
     log.info(
         "corpus: %d sentences (%d dropped: also in a dev/test split) -> %d pieces (%d held out), "
@@ -437,11 +784,15 @@ def pretrain(
     torch.manual_seed(cfg.seed)
     model = BertForMaskedLM(bert_cfg)
     initialised = 0
-    if vectors:
+    if start.vectors:
         initialised = init_from_vectors(
-            model.bert.embeddings.word_embeddings.weight, vocab, vectors, cfg.seed
+            model.bert.embeddings.word_embeddings.weight, vocab, start.vectors, cfg.seed
         )
-    log.info("%d of %d vocabulary rows initialised from %s", initialised, len(vocab), vec_path)
+    log.info("%d of %d vocabulary rows initialised from %s", initialised, len(vocab), "+".join(start.sources))
+    if init is not None:
+        carried = continue_from(model, vocab, init)
+        log.info("continuing %s: %d of %d vocabulary rows carried over", cfg.init_from, carried, len(vocab))
+        start.files[f"init/{Path(init.path).name}"] = str(Path(init.path) / "model.safetensors")
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "LayerNorm" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "LayerNorm" not in n)]
     optimizer = torch.optim.AdamW(
@@ -457,7 +808,7 @@ def pretrain(
 
     state_path = workdir / CHECKPOINT_NAME
     identity = json.dumps(cfg.identity(), sort_keys=True, default=list)
-    step, seconds, run_id, history = 0, 0.0, None, []
+    step, seconds, run_id, history, tokens_seen, first_commit = 0, 0.0, None, [], 0, commit
     if state_path.exists():
         state = read_state(state_path, "pretraining state")
         if state.get("version") != STATE_VERSION or state.get("identity") != identity:
@@ -471,6 +822,8 @@ def pretrain(
         torch.set_rng_state(state["rng"])
         step, seconds, run_id = state["step"], state["seconds"], state.get("run_id") or None
         history = json.loads(state["history"])
+        tokens_seen = int(state.get("tokens", 0))
+        first_commit = state.get("commit", commit)
         log.info("resuming pretraining from step %d (%s)", step, state_path)
 
     logger = None
@@ -492,7 +845,7 @@ def pretrain(
             "version": STATE_VERSION, "identity": identity, "step": step, "seconds": seconds,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
-            "run_id": run_id or "", "history": json.dumps(history),
+            "run_id": run_id or "", "history": json.dumps(history), "tokens": tokens_seen, "commit": first_commit,
         })  # fmt: skip
 
     from crener.train import progress_bar
@@ -532,6 +885,7 @@ def pretrain(
         window_correct += int((logits.detach().argmax(-1) == labels[sel]).sum())
         window_total += n_sel
         window_tokens += int(attn.sum())
+        tokens_seen += int(attn.sum())
         if bar is not None:
             bar.set_postfix(loss=f"{float(loss):.3f}")
             bar.update(1)
@@ -566,28 +920,34 @@ def pretrain(
         return {"step": step, "finished": False}
 
     acc, held_loss = held_out_accuracy(model, held_rows, unk_prob, cfg, len(vocab))
+    dev_accuracy = {
+        name: round(held_out_accuracy(model, rows, unk_prob, cfg, len(vocab))[0], 4)
+        for name, rows in dev_rows.items()
+    }
+    log.info("masked-token accuracy on each dataset's dev text: %s", dev_accuracy)
     summary = {
         "step": step, "finished": True, "seconds": seconds, "held_out_mlm_accuracy": acc,
         "held_out_mlm_loss": held_loss, "vocab_size": len(vocab), "initialised_rows": initialised,
         "corpus_sentences": corpus.sentences, "corpus_pieces": len(corpus.pieces),
         "corpus_characters": sum(lengths), "dropped_sentences": corpus.dropped, "held_out_pieces": n_held,
         "parameters": sum(p.numel() for n, p in model.bert.named_parameters()),
+        "dev_mlm_accuracy": dev_accuracy, "tokens_seen": tokens_seen, "text_lines": corpus.text_lines,
+        "prep_seconds": prep_seconds,
     }  # fmt: skip
     tmp = out.with_name(out.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     tokenizer = BertTokenizer(vocab=vocab, do_lower_case=False, strip_accents=False)
     tokenizer.save_pretrained(tmp)
     model.bert.save_pretrained(tmp, safe_serialization=True)
-    inputs = {label: path for label, path in corpus.files.items()}
-    if vec_path is not None:
-        inputs["vectors"] = str(vec_path)
+    inputs = {**corpus.files, **start.files}
     card = {
         "name": out.name,
         "command": command or "crener pretrain " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
-        "commit": git_commit(),
+        "commit": first_commit,  # where the build started; a resumed one says where it ended too
+        **({"resumed_commit": commit} if commit != first_commit else {}),
         "config": cfg.identity(),
         "inputs": {label: {"path": _rel_input(path), "sha256": file_digest(path)} for label, path in inputs.items()},
-        "licences": {k: v for k, v in LICENCES.items() if k in cfg.datasets or (k == "vectors" and vec_path)},
+        "licences": licences(cfg, start.sources),
         "summary": summary,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -608,11 +968,26 @@ def pretrain(
 
 
 def _rel_input(path: str) -> str:
-    """An input's path relative to the shared folder (``data/resume/train.char.bmes``) when it is there."""
+    """An input's path relative to the shared folder (``data/resume/train.char.bmes``) or to this
+    repository (a shipped encoder's weights) when it is there: a card names no machine's folders."""
+    repo = Path(__file__).resolve().parents[1]
+    if Path(path).resolve().is_relative_to(repo):
+        return Path(path).resolve().relative_to(repo).as_posix()
     parts = Path(path).resolve().parts
     if "shared" in parts:
         return "/".join(parts[len(parts) - parts[::-1].index("shared") :])
     return str(path)
+
+
+def _vectors_phrase(spec: str | None) -> str:
+    names = {PEOPLE: "the People's Daily 50-d vectors", "wiki": "Wikipedia 64-d vectors (simplechinese)",
+             "lac": "LAC-small 128-d embeddings (jieba)"}  # fmt: skip
+    sources = vector_sources(spec)
+    if not sources:
+        return "no vectors (random initialisation for all)"
+    return " + ".join(names.get(src, f"`{src}`") for src in sources) + (
+        " concatenated" if len(sources) > 1 else ""
+    )
 
 
 def render_card(card: dict[str, Any], history: Sequence[dict[str, float]]) -> str:
@@ -627,23 +1002,48 @@ def render_card(card: dict[str, Any], history: Sequence[dict[str, float]]) -> st
         "## How it was built",
         "",
         f"- command: `{card['command']}`",
-        f"- commit: `{card['commit']}` (torch {card['torch']}, {card['threads']} threads)",
+        f"- commit: `{card['commit']}` (torch {card['torch']}, {card['threads']} threads)"
+        + (f"; {card['commit_note']}" if card.get("commit_note") else ""),
+        *(
+            [
+                f"- continued from `{cfg['init_from']}` (its weights start every layer and the rows of its "
+                "characters; new characters start from the vectors; the masked-LM head starts fresh)"
+            ]
+            if cfg.get("init_from")
+            else []
+        ),
         f"- architecture: BERT, {cfg['layers']} layers, width {cfg['hidden']}, {cfg['heads']} heads, "
         f"feed-forward {cfg['ff']}; {s['parameters']:,} parameters; vocabulary {s['vocab_size']:,} "
-        f"({s['initialised_rows']:,} rows initialised from the People's Daily vectors by a fixed orthogonal "
-        "projection)",
+        f"({s['initialised_rows']:,} rows initialised from {_vectors_phrase(cfg.get('vectors'))} by a fixed "
+        "orthogonal projection)",
         f"- objective: masked language modelling ({cfg['mask_rate']:.0%} of characters, 80/10/10), inputs "
         f"replaced by [UNK] with probability {cfg['unk_alpha']}/({cfg['unk_alpha']} + count)",
         f"- corpus: the training splits of {', '.join(cfg['datasets'])}"
-        + (f" and {', '.join(cfg['text'])}" if cfg["text"] else "")
-        + f"; {s['corpus_sentences']:,} sentences ({s['dropped_sentences']:,} training sentences dropped "
-        f"because they also occur in a dev or test split), {s['corpus_pieces']:,} pieces of at most "
+        + (f" and {', '.join(_rel_input(t) for t in cfg['text'])}" if cfg["text"] else "")
+        + (
+            f" (an evenly spread {cfg['text_fraction']:g} of its lines)"
+            if cfg.get("text_fraction", 1) < 1
+            else ""
+        )
+        + f"; {s['corpus_sentences']:,} sentences ({s['dropped_sentences']:,} dropped because they occur in a "
+        f"dev or test split{', or a line of text shares 10 characters with one' if cfg['text'] else ''}), "
+        f"{s['corpus_pieces']:,} pieces of at most "
         f"{cfg['max_len']} characters, {s['corpus_characters']:,} characters trained on, "
         f"{s['held_out_pieces']} pieces held out",
         f"- steps: {s['step']:,} of {cfg['batch_tokens']:,}-token batches, learning rate {cfg['lr']}, seed {cfg['seed']}",
-        f"- wall time: {s['seconds'] / 60:.1f} min of training steps",
+        f"- tokens seen: {s.get('tokens_seen', 0):,} (padding excluded)",
+        f"- wall time: {s['seconds'] / 60:.1f} min of training steps, after {s.get('prep_seconds', 0) / 60:.1f} "
+        "min of reading and encoding the corpus",
         f"- final masked-token accuracy on the held-out pieces: **{s['held_out_mlm_accuracy']:.3f}** "
         f"(loss {s['held_out_mlm_loss']:.3f})",
+        "",
+        "## Masked-token accuracy on each dataset's dev text (held out from pretraining)",
+        "",
+        f"Up to {DEV_PIECES} pieces of each dev split, {cfg['mask_rate']:.0%} of characters masked with a fixed draw.",
+        "",
+        "| dataset | accuracy |",
+        "|---|---:|",
+        *[f"| {k} | {v:.3f} |" for k, v in s.get("dev_mlm_accuracy", {}).items()],
         "",
         "## Inputs (SHA-256; the data files match `shared/data/SHA256SUMS`)",
         "",

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from typing import TYPE_CHECKING, Any
 
-from crener.errors import CrenerError
+from crener.config import RuntimeConfig
+from crener.errors import ConfigError, CrenerError
 
 if TYPE_CHECKING:  # annotations only: importing these here would load torch with the registry
     from torch import nn
@@ -42,10 +43,11 @@ class ModelFamily:
     """One model family, as its module declares it (see the module docstring)."""
 
     name: str  # the value of model.name, of the crener.model tag and of --model
-    build_model: Callable[[ModelConfig, Task, CharEncoder], nn.Module]  # (cfg, its task, the encoder)
+    # (cfg, its task, the encoder, the runtime section: exact rewrites such as grid_input)
+    build_model: Callable[[ModelConfig, Task, CharEncoder, RuntimeConfig], nn.Module]
     build_task: Callable[[ModelConfig, Sequence[str]], Task]  # (cfg, entity types): labels, loss, decoding
     # The ModelConfig fields its model and task read. Only these enter its runs' keys
-    # (RunConfig.identity), so a baseline's key ignores CRENER's grid flags; None: every field.
+    # (crener.identity.run_identity), so a baseline's key ignores CRENER's grid flags; None: every field.
     fields: frozenset[str] | None
     defaults: Mapping[str, Any] = field(default_factory=dict)  # its faithful settings, before the profile
     # Its own settings within a profile, applied after the profile (before the variant): where a
@@ -143,9 +145,37 @@ def declared_fields() -> frozenset[str]:
     return frozenset().union(*(f.fields for f in families().values() if f.fields is not None))
 
 
-def build_model(cfg: ModelConfig, task: Task, encoder: CharEncoder) -> nn.Module:
-    """The model of family ``cfg.name``."""
-    return get(cfg.name).build_model(cfg, task, encoder)
+def check_model(cfg: ModelConfig) -> None:
+    """Raise :class:`ConfigError` for a model config its family cannot build: an unknown family,
+    a field only other families read (``char_vectors``), or a combination its ``check`` rejects.
+
+    The one home of the family-aware checks: :class:`crener.config.ModelConfig` checks only what
+    needs no family, so that building a config imports no model module (nor torch)."""
+    if cfg.name not in names():
+        raise ConfigError(f"model.name={cfg.name!r} is not one of {', '.join(names())}")
+    if cfg.char_vectors.lower() not in ("none", "") and not reads(cfg.name, "char_vectors"):
+        raise ConfigError(
+            f"model.char_vectors={cfg.char_vectors!r}: {cfg.name} has no character embeddings of its "
+            "own to initialise (only tener reads it); leave it at none"
+        )
+    check = get(cfg.name).check
+    if check is None:
+        return
+    try:
+        check(cfg)
+    except ConfigError:
+        raise
+    except (KeyError, ValueError, TypeError) as exc:  # a family may raise plain errors
+        raise ConfigError(str(exc.args[0]) if exc.args else repr(exc)) from exc
+
+
+def build_model(
+    cfg: ModelConfig, task: Task, encoder: CharEncoder, runtime: RuntimeConfig | None = None
+) -> nn.Module:
+    """The model of family ``cfg.name`` (checked first: a config made without
+    :func:`crener.profiles.build_run_config` is refused here, before any weight is made)."""
+    check_model(cfg)
+    return get(cfg.name).build_model(cfg, task, encoder, runtime or RuntimeConfig())
 
 
 def build_task(cfg: ModelConfig, types: Sequence[str]) -> Task:

@@ -253,7 +253,7 @@ def profile_step(cfg, phase: str, n_sentences: int, peaks: dict[str, float], rep
     if phase not in ("train", "eval"):
         raise ValueError(f"phase {phase!r}: train or eval")
     train = phase == "train"
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(cfg.runtime.device)
     with tempfile.TemporaryDirectory() as tmp:
         task, model, examples = _setup(cfg, n_sentences, Path(tmp))
     model.to(device).train(train)

@@ -21,6 +21,7 @@ from typing import Any
 
 from crener.config import RunConfig
 from crener.errors import CrenerError, StoreError
+from crener.identity import run_key
 from crener.workspace import resolve_runs_dir, workdir_for
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ class CellBusy(CrenerError):
 
 
 def lock_path(cfg: RunConfig, root: str | Path | None = None) -> Path:
-    return resolve_runs_dir(root) / cfg.profile / LOCK_DIR_NAME / f"{cfg.key()}.lock"
+    return resolve_runs_dir(root) / cfg.profile / LOCK_DIR_NAME / f"{run_key(cfg)}.lock"
 
 
 def read_summary(workdir: Path) -> dict[str, Any] | None:
@@ -95,7 +96,7 @@ def run_one(
 
     with file_lock(lock_path(cfg, root), wait=wait) as held:
         if not held:
-            raise CellBusy(f"{cfg.key()} is being run by another worker")
+            raise CellBusy(f"{run_key(cfg)} is being run by another worker")
         if track:
             return _run_tracked(cfg, workdir, sweep=sweep, resume=resume, data_root=data_root)
         return _run_untracked(cfg, workdir, resume=resume, data_root=data_root)
@@ -117,21 +118,21 @@ def _run_tracked(
     from crener.tracking import Tracker
 
     tracker = Tracker()
-    runs = tracker.find_runs(cfg.key())
+    runs = tracker.find_runs(run_key(cfg))
     if len(runs) > 1:
-        log.warning("%d MLflow runs share key %s; using %s", len(runs), cfg.key(), runs[0].run_id)
+        log.warning("%d MLflow runs share key %s; using %s", len(runs), run_key(cfg), runs[0].run_id)
     finished = next((r for r in runs if r.finished), None)
     if finished is not None:
         owner = _owner_sweep(finished.tags.get("crener.sweep"), sweep)
         if owner != finished.tags.get("crener.sweep"):
             tracker.set_tags(finished.run_id, {"crener.sweep": owner})
         summary = read_summary(workdir) or tracker.load_summary(finished)
-        log.info("%s already finished (run %s): skipped", cfg.key(), finished.run_id)
+        log.info("%s already finished (run %s): skipped", run_key(cfg), finished.run_id)
         return {**summary, "run_id": finished.run_id, "workdir": str(workdir), "skipped": True}
 
     previous = runs[0] if runs else None
     if previous is not None and not resume:
-        log.info("restarting %s from scratch: deleting unfinished run %s", cfg.key(), previous.run_id)
+        log.info("restarting %s from scratch: deleting unfinished run %s", run_key(cfg), previous.run_id)
         tracker.delete_run(previous.run_id)
         previous = None
         _clear(workdir)

@@ -40,9 +40,10 @@ from mlflow.entities import Metric, Param, RunTag, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from crener.config import KEY_SCHEMA, RunConfig
+from crener.config import RunConfig
 from crener.data.digest import dataset_digest
 from crener.errors import CheckpointError, StoreError
+from crener.identity import KEY_SCHEMA, encoder_weights, run_key
 from crener.workspace import (
     TRACKING_URI_ENV,
     artifact_root,
@@ -90,10 +91,10 @@ def experiment_name(sweep: str, profile: str) -> str:
 
 def run_tags(cfg: RunConfig, sweep: str) -> dict[str, str]:
     """The tags every crener run carries (``crener.state`` is set separately)."""
-    digest = dataset_digest(cfg.data)
+    digest = dataset_digest(cfg.data, cfg.runtime.data_root)
     commit = git_commit()
     return {
-        "crener.key": cfg.key(data_digest=digest),
+        "crener.key": run_key(cfg, data_digest=digest),
         "crener.key_schema": str(KEY_SCHEMA),
         "crener.data_digest": digest,
         "crener.sweep": sweep,
@@ -103,7 +104,7 @@ def run_tags(cfg: RunConfig, sweep: str) -> dict[str, str]:
         "crener.profile": cfg.profile,
         "crener.seed": str(cfg.train.seed),
         "crener.encoder": cfg.model.encoder,
-        **({"crener.encoder_weights": w} if (w := cfg.encoder_weights()) else {}),
+        **({"crener.encoder_weights": w} if (w := encoder_weights(cfg)) else {}),
         "crener.msra_protocol": cfg.data.msra_protocol,
         "crener.git_commit": commit,
         # MLflow's own source tags, which its UI shows on the run page.
@@ -127,7 +128,7 @@ def dataset_inputs(cfg: RunConfig) -> list[Any]:
     from crener.data.digest import file_digest
 
     spec = get_spec(cfg.data.dataset)
-    root = resolve_data_root(cfg.data.data_root)
+    root = resolve_data_root(cfg.runtime.data_root)
     out = []
     for split in sorted(spec.files):
         path = spec.path(split, root)
@@ -542,7 +543,7 @@ class RunLogger:
         self.log_metrics(metrics, step=int(epoch))
 
     def on_step_eval(self, step: int, metrics: dict[str, float]) -> None:
-        """The learning-start curve (``train.eval_every``): ``curve/*`` metrics against the step."""
+        """The learning-start curve (``runtime.eval_every``): ``curve/*`` metrics against the step."""
         self.log_metrics({f"curve/{k.replace('/', '_')}": v for k, v in metrics.items()}, step=int(step))
 
     # ---- primitives

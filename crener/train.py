@@ -23,6 +23,7 @@ import random
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,7 @@ from crener.evaluation import (
     shifted_scores,
 )
 from crener.files import write_atomic
+from crener.identity import run_key
 from crener.pretrain import vectors_path
 from crener.registry import build_model, build_task
 from crener.tasks import Task
@@ -93,7 +95,7 @@ def keep_large_tensors_on_heap(enabled: bool = True) -> bool:
     mmap off for malloc (M_MMAP_MAX = 0) and trimming off lets freed grids be reused. Raising
     only the mmap threshold, tried first, does nothing for tensors above its 32 MiB cap. The
     price is fragmentation: the heap's high-water mark is the peak, and with batches of very
-    different sizes it grows (see ``train.heap_tensors`` for why it is off by default).
+    different sizes it grows (see ``runtime.heap_tensors`` for why it is off by default).
     Process-wide and idempotent; returns whether it took effect (False off glibc, e.g. macOS or
     musl).
     """
@@ -135,6 +137,48 @@ def load_encoder(
     encoder = CharEncoder(bert, cfg.model.last4_mean)
     encoder.source = str(name)  # where the weights came from (keys the frozen-feature cache)
     return encoder, tokenizer
+
+
+@dataclass
+class RunParts:
+    """What a run trains and scores: its data, task, encoder, features and model."""
+
+    data: Any  # crener.data.datasets.Dataset
+    task: Task
+    encoder: CharEncoder
+    tokenizer: CharTokenizer
+    train_examples: list[Example]
+    dev: Split
+    test: Split
+    model: nn.Module
+
+
+def build_parts(cfg: RunConfig, data_root: str | None, workdir: Path, device: torch.device) -> RunParts:
+    """The one setup of a run (data, task, encoder, features, model on ``device``), as ``fit``
+    and the time-budget probe both need it. Seed first: the model's initialisation draws."""
+    data = load_dataset(cfg.data, seed=cfg.train.seed, data_root=data_root)
+    workdir.mkdir(parents=True, exist_ok=True)  # once the data reads: a bad file leaves no run folder
+    task = build_task(cfg.model, data.types)
+    encoder, tokenizer = load_encoder(cfg, data.train, workdir)
+    max_len = cfg.data.max_len
+    train_examples = featurize(split_all(data.train, max_len), task, tokenizer)
+    dev = build_split("dev", data.dev, max_len, task, tokenizer)
+    # Under the MSRA lineage protocol dev is the test set; reuse it unless dev was cut shorter.
+    same = data.dev_is_test and len(data.dev) == len(data.test)
+    test = dev if same else build_split("test", data.test, max_len, task, tokenizer)
+    model = build_model(cfg.model, task, encoder, cfg.runtime)
+    vectors = vectors_path(cfg.model.char_vectors, data_root)
+    if vectors is not None:  # only a family with its own character embeddings reads it (registry.check_model)
+        model.init_char_vectors(tokenizer.tokenizer.get_vocab(), vectors)
+    model = model.to(device)
+    # Only a family that reads the field (so has it in its run key) may act on it.
+    if cfg.model.prior_bias and registry.reads(cfg.model.name, "prior_bias"):
+        start_from_priors(model, task, train_examples)
+    if cfg.train.encoder_lr == 0:
+        # A frozen encoder is a fixed feature extractor (dropout off): no gradient, no optimiser
+        # state, and every distinct sentence encoded once per process, whatever the cell of a sweep.
+        encoder.freeze(feature_cache(encoder.source, cfg.model.last4_mean))
+    return RunParts(data, task, encoder, tokenizer, train_examples, dev, test, model)
 
 
 def parameter_groups(model: nn.Module, cfg: RunConfig) -> list[dict[str, Any]]:
@@ -222,7 +266,7 @@ def train_one_epoch(
     batches = list(batches)[:max_steps] if max_steps else list(batches)
     total, count, sentences = 0.0, 0, 0
     start = time.perf_counter()
-    bar = progress_bar(len(batches), f"epoch {epoch}", cfg.train.progress)
+    bar = progress_bar(len(batches), f"epoch {epoch}", cfg.runtime.progress)
     pending: list[tuple[int, torch.Tensor]] = []  # (step, loss on the device) not yet read
 
     def read_pending() -> None:
@@ -247,7 +291,7 @@ def train_one_epoch(
             bar.update(len(pending))
         pending.clear()
 
-    for step, batch in enumerate(host_batches(examples, batches, task, cfg.train.loader_workers, device)):
+    for step, batch in enumerate(host_batches(examples, batches, task, cfg.runtime.loader_workers, device)):
         if unk_probs is not None:
             batch.input_ids = replace_with_unk(batch.input_ids, unk_probs, unk_id)
         batch = batch.pin_memory() if device.type == "cuda" and not batch.input_ids.is_pinned() else batch
@@ -343,47 +387,32 @@ def fit(
     """Train ``cfg`` in ``workdir`` and return the summary (also written to summary.json)."""
     workdir = Path(workdir)
     started = time.perf_counter()
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
-    keep_large_tensors_on_heap(cfg.train.heap_tensors)
+    if cfg.runtime.threads > 0:
+        torch.set_num_threads(cfg.runtime.threads)
+    keep_large_tensors_on_heap(cfg.runtime.heap_tensors)
     seed_everything(cfg.train.seed)
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(cfg.runtime.device)
     if cfg.train.bf16 and device.type == "cpu" and not bf16_pays("cpu"):
         log.warning(
             "train.bf16 on a CPU whose bf16 matmuls are not fast (below %.0fx its fp32 rate, measured "
             "now): bf16 slows training here; set train.bf16=false or auto", BF16_MIN_MATMUL_RATIO,
         )  # fmt: skip
-    data_cfg = cfg.data if data_root is None else _replace_root(cfg, data_root)
-    key = cfg.key(data_digest=dataset_digest(data_cfg))  # of the files this run reads
+    root = cfg.runtime.data_root if data_root is None else data_root
+    key = run_key(cfg, data_digest=dataset_digest(cfg.data, root))  # of the files this run reads
     ckpt_dir = workdir / "checkpoints"
     last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
     # Read before the data, the encoder and the model are built: a damaged checkpoint fails at once.
     resumed = _resume_state(last_path, key) if resume and last_path.exists() else None
-    data = load_dataset(data_cfg, seed=cfg.train.seed)
-    workdir.mkdir(parents=True, exist_ok=True)  # once the data reads: a bad file leaves no run folder
-    task = build_task(cfg.model, data.types)
-    encoder, tokenizer = load_encoder(cfg, data.train, workdir)
-    max_len = cfg.data.max_len
-    train_chunks = split_all(data.train, max_len)
-    train_examples = featurize(train_chunks, task, tokenizer)
-    dev = build_split("dev", data.dev, max_len, task, tokenizer)
-    # Under the MSRA lineage protocol dev is the test set; reuse it unless dev was cut shorter.
-    same = data.dev_is_test and len(data.dev) == len(data.test)
-    test = dev if same else build_split("test", data.test, max_len, task, tokenizer)
-
-    model = build_model(cfg.model, task, encoder)
-    vectors = vectors_path(cfg.model.char_vectors, data_cfg.data_root)
-    if vectors is not None:  # only a family with its own character embeddings reads it (ModelConfig checks)
-        model.init_char_vectors(tokenizer.tokenizer.get_vocab(), vectors)
-    model = model.to(device)
+    parts = build_parts(cfg, root, workdir, device)  # makes workdir once the data reads
+    data, task, encoder, tokenizer, model = (
+        parts.data,
+        parts.task,
+        parts.encoder,
+        parts.tokenizer,
+        parts.model,
+    )
+    train_examples, dev, test = parts.train_examples, parts.dev, parts.test
     lengths = [e.n for e in train_examples]
-    # Only a family that reads the field (so has it in its run key) may act on it.
-    if cfg.model.prior_bias and registry.reads(cfg.model.name, "prior_bias"):
-        start_from_priors(model, task, train_examples)
-    if cfg.train.encoder_lr == 0:
-        # A frozen encoder is a fixed feature extractor (dropout off): no gradient, no optimiser
-        # state, and every distinct sentence encoded once per process, whatever the cell of a sweep.
-        encoder.freeze(feature_cache(encoder.source, cfg.model.last4_mean))
     # [UNK] replacement trains the encoder's [UNK] vector: nothing to train in a frozen encoder.
     unk_probs = None if encoder.frozen else unk_replacement_probs(
         train_examples, int(encoder.bert.config.vocab_size), cfg.train.unk_alpha,
@@ -399,7 +428,7 @@ def fit(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(total_steps, cfg.train.warmup))
 
     history: list[dict[str, float]] = []
-    curve: list[dict[str, float]] = []  # dev F1 every train.eval_every steps (learning-start diagnostic)
+    curve: list[dict[str, float]] = []  # dev F1 every runtime.eval_every steps (learning-start diagnostic)
     best_f1, best_epoch, best_shift, start_epoch = -1.0, 0, 0.0, 1
     calibrated = _calibrates(cfg, task)
     if resumed is not None:
@@ -440,7 +469,7 @@ def fit(
     def on_step(loss_value: float) -> None:
         step_state["step"] += 1
         step_state["losses"].append(loss_value)
-        if not cfg.train.eval_every or step_state["step"] % cfg.train.eval_every:
+        if not cfg.runtime.eval_every or step_state["step"] % cfg.runtime.eval_every:
             return
         row = {"step": step_state["step"], "train/loss": float(np.mean(step_state["losses"]))}
         row.update(_dev_diagnostic(model, task, dev, device, cfg)[1])
@@ -454,6 +483,8 @@ def fit(
         _call(callback, "on_step_eval", row["step"], {k: v for k, v in row.items() if k != "step"})
 
     for epoch in range(start_epoch, cfg.train.epochs + 1):
+        if stops_early(cfg.train.patience, epoch - 1, best_epoch):  # a resumed run stops where it did
+            break
         t0 = time.perf_counter()
         rng = np.random.default_rng([cfg.train.seed, epoch])
         batches = training_batches(lengths, cfg.train, rng)
@@ -499,6 +530,8 @@ def fit(
             metrics["dev/f1"], " *" if improved else "", metrics["epoch_seconds"], metrics["train/sentences_per_s"],
         )  # fmt: skip
         _call(callback, "on_epoch_end", epoch, metrics)
+        if stops_early(cfg.train.patience, epoch, best_epoch):
+            log.info("no better dev F1 for %d epochs: stopping after epoch %d", cfg.train.patience, epoch)
 
     # Test once, with the best-dev checkpoint (method.md §5).
     best_state = load_checkpoint(best_path)
@@ -512,6 +545,7 @@ def fit(
         "test": _prf(test_scores),
         "best_epoch": best_epoch,
         "epochs": cfg.train.epochs,
+        "epochs_run": len(history),  # fewer than planned when train.patience stopped the run
         "seconds": (time.perf_counter() - started)
         + sum(h["epoch_seconds"] for h in history[: start_epoch - 1]),
         "parameters": n_params,
@@ -528,7 +562,7 @@ def fit(
         "dev_best_shift": {"shift": diagnostic["dev/best_shift"], "f1": diagnostic["dev/f1_best_shift"]},
         # The shift dev and test were decoded with (model.calibrate; 0 otherwise).
         "threshold_shift": best_shift,
-        "first_step_dev_f1_positive": first_positive,  # from the curve (train.eval_every), else None
+        "first_step_dev_f1_positive": first_positive,  # from the curve (runtime.eval_every), else None
     }
     rows = (
         {"index": i, "text": s.text, "gold": _entities_json(set(s.entities)), "pred": _entities_json(p)}
@@ -544,6 +578,11 @@ def fit(
         write_atomic(workdir / "curve.json", json.dumps(curve, indent=1))
     write_atomic(workdir / "summary.json", json.dumps(summary, indent=2))  # last: its presence means finished
     return summary
+
+
+def stops_early(patience: int, epoch: int, best_epoch: int) -> bool:
+    """Whether training ends after ``epoch``: ``patience`` > 0 epochs since the best (by dev F1)."""
+    return patience > 0 and epoch - best_epoch >= patience
 
 
 def _calibrates(cfg: RunConfig, task: Task) -> bool:
@@ -569,12 +608,6 @@ def _dev_diagnostic(
     f1s = {d: sc.micro.f1 for d, sc in per_shift.items()}
     best = max(f1s, key=lambda d: (f1s[d], -abs(d)))
     return per_shift[shift], {"dev/f1": f1s[shift], "dev/f1_best_shift": f1s[best], "dev/best_shift": best}
-
-
-def _replace_root(cfg: RunConfig, data_root: str):
-    import dataclasses
-
-    return dataclasses.replace(cfg.data, data_root=data_root)
 
 
 def progress_bar(total: int, desc: str, enabled: bool):

@@ -16,6 +16,7 @@ import subprocess
 from pathlib import Path
 
 from crener.config import RunConfig
+from crener.identity import run_key
 
 RUNS_ENV = "CRENER_RUNS"
 DEFAULT_RUNS_DIR = "runs"
@@ -33,7 +34,7 @@ def resolve_runs_dir(path: str | Path | None = None) -> Path:
 
 def workdir_for(cfg: RunConfig, root: str | Path | None = None) -> Path:
     """``<runs>/<profile>/<key>``: the folder of the run ``cfg`` (checkpoints, summary, outputs)."""
-    return resolve_runs_dir(root) / cfg.profile / cfg.key()
+    return resolve_runs_dir(root) / cfg.profile / run_key(cfg)
 
 
 def tracking_uri(uri: str | None = None) -> str:
@@ -55,8 +56,8 @@ def sqlite_path(uri: str) -> Path | None:
 def sqlite_tables(db: Path) -> set[str]:
     """The table names of the SQLite database ``db``, read without writing to it (an empty file has
     none); ``sqlite3.DatabaseError`` if it is not one. For refusing, before it is written, a
-    database that belongs to another program (issue 37: MLflow and Optuna added their tables to
-    each other's, and to any SQLite file they were given)."""
+    database that belongs to another program (MLflow and Optuna add their tables to each other's,
+    and to any SQLite file they are given)."""
     import sqlite3
 
     con = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=5)

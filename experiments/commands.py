@@ -16,16 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from crener import registry
-from crener.commands import (
-    check_output_file,
-    check_run_config,
-    check_run_inputs,
-    count_int,
-    int_at_least,
-    non_negative_int,
-)
-from crener.config import PROFILES, VARIANTS, build_run_config, parse_set
+from crener.commands import check_output_file, check_run_config, check_run_inputs
+from crener.config import canonical_key, parse_set
 from crener.errors import CrenerError
+from crener.identity import run_key
+from crener.options import add_run_options, add_seeds, count_int, int_at_least, non_negative_int
+from crener.profiles import VARIANTS, build_run_config
 from crener.workspace import OPTUNA_STORAGE
 
 log = logging.getLogger(__name__)
@@ -63,17 +59,12 @@ def _register_reproduce(subparsers: Any) -> None:
         description="Expand the main (Tables 2-5) and ablation (Table 6) sweeps and run each cell once. "
         "Finished cells are skipped and interrupted ones resume, so the command can be rerun at will.",
     )
-    p.add_argument("--profile", choices=list(PROFILES), help="budget (default: each sweep's, quick)")
+    add_run_options(p, None, profile_text="each sweep's default_profile (quick)")
     p.add_argument("--only", nargs="+", metavar="SEL", help="table2 .. table6, main or ablation")
     p.add_argument("--datasets", nargs="+", metavar="D", help="restrict to these datasets")
-    p.add_argument(
-        "--seeds", nargs="+", type=non_negative_int, metavar="S", help="seeds >= 0 (default: the profile's)"
-    )
+    add_seeds(p, default_text="the sweep's seeds for the profile")
     p.add_argument("--models", nargs="+", choices=registry.names(), metavar="M", help="restrict models")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), metavar="V", help="restrict variants")
-    p.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)"
-    )
     p.add_argument(
         "--config",
         action="append",
@@ -81,10 +72,6 @@ def _register_reproduce(subparsers: Any) -> None:
         metavar="PATH",
         help="overrides file, e.g. from tune --export",
     )
-    p.add_argument(
-        "--data-root", metavar="D", help="dataset root (default: $CRENER_DATA, then ../shared/data)"
-    )
-    p.add_argument("--runs-dir", metavar="D", help="workdirs root (default: $CRENER_RUNS, then ./runs)")
     p.add_argument("--worker", type=_worker, metavar="I/N", help="take cells whose index %% N == I")
     p.add_argument(
         "--jobs",
@@ -146,19 +133,24 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def _sets_threads(sets: list[str]) -> bool:
+    """Whether the user's ``--set`` items choose the thread count (by today's or the old name)."""
+    return any(canonical_key(key) == "runtime.threads" for key in parse_set(sets))
+
+
 def spawn_jobs(argv: list[str], jobs: int, sets: list[str], gpus: list[str] | None = None) -> int:
     """``--jobs N``: N copies of this command (``argv`` less ``--jobs``, plus ``--no-report``),
     each walking the whole cell list. A cell's lock (crener.runner) hands each cell to the first
     copy that reaches it; the others pass it by and find it finished at the end, so the cells
     spread over the copies as they free up, however uneven their costs. The CPU threads are split
     between them: small grid steps are bound by per-op overhead, which a second process hides
-    better than a second thread (figures: README, Reproduce Tables 2-6). The worst exit status."""
+    better than a second thread (figures: reports/results-history.md). The worst exit status."""
     import subprocess
 
     threads = max(1, _cores() // jobs)
     child = [sys.executable, "-m", "crener.cli", *_without_jobs(argv), "--no-report"]
-    if not any(s.startswith("train.threads=") for s in sets):  # an ignored field: keys unchanged
-        child += ["--set", f"train.threads={threads}"]
+    if not _sets_threads(sets):  # a runtime field: keys unchanged
+        child += ["--set", f"runtime.threads={threads}"]
     from crener.tracking import Tracker
 
     Tracker()  # create (migrate) the tracking store once, before the workers race to do it
@@ -191,7 +183,7 @@ def run_cells(cells: list[Any], *, runs_dir: str | None, data_root: str | None) 
     counts = {"ran": 0, "skipped": 0}
 
     def run(index: int, cell: Any, *, wait: bool) -> None:
-        tag = f"[{index}/{len(cells)}] {cell.sweep} {cell.label} ({cell.cfg.key()})"
+        tag = f"[{index}/{len(cells)}] {cell.sweep} {cell.label} ({run_key(cell.cfg)})"
         log.info("%s: start", tag)
         t0 = time.monotonic()
         try:
@@ -233,9 +225,9 @@ def run_cells(cells: list[Any], *, runs_dir: str | None, data_root: str | None) 
 def _plan(args: argparse.Namespace) -> list[Any]:
     from experiments.sweeps import SWEEP_NAMES, plan
 
-    sets = parse_set(args.set)
+    sets = parse_set(args.overrides)
     if args.data_root:  # the cells' keys digest the files they will read
-        sets.setdefault("data.data_root", args.data_root)
+        sets.setdefault("runtime.data_root", args.data_root)
     check_run_config(build_run_config(overrides=sets))  # a bad --set fails even where no cell is chosen
     cells = plan(
         SWEEP_NAMES,
@@ -262,19 +254,21 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
     if gpus:
         if args.executor != "local":
-            raise CrenerError("--gpus is for the local executor; on Dask, start one worker per GPU (README)")
+            raise CrenerError(
+                "--gpus is for the local executor; on Dask, start one worker per GPU (experiments/README.md)"
+            )
         args.jobs = len(gpus)
         args.argv = _without_option(args.argv, "--gpus")
     if args.executor == "dask" and not args.dry_run:
         return _reproduce_on_dask(args)
     if (args.jobs > 1 or gpus) and not args.worker and not args.dry_run:
-        rc = spawn_jobs(args.argv, args.jobs, args.set, gpus)
+        rc = spawn_jobs(args.argv, args.jobs, args.overrides, gpus)
         return rc if args.no_report else max(rc, _report(sorted({c.cfg.profile for c in _plan(args)})))
     from experiments.sweeps import load_overrides, shard, unused_overrides
 
     cells = _plan(args)
     if not args.dry_run:
-        for cfg in {c.cfg.data.data_root: c.cfg for c in cells}.values():
+        for cfg in {c.cfg.runtime.data_root: c.cfg for c in cells}.values():
             check_run_inputs(cfg, runs_dir=args.runs_dir)
     for ov in unused_overrides(cells, (o for path in args.config for o in load_overrides(path))):
         log.warning("an override in %s matches no cell: %s", ov.source, ov.values)
@@ -284,7 +278,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         log.info("worker %d/%d: %d of %d cells", args.worker[0], args.worker[1], len(cells), total)
     if args.dry_run:
         for cell in cells:
-            print(f"{cell.sweep:9s} {cell.cfg.profile:6s} {cell.cfg.key()} {cell.label}")
+            print(f"{cell.sweep:9s} {cell.cfg.profile:6s} {run_key(cell.cfg)} {cell.label}")
         return 0
 
     _, failed = run_cells(cells, runs_dir=args.runs_dir, data_root=args.data_root)
@@ -315,9 +309,8 @@ def _dask_session(args: argparse.Namespace) -> Any:
 def _reproduce_on_dask(args: argparse.Namespace) -> int:
     if args.worker:
         raise CrenerError("--worker I/N splits cells by hand; with --executor dask the scheduler does it")
-    if not args.address and not any(s.startswith("train.threads=") for s in args.set):
-        # an ignored field: keys unchanged
-        args.set = [*args.set, f"train.threads={max(1, _cores() // args.jobs)}"]
+    if not args.address and not _sets_threads(args.overrides):  # a runtime field: keys unchanged
+        args.overrides = [*args.overrides, f"runtime.threads={max(1, _cores() // args.jobs)}"]
     cells = _plan(args)
     from experiments.executor import run_cells_dask
 
@@ -351,12 +344,13 @@ def _register_tune(subparsers: Any) -> None:
         "tune",
         help="Optuna search on one dataset (shared study: start it in several processes)",
         description="Run N trials of a shared Optuna study (TPE, median pruning on dev F1). Several "
-        "processes with the same --storage and --study-name work on one study.",
+        "processes with the same --storage and --study-name work on one study. --set applies to every "
+        "trial; trial folders go to <runs-dir>/tune/<study>/trial-NNNN.",
     )
     p.add_argument("--dataset", required=True, help="dataset to tune on")
     p.add_argument("--model", default="crener", choices=registry.names())
     p.add_argument("--variant", default="full", choices=list(VARIANTS))
-    p.add_argument("--profile", default="quick", choices=list(PROFILES))
+    add_run_options(p)
     p.add_argument("--trials", type=count_int, required=True, help="trials run by this process (>= 1)")
     p.add_argument(
         "--storage",
@@ -372,9 +366,6 @@ def _register_tune(subparsers: Any) -> None:
         default=0,
         help="sampler seed >= 0 (give concurrent workers different ones)",
     )
-    p.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="fixed override for every trial"
-    )
     p.add_argument("--export", metavar="PATH", help="write the best params as a --config file for reproduce")
     p.add_argument(
         "--executor",
@@ -386,8 +377,6 @@ def _register_tune(subparsers: Any) -> None:
     p.add_argument(
         "--address", metavar="ADDR", help="dask: the scheduler; default: a local cluster of --jobs"
     )
-    p.add_argument("--data-root", metavar="D")
-    p.add_argument("--runs-dir", metavar="D", help="trial workdirs go to <runs>/tune/<study>/trial-NNNN")
     p.set_defaults(func=cmd_tune)
 
 
@@ -405,10 +394,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from crener.data.datasets import get_spec
 
     get_spec(args.dataset)  # an unknown dataset fails before the study or any run is created
-    sets = parse_set(args.set)
+    sets = parse_set(args.overrides)
     # Every argument before the study, its storage or any run exists: the trials' base config, the
     # folders and files they read and write.
-    root = {"data.data_root": args.data_root} if args.data_root else {}
+    root = {"runtime.data_root": args.data_root} if args.data_root else {}
     base = check_run_config(build_run_config(
         model=args.model, variant=args.variant, profile=args.profile, dataset=args.dataset,
         overrides={**sets, **root},

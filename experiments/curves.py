@@ -2,7 +2,7 @@
 
 The question it answers is whether a grid model *starts* learning: on the all-negative plateau the
 loss falls while dev F1 stays at 0 for hundreds of steps. Each setting is trained with dev evaluated
-every ``--every`` steps (``train.eval_every``: extra evaluations draw nothing random, so the run is
+every ``--every`` steps (``runtime.eval_every``: extra evaluations draw nothing random, so the run is
 the same as without them), logged to MLflow as a ``diagnostic`` run (never reused as a sweep cell),
 and the curves are written under ``reports/out/curves/`` as a Markdown table, a CSV and a figure,
 with the step where dev F1 first exceeds 0 and F1 at the best single threshold shift.
@@ -20,15 +20,18 @@ from pathlib import Path
 from typing import Any
 
 from crener import registry
-from crener.commands import check_folder, check_run_config, check_run_inputs, non_negative_int, positive_int
-from crener.config import PROFILES, QUICK_V1, build_run_config, parse_set
+from crener.commands import check_folder, check_run_config, check_run_inputs
+from crener.config import parse_set
 from crener.data.datasets import get_spec
 from crener.files import write_atomic
+from crener.identity import QUICK_V1, run_key
+from crener.options import add_overrides, add_profile, add_runs_dir, add_seed, positive_int
+from crener.profiles import build_run_config
 
 log = logging.getLogger(__name__)
 
-# The whole quick profile of commit 6d9c92e, before issue 13, applied over today's quick profile: its
-# widths and budget, the random embedded encoder, and scores starting at 0.
+# The whole quick profile before the shipped encoder (QUICK_V1), applied over today's quick
+# profile: its widths and budget, the random embedded encoder, and scores starting at 0.
 BEFORE_QUICK: dict[str, Any] = {
     **QUICK_V1,
     "model.encoder": "embedded",
@@ -45,14 +48,14 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--dataset", default="weibo")
     p.add_argument("--model", default="crener", choices=registry.names())
-    p.add_argument("--profile", default="quick", choices=list(PROFILES))
-    p.add_argument("--seed", type=non_negative_int, default=0)
+    add_profile(p)
+    add_seed(p)
     p.add_argument("--every", type=positive_int, default=25, help="dev evaluation every N steps")
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE", help="applies to all")
+    add_overrides(p)
     p.add_argument("--out", default=str(OUT_DIR))
     p.add_argument("--name", default="", help="suffix of the output files (default: none)")
-    p.add_argument("--runs-dir", default=None, help="default: $CRENER_RUNS or runs")
+    add_runs_dir(p)
     p.set_defaults(func=cmd_curves)
 
 
@@ -63,7 +66,7 @@ def cmd_curves(args: argparse.Namespace) -> int:
     configs = {
         name: check_run_config(build_run_config(
             model=args.model, profile=args.profile, dataset=args.dataset, seed=args.seed,
-            overrides={**SETTINGS[name], **parse_set(args.overrides), "train.eval_every": args.every},
+            overrides={**SETTINGS[name], **parse_set(args.overrides), "runtime.eval_every": args.every},
         ))
         for name in args.settings
     }  # fmt: skip
@@ -74,7 +77,7 @@ def cmd_curves(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results = {}
     for name, cfg in configs.items():
-        workdir = resolve_runs_dir(args.runs_dir) / "curves" / f"{name}-{cfg.key()}"
+        workdir = resolve_runs_dir(args.runs_dir) / "curves" / f"{name}-{run_key(cfg)}"
         results[name] = run_diagnostic(cfg, workdir, label=name)
     stem = f"{args.model}-{args.dataset}-{args.profile}-s{args.seed}" + (f"-{args.name}" if args.name else "")
     write_curves(results, out / stem)

@@ -23,8 +23,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from crener.config import PROFILES, build_run_config, parse_set
+from crener.config import parse_set
+from crener.errors import CrenerError
 from crener.files import write_atomic
+from crener.identity import run_key
+from crener.profiles import build_run_config
 
 log = logging.getLogger(__name__)
 
@@ -37,39 +40,73 @@ ARMS: dict[str, tuple[bool, int | None]] = {
     "pretrained": (False, None),
     "pretrained+init": (True, None),
 }
+# The text ablation: one architecture and step count (the shipped crener-char's, or --text-steps),
+# pretrained from its vectors on more and more text. arm -> (unlabelled text, share of its lines).
+TEXT_ARMS: dict[str, tuple[tuple[str, ...], float]] = {
+    "text:splits": ((), 1.0),  # the four training splits alone
+    "text:quarter": (("xwlb",), 0.25),  # and an evenly spread quarter of the news corpus
+    "text:all": (("xwlb",), 1.0),  # and all of it
+}
 BUILD_DIR = Path(".crener") / "encoders"
 
 
 def register(subparsers: Any) -> None:
-    from crener.commands import count_int, non_negative_int
+    from crener.options import add_run_options, add_seeds, count_int
 
     p = subparsers.add_parser(
         "encoders",
-        help="encoder ablation: random, vectors only, pretrained only, pretrained + vectors (issue 13)",
+        help="encoder ablation: random, vectors only, pretrained only, pretrained + vectors",
         description=__doc__.split("\n\n")[1] if __doc__ else None,
     )
     p.add_argument("--datasets", nargs="+", default=["resume", "weibo"])
-    p.add_argument("--seeds", nargs="+", type=non_negative_int, default=[0, 1, 2, 3, 4])
-    p.add_argument("--profile", default="quick", choices=list(PROFILES))
-    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="applies to every cell")
+    add_seeds(p, [0, 1, 2, 3, 4])
+    add_run_options(p)
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=[*ARMS, *TEXT_ARMS])
+    p.add_argument(
+        "--text-steps", type=count_int, default=None,
+        help="pretraining steps of each text:* arm (default: the shipped crener-char's)",
+    )  # fmt: skip
+    p.add_argument(
+        "--encoders", nargs="+", default=[], metavar="ENCODER",
+        help="more arms, each an encoder used as it is: a shipped name (crener-xwlb) or a folder",
+    )  # fmt: skip
     p.add_argument("--build-dir", default=str(BUILD_DIR), help="where the non-shipped encoders are built")
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--runs-dir", default=None, help="default: $CRENER_RUNS or runs")
     p.add_argument("--jobs", type=count_int, default=1, help="worker processes (as crener reproduce --jobs)")
     p.add_argument("--no-report", action="store_true")
+    p.add_argument(
+        "--page", metavar="FILE",
+        help="also write the report, stamped with the command, commit, machine and date, to FILE "
+        "(a committed page, e.g. reports/encoders-quick.md)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_encoders)
 
 
-def build_encoders(arms: list[str], build_dir: Path, data_root: str | None) -> dict[str, str]:
+def build_encoders(
+    arms: list[str], build_dir: Path, data_root: str | None, text_steps: int | None = None
+) -> dict[str, str]:
     """``{arm: encoder name or path}``; builds the missing ones (a killed build resumes)."""
     from crener.encoder import SHIPPED_ENCODERS
+    from crener.evaluation import bf16_pays
     from crener.pretrain import PretrainConfig, pretrain
 
     card = json.loads((SHIPPED_ENCODERS[SHIPPED] / "card.json").read_text(encoding="utf-8"))
     shipped = PretrainConfig.from_identity(card["config"], out="")
     out: dict[str, str] = {}
     for arm in arms:
+        if arm in TEXT_ARMS:
+            text, fraction = TEXT_ARMS[arm]
+            steps = shipped.steps if text_steps is None else text_steps
+            path = build_dir / f"{arm.replace(':', '-')}-{steps}"  # the folder (and arm) names its budget
+            # bf16 where this machine's bf16 matmuls pay (the card records which): all arms alike.
+            cfg = replace(
+                shipped, out=str(path), data_root=data_root, text=text, text_fraction=fraction, steps=steps,
+                bf16=bf16_pays("cpu"),
+            )  # fmt: skip
+            if not (path / "config.json").is_file():
+                log.info("building encoder %s in %s (%d pretraining steps)", arm, path, cfg.steps)
+                pretrain(cfg, workdir=build_dir / "state" / path.name, progress=False)
+            out[arm] = str(path.resolve())
+            continue
         vectors, steps = ARMS[arm]
         if vectors and steps is None:
             out[arm] = SHIPPED
@@ -91,15 +128,20 @@ def plan(args: argparse.Namespace, encoders: dict[str, str]) -> list[tuple[str, 
     from crener.commands import check_run_config
     from experiments.sweeps import Cell
 
-    sets = parse_set(args.set)
+    sets = parse_set(args.overrides)
     if args.data_root:
-        sets.setdefault("data.data_root", args.data_root)
+        sets.setdefault("runtime.data_root", args.data_root)
     return [
         (arm, Cell(SWEEP, check_run_config(build_run_config(
             profile=args.profile, dataset=d, seed=s, overrides={**sets, "model.encoder": encoders[arm]}
         ))))
-        for arm in args.arms for d in args.datasets for s in args.seeds
+        for arm in all_arms(args) for d in args.datasets for s in args.seeds
     ]  # fmt: skip
+
+
+def all_arms(args: argparse.Namespace) -> list[str]:
+    """The constructions asked for, then the named encoders (each its own arm, named by itself)."""
+    return [*args.arms, *(e for e in args.encoders if e not in args.arms)]
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -107,11 +149,19 @@ def check_args(args: argparse.Namespace) -> None:
     the folders, and the cells' configs (planned with the encoders' names standing in)."""
     from crener.commands import check_folder, check_run_inputs
     from crener.data.datasets import get_spec
+    from crener.encoder import check_encoder_name
 
     for name in args.datasets:
         get_spec(name)
     check_folder(args.build_dir, "--build-dir")
-    stand_in = {arm: SHIPPED for arm in args.arms}
+    if getattr(args, "page", None):  # its folder is made if missing; a folder or a file above it is refused
+        page = Path(args.page)
+        if page.is_dir():
+            raise CrenerError(f"--page {page} is a folder: name a file in it, e.g. {page / 'encoders.md'}")
+        check_folder(page.parent, f"--page {page}: folder")
+    for name in args.encoders:  # the named arms load as they are: each must exist now
+        check_encoder_name(name)
+    stand_in = {arm: SHIPPED for arm in args.arms} | {e: e for e in args.encoders if e not in args.arms}
     for _, cell in plan(args, stand_in)[:1]:
         check_run_inputs(cell.cfg, runs_dir=args.runs_dir)
 
@@ -120,10 +170,12 @@ def cmd_encoders(args: argparse.Namespace) -> int:
     from experiments.commands import run_cells, spawn_jobs
 
     check_args(args)
-    encoders = build_encoders(args.arms, Path(args.build_dir), args.data_root)  # before any worker starts
+    # Built before any worker starts.
+    encoders = build_encoders(args.arms, Path(args.build_dir), args.data_root, args.text_steps)
+    encoders.update({e: e for e in args.encoders if e not in encoders})
     planned = plan(args, encoders)
     if args.jobs > 1:
-        rc = spawn_jobs(args.argv, args.jobs, args.set)
+        rc = spawn_jobs(args.argv, args.jobs, args.overrides)
     else:
         _, failed = run_cells([cell for _, cell in planned], runs_dir=args.runs_dir, data_root=args.data_root)
         rc = 1 if failed else 0
@@ -133,38 +185,65 @@ def cmd_encoders(args: argparse.Namespace) -> int:
 
 
 def write_report(args: argparse.Namespace, encoders: dict[str, str], planned: list[tuple[str, Any]]) -> Path:
-    """Test F1 per arm and dataset, mean ± std over the seeds that finished, from MLflow."""
+    """Dev and test F1 per arm and dataset, mean ± std over the seeds that finished, from MLflow.
+
+    Dev comes first: an encoder is chosen on dev (the best epoch's dev F1), test only reported."""
     from crener.tracking import Tracker
     from reports.stats import format_mean_std
 
     tracker = Tracker()
-    rows: dict[tuple[str, str], list[tuple[int, float, str]]] = {}
+    rows: dict[tuple[str, str], list[tuple[int, float, float, str]]] = {}
     for arm, cell in planned:
-        done = next((r for r in tracker.find_runs(cell.cfg.key()) if r.finished), None)
+        done = next((r for r in tracker.find_runs(run_key(cell.cfg)) if r.finished), None)
         if done is None:
             continue
-        f1 = done.metrics.get("best/test_f1")
-        if f1 is not None:
-            rows.setdefault((arm, cell.cfg.data.dataset), []).append((cell.cfg.train.seed, f1, done.run_id))
+        dev, test = done.metrics.get("best/dev_f1"), done.metrics.get("best/test_f1")
+        if test is not None:
+            rows.setdefault((arm, cell.cfg.data.dataset), []).append(
+                (cell.cfg.train.seed, float("nan") if dev is None else dev, test, done.run_id)
+            )
     lines = [
         f"# Encoder ablation ({args.profile}, CRENER full)",
         "",
-        "Test F1 ×100, mean ± sample std over seeds; each encoder used as the profile uses the shipped one.",
+        "F1 ×100 at the best dev epoch, mean ± sample std over seeds (n seeds); each encoder used as the "
+        "profile uses the shipped one. Choose on dev; test is reported, never chosen on.",
         "",
-        "| encoder | " + " | ".join(args.datasets) + " |",
-        "|---|" + "---:|" * len(args.datasets),
+        "| encoder | " + " | ".join(f"{d} dev | {d} test" for d in args.datasets) + " |",
+        "|---|" + "---:|---:|" * len(args.datasets),
     ]
-    for arm in args.arms:
+    for arm in all_arms(args):
         row = [f"{arm} (`{Path(encoders[arm]).name}`)"]
         for d in args.datasets:
-            vals = [f for _, f, _ in rows.get((arm, d), [])]
-            row.append(f"{format_mean_std(vals)} (n={len(vals)})" if vals else format_mean_std(vals))
+            for col in (1, 2):
+                vals = [item[col] for item in rows.get((arm, d), [])]
+                row.append(f"{format_mean_std(vals)} (n={len(vals)})" if vals else format_mean_std(vals))
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "Runs (MLflow run id per arm, dataset, seed):", ""]
     for (arm, d), items in sorted(rows.items()):
         lines.append(
-            f"- {arm} / {d}: " + ", ".join(f"s{s} `{rid}` {100 * f:.2f}" for s, f, rid in sorted(items))
+            f"- {arm} / {d}: "
+            + ", ".join(
+                f"s{s} `{rid}` dev {100 * dv:.2f} test {100 * f:.2f}" for s, dv, f, rid in sorted(items)
+            )
         )
     out = write_atomic(Path("reports") / "out" / args.profile / "encoders.md", "\n".join(lines) + "\n")
     log.info("encoder ablation written to %s", out)
+    if getattr(args, "page", None):
+        page = write_atomic(Path(args.page), "\n".join([lines[0], "", stamp(args), *lines[1:]]) + "\n")
+        log.info("and to %s", page)
     return out
+
+
+def stamp(args: argparse.Namespace) -> str:
+    """Where the page's figures come from: they hold for that machine, commit and store only."""
+    import shlex
+
+    from crener.bench import machine_info
+
+    m = machine_info()
+    argv = getattr(args, "argv", None) or []
+    return (
+        f"Generated by `crener {' '.join(shlex.quote(a) for a in argv)}` from the MLflow store (do not edit: "
+        f"rerun it; finished cells are found, not retrained): {m['cpu']}, {m['cores']} cores, torch "
+        f"{m['torch']}, commit `{str(m['commit'])[:7]}`, {m['date']}."
+    )

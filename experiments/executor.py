@@ -26,6 +26,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from crener.identity import run_key
+
 log = logging.getLogger(__name__)
 
 EXECUTORS = ("local", "dask")
@@ -59,7 +61,7 @@ def connect(address: str | None, workers: int, threads: int, dashboard: str = DE
         if address.endswith(".json"):
             return Client(scheduler_file=address)
         return Client(address)
-    # A worker process per cell at a time; its torch threads come from the cell (train.threads).
+    # A worker process per cell at a time; its torch threads come from the cell (runtime.threads).
     env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
                            dashboard_address=dashboard, env=env)  # fmt: skip
@@ -99,7 +101,7 @@ def run_cells_dask(
     resources = {"GPU": gpus_per_cell} if gpus_per_cell else None
     futures = {}
     for cell in cells:
-        fut = client.submit(cell_task, cell.cfg, cell.sweep, root, data, uri, key=f"cell-{cell.sweep}-{cell.cfg.key()}",
+        fut = client.submit(cell_task, cell.cfg, cell.sweep, root, data, uri, key=f"cell-{cell.sweep}-{run_key(cell.cfg)}",
                             pure=False, retries=retries, resources=resources)  # fmt: skip
         futures[fut] = cell
     dashboard = getattr(client, "dashboard_link", None)

@@ -29,9 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from crener import registry
-from crener.config import PROFILES, VARIANTS, RunConfig, build_run_config, run_label
+from crener.config import SECTIONS, RunConfig, canonical_key, run_label
 from crener.errors import CrenerError, DataError
 from crener.files import read_text
+from crener.identity import run_key
+from crener.profiles import PROFILES, VARIANTS, build_run_config
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 SWEEP_NAMES = ("main", "ablation")  # the order `crener reproduce` runs them in
@@ -149,11 +151,9 @@ def _models(where: str, value: Any) -> tuple[str, ...]:
 def _check_field(where: str, key: str) -> None:
     if key in IDENTITY_KEYS:
         raise SweepError(f"{where}: {key!r} names the cell itself and cannot be overridden")
-    section, _, name = key.partition(".")
+    section, _, name = canonical_key(key).partition(".")  # old flat names still load
     base = RunConfig()
-    if section not in ("model", "data", "train") or name not in {
-        f.name for f in dataclasses.fields(getattr(base, section))
-    }:
+    if section not in SECTIONS or name not in {f.name for f in dataclasses.fields(getattr(base, section))}:
         raise SweepError(f"{where}: unknown config key {key!r}")
 
 
@@ -342,8 +342,8 @@ def expand(
                         dataset=dataset,
                         seed=seed,
                     )
-                    if cfg.key() not in seen:
-                        seen.add(cfg.key())
+                    if run_key(cfg) not in seen:
+                        seen.add(run_key(cfg))
                         out.append(cfg)
     return out
 
@@ -417,8 +417,8 @@ def plan(
             overrides=extra,
             sets=sets,
         ):
-            if cfg.key() not in seen:
-                seen.add(cfg.key())
+            if run_key(cfg) not in seen:
+                seen.add(run_key(cfg))
                 cells.append(Cell(name, cfg))
     return cells
 

@@ -29,9 +29,10 @@ import optuna
 from optuna.trial import TrialState
 
 from crener import registry
-from crener.config import KEY_IGNORED, RunConfig, build_run_config
+from crener.config import RunConfig, canonical_key
 from crener.errors import CrenerError, StoreError
 from crener.files import write_atomic
+from crener.profiles import build_run_config
 from crener.tracking import RunLogger, Tracker, experiment_name, file_lock, masked_uri
 from crener.workspace import OPTUNA_STORAGE, foreign_sqlite, resolve_runs_dir, sqlite_path
 from experiments.sweeps import IDENTITY_KEYS, format_toml_value
@@ -415,11 +416,11 @@ def export_best(study: optuna.Study, path: str | Path, *, sets: dict[str, Any] |
         raise CrenerError(f"study {study.study_name!r} has no completed trial to export") from None
     attrs = study.user_attrs
     # Identity keys are the file's filters; fields that cannot change a result (threads, device,
-    # progress bar: crener.config.KEY_IGNORED) belong to the machine that tuned, not to the recipe.
+    # progress bar: the runtime section) belong to the machine that tuned, not to the recipe.
     values = {
         k: v
         for k, v in {**(sets or {}), **best.params}.items()
-        if k not in IDENTITY_KEYS and k not in KEY_IGNORED
+        if k not in IDENTITY_KEYS and not canonical_key(k).startswith("runtime.")
     }
     lines = [
         f"# Best trial of Optuna study {study.study_name!r}, exported by `crener tune --export`.",

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 
-from crener.commands import check_folder, non_negative_int, positive_int
-from crener.config import PROFILES
+from crener.commands import check_folder
 from crener.data.datasets import resolve_data_root
 from crener.errors import CrenerError
+from crener.options import add_data_root, add_profile, non_negative_int, positive_int
 from crener.workspace import OPTUNA_STORAGE
 
 # Sweeps whose runs can make the tables: the two of `crener reproduce`, and those of `crener train`
@@ -25,12 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Read the finished runs of one profile from MLflow and write paper-style tables, "
         "figures, run-id footnotes and index.md. Nothing is trained; absent runs are listed as missing.",
     )
-    p.add_argument(
-        "--profile",
-        default="quick",
-        choices=list(PROFILES),
-        help="profile whose runs to report (default: quick)",
-    )
+    add_profile(p)
     p.add_argument("--out", default="reports/out", help="output directory (default: reports/out)")
     p.add_argument(
         "--tracking-uri",
@@ -60,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="comma-separated sweeps whose runs make the tables (default: main,ablation; "
         "add adhoc to include runs of `crener train`)",
     )
-    p.add_argument("--data-root", default=None, help="data directory for Table 1 (default: the data layer's)")
+    add_data_root(p)  # Table 1's statistics are measured from the data
     p.add_argument(
         "--ablation-shared-x",
         action="store_true",

@@ -52,7 +52,7 @@ def systems() -> dict[str, tuple[str, str]]:
     return {**rerun_systems(), **extra_systems()}
 
 
-# Table 6 rows: our variant name (crener.config.VARIANTS) -> the paper's row label.
+# Table 6 rows: our variant name (crener.profiles.VARIANTS) -> the paper's row label.
 VARIANT_LABELS: dict[str, str] = {
     "full": "full",
     "no_transformer": "w/o Transformer",

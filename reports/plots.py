@@ -154,11 +154,23 @@ def ablation_chart(data: pd.DataFrame, stem: Path, shared_x: bool = False) -> li
     return save(fig, stem)
 
 
-def learning_curves(history: pd.DataFrame, stem: Path, metric: str = "dev/f1") -> list[Path]:
+def with_minutes(history: pd.DataFrame) -> pd.DataFrame:
+    """``history`` with ``minutes``: each run's wall-clock minutes at the end of each epoch."""
+    history = history.sort_values(["run_id", "epoch"])
+    return history.assign(minutes=history.groupby("run_id")["epoch_seconds"].cumsum() / 60)
+
+
+def learning_curves(
+    history: pd.DataFrame, stem: Path, metric: str = "dev/f1", x: str = "epoch"
+) -> list[Path]:
     """Dev F1 per epoch for each (model, variant), mean over seeds with a ± std band.
 
     ``history``: columns ``model, variant, dataset, seed, epoch`` and ``metric`` (fractions).
+    ``x="minutes"``: against wall-clock minutes instead (each run's cumulative ``epoch_seconds``,
+    training and dev evaluation, then their mean over seeds at each epoch): time to accuracy.
     """
+    if x == "minutes" and len(history) and "epoch_seconds" in history:
+        history = with_minutes(history)
     datasets = _datasets_present(history)
     fig, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), 3.8), squeeze=False)
     for ax, ds in zip(axes[0], datasets):
@@ -168,21 +180,26 @@ def learning_curves(history: pd.DataFrame, stem: Path, metric: str = "dev/f1") -
         else:
             for (model, variant), grp in sub.groupby(["model", "variant"], sort=True):
                 curve = grp.groupby("epoch")[metric].agg(["mean", "std"]).sort_index()
+                xs = grp.groupby("epoch")["minutes"].mean().sort_index() if "minutes" in grp else curve.index
                 label = f"{model} {VARIANT_LABELS.get(variant, variant)}"
-                line = ax.plot(curve.index, curve["mean"] * 100, marker="o", markersize=3, label=label)[0]
+                line = ax.plot(xs, curve["mean"] * 100, marker="o", markersize=3, label=label)[0]
                 std = curve["std"].fillna(0).to_numpy() * 100
                 ax.fill_between(
-                    curve.index,
+                    xs,
                     curve["mean"] * 100 - std,
                     curve["mean"] * 100 + std,
                     alpha=0.15,
                     color=line.get_color(),
                 )
         ax.set_title(dataset_title(ds))
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("epoch")
+        if x == "minutes":
+            ax.set_xlabel("wall-clock minutes (training + dev evaluation, this machine)")
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlabel("epoch")
         ax.set_ylabel("dev F1 (%)")
-    fig.suptitle(("学习曲线 " if _CJK else "") + "Learning curves (dev F1)")
+    title = "Time to accuracy (dev F1 against minutes)" if x == "minutes" else "Learning curves (dev F1)"
+    fig.suptitle(("学习曲线 " if _CJK else "") + title)
     _figure_legend(fig, axes[0])
     return save(fig, stem)
 

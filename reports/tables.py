@@ -723,7 +723,7 @@ def dataset_table(loader: Callable[[str], Any] | None = None, data_root: str | N
         from crener.data.datasets import load_dataset
 
         def loader(name: str) -> Any:
-            return load_dataset(DataConfig(dataset=name, data_root=data_root))
+            return load_dataset(DataConfig(dataset=name), data_root=data_root)
 
     ref = paper.paper_table(1)
     display_rows, data_rows, missing = [], [], []

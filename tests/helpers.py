@@ -14,13 +14,16 @@ import textwrap
 import types
 from pathlib import Path
 
-from crener.config import RunConfig, build_run_config
+from crener.config import RunConfig
+from crener.profiles import build_run_config
 
 FAKE_TRAIN_SOURCE = textwrap.dedent(
     '''
     """Stand-in for crener.train with fit's contract: checkpoints, history replay, files."""
     import json, math, os, time
     from pathlib import Path
+
+    from crener.identity import run_key
 
     CALLS = []  # keys fit was called with (in-process tests read it)
 
@@ -30,7 +33,7 @@ FAKE_TRAIN_SOURCE = textwrap.dedent(
         return max(0.01, peak * epoch / cfg.train.epochs)
 
     def fit(cfg, workdir, *, callback=None, resume=True, data_root=None):
-        CALLS.append(cfg.key())
+        CALLS.append(run_key(cfg))
         failing = set(filter(None, os.environ.get("CRENER_FAKE_FAIL_MODELS", "").split(",")))
         if cfg.model.name in failing:
             raise ModuleNotFoundError(f"No module named 'baselines.{cfg.model.name}'")
@@ -65,7 +68,7 @@ FAKE_TRAIN_SOURCE = textwrap.dedent(
         (workdir / "per_type.json").write_text(json.dumps({"PER": {"precision": 1.0, "recall": 1.0, "f1": 1.0}}))
         dev = {"precision": best["dev/precision"], "recall": best["dev/recall"], "f1": best["dev/f1"]}
         summary = {"dev": dev, "test": dict(dev), "best_epoch": best["epoch"], "epochs": cfg.train.epochs,
-                   "seconds": 0.5, "parameters": 1234, "num_labels": 9, "key": cfg.key()}
+                   "seconds": 0.5, "parameters": 1234, "num_labels": 9, "key": run_key(cfg)}
         (workdir / "summary.json").write_text(json.dumps(summary))
         return summary
     '''
@@ -125,8 +128,8 @@ def write_bmes(path: Path, sentences) -> None:  # noqa: ANN001 - Sentence object
 def tiny_cfg(data_root: Path, model: str = "crener", **overrides: object) -> RunConfig:
     """A smoke-sized config of ``model`` on the synthetic dataset under ``data_root`` (tiny_data)."""
     base = {
-        "data.data_root": str(data_root), "data.train_limit": 0, "data.eval_limit": 0,
-        "train.epochs": 3, "train.max_cells": 400, "train.progress": False,
+        "runtime.data_root": str(data_root), "data.train_limit": 0, "data.eval_limit": 0,
+        "train.epochs": 3, "train.max_cells": 400, "runtime.progress": False,
     }  # fmt: skip
     return build_run_config(model=model, profile="smoke", overrides={**base, **overrides})
 

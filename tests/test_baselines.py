@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from crener.config import build_run_config
 from crener.data.batching import Example, collate
+from crener.profiles import build_run_config
 from crener.registry import build_model, build_task
 from tests.conftest import SENTENCES, TYPES
 from tests.helpers import tiny_cfg

@@ -18,10 +18,10 @@ from crener.bench import (
     probe_command,
 )
 from crener.cli import main as cli_main
-from crener.config import build_run_config
 from crener.data.batching import make_batches
 from crener.data.datasets import load_dataset
 from crener.data.split import split_all
+from crener.profiles import build_run_config
 
 
 def test_cell_budget_keeps_the_step_count_of_fixed_batches():
@@ -57,7 +57,7 @@ def test_lever_table_reports_ratios_against_the_default_row():
 def test_measure_speed_runs_with_and_without_space_to_batch(tmp_path):
     for fast in (True, False):
         cfg = build_run_config(
-            profile="smoke", overrides={"model.space_to_batch": fast, "train.max_cells": 2000}
+            profile="smoke", overrides={"runtime.space_to_batch": fast, "train.max_cells": 2000}
         )
         r = measure_speed(cfg, 6)
         assert r["train_sent_per_s"] > 0 and r["eval_sent_per_s"] > 0

@@ -1,4 +1,4 @@
-"""Claims made in docstrings, the README and method.md that no other test pins (issue 17).
+"""Claims made in docstrings, the README and method.md that no other test pins.
 
 Grouped by claim:
 
@@ -7,7 +7,7 @@ Grouped by claim:
 2. The grid decoder against a brute-force reference written here from method.md §1 (every path
    of every head-tail candidate enumerated as a subset of the characters in between), for every
    decoder mode, with the ``max_paths`` and ``max_entities`` caps.
-3. Training and model switches: ``model.checkpoint_rounds`` is exact, ``data.test_limit`` is a
+3. Training and model switches: ``runtime.checkpoint_rounds`` is exact, ``data.test_limit`` is a
    fixed sample, ``train.max_steps`` bounds the optimiser steps of an epoch, the cell budget of
    ``make_batches``, the relation enhancement (eqs 11-15) against a loop-based reference, and
    padding invariance of all nine CRENER variants.
@@ -27,7 +27,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import crener.model as crener_model
-from crener.config import VARIANTS, DataConfig, ModelConfig, build_run_config
+from crener.config import DataConfig, ModelConfig
 from crener.data.batching import Example, collate, make_batches
 from crener.data.datasets import load_dataset
 from crener.data.features import char_mask, grid_mask
@@ -37,6 +37,7 @@ from crener.data.split import merge_predictions
 from crener.evaluation import build_split, evaluate, predict_examples, score_split
 from crener.metrics import Counts
 from crener.model import RelationEnhancement
+from crener.profiles import VARIANTS, build_run_config
 from crener.registry import build_model, build_task
 from crener.tasks import MAX_ENTITIES_PER_CHAR, GridTask
 from crener.train import fit
@@ -52,7 +53,7 @@ def sent(text: str, *spans: tuple[int, int, str]) -> Sentence:
 
 def run_cfg(**overrides):
     """The smoke profile (tiny widths) on CPU, fp32."""
-    base = {"train.device": "cpu", "train.bf16": False, "train.progress": False}
+    base = {"runtime.device": "cpu", "train.bf16": False, "runtime.progress": False}
     return build_run_config(profile="smoke", overrides={**base, **overrides})
 
 
@@ -94,7 +95,7 @@ def test_predictions_come_back_in_input_order_after_length_sorted_batching(tiny_
     """predict_examples batches by length (sorted, under eval_max_cells) and must put every
     prediction back at its example's position: the same sets as predicting each example alone."""
     task, model, tok = busy_model(tiny_encoder)
-    cfg = run_cfg(**{"train.eval_max_cells": 2000})
+    cfg = run_cfg(**{"runtime.eval_max_cells": 2000})
     examples = build_split("mixed", MIXED, 64, task, tok).examples
     lengths = [e.n for e in examples]
     batches = make_batches(lengths, max_cells=2000)
@@ -111,7 +112,7 @@ def test_predictions_come_back_in_input_order_after_length_sorted_batching(tiny_
 
 
 def test_scores_do_not_depend_on_the_evaluation_cell_budget(tiny_encoder):
-    """train.eval_max_cells only sizes evaluation batches (it is left out of the run key): a
+    """runtime.eval_max_cells only sizes evaluation batches (it is left out of the run key): a
     budget of 200 cells (five batches, the long sentences alone) and one of 100,000 (one batch) give the same
     predictions and scores."""
     task, model, tok = busy_model(tiny_encoder)
@@ -120,8 +121,8 @@ def test_scores_do_not_depend_on_the_evaluation_cell_budget(tiny_encoder):
     assert (
         len(make_batches(lengths, max_cells=200)) >= 5 and len(make_batches(lengths, max_cells=100_000)) == 1
     )
-    small_scores, small = evaluate(model, task, split, CPU, run_cfg(**{"train.eval_max_cells": 200}))
-    big_scores, big = evaluate(model, task, split, CPU, run_cfg(**{"train.eval_max_cells": 100_000}))
+    small_scores, small = evaluate(model, task, split, CPU, run_cfg(**{"runtime.eval_max_cells": 200}))
+    big_scores, big = evaluate(model, task, split, CPU, run_cfg(**{"runtime.eval_max_cells": 100_000}))
     assert small == big
     assert small_scores == big_scores
     assert small_scores.micro.predicted > 0
@@ -395,7 +396,7 @@ def test_task_decode_uses_the_config_flags_and_the_per_sentence_entity_cap(overr
 
 
 def test_checkpoint_rounds_gives_the_same_forward_and_gradients(tiny_encoder, monkeypatch):
-    """model.checkpoint_rounds recomputes each conv round in backward with the RNG state
+    """runtime.checkpoint_rounds recomputes each conv round in backward with the RNG state
     restored: with dropout active and the same seed, logits, loss and every gradient equal
     those of the plain model (the flag is left out of the run key for that reason)."""
     task, model, tok = tiny_model(tiny_encoder)  # smoke profile: conv dropout 0.5, all dropouts on
@@ -410,7 +411,7 @@ def test_checkpoint_rounds_gives_the_same_forward_and_gradients(tiny_encoder, mo
     model.train()
 
     def run(flag: bool, seed: int = 11, above: int = 0):
-        model.cfg = dataclasses.replace(model.cfg, checkpoint_rounds=flag, checkpoint_above=above)
+        model.checkpoint_rounds, model.checkpoint_above = flag, above  # runtime fields, read per batch
         model.zero_grad(set_to_none=True)
         torch.manual_seed(seed)
         out = model(batch)["logits"]
@@ -428,7 +429,7 @@ def test_checkpoint_rounds_gives_the_same_forward_and_gradients(tiny_encoder, mo
     assert g_ckpt.keys() == g_plain.keys() and any(k.startswith("grid.") for k in g_plain)
     for name in g_plain:
         torch.testing.assert_close(g_ckpt[name], g_plain[name], rtol=1e-5, atol=1e-7, msg=name)
-    # model.checkpoint_above: only batches longer than it are checkpointed.
+    # runtime.checkpoint_above: only batches longer than it are checkpointed.
     n = batch.grid_mask.size(1)
     calls.clear()
     run(False, above=n)
@@ -466,15 +467,15 @@ def test_test_limit_is_a_fixed_sample_in_file_order(data_root):
     the run's seed (so every run of a profile is scored on the same sentences), in file order;
     train and dev are not touched, and under MSRA's lineage protocol dev is that same sample."""
     assert list(range(TEST_LIMIT)) != EXPECTED_SAMPLE  # a sample, not the first sentences
-    whole = load_dataset(DataConfig(dataset="resume", data_root=str(data_root)))
+    whole = load_dataset(DataConfig(dataset="resume"), data_root=str(data_root))
     assert whole.test == TEST_SENTENCES
     for seed in (0, 5):
         cut = load_dataset(
-            DataConfig(dataset="resume", data_root=str(data_root), test_limit=TEST_LIMIT), seed=seed
+            DataConfig(dataset="resume", test_limit=TEST_LIMIT), seed=seed, data_root=str(data_root)
         )
         assert cut.test == [TEST_SENTENCES[i] for i in EXPECTED_SAMPLE]
         assert cut.dev == whole.dev and cut.train == whole.train
-    msra = load_dataset(DataConfig(dataset="msra", data_root=str(data_root), test_limit=TEST_LIMIT), seed=3)
+    msra = load_dataset(DataConfig(dataset="msra", test_limit=TEST_LIMIT), seed=3, data_root=str(data_root))
     assert msra.dev_is_test and msra.test == msra.dev == [TEST_SENTENCES[i] for i in EXPECTED_SAMPLE]
 
 
@@ -499,7 +500,7 @@ def counted_fit(cfg, workdir, callback=None):
 
 def fit_cfg(data_root, **overrides):
     base = {
-        "data.data_root": str(data_root), "data.train_limit": 0, "data.eval_limit": 0, "data.test_limit": 0,
+        "runtime.data_root": str(data_root), "data.train_limit": 0, "data.eval_limit": 0, "data.test_limit": 0,
         # 60 cells: every training sentence (7 to 11 characters) is a batch of its own, 6 an epoch.
         "train.max_cells": 60,
     }  # fmt: skip

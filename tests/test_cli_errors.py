@@ -1,4 +1,4 @@
-"""Bad input across the whole command line (issue 17): every user mistake ends in one message that
+"""Bad input across the whole command line: every user mistake ends in one message that
 says what to change, a non-zero exit status, and no Python traceback; nothing hangs.
 
 Most probes run the CLI in this process (``crener.cli.main``); a closed output pipe and one
@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 
 from crener.cli import main
-from crener.config import MAX_LEN, build_run_config
+from crener.config import MAX_LEN
 from crener.errors import ConfigError, CrenerError
+from crener.profiles import build_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 FAST_S = 30  # a wrong store must fail within seconds, not after MLflow's minutes of retries
@@ -43,8 +44,8 @@ def checkpoint(tiny_data, tmp_path_factory) -> Path:
     from crener.train import fit
 
     cfg = build_run_config(profile="smoke", overrides={
-        "data.data_root": str(tiny_data), "data.train_limit": 0, "data.eval_limit": 0, "data.test_limit": 3,
-        "train.epochs": 1, "train.max_cells": 400, "train.progress": False,
+        "runtime.data_root": str(tiny_data), "data.train_limit": 0, "data.eval_limit": 0, "data.test_limit": 3,
+        "train.epochs": 1, "train.max_cells": 400, "runtime.progress": False,
     })  # fmt: skip
     work = tmp_path_factory.mktemp("run")
     fit(cfg, work)
@@ -114,7 +115,7 @@ CONFIG_MISTAKES = {
     ),
     "negative limit": (["--set", "data.test_limit=-1"], "data.test_limit=-1: must be >= 0"),
     "negative seed": (["--set", "train.seed=-3"], "train.seed=-3: a seed must be >= 0"),
-    "device": (["--set", "train.device=gpu"], "train.device='gpu' is not one of auto, cpu, cuda"),
+    "device": (["--set", "runtime.device=gpu"], "runtime.device='gpu' is not one of auto, cpu, cuda"),
     "zero lr": (["--set", "train.lr=0"], "train.lr=0.0 must be > 0"),
     "bad choice": (
         ["--set", "model.context=lstm"],

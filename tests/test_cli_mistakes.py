@@ -135,6 +135,8 @@ MISTAKES: dict[str, Mistake] = {
     "train: unknown variant": M("train --dataset resume --variant nosuch", "'nosuch'", "args"),
     "train: negative seed": M("train --dataset resume --seed -1", "'-1'", "args"),
     "train: epochs 1e30": M(f"{TRAIN} --set train.epochs=1e30", "train.epochs", "4"),
+    "train: time budget nan": M(f"{TRAIN} --time-budget nan", "--time-budget nan", "4"),
+    "train: time budget 0": M(f"{TRAIN} --time-budget 0", "--time-budget 0", "4"),
     "train: epochs a billion": M(f"{TRAIN} --set train.epochs=1000000000", "train.epochs=1000000000", "4"),
     "train: epochs 2.5": M(f"{TRAIN} --set train.epochs=2.5", "train.epochs", "value"),
     "train: unknown key": M(f"{TRAIN} --set model.nosuch=1", "model.nosuch", "value"),
@@ -332,6 +334,10 @@ MISTAKES: dict[str, Mistake] = {
     "pretrain: negative steps": M("pretrain --out {tmp}/o --steps -1", "--steps", "4"),
     "pretrain: hidden not a number": M("pretrain --out {tmp}/o --hidden abc", "'abc'", "args"),
     "pretrain: bf16": M("pretrain --out {tmp}/o --bf16 maybe", "'maybe'", "args"),
+    "pretrain: missing init-from": M(
+        "pretrain --out {tmp}/o --vectors none --init-from {tmp}/nodir", "{tmp}/nodir", "1"
+    ),
+    "pretrain: missing named corpus": M("pretrain --out {tmp}/o --data-root {data} --text xwlb", "xwlb", "1"),
     # ----------------------------------------------------------------- migrate
     "migrate: runs-dir missing": M("migrate --runs-dir {tmp}/nodir", "{tmp}/nodir", "4"),
     "migrate: runs-dir a file": M("migrate --runs-dir {tmp}/afile", "{tmp}/afile", "4", files=FILE),
@@ -467,6 +473,8 @@ MISTAKES: dict[str, Mistake] = {
         f"{ENC} --build-dir {{tmp}}/afile/b", "{tmp}/afile", "1", files=FILE
     ),
     "encoders: runs-dir a file": M(f"{ENC} --runs-dir {{tmp}}/afile", "{tmp}/afile", "1", files=FILE),
+    "encoders: missing --encoders folder": M(f"{ENC} --encoders {{tmp}}/nodir", "{tmp}/nodir", "1"),
+    "encoders: page a folder": M(f"{ENC} --page {{tmp}}/adir", "{tmp}/adir", "1", files=DIR),
     "encoders: missing data root": M(
         "encoders --datasets resume --seeds 0 --arms random --profile smoke --data-root {tmp}/nodir",
         "{tmp}/nodir",

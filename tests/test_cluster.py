@@ -1,5 +1,5 @@
 """Past one machine: the Dask executor survives killed workers, and PostgreSQL carries MLflow and
-Optuna for many workers (issue 16). Loopback only, bounded in time.
+Optuna for many workers. Loopback only, bounded in time.
 
 The PostgreSQL tests need a server: ``$CRENER_TEST_POSTGRES`` (a SQLAlchemy URL such as
 ``postgresql+psycopg://postgres@127.0.0.1:5432/postgres``), which ``.ci/run`` starts and sets.
@@ -111,7 +111,7 @@ def test_dask_sweep_survives_sigkilled_workers_real_fit(
     data = tiny_resume(tmp_path / "data", 24)
     variants = ["full", "no_mlp", "no_region", "no_dconv"]
     cells = plan(profile="smoke", datasets=["resume"], models=["crener"], variants=variants,
-                 sets={"data.data_root": str(data), "train.epochs": "4", "train.threads": "1"})  # fmt: skip
+                 sets={"runtime.data_root": str(data), "train.epochs": "4", "runtime.threads": "1"})  # fmt: skip
     Tracker()
     ran, failed, killed = _sweep_with_kills(tmp_path, cells, str(data), kills=3)
     assert failed == [] and len(killed) == 3 and ran == len(cells)

@@ -89,13 +89,13 @@ def test_resolve_data_root_not_found(tmp_path, monkeypatch):
 
 def test_unknown_dataset_and_split(toy):
     with pytest.raises(DataError, match="unknown dataset 'nope'"):
-        load_dataset(DataConfig(dataset="nope", data_root=str(toy)))
+        load_dataset(DataConfig(dataset="nope"), data_root=str(toy))
     with pytest.raises(DataError, match="no dev split"):
         DATASETS["toy"].path("dev", toy)
 
 
 def test_lineage_protocol_dev_is_test(toy):
-    splits = load_dataset(DataConfig(dataset="toy", data_root=str(toy)))
+    splits = load_dataset(DataConfig(dataset="toy"), data_root=str(toy))
     assert splits.dev_is_test and splits.dev == splits.test and len(splits.train) == 20
     # Y occurs only in test (= dev here): the label set never reads test labels.
     assert splits.types == ("X",) and splits.repaired == {"train": 0, "dev": 0, "test": 0}
@@ -108,31 +108,31 @@ def test_types_come_from_train_and_dev_never_test(tmp_path, monkeypatch):
     _write(tmp_path / "tri" / "test.txt", 4, "S-T")
     monkeypatch.setitem(DATASETS, "tri", DATASETS["msra"])  # restored after the test
     register_dataset("tri", "tri", {"train": "train.txt", "dev": "dev.txt", "test": "test.txt"}, "bmes")
-    splits = load_dataset(DataConfig(dataset="tri", data_root=str(tmp_path)))
+    splits = load_dataset(DataConfig(dataset="tri"), data_root=str(tmp_path))
     assert splits.types == ("D", "X")
     assert {e.type for s in splits.test for e in s.entities} == {"T"}  # still scored: as misses
 
 
 def test_clean_protocol_holds_out_last_train_sentences(toy):
     register_dataset("toy", "toy", {"train": "train.txt", "test": "test.txt"}, "bmes", clean_dev_size=4)
-    full = load_dataset(DataConfig(dataset="toy", data_root=str(toy)))
-    clean = load_dataset(DataConfig(dataset="toy", data_root=str(toy), msra_protocol="clean"))
+    full = load_dataset(DataConfig(dataset="toy"), data_root=str(toy))
+    clean = load_dataset(DataConfig(dataset="toy", msra_protocol="clean"), data_root=str(toy))
     assert not clean.dev_is_test
     assert clean.train == full.train[:-4] and clean.dev == full.train[-4:]
     assert clean.test == full.test
 
 
 def test_clean_protocol_default_fraction(toy):
-    clean = load_dataset(DataConfig(dataset="toy", data_root=str(toy), msra_protocol="clean"))
+    clean = load_dataset(DataConfig(dataset="toy", msra_protocol="clean"), data_root=str(toy))
     assert (len(clean.train), len(clean.dev)) == (18, 2)
 
 
 def test_budgets(toy):
-    base = DataConfig(dataset="toy", data_root=str(toy))
-    full = load_dataset(base)
-    a = load_dataset(DataConfig(dataset="toy", data_root=str(toy), train_limit=7, eval_limit=3), seed=1)
-    b = load_dataset(DataConfig(dataset="toy", data_root=str(toy), train_limit=7, eval_limit=3), seed=1)
-    c = load_dataset(DataConfig(dataset="toy", data_root=str(toy), train_limit=7), seed=2)
+    base = DataConfig(dataset="toy")
+    full = load_dataset(base, data_root=str(toy))
+    a = load_dataset(DataConfig(dataset="toy", train_limit=7, eval_limit=3), seed=1, data_root=str(toy))
+    b = load_dataset(DataConfig(dataset="toy", train_limit=7, eval_limit=3), seed=1, data_root=str(toy))
+    c = load_dataset(DataConfig(dataset="toy", train_limit=7), seed=2, data_root=str(toy))
     assert a.train == b.train and a.train != c.train and len(a.train) == 7
     assert set(a.train) <= set(full.train)
     assert a.dev == full.dev[:3] and a.test == full.test  # test is always whole
@@ -142,14 +142,14 @@ def test_budgets(toy):
 def test_empty_split_names_the_file(toy):
     register_dataset("toy", "toy", {"train": "train.txt", "test": "test.txt"}, "bmes", clean_dev_size=20)
     with pytest.raises(DataError, match="train.txt") as info:
-        load_dataset(DataConfig(dataset="toy", data_root=str(toy), msra_protocol="clean"))
+        load_dataset(DataConfig(dataset="toy", msra_protocol="clean"), data_root=str(toy))
     assert "clean protocol" in str(info.value)
 
 
 def test_blank_file_names_the_file(toy):
     (toy / "toy" / "test.txt").write_text("\n\n", encoding="utf-8")
     with pytest.raises(DataError, match="test.txt: no sentences"):
-        load_dataset(DataConfig(dataset="toy", data_root=str(toy)))
+        load_dataset(DataConfig(dataset="toy"), data_root=str(toy))
 
 
 def test_cache_is_keyed_on_mtime_and_hands_out_copies(toy):

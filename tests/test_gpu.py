@@ -104,7 +104,7 @@ def test_predictions_on_device_equal_cpu(device, tiny_encoder, sentences):
 def test_fit_on_device_and_checkpoint_loads_on_cpu(device, tiny_data, tmp_path):
     from crener.train import fit
 
-    cfg = tiny_cfg(tiny_data, **{"train.device": str(device), "train.bf16": device.type == "cuda",
+    cfg = tiny_cfg(tiny_data, **{"runtime.device": str(device), "train.bf16": device.type == "cuda",
                                  "train.epochs": 2})  # fmt: skip
     summary = fit(cfg, tmp_path / "run", resume=False)
     assert 0.0 <= summary["test"]["f1"] <= 1.0

@@ -1,4 +1,4 @@
-"""Run identity (``RunConfig.key``): golden keys that must not move, what enters a key and what
+"""Run identity (``crener.identity.run_key``): golden keys that must not move, what enters a key and what
 does not, and the dataset digests it is built on.
 
 A golden key changing means every finished sweep cell is retrained: if the change is meant,
@@ -16,19 +16,14 @@ from pathlib import Path
 
 import pytest
 
-import crener.config as config
+import crener.identity as identity
+import crener.profiles as profiles
 from crener import registry
-from crener.config import (
-    KEY_IGNORED,
-    QUICK_V1,
-    DataConfig,
-    ModelConfig,
-    RunConfig,
-    TrainConfig,
-    build_run_config,
-)
+from crener.config import DataConfig, ModelConfig, RunConfig, RuntimeConfig
 from crener.data.datasets import DATASETS, register_dataset, resolve_data_root
 from crener.data.digest import dataset_digest, file_digest
+from crener.identity import QUICK_V1, encoder_weights, run_key
+from crener.profiles import build_run_config
 from crener.tracking import param_value
 
 # (build_run_config arguments, key, key over ZERO_DIGEST). Written once; they must never move. The
@@ -66,7 +61,7 @@ GOLDEN_DIGESTS = {
 }
 # Identity defaults as of KEY_SCHEMA 1. A field left at its default is not hashed, so changing a
 # default would silently give the old key to a new experiment: record the old value in
-# config.KEY_DEFAULTS instead (then this table still holds).
+# identity.KEY_DEFAULTS instead (then this table still holds).
 IDENTITY_DEFAULTS_V1 = {
     "profile": "custom", "variant": "full",
     "model.encoder": "embedded", "model.embedded_hidden": 256, "model.embedded_layers": 2,
@@ -92,7 +87,8 @@ IDENTITY_DEFAULTS_V1 = {
     "train.encoder_lr": 5e-06, "train.weight_decay": 0.0, "train.warmup": 0.1, "train.clip": 5.0,
     "train.bf16": False, "train.max_steps": 0,
 }  # fmt: skip
-# A non-default value of each ignored field (data.data_root is tested on a copy of the files).
+# A non-default value of each runtime field (data_root is tested on a copy of the files), by the
+# old flat names that old MLflow params and sweep files still use (crener.config.RUNTIME_ALIASES).
 IGNORED_VALUES = {
     "train.progress": False,
     "train.device": "cpu",
@@ -104,6 +100,8 @@ IGNORED_VALUES = {
     "model.space_to_batch": False,
     "model.checkpoint_rounds": True,
     "model.checkpoint_above": 8,
+    "train.eval_every": 5,
+    "runtime.time_budget": 12.5,
 }
 
 
@@ -113,20 +111,20 @@ IGNORED_VALUES = {
 @pytest.mark.parametrize("name", list(GOLDEN))
 def test_golden_keys(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     kwargs, key, zero_digest_key = GOLDEN[name]
-    monkeypatch.setitem(config.PROFILES, "quick", QUICK_V1)
+    monkeypatch.setitem(profiles.PROFILES, "quick", QUICK_V1)
     # ...and the families as they were then, before any had settings of its own within a profile
     get = registry.get
     monkeypatch.setattr(registry, "get", lambda model: dataclasses.replace(get(model), profile_defaults={}))
     cfg = build_run_config(**kwargs)
-    assert cfg.key(data_digest=ZERO_DIGEST) == zero_digest_key, "the key function moved"
+    assert run_key(cfg, data_digest=ZERO_DIGEST) == zero_digest_key, "the key function moved"
     assert dataset_digest(cfg.data) == GOLDEN_DIGESTS[cfg.data.dataset], "the shared data files changed"
-    assert cfg.key() == key
+    assert run_key(cfg) == key
 
 
 def test_identity_defaults_unchanged() -> None:
-    defaults = config._identity_defaults(RunConfig())
+    defaults = identity.identity_defaults(RunConfig())
     moved = {k: (v, defaults[k]) for k, v in IDENTITY_DEFAULTS_V1.items() if defaults.get(k, v) != v}
-    assert not moved, f"defaults changed; record the old ones in crener.config.KEY_DEFAULTS: {moved}"
+    assert not moved, f"defaults changed; record the old ones in crener.identity.KEY_DEFAULTS: {moved}"
     missing = set(IDENTITY_DEFAULTS_V1) - set(defaults)
     assert not missing, f"fields removed (a run logged with them still migrates): {missing}"
 
@@ -158,22 +156,20 @@ def test_adding_a_field_with_a_default_changes_no_key(model: str, section: str) 
     cfg = build_run_config(model=model, profile="quick", dataset="resume")
     same = _with_extra_field(cfg, section, value=7, default=7)
     assert f"{section}.brand_new_option" in same.flatten()
-    assert same.key(ZERO_DIGEST) == cfg.key(ZERO_DIGEST)
+    assert run_key(same, ZERO_DIGEST) == run_key(cfg, ZERO_DIGEST)
     # Set away from its default it counts, for every family until one says it reads it (registry).
-    assert _with_extra_field(cfg, section, value=8, default=7).key(ZERO_DIGEST) != cfg.key(ZERO_DIGEST)
+    assert run_key(_with_extra_field(cfg, section, value=8, default=7), ZERO_DIGEST) != run_key(
+        cfg, ZERO_DIGEST
+    )
 
 
 def test_every_model_field_is_declared() -> None:
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     declared = registry.declared_fields()
-    ignored = {k.partition(".")[2] for k in KEY_IGNORED if k.startswith("model.")}
     assert declared <= fields, f"families name fields that do not exist: {declared - fields}"
-    undeclared = fields - declared - ignored - {"name"}
+    undeclared = fields - declared - {"name"}
     assert not undeclared, f"say which families read these (ModelFamily.fields): {undeclared}"
     assert all(f.fields is not None for f in registry.families().values())
-    for section, cls_ in (("data", DataConfig), ("train", TrainConfig), ("model", ModelConfig)):
-        names = {f"{section}.{f.name}" for f in dataclasses.fields(cls_)}
-        assert {k for k in KEY_IGNORED if k.startswith(f"{section}.")} <= names
 
 
 @pytest.mark.parametrize("model", ["bert_softmax", "bert_crf", "tener"])
@@ -185,9 +181,9 @@ def test_sequence_baselines_ignore_grid_fields(model: str) -> None:
         "model.attn_matrix": "none", "model.context": "none", "model.biaffine_dim": 16,
         "model.lstm_hidden": 8,
     }  # fmt: skip
-    assert cfg.with_overrides(grid_only).key(ZERO_DIGEST) == cfg.key(ZERO_DIGEST)
-    assert cfg.with_overrides({"model.emb_dropout": 0.2}).key(ZERO_DIGEST) != cfg.key(ZERO_DIGEST)
-    assert cfg.with_overrides({"model.embedded_layers": 3}).key(ZERO_DIGEST) != cfg.key(ZERO_DIGEST)
+    assert run_key(cfg.with_overrides(grid_only), ZERO_DIGEST) == run_key(cfg, ZERO_DIGEST)
+    assert run_key(cfg.with_overrides({"model.emb_dropout": 0.2}), ZERO_DIGEST) != run_key(cfg, ZERO_DIGEST)
+    assert run_key(cfg.with_overrides({"model.embedded_layers": 3}), ZERO_DIGEST) != run_key(cfg, ZERO_DIGEST)
 
 
 def test_each_family_keys_what_it_reads() -> None:
@@ -202,40 +198,48 @@ def test_each_family_keys_what_it_reads() -> None:
         (crener, {"model.tf_layers": 3, "model.conv_channels": 8}, {"model.lstm_hidden": 8}),
     ):  # fmt: skip
         for name, value in read.items():
-            assert cfg.with_overrides({name: value}).key(ZERO_DIGEST) != cfg.key(ZERO_DIGEST), name
-        assert cfg.with_overrides(unread).key(ZERO_DIGEST) == cfg.key(ZERO_DIGEST)
+            assert run_key(cfg.with_overrides({name: value}), ZERO_DIGEST) != run_key(cfg, ZERO_DIGEST), name
+        assert run_key(cfg.with_overrides(unread), ZERO_DIGEST) == run_key(cfg, ZERO_DIGEST)
 
 
 @pytest.mark.parametrize("model", registry.names())
 def test_ignored_fields_change_no_key(model: str) -> None:
     cfg = build_run_config(model=model, profile="smoke", dataset="resume")
-    assert cfg.with_overrides(IGNORED_VALUES).key() == cfg.key()
+    moved = cfg.with_overrides(IGNORED_VALUES)
+    assert moved.runtime != cfg.runtime
+    assert run_key(moved) == run_key(cfg)
+    assert {f.name for f in dataclasses.fields(RuntimeConfig)} == {
+        k.partition(".")[2] for k in IGNORED_VALUES
+    } | {"data_root"}, "give each runtime field a value above"
 
 
 def test_data_root_is_not_identity_but_the_files_are(tmp_path: Path) -> None:
     cfg = build_run_config(profile="smoke", dataset="resume")
     shutil.copytree(resolve_data_root() / "resume", tmp_path / "resume")
-    copy = cfg.with_overrides({"data.data_root": str(tmp_path)})
-    assert copy.key() == cfg.key()
+    copy = cfg.with_overrides({"runtime.data_root": str(tmp_path)})
+    assert run_key(copy) == run_key(cfg)
     with open(tmp_path / "resume" / "dev.char.bmes", "a", encoding="utf-8") as fh:
         fh.write("\n")  # one more byte: other data, another run
-    assert dataset_digest(copy.data) != dataset_digest(cfg.data)
-    assert copy.key() != cfg.key()
+    assert dataset_digest(copy.data, copy.runtime.data_root) != dataset_digest(cfg.data)
+    assert run_key(copy) != run_key(cfg)
 
 
 def test_seed_digest_labels_and_values_change_the_key() -> None:
     cfg = build_run_config(profile="smoke", dataset="resume")
     keys = {
-        cfg.key(ZERO_DIGEST),
-        cfg.key("1" * 64),
-        cfg.with_overrides({"train.seed": 1}).key(ZERO_DIGEST),
-        cfg.with_overrides({"profile": "custom"}).key(ZERO_DIGEST),
-        cfg.with_overrides({"variant": "no_region"}).key(ZERO_DIGEST),
-        cfg.with_overrides({"train.lr": 1e-4}).key(ZERO_DIGEST),
-        cfg.with_overrides(
-            {"model.name": "w2ner", "model.context": "bilstm", "model.attn_matrix": "none"}
-        ).key(ZERO_DIGEST),
-        cfg.with_overrides({"data.dataset": "weibo"}).key(ZERO_DIGEST),
+        run_key(cfg, ZERO_DIGEST),
+        run_key(cfg, "1" * 64),
+        run_key(cfg.with_overrides({"train.seed": 1}), ZERO_DIGEST),
+        run_key(cfg.with_overrides({"profile": "custom"}), ZERO_DIGEST),
+        run_key(cfg.with_overrides({"variant": "no_region"}), ZERO_DIGEST),
+        run_key(cfg.with_overrides({"train.lr": 1e-4}), ZERO_DIGEST),
+        run_key(
+            cfg.with_overrides(
+                {"model.name": "w2ner", "model.context": "bilstm", "model.attn_matrix": "none"}
+            ),
+            ZERO_DIGEST,
+        ),
+        run_key(cfg.with_overrides({"data.dataset": "weibo"}), ZERO_DIGEST),
     }
     assert len(keys) == 8
     assert all(re.fullmatch("[0-9a-f]{16}", k) for k in keys)
@@ -244,21 +248,21 @@ def test_seed_digest_labels_and_values_change_the_key() -> None:
 def test_key_depends_on_values_not_on_how_they_were_set() -> None:
     cfg = build_run_config(model="w2ner", profile="quick", dataset="weibo", seed=3)
     logged = {k: param_value(v) for k, v in cfg.flatten().items()}  # as MLflow returns params
-    assert RunConfig.from_flat(logged).key() == cfg.key()
+    assert run_key(RunConfig.from_flat(logged)) == run_key(cfg)
     variant = build_run_config(variant="no_region", profile="smoke")
     by_hand = build_run_config(
         profile="smoke", overrides={"model.use_region_embedding": "false", "variant": "no_region"}
     )
-    assert by_hand.key() == variant.key()
+    assert run_key(by_hand) == run_key(variant)
 
 
 def test_a_recorded_default_change_keeps_old_keys(monkeypatch: pytest.MonkeyPatch) -> None:
     # Pretend model.fast_dropout used to default to True: runs that kept True keep their keys,
     # runs with today's default (False) are another experiment.
-    before = RunConfig(model=ModelConfig(fast_dropout=False)).key(ZERO_DIGEST)  # today's default
-    monkeypatch.setattr(config, "KEY_DEFAULTS", {"model.fast_dropout": True})
-    assert RunConfig(model=ModelConfig(fast_dropout=True)).key(ZERO_DIGEST) == before
-    assert RunConfig(model=ModelConfig(fast_dropout=False)).key(ZERO_DIGEST) != before
+    before = run_key(RunConfig(model=ModelConfig(fast_dropout=False)), ZERO_DIGEST)  # today's default
+    monkeypatch.setattr(identity, "KEY_DEFAULTS", {"model.fast_dropout": True})
+    assert run_key(RunConfig(model=ModelConfig(fast_dropout=True)), ZERO_DIGEST) == before
+    assert run_key(RunConfig(model=ModelConfig(fast_dropout=False)), ZERO_DIGEST) != before
 
 
 def test_digest_follows_file_edits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -268,12 +272,12 @@ def test_digest_follows_file_edits(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     (tmp_path / "toy" / "train.txt").write_text("张 S-PER\n\n", encoding="utf-8")
     (tmp_path / "toy" / "test.txt").write_text("李 S-PER\n\n", encoding="utf-8")
     register_dataset("toy", "toy", {"train": "train.txt", "test": "test.txt"}, "bmes")
-    data = DataConfig(dataset="toy", data_root=str(tmp_path))
-    first = dataset_digest(data)
-    assert dataset_digest(data) == first
+    data = DataConfig(dataset="toy")
+    first = dataset_digest(data, tmp_path)
+    assert dataset_digest(data, tmp_path) == first
     (tmp_path / "toy" / "test.txt").write_text("王 S-PER\n\n", encoding="utf-8")  # same size
     os.utime(tmp_path / "toy" / "test.txt", ns=(1, 1))  # and a different mtime
-    assert dataset_digest(data) != first
+    assert dataset_digest(data, tmp_path) != first
 
 
 def test_bf16_auto_is_resolved_before_the_key_from_the_measured_peaks(
@@ -283,16 +287,16 @@ def test_bf16_auto_is_resolved_before_the_key_from_the_measured_peaks(
     peaks favour, before the key is made: the run records, and is keyed by, the precision it got."""
     import crener.evaluation as evaluation
 
-    assert config.PROFILES["full"]["train.bf16"] == "auto"
+    assert profiles.PROFILES["full"]["train.bf16"] == "auto"
     asked = []
     for pays in (True, False):
         monkeypatch.setattr(evaluation, "bf16_pays", lambda device, pays=pays: asked.append(device) or pays)
         cfg = build_run_config(profile="full")
         assert cfg.train.bf16 is pays
-        assert cfg.key() == build_run_config(profile="full", overrides={"train.bf16": pays}).key()
+        assert run_key(cfg) == run_key(build_run_config(profile="full", overrides={"train.bf16": pays}))
         assert build_run_config(profile="quick", overrides={"train.bf16": "auto"}).train.bf16 is pays
     assert asked == ["auto"] * 4
-    assert build_run_config(profile="full", overrides={"train.bf16": True}).key() != cfg.key()
+    assert run_key(build_run_config(profile="full", overrides={"train.bf16": True})) != run_key(cfg)
     assert build_run_config(profile="quick").train.bf16 is False  # quick stays fp32: nothing measured
     assert len(asked) == 4
 
@@ -318,21 +322,21 @@ def test_shipped_encoder_weights_enter_the_key_only_when_they_changed(
 
     cfg = build_run_config(profile="quick", dataset="resume")
     assert cfg.model.encoder == "crener-char"
-    first = config.KEY_ENCODER_WEIGHTS["crener-char"]
+    first = identity.KEY_ENCODER_WEIGHTS["crener-char"]
     monkeypatch.setattr(encoder, "shipped_weights_digest", lambda name: first)
-    assert cfg.encoder_weights() == first
-    as_first = cfg.key(ZERO_DIGEST)
+    assert encoder_weights(cfg) == first
+    as_first = run_key(cfg, ZERO_DIGEST)
     monkeypatch.setattr(encoder, "shipped_weights_digest", lambda name: None)  # keyed by name alone
-    assert cfg.key(ZERO_DIGEST) == as_first
+    assert run_key(cfg, ZERO_DIGEST) == as_first
     rebuilt = "ab" * 32
     monkeypatch.setattr(encoder, "shipped_weights_digest", lambda name: rebuilt)
-    assert cfg.key(ZERO_DIGEST) != as_first
+    assert run_key(cfg, ZERO_DIGEST) != as_first
     # A family that reads no encoder keeps its key whatever the weights.
     tener = build_run_config(model="tener", profile="quick", dataset="resume")
-    assert tener.encoder_weights() is None
-    tener_key = tener.key(ZERO_DIGEST)
+    assert encoder_weights(tener) is None
+    tener_key = run_key(tener, ZERO_DIGEST)
     monkeypatch.setattr(encoder, "shipped_weights_digest", lambda name: first)
-    assert tener.key(ZERO_DIGEST) == tener_key
+    assert run_key(tener, ZERO_DIGEST) == tener_key
 
 
 def test_shipped_weights_digest_is_the_file_hash_and_none_elsewhere(tmp_path: Path) -> None:
@@ -350,7 +354,7 @@ def test_run_tags_name_the_shipped_weights(monkeypatch: pytest.MonkeyPatch) -> N
 
     cfg = build_run_config(profile="quick", dataset="resume")
     tags = run_tags(cfg, "main")
-    assert tags["crener.encoder_weights"] == cfg.encoder_weights()
+    assert tags["crener.encoder_weights"] == encoder_weights(cfg)
     assert "crener.encoder_weights" not in run_tags(
         build_run_config(profile="smoke", dataset="resume"), "main"
     )

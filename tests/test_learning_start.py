@@ -12,6 +12,7 @@ import torch
 
 from crener.config import ModelConfig
 from crener.data.batching import Example
+from crener.identity import run_key
 from crener.layers import CoPredictor
 from crener.tasks import GridTask
 from crener.train import fit, replace_with_unk, start_from_priors, unk_replacement_probs
@@ -103,7 +104,7 @@ def test_fit_starts_grid_models_at_the_priors(tiny_encoder):
 
 def test_softmax_tagger_prior_is_the_log_tag_frequency_and_starts_its_classifier(tiny_encoder):
     from baselines.sequence import SequenceTask
-    from crener.config import build_run_config
+    from crener.profiles import build_run_config
     from crener.registry import build_model
 
     encoder, tok = tiny_encoder
@@ -127,12 +128,12 @@ def test_softmax_tagger_prior_is_the_log_tag_frequency_and_starts_its_classifier
 def test_prior_bias_is_read_by_the_softmax_tagger_and_not_by_the_crf_one(tiny_data, tmp_path, monkeypatch):
     """BERT-CRF does not read model.prior_bias (its key ignores it), so fit must not act on it."""
     import crener.train as train_mod
-    from crener.config import build_run_config
+    from crener.profiles import build_run_config
 
     on = {"model.prior_bias": True}
     for name, changes in (("bert_softmax", True), ("bert_crf", False), ("crener", True)):
-        a = build_run_config(model=name, profile="smoke").key()
-        b = build_run_config(model=name, profile="smoke", overrides=on).key()
+        a = run_key(build_run_config(model=name, profile="smoke"))
+        b = run_key(build_run_config(model=name, profile="smoke", overrides=on))
         assert (a != b) is changes, name
     called = []
     monkeypatch.setattr(
@@ -197,7 +198,7 @@ def test_shifted_moves_zlpr_thresholds_and_the_ce_none_class():
 
 def test_step_curve_is_written_and_changes_no_training_result(tiny_data, tmp_path):  # noqa: F811
     plain = fit(tiny_cfg(tiny_data, **{"train.epochs": 2}), tmp_path / "a")
-    curved = fit(tiny_cfg(tiny_data, **{"train.epochs": 2, "train.eval_every": 1}), tmp_path / "b")
+    curved = fit(tiny_cfg(tiny_data, **{"train.epochs": 2, "runtime.eval_every": 1}), tmp_path / "b")
     assert plain["dev"] == curved["dev"] and plain["test"] == curved["test"]
     hist_a = json.loads((tmp_path / "a" / "history.json").read_text())
     hist_b = json.loads((tmp_path / "b" / "history.json").read_text())
@@ -326,7 +327,7 @@ def test_calibrated_shift_reaches_test_the_checkpoint_and_predict(tiny_data, tmp
     from crener.data.datasets import load_dataset
     from crener.evaluation import build_split
 
-    data = load_dataset(cfg.data, seed=cfg.train.seed)
+    data = load_dataset(cfg.data, seed=cfg.train.seed, data_root=cfg.runtime.data_root)
     test = build_split("test", data.test, cfg.data.max_len, loaded.task, loaded.tokenizer)
     per = predict_shifted(
         loaded.model, loaded.task, test.examples, torch.device("cpu"), loaded.cfg, (0.0, chosen)
@@ -343,10 +344,10 @@ def test_calibrated_shift_reaches_test_the_checkpoint_and_predict(tiny_data, tmp
 
 
 def test_calibrate_is_a_grid_task_field_only():
-    from crener.config import build_run_config
+    from crener.profiles import build_run_config
 
     on = {"model.calibrate": True}
     for name, changes in (("crener", True), ("w2ner", True), ("bert_crf", False), ("tener", False)):
-        a = build_run_config(model=name, profile="smoke").key()
-        b = build_run_config(model=name, profile="smoke", overrides=on).key()
+        a = run_key(build_run_config(model=name, profile="smoke"))
+        b = run_key(build_run_config(model=name, profile="smoke", overrides=on))
         assert (a != b) is changes, name

@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from crener.config import VARIANTS, build_run_config
+from crener import registry
+from crener.config import RuntimeConfig
 from crener.data.batching import Example, collate
 from crener.loss import GridLoss
 from crener.metrics import score
 from crener.model import CRENER
+from crener.profiles import VARIANTS, build_run_config
 from crener.registry import build_model, build_task
 from tests.conftest import TYPES
 
@@ -29,7 +31,7 @@ def model_cfg(variant: str = "full", **overrides):
     return dataclasses.replace(cfg, **{**zero, **overrides})
 
 
-def make(variant, tiny_encoder, sentences, family="crener", **overrides):
+def make(variant, tiny_encoder, sentences, family="crener", runtime=None, **overrides):
     encoder, tok = tiny_encoder
     cfg = (
         model_cfg(variant, **overrides)
@@ -38,7 +40,7 @@ def make(variant, tiny_encoder, sentences, family="crener", **overrides):
     )
     task = build_task(cfg, TYPES)
     torch.manual_seed(0)
-    model = build_model(cfg, task, encoder)
+    model = build_model(cfg, task, encoder, runtime)
     examples = [
         Example(k, np.asarray(tok.encode(s.chars)), task.featurize(s.entities, len(s)), len(s))
         for k, s in enumerate(sentences)
@@ -145,14 +147,17 @@ def test_every_built_parameter_is_used_and_removed_parts_never_run(variant, tiny
 
 
 def test_invalid_combinations_refused():
-    with pytest.raises(ValueError, match="both be false"):
-        model_cfg(use_biaffine=False, use_grid_mlp=False)
-    with pytest.raises(ValueError, match="attn_matrix"):
-        model_cfg(context="none")
-    with pytest.raises(ValueError, match="loss=ce"):
-        model_cfg(loss="ce")
-    with pytest.raises(ValueError, match="rounds"):
-        model_cfg(use_relation_enhancement=False)
+    # The family checks these where a run is built (crener.registry.check_model), not the config.
+    for overrides, match in (
+        ({"use_biaffine": False, "use_grid_mlp": False}, "both be false"),
+        ({"context": "none"}, "attn_matrix"),
+        ({"loss": "ce"}, "loss=ce"),
+        ({"use_relation_enhancement": False}, "rounds"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            build_run_config(profile="smoke", overrides={f"model.{k}": v for k, v in overrides.items()})
+        with pytest.raises(ValueError, match=match):
+            registry.check_model(model_cfg(**overrides))
 
 
 def test_profile_rounds_apply_only_where_enhancement_runs():
@@ -267,7 +272,9 @@ def test_grid_input_forms_equal_the_literal_concatenation(
 def test_grid_rewrites_compute_the_same_scores(form, tiny_encoder, sentences):
     # Another input form and library convs (both non-default) give the default model's scores.
     cfg, task, model, examples = make("full", tiny_encoder, sentences)
-    _, _, other, _ = make("full", tiny_encoder, sentences, grid_input=form, space_to_batch=False)
+    _, _, other, _ = make(
+        "full", tiny_encoder, sentences, runtime=RuntimeConfig(grid_input=form, space_to_batch=False)
+    )
     other.load_state_dict(model.state_dict())
     assert model.grid.input_form == "split" and model.grid.dconv.space_to_batch
     assert other.grid.input_form == form and not other.grid.dconv.space_to_batch

@@ -520,6 +520,7 @@ def test_make_report_end_to_end(store, tmp_path, monkeypatch):
             assert (out / "tables" / f"{name}.{ext}").stat().st_size > 0
             assert f"tables/{name}.{ext}" in text
     figures = [
+        "time_to_accuracy",
         "ablation_delta_f1",
         "learning_curves_variants",
         "learning_curves_systems",
@@ -728,3 +729,21 @@ def test_header_names_each_build_of_a_shipped_encoder():
     assert tables.RunIndex(runs.drop(columns="encoder_weights"), sweeps=None).encoders() == ["crener-char"]
     only_tener = tables.RunIndex(runs[runs["model"] == "tener"], sweeps=None)
     assert only_tener.encoders() == [] and "encoder: none read" in only_tener.header("quick")
+
+
+def test_time_to_accuracy_puts_each_epoch_at_its_runs_cumulative_minutes(tmp_path):
+    import pandas as pd
+
+    from reports.plots import learning_curves, with_minutes
+
+    history = pd.DataFrame({
+        "run_id": ["b", "a", "a", "b"], "epoch": [2, 2, 1, 1], "epoch_seconds": [90.0, 30.0, 60.0, 30.0],
+        "model": "crener", "variant": "full", "dataset": "weibo", "seed": [1, 0, 0, 1],
+        "dev/f1": [0.5, 0.4, 0.2, 0.3],
+    })  # fmt: skip
+    out = with_minutes(history)
+    assert list(zip(out["run_id"], out["epoch"], out["minutes"])) == [
+        ("a", 1, 1.0), ("a", 2, 1.5), ("b", 1, 0.5), ("b", 2, 2.0),
+    ]  # fmt: skip
+    paths = learning_curves(history, tmp_path / "tta", x="minutes")
+    assert {p.suffix for p in paths} == {".png", ".pdf"} and all(p.stat().st_size > 500 for p in paths)

@@ -19,6 +19,7 @@ import pytest
 
 from crener.cli import main as cli_main
 from crener.config import RunConfig
+from crener.identity import run_key
 from crener.runner import CellBusy, lock_path, run_one
 from crener.tracking import EPOCH_METRICS, Tracker, file_lock
 from crener.workspace import workdir_for
@@ -37,8 +38,8 @@ def _steps(run_id: str, key: str = "dev/f1") -> list[int]:
 
 
 def _check_one_finished_run(cfg: RunConfig) -> str:
-    runs = _runs(cfg.key())
-    assert len(runs) == 1, f"{cfg.key()}: {len(runs)} runs"
+    runs = _runs(run_key(cfg))
+    assert len(runs) == 1, f"{run_key(cfg)}: {len(runs)} runs"
     run = runs[0]
     assert run.state == "finished" and run.status == "FINISHED"
     for key in EPOCH_METRICS:
@@ -53,11 +54,11 @@ def _check_one_finished_run(cfg: RunConfig) -> str:
 def test_run_once_then_skip(mlflow_store: str, fake_fit: types.ModuleType, tmp_path: Path) -> None:
     cfg = smoke_cfg()
     out = run_one(cfg, sweep="main")
-    assert not out["skipped"] and out["workdir"] == str(tmp_path / "runs" / "smoke" / cfg.key())
+    assert not out["skipped"] and out["workdir"] == str(tmp_path / "runs" / "smoke" / run_key(cfg))
     assert (workdir_for(cfg) / "summary.json").is_file()
     again = run_one(cfg, sweep="ablation")
     assert again["skipped"] and again["run_id"] == out["run_id"] and again["test"] == out["test"]
-    assert [cfg.key()] == fake_fit.CALLS
+    assert [run_key(cfg)] == fake_fit.CALLS
     _check_one_finished_run(cfg)
     run = Tracker().get_run(out["run_id"])
     assert run.tags["crener.sweep"] == "main"
@@ -86,7 +87,7 @@ def test_failed_cell_resumes_same_run(mlflow_store: str, fake_fit: types.ModuleT
     fake_fit.fit = crashing_fit
     with pytest.raises(Crash):
         run_one(cfg)
-    (failed,) = _runs(cfg.key())
+    (failed,) = _runs(run_key(cfg))
     assert failed.state == "failed" and "power cut" in failed.tags["crener.error"]
     assert _steps(failed.run_id) == [1, 2]
 
@@ -123,7 +124,7 @@ def test_table_sweep_claims_adhoc_runs_but_not_the_reverse(
     Tracker().start_run(broken, sweep="ablation").fail("killed")
     out = run_one(broken)  # adhoc resumes it without demoting it
     assert Tracker().get_run(out["run_id"]).tags["crener.sweep"] == "ablation"
-    assert [done.key(), broken.key()] == fake_fit.CALLS
+    assert [run_key(done), run_key(broken)] == fake_fit.CALLS
 
 
 def test_untracked_run(tmp_path: Path, fake_fit: types.ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -169,7 +170,7 @@ def test_reproduce_survives_missing_model_code(
     assert "failed cell tener:full/resume/s0" in caplog.text
     assert "baselines.tener" in caplog.text
     assert report_calls == ["smoke"]  # the report still runs over what finished
-    states = {c.cfg.model.name: [r.state for r in _runs(c.cfg.key())] for c in cells}
+    states = {c.cfg.model.name: [r.state for r in _runs(run_key(c.cfg))] for c in cells}
     assert states == {
         "crener": ["finished"],
         "w2ner": ["finished"],
@@ -178,7 +179,9 @@ def test_reproduce_survives_missing_model_code(
         "tener": ["failed"],
     }
     failed_ids = {
-        c.cfg.key(): _runs(c.cfg.key())[0].run_id for c in cells if c.cfg.model.name in ("tener", "bert_crf")
+        run_key(c.cfg): _runs(run_key(c.cfg))[0].run_id
+        for c in cells
+        if c.cfg.model.name in ("tener", "bert_crf")
     }
 
     monkeypatch.delenv("CRENER_FAKE_FAIL_MODELS")
@@ -187,7 +190,7 @@ def test_reproduce_survives_missing_model_code(
     assert sorted(fake_fit.CALLS) == sorted(failed_ids)  # only the failed cells trained again
     for c in cells:
         run_id = _check_one_finished_run(c.cfg)
-        assert failed_ids.get(c.cfg.key(), run_id) == run_id
+        assert failed_ids.get(run_key(c.cfg), run_id) == run_id
     assert report_calls == ["smoke"]
 
 
@@ -197,8 +200,8 @@ def test_reproduce_workers_split_cells(mlflow_store: str, fake_fit: types.Module
     first = list(fake_fit.CALLS)
     assert cli_main([*args, "--worker", "1/2"]) == 0
     cells = plan(profile="smoke", only="table3", seeds=[0, 1], models=["crener", "w2ner"])
-    assert first == [c.cfg.key() for c in cells[0::2]]
-    assert sorted(fake_fit.CALLS) == sorted(c.cfg.key() for c in cells)
+    assert first == [run_key(c.cfg) for c in cells[0::2]]
+    assert sorted(fake_fit.CALLS) == sorted(run_key(c.cfg) for c in cells)
     for c in cells:
         _check_one_finished_run(c.cfg)
 
@@ -249,8 +252,8 @@ def _kill_and_rerun(
     log1 = tmp_path / "first.log"
     victim = workdir_for(cells[mid].cfg, tmp_path / "runs") / "checkpoints" / "last.pt"
     _kill_when(_start(cmd, env, log1), victim, timeout, log1)
-    assert all(r.state == "finished" for c in cells[:mid] for r in _runs(c.cfg.key()))
-    (killed,) = _runs(cells[mid].cfg.key())
+    assert all(r.state == "finished" for c in cells[:mid] for r in _runs(run_key(c.cfg)))
+    (killed,) = _runs(run_key(cells[mid].cfg))
     assert killed.state == "running"  # SIGKILL leaves no chance to say goodbye
     assert not (workdir_for(cells[-1].cfg, tmp_path / "runs") / "summary.json").exists()
 
@@ -264,7 +267,7 @@ def _kill_and_rerun(
     assert rc == 0, text
     for cell in cells:
         _check_one_finished_run(cell.cfg)
-    assert _runs(cells[mid].cfg.key())[0].run_id == killed.run_id
+    assert _runs(run_key(cells[mid].cfg))[0].run_id == killed.run_id
     assert "already finished" in text
 
 
@@ -297,7 +300,7 @@ def test_sigkill_mid_sweep_fake_fit(
             return cli_main(args), caplog.text
 
     _kill_and_rerun([*fake_cli(tmp_path), *args], cells, env, tmp_path, timeout=90, rerun=rerun)
-    assert [c.cfg.key() for c in cells[1:]] == fake_fit.CALLS  # the finished cell was not retrained
+    assert [run_key(c.cfg) for c in cells[1:]] == fake_fit.CALLS  # the finished cell was not retrained
 
 
 @pytest.mark.slow
@@ -314,12 +317,12 @@ def test_sigkill_mid_sweep_real_fit(mlflow_store: str, tmp_path: Path) -> None:
         datasets=["resume"],
         models=["crener"],
         variants=["full", "no_mlp", "no_dconv"],
-        sets={"data.data_root": str(data)},  # as --data-root does: the keys digest these files
+        sets={"runtime.data_root": str(data)},  # as --data-root does: the keys digest these files
     )
     env = _subprocess_env(tmp_path, mlflow_store, OMP_NUM_THREADS="1")
     _kill_and_rerun(cmd, cells, env, tmp_path, timeout=420)
     summary = json.loads((workdir_for(cells[1].cfg, tmp_path / "runs") / "summary.json").read_text())
-    assert summary["key"] == cells[1].cfg.key()
+    assert summary["key"] == run_key(cells[1].cfg)
 
 
 def test_without_jobs_drops_both_spellings() -> None:
@@ -357,11 +360,11 @@ def test_reproduce_jobs_share_the_cells_real_fit(tmp_path: Path, monkeypatch: py
     assert proc.returncode == 0, proc.stderr[-3000:]
     cells = plan(
         profile="smoke", datasets=["resume"], models=["crener"],
-        variants=["full", "no_mlp", "no_dconv", "no_region"], sets={"data.data_root": str(data)},
+        variants=["full", "no_mlp", "no_dconv", "no_region"], sets={"runtime.data_root": str(data)},
     )  # fmt: skip
     for c in cells:
         run_id = _check_one_finished_run(c.cfg)
-        assert Tracker().get_run(run_id).params["train.threads"] == "1"
+        assert Tracker().get_run(run_id).params["runtime.threads"] == "1"
     trained = [line for line in proc.stderr.splitlines() if ": done," in line]
     assert len(trained) == len(cells)
     assert any("[job 0]" in line for line in trained) and any("[job 1]" in line for line in trained)
@@ -375,7 +378,7 @@ def test_tracked_train_then_evaluate_by_run_id(
     evaluate --run-id`` finds its best checkpoint and scores it as training did."""
     data = tiny_resume(tmp_path / "data", 16)
     args = ["train", "--dataset", "resume", "--profile", "smoke", "--data-root", str(data),
-            "--set", "train.epochs=2", "--set", "train.progress=false"]  # fmt: skip
+            "--set", "train.epochs=2", "--set", "runtime.progress=false"]  # fmt: skip
     assert cli_main(args) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     (run,) = _runs(summary["key"])
@@ -424,4 +427,4 @@ def test_system_metrics_follow_mlflows_switch(
 
     with pytest.raises(CrenerError, match="psutil"):
         run_one(smoke_cfg(seed=3))
-    assert _runs(smoke_cfg(seed=3).key()) == []  # refused before any run was created
+    assert _runs(run_key(smoke_cfg(seed=3))) == []  # refused before any run was created

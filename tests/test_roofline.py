@@ -13,7 +13,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from crener import roofline
-from crener.config import VARIANTS, build_run_config
+from crener.profiles import VARIANTS, build_run_config
 from crener.registry import build_model, build_task
 from tests.conftest import TYPES
 
@@ -106,7 +106,7 @@ def test_suite_json_has_the_issue_schema(
     monkeypatch.setattr(
         roofline, "machine_peaks", lambda: {"fp32_gflops": 100.0, "bf16_gflops": 50.0, "bandwidth_gbs": 10.0}
     )
-    args = argparse.Namespace(probe=None, overrides=["train.device=cpu"], suite=["roofline"], widths=["quick"],
+    args = argparse.Namespace(probe=None, overrides=["runtime.device=cpu"], suite=["roofline"], widths=["quick"],
                               models=["w2ner"], variants=["full"], sentences=4, json=True, lengths=[], batch=1)  # fmt: skip
     assert run_bench(args) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -23,15 +23,19 @@ VOCAB_SIZE = 6_077  # specials + every character of the four training splits and
 VECTORS_SHA256 = "2ad2a1ebae67d9d41176af12b5b28e1824c8dd3718aea8f10320b21e5ae4faef"
 
 
-def folder() -> Path:
-    return Path(crener.encoder.SHIPPED_ENCODERS[NAME])
+def folder(name: str = NAME) -> Path:
+    return Path(crener.encoder.SHIPPED_ENCODERS[name])
+
+
+def read_card(name: str = NAME) -> dict:
+    path = folder(name) / "card.json"
+    assert path.is_file(), f"the shipped encoder has no card: {path}"
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 @pytest.fixture
 def card() -> dict:
-    path = folder() / "card.json"
-    assert path.is_file(), f"the shipped encoder has no card: {path}"
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_card()
 
 
 def test_shipped_encoder_loads_offline(monkeypatch):

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from crener.config import VARIANTS, build_run_config
+from crener.identity import run_key
+from crener.profiles import VARIANTS, build_run_config
 from experiments.sweeps import (
     Cell,
     SweepError,
@@ -52,9 +53,9 @@ def test_expand_counts_and_unique_keys(profile: str, seeds: int, datasets: tuple
     main = expand("main", profile, datasets=datasets)
     ablation = expand("ablation", profile, datasets=datasets)
     assert len(main) == 5 * n * seeds and len(ablation) == 9 * n * seeds
-    assert len({c.key() for c in main + ablation}) == len(main) + len(ablation) - n * seeds
+    assert len({run_key(c) for c in main + ablation}) == len(main) + len(ablation) - n * seeds
     cells = plan(profile=profile, datasets=datasets)
-    assert len(cells) == len({c.cfg.key() for c in cells}) == (5 + 9 - 1) * n * seeds
+    assert len(cells) == len({run_key(c.cfg) for c in cells}) == (5 + 9 - 1) * n * seeds
     # the shared `full` CRENER cells keep their first sweep (main)
     full = [c for c in cells if c.cfg.model.name == "crener" and c.cfg.variant == "full"]
     assert {c.sweep for c in full} == {"main"} and len(full) == n * seeds
@@ -66,7 +67,7 @@ def test_expand_is_ordered_and_matches_build_run_config() -> None:
     assert [c.data.dataset for c in cells[:9]] == ["weibo"] * 9  # file order, not argument order
     assert [c.variant for c in cells[:9]] == list(VARIANTS)
     ref = build_run_config(model="crener", variant="no_dconv", profile="smoke", dataset="weibo", seed=0)
-    assert cells[list(VARIANTS).index("no_dconv")].key() == ref.key()
+    assert run_key(cells[list(VARIANTS).index("no_dconv")]) == run_key(ref)
     seeds = expand("main", "full", datasets=["msra"], models=["crener"])
     assert [c.train.seed for c in seeds] == [0, 1, 2, 3, 4]
 
@@ -167,7 +168,7 @@ def test_overrides_file_applies_but_never_undoes_an_ablation(tmp_path: Path) -> 
 def test_shard_partitions_in_order() -> None:
     cells = plan(profile="smoke", only="table3")
     parts = [shard(cells, i, 3) for i in range(3)]
-    assert sorted(c.cfg.key() for p in parts for c in p) == sorted(c.cfg.key() for c in cells)
+    assert sorted(run_key(c.cfg) for p in parts for c in p) == sorted(run_key(c.cfg) for c in cells)
     assert parts[1] == [cells[1], cells[4]]
     with pytest.raises(SweepError):
         shard(cells, 3, 3)

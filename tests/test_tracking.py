@@ -12,6 +12,7 @@ import pytest
 
 from crener.config import RunConfig
 from crener.errors import CheckpointError
+from crener.identity import run_key
 from crener.tracking import EPOCH_METRICS, Tracker, experiment_name
 from crener.workspace import artifact_root, sqlite_path, tracking_uri, workdir_for
 from tests.helpers import smoke_cfg
@@ -35,10 +36,10 @@ def test_tracking_uri_default_and_env(tmp_path: Path, monkeypatch: pytest.Monkey
 def test_runs_dir_default_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = smoke_cfg()
     monkeypatch.delenv("CRENER_RUNS", raising=False)
-    assert workdir_for(cfg) == Path("runs") / "smoke" / cfg.key()
+    assert workdir_for(cfg) == Path("runs") / "smoke" / run_key(cfg)
     monkeypatch.setenv("CRENER_RUNS", str(tmp_path))
-    assert workdir_for(cfg) == tmp_path / "smoke" / cfg.key()
-    assert workdir_for(cfg, "elsewhere") == Path("elsewhere") / "smoke" / cfg.key()
+    assert workdir_for(cfg) == tmp_path / "smoke" / run_key(cfg)
+    assert workdir_for(cfg, "elsewhere") == Path("elsewhere") / "smoke" / run_key(cfg)
 
 
 def test_names() -> None:
@@ -57,7 +58,7 @@ def test_run_contract_and_idempotent_resume(mlflow_store: str, tmp_path: Path) -
     logger.on_epoch_end(1, epoch_metrics)
     logger.fail(RuntimeError("boom"))
 
-    (run,) = tracker.find_runs(cfg.key())
+    (run,) = tracker.find_runs(run_key(cfg))
     assert run.state == "failed" and run.status == "FAILED"
     assert "boom" in run.tags["crener.error"]
     exp = tracker.client.get_experiment(run.experiment_id)
@@ -66,7 +67,7 @@ def test_run_contract_and_idempotent_resume(mlflow_store: str, tmp_path: Path) -
     tags = run.tags
     assert tags["mlflow.runName"] == "crener:full/resume/s0"
     for name, value in {
-        "crener.key": cfg.key(),
+        "crener.key": run_key(cfg),
         "crener.sweep": "main",
         "crener.model": "crener",
         "crener.variant": "full",
@@ -92,16 +93,13 @@ def test_run_contract_and_idempotent_resume(mlflow_store: str, tmp_path: Path) -
         path = get_spec("resume").path(split, resolve_data_root(None))
         assert item.dataset.digest == file_digest(path)[:32] and item.dataset.source == str(path.resolve())
         assert {t.key: t.value for t in item.tags} == {"mlflow.data.context": split}
-    assert (
-        RunConfig.from_flat(
-            {k: v for k, v in run.params.items() if "." in k or k in ("profile", "variant")}
-        ).key()
-        == cfg.key()
-    )
+    assert run_key(
+        RunConfig.from_flat({k: v for k, v in run.params.items() if "." in k or k in ("profile", "variant")})
+    ) == run_key(cfg)
 
     # Resume: same run id, the replayed epoch 1 is skipped, params are not re-logged.
     resumed = tracker.start_run(cfg, sweep="main", resume_run_id=run.run_id)
-    resumed.log_config(cfg.with_overrides({"train.device": "cpu"}))  # excluded from the key: kept, warned
+    resumed.log_config(cfg.with_overrides({"runtime.device": "cpu"}))  # excluded from the key: kept, warned
     resumed.on_start({"num_labels": 9, "parameters": 1234})
     resumed.on_epoch_end(1, {k: 0.9 for k in EPOCH_METRICS})
     resumed.on_epoch_end(2, {k: 0.7 for k in EPOCH_METRICS})
@@ -116,7 +114,7 @@ def test_run_contract_and_idempotent_resume(mlflow_store: str, tmp_path: Path) -
         "seconds": 3.0,
         "parameters": 1234,
         "num_labels": 9,
-        "key": cfg.key(),
+        "key": run_key(cfg),
     }
     (workdir / "summary.json").write_text(json.dumps(summary))
     (workdir / "predictions" / "test.jsonl").write_text("{}\n")
@@ -125,7 +123,7 @@ def test_run_contract_and_idempotent_resume(mlflow_store: str, tmp_path: Path) -
     resumed.finish(summary, workdir)
     resumed.finish(summary, workdir)  # finishing twice logs nothing twice
 
-    (run,) = tracker.find_runs(cfg.key())
+    (run,) = tracker.find_runs(run_key(cfg))
     assert run.state == "finished" and run.status == "FINISHED"
     for key in EPOCH_METRICS:
         history = tracker.client.get_metric_history(run.run_id, key)
@@ -133,7 +131,7 @@ def test_run_contract_and_idempotent_resume(mlflow_store: str, tmp_path: Path) -
     assert len(tracker.client.get_metric_history(run.run_id, "best/test_f1")) == 1
     assert run.metrics["best/dev_f1"] == 0.7 and run.metrics["best/epoch"] == 2
     assert run.metrics["parameters"] == 1234
-    assert run.params["train.device"] == "auto"
+    assert run.params["runtime.device"] == "auto"
     artifacts = {a.path for a in tracker.client.list_artifacts(run.run_id)}
     assert {"summary.json", "predictions"} <= artifacts
     assert tracker.load_summary(run)["test"]["f1"] == 0.6
@@ -149,9 +147,9 @@ def test_find_runs_ignores_tune_and_other_keys(mlflow_store: str) -> None:
     a, b = smoke_cfg(seed=0), smoke_cfg(seed=1)
     tracker.start_run(a, sweep="main").finish()
     tracker.start_run(a, sweep="tune", experiment="crener-tune-smoke")
-    assert [r.tags["crener.sweep"] for r in tracker.find_runs(a.key())] == ["main"]
-    assert len(tracker.find_runs(a.key(), include_tune=True)) == 2
-    assert tracker.find_runs(b.key()) == []
+    assert [r.tags["crener.sweep"] for r in tracker.find_runs(run_key(a))] == ["main"]
+    assert len(tracker.find_runs(run_key(a), include_tune=True)) == 2
+    assert tracker.find_runs(run_key(b)) == []
     with pytest.raises(ValueError, match="sweep"):
         tracker.start_run(a, sweep="nope")
 

@@ -15,6 +15,7 @@ from crener import train as train_mod
 from crener.checkpoint import load_checkpoint
 from crener.cli import main as cli_main
 from crener.errors import CheckpointError, CrenerError
+from crener.identity import run_key
 from crener.train import fit
 from tests.conftest import SENTENCES
 from tests.helpers import tiny_cfg, write_bmes
@@ -117,7 +118,7 @@ def test_deferred_loss_reads_and_loader_workers_train_the_same(tiny_data, tmp_pa
             return real_epoch(*args, sync_every=sync_every, **kwargs)
 
         monkeypatch.setattr(train_mod, "train_one_epoch", epoch)
-        over = {"train.epochs": 1, "train.max_cells": 100, "train.loader_workers": workers}
+        over = {"train.epochs": 1, "train.max_cells": 100, "runtime.loader_workers": workers}
         fit(tiny_cfg(tiny_data, **over), tmp_path / name)
         weights = load_checkpoint(tmp_path / name / "checkpoints" / "last.pt")["model"]
         runs[name] = (seen, weights)
@@ -127,7 +128,7 @@ def test_deferred_loss_reads_and_loader_workers_train_the_same(tiny_data, tmp_pa
         seen, weights = runs[name]
         assert seen == plain, name
         assert all(torch.equal(weights[k], w_plain[k]) for k in w_plain), name
-    assert cfg.train.loader_workers == 0
+    assert cfg.runtime.loader_workers == 0
 
 
 def test_a_non_finite_loss_is_caught_at_a_deferred_read(tiny_data, tmp_path, monkeypatch):
@@ -151,8 +152,12 @@ def test_a_non_finite_loss_is_caught_at_a_deferred_read(tiny_data, tmp_path, mon
 def test_missing_and_malformed_checkpoints(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "nope.pt")
+    text = tmp_path / "text.pt"
+    text.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="is a text file, not a checkpoint"):
+        load_checkpoint(text)
     garbage = tmp_path / "garbage.pt"
-    garbage.write_bytes(b"not a checkpoint at all")
+    garbage.write_bytes(bytes(range(256)) * 4)
     with pytest.raises(CheckpointError, match="cannot read"):
         load_checkpoint(garbage)
     other = tmp_path / "other.pt"
@@ -289,3 +294,58 @@ def test_heap_tensors_reuse_freed_memory_without_page_faults():
     pages = 5 * 64 * 2**20 // 4096  # every page of five fresh 64 MiB mappings
     assert faults["off"] > pages // 2  # glibc mmaps each block anew: it faults in again
     assert faults["on"] < pages // 20  # the heap keeps the freed block: reused without faults
+
+
+REAL_DEV_SCORES = train_mod._dev_scores
+
+
+def scripted_dev_f1(monkeypatch, values: list[float]) -> None:
+    """Dev F1 of successive epochs as scripted (the real scores otherwise), to steer early stopping."""
+    import types
+
+    real = REAL_DEV_SCORES  # not the attribute: an earlier script may have replaced it
+    script = iter(values)
+
+    def scripted(*args, **kwargs):
+        shift, scores = real(*args, **kwargs)
+        f1 = next(script)
+        micro = types.SimpleNamespace(precision=f1, recall=f1, f1=f1)
+        return shift, types.SimpleNamespace(micro=micro)
+
+    monkeypatch.setattr(train_mod, "_dev_scores", scripted)
+
+
+def test_patience_stops_and_tests_the_best_checkpoint_and_a_resumed_run_stops_alike(
+    tiny_data, tmp_path, monkeypatch
+):
+    cfg = tiny_cfg(tiny_data, **{"train.epochs": 6, "train.patience": 2})
+    assert run_key(cfg) != run_key(tiny_cfg(tiny_data, **{"train.epochs": 6}))  # another experiment
+    # Best at epoch 2; epochs 3 and 4 do not beat it: stop after 4, never train 5 and 6.
+    scripted_dev_f1(monkeypatch, [0.2, 0.5, 0.4, 0.5, 0.9, 0.9])
+    whole = fit(cfg, tmp_path / "a")
+    assert whole["epochs_run"] == 4 and whole["best_epoch"] == 2 and whole["epochs"] == 6
+    best = load_checkpoint(tmp_path / "a" / "checkpoints" / "best.pt")
+    assert best["epoch"] == 2
+    # The test was scored with the best checkpoint's weights, not the last epoch's.
+    last = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt")
+    assert last["epoch"] == 4 and any(
+        not torch.equal(best["model"][k], last["model"][k]) for k in best["model"]
+    )
+    # Killed after epoch 3, resumed: it trains epoch 4 only and stops where the whole run did.
+    scripted_dev_f1(monkeypatch, [0.2, 0.5, 0.4])
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, tmp_path / "b", callback=Recorder(stop_after=3))
+    scripted_dev_f1(monkeypatch, [0.5])
+    resumed = fit(cfg, tmp_path / "b")
+    assert resumed["epochs_run"] == 4 and resumed["best_epoch"] == 2
+    assert resumed["test"] == whole["test"]
+    # Resumed after the stop itself: nothing more is trained.
+    scripted_dev_f1(monkeypatch, [])
+    assert fit(cfg, tmp_path / "b")["epochs_run"] == 4
+
+
+def test_patience_must_not_be_negative(tiny_data):
+    from crener.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.patience=-1"):
+        tiny_cfg(tiny_data, **{"train.patience": -1})

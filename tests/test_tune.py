@@ -12,8 +12,9 @@ import optuna
 import pytest
 
 from crener import registry
-from crener.config import PROFILES, VARIANTS, build_run_config
 from crener.errors import CrenerError
+from crener.identity import run_key
+from crener.profiles import PROFILES, VARIANTS, build_run_config
 from crener.tracking import Tracker
 from experiments.sweeps import load_overrides, plan
 from experiments.tune import (
@@ -68,7 +69,7 @@ def test_default_params_lie_inside_the_space(model: str, profile: str) -> None:
             assert dist.low <= value <= dist.high, (name, value, dist.low, dist.high)
     flat = base.flatten()
     assert all(flat[k] == v for k, v in values.items())
-    assert base.with_overrides(values).key() == base.key()  # the untuned run itself
+    assert run_key(base.with_overrides(values)) == run_key(base)  # the untuned run itself
 
 
 def _trial_runs(study: str) -> tuple[list, list]:
@@ -123,7 +124,7 @@ def test_tune_logs_nested_trials_and_exports(
     assert len(_trial_runs(STUDY)[0]) == 1
 
     path = export_best(
-        again, tmp_path / "best.toml", sets={"train.epochs": "2", "train.seed": "0", "train.threads": "1"}
+        again, tmp_path / "best.toml", sets={"train.epochs": "2", "train.seed": "0", "runtime.threads": "1"}
     )
     (override,) = load_overrides(path)
     assert (
@@ -132,7 +133,7 @@ def test_tune_logs_nested_trials_and_exports(
         and override.profiles == ("smoke",)
     )
     assert "train.seed" not in override.values and override.values["train.epochs"] == "2"
-    assert "train.threads" not in override.values  # the tuning machine's, not the recipe's
+    assert "runtime.threads" not in override.values  # the tuning machine's, not the recipe's
     best_lr = again.best_params["train.lr"]
     cells = plan(profile="smoke", datasets=["resume"], only="table6", configs=[path])
     assert {c.cfg.train.lr for c in cells} == {best_lr}

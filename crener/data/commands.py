@@ -26,6 +26,7 @@ from crener.data.datasets import DATASETS, SPLITS, get_spec, read_split, resolve
 from crener.data.readers import FORMATS, read_conll
 from crener.data.schema import Sentence
 from crener.errors import DataError
+from crener.options import add_data_root, add_overrides, add_profile
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     stats.add_argument("dataset", metavar="DATASET", help=f"registered dataset ({known})")
     stats.add_argument("--split", choices=SPLITS, help="only this split (default: all the dataset has)")
     stats.add_argument("--json", action="store_true", help="one JSON object on stdout instead of tables")
-    stats.add_argument("--data-root", help="data directory (default: $CRENER_DATA, then shared/data)")
+    add_data_root(stats)
     stats.add_argument(
         "--max-len", type=int, default=DataConfig.max_len, help="count sentences longer than this"
     )
@@ -58,23 +59,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     batches = sub.add_parser("batches", help="one training epoch's batches under a profile: steps, sizes")
     batches.add_argument("dataset", metavar="DATASET", help=f"registered dataset ({known})")
-    batches.add_argument(
-        "--profile", default="quick", help="profile whose batching to apply (default: quick)"
-    )
+    add_profile(batches)
     batches.add_argument(
         "--model", default="crener", help="model family whose defaults apply (default: crener)"
     )
-    batches.add_argument(
-        "--set", dest="overrides", action="append", metavar="KEY=VALUE", help="config override"
-    )
-    batches.add_argument("--data-root", help="data directory (default: $CRENER_DATA, then shared/data)")
+    add_overrides(batches)
+    add_data_root(batches)
     batches.add_argument("--json", action="store_true", help="one JSON object on stdout")
     batches.set_defaults(func=cmd_batches)
 
     bench = sub.add_parser("bench", help="time reading and grid-encoding one split")
     bench.add_argument("dataset", metavar="DATASET", help=f"registered dataset ({known})")
     bench.add_argument("--split", choices=SPLITS, default="train")
-    bench.add_argument("--data-root", help="data directory (default: $CRENER_DATA, then shared/data)")
+    add_data_root(bench)
     bench.add_argument("--json", action="store_true", help="one JSON object on stdout")
     bench.set_defaults(func=cmd_bench)
 
@@ -250,16 +247,17 @@ def epoch_batches(dataset: str, profile: str, model: str = "crener", overrides: 
     """Steps and batch sizes of one training epoch (seed 0) as ``profile`` batches ``dataset``."""
     import numpy as np
 
-    from crener.config import build_run_config, parse_set
+    from crener.config import parse_set
     from crener.data.batching import batch_cells, training_batches
     from crener.data.datasets import load_dataset
     from crener.data.split import split_all
+    from crener.profiles import build_run_config
 
     flat = parse_set(list(overrides))
     if data_root:
-        flat["data.data_root"] = data_root
+        flat["runtime.data_root"] = data_root
     cfg = build_run_config(model=model, profile=profile, dataset=dataset, overrides=flat)
-    data = load_dataset(cfg.data, seed=0)
+    data = load_dataset(cfg.data, seed=0, data_root=cfg.runtime.data_root)
     lengths = [len(c.sentence) for c in split_all(data.train, cfg.data.max_len)]
     batches = training_batches(lengths, cfg.train, np.random.default_rng(0))
     sizes = Counter(len(b) for b in batches)

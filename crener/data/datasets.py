@@ -96,7 +96,7 @@ def resolve_data_root(cli_value: str | Path | None = None) -> Path:
         root = Path(cli_value).expanduser()
         if not root.is_dir():
             raise DataError(
-                f"data root given by --data-root / data.data_root is not a directory; {how}", str(root)
+                f"data root given by --data-root / runtime.data_root is not a directory; {how}", str(root)
             )
         return root
     env = os.environ.get(DATA_ENV)
@@ -152,10 +152,11 @@ class DatasetSplits:
     files: dict[str, str] = field(default_factory=dict)  # split -> file it came from
 
 
-def load_dataset(cfg: DataConfig, seed: int = 0) -> DatasetSplits:
-    """Load ``cfg.dataset`` from the data root and cut its splits (see :class:`DataConfig`)."""
+def load_dataset(cfg: DataConfig, seed: int = 0, data_root: str | Path | None = None) -> DatasetSplits:
+    """Load ``cfg.dataset`` from ``data_root`` (``runtime.data_root``; see :func:`resolve_data_root`)
+    and cut its splits (see :class:`DataConfig`)."""
     spec = get_spec(cfg.dataset)
-    root = resolve_data_root(cfg.data_root)
+    root = resolve_data_root(data_root)
     coarse = cfg.weibo_coarse
     results = {split: read_split(spec.path(split, root), spec.fmt, coarse) for split in spec.files}
     files = {split: str(spec.path(split, root)) for split in spec.files}

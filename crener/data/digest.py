@@ -1,5 +1,5 @@
-"""SHA-256 digests of a dataset's files: what a run's identity (:meth:`RunConfig.key`) records
-about its data.
+"""SHA-256 digests of a dataset's files: what a run's identity
+(:func:`crener.identity.run_key`) records about its data.
 
 A dataset's digest covers the bytes of each of its split files, named by split, so the same
 files under another data root give the same digest and an edited file gives another one. How
@@ -40,10 +40,10 @@ def _file_digest(path: str, mtime_ns: int, size: int) -> str:
     return sha.hexdigest()
 
 
-def dataset_digest(cfg: DataConfig) -> str:
+def dataset_digest(cfg: DataConfig, data_root: str | Path | None = None) -> str:
     """Hex SHA-256 over ``split:file digest`` lines of ``cfg.dataset``'s split files, found
-    under ``cfg.data_root`` (else ``$CRENER_DATA``, else ``shared/data``)."""
+    under ``data_root`` (``runtime.data_root``; else ``$CRENER_DATA``, else ``shared/data``)."""
     spec = get_spec(cfg.dataset)
-    root = resolve_data_root(cfg.data_root)
+    root = resolve_data_root(data_root)
     lines = [f"{split}:{file_digest(spec.path(split, root))}\n" for split in sorted(spec.files)]
     return hashlib.sha256("".join(lines).encode()).hexdigest()
