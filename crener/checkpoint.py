@@ -10,7 +10,6 @@ tensors and plain data only, and is read with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import json
-import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -19,25 +18,58 @@ import torch
 
 from crener.encoder import CharEncoder, CharTokenizer
 from crener.errors import CheckpointError
+from crener.files import write_atomic
 
 CHECKPOINT_VERSION = 1
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Atomic write (temp file + rename), so a kill mid-save leaves the previous checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Atomic write (:func:`crener.files.write_atomic`): a kill mid-save or a full disk leaves the
+    previous checkpoint and no partial file."""
+    write_atomic(path, lambda fh: torch.save(state, fh))
+
+
+# How a checkpoint file starts: torch's zip format (since 1.6) or its legacy pickle.
+ZIP_MAGIC = b"PK\x03\x04"
+PICKLE_MAGIC = b"\x80"
+TEXT_PROBE_BYTES = 4096
+
+
+def describe_unreadable(path: Path, what: str) -> str | None:
+    """Why ``path`` cannot be a ``what`` when that shows without loading it (a folder, an empty or
+    a text file), in words that say what to pass instead; None if it looks like one."""
+    hint = "pass the best.pt or last.pt that `crener train` wrote (runs/<profile>/<key>/checkpoints/)"
+    if path.is_dir():
+        inside = path / "checkpoints" / "best.pt"
+        return f"{path} is a folder, not a {what}: " + (f"pass {inside}" if inside.is_file() else hint)
+    with open(path, "rb") as fh:
+        head = fh.read(TEXT_PROBE_BYTES)
+    if not head:
+        return f"{path} is empty (0 bytes), not a {what} (a copy or a save that did not finish?): {hint}"
+    if head.startswith((ZIP_MAGIC, PICKLE_MAGIC)):
+        return None
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 4:  # not just a character cut at the probe's end
+            return None
+    return f"{path} is a text file, not a {what}: {hint}"
 
 
 def read_state(path: Path, what: str = "checkpoint") -> Any:
     """``torch.load`` with ``weights_only=True`` (tensors and plain data, never code) on the CPU; an
-    unreadable file is a :class:`~crener.errors.CheckpointError` naming ``what`` it should be."""
+    unreadable file is a :class:`~crener.errors.CheckpointError` naming ``what`` it should be and
+    what to pass instead."""
+    reason = describe_unreadable(path, what)
+    if reason is not None:
+        raise CheckpointError(reason)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a corrupt file
-        raise CheckpointError(f"cannot read {what} {path}: {exc}") from exc
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"cannot read {what} {path}: it is cut short or damaged ({detail}); write it again"
+        ) from exc
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -6,15 +6,23 @@ The work is done by :mod:`crener.train`, :mod:`crener.inference` and :mod:`crene
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
 
 from crener import registry
-from crener.config import MAX_LEN, parse_set
-from crener.errors import CrenerError
+from crener.config import MAX_LEN, SECTIONS, RunConfig, parse_set
+from crener.errors import ConfigError, CrenerError
+from crener.files import (  # the path checks every subcommand applies before its work
+    check_folder,
+    check_input_file,
+    check_output_file,
+    write_atomic,
+)
 from crener.options import (
     add_data_root,
     add_overrides,
@@ -24,7 +32,7 @@ from crener.options import (
     positive_int,
 )
 from crener.profiles import VARIANTS, build_run_config
-from crener.workspace import workdir_for
+from crener.workspace import check_store_exists, workdir_for
 
 log = logging.getLogger(__name__)
 
@@ -156,19 +164,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     from crener.data.datasets import get_spec
 
     get_spec(args.dataset)  # an unknown dataset fails here, before any run or workdir exists
+    if args.time_budget is not None and not (math.isfinite(args.time_budget) and args.time_budget > 0):
+        raise CrenerError(f"--time-budget {args.time_budget:g}: must be a finite number of minutes > 0")
     overrides = parse_set(args.overrides)
     if args.encoder:
         overrides["model.encoder"] = args.encoder
     if args.data_root:
         overrides["runtime.data_root"] = args.data_root
-    cfg = build_run_config(
+    cfg = check_run_config(build_run_config(
         model=args.model, variant=args.variant, profile=args.profile, dataset=args.dataset, seed=args.seed,
         overrides=overrides,
-    )  # fmt: skip
+    ))  # fmt: skip
+    check_run_inputs(cfg, runs_dir=args.runs_dir, workdir=args.workdir)
     if args.time_budget is not None:
         from crener.budget import apply_budget
 
-        cfg = apply_budget(cfg, args.time_budget)
+        cfg = check_run_config(apply_budget(cfg, args.time_budget))
     if args.no_track:
         from crener.train import fit
 
@@ -176,6 +187,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         summary = fit(cfg, workdir, resume=not args.no_resume)
     else:
         from crener.runner import run_one
+        from crener.tracking import check_store
+        from crener.workspace import tracking_uri
+
+        check_store(tracking_uri())  # before the run's folders and locks are made
 
         if args.workdir:
             log.warning(
@@ -191,15 +206,37 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_run_inputs(cfg: RunConfig, *, runs_dir: str | None = None, workdir: str | None = None) -> None:
+    """What a run of ``cfg`` reads and writes, checked before any of it is made: the run folders,
+    the dataset's folder and the encoder's."""
+    from crener.data.datasets import resolve_data_root
+    from crener.encoder import check_encoder_name
+    from crener.workspace import RUNS_ENV
+
+    check_folder(workdir, "--workdir")
+    check_folder(runs_dir, "--runs-dir")
+    if not runs_dir:
+        check_folder(os.environ.get(RUNS_ENV), f"${RUNS_ENV}")
+    resolve_data_root(cfg.runtime.data_root or None)
+    check_encoder_name(cfg.model.encoder)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.run_id is not None and not args.run_id.strip():
+        raise CrenerError("--run-id is empty: pass the id of a finished run (crener ui lists them)")
     if args.dataset:
         from crener.data.datasets import get_spec
 
         get_spec(args.dataset)  # before loading anything
+    if args.data_root:
+        from crener.data.datasets import resolve_data_root
+
+        resolve_data_root(args.data_root)
     from crener.inference import evaluate_checkpoint
 
     checkpoint = args.checkpoint
     if args.run_id:
+        check_store_exists(f"no run {args.run_id} to evaluate")
         from crener.tracking import Tracker
 
         checkpoint = Tracker().checkpoint_of(args.run_id)
@@ -211,19 +248,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_output_file(path: Path) -> None:
-    """Refuse, before any work, an output file that cannot be written."""
-    if path.is_dir():
-        raise CrenerError(
-            f"--output {path} is a folder: name a file in it, e.g. {path / 'predictions.jsonl'}"
-        )
-    folder = path.parent
-    if not folder.is_dir():
-        raise CrenerError(
-            f"--output {path}: folder {folder} does not exist; create it first (mkdir -p {folder})"
-        )
-    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise CrenerError(f"--output {path}: no permission to write there")
+# Bounds no real run comes near; past them a value is a typo that would run for ever (such as
+# train.epochs=1e30; reports/decisions.md). They belong with TrainConfig's own checks once crener.config
+# can take them; here, every command applies them to the configs it built, before any work.
+MAX_EPOCHS = 100_000
+MAX_STEPS = 10**9
+
+
+def check_run_config(cfg: RunConfig) -> RunConfig:
+    """``cfg`` if its budget is plausible and every number finite, else a :class:`ConfigError`."""
+    train = cfg.train
+    if train.epochs > MAX_EPOCHS:
+        raise ConfigError(f"train.epochs={train.epochs}: must be at most {MAX_EPOCHS:,}")
+    if train.max_steps > MAX_STEPS:
+        raise ConfigError(f"train.max_steps={train.max_steps}: must be at most {MAX_STEPS:,}")
+    for section in SECTIONS:
+        for f in dataclasses.fields(getattr(cfg, section)):
+            value = getattr(getattr(cfg, section), f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{section}.{f.name}={value}: must be a finite number")
+    return cfg
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -236,21 +280,37 @@ def cmd_predict(args: argparse.Namespace) -> int:
     predictor = Predictor.from_checkpoint(args.checkpoint)
     lines = [json.dumps(record, ensure_ascii=False) + "\n" for record in predictor.predict(sentences)]
     if out_path is None:
-        for line in lines:
-            sys.stdout.write(line)
-        sys.stdout.flush()  # a closed pipe (| head) shows here, inside crener.cli's handling
+        try:
+            for line in lines:
+                sys.stdout.write(line)
+            sys.stdout.flush()  # a closed pipe (| head) or a full device shows here, inside crener.cli
+        except BrokenPipeError:
+            raise
+        except OSError as exc:  # name what was written to: crener.cli's one line says the path
+            raise OSError(exc.errno, exc.strerror, "standard output") from exc
         return 0
-    try:
-        with open(out_path, "w", encoding="utf-8") as out:
-            out.writelines(lines)
-    except OSError as exc:
-        raise CrenerError(f"cannot write --output {out_path}: {exc.strerror or exc}") from exc
+    write_atomic(out_path, "".join(lines))  # a full disk leaves no half file (crener.cli reports it)
     return 0
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from crener.tools.pretrain import config_from_args, pretrain
+    from crener.data.datasets import get_spec, resolve_data_root
+    from crener.tools.pretrain import NAMED_TEXT, check_inputs, config_from_args, pretrain
 
+    # What pretraining reads and writes, checked before its folders are made and its text read.
+    check_folder(args.out, "--out")
+    check_folder(args.workdir, "--workdir")
+    for name in args.datasets or ():
+        get_spec(name)
+    for path in args.text or ():
+        if path not in NAMED_TEXT:  # a corpus named ('xwlb') lies under the data root: check_inputs
+            check_input_file(path, "--text")
+    if args.data_root:
+        resolve_data_root(args.data_root)
+    # The numbers (steps, widths, rates) first, with bf16 fixed: auto measures this CPU's matmuls;
+    # then the text files (or the named corpus), the vectors' sources and the --init-from encoder.
+    unmeasured = config_from_args(argparse.Namespace(**{**vars(args), "bf16": "false"}))
+    check_inputs(unmeasured)
     summary = pretrain(config_from_args(args), workdir=args.workdir, track=not args.no_track)
     sys.stdout.write(json.dumps(summary) + "\n")
     return 0

@@ -163,17 +163,70 @@ def load_pretrained(name_or_path: str | os.PathLike) -> tuple[nn.Module, CharTok
 
     name = resolve_encoder(name_or_path)
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    # Without a network the hub client retries for about a minute: look first, then use the cache.
+    no_network = not offline and not Path(name).expanduser().exists() and not _hub_reachable()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=offline)
-        model = AutoModel.from_pretrained(name, local_files_only=offline, add_pooling_layer=False)
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=offline or no_network)
+        model = AutoModel.from_pretrained(
+            name, local_files_only=offline or no_network, add_pooling_layer=False
+        )
     except (OSError, ValueError) as exc:
         raise CheckpointError(
-            f"cannot load encoder {name!r}: {str(exc).splitlines()[0]}\n"
-            "Pass --encoder PATH to a directory saved with save_pretrained (config.json, weights, "
-            "vocab.txt), e.g. a local copy of bert-base-chinese, or use the embedded default "
-            "(model.encoder=embedded). Hub downloads are off (HF_HUB_OFFLINE=1); unset it to allow them."
+            f"cannot load encoder {name!r}: {_why_not_loaded(name, offline, no_network, exc)}. Pass "
+            "--encoder PATH to a folder saved with save_pretrained (config.json, weights, vocab.txt), e.g. "
+            "a local copy of bert-base-chinese, or use the embedded default (model.encoder=embedded)"
         ) from exc
     return model, CharTokenizer.from_tokenizer(tokenizer)
+
+
+def check_encoder_name(name: str) -> None:
+    """Refuse, before any work, an encoder that cannot load whatever the network: a shipped one that
+    is missing, a path that does not exist, a folder without a saved model. Names that need the
+    hub (or the ``embedded`` encoder, built by the run) pass."""
+    if name == EMBEDDED:
+        return
+    path = Path(resolve_encoder(name)).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise CheckpointError(f"--encoder {name}: the folder lacks a saved model (no config.json in {path})")
+    if not path.exists() and _looks_like_path(str(name)):
+        raise CheckpointError(f"--encoder {name}: no such folder")
+
+
+def _looks_like_path(name: str) -> bool:
+    """Hub names are 'model' or 'owner/model': a leading / . ~ or a second separator makes a path."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1
+
+
+HUB_PROBE_S = 3.0  # seconds to wait for the hub's address before calling the network absent
+
+
+def _hub_reachable() -> bool:
+    """Whether the Hugging Face Hub (``$HF_ENDPOINT``) answers a TCP connection within seconds."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname or "", port), timeout=HUB_PROBE_S).close()
+    except OSError:
+        return False
+    return True
+
+
+def _why_not_loaded(name: str, offline: bool, no_network: bool, exc: Exception) -> str:
+    """The reason ``from_pretrained(name)`` failed, in the user's terms: a folder that is missing or
+    incomplete, hub downloads turned off, or a download that could not happen."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return f"the folder lacks a saved model ({str(exc).strip().splitlines()[0]})"
+    if not path.exists() and _looks_like_path(name):
+        return "no such folder"
+    if offline:
+        return "it is not a local folder and hub downloads are off (HF_HUB_OFFLINE=1); set HF_HUB_OFFLINE=0 to allow them"
+    if no_network:
+        return "it is not a local folder or in the local cache, and it could not be downloaded: the Hugging Face Hub cannot be reached (no network?)"
+    return f"it is not a local folder and could not be downloaded from the Hugging Face Hub ({str(exc).strip().splitlines()[0]})"
 
 
 def unk_rates(counts: np.ndarray, alpha: float, special_ids: Iterable[int]) -> torch.Tensor:

@@ -23,6 +23,7 @@ from crener.device import resolve_device
 from crener.encoder import CharTokenizer
 from crener.errors import CheckpointError, DataError
 from crener.evaluation import build_split, evaluate, featurize, predict_examples
+from crener.files import read_text
 from crener.tasks import Task
 from crener.train import build_parts
 
@@ -121,13 +122,7 @@ def read_inputs(source: str, fmt: str = "auto") -> list[Sentence]:
             )
         text, name = sys.stdin.read(), "<stdin>"
     else:
-        p = Path(source)
-        try:
-            text, name = p.read_text(encoding="utf-8"), str(p)
-        except FileNotFoundError as exc:
-            raise DataError("input file not found", path=source) from exc
-        except UnicodeDecodeError as exc:
-            raise DataError(f"not UTF-8 ({exc.reason} at byte {exc.start})", path=source) from exc
+        text, name = read_text(source, "an input file"), source
     lines = text.splitlines()
     looks_conll = all(len(ln.split()) == 2 and len(ln.split()[0]) == 1 for ln in lines if ln.strip())
     guessed = fmt == "auto" and looks_conll and any(ln.strip() for ln in lines)

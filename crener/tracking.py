@@ -44,7 +44,14 @@ from crener.config import RunConfig
 from crener.data.digest import dataset_digest
 from crener.errors import CheckpointError, StoreError
 from crener.identity import KEY_SCHEMA, encoder_weights, run_key
-from crener.workspace import TRACKING_URI_ENV, artifact_root, git_commit, sqlite_path, tracking_uri
+from crener.workspace import (
+    TRACKING_URI_ENV,
+    artifact_root,
+    foreign_sqlite,
+    git_commit,
+    sqlite_path,
+    tracking_uri,
+)
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +184,8 @@ def _retry_locked(fn: Callable[[], T]) -> T:
 # MLflow retries a store it cannot open for minutes (SQLAlchemy: 15 attempts with exponential
 # back-off; HTTP: 7 retries with back-off factor 2), so a wrong store is checked once, up front.
 STORE_PROBE_TIMEOUT_S = 5.0
+MLFLOW_MARKER_TABLE = "experiments"  # a table every MLflow SQLite store has
+FILE_STORE_OPT_IN = "MLFLOW_ALLOW_FILE_STORE"  # MLflow's own switch for its deprecated file store
 # Default ports of the store schemes probed with a TCP connect (``postgresql+psycopg2`` -> postgresql).
 STORE_PORTS = {"http": 80, "https": 443, "postgresql": 5432, "mysql": 3306, "mssql": 1433}
 
@@ -223,9 +232,18 @@ def check_store(uri: str) -> None:
             raise StoreError(f"{where}: cannot open {db} ({exc}); {how}") from None
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{where}: {db} is not an SQLite database ({exc}); {how}") from None
+        foreign = foreign_sqlite(db, MLFLOW_MARKER_TABLE, "an MLflow store")
+        if foreign is not None:  # MLflow would add its tables to it
+            raise StoreError(f"{where}: {foreign}; nothing was written to it; {how}")
         return
     parts = urllib.parse.urlsplit(uri)
     scheme = parts.scheme.split("+", 1)[0].lower()
+    if scheme in ("", "file") and os.environ.get(FILE_STORE_OPT_IN, "").lower() != "true":
+        # MLflow reads a bare word or path as a file store, which MLflow 3 refuses with a traceback.
+        raise StoreError(
+            f"MLflow store {masked_uri(uri)!r} is not a store address: use sqlite:///PATH.db, "
+            f"http(s)://HOST:PORT or postgresql://USER@HOST/DB; {how}"
+        )
     if scheme not in STORE_PORTS:
         return
     try:

@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
 import sys
 import time
@@ -68,6 +67,7 @@ from crener.evaluation import (
     featurize,
     shifted_scores,
 )
+from crener.files import write_atomic
 from crener.identity import run_key
 from crener.registry import build_model, build_task
 from crener.tasks import Task
@@ -187,6 +187,8 @@ def build_parts(
     else:
         data = data if data is not None else load_dataset(cfg.data, seed=cfg.train.seed, data_root=data_root)
         types = data.types
+        if workdir is not None:
+            workdir.mkdir(parents=True, exist_ok=True)  # once the data reads: a bad file leaves no run folder
     task = build_task(cfg.model, types)
     if checkpoint is not None:
         encoder, tokenizer = rebuild_encoder(checkpoint, cfg.model.last4_mean)
@@ -459,18 +461,19 @@ def fit(
 ) -> dict[str, Any]:
     """Train ``cfg`` in ``workdir`` and return the summary (also written to summary.json)."""
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     device = prepare_process(cfg)
     root = cfg.runtime.data_root if data_root is None else data_root
     key = run_key(cfg, data_digest=dataset_digest(cfg.data, root))  # of the files this run reads
-    parts = build_parts(cfg, root, workdir, device)
-    opt = build_optimisation(cfg, parts)
     ckpt_dir = workdir / "checkpoints"
     last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
-    progress = resume_progress(last_path, key, parts.model, opt, device) if resume else Progress()
+    # Read before the data, the encoder and the model are built: a damaged checkpoint fails at once.
+    resumed = resume_state(last_path, key) if resume and last_path.exists() else None
+    parts = build_parts(cfg, root, workdir, device)  # makes workdir once the data reads
+    opt = build_optimisation(cfg, parts)
+    progress = resume_progress(resumed, parts.model, opt, device) if resumed is not None else Progress()
     announce(cfg, parts, progress, device, callback)
-    (workdir / "config.json").write_text(json.dumps(cfg.flatten(), indent=2, default=list))
+    write_atomic(workdir / "config.json", json.dumps(cfg.flatten(), indent=2, default=list))
     first_step = (progress.start_epoch - 1) * opt.steps_per_epoch
     on_step = curve_recorder(cfg, parts, device, progress.curve, first_step, callback)
     for epoch in range(progress.start_epoch, cfg.train.epochs + 1):
@@ -532,23 +535,32 @@ def build_optimisation(cfg: RunConfig, parts: RunParts) -> Optimisation:
     return Optimisation(optimizer, scheduler, steps_per_epoch, unk_probs)
 
 
-def resume_progress(
-    path: Path, key: str, model: nn.Module, opt: Optimisation, device: torch.device
-) -> Progress:
-    """Restore model, optimiser, schedule and RNG states from the epoch checkpoint at ``path``, if
-    there is one (a fresh :class:`Progress` otherwise); it must be of this run (``key``)."""
-    if not path.exists():
-        return Progress()
-    state = load_checkpoint(path)
+def resume_state(last_path: Path, key: str) -> dict[str, Any]:
+    """The checkpoint a run resumes from, checked to be this run's; its errors say how to start over."""
+    start_over = f"; to start this run over, pass --no-resume (or delete {last_path})"
+    try:
+        state = load_checkpoint(last_path)
+    except CheckpointError as exc:  # a kill or a full disk mid-copy; resuming cannot help
+        raise CheckpointError(f"{exc}{start_over}") from exc
     if state.get("key") != key:
-        raise CheckpointError(f"{path} belongs to another configuration (key {state.get('key')})")
+        raise CheckpointError(
+            f"{last_path} belongs to another configuration (key {state.get('key')}){start_over}"
+        )
+    return state
+
+
+def resume_progress(
+    state: dict[str, Any], model: nn.Module, opt: Optimisation, device: torch.device
+) -> Progress:
+    """Restore model, optimiser, schedule and RNG states from an epoch checkpoint's ``state``
+    (:func:`resume_state`)."""
     model.load_state_dict(state["model"])
     opt.optimizer.load_state_dict(state["optimizer"])
     opt.scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng_cpu"])
     if device.type == "cuda" and state.get("rng_cuda") is not None:
         torch.cuda.set_rng_state(state["rng_cuda"], device)
-    log.info("resuming %s from epoch %d", path.parent.parent, state["epoch"])
+    log.info("resuming from the checkpoint of epoch %d", state["epoch"])
     return Progress(
         history=json.loads(state["history"]),
         curve=json.loads(state.get("curve", "[]")),
@@ -700,24 +712,19 @@ def final_test(
         "threshold_shift": best_shift,
         "first_step_dev_f1_positive": first_positive,  # from the curve (runtime.eval_every), else None
     }
-    pred_dir = workdir / "predictions"
-    pred_dir.mkdir(exist_ok=True)
-    with open(pred_dir / "test.jsonl", "w", encoding="utf-8") as fh:
-        for i, (s, p) in enumerate(zip(test.sentences, test_preds)):
-            row = {
-                "index": i,
-                "text": s.text,
-                "gold": _entities_json(set(s.entities)),
-                "pred": _entities_json(p),
-            }
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    (workdir / "per_type.json").write_text(json.dumps(test_scores.to_dict(), indent=2, ensure_ascii=False))
-    (workdir / "history.json").write_text(json.dumps(history, indent=2))
+    rows = (
+        {"index": i, "text": s.text, "gold": _entities_json(set(s.entities)), "pred": _entities_json(p)}
+        for i, (s, p) in enumerate(zip(test.sentences, test_preds))
+    )
+    write_atomic(
+        workdir / "predictions" / "test.jsonl",
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+    )
+    write_atomic(workdir / "per_type.json", json.dumps(test_scores.to_dict(), indent=2, ensure_ascii=False))
+    write_atomic(workdir / "history.json", json.dumps(history, indent=2))
     if curve:
-        (workdir / "curve.json").write_text(json.dumps(curve, indent=1))
-    tmp = workdir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, workdir / "summary.json")  # written last: its presence means finished
+        write_atomic(workdir / "curve.json", json.dumps(curve, indent=1))
+    write_atomic(workdir / "summary.json", json.dumps(summary, indent=2))  # last: its presence means finished
     return summary
 
 

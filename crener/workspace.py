@@ -16,6 +16,7 @@ import subprocess
 from pathlib import Path
 
 from crener.config import RunConfig
+from crener.errors import CrenerError
 from crener.identity import run_key
 
 RUNS_ENV = "CRENER_RUNS"
@@ -53,6 +54,41 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(uri[len(SQLITE_PREFIX) :].split("?", 1)[0]).resolve()
 
 
+def sqlite_tables(db: Path) -> set[str]:
+    """The table names of the SQLite database ``db``, read without writing to it (an empty file has
+    none); ``sqlite3.DatabaseError`` if it is not one. For refusing, before it is written, a
+    database that belongs to another program (MLflow and Optuna add their tables to each other's,
+    and to any SQLite file they are given)."""
+    import sqlite3
+
+    con = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=5)
+    try:
+        return {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    finally:
+        con.close()
+
+
+def foreign_sqlite(db: Path, marker: str, owner: str) -> str | None:
+    """Why the existing SQLite file ``db`` is not ``owner``'s (the tables it has instead), or None
+    when it is, or is empty: ``marker`` is a table ``owner`` always makes. Locked or unreadable
+    files pass, for the opener's own message."""
+    import sqlite3
+
+    try:
+        tables = sqlite_tables(db)
+    except sqlite3.OperationalError:
+        return None
+    if not tables or marker in tables:
+        return None
+    known = (
+        "an Optuna storage" if "studies" in tables else "an MLflow store" if "experiments" in tables else None
+    )
+    shown = ", ".join(sorted(tables)[:4]) + (", ..." if len(tables) > 4 else "")
+    return f"{db} is an SQLite database but not {owner}" + (
+        f" (it is {known})" if known else f" (tables: {shown})"
+    )
+
+
 def artifact_root(uri: str) -> str | None:
     """``file://.../mlartifacts`` beside a SQLite store; None lets a server or database decide."""
     db = sqlite_path(uri)
@@ -75,3 +111,14 @@ def git_commit() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def check_store_exists(why: str) -> None:
+    """Refuse a SQLite tracking store that does not exist, for a command that only reads runs:
+    opening it would create an empty store. ``why`` says what the command cannot do."""
+    db = sqlite_path(tracking_uri())
+    if db is not None and not db.exists():
+        raise CrenerError(
+            f"no MLflow store at {db}: {why} (nothing was created); set MLFLOW_TRACKING_URI to the "
+            "store, or run the command in the folder of its mlflow.db"
+        )

@@ -12,14 +12,16 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from crener import registry
+from crener.commands import check_output_file, check_run_config, check_run_inputs
 from crener.config import canonical_key, parse_set
 from crener.errors import CrenerError
 from crener.identity import run_key
 from crener.options import add_run_options, add_seeds, count_int, int_at_least, non_negative_int
-from crener.profiles import VARIANTS
+from crener.profiles import VARIANTS, build_run_config
 from crener.workspace import OPTUNA_STORAGE
 
 log = logging.getLogger(__name__)
@@ -226,7 +228,8 @@ def _plan(args: argparse.Namespace) -> list[Any]:
     sets = parse_set(args.overrides)
     if args.data_root:  # the cells' keys digest the files they will read
         sets.setdefault("runtime.data_root", args.data_root)
-    return plan(
+    check_run_config(build_run_config(overrides=sets))  # a bad --set fails even where no cell is chosen
+    cells = plan(
         SWEEP_NAMES,
         args.profile,
         only=args.only,
@@ -237,6 +240,14 @@ def _plan(args: argparse.Namespace) -> list[Any]:
         configs=args.config,
         sets=sets,
     )
+    for cell in cells:
+        check_run_config(cell.cfg)
+    if not cells:
+        raise CrenerError(
+            "the selection (--only, --datasets, --models, --variants, --seeds) matches no cell; "
+            "crener reproduce --dry-run lists them all"
+        )
+    return cells
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
@@ -256,6 +267,9 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from experiments.sweeps import load_overrides, shard, unused_overrides
 
     cells = _plan(args)
+    if not args.dry_run:
+        for cfg in {c.cfg.runtime.data_root: c.cfg for c in cells}.values():
+            check_run_inputs(cfg, runs_dir=args.runs_dir)
     for ov in unused_overrides(cells, (o for path in args.config for o in load_overrides(path))):
         log.warning("an override in %s matches no cell: %s", ov.source, ov.values)
     total = len(cells)
@@ -381,7 +395,19 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     get_spec(args.dataset)  # an unknown dataset fails before the study or any run is created
     sets = parse_set(args.overrides)
-    from experiments.tune import export_best, tune
+    # Every argument before the study, its storage or any run exists: the trials' base config, the
+    # folders and files they read and write.
+    root = {"runtime.data_root": args.data_root} if args.data_root else {}
+    base = check_run_config(build_run_config(
+        model=args.model, variant=args.variant, profile=args.profile, dataset=args.dataset,
+        overrides={**sets, **root},
+    ))  # fmt: skip
+    check_run_inputs(base, runs_dir=args.runs_dir)
+    if args.export:
+        check_output_file(Path(args.export), "--export")
+    from experiments.tune import check_storage, export_best, tune
+
+    check_storage(args.storage or OPTUNA_STORAGE)
 
     kwargs = dict(dataset=args.dataset, trials=args.trials, model=args.model, variant=args.variant,
                   profile=args.profile, storage=args.storage, study_name=args.study_name, timeout=args.timeout,
@@ -495,6 +521,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
     uri = tracking_uri()
     if uri.startswith(("http://", "https://")):
         raise CrenerError(f"MLFLOW_TRACKING_URI={uri} is already a server: open it in a browser")
+    from crener.tracking import check_store
+
+    check_store(uri)  # a store `crener train` would refuse is refused here too, before it is made
     check_port_free(args.host, args.port)
     try:
         exposed = not ipaddress.ip_address(args.host).is_loopback

@@ -19,9 +19,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from crener import registry
+from crener.commands import check_folder, check_run_config, check_run_inputs
 from crener.config import parse_set
+from crener.data.datasets import get_spec
+from crener.files import write_atomic
 from crener.identity import QUICK_V1, run_key
-from crener.options import add_overrides, add_profile, add_runs_dir, add_seed
+from crener.options import add_overrides, add_profile, add_runs_dir, add_seed, positive_int
 from crener.profiles import build_run_config
 
 log = logging.getLogger(__name__)
@@ -43,10 +47,10 @@ def register(subparsers: Any) -> None:
         "curves", help="loss and dev F1 against the step for settings side by side (learning-start check)"
     )
     p.add_argument("--dataset", default="weibo")
-    p.add_argument("--model", default="crener")
+    p.add_argument("--model", default="crener", choices=registry.names())
     add_profile(p)
     add_seed(p)
-    p.add_argument("--every", type=int, default=25, help="dev evaluation every N steps")
+    p.add_argument("--every", type=positive_int, default=25, help="dev evaluation every N steps")
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     add_overrides(p)
     p.add_argument("--out", default=str(OUT_DIR))
@@ -58,14 +62,21 @@ def register(subparsers: Any) -> None:
 def cmd_curves(args: argparse.Namespace) -> int:
     from crener.workspace import resolve_runs_dir
 
+    get_spec(args.dataset)
+    configs = {
+        name: check_run_config(build_run_config(
+            model=args.model, profile=args.profile, dataset=args.dataset, seed=args.seed,
+            overrides={**SETTINGS[name], **parse_set(args.overrides), "runtime.eval_every": args.every},
+        ))
+        for name in args.settings
+    }  # fmt: skip
+    check_folder(args.out, "--out")
+    for cfg in configs.values():  # every run's inputs before the first run starts
+        check_run_inputs(cfg, runs_dir=args.runs_dir)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {}
-    for name in args.settings:
-        overrides = {**SETTINGS[name], **parse_set(args.overrides), "runtime.eval_every": args.every}
-        cfg = build_run_config(
-            model=args.model, profile=args.profile, dataset=args.dataset, seed=args.seed, overrides=overrides
-        )
+    for name, cfg in configs.items():
         workdir = resolve_runs_dir(args.runs_dir) / "curves" / f"{name}-{run_key(cfg)}"
         results[name] = run_diagnostic(cfg, workdir, label=name)
     stem = f"{args.model}-{args.dataset}-{args.profile}-s{args.seed}" + (f"-{args.name}" if args.name else "")
@@ -97,7 +108,7 @@ def write_curves(results: dict[str, dict[str, Any]], stem: Path) -> None:
 
     rows = [{"setting": name, **row} for name, r in results.items() for row in r["curve"]]
     frame = pd.DataFrame(rows)
-    frame.to_csv(stem.with_suffix(".csv"), index=False)
+    write_atomic(stem.with_suffix(".csv"), frame.to_csv(index=False))
     lines = [f"# Learning start: {stem.name}", ""]
     for name, r in results.items():
         s = r["summary"]
@@ -118,7 +129,7 @@ def write_curves(results: dict[str, dict[str, Any]], stem: Path) -> None:
             f"| {row['setting']} | {int(row['step'])} | {row['train/loss']:.4f} | {row['dev/f1']:.4f} | "
             f"{row['dev/f1_best_shift']:.4f} ({row['dev/best_shift']:+.1f}) |"
         )
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_atomic(stem.with_suffix(".md"), "\n".join(lines) + "\n")
     _plot(frame, stem.with_suffix(".png"), stem.name)
     log.info("curves written to %s.{md,csv,png}", stem)
 
@@ -142,5 +153,5 @@ def _plot(frame: Any, path: Path, title: str) -> None:
     ax_f1.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_atomic(path, lambda fh: fig.savefig(fh, format="png", dpi=120))
     plt.close(fig)

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from crener.config import parse_set
+from crener.errors import CrenerError
+from crener.files import write_atomic
 from crener.identity import run_key
 from crener.profiles import build_run_config
 
@@ -122,16 +124,17 @@ def build_encoders(
 
 
 def plan(args: argparse.Namespace, encoders: dict[str, str]) -> list[tuple[str, Any]]:
-    """``[(arm, cell), ...]`` for every arm, dataset and seed."""
+    """``[(arm, cell), ...]`` for every arm, dataset and seed, each config checked."""
+    from crener.commands import check_run_config
     from experiments.sweeps import Cell
 
     sets = parse_set(args.overrides)
     if args.data_root:
         sets.setdefault("runtime.data_root", args.data_root)
     return [
-        (arm, Cell(SWEEP, build_run_config(
+        (arm, Cell(SWEEP, check_run_config(build_run_config(
             profile=args.profile, dataset=d, seed=s, overrides={**sets, "model.encoder": encoders[arm]}
-        )))
+        ))))
         for arm in all_arms(args) for d in args.datasets for s in args.seeds
     ]  # fmt: skip
 
@@ -141,9 +144,32 @@ def all_arms(args: argparse.Namespace) -> list[str]:
     return [*args.arms, *(e for e in args.encoders if e not in args.arms)]
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Every argument, before an encoder is built (thousands of pretraining steps): the datasets,
+    the folders, and the cells' configs (planned with the encoders' names standing in)."""
+    from crener.commands import check_folder, check_run_inputs
+    from crener.data.datasets import get_spec
+    from crener.encoder import check_encoder_name
+
+    for name in args.datasets:
+        get_spec(name)
+    check_folder(args.build_dir, "--build-dir")
+    if getattr(args, "page", None):  # its folder is made if missing; a folder or a file above it is refused
+        page = Path(args.page)
+        if page.is_dir():
+            raise CrenerError(f"--page {page} is a folder: name a file in it, e.g. {page / 'encoders.md'}")
+        check_folder(page.parent, f"--page {page}: folder")
+    for name in args.encoders:  # the named arms load as they are: each must exist now
+        check_encoder_name(name)
+    stand_in = {arm: SHIPPED for arm in args.arms} | {e: e for e in args.encoders if e not in args.arms}
+    for _, cell in plan(args, stand_in)[:1]:
+        check_run_inputs(cell.cfg, runs_dir=args.runs_dir)
+
+
 def cmd_encoders(args: argparse.Namespace) -> int:
     from experiments.commands import run_cells, spawn_jobs
 
+    check_args(args)
     # Built before any worker starts.
     encoders = build_encoders(args.arms, Path(args.build_dir), args.data_root, args.text_steps)
     encoders.update({e: e for e in args.encoders if e not in encoders})
@@ -200,14 +226,10 @@ def write_report(args: argparse.Namespace, encoders: dict[str, str], planned: li
                 f"s{s} `{rid}` dev {100 * dv:.2f} test {100 * f:.2f}" for s, dv, f, rid in sorted(items)
             )
         )
-    out = Path("reports") / "out" / args.profile / "encoders.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = write_atomic(Path("reports") / "out" / args.profile / "encoders.md", "\n".join(lines) + "\n")
     log.info("encoder ablation written to %s", out)
     if getattr(args, "page", None):
-        page = Path(args.page)
-        page.parent.mkdir(parents=True, exist_ok=True)
-        page.write_text("\n".join([lines[0], "", stamp(args), *lines[1:]]) + "\n", encoding="utf-8")
+        page = write_atomic(Path(args.page), "\n".join([lines[0], "", stamp(args), *lines[1:]]) + "\n")
         log.info("and to %s", page)
     return out
 

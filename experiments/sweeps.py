@@ -30,7 +30,8 @@ from typing import Any
 
 from crener import registry
 from crener.config import SECTIONS, RunConfig, canonical_key, run_label
-from crener.errors import CrenerError
+from crener.errors import CrenerError, DataError
+from crener.files import read_text
 from crener.identity import run_key
 from crener.profiles import PROFILES, VARIANTS, build_run_config
 
@@ -114,9 +115,9 @@ class Cell:
 
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SweepError(f"{path}: no such file") from None
+        return tomllib.loads(read_text(path, "a TOML file"))
+    except DataError as exc:
+        raise SweepError(str(exc)) from None
     except tomllib.TOMLDecodeError as exc:
         raise SweepError(f"{path}: {exc}") from None
 

@@ -20,27 +20,44 @@ from __future__ import annotations
 import logging
 import math
 import re
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.trial import TrialState
 
 from crener import registry
 from crener.config import RunConfig, canonical_key
 from crener.errors import CrenerError, StoreError
+from crener.files import write_atomic
 from crener.profiles import build_run_config
 from crener.tracking import RunLogger, Tracker, experiment_name, file_lock, masked_uri
-from crener.workspace import OPTUNA_STORAGE, resolve_runs_dir, sqlite_path
+from crener.workspace import OPTUNA_STORAGE, foreign_sqlite, resolve_runs_dir, sqlite_path
 from experiments.sweeps import IDENTITY_KEYS, format_toml_value
 
 log = logging.getLogger(__name__)
+
+
+class _InterruptWithoutTraceback(logging.Filter):
+    """Optuna logs a trial that Ctrl-C stopped with the interrupt's traceback; the command line
+    reports an interrupt in one line (crener.cli), so the traceback is dropped (nothing else is)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+logging.getLogger("optuna.study._optimize").addFilter(_InterruptWithoutTraceback())
 
 OBJECTIVE_METRIC = "dev/f1"
 TPE_STARTUP_TRIALS = 5  # random trials before TPE models the space
 PRUNER_STARTUP_TRIALS = 3  # trials that run to the end before anything is pruned
 PRUNER_WARMUP_EPOCHS = 1  # no pruning on the first epoch's (noisy) dev F1
 SQLITE_TIMEOUT_S = 60  # concurrent workers wait this long for SQLite's single writer
+OPTUNA_MARKER_TABLE = "studies"  # a table every Optuna RDB storage has
 
 
 # --------------------------------------------------------------------------- study plumbing
@@ -119,17 +136,44 @@ def open_storage_or_explain(url: str) -> optuna.storages.BaseStorage:
     """:func:`open_storage`, with a URL it cannot open refused in one message (no traceback)."""
     import sqlalchemy.exc
 
-    db = sqlite_path(url)
-    if db is not None and not db.parent.is_dir():
-        raise StoreError(f"--storage {url}: folder {db.parent} does not exist; create it first")
+    check_storage(url)
     try:
         return open_storage(url)
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise StoreError(
-            f"cannot open the Optuna storage {masked_uri(url)!r} ({reason}); pass --storage sqlite:///PATH.db "
-            "or a reachable postgresql:// or mysql:// URL"
-        ) from None
+        raise _storage_error(url, exc) from None
+
+
+def _storage_error(url: str, exc: BaseException) -> StoreError:
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return StoreError(
+        f"cannot open the Optuna storage {masked_uri(url)!r} ({reason}); pass --storage sqlite:///PATH.db "
+        "or a reachable postgresql:// or mysql:// URL"
+    )
+
+
+def check_storage(url: str) -> None:
+    """Refuse, without creating or writing anything, a storage URL that cannot be an Optuna storage:
+    a scheme no database driver answers, a SQLite file in a missing folder, a folder, a file that
+    is not SQLite, or another program's SQLite database."""
+    import sqlalchemy.exc
+    from sqlalchemy.engine import make_url
+
+    try:
+        make_url(url).get_dialect()
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as exc:
+        raise _storage_error(url, exc) from None
+    db = sqlite_path(url)
+    if db is not None and not db.parent.is_dir():
+        raise StoreError(f"--storage {url}: folder {db.parent} does not exist; create it first")
+    if db is not None and db.is_dir():
+        raise StoreError(f"--storage {url}: {db} is a folder, not a database file; name a file in it")
+    if db is not None and db.exists():
+        try:
+            foreign = foreign_sqlite(db, OPTUNA_MARKER_TABLE, "an Optuna storage")
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"--storage {url}: {db} is not an SQLite database ({exc})") from None
+        if foreign is not None:  # Optuna would add its tables to it
+            raise StoreError(f"--storage {url}: {foreign}; nothing was written to it; name another file")
 
 
 class TrialCallback:
@@ -198,6 +242,14 @@ def _out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("out of memory" in text or "DefaultCPUAllocator" in text)
 
 
+def _has_default(study: optuna.Study) -> bool:
+    """Whether the untuned default is in the study: done, queued or running (not failed)."""
+    live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.WAITING, TrialState.RUNNING)
+    return any(
+        t.user_attrs.get("crener.default") and t.state in live for t in study.get_trials(deepcopy=False)
+    )
+
+
 def _trials_so_far(store: Any, name: str) -> int:
     try:
         return len(optuna.load_study(study_name=name, storage=store).trials)
@@ -240,6 +292,7 @@ def tune(
     name = study_name or default_study_name(model, variant, dataset, profile)
     # The MLflow store first: one that cannot be reached fails here, before a study (or its
     # database file) is created that would then hold no trial.
+    check_storage(storage or OPTUNA_STORAGE)  # before the MLflow store is made (a fresh one is)
     tracker = Tracker() if track else None
     store = open_storage_or_explain(storage or OPTUNA_STORAGE)
     offset = _trials_so_far(store, name)
@@ -258,9 +311,10 @@ def tune(
             n_startup_trials=PRUNER_STARTUP_TRIALS, n_warmup_steps=PRUNER_WARMUP_EPOCHS
         ),
     )
-    if offset == 0:
-        # Trial 0 is the untuned default, so every study measures what tuning gained. Enqueued
-        # trials are claimed atomically, so of several workers starting together one runs it.
+    if not _has_default(study):
+        # The untuned default (trial 0 of a new study), so every study measures what tuning gained;
+        # queued again if an interrupt failed it. Enqueued trials are claimed atomically, so of
+        # several workers starting together one runs it.
         study.enqueue_trial(default_params(model, base), user_attrs={"crener.default": True})
     for key, value in {"model": model, "variant": variant, "dataset": dataset, "profile": profile}.items():
         study.set_user_attr(key, value)
@@ -321,9 +375,19 @@ def tune(
     # A trial that runs out of memory fails alone; any other error (a shape bug) stops the worker.
     try:
         study.optimize(objective, n_trials=trials, timeout=timeout, catch=(TrialOutOfMemory,))
-    finally:
-        if parent is not None:  # reopened by the next worker that joins (status only)
-            parent.terminate()
+    except KeyboardInterrupt:
+        if parent is not None:  # the study is not done: say so; a rerun reopens and completes it
+            parent.set_tags({"crener.interrupted": "true"})
+            parent.terminate("KILLED")
+        log.warning("study %s interrupted: run the same command again to complete it", name)
+        raise
+    except BaseException:
+        if parent is not None:
+            parent.terminate("FAILED")
+        raise
+    if parent is not None:  # reopened by the next worker that joins (status only)
+        parent.set_tags({"crener.interrupted": "false"})
+        parent.terminate()
     _log_best(study, parent, fixed)
     return study
 
@@ -375,8 +439,6 @@ def export_best(study: optuna.Study, path: str | Path, *, sets: dict[str, Any] |
             lines.append(f"{key} = [{format_toml_value(attrs[attr])}]")
     lines += ["", "[overrides.set]"]
     lines += [f"{format_toml_value(k)} = {format_toml_value(v)}" for k, v in sorted(values.items())]
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = write_atomic(path, "\n".join(lines) + "\n")
     log.info("best params of %s written to %s", study.study_name, out)
     return out

@@ -5,9 +5,15 @@ from __future__ import annotations
 import argparse
 import logging
 
+from crener.commands import check_folder
+from crener.data.datasets import resolve_data_root
 from crener.errors import CrenerError
-from crener.options import add_data_root, add_profile
+from crener.options import add_data_root, add_profile, non_negative_int, positive_int
 from crener.workspace import OPTUNA_STORAGE
+
+# Sweeps whose runs can make the tables: the two of `crener reproduce`, and those of `crener train`
+# (adhoc), `crener tune` and `crener encoders`.
+REPORTABLE_SWEEPS = ("main", "ablation", "adhoc", "tune", "encoders")
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +33,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db)",
     )
     p.add_argument(
-        "--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples (default: 1000)"
+        "--bootstrap",
+        type=positive_int,
+        default=1000,
+        metavar="N",
+        help="bootstrap resamples (default: 1000)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling (default: 0)")
+    p.add_argument(
+        "--seed", type=non_negative_int, default=0, help="seed of the bootstrap resampling (default: 0)"
+    )
     p.add_argument(
         "--msra-protocol",
         default="lineage",
@@ -53,10 +65,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from reports.make_report import main
+    sweeps = tuple(s.strip() for s in args.sweeps.split(",") if s.strip())
+    unknown = [s for s in sweeps if s not in REPORTABLE_SWEEPS]
+    if unknown or not sweeps:
+        raise CrenerError(
+            f"--sweeps {args.sweeps!r}: {', '.join(map(repr, unknown)) or 'none given'}; "
+            f"choose from {', '.join(REPORTABLE_SWEEPS)}"
+        )
+    # What the report reads and writes, before any of it is made.
+    check_folder(args.out, "--out")
+    if args.data_root:
+        resolve_data_root(args.data_root)
+    from crener.tracking import check_store
+    from crener.workspace import tracking_uri
 
-    if args.bootstrap < 1:
-        raise CrenerError("--bootstrap must be at least 1")
+    check_store(tracking_uri(args.tracking_uri))
+    from reports.make_report import main  # (loads pandas and matplotlib)
+
     path = main(
         profile=args.profile,
         out=args.out,
@@ -66,7 +91,7 @@ def _run(args: argparse.Namespace) -> int:
         msra_protocol=args.msra_protocol,
         optuna_storage=args.optuna_storage,
         data_root=args.data_root,
-        sweeps=tuple(s.strip() for s in args.sweeps.split(",") if s.strip()),
+        sweeps=sweeps,
         ablation_shared_x=args.ablation_shared_x,
     )
     log.info("report index: %s", path)

@@ -21,6 +21,7 @@ from typing import Any
 
 import pandas as pd
 
+from crener.files import write_atomic
 from crener.metrics import Counts, bucket_names
 from crener.workspace import OPTUNA_STORAGE, git_commit, sqlite_path
 from crener.workspace import tracking_uri as resolve_tracking_uri
@@ -58,7 +59,7 @@ def main(
     uri = resolve_tracking_uri(tracking_uri)
 
     all_runs = collect.collect_runs(uri, profile=profile, finished_only=False)
-    all_runs.to_csv(out / "runs.csv", index=False)
+    write_atomic(out / "runs.csv", all_runs.to_csv(index=False))
     finished = all_runs[all_runs["state"] == "finished"].reset_index(drop=True)
     index = tables.RunIndex(finished, sweeps=sweeps, planned=planned_seeds(profile, sweeps))
     warnings: list[str] = []
@@ -104,7 +105,7 @@ def main(
     system_names = list(systems())
     for by in ("type", "length"):
         frame = _breakdowns(index, predictions, by, msra_protocol)
-        frame.to_csv(table_dir / f"breakdown_{by}.csv", index=False)
+        write_atomic(table_dir / f"breakdown_{by}.csv", frame.to_csv(index=False))
         figures[f"f1_by_{by}"] = plots.f1_by_group(
             frame, by, figure_dir / f"f1_by_{by}", systems=system_names
         )
@@ -118,7 +119,8 @@ def main(
     missing = list(dict.fromkeys(m for t in built for m in t.missing))
     _write_footnotes(out / "footnotes.md", built, index, missing)
     index_path = out / "index.md"
-    index_path.write_text(
+    write_atomic(
+        index_path,
         _index_text(
             profile,
             uri,
@@ -133,7 +135,6 @@ def main(
             bootstrap,
             sweeps,
         ),
-        encoding="utf-8",
     )
     log.info("report written to %s", index_path)
     return index_path
@@ -269,7 +270,7 @@ def _write_footnotes(
     lines += [f"- {rid}" for rid in index.superseded] or ["- none"]
     lines += ["", "## Missing runs", ""]
     lines += [f"- {m}" for m in missing] or ["- none"]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_atomic(path, "\n".join(lines) + "\n")
 
 
 def _index_text(

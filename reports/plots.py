@@ -27,6 +27,7 @@ import pandas as pd  # noqa: E402
 from matplotlib import font_manager  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from crener.files import write_atomic  # noqa: E402
 from reports.paper import DATASET_LABELS, DATASET_LABELS_ZH, DATASETS, VARIANT_LABELS  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ def save(fig: plt.Figure, stem: Path) -> list[Path]:
     paths = []
     for ext in FORMATS:
         path = stem.with_suffix(f".{ext}")
-        fig.savefig(path, dpi=DPI, bbox_inches="tight")
+        write_atomic(path, lambda fh, ext=ext: fig.savefig(fh, format=ext, dpi=DPI, bbox_inches="tight"))
         paths.append(path)
     plt.close(fig)
     return paths

@@ -28,6 +28,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from crener import registry
+from crener.files import write_atomic
 from reports import paper, stats
 from reports.paper import (
     DATASET_LABELS,
@@ -142,9 +143,9 @@ class Table:
         """Write ``<name>.md``, ``<name>.tex`` and ``<name>.csv`` under ``out_dir``."""
         out_dir.mkdir(parents=True, exist_ok=True)
         paths = {ext: out_dir / f"{self.name}.{ext}" for ext in ("md", "tex", "csv")}
-        paths["md"].write_text(self.markdown(), encoding="utf-8")
-        paths["tex"].write_text(self.latex(), encoding="utf-8")
-        self.data.to_csv(paths["csv"], index=False)
+        write_atomic(paths["md"], self.markdown())
+        write_atomic(paths["tex"], self.latex())
+        write_atomic(paths["csv"], self.data.to_csv(index=False))
         return paths
 
 

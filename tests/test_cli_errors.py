@@ -436,3 +436,18 @@ def test_ui_passes_allowed_hosts_to_mlflow(monkeypatch, capsys, caplog) -> None:
     cmd = started[-1]
     assert cmd[cmd.index("--allowed-hosts") + 1] == "ner.example.org"
     assert "--allowed-hosts" not in started[0]
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_predict_onto_a_full_device(checkpoint, tmp_path) -> None:
+    """Issue 37: standard output on a full device is one line (exit 1, the environment), not a
+    traceback followed by Python's own complaint at exit."""
+    text_in = tmp_path / "in.txt"
+    text_in.write_text("张三在北京工作\n" * 50, encoding="utf-8")
+    cmd = [sys.executable, "-m", "crener.cli", "predict", "--checkpoint", str(checkpoint), str(text_in)]
+    with open("/dev/full", "w") as full:
+        res = subprocess.run(
+            cmd, stdout=full, stderr=subprocess.PIPE, text=True, env=_env(), cwd=tmp_path, timeout=120
+        )
+    _assert_refused(res.returncode, res.stderr, "standard output: no space left on the device", status=1)
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr

@@ -32,6 +32,11 @@ def test_encoder_ablation_cells_and_report(
     assert cli_main(args) == 0
     assert len(fake_fit.CALLS) == 16
     # A named encoder is one more arm, used as it is (nothing built); the others are found again.
+    # It must exist before any work (crener.encoder.check_encoder_name): a missing one exits 2.
+    assert cli_main([*args, "--encoders", str(tmp_path / "mine")]) == 2
+    assert len(fake_fit.CALLS) == 16
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "config.json").write_text("{}", encoding="utf-8")
     assert cli_main([*args, "--encoders", str(tmp_path / "mine")]) == 0
     assert len(fake_fit.CALLS) == 16 + 4
     report = (tmp_path / "reports" / "out" / "smoke" / "encoders.md").read_text(encoding="utf-8")

@@ -152,8 +152,12 @@ def test_a_non_finite_loss_is_caught_at_a_deferred_read(tiny_data, tmp_path, mon
 def test_missing_and_malformed_checkpoints(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "nope.pt")
+    text = tmp_path / "text.pt"
+    text.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="is a text file, not a checkpoint"):
+        load_checkpoint(text)
     garbage = tmp_path / "garbage.pt"
-    garbage.write_bytes(b"not a checkpoint at all")
+    garbage.write_bytes(bytes(range(256)) * 4)
     with pytest.raises(CheckpointError, match="cannot read"):
         load_checkpoint(garbage)
     other = tmp_path / "other.pt"

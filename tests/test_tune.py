@@ -337,3 +337,30 @@ def test_only_out_of_memory_fails_a_trial_alone_and_the_sampler_is_the_studys(
         tune(dataset="resume", trials=2, profile="smoke", storage=storage, runs_dir=tmp_path,
              track=False, study_name="bug")  # fmt: skip
     assert len(optuna.load_study(study_name="bug", storage=storage).trials) == 1  # stopped at once
+
+
+def test_an_interrupted_study_says_so_and_a_rerun_completes_it(
+    mlflow_store: str, fake_fit: types.ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    """Issue 37, class 5: Ctrl-C in the untuned default's trial marks the parent run interrupted
+    (not FINISHED), logs no traceback, and the rerun runs the default again."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    fit = fake_fit.fit
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fake_fit, "fit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tune(dataset="resume", trials=2, profile="smoke", storage=storage, sets={"train.epochs": "1"})
+    assert "Traceback" not in caplog.text and not any(r.exc_info for r in caplog.records)
+    (parent,) = _trial_runs(STUDY)[0]
+    parent = Tracker().get_run(parent.run_id)
+    assert parent.status == "KILLED" and parent.tags["crener.interrupted"] == "true"
+
+    monkeypatch.setattr(fake_fit, "fit", fit)
+    study = tune(dataset="resume", trials=1, profile="smoke", storage=storage, sets={"train.epochs": "1"})
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 1 and done[0].user_attrs["crener.default"] is True
+    parent = Tracker().get_run(parent.run_id)
+    assert parent.status == "FINISHED" and parent.tags["crener.interrupted"] == "false"

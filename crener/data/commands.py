@@ -217,6 +217,10 @@ def format_stats(stats: dict[str, Any], max_len: int) -> str:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    path = Path(args.file)
+    if not path.is_file():  # a wrong path is the command's mistake, not a finding about a file
+        what = "is a folder, not a CoNLL file" if path.is_dir() else "no such file; check the path"
+        raise DataError(what, args.file)
     try:
         result = read_conll(args.file, fmt=args.format, errors="collect")
     except DataError as exc:  # unreadable as a whole (missing, empty): still a finding of check

@@ -31,6 +31,8 @@ import torch
 from crener.config import RunConfig, parse_set
 from crener.data.schema import Sentence
 from crener.device import CpuPeak, device_peak, reset_device_peak, rss_peak, sync
+from crener.errors import DataError
+from crener.files import check_output_file, read_text, write_atomic
 from crener.profiles import build_run_config
 from crener.tools.workload import (  # the workloads the suites measure
     DEFAULT_WIDTHS,
@@ -304,9 +306,13 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.probe:
         return run_probe(args)
     if getattr(args, "from_json", None):
-        results = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
-        _write_page(results, args.page or str(Path(args.from_json).with_suffix(".md")))
+        results = read_results(args.from_json)
+        page = args.page or str(Path(args.from_json).with_suffix(".md"))
+        check_output_file(Path(page), "--page")
+        _write_page(results, page)
         return 0
+    if args.page:
+        check_output_file(Path(args.page), "--page")  # before minutes of measuring
     overrides = parse_set(args.overrides)
     suites = {args.suite} if isinstance(args.suite, str) else set(args.suite)
     if not args.widths:
@@ -479,13 +485,32 @@ def machine_info() -> dict[str, Any]:
             "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")}  # fmt: skip
 
 
+RESULT_KEYS = ("machine", "threads")  # what every `crener bench --json` result has
+
+
+def read_results(path: str) -> dict[str, Any]:
+    """The results of an earlier ``crener bench --json`` (or ``--page``) run, checked to be one."""
+    text = read_text(path, "a JSON file")
+    try:
+        results = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"not valid JSON ({exc.msg}, column {exc.colno})", path, exc.lineno) from None
+    lacks = [k for k in RESULT_KEYS if not isinstance(results, dict) or k not in results]
+    if lacks:
+        raise DataError(
+            f"not the results of crener bench (no {', '.join(lacks)}): pass the .json that "
+            "`crener bench --json` printed or `--page` wrote beside its page",
+            path,
+        )
+    return results
+
+
 def _write_page(results: dict[str, Any], page: str) -> None:
-    """``page`` (Markdown) and its results beside it as JSON (same name, ``.json``)."""
+    """``page`` (Markdown) and its results beside it as JSON (same name, ``.json``), each whole."""
     path = Path(page)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix != ".json":
-        path.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
-    path.write_text(render_page(results, results.get("command", "crener bench")), encoding="utf-8")
+        write_atomic(path.with_suffix(".json"), json.dumps(results, indent=1) + "\n")
+    write_atomic(path, render_page(results, results.get("command", "crener bench")))
     log.info("wrote %s and its JSON", path)
 
 

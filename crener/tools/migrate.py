@@ -33,6 +33,7 @@ from typing import Any
 
 from crener.config import RUNTIME_ALIASES, RunConfig, run_label
 from crener.errors import CrenerError
+from crener.files import write_atomic
 from crener.identity import KEY_SCHEMA, run_key
 from crener.options import add_data_root, add_runs_dir
 from crener.workspace import resolve_runs_dir
@@ -154,9 +155,7 @@ def _rewrite_keys(workdir: Path, key: str) -> int:
     if summary.is_file():
         data = json.loads(summary.read_text(encoding="utf-8"))
         if data.get("key") != key:
-            tmp = summary.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps({**data, "key": key}, indent=2), encoding="utf-8")
-            os.replace(tmp, summary)
+            write_atomic(summary, json.dumps({**data, "key": key}, indent=2))
             changed += 1
     return changed
 
@@ -177,8 +176,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
+    from crener.data.datasets import resolve_data_root
+    from crener.files import check_existing_folder
     from crener.tracking import Tracker
+    from crener.workspace import check_store_exists
 
+    # A typo in a folder would find no run folder and report every run as having none.
+    check_existing_folder(args.runs_dir, "--runs-dir")
+    if args.data_root:
+        resolve_data_root(args.data_root)
+    check_store_exists("nothing to migrate")
     tracker = Tracker()
     results = migrate_store(tracker, args.runs_dir, data_root=args.data_root, dry_run=args.dry_run)
     for r in results:

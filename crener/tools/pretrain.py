@@ -627,6 +627,30 @@ class InitEncoder:
     state: dict[str, torch.Tensor]  # the encoder's weights (BertModel names, without "bert.")
 
 
+def check_inputs(cfg: PretrainConfig) -> None:
+    """Refuse, before any folder is made or text read, what ``cfg`` reads and cannot find: a
+    ``--text`` file (or the named corpus), a source of ``--vectors``, the ``--init-from`` encoder."""
+    from crener.encoder import resolve_encoder
+
+    for spec in cfg.text:
+        path = text_path(spec, cfg.data_root)
+        if path.is_dir():
+            raise DataError(f"--text {spec} is a folder, not a file; name the file", str(path))
+        if not path.is_file():
+            raise DataError(f"--text {spec}: no such file; check the path", str(path))
+    for src in vector_sources(cfg.vectors):
+        if src in PACKAGED_VECTORS:
+            packaged_vector_files(src)
+        else:
+            vectors_path("default" if src == PEOPLE else src, cfg.data_root)
+    if cfg.init_from:
+        path = Path(resolve_encoder(cfg.init_from)).expanduser()
+        if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+            raise CheckpointError(
+                f"--init-from {cfg.init_from}: no config.json and model.safetensors in {path}"
+            )
+
+
 def load_init_encoder(cfg: PretrainConfig) -> InitEncoder:
     """The encoder ``cfg.init_from`` names, checked to have ``cfg``'s shape."""
     from safetensors.torch import load_file
