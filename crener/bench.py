@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from crener.commands import check_output_file
+from crener.commands import check_folder
 from crener.config import RunConfig, parse_set
 from crener.errors import DataError
 from crener.files import read_text, write_atomic
@@ -407,12 +407,12 @@ def run_bench(args: argparse.Namespace) -> int:
         return run_probe(args)
     if getattr(args, "from_json", None):
         results = read_results(args.from_json)
-        page = args.page or str(Path(args.from_json).with_suffix(".md"))
-        check_output_file(Path(page), "--page")
+        page = getattr(args, "page", None) or str(Path(args.from_json).with_suffix(".md"))
+        _check_page(page)
         _write_page(results, page)
         return 0
-    if args.page:
-        check_output_file(Path(args.page), "--page")  # before minutes of measuring
+    if getattr(args, "page", None):
+        _check_page(args.page)  # before minutes of measuring
     overrides = parse_set(args.overrides)
     suites = {args.suite} if isinstance(args.suite, str) else set(args.suite)
     if not args.widths:
@@ -583,6 +583,13 @@ def machine_info() -> dict[str, Any]:
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "gpu": gpu,
             "torch": torch.__version__, "commit": git_commit(),
             "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")}  # fmt: skip
+
+
+def _check_page(page: str) -> None:
+    """A page path that can be written (its folder is made if missing)."""
+    if Path(page).is_dir():
+        raise DataError("is a folder: name the page's file in it, e.g. performance.md", page)
+    check_folder(Path(page).parent, "--page")
 
 
 RESULT_KEYS = ("machine", "threads")  # what every `crener bench --json` result has
