@@ -38,14 +38,16 @@ TEXT_PROBE_BYTES = 4096
 def describe_unreadable(path: Path, what: str) -> str | None:
     """Why ``path`` cannot be a ``what`` when that shows without loading it (a folder, an empty or
     a text file), in words that say what to pass instead; None if it looks like one."""
-    hint = "pass the best.pt or last.pt that `crener train` wrote (runs/<profile>/<key>/checkpoints/)"
+    hint = "write it again"
+    if what == "checkpoint":
+        hint = "pass the best.pt or last.pt that `crener train` wrote (runs/<profile>/<key>/checkpoints/)"
     if path.is_dir():
         inside = path / "checkpoints" / "best.pt"
-        return f"{path} is a folder, not a {what}: " + (f"pass {inside}" if inside.is_file() else hint)
+        return f"{path}: it is a folder, not a {what}; " + (f"pass {inside}" if inside.is_file() else hint)
     with open(path, "rb") as fh:
         head = fh.read(TEXT_PROBE_BYTES)
     if not head:
-        return f"{path} is empty (0 bytes), not a {what} (a copy or a save that did not finish?): {hint}"
+        return f"{path}: it is empty (0 bytes), not a {what} (a copy or a save that did not finish?); {hint}"
     if head.startswith((ZIP_MAGIC, PICKLE_MAGIC)):
         return None
     try:
@@ -53,7 +55,7 @@ def describe_unreadable(path: Path, what: str) -> str | None:
     except UnicodeDecodeError as exc:
         if exc.start < len(head) - 4:  # not just a character cut at the probe's end
             return None
-    return f"{path} is a text file, not a {what}: {hint}"
+    return f"{path}: it is a text file, not a {what}; {hint}"
 
 
 def read_state(path: Path, what: str = "checkpoint") -> Any:
@@ -62,7 +64,7 @@ def read_state(path: Path, what: str = "checkpoint") -> Any:
     what to pass instead."""
     reason = describe_unreadable(path, what)
     if reason is not None:
-        raise CheckpointError(reason)
+        raise CheckpointError(f"cannot read {what} {reason}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a corrupt file

@@ -176,6 +176,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides=overrides,
     ))  # fmt: skip
     check_run_inputs(cfg, runs_dir=args.runs_dir, workdir=args.workdir)
+    if not args.no_track:
+        from crener.tracking import check_store
+        from crener.workspace import tracking_uri
+
+        check_store(tracking_uri())  # before the budget's probe and the run's folders and locks
     if args.time_budget is not None:
         from crener.budget import apply_budget
 
@@ -187,10 +192,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         summary = fit(cfg, workdir, resume=not args.no_resume)
     else:
         from crener.runner import run_one
-        from crener.tracking import check_store
-        from crener.workspace import tracking_uri
-
-        check_store(tracking_uri())  # before the run's folders and locks are made
 
         if args.workdir:
             log.warning(

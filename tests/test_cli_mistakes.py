@@ -225,19 +225,19 @@ MISTAKES: dict[str, Mistake] = {
     "evaluate: checkpoint a folder": M("evaluate --checkpoint {tmp}/adir", "{tmp}/adir", "1", files=DIR),
     "evaluate: text checkpoint": M(
         "evaluate --checkpoint {tmp}/notes.pt",
-        "{tmp}/notes.pt is a text file",
+        "{tmp}/notes.pt: it is a text file",
         "6",
         files={"notes.pt": "hello\n"},
     ),
     "evaluate: empty checkpoint": M(
-        "evaluate --checkpoint {tmp}/empty.pt", "{tmp}/empty.pt is empty", "6", files={"empty.pt": ""}
+        "evaluate --checkpoint {tmp}/empty.pt", "{tmp}/empty.pt: it is empty", "6", files={"empty.pt": ""}
     ),
     "evaluate: truncated checkpoint": M(
         "evaluate --checkpoint {tmp}/cut.pt", "{tmp}/cut.pt", "6", files={"cut.pt": _zip_prefix()}
     ),
     "evaluate: JSON checkpoint": M(
         "evaluate --checkpoint {tmp}/c.json",
-        "{tmp}/c.json is a text file",
+        "{tmp}/c.json: it is a text file",
         "6",
         files={"c.json": '{"model": 1}\n'},
     ),
@@ -283,11 +283,11 @@ MISTAKES: dict[str, Mistake] = {
         "predict --checkpoint {tmp}/adir {tmp}/in.txt", "{tmp}/adir", "1", files={**TEXTS, **DIR}
     ),
     "predict: text checkpoint": M(
-        "predict --checkpoint {tmp}/in.txt {tmp}/in.txt", "{tmp}/in.txt is a text file", "6", files=TEXTS
+        "predict --checkpoint {tmp}/in.txt {tmp}/in.txt", "{tmp}/in.txt: it is a text file", "6", files=TEXTS
     ),
     "predict: empty checkpoint": M(
         "predict --checkpoint {tmp}/e.pt {tmp}/in.txt",
-        "{tmp}/e.pt is empty",
+        "{tmp}/e.pt: it is empty",
         "6",
         files={**TEXTS, "e.pt": ""},
     ),
@@ -316,7 +316,9 @@ MISTAKES: dict[str, Mistake] = {
     "bench: sentences": M("bench --sentences 0", "'0'", "args"),
     "bench: batch": M("bench --batch -2", "'-2'", "args"),
     "bench: bad --set": M("bench --widths quick --set model.nosuch=1", "model.nosuch", "value"),
-    "bench: page folder missing": M("bench --widths quick --page {tmp}/nodir/p.md", "{tmp}/nodir", "1"),
+    "bench: page under a file": M(
+        "bench --widths quick --page {tmp}/afile/p.md", "{tmp}/afile", "1", files=FILE
+    ),
     "bench: page a folder": M("bench --widths quick --page {tmp}/adir", "{tmp}/adir", "1", files=DIR),
     # ----------------------------------------------------------------- pretrain
     "pretrain: no --out": M("pretrain", "--out", "args"),

@@ -32,7 +32,7 @@ from crener.config import RunConfig, parse_set
 from crener.data.schema import Sentence
 from crener.device import CpuPeak, device_peak, reset_device_peak, rss_peak, sync
 from crener.errors import DataError
-from crener.files import check_output_file, read_text, write_atomic
+from crener.files import check_folder, read_text, write_atomic
 from crener.profiles import build_run_config
 from crener.tools.workload import (  # the workloads the suites measure
     DEFAULT_WIDTHS,
@@ -307,12 +307,12 @@ def run_bench(args: argparse.Namespace) -> int:
         return run_probe(args)
     if getattr(args, "from_json", None):
         results = read_results(args.from_json)
-        page = args.page or str(Path(args.from_json).with_suffix(".md"))
-        check_output_file(Path(page), "--page")
+        page = getattr(args, "page", None) or str(Path(args.from_json).with_suffix(".md"))
+        _check_page(page)
         _write_page(results, page)
         return 0
-    if args.page:
-        check_output_file(Path(args.page), "--page")  # before minutes of measuring
+    if getattr(args, "page", None):
+        _check_page(args.page)  # before minutes of measuring
     overrides = parse_set(args.overrides)
     suites = {args.suite} if isinstance(args.suite, str) else set(args.suite)
     if not args.widths:
@@ -483,6 +483,13 @@ def machine_info() -> dict[str, Any]:
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "gpu": gpu,
             "torch": torch.__version__, "commit": git_commit(),
             "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")}  # fmt: skip
+
+
+def _check_page(page: str) -> None:
+    """A page path that can be written (its folder is made if missing)."""
+    if Path(page).is_dir():
+        raise DataError("is a folder: name the page's file in it, e.g. performance.md", page)
+    check_folder(Path(page).parent, "--page")
 
 
 RESULT_KEYS = ("machine", "threads")  # what every `crener bench --json` result has
