@@ -611,7 +611,7 @@ def test_card_lists_the_inputs_with_their_hashes(written):
     readme = (out / "README.md").read_text(encoding="utf-8")
     assert "# tiny-char: a compact Chinese character encoder pretrained by crener" in readme
     assert VECTORS_SHA256 in readme and sums["resume/test.char.bmes"] in readme
-    assert "3,814 sentences (7 training sentences dropped" in readme
+    assert "3,814 sentences (7 dropped because they occur in a dev or test split)" in readme
     assert not list(out.parent.glob("*.tmp"))
 
 
