@@ -67,27 +67,25 @@ def plan_steps(minutes: float, epochs: int, costs: Costs) -> tuple[int, int]:
 def measure(cfg: RunConfig) -> Costs:
     """Time ``cfg``'s run here: set-up, PROBE_STEPS steps after PROBE_WARMUP, one dev evaluation."""
     import numpy as np
-    import torch
 
     from crener.data.batching import training_batches
-    from crener.device import resolve_device
     from crener.evaluation import evaluate
-    from crener.train import build_parts, parameter_groups, seed_everything, train_one_epoch
+    from crener.train import build_optimisation, build_parts, prepare_process, train_one_epoch
 
     started = time.perf_counter()
-    seed_everything(cfg.train.seed)
-    device = resolve_device(cfg.runtime.device)
+    # The run's own process settings (threads, allocator, seed, device) and optimisation ([UNK]
+    # replacement included), so the probe times the steps the run will take.
+    device = prepare_process(cfg)
     with tempfile.TemporaryDirectory() as tmp:
         parts = build_parts(cfg, cfg.runtime.data_root, Path(tmp), device)
     lengths = [e.n for e in parts.train_examples]
     batches = training_batches(lengths, cfg.train, np.random.default_rng([cfg.train.seed, 1]))
-    optimizer = torch.optim.AdamW(parameter_groups(parts.model, cfg))
-    constant = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    opt = build_optimisation(cfg, parts)
 
     def steps(chosen: list[list[int]]) -> float:
         t0 = time.perf_counter()
-        train_one_epoch(parts.model, parts.task, parts.train_examples, chosen, optimizer, constant, device,
-                        cfg, epoch=1)  # fmt: skip
+        train_one_epoch(parts.model, parts.task, parts.train_examples, chosen, opt.optimizer, opt.scheduler,
+                        device, cfg, epoch=1, unk_probs=opt.unk_probs, unk_id=parts.tokenizer.unk_id)  # fmt: skip
         return time.perf_counter() - t0
 
     steps(batches[:PROBE_WARMUP])
