@@ -214,6 +214,11 @@ class TrainConfig:
     sorted_batches: bool = False
     lr: float = 1e-3  # learning rate of everything but the pretrained encoder
     encoder_lr: float = 5e-6  # learning rate of the pretrained (or embedded) encoder
+    # With encoder_lr > 0: 0 fine-tunes the whole encoder; k > 0 only its top k Transformer
+    # layers, the part below frozen and run once per sentence (its output cached), so a step
+    # costs the top k layers' passes, not the whole encoder's. [UNK] replacement (unk_alpha)
+    # needs the whole encoder: it is refused with k > 0.
+    encoder_top_layers: int = 0
     weight_decay: float = 0.0  # AdamW weight decay
     warmup: float = 0.1  # fraction of steps with linear warm-up, then linear decay to 0
     clip: float = 5.0  # global gradient-norm clip
@@ -238,7 +243,14 @@ class TrainConfig:
             raise ConfigError(f"train.unk_alpha={self.unk_alpha}: must be >= 0")
         if self.seed < 0:
             raise ConfigError(f"train.seed={self.seed}: a seed must be >= 0")
-        for name in ("max_cells", "max_steps", "patience"):
+        if self.encoder_top_layers and (self.unk_alpha or not self.encoder_lr):
+            raise ConfigError(
+                f"train.encoder_top_layers={self.encoder_top_layers} trains the encoder's top layers: it "
+                f"needs train.encoder_lr > 0 (now {self.encoder_lr}) and train.unk_alpha = 0 (now "
+                f"{self.unk_alpha}; [UNK] inputs change every layer's output, so the lower layers cannot be "
+                "cached); set train.encoder_top_layers=0 to fine-tune the whole encoder"
+            )
+        for name in ("max_cells", "max_steps", "patience", "encoder_top_layers"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}={getattr(self, name)}: must be >= 0 (0 = off)")
         if not self.lr > 0 or not self.encoder_lr >= 0:

@@ -264,12 +264,13 @@ class FeatureCache(dict):
 _FEATURE_CACHES: dict[tuple, FeatureCache] = {}
 
 
-def feature_cache(name_or_path: str | os.PathLike, last4_mean: bool) -> FeatureCache:
-    """The process-wide cache of a frozen encoder's features, keyed by its weights' file and mode."""
+def feature_cache(name_or_path: str | os.PathLike, last4_mean: bool, top_layers: int = 0) -> FeatureCache:
+    """The process-wide cache of a frozen encoder's features, keyed by its weights' file and mode
+    (``top_layers`` > 0: what the layers below the top ``top_layers`` give, :meth:`CharEncoder.freeze`)."""
     path = Path(resolve_encoder(name_or_path))
     weights = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
     stamp = tuple((str(w.resolve()), w.stat().st_size, w.stat().st_mtime_ns) for w in weights)
-    return _FEATURE_CACHES.setdefault((str(path.resolve()), stamp, last4_mean), FeatureCache())
+    return _FEATURE_CACHES.setdefault((str(path.resolve()), stamp, last4_mean, top_layers), FeatureCache())
 
 
 class CharEncoder(nn.Module):
@@ -280,27 +281,54 @@ class CharEncoder(nn.Module):
         self.bert = bert
         self.last4_mean = last4_mean
         self.out_dim = int(bert.config.hidden_size)
-        self.frozen = False
+        self.frozen = False  # no layer trains (see freeze)
+        self.top_layers = 0  # > 0: only the top this many layers train, over cached lower ones
         self.cache: FeatureCache | None = None
         self.source = ""  # name or folder the weights were loaded from (set by the loader)
 
-    def freeze(self, cache: FeatureCache | None = None) -> None:
+    def freeze(self, cache: FeatureCache | None = None, top_layers: int = 0) -> None:
         """Make the encoder a fixed feature extractor: no gradient, its dropout off for good, and,
         with ``cache``, each distinct sentence encoded once, alone and unpadded (so equal to the
-        uncached features up to float rounding, and the same whatever batch first met it)."""
-        self.frozen = True
+        uncached features up to float rounding, and the same whatever batch first met it).
+
+        ``top_layers`` = k > 0 freezes all but the top k Transformer layers: the frozen part
+        (embeddings and the layers below) runs once per sentence and ``cache`` keeps what it
+        gives, the top k layers run every step and train. Their output equals the whole
+        encoder's up to float rounding (tests/test_encoder_top.py)."""
+        layers = self._layers()
+        if top_layers and not 0 < top_layers <= len(layers):
+            raise ValueError(f"top_layers={top_layers}: the encoder has {len(layers)} layers")
+        self.frozen = not top_layers
+        self.top_layers = top_layers
         self.cache = cache
         for p in self.parameters():
             p.requires_grad_(False)
-        self.bert.eval()
+        for layer in layers[len(layers) - top_layers :] if top_layers else []:
+            for p in layer.parameters():
+                p.requires_grad_(True)
+        self.train(self.training)
+
+    def _layers(self) -> nn.ModuleList:
+        try:
+            return self.bert.encoder.layer  # BERT-like models of transformers
+        except AttributeError:
+            raise ValueError(
+                f"{type(self.bert).__name__} has no encoder.layer list: only the whole encoder can "
+                "be fine-tuned or frozen (train.encoder_top_layers=0)"
+            ) from None
 
     def train(self, mode: bool = True) -> CharEncoder:
         super().train(mode)
-        if self.frozen:
-            self.bert.eval()
+        if self.frozen or self.top_layers:
+            self.bert.eval()  # the frozen part never drops out: its cached features are fixed
+            layers = self._layers()
+            for layer in layers[len(layers) - self.top_layers :] if self.top_layers else []:
+                layer.train(mode)
         return self
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_chars: int) -> torch.Tensor:
+        if self.top_layers:
+            return self._top(input_ids, attention_mask, n_chars)
         if not self.frozen:
             return self._encode(input_ids, attention_mask, n_chars)
         with torch.no_grad():
@@ -308,32 +336,74 @@ class CharEncoder(nn.Module):
                 return self._encode(input_ids, attention_mask, n_chars)
             return self._cached(input_ids, attention_mask, n_chars)
 
-    def _cached(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_chars: int) -> torch.Tensor:
+    def _lookup(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, compute) -> list:  # noqa: ANN001
+        """Per sentence, ``compute(ids, mask)`` of it alone and unpadded ([CLS] chars [SEP]): from
+        the cache when it has it, else computed once and kept (under the cache's float cap)."""
         cache = self.cache
-        lengths = (attention_mask.sum(dim=1) - 2).tolist()  # characters: all but [CLS] and [SEP]
-        keys = [tuple(row[: n + 2]) for row, n in zip(input_ids.tolist(), lengths)]
-        missing = [b for b, k in enumerate(keys) if k not in cache]
-        if missing:
-            # Normal tensors even under evaluation's inference mode: training reuses them later.
-            # Each sentence encoded alone, unpadded: its features then do not depend on which
-            # batch (of which padded width) first met it, so a cell's result does not depend on
-            # the cells a sweep process ran before it. Each is encoded once, so this costs little.
-            with torch.inference_mode(False):
-                for b in missing:
-                    width = lengths[b]
-                    ids = input_ids[b : b + 1, : width + 2].clone()
-                    mask = attention_mask[b : b + 1, : width + 2].clone()
-                    feats = self._encode(ids, mask, width).float()[0].cpu().clone()
-                    if cache.floats + feats.numel() <= FEATURE_CACHE_MAX_FLOATS:
-                        cache[keys[b]] = feats
-                        cache.floats += feats.numel()
-                    else:  # over the cap: use it for this batch only
-                        keys[b] = feats  # type: ignore[call-overload]
-        out = torch.zeros(len(keys), n_chars, self.out_dim, device=input_ids.device)
+        widths = attention_mask.sum(dim=1).tolist()  # characters + [CLS] and [SEP]
+        keys = [tuple(row[:w]) for row, w in zip(input_ids.tolist(), widths)]
+        out = []
         for b, k in enumerate(keys):
-            feats = k if isinstance(k, torch.Tensor) else cache[k]
-            out[b, : feats.size(0)] = feats.to(out.device)
+            value = cache.get(k) if cache is not None else None
+            if value is None:
+                # Normal tensors even under evaluation's inference mode: training reuses them later.
+                # Each sentence encoded alone, unpadded: its features then do not depend on which
+                # batch (of which padded width) first met it, so a cell's result does not depend on
+                # the cells a sweep process ran before it. Each is encoded once, so this costs little.
+                with torch.inference_mode(False), torch.no_grad():
+                    ids = input_ids[b : b + 1, : widths[b]].clone()
+                    mask = attention_mask[b : b + 1, : widths[b]].clone()
+                    value = compute(ids, mask)
+                size = sum(t.numel() for t in value) if isinstance(value, tuple) else value.numel()
+                if cache is not None and cache.floats + size <= FEATURE_CACHE_MAX_FLOATS:
+                    cache[k] = value
+                    cache.floats += size
+            out.append(value)
         return out
+
+    def _cached(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_chars: int) -> torch.Tensor:
+        def features(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return self._encode(ids, mask, ids.size(1) - 2).float()[0].cpu().clone()
+
+        feats = self._lookup(input_ids, attention_mask, features)
+        out = torch.zeros(len(feats), n_chars, self.out_dim, device=input_ids.device)
+        for b, f in enumerate(feats):
+            out[b, : f.size(0)] = f.to(out.device)
+        return out
+
+    def _top(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_chars: int) -> torch.Tensor:
+        """The top ``top_layers`` layers over the frozen part's cached output (see :meth:`freeze`)."""
+        layers = self._layers()
+        first = len(layers) - self.top_layers  # index of the first trained layer
+        # hidden_states[i]: the embeddings (i = 0) or layer i's output; the features average the
+        # last four of them (or take the last), some of which may lie in the frozen part.
+        n_states = len(layers) + 1
+        window = range(max(0, n_states - 4), n_states) if self.last4_mean else range(n_states - 1, n_states)
+
+        def lower(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            states = self.bert(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+            frozen = [states[i] for i in window if i <= first]
+            fixed = torch.stack(frozen).sum(dim=0) if frozen else torch.zeros_like(states[first])
+            return states[first].float()[0].cpu().clone(), fixed.float()[0].cpu().clone()
+
+        cached = self._lookup(input_ids, attention_mask, lower)
+        width = input_ids.size(1)
+        hidden = input_ids.new_zeros((len(cached), width, self.out_dim), dtype=torch.float)
+        fixed = torch.zeros_like(hidden)
+        for b, (h, f) in enumerate(cached):
+            hidden[b, : h.size(0)] = h.to(hidden.device)
+            fixed[b, : f.size(0)] = f.to(hidden.device)
+        # Additive mask over the keys (B, 1, 1, width): padded positions take no attention.
+        keep = attention_mask[:, None, None, :].to(hidden.dtype)
+        mask = (1.0 - keep) * torch.finfo(hidden.dtype).min
+        total = fixed
+        for i, layer in enumerate(layers[first:], start=first + 1):
+            hidden = layer(hidden, attention_mask=mask)
+            if isinstance(hidden, tuple):  # older transformers return (hidden, ...)
+                hidden = hidden[0]
+            if i in window:
+                total = total + hidden
+        return (total / len(window))[:, 1 : n_chars + 1]
 
     def _encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_chars: int) -> torch.Tensor:
         out = self.bert(
