@@ -431,42 +431,64 @@ def _reads_encoder(model: str | None) -> bool:
 
 
 def _encoder_regimes(cell: Cell, model: str | None = None) -> set[str]:
-    """How the cell's runs trained their character encoder: "frozen" or "fine-tuned at LR", or
-    "no pretrained encoder" for a family whose forward never runs it (``uses_encoder``), with the
-    character vectors its own embeddings started from where the runs logged them."""
+    """How the cell's runs trained their character encoder: "frozen", "fine-tuned at LR", "top k
+    layers fine-tuned at LR" (``train.encoder_top_layers``), or "no pretrained encoder" for a family
+    whose forward never runs it (``uses_encoder``), with the character vectors its own embeddings
+    started from where the runs logged them."""
     col = "params.train.encoder_lr"
     if not _reads_encoder(model):
         if not len(cell.runs):
             return set()
         vectors = "params.model.char_vectors"
         if vectors not in cell.runs:  # runs logged before the field existed
-            return {"no pretrained encoder"}
+            return {NO_ENCODER}
         return {
-            "no pretrained encoder"
-            if str(v).lower() == "none"
-            else f"no pretrained encoder, model.char_vectors={v}"
+            NO_ENCODER if str(v).lower() == "none" else f"{NO_ENCODER}, model.char_vectors={v}"
             for v in cell.runs[vectors].fillna("none")
         }
     if col not in cell.runs:
         return set()
+    top_col = "params.train.encoder_top_layers"
+    tops = cell.runs[top_col] if top_col in cell.runs else None  # runs before the field: whole encoder
     out = set()
-    for value in cell.runs[col].dropna():
+    for i, value in cell.runs[col].items():
         lr = float(value)
-        out.add("frozen" if lr == 0 else f"fine-tuned at {lr:g}")
+        top = int(float(tops[i])) if tops is not None and pd.notna(tops[i]) else 0
+        if lr == 0:
+            out.add("frozen")
+        elif top:
+            out.add(f"top {top} layer{'s' * (top > 1)} fine-tuned at {lr:g} (lower layers frozen)")
+        else:
+            out.add(f"fine-tuned at {lr:g}")
     return out
 
 
+NO_ENCODER = "no pretrained encoder"
+
+
 def _encoder_note(regimes: dict[str, set[str]]) -> str | None:
-    """A note when the rerun systems did not all train the encoder alike (e.g. `quick`: the grid
-    models read it frozen, the BERT taggers fine-tune it), so the rows are read as what they are."""
-    if len({r for rs in regimes.values() for r in rs}) < 2:
-        return None
+    """The table's encoder regime: how every row that runs the pretrained encoder trained it, and
+    the rows that run none (TENER trains its own embeddings, as published). When the encoder rows
+    differ (say frozen grid models beside fine-tuned taggers) the note flags that the rows compare
+    regimes as well as models. None when no row has runs."""
     by_regime: dict[str, list[str]] = {}
     for system, rs in regimes.items():
         for r in sorted(rs):
             by_regime.setdefault(r, []).append(system)
-    parts = [f"{r}: {', '.join(systems)}" for r, systems in sorted(by_regime.items())]
-    return "Encoder (train.encoder_lr of the runs) differs between rows: " + "; ".join(parts) + "."
+    if not by_regime:
+        return None
+    own = sorted((r, s) for r, s in by_regime.items() if r.startswith(NO_ENCODER))
+    shared = sorted((r, s) for r, s in by_regime.items() if not r.startswith(NO_ENCODER))
+    tail = "".join(f"; {r}: {', '.join(s)}" for r, s in own)
+    if len(shared) > 1:
+        parts = "; ".join(f"{r}: {', '.join(s)}" for r, s in shared)
+        return (
+            "Encoder regime DIFFERS between rows, so they compare training regimes as well as models "
+            f"(train.encoder_lr / train.encoder_top_layers of the runs): {parts}{tail}."
+        )
+    if not shared:
+        return f"Encoder regime: {tail[2:]}."
+    return f"Encoder regime: {shared[0][0]} in every row that runs the pretrained encoder{tail}."
 
 
 def _not_rerun_reasons() -> dict[str, str]:
@@ -487,6 +509,10 @@ def ablation_table(index: RunIndex, profile: str, msra_protocol: str = "lineage"
     drops_paper = {(v, ds): theirs[(v, ds)] - theirs[("full", ds)] for v in ABLATIONS for ds in DATASETS}
 
     display_rows, data_rows, footnotes, missing, notes = [], [], [], [], []
+    regimes = {  # how each row's runs trained the encoder (_encoder_note)
+        VARIANT_LABELS[v]: set().union(*(_encoder_regimes(cells[(v, ds)], "crener") for ds in DATASETS))
+        for v in VARIANT_LABELS
+    }
     for v, label in VARIANT_LABELS.items():
         note = paper.paper_note(6, v, "weibo")
         if note:
@@ -575,6 +601,9 @@ def ablation_table(index: RunIndex, profile: str, msra_protocol: str = "lineage"
         f"pooled over all datasets: Spearman ρ = {stats.format_number(rho_all)}, same sign "
         f"{same_all}/{total_all}. A tie (Δ = 0) does not count as the same sign."
     )
+    regime = _encoder_note(regimes)
+    if regime:
+        notes.append(regime)
     notes.append(MSRA_NOTE)
     groups = [(DATASET_LABELS[ds], 4) for ds in DATASETS]
     return Table(

@@ -677,10 +677,11 @@ def test_a_cell_is_missing_only_the_seeds_its_plan_names(store):
     assert "w2ner/full on resume: seeds 2" in tables.main_table(tables.RunIndex(runs), 3, "quick").missing
 
 
-def test_main_tables_say_when_rows_trained_the_encoder_differently(index):
+def test_main_tables_name_the_encoder_regime_and_flag_rows_that_differ(index):
     import pandas as pd
 
-    assert not any(n.startswith("Encoder") for n in tables.main_table(index, 2, "quick").notes)  # all frozen
+    regime = [n for n in tables.main_table(index, 2, "quick").notes if n.startswith("Encoder")]
+    assert regime == ["Encoder regime: frozen in every row that runs the pretrained encoder."]
     tuned = tables.Cell(
         pd.DataFrame({"run_id": ["a", "b"], "seed": [0, 1], "params.train.encoder_lr": ["0.0001", "1e-4"]}),
         (0, 1),
@@ -688,15 +689,39 @@ def test_main_tables_say_when_rows_trained_the_encoder_differently(index):
     frozen = tables.Cell(
         pd.DataFrame({"run_id": ["c"], "seed": [0], "params.train.encoder_lr": ["0.0"]}), (0,)
     )
+    top = tables.Cell(
+        pd.DataFrame(
+            {
+                "run_id": ["f", "g"],
+                "seed": [0, 1],
+                "params.train.encoder_lr": ["0.0001", "0.0001"],
+                "params.train.encoder_top_layers": ["1", "1"],
+            }
+        ),
+        (0, 1),
+    )
     assert tables._encoder_regimes(tuned) == {"fine-tuned at 0.0001"}
+    assert tables._encoder_regimes(top) == {"top 1 layer fine-tuned at 0.0001 (lower layers frozen)"}
     note = tables._encoder_note(
         {"BERT-CRF": tables._encoder_regimes(tuned), "CRENER": tables._encoder_regimes(frozen)}
     )
     assert note == (
-        "Encoder (train.encoder_lr of the runs) differs between rows: "
+        "Encoder regime DIFFERS between rows, so they compare training regimes as well as models "
+        "(train.encoder_lr / train.encoder_top_layers of the runs): "
         "fine-tuned at 0.0001: BERT-CRF; frozen: CRENER."
     )
-    assert tables._encoder_note({"CRENER": {"frozen"}, "W²NER": {"frozen"}}) is None
+    assert tables._encoder_note({"CRENER": {"frozen"}, "W²NER": {"frozen"}}) == (
+        "Encoder regime: frozen in every row that runs the pretrained encoder."
+    )
+    # A row without a pretrained encoder (TENER) is named, not counted as a difference.
+    one = tables._encoder_note(
+        {"CRENER": tables._encoder_regimes(top), "TENER": {"no pretrained encoder, model.char_vectors=default"}}
+    )
+    assert one == (
+        "Encoder regime: top 1 layer fine-tuned at 0.0001 (lower layers frozen) in every row that runs "
+        "the pretrained encoder; no pretrained encoder, model.char_vectors=default: TENER."
+    )
+    assert tables._encoder_note({}) is None
     assert tables._encoder_regimes(frozen, "tener") == {"no pretrained encoder"}  # logged before char_vectors
     tener = tables.Cell(
         pd.DataFrame(
@@ -709,6 +734,10 @@ def test_main_tables_say_when_rows_trained_the_encoder_differently(index):
         "no pretrained encoder",
     }
     assert tables._encoder_regimes(frozen, "crener") == {"frozen"}
+    # Table 6 names its regime too.
+    assert "Encoder regime: frozen in every row that runs the pretrained encoder." in (
+        tables.ablation_table(index, "quick").notes
+    )
 
 
 def test_header_names_each_build_of_a_shipped_encoder():
