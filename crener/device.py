@@ -162,3 +162,37 @@ class CpuPeak:
         now = status_bytes("VmHWM") if self.resettable else rss_peak()
         self.lifetime = max(self.lifetime, now or 0)
         return max((now or 0) - self.base, 0)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what :mod:`platform` says."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_label() -> str:
+    """``"<CPU>, N cores"`` (and the GPU where one is visible): what a run's figures hold for."""
+    import os
+
+    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{cpu_name()}, {os.cpu_count()} cores{gpu}"
+
+
+def machine_info() -> dict[str, Any]:
+    """What the figures were measured on: they hold for this machine only."""
+    import datetime
+    import os
+
+    from crener.workspace import git_commit
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(), "gpu": gpu,
+            "torch": torch.__version__, "commit": git_commit(),
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")}  # fmt: skip

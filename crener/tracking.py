@@ -42,6 +42,7 @@ from mlflow.tracking import MlflowClient
 
 from crener.config import RunConfig
 from crener.data.digest import dataset_digest
+from crener.device import machine_label
 from crener.errors import CheckpointError, StoreError
 from crener.identity import KEY_SCHEMA, encoder_weights, run_key
 from crener.workspace import (
@@ -107,6 +108,7 @@ def run_tags(cfg: RunConfig, sweep: str) -> dict[str, str]:
         **({"crener.encoder_weights": w} if (w := encoder_weights(cfg)) else {}),
         "crener.msra_protocol": cfg.data.msra_protocol,
         "crener.git_commit": commit,
+        "crener.machine": machine_label(),  # figures of one machine compare; reports say which
         # MLflow's own source tags, which its UI shows on the run page.
         "mlflow.source.git.commit": commit,
         "mlflow.source.name": "crener",

@@ -238,7 +238,7 @@ def stamp(args: argparse.Namespace) -> str:
     """Where the page's figures come from: they hold for that machine, commit and store only."""
     import shlex
 
-    from crener.tools.bench import machine_info
+    from crener.device import machine_info
 
     m = machine_info()
     argv = getattr(args, "argv", None) or []

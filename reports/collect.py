@@ -8,7 +8,8 @@ Columns of :func:`collect_runs`:
 
 - ``run_id``, ``experiment`` (name), ``start_time`` (ms since the epoch);
 - one column per ``crener.*`` tag, without the prefix: ``key, sweep, model, variant, dataset,
-  profile, seed (Int64), encoder, encoder_weights, msra_protocol, state, git_commit``;
+  profile, seed (Int64), encoder, encoder_weights, msra_protocol, state, git_commit, machine``
+  (the CPU and cores a run trained on; empty for runs logged before the tag);
 - final metrics under their logged names (``best/test_f1``, ``seconds``, ``parameters``, ...);
 - params as ``params.<name>`` (e.g. ``params.model.hidden``), strings as MLflow stores them.
 """
@@ -44,6 +45,7 @@ TAG_FIELDS: tuple[str, ...] = (
     "msra_protocol",
     "state",
     "git_commit",
+    "machine",
 )
 # Per-run final metrics (per-epoch metrics are read with load_history).
 FINAL_METRICS: tuple[str, ...] = (

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
+import sys
+from pathlib import Path
 
 from crener.commands import check_folder
 from crener.data.datasets import resolve_data_root
@@ -61,6 +64,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="one Δ F1 scale for all datasets in the ablation chart (default: each panel its own)",
     )
+    p.add_argument(
+        "--page",
+        metavar="FILE",
+        help="also write the tables, notes and run ids as one Markdown page stamped with the command, "
+        "commit, date and the runs' machines (a committed page, e.g. reports/results-quick.md)",
+    )
     p.set_defaults(func=_run)
 
 
@@ -74,6 +83,10 @@ def _run(args: argparse.Namespace) -> int:
         )
     # What the report reads and writes, before any of it is made.
     check_folder(args.out, "--out")
+    if args.page:  # its folder is made if missing, as --out's is
+        if Path(args.page).is_dir():
+            raise CrenerError(f"--page {args.page} is a folder: name a file in it, e.g. results.md")
+        check_folder(Path(args.page).parent, f"--page {args.page}: folder")
     if args.data_root:
         resolve_data_root(args.data_root)
     from crener.tracking import check_store
@@ -93,6 +106,8 @@ def _run(args: argparse.Namespace) -> int:
         data_root=args.data_root,
         sweeps=sweeps,
         ablation_shared_x=args.ablation_shared_x,
+        page=args.page,
+        command="crener " + shlex.join(sys.argv[1:]) if args.page else "",
     )
     log.info("report index: %s", path)
     return 0

@@ -30,7 +30,7 @@ import torch
 
 from crener.config import RunConfig, parse_set
 from crener.data.schema import Sentence
-from crener.device import CpuPeak, device_peak, reset_device_peak, rss_peak, sync
+from crener.device import CpuPeak, device_peak, machine_info, reset_device_peak, rss_peak, sync
 from crener.errors import DataError
 from crener.files import check_folder, read_text, write_atomic
 from crener.profiles import build_run_config
@@ -462,27 +462,6 @@ LEVER_NOTES = {
     "pass, trading time for memory, in every batch; by default (`runtime.checkpoint_above`) only batches "
     "of sentences longer than 256 characters are checkpointed.",
 }
-
-
-def machine_info() -> dict[str, Any]:
-    """What the figures were measured on: they hold for this machine only."""
-    import datetime
-    import platform
-
-    from crener.workspace import git_commit
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "gpu": gpu,
-            "torch": torch.__version__, "commit": git_commit(),
-            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")}  # fmt: skip
 
 
 def _check_page(page: str) -> None:
