@@ -103,6 +103,7 @@ _LEFT_TO_TABLE = {
     for f in dataclasses.fields(ModelFamily)
     if f.name in {g.name for g in dataclasses.fields(FamilySettings)}
 }
+FAMILY_SETTINGS = tuple(_LEFT_TO_TABLE)  # the ModelFamily fields a [families.NAME] table may set
 
 
 @functools.cache
