@@ -55,7 +55,8 @@ CHECKS: dict[str, Callable[[ModelConfig], None]] = {"grid": check_grid_fields}
 
 @dataclass(frozen=True)
 class ModelFamily:
-    """One model family, as its module declares it (see the module docstring)."""
+    """One model family, as its module declares it (see the module docstring). The settings named
+    in :data:`FAMILY_SETTINGS` may come from its ``[families.NAME]`` table instead (:func:`get`)."""
 
     name: str  # the value of model.name, of the crener.model tag and of --model
     # (cfg, its task, the encoder, the runtime section: exact rewrites such as grid_input)
