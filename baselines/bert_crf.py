@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from baselines.bert_softmax import TAGGER_DEFAULTS, TAGGER_PROFILE_DEFAULTS, BertTagger, search_space
+from baselines.bert_softmax import BertTagger, search_space
 from baselines.sequence import SequenceTask
 from crener.config import ModelConfig, RuntimeConfig
 from crener.encoder import CharEncoder
@@ -35,8 +35,7 @@ FAMILY = ModelFamily(
     build_model=build_model,
     build_task=build_task,
     fields=frozenset(ENCODER_FIELDS),  # encoder -> dropout -> linear -> CRF over BIOES tags
-    defaults=TAGGER_DEFAULTS,
-    profile_defaults=TAGGER_PROFILE_DEFAULTS,
+    # its settings, those of bert_softmax: [families.bert_crf] of crener/families.toml
     search_space=search_space,
     label="BERT-CRF",
     order=3,

@@ -22,14 +22,6 @@ from crener.encoder import CharEncoder
 from crener.identity import ENCODER_FIELDS
 from crener.registry import ModelFamily
 
-# Neither tagger has a context layer; "none" also spares them the Transformer's width checks.
-TAGGER_DEFAULTS = {"model.context": "none", "model.attn_matrix": "none"}
-# `quick` freezes the encoder for the grid models (its features computed once a sweep). A tagger
-# on frozen features is a linear probe (Softmax) or a probe plus transitions (CRF), not the
-# fine-tuned BERT baseline of the paper, and the probe barely learns in quick's steps; so the
-# taggers fine-tune the encoder there, at `full`'s encoder rate (reports/decisions.md).
-TAGGER_PROFILE_DEFAULTS = {"quick": {"train.encoder_lr": 1e-4}}
-
 
 class BertTagger(nn.Module):
     """``forward(batch) -> {"logits": (B, N, T)}`` plus the CRF potentials when ``crf`` is given."""
@@ -80,8 +72,7 @@ FAMILY = ModelFamily(
     build_task=build_task,
     # encoder -> dropout -> linear over BIOES tags, whose bias starts at the tag priors (prior_bias)
     fields=frozenset(ENCODER_FIELDS + ("prior_bias",)),
-    defaults=TAGGER_DEFAULTS,
-    profile_defaults=TAGGER_PROFILE_DEFAULTS,
+    # its settings (no context layer; the encoder fine-tuned in quick): crener/families.toml
     search_space=search_space,
     label="BERT-Softmax",
     order=2,

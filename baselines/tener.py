@@ -14,9 +14,9 @@ Config fields read: ``hidden`` (d_model), ``tf_layers``/``tf_heads``/``tf_ff``/`
 ``key_proj``/``attn_out_proj``/``attn_scale``/``rel_pos`` (TENER's code: no key projection, no
 output projection, unscaled), ``emb_dropout`` (embedding dropout) and ``out_dropout`` (TENER's
 ``fc_dropout``). TENER started its character embeddings from pretrained 50-d vectors (Gigaword's);
-here ``model.char_vectors`` (``default`` in this family: the People's Daily 50-d vectors in
-``shared/pretrained``) is loaded by :func:`init_char_embeddings`. Not reproduced: TENER's Chinese
-bigram embeddings and its SGD recipe (the shared AdamW loop is used).
+here ``model.char_vectors`` (``default`` in this family, crener/families.toml: the People's Daily
+50-d vectors in ``shared/pretrained``) is loaded by :func:`init_char_embeddings`. Not reproduced:
+TENER's Chinese bigram embeddings and its SGD recipe (the shared AdamW loop is used).
 """
 
 from __future__ import annotations
@@ -106,19 +106,9 @@ FAMILY = ModelFamily(
     build_task=build_task,
     # its own character embeddings (the encoder gives the vocabulary) -> adapted Transformer -> CRF
     fields=frozenset(ENCODER_FIELDS + TRANSFORMER_FIELDS + ("out_dropout", "char_vectors")),
-    # TENER's released code leaves the key unprojected (method.md §2.1) and starts from pretrained
-    # character vectors (Gigaword's; here People's Daily's).
-    defaults={
-        "model.context": "transformer",
-        "model.attn_matrix": "none",
-        "model.key_proj": False,
-        "model.char_vectors": "default",
-    },
-    # TENER trains every weight (no pretrained encoder in its forward, only vectors): at quick's
-    # 1,000 small steps it needs a higher rate than the grid heads on frozen features.
-    profile_defaults={"quick": {"train.lr": 3e-3}},
+    # its faithful settings (key unprojected, started from character vectors), its rate in quick
+    # and that no encoder runs in its forward: [families.tener] of crener/families.toml
     search_space=search_space,
-    uses_encoder=False,  # no BERT in the forward (the module docstring)
     label="TENER",
     order=4,
 )

@@ -7,9 +7,10 @@ CLN] -> Dropout2d, 1x1 conv, GELU -> chained depthwise dilated convs -> co-predi
 the LSTM output + MLP over the conv output, summed).
 
 The task is :class:`crener.tasks.GridTask` (W2NER scheme NNW + THW-τ, softmax CE, W2NER decoding:
-the ``defaults`` of ``FAMILY`` below), so this file only builds the model and registers it. The context layer is always the
-BiLSTM (``model.context`` is not read); the grid knobs (orientation, chaining, embedding flags,
-dilations, predictor halves) are read from the config, so W2NER-side ablations work too.
+its settings in ``[families.w2ner]`` of crener/families.toml), so this file only builds the model
+and registers it. The context layer is always the BiLSTM (``model.context`` is not read); the grid
+knobs (orientation, chaining, embedding flags, dilations, predictor halves) are read from the
+config, so W2NER-side ablations work too.
 
 Deliberate difference from the released code: crener's grid module zeroes padded cells before each
 dilated conv (W2NER masks only before the 1x1 conv and after the last conv), so padding cannot
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from crener import search
-from crener.config import ModelConfig, RunConfig, RuntimeConfig, check_grid_fields
+from crener.config import ModelConfig, RunConfig, RuntimeConfig
 from crener.data.batching import Batch
 from crener.encoder import CharEncoder
 from crener.identity import ENCODER_FIELDS, GRID_FIELDS, GRID_TASK_FIELDS
@@ -92,20 +93,9 @@ FAMILY = ModelFamily(
     build_task=GridTask,
     # BiLSTM context (model.context is not read), no relation enhancement, no attention matrix
     fields=frozenset(ENCODER_FIELDS + GRID_FIELDS + GRID_TASK_FIELDS + ("lstm_hidden",)),
-    defaults={
-        "model.context": "bilstm",
-        "model.attn_matrix": "none",
-        "model.cln_orientation": "code",
-        "model.dconv_chain": True,
-        "model.use_relation_enhancement": False,
-        "model.rounds": 1,
-        "model.tag_scheme": "w2ner",
-        "model.loss": "ce",
-        "model.link_mode": "nnc_only",
-    },
+    # its faithful settings and its check: [families.w2ner] of crener/families.toml
     search_space=search_space,
     label="W²NER",
     order=1,
     paper_row=True,
-    check=check_grid_fields,
 )

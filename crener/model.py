@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from crener.config import ModelConfig, RuntimeConfig, check_grid_fields
+from crener.config import ModelConfig, RuntimeConfig
 from crener.data.batching import Batch
 from crener.encoder import CharEncoder
 from crener.identity import ENCODER_FIELDS, GRID_FIELDS, GRID_TASK_FIELDS, TRANSFORMER_FIELDS
@@ -198,10 +198,9 @@ FAMILY = ModelFamily(
     build_model=build_crener,
     build_task=GridTask,
     fields=frozenset(ENCODER_FIELDS + GRID_FIELDS + GRID_TASK_FIELDS + TRANSFORMER_FIELDS + CRENER_FIELDS),
-    defaults={},  # the ModelConfig defaults are CRENER's (method.md §4.2)
+    # its settings, check and ablations: [families.crener] of crener/families.toml
     search_space=space_crener,
     label="CRENER",
     order=0,
     paper_row=True,
-    check=check_grid_fields,
 )

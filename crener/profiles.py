@@ -4,7 +4,9 @@ A profile is a named budget (widths, data limits, steps); a variant is a row of 
 component of CRENER removed). :func:`build_run_config` applies them over the model family's own
 settings, checks the result against the family (:func:`crener.registry.check_model`), and
 resolves ``train.bf16 = "auto"`` on this machine, before the run's key is made. This is where a
-run is built, so it may import the registry; :mod:`crener.config` stays a leaf.
+run is built, so it may import the registry; :mod:`crener.config` stays a leaf. The family's
+settings are read as data (crener/families.toml), so building a built-in family's config imports
+no model module and no torch (only ``train.bf16 = "auto"`` loads torch, to measure).
 """
 
 from __future__ import annotations
@@ -64,20 +66,21 @@ def build_run_config(
 ) -> RunConfig:
     """Resolve model family, variant and profile into one config; ``overrides`` win last.
 
-    Order: defaults <- model family (its ``defaults`` in crener.registry) <- profile <- the
-    family's settings for that profile (its ``profile_defaults``) <- variant <- per-dataset rule
-    <- overrides (profiles, variants and per-dataset rules: crener/profiles.toml). The variant
-    comes after the profile so a profile can never silently undo an ablation.
+    Order: defaults <- model family (its ``defaults``, :func:`crener.registry.settings`) <- profile
+    <- the family's settings for that profile (its ``profile_defaults``) <- variant <- per-dataset
+    rule <- overrides (profiles, variants and per-dataset rules: crener/profiles.toml; the built-in
+    families' settings: crener/families.toml). The variant comes after the profile so a profile
+    can never silently undo an ablation.
     """
     try:
-        family = registry.get(model)
+        family = registry.settings(model)  # where it has a table, no model module is imported
     except KeyError as exc:
         raise ConfigError(str(exc.args[0])) from None
     if variant not in VARIANTS:
         raise ConfigError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
     if profile not in PROFILES:
         raise ConfigError(f"unknown profile {profile!r}; choose from {', '.join(PROFILES)}")
-    if model != "crener" and variant != "full":
+    if variant != "full" and not family.ablations:
         raise ConfigError(f"variants are ablations of CRENER; model {model!r} takes variant=full")
     flat: dict[str, Any] = {"model.name": model, **family.defaults}
     flat.update(PROFILES[profile])

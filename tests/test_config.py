@@ -1,4 +1,5 @@
-"""crener.config: a leaf that builds every config without torch, and the runtime section's old names."""
+"""crener.config: a leaf that builds every config without torch, as build_run_config does for every
+built-in family, and the runtime section's old names."""
 
 from __future__ import annotations
 
@@ -43,6 +44,50 @@ assert not leaked, leaked
 def test_every_profile_and_model_config_builds_without_torch() -> None:
     out = subprocess.run(
         [sys.executable, "-c", BUILD_EVERY_CONFIG], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+
+
+# Every config the command line builds, the way it builds them (crener.profiles.build_run_config):
+# every profile x built-in family x the variants it takes x dataset, bare and with --set
+# overrides; and the parser of `crener train --help`. A built-in family's settings are data
+# (crener/families.toml), so none of it may load torch or a model module. "auto" (train.bf16) is
+# given as the value it resolves to, as above: resolving it measures this machine's matmuls.
+BUILD_EVERY_RUN_CONFIG = """
+import contextlib, io, sys, tomllib
+from crener import registry
+from crener.cli import build_parser
+from crener.config import parse_set
+from crener.data.datasets import DATASETS
+from crener.profiles import PROFILES, VARIANTS, build_run_config
+
+with registry.FAMILIES_FILE.open("rb") as f:
+    tables = tomllib.load(f)["families"]
+builtin = [m for m in registry.names() if m in tables]
+assert len(builtin) >= 5, builtin
+sets = [[], ["train.lr=0.002", "model.emb_dropout=0.2"], ["runtime.threads=1", "train.progress=false"]]
+built = 0
+for profile, values in PROFILES.items():
+    fixed = ["train.bf16=false"] if values.get("train.bf16") == "auto" else []
+    for model in builtin:
+        for variant in VARIANTS if registry.settings(model).ablations else ["full"]:
+            for dataset in DATASETS:
+                for items in sets:
+                    build_run_config(model=model, variant=variant, profile=profile, dataset=dataset,
+                                     overrides=parse_set(items + fixed))
+                    built += 1
+assert built == len(PROFILES) * (len(VARIANTS) + len(builtin) - 1) * len(DATASETS) * len(sets), built
+with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+    build_parser().parse_args(["train", "--help"])
+assert "torch" not in sys.modules, "building a run's config imported torch"
+models = sorted(m for m in sys.modules if m.startswith(("baselines", "crener.model", "crener.encoder")))
+assert not models, models
+"""
+
+
+def test_every_run_config_the_command_line_builds_imports_no_torch() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", BUILD_EVERY_RUN_CONFIG], capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0, out.stderr
 

@@ -113,8 +113,10 @@ def test_golden_keys(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     kwargs, key, zero_digest_key = GOLDEN[name]
     monkeypatch.setitem(profiles.PROFILES, "quick", QUICK_V1)
     # ...and the families as they were then, before any had settings of its own within a profile
-    get = registry.get
-    monkeypatch.setattr(registry, "get", lambda model: dataclasses.replace(get(model), profile_defaults={}))
+    settings = registry.settings
+    monkeypatch.setattr(
+        registry, "settings", lambda model: dataclasses.replace(settings(model), profile_defaults={})
+    )
     cfg = build_run_config(**kwargs)
     assert run_key(cfg, data_digest=ZERO_DIGEST) == zero_digest_key, "the key function moved"
     assert dataset_digest(cfg.data) == GOLDEN_DIGESTS[cfg.data.dataset], "the shared data files changed"

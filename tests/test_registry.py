@@ -7,12 +7,15 @@ import ast
 import dataclasses
 import subprocess
 import sys
+import tomllib
+from importlib.metadata import EntryPoint
 from pathlib import Path
 
 import pytest
 
 from crener import registry
 from crener.config import ModelConfig
+from crener.errors import ConfigError, CrenerError
 from crener.profiles import build_run_config
 
 PACKAGE = Path(registry.__file__).resolve().parent
@@ -53,6 +56,73 @@ def test_a_familys_profile_settings_follow_the_profile_and_yield_to_variants_and
         assert set(family.profile_defaults) <= set(PROFILES), name
         for profile in family.profile_defaults:
             build_run_config(model=name, profile=profile)  # its keys are real config fields
+
+
+def test_every_built_in_familys_settings_are_data_that_agree_with_its_module() -> None:
+    """crener/families.toml holds them, so building their configs loads no model module (the
+    subprocess test of tests/test_config.py); the loaded family carries the same settings."""
+    with registry.FAMILIES_FILE.open("rb") as f:
+        assert set(tomllib.load(f)["families"]) == set(FAMILIES)
+    for name in FAMILIES:
+        settings, family = registry.settings(name), registry.get(name)
+        assert {k: getattr(family, k) for k in registry.FAMILY_SETTINGS} == {
+            k: getattr(settings, k) for k in registry.FAMILY_SETTINGS
+        }
+        assert settings.reads_char_vectors == registry.reads(name, "char_vectors")
+    assert [n for n in FAMILIES if registry.settings(n).ablations] == ["crener"]
+
+
+def test_a_setting_is_declared_in_the_table_or_the_module_never_both() -> None:
+    table = registry.settings("w2ner")
+    # w2ner as its module declares it: the settings left to its table
+    bare = dataclasses.replace(registry.get("w2ner"), defaults={}, check=None)
+    assert registry._with_table(bare, table) == registry.get("w2ner")
+    with pytest.raises(CrenerError, match="both in its ModelFamily and in"):
+        registry._with_table(dataclasses.replace(bare, defaults={"model.rounds": 1}), table)
+    with pytest.raises(CrenerError, match="reads_char_vectors"):
+        registry._with_table(bare, dataclasses.replace(table, reads_char_vectors=True))
+    with pytest.raises(CrenerError, match="has keys"):
+        registry._read_table("w2ner", {"modle": {"rounds": 1}})
+
+
+def _check_extra(cfg: ModelConfig) -> None:
+    if cfg.emb_dropout > 0.5:
+        raise ValueError("extra: model.emb_dropout above 0.5")
+
+
+# A family as another distribution adds one: everything in its ModelFamily, no table.
+EXTRA = registry.ModelFamily(
+    name="extra",
+    build_model=lambda cfg, task, encoder, runtime: None,
+    build_task=lambda cfg, types: None,
+    fields=frozenset({"emb_dropout", "tf_dropout"}),
+    defaults={"model.tf_dropout": 0.25},  # one that no profile sets
+    profile_defaults={"quick": {"train.lr": 0.0042}},
+    check=_check_extra,
+)
+
+
+def test_a_family_without_a_table_declares_its_settings_in_its_module(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    eps = {
+        **registry.plugins(registry.GROUP),
+        "extra": EntryPoint("extra", f"{__name__}:EXTRA", registry.GROUP),
+    }
+    monkeypatch.setattr(registry, "_entry_points", lambda: eps)
+    try:
+        cfg = build_run_config(model="extra", profile="quick")
+        assert (cfg.model.tf_dropout, cfg.train.lr) == (0.25, 0.0042)
+        assert registry.get("extra") is EXTRA and not registry.settings("extra").reads_char_vectors
+        with pytest.raises(ConfigError, match="takes variant=full"):
+            build_run_config(model="extra", variant="no_mlp")
+        with pytest.raises(ConfigError, match="above 0.5"):
+            build_run_config(model="extra", overrides={"model.emb_dropout": 0.6})
+        with pytest.raises(ConfigError, match="char_vectors"):
+            build_run_config(model="extra", overrides={"model.char_vectors": "default"})
+    finally:  # the cached family would outlive the patched entry points
+        registry.get.cache_clear()
+        registry.settings.cache_clear()
 
 
 def test_an_unknown_model_is_an_error() -> None:
