@@ -21,7 +21,7 @@ import os
 import sys
 from typing import NoReturn
 
-from crener.errors import CrenerError
+from crener.errors import CrenerError, UnreachableError
 from crener.registry import plugins
 
 COMMANDS_GROUP = "crener.commands"
@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def explain(exc: BaseException) -> tuple[int, str] | None:
     """(exit status, one-line message) for an expected failure; None for a bug."""
+    if isinstance(exc, UnreachableError):  # a server that is down, as a refused connection below
+        return EXIT_ENVIRONMENT, _one_line(str(exc))
     if isinstance(exc, CrenerError):
         return EXIT_USAGE, _one_line(str(exc))
     if isinstance(exc, UnicodeDecodeError):

@@ -33,4 +33,11 @@ class ConfigError(CrenerError, KeyError, ValueError):
 
 
 class StoreError(CrenerError):
-    """A tracking store (MLflow) or study storage (Optuna) that cannot be reached or opened."""
+    """A tracking store (MLflow), study storage (Optuna) or Dask scheduler that cannot be reached
+    or opened, or whose address names another kind of server."""
+
+
+class UnreachableError(StoreError):
+    """A server address where nothing answers (the connection is refused or times out): the
+    server is down or the network is in the way, which is the environment, not the command; the
+    command line exits with its environment status."""

@@ -26,11 +26,9 @@ import json
 import logging
 import math
 import os
-import socket
 import sqlite3
 import tempfile
 import time
-import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +43,7 @@ from crener.data.digest import dataset_digest
 from crener.device import machine_label
 from crener.errors import CheckpointError, StoreError
 from crener.identity import KEY_SCHEMA, encoder_weights, run_key
+from crener.probe import PROBE_TIMEOUT_S, check_driver, check_server, masked_uri, scheme_of
 from crener.workspace import (
     TRACKING_URI_ENV,
     artifact_root,
@@ -183,84 +182,75 @@ def _retry_locked(fn: Callable[[], T]) -> T:
 
 # --------------------------------------------------------------------------- reachability
 
-# MLflow retries a store it cannot open for minutes (SQLAlchemy: 15 attempts with exponential
-# back-off; HTTP: 7 retries with back-off factor 2), so a wrong store is checked once, up front.
-STORE_PROBE_TIMEOUT_S = 5.0
+# MLflow retries a store it cannot open for minutes, so a wrong store is checked once, up front
+# (crener.probe).
+STORE_PROBE_TIMEOUT_S = PROBE_TIMEOUT_S
 MLFLOW_MARKER_TABLE = "experiments"  # a table every MLflow SQLite store has
 FILE_STORE_OPT_IN = "MLFLOW_ALLOW_FILE_STORE"  # MLflow's own switch for its deprecated file store
-# Default ports of the store schemes probed with a TCP connect (``postgresql+psycopg2`` -> postgresql).
-STORE_PORTS = {"http": 80, "https": 443, "postgresql": 5432, "mysql": 3306, "mssql": 1433}
-
-
-def masked_uri(uri: str) -> str:
-    """``uri`` with any password masked, for messages."""
-    parts = urllib.parse.urlsplit(uri)
-    if parts.password is None:
-        return uri
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+# The stores crener opens: MLflow's database stores (through SQLAlchemy, whose driver must be
+# installed) and its tracking server. MLflow knows others (databricks, ...) that nothing here tests.
+DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")
+SERVER_SCHEMES = ("http", "https")
+STORE_FORMS = "sqlite:///PATH.db, http(s)://HOST:PORT or postgresql+psycopg://USER@HOST/DB"
 
 
 def check_store(uri: str) -> None:
     """Raise :class:`~crener.errors.StoreError` within seconds if the tracking store ``uri`` cannot
-    be used: a SQLite file in a missing or read-only folder, or not a database; a server (http,
-    https, postgresql, mysql, mssql) where nothing accepts a connection. Other stores pass."""
+    be used: a SQLite file in a missing or read-only folder, not a database, or another program's
+    database; a scheme crener does not open, or whose driver is missing; a server that does not
+    answer as an MLflow server (http, https) or a database server (postgresql; mysql and mssql by
+    a TCP connection) should, within :data:`crener.probe.PROBE_TIMEOUT_S`. Writes nothing."""
     how = f"set {TRACKING_URI_ENV} to a reachable store, or unset it for ./mlflow.db"
     db = sqlite_path(uri)
     if db is not None:
-        where = f"MLflow store {uri}"
-        if db.is_dir():
-            raise StoreError(f"{where}: {db} is a folder, not a database file; {how}")
-        if not db.parent.is_dir():
-            raise StoreError(f"{where}: folder {db.parent} does not exist; create it, or {how}")
-        try:  # the store, its journal and the lock beside it are new files in that folder
-            tempfile.TemporaryFile(dir=db.parent).close()
-        except OSError as exc:
-            reason = exc.strerror or str(exc)
-            raise StoreError(f"{where}: cannot create files in {db.parent} ({reason}); {how}") from None
-        if not db.exists():  # MLflow creates it
+        _check_sqlite_store(uri, db, how)
+        return
+    scheme = scheme_of(uri)
+    if scheme in ("", "file"):
+        if os.environ.get(FILE_STORE_OPT_IN, "").lower() == "true":
             return
-        if not os.access(db, os.R_OK):
-            raise StoreError(f"{where}: {db} is not readable; {how}")
-        try:
-            con = sqlite3.connect(str(db), timeout=STORE_PROBE_TIMEOUT_S)
-            try:
-                con.execute("PRAGMA schema_version").fetchone()
-            finally:
-                con.close()
-        except sqlite3.OperationalError as exc:
-            if "locked" in str(exc).lower():  # another worker is writing: the store is fine
-                return
-            raise StoreError(f"{where}: cannot open {db} ({exc}); {how}") from None
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{where}: {db} is not an SQLite database ({exc}); {how}") from None
-        foreign = foreign_sqlite(db, MLFLOW_MARKER_TABLE, "an MLflow store")
-        if foreign is not None:  # MLflow would add its tables to it
-            raise StoreError(f"{where}: {foreign}; nothing was written to it; {how}")
-        return
-    parts = urllib.parse.urlsplit(uri)
-    scheme = parts.scheme.split("+", 1)[0].lower()
-    if scheme in ("", "file") and os.environ.get(FILE_STORE_OPT_IN, "").lower() != "true":
         # MLflow reads a bare word or path as a file store, which MLflow 3 refuses with a traceback.
+        raise StoreError(f"MLflow store {masked_uri(uri)!r} is not a store address: use {STORE_FORMS}; {how}")
+    if scheme not in DATABASE_SCHEMES + SERVER_SCHEMES:
         raise StoreError(
-            f"MLflow store {masked_uri(uri)!r} is not a store address: use sqlite:///PATH.db, "
-            f"http(s)://HOST:PORT or postgresql://USER@HOST/DB; {how}"
+            f"MLflow store {masked_uri(uri)!r}: crener does not open {scheme}:// stores; use {STORE_FORMS}, "
+            f"or mysql:// or mssql:// with their driver installed; {how}"
         )
-    if scheme not in STORE_PORTS:
-        return
-    try:
-        host, port = parts.hostname, parts.port or STORE_PORTS[scheme]
-    except ValueError as exc:  # a port that is not a number
-        raise StoreError(f"MLflow store {masked_uri(uri)}: {exc}; {how}") from None
-    if not host:
-        raise StoreError(f"MLflow store {masked_uri(uri)} names no host; {how}")
-    try:
-        socket.create_connection((host, port), timeout=STORE_PROBE_TIMEOUT_S).close()
+    if scheme in DATABASE_SCHEMES:
+        check_driver(uri, "MLflow store", how)
+    check_server(uri, "the MLflow store", how)
+
+
+def _check_sqlite_store(uri: str, db: Path, how: str) -> None:
+    where = f"MLflow store {uri}"
+    if db.is_dir():
+        raise StoreError(f"{where}: {db} is a folder, not a database file; {how}")
+    if not db.parent.is_dir():
+        raise StoreError(f"{where}: folder {db.parent} does not exist; create it, or {how}")
+    try:  # the store, its journal and the lock beside it are new files in that folder
+        tempfile.TemporaryFile(dir=db.parent).close()
     except OSError as exc:
-        reason = exc.strerror or str(exc) or type(exc).__name__
-        raise StoreError(
-            f"cannot reach the MLflow store {masked_uri(uri)} ({host}:{port}: {reason}); start that server, or {how}"
-        ) from None
+        reason = exc.strerror or str(exc)
+        raise StoreError(f"{where}: cannot create files in {db.parent} ({reason}); {how}") from None
+    if not db.exists():  # MLflow creates it
+        return
+    if not os.access(db, os.R_OK):
+        raise StoreError(f"{where}: {db} is not readable; {how}")
+    try:
+        con = sqlite3.connect(str(db), timeout=STORE_PROBE_TIMEOUT_S)
+        try:
+            con.execute("PRAGMA schema_version").fetchone()
+        finally:
+            con.close()
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc).lower():  # another worker is writing: the store is fine
+            return
+        raise StoreError(f"{where}: cannot open {db} ({exc}); {how}") from None
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"{where}: {db} is not an SQLite database ({exc}); {how}") from None
+    foreign = foreign_sqlite(db, MLFLOW_MARKER_TABLE, "an MLflow store")
+    if foreign is not None:  # MLflow would add its tables to it
+        raise StoreError(f"{where}: {foreign}; nothing was written to it; {how}")
 
 
 # --------------------------------------------------------------------------- runs

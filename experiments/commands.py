@@ -312,7 +312,10 @@ def _reproduce_on_dask(args: argparse.Namespace) -> int:
     if not args.address and not _sets_threads(args.overrides):  # a runtime field: keys unchanged
         args.overrides = [*args.overrides, f"runtime.threads={max(1, _cores() // args.jobs)}"]
     cells = _plan(args)
-    from experiments.executor import run_cells_dask
+    from experiments.executor import check_scheduler, run_cells_dask
+
+    if args.address:  # before the tracking store is made for the workers
+        check_scheduler(args.address)
 
     with _dask_session(args) as client:
         _, failed = run_cells_dask(cells, client, runs_dir=args.runs_dir, data_root=args.data_root,
@@ -408,6 +411,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from experiments.tune import check_storage, export_best, tune
 
     check_storage(args.storage or OPTUNA_STORAGE)
+    if args.executor == "dask" and args.address:  # before the storage and the store are made
+        from experiments.executor import check_scheduler
+
+        check_scheduler(args.address)
 
     kwargs = dict(dataset=args.dataset, trials=args.trials, model=args.model, variant=args.variant,
                   profile=args.profile, storage=args.storage, study_name=args.study_name, timeout=args.timeout,

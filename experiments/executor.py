@@ -50,6 +50,46 @@ def cell_task(
             "dev_f1": out.get("dev", {}).get("f1"), "test_f1": out.get("test", {}).get("f1"), "pid": os.getpid()}  # fmt: skip
 
 
+# What to do about a scheduler address that does not answer (the message's last part).
+SCHEDULER_HOW = (
+    "pass the tcp://HOST:PORT that `dask scheduler` prints, or its --scheduler-file JSON, or leave "
+    "--address out for a local cluster"
+)
+
+
+def check_scheduler(address: str) -> None:
+    """Refuse within seconds (:class:`~crener.errors.StoreError`, one line) a ``--address`` where
+    no Dask scheduler answers: a scheduler file that is missing or names no address, an address
+    of another scheme, a closed port, another service. Dask would wait 30 s, then raise a
+    traceback; a scheduler file it does not find it waits for."""
+    import json
+
+    from crener.errors import StoreError
+    from crener.probe import check_server
+
+    if address.endswith(".json"):
+        path = Path(address)
+        try:
+            info = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise StoreError(
+                f"--address {address}: cannot read the scheduler file ({reason}); {SCHEDULER_HOW}"
+            ) from None
+        if not isinstance(info, dict) or not isinstance(info.get("address"), str):
+            raise StoreError(
+                f"--address {address}: not a Dask scheduler file (no address in it); {SCHEDULER_HOW}"
+            )
+        address = info["address"]
+    if "://" not in address:
+        address = f"tcp://{address}"  # Dask's default protocol
+    if address.split("://", 1)[0] not in ("tcp", "tls"):
+        raise StoreError(
+            f"--address {address}: not a Dask scheduler address (tcp://HOST:PORT); {SCHEDULER_HOW}"
+        )
+    check_server(address, "the Dask scheduler", SCHEDULER_HOW)
+
+
 def connect(address: str | None, workers: int, threads: int, dashboard: str = DEFAULT_DASHBOARD):  # noqa: ANN201
     """A client of the cluster at ``address`` (``tcp://host:port`` or a scheduler file), else of
     a local cluster of ``workers`` processes with ``threads`` CPU threads each, bound to loopback."""

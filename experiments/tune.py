@@ -32,6 +32,7 @@ from crener import registry
 from crener.config import RunConfig, canonical_key
 from crener.errors import CrenerError, StoreError
 from crener.files import write_atomic
+from crener.probe import check_driver, check_server
 from crener.profiles import build_run_config
 from crener.tracking import RunLogger, Tracker, experiment_name, file_lock, masked_uri
 from crener.workspace import OPTUNA_STORAGE, foreign_sqlite, resolve_runs_dir, sqlite_path
@@ -143,18 +144,20 @@ def open_storage_or_explain(url: str) -> optuna.storages.BaseStorage:
         raise _storage_error(url, exc) from None
 
 
+# What to do about a storage crener cannot use (the message's last part).
+STORAGE_HOW = "pass --storage sqlite:///PATH.db or a reachable postgresql+psycopg://USER@HOST/DB URL"
+
+
 def _storage_error(url: str, exc: BaseException) -> StoreError:
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return StoreError(
-        f"cannot open the Optuna storage {masked_uri(url)!r} ({reason}); pass --storage sqlite:///PATH.db "
-        "or a reachable postgresql:// or mysql:// URL"
-    )
+    return StoreError(f"cannot open the Optuna storage {masked_uri(url)!r} ({reason}); {STORAGE_HOW}")
 
 
 def check_storage(url: str) -> None:
     """Refuse, without creating or writing anything, a storage URL that cannot be an Optuna storage:
-    a scheme no database driver answers, a SQLite file in a missing folder, a folder, a file that
-    is not SQLite, or another program's SQLite database."""
+    a scheme no database driver answers or whose driver is not installed, a SQLite file in a
+    missing folder, a folder, a file that is not SQLite, another program's SQLite database, or a
+    server address where no database server answers within seconds (:mod:`crener.probe`)."""
     import sqlalchemy.exc
     from sqlalchemy.engine import make_url
 
@@ -163,11 +166,17 @@ def check_storage(url: str) -> None:
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as exc:
         raise _storage_error(url, exc) from None
     db = sqlite_path(url)
-    if db is not None and not db.parent.is_dir():
+    if db is None and url.split(":", 1)[0] == "sqlite":  # sqlite:// is a database in memory
+        return
+    if db is None:  # a database server: its driver, then a PostgreSQL (or TCP) greeting
+        check_driver(url, "--storage", STORAGE_HOW)
+        check_server(url, "the Optuna storage", STORAGE_HOW)
+        return
+    if not db.parent.is_dir():
         raise StoreError(f"--storage {url}: folder {db.parent} does not exist; create it first")
-    if db is not None and db.is_dir():
+    if db.is_dir():
         raise StoreError(f"--storage {url}: {db} is a folder, not a database file; name a file in it")
-    if db is not None and db.exists():
+    if db.exists():
         try:
             foreign = foreign_sqlite(db, OPTUNA_MARKER_TABLE, "an Optuna storage")
         except sqlite3.DatabaseError as exc:

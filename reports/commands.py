@@ -93,6 +93,7 @@ def _run(args: argparse.Namespace) -> int:
     from crener.workspace import tracking_uri
 
     check_store(tracking_uri(args.tracking_uri))
+    _check_optuna_server(args.optuna_storage)
     from reports.make_report import main  # (loads pandas and matplotlib)
 
     path = main(
@@ -111,3 +112,17 @@ def _run(args: argparse.Namespace) -> int:
     )
     log.info("report index: %s", path)
     return 0
+
+
+def _check_optuna_server(storage: str | None) -> None:
+    """A ``--optuna-storage`` on a database server answers within seconds, or the report stops
+    before it starts (Optuna would wait on a silent port for as long as it stays open). A SQLite
+    one is read only when it exists (reports.make_report)."""
+    from crener.probe import check_driver, check_server
+    from crener.workspace import sqlite_path
+
+    if not storage or sqlite_path(storage) is not None:
+        return
+    how = "pass --optuna-storage sqlite:///PATH.db or a reachable postgresql+psycopg://USER@HOST/DB URL"
+    check_driver(storage, "--optuna-storage", how)
+    check_server(storage, "the Optuna storage", how)

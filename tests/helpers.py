@@ -144,3 +144,64 @@ def tiny_resume(root: Path, sentences: int) -> Path:
         (root / "resume").mkdir(parents=True, exist_ok=True)
         (root / "resume" / f"{split}.char.bmes").write_text("\n\n".join(blocks) + "\n\n", encoding="utf-8")
     return root
+
+
+# --------------------------------------------------------------------------- servers of the wrong kind
+
+
+def silent_server() -> int:
+    """The port of a loopback server that accepts connections and never says anything (what a
+    PostgreSQL or Dask client meets at a port where another, quiet, service listens). It runs in
+    a daemon thread for the rest of the test process."""
+    import socket
+    import threading
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    held = []  # accepted connections stay open: the peer sees silence, not a close
+
+    def accept() -> None:
+        while True:
+            held.append(sock.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    return sock.getsockname()[1]
+
+
+def web_server(status: int = 404, body: bytes = b"<html><body>Not Found</body></html>",
+               content_type: str = "text/html") -> int:  # fmt: skip
+    """The port of a loopback HTTP server answering every GET with ``status`` and ``body`` (a web
+    server that is not MLflow, or a fake MLflow); a daemon thread for the rest of the process."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:  # keep the test output clean
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server.server_address[1]
+
+
+@functools.cache
+def closed_port() -> int:
+    """A loopback port where nothing listens (a server that is down): bound, never listening, and
+    held for the rest of the process so that nothing else takes it; a connection is refused."""
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    _HELD.append(sock)
+    return sock.getsockname()[1]
+
+
+_HELD: list = []

@@ -274,7 +274,8 @@ def test_an_unusable_store_fails_fast(which, tiny_data, tmp_path, monkeypatch, c
     t0 = time.monotonic()
     rc, text = _run(["train", "--dataset", "resume", "--profile", "smoke", "--data-root", str(tiny_data)],
                     capsys, caplog)  # fmt: skip
-    _assert_refused(rc, text, message)
+    # A server that is down is the environment (exit 1); a store named wrongly, the command (2).
+    _assert_refused(rc, text, message, status=1 if which == "nobody listening" else 2)
     assert time.monotonic() - t0 < FAST_S
     assert not (tmp_path / "nodir").exists()
 
@@ -282,7 +283,7 @@ def test_an_unusable_store_fails_fast(which, tiny_data, tmp_path, monkeypatch, c
 def test_evaluate_run_id_on_an_unreachable_server(monkeypatch, capsys, caplog) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")
     rc, text = _run(["evaluate", "--run-id", "abc"], capsys, caplog)
-    _assert_refused(rc, text, "cannot reach the MLflow store")
+    _assert_refused(rc, text, "cannot reach the MLflow store", status=1)
 
 
 def _tune_argv(data_root) -> list[str]:
@@ -315,7 +316,7 @@ def test_tune_checks_the_mlflow_store_before_creating_its_study(
     db = tmp_path / "optuna.db"
     argv = _tune_argv(tiny_data)
     rc, text = _run([*argv, "--storage", f"sqlite:///{db}"], capsys, caplog)
-    _assert_refused(rc, text, "cannot reach the MLflow store")
+    _assert_refused(rc, text, "cannot reach the MLflow store", status=1)
     assert not db.exists()  # no study (nor its database) left behind with no trial in it
 
 

@@ -5,10 +5,13 @@ Each row asserts the exit status (:data:`crener.cli.EXIT_CODES`), exactly one li
 error that names the offending value, no traceback, an answer within seconds, and that nothing in
 the folder was created or changed: a mistake is refused before any work. Rows are cheap by
 construction; none trains. ``Mistake.kind`` is the issue's class of the mistake (1 a path or file
-of the wrong kind, 3 a file that is not ours, 4 a value checked before costly work, 6 a message
-that says what to do), ``args`` (argparse), ``value`` (a value the command checks) or ``own`` (a
+of the wrong kind, 2 a server address that is down or is another kind of server, 3 a file
+that is not ours, 4 a value checked before costly work, 6 a message that says what to do), ``args`` (argparse), ``value`` (a value the command checks) or ``own`` (a
 mistake found while writing the table). Rows that could only start work on the old code (a
 pretraining, a training) are killed past the bound, so the table also runs against it.
+
+Class 2 rows name loopback servers this process starts (tests/helpers.py): ``{silent}`` accepts
+and says nothing, ``{web}`` answers HTTP 404 with a page, ``{closed}`` refuses connections.
 
 ``CRENER_UNDER_TEST`` (a source tree, default this checkout) runs the rows against another
 version of the code, e.g. an older commit extracted with ``git archive``.
@@ -16,6 +19,7 @@ version of the code, e.g. an older commit extracted with ``git archive``.
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -24,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import closed_port, silent_server, web_server
 
 REPO = Path(__file__).resolve().parents[1]
 CODE = Path(os.environ.get("CRENER_UNDER_TEST", REPO))
@@ -82,6 +88,13 @@ PRED = "predict --checkpoint {tmp}/nosuch.pt"
 ENC = "encoders --datasets resume --seeds 0 --arms random --profile smoke --data-root {data}"
 CURVES = "curves --dataset resume --profile smoke --settings new"
 REPRO = "reproduce --only table3 --datasets resume --models crener --seeds 0 --dry-run"
+DASK = "reproduce --only table3 --datasets resume --models crener --seeds 0 --profile smoke --executor dask"
+# Server addresses of class 2 (the servers are this process's, see the module docstring).
+PG_CLOSED = "postgresql+psycopg://crener@127.0.0.1:{closed}/mlflow"
+PG_SILENT = "postgresql+psycopg://crener:secret@127.0.0.1:{silent}/mlflow"
+PG_SILENT_SHOWN = "postgresql+psycopg://crener:***@127.0.0.1:{silent}/mlflow"  # the password masked
+PG_WEB = "postgresql://crener@127.0.0.1:{web}/mlflow"
+MYSQL = "mysql://crener@127.0.0.1/mlflow"
 
 MISTAKES: dict[str, Mistake] = {
     # ----------------------------------------------------------------- the command line itself
@@ -220,6 +233,33 @@ MISTAKES: dict[str, Mistake] = {
         "1",
         env={"MLFLOW_TRACKING_URI": "sqlite:///{tmp}/nodir/m.db"},
     ),
+    "train: PostgreSQL store down": M(
+        f"train --dataset resume {SMOKE}", PG_CLOSED, "2", status=1, env={"MLFLOW_TRACKING_URI": PG_CLOSED}
+    ),
+    "train: PostgreSQL store where another service listens": M(
+        f"train --dataset resume {SMOKE}",
+        f"{PG_SILENT_SHOWN} is not a PostgreSQL server",
+        "2",
+        env={"MLFLOW_TRACKING_URI": PG_SILENT},
+    ),
+    "train: PostgreSQL store where a web server listens": M(
+        f"train --dataset resume {SMOKE}", "not a PostgreSQL server", "2", env={"MLFLOW_TRACKING_URI": PG_WEB}
+    ),
+    "train: HTTP store not MLflow": M(
+        f"train --dataset resume {SMOKE}",
+        "http://127.0.0.1:{web} is not an MLflow tracking server",
+        "2",
+        env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:{web}"},
+    ),
+    "train: mysql store without its driver": M(
+        f"train --dataset resume {SMOKE}", "mysql:// needs the", "2", env={"MLFLOW_TRACKING_URI": MYSQL}
+    ),
+    "train: store of a scheme crener does not open": M(
+        f"train --dataset resume {SMOKE}",
+        "databricks://x",
+        "2",
+        env={"MLFLOW_TRACKING_URI": "databricks://x"},
+    ),
     # ----------------------------------------------------------------- evaluate
     "evaluate: missing checkpoint": M("evaluate --checkpoint {tmp}/nosuch.pt", "{tmp}/nosuch.pt", "1"),
     "evaluate: checkpoint a folder": M("evaluate --checkpoint {tmp}/adir", "{tmp}/adir", "1", files=DIR),
@@ -252,6 +292,12 @@ MISTAKES: dict[str, Mistake] = {
         "3",
         files={"o.db": OPTUNA_DB},
         env={"MLFLOW_TRACKING_URI": "sqlite:///{tmp}/o.db"},
+    ),
+    "evaluate: run id, HTTP store not MLflow": M(
+        "evaluate --run-id abc",
+        "http://127.0.0.1:{web} is not an MLflow tracking server",
+        "2",
+        env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:{web}"},
     ),
     "evaluate: unknown dataset": M(
         "evaluate --checkpoint {tmp}/nosuch.pt --dataset nosuch", "'nosuch'", "value"
@@ -359,6 +405,12 @@ MISTAKES: dict[str, Mistake] = {
         files={"o.db": OPTUNA_DB},
         env={"MLFLOW_TRACKING_URI": "sqlite:///{tmp}/o.db"},
     ),
+    "migrate: HTTP store not MLflow": M(
+        "migrate --dry-run",
+        "http://127.0.0.1:{web} is not an MLflow tracking server",
+        "2",
+        env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:{web}"},
+    ),
     "migrate: data root missing": M("migrate --dry-run --data-root {tmp}/nodir", "{tmp}/nodir", "4"),
     # ----------------------------------------------------------------- reproduce
     "reproduce: unknown table": M("reproduce --only nosuch --dry-run", "nosuch", "value"),
@@ -384,6 +436,20 @@ MISTAKES: dict[str, Mistake] = {
     ),
     "reproduce: gpus with dask": M("reproduce --gpus 0 --executor dask", "--gpus", "value"),
     "reproduce: worker with dask": M("reproduce --executor dask --worker 0/2", "--worker", "value"),
+    "reproduce: Dask scheduler down": M(
+        f"{DASK} --address tcp://127.0.0.1:{{closed}}", "127.0.0.1:{closed}", "2", status=1
+    ),
+    "reproduce: Dask address of another service": M(
+        f"{DASK} --address tcp://127.0.0.1:{{silent}}",
+        "tcp://127.0.0.1:{silent} is not a Dask scheduler",
+        "2",
+    ),
+    "reproduce: Dask address a bare word": M(
+        f"{DASK} --address nonsense", "tcp://nonsense names no port", "2"
+    ),
+    "reproduce: Dask scheduler file missing": M(
+        f"{DASK} --address {{tmp}}/nosuch.json", "--address {tmp}/nosuch.json: cannot read", "2"
+    ),
     "reproduce: unknown executor": M("reproduce --executor nosuch", "'nosuch'", "args"),
     "reproduce: runs-dir a file": M(
         "reproduce --only table3 --datasets resume --models crener --seeds 0 --profile smoke --no-report "
@@ -413,6 +479,23 @@ MISTAKES: dict[str, Mistake] = {
         files={"m.db": MLFLOW_DB},
     ),
     "tune: storage a folder": M(f"{TUNE} --storage sqlite:///{{tmp}}/adir", "{tmp}/adir", "1", files=DIR),
+    "tune: storage PostgreSQL down": M(f"{TUNE} --storage {PG_CLOSED}", PG_CLOSED, "2", status=1),
+    "tune: storage PostgreSQL where another service listens": M(
+        f"{TUNE} --storage {PG_SILENT}", f"{PG_SILENT_SHOWN} is not a PostgreSQL server", "2"
+    ),
+    "tune: storage PostgreSQL where a web server listens": M(
+        f"{TUNE} --storage {PG_WEB}", "not a PostgreSQL server", "2"
+    ),
+    "tune: storage mysql without its driver": M(f"{TUNE} --storage {MYSQL}", "mysql:// needs the", "2"),
+    "tune: storage a bare word": M(f"{TUNE} --storage nonsense", "'nonsense'", "2"),
+    "tune: Dask scheduler down": M(
+        f"{TUNE} --executor dask --address tcp://127.0.0.1:{{closed}}", "127.0.0.1:{closed}", "2", status=1
+    ),
+    "tune: Dask address a web server": M(
+        f"{TUNE} --executor dask --address 127.0.0.1:{{web}}",
+        "tcp://127.0.0.1:{web} is not a Dask scheduler",
+        "2",
+    ),
     "tune: epochs 1e30": M(f"{TUNE} --set train.epochs=1e30", "train.epochs", "4"),
     "tune: bad --set": M(f"{TUNE} --set model.nosuch=1", "model.nosuch", "value"),
     "tune: export folder missing": M(f"{TUNE} --export {{tmp}}/nodir/best.toml", "{tmp}/nodir", "1"),
@@ -445,6 +528,16 @@ MISTAKES: dict[str, Mistake] = {
     "ui: bare-word store": M("ui", "nonsense", "3", env={"MLFLOW_TRACKING_URI": "nonsense"}),
     "ui: store in a missing folder": M(
         "ui", "{tmp}/nodir", "3", env={"MLFLOW_TRACKING_URI": "sqlite:///{tmp}/nodir/m.db"}
+    ),
+    "ui: PostgreSQL store down": M("ui", PG_CLOSED, "2", status=1, env={"MLFLOW_TRACKING_URI": PG_CLOSED}),
+    "ui: PostgreSQL store where another service listens": M(
+        "ui", f"{PG_SILENT_SHOWN} is not a PostgreSQL server", "2", env={"MLFLOW_TRACKING_URI": PG_SILENT}
+    ),
+    "ui: garbage store address": M(
+        "ui", "127.0.0.1:port", "2", env={"MLFLOW_TRACKING_URI": "postgresql://u@127.0.0.1:port/db"}
+    ),
+    "ui: mysql store without its driver": M(
+        "ui", "mysql:// needs the", "2", env={"MLFLOW_TRACKING_URI": MYSQL}
     ),
     # ----------------------------------------------------------------- curves
     "curves: unknown dataset": M("curves --dataset nosuch", "'nosuch'", "4"),
@@ -507,6 +600,14 @@ MISTAKES: dict[str, Mistake] = {
         "3",
         files={"o.db": OPTUNA_DB},
     ),
+    "report: HTTP store not MLflow": M(
+        "report --tracking-uri http://127.0.0.1:{web}",
+        "http://127.0.0.1:{web} is not an MLflow tracking server",
+        "2",
+    ),
+    "report: Optuna storage where another service listens": M(
+        f"report --optuna-storage {PG_SILENT}", f"{PG_SILENT_SHOWN} is not a PostgreSQL server", "2"
+    ),
     "report: missing data root": M("report --data-root {tmp}/nodir", "{tmp}/nodir", "4"),
 }
 
@@ -530,9 +631,20 @@ def _make(root: Path, files: dict[str, str | bytes | None]) -> None:
         path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
 
 
+@functools.cache
+def servers() -> dict[str, str]:
+    """The ports of class 2's servers, started once for the test process."""
+    return {"silent": str(silent_server()), "web": str(web_server()), "closed": str(closed_port())}
+
+
+def row_values(root: Path, data: Path) -> dict[str, str]:
+    """What a row's {placeholders} stand for."""
+    return {"tmp": str(root), "data": str(data), **servers()}
+
+
 def run_mistake(mistake: Mistake, root: Path, data: Path) -> tuple[subprocess.CompletedProcess, float]:
     """``crener ARGV`` in ``root`` (its own store, runs and outputs there); (result, seconds)."""
-    fmt = {"tmp": str(root), "data": str(data)}
+    fmt = row_values(root, data)
     env = {
         **os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(CODE),
         "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db", "CRENER_RUNS": str(root / "runs"),
@@ -577,7 +689,7 @@ def test_a_mistake_is_one_line_and_touches_nothing(name: str, tmp_path: Path, ti
     res, seconds = run_mistake(mistake, root, tiny_data)
     err = res.stderr.strip()
     lines = err.splitlines()
-    says = mistake.says.format(tmp=root, data=tiny_data)
+    says = mistake.says.format(**row_values(root, tiny_data))
     assert "Traceback" not in err, err
     assert len(lines) == 1, err
     assert says in lines[0], lines[0]
