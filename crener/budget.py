@@ -45,14 +45,15 @@ class Costs:
     batches_per_epoch: int
 
 
-def plan_steps(minutes: float, epochs: int, costs: Costs) -> tuple[int, int]:
-    """``(epochs, steps per epoch)`` that fit ``minutes`` (the module docstring's rule)."""
+def plan_steps(minutes: float, epochs: int, costs: Costs, *, what: str = "") -> tuple[int, int]:
+    """``(epochs, steps per epoch)`` that fit ``minutes`` (the module docstring's rule); ``what``
+    names the budget in the error (default ``--time-budget MINUTES``), e.g. a cell's share of one."""
     budget = minutes * 60 - costs.probe - costs.end_eval
     total = math.floor((budget - epochs * costs.dev_eval) / costs.step)
     if total < epochs:
         need = costs.probe + costs.end_eval + epochs * (costs.dev_eval + costs.step)
         raise CrenerError(
-            f"--time-budget {minutes:g}: too short here: the probe took {costs.probe:.0f} s, an "
+            f"{what or f'--time-budget {minutes:g}'}: too short here: the probe took {costs.probe:.0f} s, an "
             f"evaluation takes {costs.dev_eval:.1f} s and a step {costs.step:.2f} s, so {epochs} epochs "
             f"need at least {math.ceil(need / 60)} min"
         )

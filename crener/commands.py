@@ -28,6 +28,7 @@ from crener.options import (
     add_overrides,
     add_run_options,
     add_seed,
+    add_time_budget,
     int_at_least,
     positive_int,
 )
@@ -61,11 +62,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workdir", help="run directory with --no-track (default: <runs-dir>/<profile>/<key>)")
     p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
-    p.add_argument(
-        "--time-budget", type=float, metavar="MINUTES",
-        help="fix the steps from a few timed ones so the whole command fits MINUTES on this machine "
-        "(crener.budget; the steps enter the run key, the minutes are logged as runtime.time_budget)",
-    )  # fmt: skip
+    add_time_budget(p, "the whole command (probe, training, evaluations)")
     p.set_defaults(func=cmd_train)
 
 
@@ -164,8 +161,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     from crener.data.datasets import get_spec
 
     get_spec(args.dataset)  # an unknown dataset fails here, before any run or workdir exists
-    if args.time_budget is not None and not (math.isfinite(args.time_budget) and args.time_budget > 0):
-        raise CrenerError(f"--time-budget {args.time_budget:g}: must be a finite number of minutes > 0")
     overrides = parse_set(args.overrides)
     if args.encoder:
         overrides["model.encoder"] = args.encoder

@@ -9,6 +9,7 @@ declares only what is its own. Also here: the argparse integer types the subcomm
 from __future__ import annotations
 
 import argparse
+import math
 
 from crener.profiles import PROFILES
 
@@ -18,6 +19,10 @@ RUNS_DIR_HELP = "root of run folders (default: $CRENER_RUNS, then runs)"
 SET_HELP = "config override, repeatable: any field of crener/config.py, e.g. train.lr=3e-4"
 SEED_HELP = "run seed (>= 0)"
 SEEDS_HELP = "run seeds (>= 0)"
+TIME_BUDGET_HELP = (
+    "fix the steps from a few timed ones (crener/budget.py) so that {what} fits MINUTES on this machine; "
+    "the steps enter the run key, the minutes are logged as runtime.time_budget"
+)
 
 
 def int_at_least(low: int, high: int | None = None, *, label: str | None = None):
@@ -41,6 +46,21 @@ def int_at_least(low: int, high: int | None = None, *, label: str | None = None)
 non_negative_int = int_at_least(0)
 positive_int = int_at_least(1)
 count_int = int_at_least(1, label="a positive integer")  # how many: trials, jobs
+
+
+def positive_minutes(text: str) -> float:
+    """An argparse type: a finite number of minutes > 0 (``--time-budget``), refused before any work."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        # The flag and value as typed, so the one line names what to change.
+        raise argparse.ArgumentTypeError(f"expected a finite number of minutes > 0, got --time-budget {text}")
+    return value
+
+
+positive_minutes.__name__ = "minutes"  # argparse names the type in its messages
 
 
 def _with_default(help_text: str, default: str) -> str:
@@ -99,3 +119,10 @@ def add_run_options(
     add_overrides(p)
     add_data_root(p)
     add_runs_dir(p)
+
+
+def add_time_budget(p: argparse.ArgumentParser, what: str) -> None:
+    """``--time-budget MINUTES``; ``what`` says what the minutes cover in this command."""
+    p.add_argument(
+        "--time-budget", type=positive_minutes, metavar="MINUTES", help=TIME_BUDGET_HELP.format(what=what)
+    )
