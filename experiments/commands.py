@@ -20,7 +20,14 @@ from crener.commands import check_output_file, check_run_config, check_run_input
 from crener.config import canonical_key, parse_set
 from crener.errors import CrenerError
 from crener.identity import run_key
-from crener.options import add_run_options, add_seeds, count_int, int_at_least, non_negative_int
+from crener.options import (
+    add_run_options,
+    add_seeds,
+    add_time_budget,
+    count_int,
+    int_at_least,
+    non_negative_int,
+)
 from crener.profiles import VARIANTS, build_run_config
 from crener.workspace import OPTUNA_STORAGE
 
@@ -106,6 +113,11 @@ def _register_reproduce(subparsers: Any) -> None:
         metavar="IDS",
         help="local: one worker process per GPU id (comma-separated, e.g. 0,1,2,3), each seeing only its "
         "own (CUDA_VISIBLE_DEVICES); sets --jobs to their count",
+    )
+    add_time_budget(
+        p,
+        "the whole plan (each cell still to run gets MINUTES x jobs / cells to run, less the probing; "
+        "the plan is saved under the runs dir and reused on rerun: experiments/README.md)",
     )
     p.add_argument("--no-report", action="store_true", help="do not build the report at the end")
     p.add_argument("--dry-run", action="store_true", help="list the cells and exit")
@@ -262,6 +274,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     if args.executor == "dask" and not args.dry_run:
         return _reproduce_on_dask(args)
     if (args.jobs > 1 or gpus) and not args.worker and not args.dry_run:
+        if args.time_budget is not None:
+            _plan_budget_before_jobs(args)
         rc = spawn_jobs(args.argv, args.jobs, args.overrides, gpus)
         return rc if args.no_report else max(rc, _report(sorted({c.cfg.profile for c in _plan(args)})))
     from experiments.sweeps import load_overrides, shard, unused_overrides
@@ -276,6 +290,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     if args.worker:
         cells = shard(cells, *args.worker)
         log.info("worker %d/%d: %d of %d cells", args.worker[0], args.worker[1], len(cells), total)
+    # A --jobs copy finds the plan its parent saved; a --worker shard plans its own cells.
+    cells = _budget_cells(args, cells, jobs=1)
     if args.dry_run:
         for cell in cells:
             print(f"{cell.sweep:9s} {cell.cfg.profile:6s} {run_key(cell.cfg)} {cell.label}")
@@ -289,6 +305,30 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         else:
             rc = max(rc, _report(sorted({c.cfg.profile for c in cells})))
     return rc
+
+
+def _budget_cells(args: argparse.Namespace, cells: list[Any], jobs: int) -> list[Any]:
+    """``--time-budget``: the cells with their steps fixed (experiments/budget_plan.py), saved
+    plans reused; a dry run probes nothing."""
+    if args.time_budget is None:
+        return cells
+    from experiments.budget_plan import resolve
+
+    cells = resolve(cells, args.time_budget, jobs=jobs, runs_dir=args.runs_dir, probe=not args.dry_run)
+    for cell in cells:
+        check_run_config(cell.cfg)
+    return cells
+
+
+def _plan_budget_before_jobs(args: argparse.Namespace) -> None:
+    """Probe and save the plan once, here, before the --jobs copies start: with the thread count
+    each copy will run its cells with, and so that every copy finds the same steps saved."""
+    threads = [] if _sets_threads(args.overrides) else [f"runtime.threads={max(1, _cores() // args.jobs)}"]
+    planning = argparse.Namespace(**{**vars(args), "overrides": [*args.overrides, *threads]})
+    cells = _plan(planning)
+    for cfg in {c.cfg.runtime.data_root: c.cfg for c in cells}.values():
+        check_run_inputs(cfg, runs_dir=args.runs_dir)
+    _budget_cells(planning, cells, args.jobs)
 
 
 def _dask_session(args: argparse.Namespace) -> Any:
@@ -309,9 +349,14 @@ def _dask_session(args: argparse.Namespace) -> Any:
 def _reproduce_on_dask(args: argparse.Namespace) -> int:
     if args.worker:
         raise CrenerError("--worker I/N splits cells by hand; with --executor dask the scheduler does it")
+    if args.time_budget is not None and args.address:
+        raise CrenerError(
+            "--time-budget times this machine, and with --address the cells run on the cluster's: "
+            "run the budget on the local executor or a local cluster (no --address)"
+        )
     if not args.address and not _sets_threads(args.overrides):  # a runtime field: keys unchanged
         args.overrides = [*args.overrides, f"runtime.threads={max(1, _cores() // args.jobs)}"]
-    cells = _plan(args)
+    cells = _budget_cells(args, _plan(args), args.jobs)
     from experiments.executor import check_scheduler, run_cells_dask
 
     if args.address:  # before the tracking store is made for the workers

@@ -1,10 +1,14 @@
 """``--time-budget`` (crener/budget.py): minutes become epochs x steps by the documented rule, the
 steps enter the run key and the minutes do not, and a real probe on tiny data plans a run that
-the training loop then follows."""
+the training loop then follows. ``crener reproduce --time-budget`` (experiments/budget_plan.py)
+shares the plan's minutes over the cells still to run and saves each cell's steps, so a rerun finds
+the same keys finished; ``crener tune --time-budget`` gives each trial MINUTES / trials."""
 
 from __future__ import annotations
 
 import json
+import types
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +17,9 @@ from crener.budget import Costs, plan_steps
 from crener.cli import main as cli_main
 from crener.errors import CrenerError
 from crener.identity import run_key
+from crener.tracking import Tracker
+from experiments import budget_plan
+from experiments.sweeps import plan
 from tests.helpers import tiny_cfg
 
 
@@ -69,3 +76,120 @@ def test_the_probe_measures_this_run_and_train_follows_the_plan(tiny_data, tmp_p
         0.25, epochs, per_epoch,
     )  # fmt: skip
     assert summary["epochs"] == epochs
+
+
+# --------------------------------------------------------------------------- reproduce
+
+
+def _cells(seeds=(0, 1)) -> list:
+    return plan(profile="smoke", only="table3", models=["crener", "w2ner"], seeds=list(seeds))
+
+
+SLOW_STEPS = Costs(probe=10, step=0.7, dev_eval=5, end_eval=5, batches_per_epoch=1000)
+
+
+class Probe:
+    """A stand-in for crener.budget.measure: fixed costs, and the configs it was asked to time."""
+
+    def __init__(self, costs: Costs = SLOW_STEPS):
+        self.costs, self.timed = costs, []
+
+    def __call__(self, cfg):
+        self.timed.append(cfg.label)
+        return self.costs
+
+
+@pytest.mark.parametrize(
+    ("minutes", "jobs", "to_run", "probing_s", "share"),
+    [(10, 1, 4, 0, 2.5), (10, 2, 4, 60, 4.5), (10, 2, 1, 0, 20), (1, 1, 3, 90, 0.0)],
+)
+def test_each_cell_to_run_gets_an_equal_share_of_the_plan(minutes, jobs, to_run, probing_s, share):
+    assert budget_plan.share_minutes(minutes, jobs, to_run, probing_s) == pytest.approx(share)
+
+
+def test_reproduce_plans_once_and_a_rerun_reuses_the_saved_steps(tmp_path: Path) -> None:
+    cells, probe = _cells(), Probe()
+    # 4 cells, 2 at a time: 2 min each (less the fake probes' microseconds), so 120 - 10 - 5 - 2 x 5
+    # = 95 s of 0.7 s steps: 135 steps, 67 an epoch over the smoke profile's 2.
+    out = budget_plan.resolve(cells, 4, jobs=2, runs_dir=tmp_path, finished=lambda cfg: False, measure=probe,
+                              machine="m")  # fmt: skip
+    assert probe.timed == ["crener:full/resume/s0", "w2ner:full/resume/s0"]  # one probe a class of cost
+    assert {(c.cfg.train.epochs, c.cfg.train.max_steps) for c in out} == {(2, 67)}
+    assert [c.cfg.runtime.time_budget for c in out] == [pytest.approx(2, abs=1e-3)] * 4
+    assert len(list((tmp_path / "smoke" / budget_plan.PLAN_DIR_NAME).glob("*.json"))) == 4
+    keys = [run_key(c.cfg) for c in out]
+    assert not set(keys) & {run_key(c.cfg) for c in cells}  # the steps are in the keys
+
+    # A rerun (noisy timings, other --jobs) keeps the saved steps: the same keys, nothing timed.
+    def no_probe(cfg):
+        raise AssertionError("a saved plan was timed again")
+
+    again = budget_plan.resolve(cells, 4, jobs=1, runs_dir=tmp_path, finished=lambda cfg: False, measure=no_probe,
+                                machine="m")  # fmt: skip
+    assert [run_key(c.cfg) for c in again] == keys
+    # Other minutes or another machine plan afresh (another experiment).
+    other = budget_plan.resolve(cells, 8, jobs=2, runs_dir=tmp_path, finished=lambda cfg: False,
+                                measure=Probe(), machine="m")  # fmt: skip
+    assert not set(keys) & {run_key(c.cfg) for c in other}
+    # More seeds later: the finished cells cost nothing, so the 2 new ones share the 4 minutes.
+    done = set(keys)
+    wider = budget_plan.resolve(_cells((0, 1, 2)), 4, jobs=2, runs_dir=tmp_path, measure=Probe(), machine="m",
+                                finished=lambda cfg: run_key(cfg) in done)  # fmt: skip
+    assert [run_key(c.cfg) for c in wider if c.cfg.train.seed < 2] == keys
+    new = [c.cfg for c in wider if c.cfg.train.seed == 2]
+    assert [c.runtime.time_budget for c in new] == [pytest.approx(4, abs=1e-3)] * 2
+    assert {(c.train.epochs, c.train.max_steps) for c in new} == {plan_steps(4, 2, SLOW_STEPS)}
+
+
+def test_reproduce_budget_too_short_says_so_and_saves_nothing(tmp_path: Path) -> None:
+    with pytest.raises(
+        CrenerError, match=r"--time-budget 1 over 4 cell\(s\) to run, 1 at a time.*too short here"
+    ):
+        budget_plan.resolve(_cells(), 1, runs_dir=tmp_path, finished=lambda cfg: False, measure=Probe(),
+                            machine="m")  # fmt: skip
+    assert not (tmp_path / "smoke" / budget_plan.PLAN_DIR_NAME).exists()
+    # A dry run times nothing: unplanned cells are listed as they are.
+    cells = _cells()
+    assert budget_plan.resolve(cells, 1, runs_dir=tmp_path, probe=False, finished=lambda cfg: False,
+                               measure=Probe(), machine="m") == cells  # fmt: skip
+
+
+def test_reproduce_time_budget_runs_once_and_logs_the_minutes(
+    mlflow_store: str, fake_fit: types.ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    probe = Probe()
+    monkeypatch.setattr(budget, "measure", probe)
+    args = ["reproduce", "--profile", "smoke", "--only", "table3", "--models", "crener", "w2ner", "--seeds", "0",
+            "--time-budget", "4", "--no-report"]  # fmt: skip
+    assert cli_main(args) == 0
+    assert len(fake_fit.CALLS) == 2 and len(probe.timed) == 2
+    for key in fake_fit.CALLS:
+        (run,) = Tracker().find_runs(key)
+        assert run.finished and float(run.params["runtime.time_budget"]) == pytest.approx(2, abs=1e-2)
+        assert (run.params["train.epochs"], run.params["train.max_steps"]) == ("2", "67")
+    fake_fit.CALLS.clear()
+    assert cli_main(args) == 0  # the rerun finds the saved plan, hence the finished keys
+    assert fake_fit.CALLS == [] and len(probe.timed) == 2
+    with pytest.raises(SystemExit):  # refused while parsing, before any probe
+        cli_main([*args[:-3], "--time-budget", "-1"])
+
+
+def test_reproduce_jobs_plan_once_in_the_parent_with_each_jobs_threads(
+    mlflow_store: str, fake_fit: types.ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from experiments import commands
+
+    probe, threads = Probe(), []
+    monkeypatch.setattr(budget, "measure", lambda cfg: threads.append(cfg.runtime.threads) or probe(cfg))
+    monkeypatch.setattr(commands, "_cores", lambda: 4)
+    spawned = []
+    monkeypatch.setattr(commands, "spawn_jobs", lambda argv, jobs, sets, gpus: spawned.append(argv) or 0)
+    args = ["reproduce", "--profile", "smoke", "--only", "table3", "--models", "crener", "w2ner", "--seeds", "0",
+            "--time-budget", "4", "--no-report"]  # fmt: skip
+    assert cli_main([*args, "--jobs", "2"]) == 0
+    assert threads == [2, 2] and len(spawned) == 1 and fake_fit.CALLS == []  # planned, nothing trained yet
+    assert cli_main(args) == 0  # what each copy runs: the parent's plan, 2 cells x 2 jobs of 4 minutes
+    assert len(probe.timed) == 2 and len(fake_fit.CALLS) == 2
+    for key in fake_fit.CALLS:
+        (run,) = Tracker().find_runs(key)
+        assert float(run.params["runtime.time_budget"]) == pytest.approx(4, abs=1e-2)

@@ -609,6 +609,11 @@ MISTAKES: dict[str, Mistake] = {
         f"report --optuna-storage {PG_SILENT}", f"{PG_SILENT_SHOWN} is not a PostgreSQL server", "2"
     ),
     "report: missing data root": M("report --data-root {tmp}/nodir", "{tmp}/nodir", "4"),
+    # ----------------------------------------------------------------- --time-budget (issue 35)
+    "reproduce: time budget 0": M(f"{REPRO} --time-budget 0", "--time-budget 0", "4"),
+    "reproduce: time budget on a remote cluster": M(
+        "reproduce --executor dask --address tcp://127.0.0.1:9 --time-budget 5", "--time-budget", "value"
+    ),
 }
 
 

@@ -1,0 +1,182 @@
+"""``crener reproduce --time-budget MINUTES``: the plan's minutes become each cell's steps, once.
+
+MINUTES is the wall time of the whole plan on this machine. The rule:
+
+- a cell already planned for these minutes on this machine keeps its saved steps (below), and
+  costs nothing if the tracking store holds it finished;
+- every other cell gets an equal share: ``share = (MINUTES - probing) x jobs / cells to run``,
+  where *cells to run* are the plan's cells less the finished ones, *jobs* the worker processes
+  that run cells side by side (``--jobs``, one per GPU with ``--gpus``, the local Dask cluster's
+  workers) and *probing* the wall time spent timing the cells here first;
+- its steps are :func:`crener.budget.plan_steps` of that share with the costs the probe of
+  :func:`crener.budget.measure` found for its config. Cells that differ only in their seed cost the
+  same, so one probe serves them all; a probe runs with the thread count the cell will have.
+
+A cell's share covers its whole run (set-up, steps, evaluations): the probe's own duration stands
+for the set-up, as in ``crener train --time-budget``. The share is recorded with the run as
+``runtime.time_budget`` (the minutes *that run* was planned for, comparable to ``crener train
+--time-budget``), and the steps enter its key.
+
+Run-once needs the same steps on every rerun, and probe timings are noisy: so each cell's plan is
+measured once and saved as a small JSON file, ``<runs-dir>/<profile>/.budgets/<digest>.json``,
+the digest naming the cell's key before the budget (its config without the resolved steps), the
+minutes and the machine (:func:`crener.device.machine_label`). A file rather than an MLflow tag: it
+is needed before any run exists (the key depends on it), it is written whole before any cell
+trains (a budget too short for one cell writes none), and every process sharing the runs
+directory reads it (the ``--jobs`` copies, ``--worker I/N`` shards, a rerun after a kill), which
+then find the finished cells under the same keys and resume the killed one with the same steps.
+Another machine (or other minutes) plans afresh: its steps are another experiment. Delete the
+folder to plan again.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from crener import budget
+from crener.budget import Costs, plan_steps
+from crener.config import RunConfig
+from crener.files import write_atomic
+from crener.identity import run_key
+from crener.workspace import resolve_runs_dir
+
+log = logging.getLogger(__name__)
+
+PLAN_DIR_NAME = ".budgets"
+
+
+def share_minutes(minutes: float, jobs: int, to_run: int, probing_s: float = 0.0) -> float:
+    """The minutes each cell still to run gets: the plan's minutes less the probing, ``jobs`` cells
+    at a time, split evenly over ``to_run`` cells."""
+    return max(minutes * 60 - probing_s, 0.0) * jobs / max(to_run, 1) / 60
+
+
+def entry_path(cfg: RunConfig, minutes: float, machine: str, runs_dir: str | Path | None = None) -> Path:
+    """Where the plan of cell ``cfg`` (before the budget) for ``minutes`` on ``machine`` is saved."""
+    name = json.dumps([run_key(cfg), float(minutes), machine])
+    digest = hashlib.sha256(name.encode()).hexdigest()[:20]
+    return resolve_runs_dir(runs_dir) / cfg.profile / PLAN_DIR_NAME / f"{digest}.json"
+
+
+def read_entry(path: Path) -> dict[str, Any] | None:
+    try:
+        entry = json.loads(path.read_text(encoding="utf-8"))
+        int(entry["epochs"]), int(entry["max_steps"]), float(entry["share_minutes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # none yet (or not ours): the cell is planned afresh
+    return entry
+
+
+def budgeted(cfg: RunConfig, entry: dict[str, Any]) -> RunConfig:
+    """``cfg`` with the saved plan's steps and minutes."""
+    return cfg.with_overrides({
+        "train.epochs": int(entry["epochs"]), "train.max_steps": int(entry["max_steps"]),
+        "runtime.time_budget": float(entry["share_minutes"]),
+    })  # fmt: skip
+
+
+def cost_class(cfg: RunConfig) -> str:
+    """Cells of one class cost the same to train: those that differ only in their seed."""
+    return run_key(cfg.with_overrides({"train.seed": 0}))
+
+
+def finished_in_store(cfg: RunConfig) -> bool:
+    """Whether the tracking store holds ``cfg``'s key finished (as crener.runner would skip it)."""
+    from crener.tracking import Tracker
+
+    return any(r.finished for r in Tracker().find_runs(run_key(cfg)))
+
+
+def _machine() -> str:
+    from crener.device import machine_label  # (loads torch: only where a budget is planned)
+
+    return machine_label()
+
+
+def resolve(
+    cells: Sequence[Any],
+    minutes: float,
+    *,
+    jobs: int = 1,
+    runs_dir: str | Path | None = None,
+    probe: bool = True,
+    finished: Callable[[RunConfig], bool] = finished_in_store,
+    measure: Callable[[RunConfig], Costs] | None = None,
+    machine: str | None = None,
+) -> list[Any]:
+    """``cells`` (:class:`experiments.sweeps.Cell`) with their steps fixed by the module's rule.
+
+    Saved plans are reused; the other cells are probed and planned, and their plans saved, unless
+    ``probe`` is off (``--dry-run``: they are returned as they were). A budget too short for one
+    step an epoch of any cell raises :class:`crener.errors.CrenerError` before anything is saved.
+    """
+    machine = machine or _machine()
+    paths = [entry_path(c.cfg, minutes, machine, runs_dir) for c in cells]
+    out: dict[int, Any] = {}
+    for i, (cell, path) in enumerate(zip(cells, paths, strict=True)):
+        entry = read_entry(path)
+        if entry is not None:
+            out[i] = replace(cell, cfg=budgeted(cell.cfg, entry))
+    done = sum(finished(c.cfg) for c in out.values())
+    new = [i for i in range(len(cells)) if i not in out]
+    log.info("--time-budget %g min: %d cell(s) planned before (%d finished), %d to plan", minutes,
+             len(out), done, len(new))  # fmt: skip
+    if new and probe:
+        out.update(_plan_new(cells, new, paths, minutes, jobs=jobs, to_run=len(cells) - done,
+                             measure=measure, machine=machine))  # fmt: skip
+    elif new:
+        log.info(
+            "%d cell(s) not planned yet: a run probes them first; their keys are before the budget", len(new)
+        )
+    return [out.get(i, cell) for i, cell in enumerate(cells)]
+
+
+def _plan_new(
+    cells: Sequence[Any],
+    new: list[int],
+    paths: list[Path],
+    minutes: float,
+    *,
+    jobs: int,
+    to_run: int,
+    measure: Callable[[RunConfig], Costs] | None,
+    machine: str,
+) -> dict[int, Any]:
+    measure = measure or budget.measure  # (looked up now: tests replace it)
+    t0 = time.monotonic()
+    costs: dict[str, Costs] = {}
+    for i in new:
+        cls = cost_class(cells[i].cfg)
+        if cls not in costs:
+            log.info("--time-budget: timing %s here", cells[i].label)
+            costs[cls] = measure(cells[i].cfg)
+    probing = time.monotonic() - t0
+    share = share_minutes(minutes, jobs, to_run, probing)
+    what = (f"--time-budget {minutes:g} over {to_run} cell(s) to run, {jobs} at a time, less {probing:.0f} s "
+            f"of probing, leaves {share:.3g} min a cell")  # fmt: skip
+    planned = {}
+    for i in new:  # every cell planned before any is saved: a budget too short saves nothing
+        c = costs[cost_class(cells[i].cfg)]
+        planned[i] = (plan_steps(share, cells[i].cfg.train.epochs, c, what=f"{what} ({cells[i].label})"), c)
+    log.info("%s", what)
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    out = {}
+    for i, ((epochs, steps), c) in planned.items():
+        cell = cells[i]
+        entry = {"cell": cell.label, "key_before_budget": run_key(cell.cfg), "minutes": float(minutes),
+                 "machine": machine, "jobs": jobs, "cells_to_run": to_run, "probing_s": probing,
+                 "share_minutes": share, "epochs": epochs, "max_steps": steps, "costs": asdict(c),
+                 "planned": stamp}  # fmt: skip
+        write_atomic(paths[i], json.dumps(entry, indent=1) + "\n")
+        out[i] = replace(cell, cfg=budgeted(cell.cfg, entry))
+        log.info("%s: %d epochs of at most %d steps (%.3g min) -> %s", cell.label, epochs, steps, share,
+                 run_key(out[i].cfg))  # fmt: skip
+    return out
