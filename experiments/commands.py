@@ -415,6 +415,11 @@ def _register_tune(subparsers: Any) -> None:
         help="sampler seed >= 0 (give concurrent workers different ones)",
     )
     p.add_argument("--export", metavar="PATH", help="write the best params as a --config file for reproduce")
+    add_time_budget(
+        p,
+        "the whole study in this process (each of --trials gets MINUTES / trials less the base probe, "
+        "its steps timed on its own config: experiments/README.md)",
+    )
     p.add_argument(
         "--executor",
         choices=["local", "dask"],
@@ -463,7 +468,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     kwargs = dict(dataset=args.dataset, trials=args.trials, model=args.model, variant=args.variant,
                   profile=args.profile, storage=args.storage, study_name=args.study_name, timeout=args.timeout,
-                  seed=args.seed, sets=sets, data_root=args.data_root, runs_dir=args.runs_dir)  # fmt: skip
+                  seed=args.seed, sets=sets, data_root=args.data_root, runs_dir=args.runs_dir,
+                  time_budget=args.time_budget)  # fmt: skip
     if args.executor == "dask":
         study = _tune_on_dask(args, kwargs)
     else:

@@ -11,6 +11,15 @@
 - MLflow: one parent run per study in ``crener-tune-{profile}``; each trial is a nested run
   with the usual crener tags and params, per-epoch metrics and ``best/*``. Trials have their
   own workdir ``runs/tune/{study}/trial-NNNN`` and never use the sweep's skip-by-key logic.
+- ``time_budget`` (``--time-budget MINUTES``): MINUTES for this worker's ``trials``; each trial
+  gets ``(MINUTES - the base probe) / trials``, its steps fixed by the probe of its own config
+  (:func:`crener.budget.apply_budget`: the search space moves widths and the batch budget, so the
+  step cost moves with it). The base config is probed once first, so a budget too short fails
+  before the study; a trial whose own config cannot fit fails alone (as one out of memory does);
+  a pruned trial leaves its unused minutes unused (each trial's steps stay independent of the
+  others' luck). The parent run is tagged with the minutes, the trial's share and the base plan,
+  and logs each trial's ``trial/epochs`` and ``trial/max_steps``; trials record their share as
+  ``runtime.time_budget``.
 - Dev must not be test: a dataset without a dev split (MSRA) is tuned under the clean
   protocol (``data.msra_protocol=clean``); an explicit ``lineage`` is refused.
 """
@@ -21,6 +30,7 @@ import logging
 import math
 import re
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -242,6 +252,42 @@ class TrialOutOfMemory(RuntimeError):
     """A trial's configuration did not fit in memory: that trial fails, the study goes on."""
 
 
+class TrialOverBudget(RuntimeError):
+    """A trial's configuration cannot take one step an epoch in its minutes: that trial fails alone."""
+
+
+def trial_minutes(minutes: float, trials: int, probing_s: float = 0.0) -> float:
+    """Each trial's share of ``--time-budget MINUTES``: the minutes less the base probe, split evenly."""
+    return max(minutes * 60 - probing_s, 0.0) / trials / 60
+
+
+def plan_trials(base: RunConfig, minutes: float, trials: int) -> tuple[float, dict[str, str]]:
+    """``(minutes a trial, tags for the parent run)``: the base config probed once, so a budget too
+    short for it fails here, before the study exists (:class:`CrenerError`, one line)."""
+    from crener import budget
+
+    t0 = time.monotonic()
+    costs = budget.measure(base)
+    share = trial_minutes(minutes, trials, time.monotonic() - t0)
+    what = f"--time-budget {minutes:g} over {trials} trial(s), less the probe, leaves {share:.3g} min a trial"
+    epochs, steps = budget.plan_steps(share, base.train.epochs, costs, what=what)
+    log.info("%s: the base config gets %d epochs of at most %d steps; each trial is timed again", what,
+             epochs, steps)  # fmt: skip
+    tags = {"crener.time_budget": f"{minutes:g}", "crener.trial_minutes": f"{share:.4g}",
+            "crener.base_epochs": str(epochs), "crener.base_max_steps": str(steps)}  # fmt: skip
+    return share, tags
+
+
+def budget_trial(cfg: RunConfig, minutes: float) -> RunConfig:
+    """``cfg`` with its steps fixed by its own probe (:func:`crener.budget.apply_budget`)."""
+    from crener import budget
+
+    try:
+        return budget.apply_budget(cfg, minutes)
+    except CrenerError as exc:
+        raise TrialOverBudget(str(exc)) from None
+
+
 def _out_of_memory(exc: BaseException) -> bool:
     import torch
 
@@ -281,6 +327,7 @@ def tune(
     data_root: str | None = None,
     runs_dir: str | Path | None = None,
     track: bool = True,
+    time_budget: float | None = None,
 ) -> optuna.Study:
     """Run ``trials`` trials in this process on the shared study; returns the study.
 
@@ -305,6 +352,7 @@ def tune(
     tracker = Tracker() if track else None
     store = open_storage_or_explain(storage or OPTUNA_STORAGE)
     offset = _trials_so_far(store, name)
+    share, budget_tags = plan_trials(base, time_budget, trials) if time_budget is not None else (None, {})
     study = optuna.create_study(
         study_name=name,
         storage=store,
@@ -325,30 +373,23 @@ def tune(
         # queued again if an interrupt failed it. Enqueued trials are claimed atomically, so of
         # several workers starting together one runs it.
         study.enqueue_trial(default_params(model, base), user_attrs={"crener.default": True})
-    for key, value in {"model": model, "variant": variant, "dataset": dataset, "profile": profile}.items():
+    about = {"model": model, "variant": variant, "dataset": dataset, "profile": profile}
+    for key, value in about.items():
         study.set_user_attr(key, value)
-
-    parent = None
-    if tracker is not None:
-        parent = tracker.start_parent(
-            experiment_name("tune", profile),
-            name=name,
-            tags={"crener.study": name, "crener.sweep": "tune", "crener.role": "study"},
-        )
-        parent.set_tags(
-            {
-                "crener.model": model,
-                "crener.variant": variant,
-                "crener.dataset": dataset,
-                "crener.profile": profile,
-            }
-        )
+    parent = _study_parent(
+        tracker, name, profile, {**{f"crener.{k}": v for k, v in about.items()}, **budget_tags}
+    )
     trial_root = resolve_runs_dir(runs_dir) / "tune" / _safe(name)
     fixed = dict(sets or {})
 
     def objective(trial: optuna.Trial) -> float:
         values = space(trial, base)
         cfg = base.with_overrides(values)
+        if share is not None:
+            cfg = budget_trial(cfg, share)
+            if parent is not None:
+                steps = {"trial/epochs": cfg.train.epochs, "trial/max_steps": cfg.train.max_steps}
+                parent.log_metrics(steps, step=trial.number)
         workdir = trial_root / f"trial-{trial.number:04d}"
         logger = None
         if tracker is not None:
@@ -381,9 +422,10 @@ def tune(
         return value
 
     log.info("study %s: %d trial(s) in this worker (%d already in the study)", name, trials, offset)
-    # A trial that runs out of memory fails alone; any other error (a shape bug) stops the worker.
+    # A trial that runs out of memory (or of minutes) fails alone; any other error (a shape bug)
+    # stops the worker.
     try:
-        study.optimize(objective, n_trials=trials, timeout=timeout, catch=(TrialOutOfMemory,))
+        study.optimize(objective, n_trials=trials, timeout=timeout, catch=(TrialOutOfMemory, TrialOverBudget))
     except KeyboardInterrupt:
         if parent is not None:  # the study is not done: say so; a rerun reopens and completes it
             parent.set_tags({"crener.interrupted": "true"})
@@ -399,6 +441,19 @@ def tune(
         parent.terminate()
     _log_best(study, parent, fixed)
     return study
+
+
+def _study_parent(tracker: Tracker | None, name: str, profile: str, tags: dict[str, str]) -> RunLogger | None:
+    """The study's MLflow parent run (shared by its workers), tagged with ``tags``; None untracked."""
+    if tracker is None:
+        return None
+    parent = tracker.start_parent(
+        experiment_name("tune", profile),
+        name=name,
+        tags={"crener.study": name, "crener.sweep": "tune", "crener.role": "study"},
+    )
+    parent.set_tags(tags)
+    return parent
 
 
 def _log_best(study: optuna.Study, parent: RunLogger | None, fixed: dict[str, Any]) -> None:

@@ -193,3 +193,43 @@ def test_reproduce_jobs_plan_once_in_the_parent_with_each_jobs_threads(
     for key in fake_fit.CALLS:
         (run,) = Tracker().find_runs(key)
         assert float(run.params["runtime.time_budget"]) == pytest.approx(4, abs=1e-2)
+
+
+# --------------------------------------------------------------------------- tune
+
+
+def test_each_trial_gets_its_share_and_the_study_logs_it(
+    mlflow_store: str, fake_fit: types.ModuleType, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from experiments.tune import tune
+
+    assert tune_minutes(6, 3, 60) == pytest.approx(1.666666, abs=1e-4)
+    probe = Probe()
+    monkeypatch.setattr(budget, "measure", probe)
+    study = tune(dataset="resume", trials=2, profile="smoke", storage=f"sqlite:///{tmp_path / 'o.db'}",
+                 study_name="budget", time_budget=4)  # fmt: skip
+    assert len(probe.timed) == 3  # the base config once, then each trial's own config
+    share = tune_minutes(4, 2)
+    epochs, steps = plan_steps(share, 2, SLOW_STEPS)
+    tracker = Tracker()
+    (parent,) = tracker.search("crener-tune-smoke", "tags.`crener.role` = 'study'")
+    assert parent.tags["crener.time_budget"] == "4" and float(
+        parent.tags["crener.trial_minutes"]
+    ) == pytest.approx(share, abs=1e-3)
+    history = tracker.client.get_metric_history(parent.run_id, "trial/max_steps")
+    assert sorted((m.step, m.value) for m in history) == [(t.number, steps) for t in study.trials]
+    trials = [
+        r
+        for r in tracker.search("crener-tune-smoke", "tags.`crener.study` = 'budget'")
+        if "crener.trial" in r.tags
+    ]
+    assert len(trials) == 2
+    for run in trials:
+        assert float(run.params["runtime.time_budget"]) == pytest.approx(share, abs=1e-3)
+        assert (int(run.params["train.epochs"]), int(run.params["train.max_steps"])) == (epochs, steps)
+
+
+def tune_minutes(minutes: float, trials: int, probing_s: float = 0.0) -> float:
+    from experiments.tune import trial_minutes
+
+    return trial_minutes(minutes, trials, probing_s)

@@ -614,6 +614,7 @@ MISTAKES: dict[str, Mistake] = {
     "reproduce: time budget on a remote cluster": M(
         "reproduce --executor dask --address tcp://127.0.0.1:9 --time-budget 5", "--time-budget", "value"
     ),
+    "tune: time budget -1": M(f"{TUNE} --time-budget -1", "--time-budget -1", "4"),
 }
 
 

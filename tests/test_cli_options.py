@@ -64,3 +64,19 @@ def test_set_collects_into_overrides_even_when_absent(commands):
     for name in ("train", "reproduce", "tune", "encoders", "curves", "bench", "data batches"):
         action = option(commands[name], "--set")
         assert (action.dest, action.default) == ("overrides", []), name
+
+
+def test_time_budget_is_declared_once_for_every_command_that_trains(commands):
+    """Same destination, type (minutes > 0, refused while parsing) and metavar; the help says what
+    the minutes cover in each command."""
+    from crener.options import positive_minutes
+
+    for name in ("train", "reproduce", "tune"):
+        action = option(commands[name], "--time-budget")
+        assert (action.dest, action.type, action.metavar) == ("time_budget", positive_minutes, "MINUTES"), (
+            name
+        )
+    for text in ("0", "-1", "nan", "inf", "x"):
+        with pytest.raises(argparse.ArgumentTypeError, match=f"--time-budget {text}"):
+            positive_minutes(text)
+    assert positive_minutes("0.5") == 0.5
