@@ -5,9 +5,10 @@ MINUTES is the wall time of the whole plan on this machine. The rule:
 - a cell already planned for these minutes on this machine keeps its saved steps (below), and
   costs nothing if the tracking store holds it finished;
 - every other cell gets an equal share: ``share = (MINUTES - probing) x jobs / cells to run``,
-  where *cells to run* are the plan's cells less the finished ones, *jobs* the worker processes
-  that run cells side by side (``--jobs``, one per GPU with ``--gpus``, the local Dask cluster's
-  workers) and *probing* the wall time spent timing the cells here first;
+  where *cells to run* are the plan's cells less the finished ones, *jobs* the cells that run
+  side by side at the probed speed (one a GPU with ``--gpus``; else ``--jobs``, or the local Dask
+  cluster's workers, up to the CPU cores: copies past them share cores and each runs slower) and
+  *probing* the wall time spent timing the cells here first;
 - its steps are :func:`crener.budget.plan_steps` of that share with the costs the probe of
   :func:`crener.budget.measure` found for its config. Cells that differ only in their seed cost the
   same, so one probe serves them all; a probe runs with the thread count the cell will have.

@@ -275,7 +275,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         return _reproduce_on_dask(args)
     if (args.jobs > 1 or gpus) and not args.worker and not args.dry_run:
         if args.time_budget is not None:
-            _plan_budget_before_jobs(args)
+            _plan_budget_before_jobs(args, side_by_side=args.jobs if gpus else min(args.jobs, _cores()))
         rc = spawn_jobs(args.argv, args.jobs, args.overrides, gpus)
         return rc if args.no_report else max(rc, _report(sorted({c.cfg.profile for c in _plan(args)})))
     from experiments.sweeps import load_overrides, shard, unused_overrides
@@ -320,15 +320,17 @@ def _budget_cells(args: argparse.Namespace, cells: list[Any], jobs: int) -> list
     return cells
 
 
-def _plan_budget_before_jobs(args: argparse.Namespace) -> None:
+def _plan_budget_before_jobs(args: argparse.Namespace, *, side_by_side: int) -> None:
     """Probe and save the plan once, here, before the --jobs copies start: with the thread count
-    each copy will run its cells with, and so that every copy finds the same steps saved."""
+    each copy will run its cells with, and so that every copy finds the same steps saved.
+    ``side_by_side``: the cells that run at once at the probed speed: one a GPU, else --jobs up to
+    the CPU cores (copies past them share cores, each slower)."""
     threads = [] if _sets_threads(args.overrides) else [f"runtime.threads={max(1, _cores() // args.jobs)}"]
     planning = argparse.Namespace(**{**vars(args), "overrides": [*args.overrides, *threads]})
     cells = _plan(planning)
     for cfg in {c.cfg.runtime.data_root: c.cfg for c in cells}.values():
         check_run_inputs(cfg, runs_dir=args.runs_dir)
-    _budget_cells(planning, cells, args.jobs)
+    _budget_cells(planning, cells, side_by_side)
 
 
 def _dask_session(args: argparse.Namespace) -> Any:
@@ -356,7 +358,7 @@ def _reproduce_on_dask(args: argparse.Namespace) -> int:
         )
     if not args.address and not _sets_threads(args.overrides):  # a runtime field: keys unchanged
         args.overrides = [*args.overrides, f"runtime.threads={max(1, _cores() // args.jobs)}"]
-    cells = _budget_cells(args, _plan(args), args.jobs)
+    cells = _budget_cells(args, _plan(args), min(args.jobs, _cores()))  # a local cluster: this CPU's cores
     from experiments.executor import check_scheduler, run_cells_dask
 
     if args.address:  # before the tracking store is made for the workers

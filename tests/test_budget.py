@@ -175,7 +175,7 @@ def test_reproduce_time_budget_runs_once_and_logs_the_minutes(
 
 
 def test_reproduce_jobs_plan_once_in_the_parent_with_each_jobs_threads(
-    mlflow_store: str, fake_fit: types.ModuleType, monkeypatch: pytest.MonkeyPatch
+    mlflow_store: str, fake_fit: types.ModuleType, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     from experiments import commands
 
@@ -188,6 +188,10 @@ def test_reproduce_jobs_plan_once_in_the_parent_with_each_jobs_threads(
             "--time-budget", "4", "--no-report"]  # fmt: skip
     assert cli_main([*args, "--jobs", "2"]) == 0
     assert threads == [2, 2] and len(spawned) == 1 and fake_fit.CALLS == []  # planned, nothing trained yet
+    saved = [
+        json.loads(p.read_text()) for p in (tmp_path / "runs" / "smoke" / budget_plan.PLAN_DIR_NAME).iterdir()
+    ]
+    assert [e["jobs"] for e in saved] == [2, 2]  # 2 copies on 4 cores run side by side (on 1 core: 1)
     assert cli_main(args) == 0  # what each copy runs: the parent's plan, 2 cells x 2 jobs of 4 minutes
     assert len(probe.timed) == 2 and len(fake_fit.CALLS) == 2
     for key in fake_fit.CALLS:
