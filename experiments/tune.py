@@ -44,8 +44,8 @@ from crener.errors import CrenerError, StoreError
 from crener.files import write_atomic
 from crener.probe import check_driver, check_server
 from crener.profiles import build_run_config
-from crener.tracking import RunLogger, Tracker, experiment_name, file_lock, masked_uri
-from crener.workspace import OPTUNA_STORAGE, foreign_sqlite, resolve_runs_dir, sqlite_path
+from crener.tracking import RunLogger, Tracker, check_store, experiment_name, file_lock, masked_uri
+from crener.workspace import OPTUNA_STORAGE, foreign_sqlite, resolve_runs_dir, sqlite_path, tracking_uri
 from experiments.sweeps import IDENTITY_KEYS, format_toml_value
 
 log = logging.getLogger(__name__)
@@ -261,10 +261,13 @@ def trial_minutes(minutes: float, trials: int, probing_s: float = 0.0) -> float:
     return max(minutes * 60 - probing_s, 0.0) / trials / 60
 
 
-def plan_trials(base: RunConfig, minutes: float, trials: int) -> tuple[float, dict[str, str]]:
+def plan_trials(base: RunConfig, minutes: float, trials: int, *, track: bool) -> tuple[float, dict[str, str]]:
     """``(minutes a trial, tags for the parent run)``: the base config probed once, so a budget too
     short for it fails here, before the study exists (:class:`CrenerError`, one line)."""
     from crener import budget
+
+    if track:  # as crener train does: an unusable store fails before the probe's seconds
+        check_store(tracking_uri())
 
     t0 = time.monotonic()
     costs = budget.measure(base)
@@ -349,10 +352,11 @@ def tune(
     # The MLflow store first: one that cannot be reached fails here, before a study (or its
     # database file) is created that would then hold no trial.
     check_storage(storage or OPTUNA_STORAGE)  # before the MLflow store is made (a fresh one is)
+    # The probe: after the cheap checks, before anything is created.
+    share, budget_tags = plan_trials(base, time_budget, trials, track=track) if time_budget else (None, {})
     tracker = Tracker() if track else None
     store = open_storage_or_explain(storage or OPTUNA_STORAGE)
     offset = _trials_so_far(store, name)
-    share, budget_tags = plan_trials(base, time_budget, trials) if time_budget is not None else (None, {})
     study = optuna.create_study(
         study_name=name,
         storage=store,

@@ -231,6 +231,11 @@ def test_each_trial_gets_its_share_and_the_study_logs_it(
     for run in trials:
         assert float(run.params["runtime.time_budget"]) == pytest.approx(share, abs=1e-3)
         assert (int(run.params["train.epochs"]), int(run.params["train.max_steps"])) == (epochs, steps)
+    # Too short for the base config: one error before the study (or its database) exists.
+    with pytest.raises(CrenerError, match=r"--time-budget 0.1 over 2 trial\(s\).*too short here"):
+        tune(dataset="resume", trials=2, profile="smoke", storage=f"sqlite:///{tmp_path / 'short.db'}",
+             time_budget=0.1)  # fmt: skip
+    assert not (tmp_path / "short.db").exists()
 
 
 def tune_minutes(minutes: float, trials: int, probing_s: float = 0.0) -> float:
