@@ -139,6 +139,15 @@ def check_folder(path: str | Path | None, option: str) -> None:
         raise CrenerError(f"{option} {path}: {above} is a file, not a folder; name another path")
 
 
+def check_page_file(path: str | Path, example: str, option: str = "--page") -> None:
+    """Refuse, before any work, a generated page to write that is a folder or lies under a file;
+    its folder is made if missing (``write_atomic``). ``example`` is a file name to suggest."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise CrenerError(f"{option} {path} is a folder: name a file in it, e.g. {path / example}")
+    check_folder(path.parent, f"{option} {path}: folder")
+
+
 def check_input_file(path: str | Path | None, option: str) -> None:
     """Refuse, before any work, an input file that is missing or a folder."""
     if path is None:

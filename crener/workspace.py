@@ -54,6 +54,20 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(uri[len(SQLITE_PREFIX) :].split("?", 1)[0]).resolve()
 
 
+def page_address(uri: str) -> str:
+    """A store or storage address fit for a committed page: a password masked, a local SQLite path
+    made relative to the cwd (an absolute one names the writer's home, not the project's file)."""
+    from crener.probe import masked_uri
+
+    db = sqlite_path(uri)
+    if db is not None:
+        try:
+            return "sqlite:///" + db.resolve().relative_to(Path.cwd().resolve()).as_posix()
+        except ValueError:
+            return f"sqlite:///…/{db.name}"
+    return masked_uri(uri)
+
+
 def sqlite_tables(db: Path) -> set[str]:
     """The table names of the SQLite database ``db``, read without writing to it (an empty file has
     none); ``sqlite3.DatabaseError`` if it is not one. For refusing, before it is written, a

@@ -19,6 +19,7 @@ from crener import registry
 from crener.commands import check_output_file, check_run_config, check_run_inputs
 from crener.config import canonical_key, parse_set
 from crener.errors import CrenerError
+from crener.files import check_page_file
 from crener.identity import run_key
 from crener.options import (
     add_run_options,
@@ -401,7 +402,9 @@ def _register_tune(subparsers: Any) -> None:
     p.add_argument("--model", default="crener", choices=registry.names())
     p.add_argument("--variant", default="full", choices=list(VARIANTS))
     add_run_options(p)
-    p.add_argument("--trials", type=count_int, required=True, help="trials run by this process (>= 1)")
+    p.add_argument(
+        "--trials", type=count_int, help="trials run by this process (>= 1; required unless --page-only)"
+    )
     p.add_argument(
         "--storage",
         help=f"Optuna storage URL (default {OPTUNA_STORAGE}; postgresql://... to scale out)",
@@ -422,6 +425,15 @@ def _register_tune(subparsers: Any) -> None:
         "the whole study in this process (each of --trials gets MINUTES / trials less the base probe, "
         "its steps timed on its own config: experiments/README.md)",
     )
+    p.add_argument(
+        "--page", metavar="FILE",
+        help="also write the study, stamped with the command, commit, machine and date, to FILE "
+        "(a committed page, e.g. reports/tuning-quick.md)",
+    )  # fmt: skip
+    p.add_argument(
+        "--page-only", action="store_true",
+        help="write --page from the study as it stands and run no trial (--trials is not needed)",
+    )  # fmt: skip
     p.add_argument(
         "--executor",
         choices=["local", "dask"],
@@ -449,6 +461,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from crener.data.datasets import get_spec
 
     get_spec(args.dataset)  # an unknown dataset fails before the study or any run is created
+    if args.page_only and not args.page:
+        raise CrenerError("--page-only writes the page named by --page FILE: add it")
+    if args.trials is None and not args.page_only:
+        raise CrenerError("--trials N is required (the trials this process runs), unless --page-only")
     sets = parse_set(args.overrides)
     # Every argument before the study, its storage or any run exists: the trials' base config, the
     # folders and files they read and write.
@@ -457,12 +473,17 @@ def cmd_tune(args: argparse.Namespace) -> int:
         model=args.model, variant=args.variant, profile=args.profile, dataset=args.dataset,
         overrides={**sets, **root},
     ))  # fmt: skip
-    check_run_inputs(base, runs_dir=args.runs_dir)
+    if not args.page_only:  # a page from the study as it stands reads none of the trials' inputs
+        check_run_inputs(base, runs_dir=args.runs_dir)
+    if args.page:  # before any trial: a page that cannot be written would be lost after hours of them
+        check_page_file(args.page, "tuning-quick.md")
     if args.export:
         check_output_file(Path(args.export), "--export")
     from experiments.tune import check_storage, export_best, tune
 
     check_storage(args.storage or OPTUNA_STORAGE)
+    if args.page_only:
+        return _tune_page_only(args, sets)
     if args.executor == "dask" and args.address:  # before the storage and the store are made
         from experiments.executor import check_scheduler
 
@@ -478,6 +499,24 @@ def cmd_tune(args: argparse.Namespace) -> int:
         study = tune(**kwargs)
     if args.export:
         export_best(study, args.export, sets=sets)
+    if args.page:
+        from experiments.tune_page import write_tune_page
+
+        write_tune_page(args, study, sets=sets, storage=args.storage or OPTUNA_STORAGE)
+    return 0
+
+
+def _tune_page_only(args: argparse.Namespace, sets: dict[str, Any]) -> int:
+    """The page (and --export) from the study as it stands: no trial runs, no study is created."""
+    from experiments.tune import default_study_name, export_best
+    from experiments.tune_page import load_study, write_tune_page
+
+    name = args.study_name or default_study_name(args.model, args.variant, args.dataset, args.profile)
+    storage = args.storage or OPTUNA_STORAGE
+    study = load_study(name, storage)
+    if args.export:
+        export_best(study, args.export, sets=sets)
+    write_tune_page(args, study, sets=sets, storage=storage)
     return 0
 
 

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from crener.config import parse_set
-from crener.errors import CrenerError
 from crener.files import write_atomic
 from crener.identity import run_key
 from crener.profiles import build_run_config
@@ -150,15 +149,13 @@ def check_args(args: argparse.Namespace) -> None:
     from crener.commands import check_folder, check_run_inputs
     from crener.data.datasets import get_spec
     from crener.encoder import check_encoder_name
+    from crener.files import check_page_file
 
     for name in args.datasets:
         get_spec(name)
     check_folder(args.build_dir, "--build-dir")
     if getattr(args, "page", None):  # its folder is made if missing; a folder or a file above it is refused
-        page = Path(args.page)
-        if page.is_dir():
-            raise CrenerError(f"--page {page} is a folder: name a file in it, e.g. {page / 'encoders.md'}")
-        check_folder(page.parent, f"--page {page}: folder")
+        check_page_file(args.page, "encoders.md")
     for name in args.encoders:  # the named arms load as they are: each must exist now
         check_encoder_name(name)
     stand_in = {arm: SHIPPED for arm in args.arms} | {e: e for e in args.encoders if e not in args.arms}

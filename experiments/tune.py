@@ -467,22 +467,28 @@ def _log_best(study: optuna.Study, parent: RunLogger | None, fixed: dict[str, An
         log.warning("study %s has no completed trial yet", study.study_name)
         return
     log.info("best trial %d: dev F1 %.4f with %s", best.number, best.value, {**fixed, **best.params})
-    default = [t for t in study.trials if t.user_attrs.get("crener.default") and t.value is not None]
-    if default:
+    default = default_trial(study)
+    if default is not None:
         log.info("untuned default (trial %d): dev F1 %.4f; tuning gained %+.4f",
-                 default[0].number, default[0].value, best.value - default[0].value)  # fmt: skip
+                 default.number, default.value, best.value - default.value)  # fmt: skip
     if parent is not None:
         parent.set_tags({"crener.best_trial": str(best.number), "crener.best_dev_f1": f"{best.value:.6f}"})
 
 
-def export_best(study: optuna.Study, path: str | Path, *, sets: dict[str, Any] | None = None) -> Path:
-    """Write the best trial's params (and the study's fixed ``--set`` values) as an overrides
-    file for ``crener reproduce --config PATH``, filtered to the tuned model, dataset and profile."""
+def default_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """The untuned default's trial that completed (an interrupted one is queued again), or None."""
+    return next((t for t in study.trials if t.user_attrs.get("crener.default") and t.value is not None), None)
+
+
+def best_overrides(
+    study: optuna.Study, sets: dict[str, Any] | None = None
+) -> tuple[optuna.trial.FrozenTrial, dict[str, Any]]:
+    """The best trial and the values a recipe takes from it and the study's fixed ``--set``
+    values: what ``--export`` writes and the tuning page lists. CrenerError without a completed trial."""
     try:
         best = study.best_trial
     except ValueError:
         raise CrenerError(f"study {study.study_name!r} has no completed trial to export") from None
-    attrs = study.user_attrs
     # Identity keys are the file's filters; fields that cannot change a result (threads, device,
     # progress bar: the runtime section) belong to the machine that tuned, not to the recipe.
     values = {
@@ -490,6 +496,14 @@ def export_best(study: optuna.Study, path: str | Path, *, sets: dict[str, Any] |
         for k, v in {**(sets or {}), **best.params}.items()
         if k not in IDENTITY_KEYS and not canonical_key(k).startswith("runtime.")
     }
+    return best, values
+
+
+def export_best(study: optuna.Study, path: str | Path, *, sets: dict[str, Any] | None = None) -> Path:
+    """Write the best trial's params (and the study's fixed ``--set`` values) as an overrides
+    file for ``crener reproduce --config PATH``, filtered to the tuned model, dataset and profile."""
+    best, values = best_overrides(study, sets)
+    attrs = study.user_attrs
     lines = [
         f"# Best trial of Optuna study {study.study_name!r}, exported by `crener tune --export`.",
         "# Apply with: crener reproduce --config THIS_FILE  (filters below; edit them to widen).",
