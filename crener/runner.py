@@ -31,8 +31,9 @@ SUMMARY_FILE = "summary.json"
 HISTORY_FILE = "history.json"
 ADHOC_SWEEP = "adhoc"
 # Sweeps whose runs a table sweep (main, ablation) claims when it reaches the same key: single
-# `crener train` runs and the encoder ablation's shipped-encoder arm.
-SIDE_SWEEPS = (ADHOC_SWEEP, "encoders")
+# `crener train` runs, the encoder ablation's shipped-encoder arm and the claim sweep's cells
+# (experiments/configs/claim.toml), which share the main sweep's keys.
+SIDE_SWEEPS = (ADHOC_SWEEP, "encoders", "claim")
 
 
 class CellBusy(CrenerError):
@@ -202,10 +203,13 @@ def system_metrics_monitor() -> Any:
 
 
 def _owner_sweep(tagged: str | None, requested: str) -> str:
-    """The sweep a reused run keeps: the one it was made by, except that a table sweep claims an
-    ``adhoc`` run (e.g. from ``crener train``) so the reports, which select runs by their
-    ``crener.sweep`` tag, do not miss a cell that was trained before the sweep reached it."""
-    return requested if tagged in (None, *SIDE_SWEEPS) else tagged
+    """The sweep a reused run keeps: the one it was made by, except that a table sweep claims a
+    side sweep's run (e.g. from ``crener train``) and any sweep claims an ``adhoc`` one, so the
+    reports, which select runs by their ``crener.sweep`` tag, do not miss a cell that was trained
+    before the sweep reached it, and a later ``crener train`` of the cell never demotes it."""
+    if tagged is None or tagged == ADHOC_SWEEP:
+        return requested
+    return requested if tagged in SIDE_SWEEPS and requested not in SIDE_SWEEPS else tagged
 
 
 def _clear(workdir: Path) -> None:

@@ -64,7 +64,8 @@ _KIND_TRAINING = "custom_model_development"
 # in step, but a SIGKILLed process leaves its run RUNNING, so readers should trust neither blindly.
 STATE_RUNNING, STATE_FINISHED, STATE_FAILED = "running", "finished", "failed"
 # "diagnostic": runs of `crener curves`, never reused as sweep cells (like tune trials).
-SWEEPS = ("main", "ablation", "tune", "adhoc", "diagnostic", "encoders")
+# "claim": runs of experiments/configs/claim.toml, cells of the main sweep run for one claim's test.
+SWEEPS = ("main", "ablation", "tune", "adhoc", "diagnostic", "encoders", "claim")
 NOT_CELLS = ("tune", "diagnostic")
 
 # What fit's callback reports each epoch (logged with step = epoch).

@@ -68,7 +68,13 @@ def _register_reproduce(subparsers: Any) -> None:
         "Finished cells are skipped and interrupted ones resume, so the command can be rerun at will.",
     )
     add_run_options(p, None, profile_text="each sweep's default_profile (quick)")
-    p.add_argument("--only", nargs="+", metavar="SEL", help="table2 .. table6, main or ablation")
+    p.add_argument(
+        "--only",
+        nargs="+",
+        metavar="SEL",
+        help="table2 .. table6, main or ablation; claim: the Weibo claim's sweep (CRENER vs W²NER, several "
+        "seeds; run only when named; crener report --claim weibo tests it)",
+    )
     p.add_argument("--datasets", nargs="+", metavar="D", help="restrict to these datasets")
     add_seeds(p, default_text="the sweep's seeds for the profile")
     p.add_argument("--models", nargs="+", choices=registry.names(), metavar="M", help="restrict models")
@@ -236,14 +242,14 @@ def run_cells(cells: list[Any], *, runs_dir: str | None, data_root: str | None) 
 
 
 def _plan(args: argparse.Namespace) -> list[Any]:
-    from experiments.sweeps import SWEEP_NAMES, plan
+    from experiments.sweeps import plan, sweeps_for
 
     sets = parse_set(args.overrides)
     if args.data_root:  # the cells' keys digest the files they will read
         sets.setdefault("runtime.data_root", args.data_root)
     check_run_config(build_run_config(overrides=sets))  # a bad --set fails even where no cell is chosen
     cells = plan(
-        SWEEP_NAMES,
+        sweeps_for(args.only),
         args.profile,
         only=args.only,
         datasets=args.datasets,

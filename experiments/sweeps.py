@@ -37,6 +37,9 @@ from crener.profiles import PROFILES, VARIANTS, build_run_config
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 SWEEP_NAMES = ("main", "ablation")  # the order `crener reproduce` runs them in
+# Sweeps `crener reproduce` runs only when ``--only`` names them: their cells test one claim, and
+# are not needed for the tables (those they share with a table sweep keep its key).
+OPT_IN_SWEEPS = ("claim",)
 DEFAULT_SEEDS_KEY = "default"  # [seeds] entry for profiles not listed
 ALL_MODELS = "all"  # models = "all": every registered model family (crener.registry), in its order
 # Fields that define which cell a config is; an override may not change them.
@@ -250,11 +253,18 @@ def load_overrides(path: str | Path) -> tuple[Override, ...]:
 def selectors() -> dict[str, tuple[str, str | None]]:
     """Names ``--only`` accepts: sweep names -> (sweep, None), tables -> (sweep, table)."""
     out: dict[str, tuple[str, str | None]] = {}
-    for name in SWEEP_NAMES:
+    for name in (*SWEEP_NAMES, *OPT_IN_SWEEPS):
         out[name] = (name, None)
         for table in load_sweep(name).tables:
             out[table] = (name, table)
     return out
+
+
+def sweeps_for(only: str | Iterable[str] | None) -> tuple[str, ...]:
+    """The sweeps ``crener reproduce --only ...`` plans: the table sweeps, then each opt-in sweep
+    ``only`` names (planned after them, so a cell both plan keeps the table sweep's tag)."""
+    named = _as_tuple(only) or ()
+    return (*SWEEP_NAMES, *(s for s in OPT_IN_SWEEPS if s in named))
 
 
 # --------------------------------------------------------------------------- expansion

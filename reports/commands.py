@@ -15,8 +15,8 @@ from crener.options import add_data_root, add_profile, non_negative_int, positiv
 from crener.workspace import OPTUNA_STORAGE
 
 # Sweeps whose runs can make the tables: the two of `crener reproduce`, and those of `crener train`
-# (adhoc), `crener tune` and `crener encoders`.
-REPORTABLE_SWEEPS = ("main", "ablation", "adhoc", "tune", "encoders")
+# (adhoc), `crener tune`, `crener encoders` and `crener reproduce --only claim`.
+REPORTABLE_SWEEPS = ("main", "ablation", "adhoc", "tune", "encoders", "claim")
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="also write the tables, notes and run ids as one Markdown page stamped with the command, "
         "commit, date and the runs' machines (a committed page, e.g. reports/results-quick.md)",
     )
+    p.add_argument(
+        "--claim",
+        metavar="DATASET",
+        help="instead of the report, write the test of the paper's claim that CRENER beats W²NER on DATASET "
+        "by its Tables 2-5 margin to --page FILE: the runs of both systems at --profile from --sweeps and the claim "
+        "sweep (crener reproduce --only claim), a paired bootstrap over test sentences (--bootstrap, --seed), "
+        "tests over seeds, the verdict and every run id (e.g. --claim weibo --profile full --page "
+        "reports/claim-weibo.md)",
+    )
     p.set_defaults(func=_run)
 
 
@@ -81,8 +90,21 @@ def _run(args: argparse.Namespace) -> int:
             f"--sweeps {args.sweeps!r}: {', '.join(map(repr, unknown)) or 'none given'}; "
             f"choose from {', '.join(REPORTABLE_SWEEPS)}"
         )
+    if args.claim is not None:
+        from reports.paper import TABLE_DATASET
+
+        if args.claim not in TABLE_DATASET.values():
+            raise CrenerError(
+                f"--claim {args.claim!r}: the paper compares CRENER and W²NER on "
+                f"{', '.join(TABLE_DATASET.values())}; choose one"
+            )
+        if not args.page:
+            raise CrenerError(
+                f"--claim writes the page named by --page FILE: add it, e.g. reports/claim-{args.claim}.md"
+            )
     # What the report reads and writes, before any of it is made.
-    check_folder(args.out, "--out")
+    if args.claim is None:  # the claim's page is all it writes
+        check_folder(args.out, "--out")
     if args.page:  # its folder is made if missing, as --out's is
         if Path(args.page).is_dir():
             raise CrenerError(f"--page {args.page} is a folder: name a file in it, e.g. results.md")
@@ -93,6 +115,21 @@ def _run(args: argparse.Namespace) -> int:
     from crener.workspace import tracking_uri
 
     check_store(tracking_uri(args.tracking_uri))
+    if args.claim is not None:
+        from reports.claim import write_claim_page
+
+        path = write_claim_page(
+            args.claim,
+            args.profile,
+            args.page,
+            tracking_uri=args.tracking_uri,
+            resamples=args.bootstrap,
+            seed=args.seed,
+            sweeps=sweeps,
+            command="crener " + shlex.join(sys.argv[1:]),
+        )
+        log.info("claim page: %s", path)
+        return 0
     _check_optuna_server(args.optuna_storage)
     from reports.make_report import main  # (loads pandas and matplotlib)
 

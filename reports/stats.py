@@ -17,10 +17,18 @@ Conventions (documented once, used by every table):
   the two-sided p-value is ``min(1, 2 · min(P*(Δ ≤ 0), P*(Δ ≥ 0)))`` under the bootstrap
   distribution, so identical systems give p = 1 and a system better on every resample p = 0
   (read "p < 1/B").
+- **Tests over seeds** (:func:`welch_test`, :func:`permutation_test`) treat each run's test F1 as
+  one draw of a system's training randomness: Welch's t-test (unequal variances,
+  Welch-Satterthwaite degrees of freedom) with its CI of the difference of means, and the exact
+  two-sided permutation test of the same difference over every split of the pooled runs. Runs of
+  two systems are not paired by seed: one seed number draws unrelated weights in two models.
+  The Student t distribution is computed here (regularised incomplete beta function, Numerical
+  Recipes' continued fraction) because scipy is not a dependency.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -196,6 +204,129 @@ def paired_bootstrap(
         deltas[start:stop] = bootstrap_deltas(sys_list, ref_list, idx)
     low, high, p = summarize_deltas(deltas)
     return BootstrapResult(observed, low, high, p, resamples, len(sys_list), n)
+
+
+# --- tests over seeds ---------------------------------------------------------------------
+
+# The most splits permutation_test enumerates (5 + 5 runs make 252; 10 + 10 make 184,756).
+MAX_PERMUTATIONS = 1_000_000
+
+
+def _continued_fraction(a: float, b: float, x: float) -> float:
+    """The continued fraction of the incomplete beta function (modified Lentz's method)."""
+    tiny, eps = 1e-300, 1e-15
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 10_000):  # it takes about √max(a, b) terms: many degrees of freedom, many terms
+        for numerator in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < eps:
+            break
+    return h
+
+
+def regularized_beta(a: float, b: float, x: float) -> float:
+    """I_x(a, b), the regularised incomplete beta function, for a, b > 0 and 0 <= x <= 1."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    front = math.exp(log_front)
+    # The fraction converges fast only below the mean; above it, use I_x(a, b) = 1 - I_{1-x}(b, a).
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _continued_fraction(a, b, x) / a
+    return 1.0 - front * _continued_fraction(b, a, 1.0 - x) / b
+
+
+def t_sf(t: float, df: float) -> float:
+    """P(T > t) for Student's t with ``df`` (> 0, not necessarily whole) degrees of freedom."""
+    if math.isinf(t):
+        return 0.0 if t > 0 else 1.0
+    tail = 0.5 * regularized_beta(df / 2.0, 0.5, df / (df + t * t))
+    return tail if t >= 0 else 1.0 - tail
+
+
+def t_ppf(q: float, df: float) -> float:
+    """The ``q`` quantile of Student's t with ``df`` degrees of freedom (bisection on t_sf)."""
+    if not 0.0 < q < 1.0:
+        raise ValueError(f"quantile {q} is not strictly between 0 and 1")
+    if q < 0.5:
+        return -t_ppf(1.0 - q, df)
+    low, high = 0.0, 1.0
+    while t_sf(high, df) > 1.0 - q:
+        high *= 2.0
+    for _ in range(200):
+        mid = (low + high) / 2.0
+        low, high = (mid, high) if t_sf(mid, df) > 1.0 - q else (low, mid)
+        if high - low < 1e-12 * max(1.0, high):
+            break
+    return (low + high) / 2.0
+
+
+@dataclass(frozen=True)
+class WelchResult:
+    """Welch's t-test of Δ = mean(system) − mean(reference), in the values' own unit."""
+
+    delta: float
+    se: float
+    df: float
+    t: float
+    ci_low: float
+    ci_high: float
+    p_value: float
+    level: float
+
+
+def welch_test(system: Sequence[float], reference: Sequence[float], level: float = 0.95) -> WelchResult:
+    """Welch's unequal-variance t-test and its ``level`` CI of the difference of means.
+
+    Needs two values a side (one gives no spread). Two sides without any spread give the
+    difference itself as the CI, with p = 1 when it is 0 and p = 0 otherwise."""
+    a, b = np.asarray(system, dtype=float), np.asarray(reference, dtype=float)
+    if a.size < 2 or b.size < 2:
+        raise ValueError(f"Welch's t-test needs two values a side, got {a.size} and {b.size}")
+    va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
+    delta, se = float(a.mean() - b.mean()), math.sqrt(va + vb)
+    if se == 0.0:  # every run of each side scored alike: the difference is known exactly
+        t = math.copysign(math.inf, delta) if delta else 0.0
+        return WelchResult(
+            delta, 0.0, float(a.size + b.size - 2), t, delta, delta, 0.0 if delta else 1.0, level
+        )
+    df = (va + vb) ** 2 / (va**2 / (a.size - 1) + vb**2 / (b.size - 1))
+    t = delta / se
+    half = t_ppf(0.5 + level / 2.0, df) * se
+    p = min(1.0, 2.0 * t_sf(abs(t), df))
+    return WelchResult(delta, se, float(df), t, delta - half, delta + half, p, level)
+
+
+def permutation_test(system: Sequence[float], reference: Sequence[float]) -> tuple[float, int]:
+    """Exact two-sided permutation test of the difference of means: ``(p, splits)``, p the share
+    of the splits of the pooled values into groups of the two sizes whose |Δ| reaches the
+    observed one (the observed split included, so p >= 2 / splits for distinct values)."""
+    a, b = np.asarray(system, dtype=float), np.asarray(reference, dtype=float)
+    if a.size < 1 or b.size < 1:
+        raise ValueError("a permutation test needs a value on each side")
+    pooled, n, k = np.concatenate([a, b]), a.size + b.size, a.size
+    splits = math.comb(n, k)
+    if splits > MAX_PERMUTATIONS:
+        raise ValueError(f"{splits} splits of {n} values: too many to enumerate (at most {MAX_PERMUTATIONS})")
+    total = float(pooled.sum())
+    chosen = np.array(list(itertools.combinations(range(n), k)))
+    sums = pooled[chosen].sum(axis=1)
+    deltas = np.abs(sums / k - (total - sums) / (n - k))
+    observed = abs(float(a.mean() - b.mean()))
+    # Equal splits may differ in the last bits of a float sum: count them as reaching it.
+    reached = deltas >= observed - 1e-9 * max(1.0, observed)
+    return float(np.mean(reached)), splits
 
 
 # --- breakdowns ---------------------------------------------------------------------------

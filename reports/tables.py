@@ -628,6 +628,62 @@ def _same_sign(ours: Iterable[float], theirs: Iterable[float]) -> tuple[int, int
 # --- bootstrap ---------------------------------------------------------------------------
 
 
+def run_counts(
+    predictions: Callable[[str], list[dict[str, Any]] | None],
+) -> Callable[[str], np.ndarray | None]:
+    """``run_id -> (n, 3)`` per-sentence counts of its test predictions (None without them), each
+    run's predictions read once: one run is compared with several others."""
+    cache: dict[str, np.ndarray | None] = {}
+
+    def counts(run_id: str) -> np.ndarray | None:
+        if run_id not in cache:
+            preds = predictions(run_id)
+            cache[run_id] = None if preds is None else stats.sentence_counts(preds)
+        return cache[run_id]
+
+    return counts
+
+
+@dataclass
+class Pairing:
+    """The runs of two cells paired by seed for :func:`reports.stats.paired_bootstrap`, and what
+    the pairing left out."""
+
+    seeds: list[int] = field(default_factory=list)  # the paired seeds, in order
+    system_ids: list[str] = field(default_factory=list)
+    reference_ids: list[str] = field(default_factory=list)
+    system_counts: list[np.ndarray] = field(default_factory=list)
+    reference_counts: list[np.ndarray] = field(default_factory=list)
+    unpaired: list[int] = field(default_factory=list)  # seeds run on one side only
+    no_predictions: list[str] = field(default_factory=list)  # run ids without test predictions
+
+    @property
+    def run_ids(self) -> list[str]:
+        """Each paired seed's system run then reference run."""
+        return [rid for pair in zip(self.system_ids, self.reference_ids) for rid in pair]
+
+
+def pair_by_seed(system: Cell, reference: Cell, counts: Callable[[str], np.ndarray | None]) -> Pairing:
+    """The seeds both cells ran, with the per-sentence ``counts`` of each run (:func:`run_counts`);
+    a seed either of whose runs has no predictions is left out and its run named."""
+    ref_by_seed = dict(zip(reference.seeds, reference.run_ids))
+    sys_by_seed = dict(zip(system.seeds, system.run_ids))
+    out = Pairing()
+    for s in sorted(set(ref_by_seed) & set(sys_by_seed)):
+        a, b = sys_by_seed[s], ref_by_seed[s]
+        ca, cb = counts(a), counts(b)
+        out.no_predictions += [rid for rid, c in ((a, ca), (b, cb)) if c is None]
+        if ca is not None and cb is not None:
+            out.seeds.append(s)
+            out.system_ids.append(a)
+            out.reference_ids.append(b)
+            out.system_counts.append(ca)
+            out.reference_counts.append(cb)
+    # A side without any run is not "unpaired": the tables list it as missing already.
+    out.unpaired = sorted(set(ref_by_seed) ^ set(sys_by_seed)) if ref_by_seed and sys_by_seed else []
+    return out
+
+
 def bootstrap_table(
     index: RunIndex,
     predictions: Callable[[str], list[dict[str, Any]] | None],
@@ -641,30 +697,17 @@ def bootstrap_table(
     ``predictions(run_id)`` returns the run's test predictions (``reports.collect``). Runs are
     paired by seed; seeds present on one side only are left out of the test and reported.
     """
-    counts_cache: dict[str, np.ndarray | None] = {}
-
-    def counts(run_id: str) -> np.ndarray | None:
-        if run_id not in counts_cache:
-            preds = predictions(run_id)
-            counts_cache[run_id] = None if preds is None else stats.sentence_counts(preds)
-        return counts_cache[run_id]
-
+    counts = run_counts(predictions)
     systems = [("crener", v, f"CRENER {VARIANT_LABELS[v]}") for v in ABLATIONS]
     systems += [(m, v, name) for name, (m, v) in paper.systems().items() if (m, v) != REFERENCE]
     display_rows, data_rows, footnotes, missing = [], [], [], []
     for model, variant, name in systems:
         for ds in DATASETS:
-            ref_cell = index.cell(*REFERENCE, ds, msra_protocol)
-            sys_cell = index.cell(model, variant, ds, msra_protocol)
-            ref_by_seed = dict(zip(ref_cell.seeds, ref_cell.run_ids))
-            sys_by_seed = dict(zip(sys_cell.seeds, sys_cell.run_ids))
-            paired = [s for s in sorted(set(ref_by_seed) & set(sys_by_seed))]
-            pairs = [
-                (s, sys_by_seed[s], ref_by_seed[s], counts(sys_by_seed[s]), counts(ref_by_seed[s]))
-                for s in paired
-            ]
-            no_pred = [rid for _, a, b, ca, cb in pairs for rid, c in ((a, ca), (b, cb)) if c is None]
-            pairs = [p for p in pairs if p[3] is not None and p[4] is not None]
+            pairing = pair_by_seed(
+                index.cell(model, variant, ds, msra_protocol),
+                index.cell(*REFERENCE, ds, msra_protocol),
+                counts,
+            )
             shown = {"System (vs CRENER full)": name, "Dataset": DATASET_LABELS[ds]}
             data: dict[str, Any] = {
                 "model": model,
@@ -672,9 +715,9 @@ def bootstrap_table(
                 "dataset": ds,
                 "reference": "crener/full",
             }
-            if pairs:
+            if pairing.seeds:
                 result = stats.paired_bootstrap(
-                    [p[3] for p in pairs], [p[4] for p in pairs], resamples=resamples, seed=seed
+                    pairing.system_counts, pairing.reference_counts, resamples=resamples, seed=seed
                 )
                 shown.update(
                     {
@@ -693,11 +736,11 @@ def bootstrap_table(
                         "p_value": result.p_value,
                         "resamples": resamples,
                         "n_seeds": result.seeds,
-                        "seeds": ";".join(str(p[0]) for p in pairs),
+                        "seeds": ";".join(map(str, pairing.seeds)),
                         "sentences": result.sentences,
                     }
                 )
-                ids = [rid for p in pairs for rid in (p[1], p[2])]
+                ids = pairing.run_ids
                 data["run_ids"] = ";".join(ids)
                 footnotes.append((f"{name} vs CRENER full · {DATASET_LABELS[ds]}", ids))
             else:
@@ -707,12 +750,11 @@ def bootstrap_table(
                 data.update({"delta_f1": math.nan, "run_ids": ""})
             # A side without any run is already listed by Tables 2-6; list here only what the
             # test itself lost: seeds run on one side only, and runs without predictions.
-            unpaired = sorted(set(ref_by_seed) ^ set(sys_by_seed)) if ref_by_seed and sys_by_seed else []
             why = []
-            if unpaired:
-                why.append(f"unpaired seeds {', '.join(map(str, unpaired))}")
-            if no_pred:
-                why.append(f"no predictions in {', '.join(no_pred)}")
+            if pairing.unpaired:
+                why.append(f"unpaired seeds {', '.join(map(str, pairing.unpaired))}")
+            if pairing.no_predictions:
+                why.append(f"no predictions in {', '.join(pairing.no_predictions)}")
             if why:
                 missing.append(f"{name} vs CRENER full on {ds}: {'; '.join(why)}")
             display_rows.append(shown)

@@ -380,6 +380,36 @@ def test_bootstrap_table(index, store):
     assert shown[shown["System (vs CRENER full)"] == "BERT-CRF"]["ΔF1"].eq("—").all()
 
 
+def test_pair_by_seed_names_what_the_pairing_left_out(index, store):
+    """The pairing the bootstrap table and the claim page share (reports/claim.py)."""
+    from reports import collect
+
+    reads = []
+
+    def loader(run_id):
+        reads.append(run_id)
+        # W2NER's seed-0 run on Resume lost its predictions.
+        return (
+            None
+            if run_id == rid(store, "w2ner", "full", "resume", 0)
+            else collect.load_predictions(run_id, store["uri"])
+        )
+
+    counts = tables.run_counts(loader)
+    full = index.cell("crener", "full", "resume")
+    pairing = tables.pair_by_seed(index.cell("w2ner", "full", "resume"), full, counts)
+    assert pairing.seeds == [1] and pairing.unpaired == [2]  # W2NER has no seed 2 on Resume
+    assert pairing.no_predictions == [rid(store, "w2ner", "full", "resume", 0)]
+    assert pairing.run_ids == [
+        rid(store, "w2ner", "full", "resume", 1),
+        rid(store, "crener", "full", "resume", 1),
+    ]
+    assert [c.shape for c in pairing.system_counts + pairing.reference_counts] == [(N_SENT, 3)] * 2
+    tables.pair_by_seed(index.cell("crener", "no_region", "resume"), full, counts)
+    assert len(reads) == len(set(reads)) == 2 + 3 + 3  # W2NER, CRENER full, no_region: each read once
+    assert tables.pair_by_seed(index.cell("bert_crf", "full", "resume"), full, counts).unpaired == []
+
+
 def test_dataset_table_with_loader():
     sent = Sentence(tuple("张三在北京"), (Entity.span(0, 2, "PER"), Entity.span(3, 5, "LOC")))
 

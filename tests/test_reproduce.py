@@ -127,6 +127,21 @@ def test_table_sweep_claims_adhoc_runs_but_not_the_reverse(
     assert [run_key(done), run_key(broken)] == fake_fit.CALLS
 
 
+def test_a_table_sweep_claims_a_claim_sweep_run_and_crener_train_demotes_none(
+    mlflow_store: str, fake_fit: types.ModuleType
+) -> None:
+    first, second = smoke_cfg(model="w2ner", seed=5), smoke_cfg(model="w2ner", seed=6)
+    out = run_one(first, sweep="claim")  # experiments/configs/claim.toml: main-sweep keys
+    assert Tracker().get_run(out["run_id"]).tags["crener.sweep"] == "claim"
+    again = run_one(first, sweep="main")  # the main sweep reaches the cell: found, not retrained
+    assert again["skipped"] and again["run_id"] == out["run_id"]
+    assert Tracker().get_run(out["run_id"]).tags["crener.sweep"] == "main"
+    adhoc = run_one(second)  # `crener train`, then the claim sweep, then `crener train` again
+    assert run_one(second, sweep="claim")["skipped"] and run_one(second)["skipped"]
+    assert Tracker().get_run(adhoc["run_id"]).tags["crener.sweep"] == "claim"
+    assert [run_key(first), run_key(second)] == fake_fit.CALLS
+
+
 def test_untracked_run(tmp_path: Path, fake_fit: types.ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CRENER_RUNS", str(tmp_path / "runs"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'never.db'}")
