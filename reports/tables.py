@@ -449,7 +449,7 @@ def _encoder_regimes(cell: Cell, model: str | None = None) -> set[str]:
     if col not in cell.runs:
         return set()
     top_col = "params.train.encoder_top_layers"
-    tops = cell.runs[top_col] if top_col in cell.runs else None  # runs before the field: whole encoder
+    tops = cell.runs.get(top_col)  # None for runs logged before the field: the whole encoder
     out = set()
     for i, value in cell.runs[col].items():
         lr = float(value)

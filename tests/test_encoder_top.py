@@ -78,7 +78,9 @@ def test_top_layers_give_the_whole_encoders_features_loss_and_gradients(deep_enc
     # Exactly the top k layers train: every one of their tensors, nothing else.
     top = {f"bert.encoder.layer.{i}." for i in range(3 - k, 3)}
     assert trained and all(any(name.startswith(t) for t in top) for name, _ in trained)
-    assert len(trained) == sum(1 for name, _ in encoder.named_parameters() if any(name.startswith(t) for t in top))
+    assert len(trained) == sum(
+        1 for name, _ in encoder.named_parameters() if any(name.startswith(t) for t in top)
+    )
     other = dict(plain.named_parameters())
     for name, p in trained:
         assert p.grad is not None and p.grad.abs().sum() > 0, name

@@ -99,6 +99,7 @@ def test_every_linked_page_exists_and_results_pages_carry_their_stamp():
             head = path.read_text(encoding="utf-8")[:2000].lower()
             assert any(s in head for s in STAMPS), f"{target} carries no stamp ({' / '.join(STAMPS)})"
 
+
 def test_the_readme_excerpt_is_copied_from_the_generated_quick_page():
     """Every figure of the README's result excerpt is a cell of reports/results-quick.md, so the
     excerpt traces to MLflow runs through the page (rebuild the page, then copy the figures)."""

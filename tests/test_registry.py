@@ -41,13 +41,20 @@ def test_a_familys_profile_settings_follow_the_profile_and_yield_to_variants_and
     quick = PROFILES["quick"]
     # quick reads the encoder frozen in every row (one regime); the taggers' probes learn faster
     for model in ("crener", "w2ner", "bert_softmax", "bert_crf"):
-        assert build_run_config(model=model, profile="quick").train.encoder_lr == quick["train.encoder_lr"] == 0.0
+        assert (
+            build_run_config(model=model, profile="quick").train.encoder_lr
+            == quick["train.encoder_lr"]
+            == 0.0
+        )
     assert build_run_config(model="crener", profile="quick").train.lr == quick["train.lr"]
     for tagger in ("bert_softmax", "bert_crf"):
         assert build_run_config(model=tagger, profile="quick").train.lr == 1e-2
     # full fine-tunes it in every row
     for model in ("crener", "w2ner", "bert_softmax", "bert_crf"):
-        assert build_run_config(model=model, profile="full").train.encoder_lr == PROFILES["full"]["train.encoder_lr"]
+        assert (
+            build_run_config(model=model, profile="full").train.encoder_lr
+            == PROFILES["full"]["train.encoder_lr"]
+        )
     assert build_run_config(model="tener", profile="quick").train.lr == 3e-3
     # only in the profile named: full keeps its own rates
     assert build_run_config(model="tener", profile="full").train.lr == PROFILES["full"]["train.lr"]
