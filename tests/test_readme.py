@@ -45,6 +45,7 @@ RESULTS_PAGES = {
     "reports/results-quick.md": "crener report --profile quick --page",
     "reports/encoders-quick.md": "crener encoders",
     "reports/performance.md": "crener bench",
+    "reports/tuning-quick.md": "crener tune ... --page",
 }
 # Pages under reports/ that people write (not results): no stamp expected.
 HAND_WRITTEN = {"reports/decisions.md"}
