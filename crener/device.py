@@ -196,3 +196,11 @@ def machine_info() -> dict[str, Any]:
     return {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(), "gpu": gpu,
             "torch": torch.__version__, "commit": git_commit(),
             "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")}  # fmt: skip
+
+
+def machine_stamp() -> str:
+    """``"<CPU>, N cores[, GPU], torch V, commit `abc1234`, DATE"``: how a generated page says what
+    its figures were made on."""
+    m = machine_info()
+    gpu = f", {m['gpu']}" if m.get("gpu") else ""
+    return f"{m['cpu']}, {m['cores']} cores{gpu}, torch {m['torch']}, commit `{str(m['commit'])[:7]}`, {m['date']}"

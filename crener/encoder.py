@@ -365,11 +365,7 @@ class CharEncoder(nn.Module):
         def features(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             return self._encode(ids, mask, ids.size(1) - 2).float()[0].cpu().clone()
 
-        feats = self._lookup(input_ids, attention_mask, features)
-        out = torch.zeros(len(feats), n_chars, self.out_dim, device=input_ids.device)
-        for b, f in enumerate(feats):
-            out[b, : f.size(0)] = f.to(out.device)
-        return out
+        return _padded(self._lookup(input_ids, attention_mask, features), n_chars, input_ids.device)
 
     def _top(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_chars: int) -> torch.Tensor:
         """The top ``top_layers`` layers over the frozen part's cached output (see :meth:`freeze`)."""
@@ -387,12 +383,9 @@ class CharEncoder(nn.Module):
             return states[first].float()[0].cpu().clone(), fixed.float()[0].cpu().clone()
 
         cached = self._lookup(input_ids, attention_mask, lower)
-        width = input_ids.size(1)
-        hidden = input_ids.new_zeros((len(cached), width, self.out_dim), dtype=torch.float)
-        fixed = torch.zeros_like(hidden)
-        for b, (h, f) in enumerate(cached):
-            hidden[b, : h.size(0)] = h.to(hidden.device)
-            fixed[b, : f.size(0)] = f.to(hidden.device)
+        width, device = input_ids.size(1), input_ids.device
+        hidden = _padded([h for h, _ in cached], width, device)
+        fixed = _padded([f for _, f in cached], width, device)
         # Additive mask over the keys (B, 1, 1, width): padded positions take no attention.
         keep = attention_mask[:, None, None, :].to(hidden.dtype)
         mask = (1.0 - keep) * torch.finfo(hidden.dtype).min
@@ -417,6 +410,14 @@ class CharEncoder(nn.Module):
         else:
             hidden = out.last_hidden_state
         return hidden[:, 1 : n_chars + 1]  # drop [CLS] and everything after the last character
+
+
+def _padded(rows: list[torch.Tensor], width: int, device: torch.device) -> torch.Tensor:
+    """Per-sentence (n_b, d) features -> (B, width, d) on ``device``, zeros after each row's end."""
+    out = torch.zeros(len(rows), width, rows[0].size(-1), device=device)
+    for b, row in enumerate(rows):
+        out[b, : row.size(0)] = row.to(device)
+    return out
 
 
 # The People's Daily character vectors, relative to the folder above the dataset root (shared/).
