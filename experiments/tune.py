@@ -32,6 +32,7 @@ import re
 import sqlite3
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -357,21 +358,7 @@ def tune(
     tracker = Tracker() if track else None
     store = open_storage_or_explain(storage or OPTUNA_STORAGE)
     offset = _trials_so_far(store, name)
-    study = optuna.create_study(
-        study_name=name,
-        storage=store,
-        direction="maximize",
-        load_if_exists=True,
-        # constant_liar: trials running in other workers count as bad results, so concurrent
-        # workers propose different points; the seed offset keeps a worker joining later from
-        # replaying the random start-up proposals of an earlier one.
-        sampler=optuna.samplers.TPESampler(
-            seed=seed + offset, n_startup_trials=TPE_STARTUP_TRIALS, constant_liar=True
-        ),
-        pruner=optuna.pruners.MedianPruner(
-            n_startup_trials=PRUNER_STARTUP_TRIALS, n_warmup_steps=PRUNER_WARMUP_EPOCHS
-        ),
-    )
+    study = _open_study(store, name, seed + offset)
     if not _has_default(study):
         # The untuned default (trial 0 of a new study), so every study measures what tuning gained;
         # queued again if an interrupt failed it. Enqueued trials are claimed atomically, so of
@@ -383,32 +370,62 @@ def tune(
     parent = _study_parent(
         tracker, name, profile, {**{f"crener.{k}": v for k, v in about.items()}, **budget_tags}
     )
-    trial_root = resolve_runs_dir(runs_dir) / "tune" / _safe(name)
-    fixed = dict(sets or {})
+    objective = Objective(
+        space=space, base=base, share=share, tracker=tracker, parent=parent, study_name=name, profile=profile,
+        trial_root=resolve_runs_dir(runs_dir) / "tune" / _safe(name), data_root=data_root,
+    )  # fmt: skip
+    log.info("study %s: %d trial(s) in this worker (%d already in the study)", name, trials, offset)
+    _optimise(study, objective, trials, timeout, parent)
+    _log_best(study, parent, dict(sets or {}))
+    return study
 
-    def objective(trial: optuna.Trial) -> float:
-        values = space(trial, base)
-        cfg = base.with_overrides(values)
-        if share is not None:
-            cfg = budget_trial(cfg, share)
-            if parent is not None:
+
+def _open_study(store: optuna.storages.BaseStorage, name: str, seed: int) -> optuna.Study:
+    """The shared study ``name``, created or loaded, with its sampler seeded by ``seed``."""
+    return optuna.create_study(
+        study_name=name,
+        storage=store,
+        direction="maximize",
+        load_if_exists=True,
+        # constant_liar: trials running in other workers count as bad results, so concurrent
+        # workers propose different points; the seed offset keeps a worker joining later from
+        # replaying the random start-up proposals of an earlier one.
+        sampler=optuna.samplers.TPESampler(
+            seed=seed, n_startup_trials=TPE_STARTUP_TRIALS, constant_liar=True
+        ),
+        pruner=optuna.pruners.MedianPruner(
+            n_startup_trials=PRUNER_STARTUP_TRIALS, n_warmup_steps=PRUNER_WARMUP_EPOCHS
+        ),
+    )
+
+
+@dataclass
+class Objective:
+    """One trial: its config (proposed, then budgeted), its MLflow run, its training; dev F1 back."""
+
+    space: Callable[[Any, RunConfig], dict[str, Any]]
+    base: RunConfig
+    share: float | None  # minutes a trial under --time-budget, else None
+    tracker: Tracker | None
+    parent: RunLogger | None
+    study_name: str
+    profile: str
+    trial_root: Path
+    data_root: str | None
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        values = self.space(trial, self.base)
+        cfg = self.base.with_overrides(values)
+        if self.share is not None:
+            cfg = budget_trial(cfg, self.share)
+            if self.parent is not None:
                 steps = {"trial/epochs": cfg.train.epochs, "trial/max_steps": cfg.train.max_steps}
-                parent.log_metrics(steps, step=trial.number)
-        workdir = trial_root / f"trial-{trial.number:04d}"
-        logger = None
-        if tracker is not None:
-            logger = tracker.start_run(
-                cfg,
-                sweep="tune",
-                parent_run_id=parent.run_id,
-                experiment=experiment_name("tune", profile),
-                name=f"{cfg.label}/trial-{trial.number}",
-                tags={"crener.study": name, "crener.trial": str(trial.number)},
-            )
-            logger.log_config(cfg, {"trial.number": trial.number})
-        log.info("trial %d of %s: %s", trial.number, name, values)
+                self.parent.log_metrics(steps, step=trial.number)
+        workdir = self.trial_root / f"trial-{trial.number:04d}"
+        logger = self._start_run(cfg, trial)
+        log.info("trial %d of %s: %s", trial.number, self.study_name, values)
         try:
-            summary = _fit(cfg, workdir, callback=TrialCallback(trial, logger), data_root=data_root)
+            summary = _fit(cfg, workdir, callback=TrialCallback(trial, logger), data_root=self.data_root)
         except optuna.TrialPruned:
             if logger is not None:
                 logger.finish(None, workdir, **{"crener.pruned": "true"})
@@ -422,10 +439,29 @@ def tune(
         value = float(summary["dev"]["f1"])
         if logger is not None:
             logger.finish(summary, workdir)
-            parent.log_metrics({"trial/dev_f1": value}, step=trial.number)
+            self.parent.log_metrics({"trial/dev_f1": value}, step=trial.number)
         return value
 
-    log.info("study %s: %d trial(s) in this worker (%d already in the study)", name, trials, offset)
+    def _start_run(self, cfg: RunConfig, trial: optuna.Trial) -> RunLogger | None:
+        """The trial's MLflow run, a child of the study's parent run (None when not tracking)."""
+        if self.tracker is None:
+            return None
+        logger = self.tracker.start_run(
+            cfg,
+            sweep="tune",
+            parent_run_id=self.parent.run_id,
+            experiment=experiment_name("tune", self.profile),
+            name=f"{cfg.label}/trial-{trial.number}",
+            tags={"crener.study": self.study_name, "crener.trial": str(trial.number)},
+        )
+        logger.log_config(cfg, {"trial.number": trial.number})
+        return logger
+
+
+def _optimise(
+    study: optuna.Study, objective: Objective, trials: int, timeout: float | None, parent: RunLogger | None
+) -> None:
+    """``trials`` trials of ``objective``; the parent run ends KILLED, FAILED or finished with them."""
     # A trial that runs out of memory (or of minutes) fails alone; any other error (a shape bug)
     # stops the worker.
     try:
@@ -434,7 +470,7 @@ def tune(
         if parent is not None:  # the study is not done: say so; a rerun reopens and completes it
             parent.set_tags({"crener.interrupted": "true"})
             parent.terminate("KILLED")
-        log.warning("study %s interrupted: run the same command again to complete it", name)
+        log.warning("study %s interrupted: run the same command again to complete it", study.study_name)
         raise
     except BaseException:
         if parent is not None:
@@ -443,8 +479,6 @@ def tune(
     if parent is not None:  # reopened by the next worker that joins (status only)
         parent.set_tags({"crener.interrupted": "false"})
         parent.terminate()
-    _log_best(study, parent, fixed)
-    return study
 
 
 def _study_parent(tracker: Tracker | None, name: str, profile: str, tags: dict[str, str]) -> RunLogger | None:
