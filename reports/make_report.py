@@ -89,30 +89,7 @@ def main(
         warnings.append(
             "No CJK font found: Chinese labels in figures render as boxes (apt-get install fonts-noto-cjk)."
         )
-    figures: dict[str, list[Path]] = {}
-    history = _histories(index, uri, msra_protocol)
-    systems_hist = history[history["variant"] == "full"] if len(history) else history
-    # First in the index: what each system reaches in how many minutes here.
-    figures["time_to_accuracy"] = plots.learning_curves(
-        systems_hist, figure_dir / "time_to_accuracy", x="minutes"
-    )
-    figures["ablation_delta_f1"] = plots.ablation_chart(
-        t6.data, figure_dir / "ablation_delta_f1", ablation_shared_x
-    )
-    crener_hist = history[history["model"] == "crener"] if len(history) else history
-    figures["learning_curves_variants"] = plots.learning_curves(
-        crener_hist, figure_dir / "learning_curves_variants"
-    )
-    figures["learning_curves_systems"] = plots.learning_curves(
-        systems_hist, figure_dir / "learning_curves_systems"
-    )
-    system_names = list(systems())
-    for by in ("type", "length"):
-        frame = _breakdowns(index, predictions, by, msra_protocol)
-        write_atomic(table_dir / f"breakdown_{by}.csv", frame.to_csv(index=False))
-        figures[f"f1_by_{by}"] = plots.f1_by_group(
-            frame, by, figure_dir / f"f1_by_{by}", systems=system_names
-        )
+    figures = _figures(index, uri, msra_protocol, t6, predictions, figure_dir, table_dir, ablation_shared_x)
     if optuna_storage and _storage_exists(optuna_storage):
         for path in plots.optuna_figures(optuna_storage, figure_dir):
             figures.setdefault(path.stem, []).append(path)
@@ -147,6 +124,45 @@ def main(
         log.info("and the results page %s", page)
     log.info("report written to %s", index_path)
     return index_path
+
+
+def _figures(
+    index: tables.RunIndex,
+    uri: str,
+    msra_protocol: str,
+    t6: tables.Table,
+    predictions: Any,
+    figure_dir: Path,
+    table_dir: Path,
+    ablation_shared_x: bool,
+) -> dict[str, list[Path]]:
+    """The report's figures from the runs' logged curves and predictions: ``{name: files}``; the
+    breakdowns behind the F1-by-group figures are written as CSV beside the tables."""
+    figures: dict[str, list[Path]] = {}
+    history = _histories(index, uri, msra_protocol)
+    systems_hist = history[history["variant"] == "full"] if len(history) else history
+    # First in the index: what each system reaches in how many minutes here.
+    figures["time_to_accuracy"] = plots.learning_curves(
+        systems_hist, figure_dir / "time_to_accuracy", x="minutes"
+    )
+    figures["ablation_delta_f1"] = plots.ablation_chart(
+        t6.data, figure_dir / "ablation_delta_f1", ablation_shared_x
+    )
+    crener_hist = history[history["model"] == "crener"] if len(history) else history
+    figures["learning_curves_variants"] = plots.learning_curves(
+        crener_hist, figure_dir / "learning_curves_variants"
+    )
+    figures["learning_curves_systems"] = plots.learning_curves(
+        systems_hist, figure_dir / "learning_curves_systems"
+    )
+    system_names = list(systems())
+    for by in ("type", "length"):
+        frame = _breakdowns(index, predictions, by, msra_protocol)
+        write_atomic(table_dir / f"breakdown_{by}.csv", frame.to_csv(index=False))
+        figures[f"f1_by_{by}"] = plots.f1_by_group(
+            frame, by, figure_dir / f"f1_by_{by}", systems=system_names
+        )
+    return figures
 
 
 def page_stamp(command: str, uri: str, all_runs: pd.DataFrame, index: tables.RunIndex, profile: str) -> str:

@@ -499,6 +499,55 @@ def _not_rerun_reasons() -> dict[str, str]:
 # --- Table 6 -----------------------------------------------------------------------------
 
 
+def _agreement_rows(
+    drops_ours: dict[tuple[str, str], float], drops_paper: dict[tuple[str, str], float]
+) -> tuple[list[dict[str, str]], list[dict[str, Any]], tuple[float, int, int]]:
+    """How well the paper's ordering of the ablations is reproduced, per dataset and pooled:
+    ``(display rows, data rows, (pooled rho, same sign, compared))``."""
+    data_rows: list[dict[str, Any]] = []
+    rho_row: dict[str, str] = {"Setting": "Spearman ρ of Δ (ours vs paper)"}
+    sign_row: dict[str, str] = {"Setting": "same sign of Δ"}
+    pooled_o, pooled_p = [], []
+    for ds in DATASETS:
+        name = DATASET_LABELS[ds]
+        xo = [drops_ours[(v, ds)] for v in ABLATIONS]
+        xp = [drops_paper[(v, ds)] for v in ABLATIONS]
+        pooled_o += xo
+        pooled_p += xp
+        rho = stats.spearman(xo, xp)
+        same, total = _same_sign(xo, xp)
+        for row, text in (
+            (rho_row, stats.format_number(rho)),
+            (sign_row, f"{same}/{total}" if total else MISSING),
+        ):
+            row.update(
+                {f"{name} ours": "", f"{name} paper": "", f"{name} Δ ours": text, f"{name} Δ paper": ""}
+            )
+        data_rows.append(
+            {
+                "variant": "_agreement",
+                "setting": "agreement",
+                "dataset": ds,
+                "spearman_rho": rho,
+                "same_sign": same,
+                "compared": total,
+            }
+        )
+    rho_all = stats.spearman(pooled_o, pooled_p)
+    same_all, total_all = _same_sign(pooled_o, pooled_p)
+    data_rows.append(
+        {
+            "variant": "_agreement",
+            "setting": "agreement",
+            "dataset": "all",
+            "spearman_rho": rho_all,
+            "same_sign": same_all,
+            "compared": total_all,
+        }
+    )
+    return [rho_row, sign_row], data_rows, (rho_all, same_all, total_all)
+
+
 def ablation_table(index: RunIndex, profile: str, msra_protocol: str = "lineage") -> Table:
     """Paper Table 6: F1 of every variant, ours beside the paper's, and the drop from full."""
     ref = paper.paper_table(6)
@@ -553,48 +602,10 @@ def ablation_table(index: RunIndex, profile: str, msra_protocol: str = "lineage"
                 missing.append(line)
         display_rows.append(shown)
 
-    # How well is the paper's ordering reproduced? Per dataset and pooled.
-    rho_row: dict[str, str] = {"Setting": "Spearman ρ of Δ (ours vs paper)"}
-    sign_row: dict[str, str] = {"Setting": "same sign of Δ"}
-    pooled_o, pooled_p = [], []
-    for ds in DATASETS:
-        name = DATASET_LABELS[ds]
-        xo = [drops_ours[(v, ds)] for v in ABLATIONS]
-        xp = [drops_paper[(v, ds)] for v in ABLATIONS]
-        pooled_o += xo
-        pooled_p += xp
-        rho = stats.spearman(xo, xp)
-        same, total = _same_sign(xo, xp)
-        for row, text in (
-            (rho_row, stats.format_number(rho)),
-            (sign_row, f"{same}/{total}" if total else MISSING),
-        ):
-            row.update(
-                {f"{name} ours": "", f"{name} paper": "", f"{name} Δ ours": text, f"{name} Δ paper": ""}
-            )
-        data_rows.append(
-            {
-                "variant": "_agreement",
-                "setting": "agreement",
-                "dataset": ds,
-                "spearman_rho": rho,
-                "same_sign": same,
-                "compared": total,
-            }
-        )
-    rho_all = stats.spearman(pooled_o, pooled_p)
-    same_all, total_all = _same_sign(pooled_o, pooled_p)
-    data_rows.append(
-        {
-            "variant": "_agreement",
-            "setting": "agreement",
-            "dataset": "all",
-            "spearman_rho": rho_all,
-            "same_sign": same_all,
-            "compared": total_all,
-        }
-    )
-    display_rows += [rho_row, sign_row]
+    agreement, agreement_data, pooled = _agreement_rows(drops_ours, drops_paper)
+    data_rows += agreement_data
+    display_rows += agreement
+    rho_all, same_all, total_all = pooled
     notes.append(
         "Δ = variant − full (points), ours from means over seeds. Agreement rows compare our Δ "
         "with the paper's over the 8 ablations of each dataset (only where we have both runs); "
