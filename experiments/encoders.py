@@ -215,6 +215,7 @@ def write_report(args: argparse.Namespace, encoders: dict[str, str], planned: li
                 vals = [item[col] for item in rows.get((arm, d), [])]
                 row.append(f"{format_mean_std(vals)} (n={len(vals)})" if vals else format_mean_std(vals))
         lines.append("| " + " | ".join(row) + " |")
+    lines += pretraining_lines(all_arms(args), encoders)
     lines += ["", "Runs (MLflow run id per arm, dataset, seed):", ""]
     for (arm, d), items in sorted(rows.items()):
         lines.append(
@@ -229,6 +230,50 @@ def write_report(args: argparse.Namespace, encoders: dict[str, str], planned: li
         page = write_atomic(Path(args.page), "\n".join([lines[0], "", stamp(args), *lines[1:]]) + "\n")
         log.info("and to %s", page)
     return out
+
+
+def pretraining_lines(arms: list[str], encoders: dict[str, str]) -> list[str]:
+    """What each arm's encoder was pretrained on and how far it got, read from its card: the text,
+    steps and tokens, and masked-token accuracy on held-out pieces and on each dataset's dev text
+    (never trained on), so a difference in F1 can be traced to text, steps or neither."""
+    from crener.encoder import resolve_encoder
+
+    cards = {}
+    for arm in arms:
+        path = Path(resolve_encoder(encoders[arm])) / "card.json"
+        if path.is_file():
+            cards[arm] = json.loads(path.read_text(encoding="utf-8"))
+    if not cards:
+        return []
+    datasets = sorted({d for c in cards.values() for d in c.get("summary", {}).get("dev_mlm_accuracy", {})})
+    lines = [
+        "",
+        "Pretraining of each encoder (its card): the text beyond the four training splits, characters "
+        "in the pretraining corpus, steps, tokens seen, minutes of steps, and masked-token accuracy on "
+        "500 held-out pieces and on each dataset's dev text.",
+        "",
+        "| encoder | text | corpus characters | steps | tokens seen | minutes | held-out acc | "
+        + " | ".join(f"{d} dev acc" for d in datasets)
+        + " |",
+        "|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(datasets),
+    ]
+    for arm, card in cards.items():
+        cfg, summary = card.get("config", {}), card.get("summary", {})
+        text = ", ".join(cfg.get("text") or []) or "splits only"
+        if cfg.get("text_fraction", 1) < 1:
+            text += f" ({cfg['text_fraction']:g} of its lines)"
+        if cfg.get("init_from"):
+            text += f", continued from {cfg['init_from']}"
+        dev = summary.get("dev_mlm_accuracy", {})
+        cells = [
+            arm, text, f"{summary.get('corpus_characters', 0):,}", f"{cfg.get('steps', 0):,}",
+            f"{summary['tokens_seen']:,}" if "tokens_seen" in summary else "",
+            f"{summary['seconds'] / 60:.1f}" if "seconds" in summary else "",
+            f"{summary['held_out_mlm_accuracy']:.3f}" if "held_out_mlm_accuracy" in summary else "",
+            *(f"{dev[d]:.3f}" if d in dev else "" for d in datasets),
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def stamp(args: argparse.Namespace) -> str:

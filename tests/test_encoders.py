@@ -76,3 +76,52 @@ def test_text_arms_share_architecture_and_steps_and_differ_only_in_text(tmp_path
     assert shape == {(256, 4, 4, 1024, 300, "default", False, None)}
     # Built folders are found again, not rebuilt.
     assert encoders.build_encoders(arms, tmp_path, None, text_steps=300) == out and len(built) == 3
+
+
+def test_the_report_lists_each_encoders_pretraining_from_its_card(tmp_path):
+    import json
+
+    def card(folder: str, config: dict, summary: dict) -> str:
+        path = tmp_path / folder
+        path.mkdir()
+        (path / "card.json").write_text(json.dumps({"config": config, "summary": summary}), encoding="utf-8")
+        return str(path)
+
+    encoders_ = {
+        "text:quarter": card(
+            "q",
+            {"text": ["xwlb"], "text_fraction": 0.25, "steps": 800},
+            {
+                "corpus_characters": 11_000_000,
+                "tokens_seen": 3_200_000,
+                "seconds": 1290.0,
+                "held_out_mlm_accuracy": 0.2512,
+                "dev_mlm_accuracy": {"resume": 0.31, "weibo": 0.12},
+            },
+        ),  # fmt: skip
+        "xwlb": card(
+            "x",
+            {"text": ["xwlb"], "steps": 2400, "init_from": "crener-char"},
+            {
+                "corpus_characters": 35_365_495,
+                "held_out_mlm_accuracy": 0.43,
+                "dev_mlm_accuracy": {"resume": 0.44},
+            },
+        ),  # fmt: skip
+        "no card": str(tmp_path),
+    }
+    lines = encoders.pretraining_lines(list(encoders_), encoders_)
+    rows = [line for line in lines if line.startswith("| ") and "---" not in line]
+    assert rows[0] == (
+        "| encoder | text | corpus characters | steps | tokens seen | minutes | held-out acc | "
+        "resume dev acc | weibo dev acc |"
+    )
+    assert (
+        rows[1]
+        == "| text:quarter | xwlb (0.25 of its lines) | 11,000,000 | 800 | 3,200,000 | 21.5 | 0.251 | 0.310 | 0.120 |"
+    )
+    assert (
+        rows[2] == "| xwlb | xwlb, continued from crener-char | 35,365,495 | 2,400 |  |  | 0.430 | 0.440 |  |"
+    )
+    assert len(rows) == 3  # a folder without a card has no row
+    assert encoders.pretraining_lines(["no card"], {"no card": str(tmp_path)}) == []
