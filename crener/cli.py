@@ -18,7 +18,9 @@ import argparse
 import errno
 import logging
 import os
+import signal
 import sys
+from contextlib import contextmanager
 from typing import NoReturn
 
 from crener.errors import CrenerError, UnreachableError
@@ -30,12 +32,14 @@ DEBUG_ENV = "CRENER_DEBUG"
 EXIT_ENVIRONMENT = 1  # the machine, not the command: a full disk, no permission, a network
 EXIT_USAGE = 2  # the command or its input: an argument, a path, a file's contents
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+EXIT_TERMINATED = 143  # 128 + SIGTERM: kill, timeout, a batch scheduler's preemption
 BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE, what a shell reports for a command killed by a closed pipe
 EXIT_CODES = {
     0: "success",
     EXIT_ENVIRONMENT: "the environment failed (full disk, no permission, network, a failed cell or measurement)",
     EXIT_USAGE: "a usage or input mistake (an argument, a path, a file's contents); the message says what to change",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C); rerun the same command to continue where it can",
+    EXIT_TERMINATED: "terminated (SIGTERM: kill, timeout, preemption); rerun the same command to continue",
     BROKEN_PIPE_EXIT: "the reader of the output went away (broken pipe)",
 }
 
@@ -119,13 +123,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
-        return int(args.func(args) or 0)
+        with _terminate_as_interrupt():
+            return int(args.func(args) or 0)
     except BrokenPipeError:
         # The reader of the output went away (`crener predict ... | head`): stop without a
         # traceback, and keep Python's exit-time flush of stdout from failing on the same pipe.
         _silence_stdout()
         log.error("the output pipe was closed before crener finished writing (broken pipe); stopped")
         return BROKEN_PIPE_EXIT
+    except Terminated:
+        log.error("terminated (SIGTERM); run the same command again to continue where it can", exc_info=debug)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         log.error("interrupted; run the same command again to continue where it can", exc_info=debug)
         return EXIT_INTERRUPTED
@@ -137,6 +145,31 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", message, exc_info=debug)
         _flush_stdout()
         return status
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM delivered as an interrupt. Python's default for SIGTERM ends the process without
+    unwinding, so a run it stopped stayed RUNNING in MLflow and its worker's children lived on;
+    as an interrupt it takes Ctrl-C's path: the run is marked KILLED, resumable state is kept,
+    workers are stopped."""
+
+
+@contextmanager
+def _terminate_as_interrupt():
+    """Within the block, SIGTERM raises :class:`Terminated` (main thread only; restored after)."""
+
+    def handler(signum: int, frame: object) -> NoReturn:
+        raise Terminated(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (a command run from a thread): leave the default
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def explain(exc: BaseException) -> tuple[int, str] | None:

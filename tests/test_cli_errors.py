@@ -452,3 +452,67 @@ def test_predict_onto_a_full_device(checkpoint, tmp_path) -> None:
         )
     _assert_refused(res.returncode, res.stderr, "standard output: no space left on the device", status=1)
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+# --------------------------------------------------------------------------- SIGTERM
+
+
+def test_sigterm_takes_the_interrupt_path_and_the_handler_is_restored(monkeypatch, capsys, caplog) -> None:
+    import signal
+
+    from crener import cli
+
+    before = signal.getsignal(signal.SIGTERM)
+    real_parser = cli.build_parser
+
+    def killed(args) -> int:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises at once; reaching the end means SIGTERM was not seen
+        return 0
+
+    def parser_whose_command_is_killed(first):
+        parser = real_parser(first)
+        parse = parser.parse_args
+        parser.parse_args = lambda argv: setattr(ns := parse(argv), "func", killed) or ns
+        return parser
+
+    monkeypatch.setattr(cli, "build_parser", parser_whose_command_is_killed)
+    t0 = time.monotonic()
+    rc, text = _run(["data", "stats", "resume"], capsys, caplog)
+    assert rc == cli.EXIT_TERMINATED == 143 and time.monotonic() - t0 < 4  # raised at once, not slept out
+    assert "terminated (SIGTERM)" in text and "Traceback" not in text
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert issubclass(cli.Terminated, KeyboardInterrupt)  # every Ctrl-C path (KILLED runs, workers) applies
+
+
+@pytest.mark.slow  # a real training process, started and killed (about 40 s)
+def test_a_run_killed_with_sigterm_is_marked_killed_and_resumable(tiny_data, mlflow_store, tmp_path) -> None:
+    """``kill``/``timeout``/preemption used to end the process with the run left RUNNING."""
+    import signal
+
+    import mlflow
+
+    cmd = [sys.executable, "-m", "crener.cli", "train", "--dataset", "resume", "--profile", "smoke",
+           "--data-root", str(tiny_data), "--set", "train.epochs=400",
+           "--set", "data.train_limit=0", "--set", "data.eval_limit=0", "--set", "train.max_cells=400"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), cwd=tmp_path)
+    client = mlflow.MlflowClient(mlflow_store)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # wait until the run has logged an epoch
+            runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+            if runs and client.get_metric_history(runs[0].info.run_id, "dev/f1"):
+                break
+            time.sleep(0.5)
+        else:  # pragma: no cover
+            pytest.fail("the run never logged an epoch")
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=60)[1].decode("utf-8", "replace")
+    finally:
+        if proc.poll() is None:  # pragma: no cover
+            proc.kill()
+    assert proc.returncode == 143, err
+    assert "terminated (SIGTERM)" in err and "Traceback" not in err
+    run = client.get_run(runs[0].info.run_id)
+    assert run.info.status == "KILLED"
+    assert any((tmp_path / "runs").rglob("last.pt"))  # resumable state kept
