@@ -54,6 +54,7 @@ class W2NER(nn.Module):
             dilations=cfg.dilations if cfg.use_dilated_conv else None,
             chain=cfg.dconv_chain, orientation=cfg.cln_orientation,
             input_form=runtime.grid_input, space_to_batch=runtime.space_to_batch,
+            fused_conv=runtime.fused_conv,
         )  # fmt: skip
         self.predictor = CoPredictor(
             num_labels, char_dim=d, grid_dim=self.grid.out_dim, biaffine_dim=cfg.biaffine_dim,

@@ -303,6 +303,8 @@ class RuntimeConfig:
     grid_input: str = "split"
     # Dilated depthwise convs as undilated ones over interleaved sub-grids (CPU bf16 training).
     space_to_batch: bool = True
+    # The dilated convs' GELU, masks and concatenation as one autograd op writing into the output.
+    fused_conv: bool = False
     # Activation checkpointing of the conv rounds, always (recomputed in backward with the RNG
     # state restored) ...
     checkpoint_rounds: bool = False

@@ -114,6 +114,12 @@ class DilatedConvBlock(nn.Module):
     rate the previous rate's output (W2NER's released code). Input and output are channels-last;
     the output concatenates the rates: (B, N, N, len(dilations) * channels). Padded cells are
     zeroed before each convolution so padding never leaks into real cells.
+
+    ``fused`` (``runtime.fused_conv``) computes the same values with fewer grid-sized tensors:
+    GELU and the mask in one autograd op (:class:`_GeluMask`) and, without chaining, every rate
+    written straight into its slice of the output (:class:`_GeluMaskConcat`), so no separate
+    concatenation. Chained rates each need their own tensor as the next conv's input, so there
+    the rates are still concatenated at the end.
     """
 
     def __init__(
@@ -122,23 +128,31 @@ class DilatedConvBlock(nn.Module):
         dilations: tuple[int, ...] = (1, 2, 3),
         chain: bool = False,
         space_to_batch: bool = True,
+        fused: bool = False,
     ):
         super().__init__()
         self.chain = chain
         self.space_to_batch = space_to_batch  # dilated_depthwise for d > 1 on CPU; False: conv(h)
+        self.fused = fused
         self.convs = nn.ModuleList(
             nn.Conv2d(channels, channels, kernel_size=3, groups=channels, dilation=d, padding=d)
             for d in dilations
         )
         self.out_dim = channels * len(dilations)
 
+    def _conv(self, conv: nn.Conv2d, h: torch.Tensor) -> torch.Tensor:
+        return dilated_depthwise(conv, h) if self.space_to_batch else conv(h)
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         # x: (B, N, N, C); mask: (B, N, N) bool
         m = mask[:, None].to(x.dtype)  # (B, 1, N, N)
         h = x.permute(0, 3, 1, 2) * m  # (B, C, N, N)
+        if self.fused and not self.chain:
+            return _GeluMaskConcat.apply(m, *(self._conv(conv, h) for conv in self.convs))
         outs = []
         for conv in self.convs:
-            y = F.gelu(dilated_depthwise(conv, h) if self.space_to_batch else conv(h)) * m
+            z = self._conv(conv, h)
+            y = _GeluMask.apply(z, m) if self.fused else F.gelu(z) * m
             outs.append(y)
             if self.chain:
                 h = y
@@ -146,6 +160,74 @@ class DilatedConvBlock(nn.Module):
         # permuted views are contiguous and the concatenation is too: the grid-wide matmuls that
         # read it (tag projection, predictor MLP) then need no transposed copy.
         return torch.cat([y.permute(0, 2, 3, 1) for y in outs], dim=-1)  # (B, N, N, rates * C)
+
+
+def _gelu_mask_into(z: torch.Tensor, m: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out[:] = gelu(z) * m`` for a mask of zeros and ones, with no temporary where dtypes agree.
+
+    ``out`` may be a strided view (a slice of a wider output). GELU runs in z's dtype as
+    ``F.gelu(z)`` does, so a wider ``out`` (bf16 z, fp32 mask) gets the plain path's rounding.
+    """
+    if out.dtype == z.dtype:
+        torch.ops.aten.gelu.out(z, out=out)
+        return out.mul_(m)
+    return torch.mul(F.gelu(z), m, out=out)
+
+
+def _gelu_mask_grad(grad: torch.Tensor, z: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """d(gelu(z) * m)/dz applied to ``grad``: gelu'(z) * grad * m in the library's fused kernel.
+
+    Multiplying by a 0/1 mask is exact, so masking after ``gelu_backward`` gives autograd's
+    ``gelu_backward(grad * m, z)`` (up to the sign of zeros); ``grad`` is rounded to z's dtype
+    first, as autograd does for a mixed-dtype product.
+    """
+    return torch.ops.aten.gelu_backward(grad.to(z.dtype), z).mul_(m)
+
+
+class _GeluMask(torch.autograd.Function):
+    """``gelu(z) * m`` as one op: saves only z and the mask, one fused expression in backward."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, m: torch.Tensor):
+        ctx.save_for_backward(z, m)
+        out = torch.empty_like(z, dtype=torch.promote_types(z.dtype, m.dtype))
+        return _gelu_mask_into(z, m, out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        z, m = ctx.saved_tensors
+        return _gelu_mask_grad(grad, z, m) if ctx.needs_input_grad[0] else None, None
+
+
+class _GeluMaskConcat(torch.autograd.Function):
+    """``cat([(gelu(z) * m).permute(0, 2, 3, 1) for z in zs], -1)`` with each rate written in place.
+
+    Each z is (B, C, N, N) and m (B, 1, N, N); the output is one channels-last (B, N, N, R * C)
+    tensor, rate r in channels r * C .. (r + 1) * C. Backward reads each rate's slice of the
+    incoming gradient as a view, so neither pass allocates per-rate activations or a concatenation.
+    """
+
+    @staticmethod
+    def forward(ctx, m: torch.Tensor, *zs: torch.Tensor):
+        ctx.save_for_backward(m, *zs)
+        b, c, n, n2 = zs[0].shape
+        dtype = torch.promote_types(zs[0].dtype, m.dtype)
+        out = torch.empty(b, n, n2, len(zs) * c, dtype=dtype, device=zs[0].device)
+        for r, z in enumerate(zs):
+            _gelu_mask_into(z, m, out[..., r * c : (r + 1) * c].permute(0, 3, 1, 2))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        m, *zs = ctx.saved_tensors
+        c = zs[0].size(1)
+        grads = [
+            _gelu_mask_grad(grad[..., r * c : (r + 1) * c].permute(0, 3, 1, 2), z, m)
+            if ctx.needs_input_grad[1 + r]
+            else None
+            for r, z in enumerate(zs)
+        ]
+        return None, *grads
 
 
 def dilated_depthwise(conv: nn.Conv2d, h: torch.Tensor) -> torch.Tensor:
@@ -403,6 +485,7 @@ class GridConvModule(nn.Module):
         orientation: str = "paper",
         input_form: str = "split",
         space_to_batch: bool = True,
+        fused_conv: bool = False,
     ):
         super().__init__()
         self.orientation = orientation
@@ -414,7 +497,9 @@ class GridConvModule(nn.Module):
         self.attn_proj = nn.Linear(attn_heads, attn_dim) if attn_heads else None
         in_dim = hidden + dist_dim + region_dim + (attn_dim if attn_heads else 0)
         self.reduce = nn.Linear(in_dim, channels)  # the 1x1 convolution, channels-last
-        self.dconv = DilatedConvBlock(channels, dilations, chain, space_to_batch) if dilations else None
+        self.dconv = (
+            DilatedConvBlock(channels, dilations, chain, space_to_batch, fused_conv) if dilations else None
+        )
         self.out_dim = self.dconv.out_dim if self.dconv is not None else channels
 
     def forward(

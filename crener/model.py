@@ -129,6 +129,7 @@ class CRENER(nn.Module):
             dilations=cfg.dilations if cfg.use_dilated_conv else None,
             chain=cfg.dconv_chain, orientation=cfg.cln_orientation,
             input_form=runtime.grid_input, space_to_batch=runtime.space_to_batch,
+            fused_conv=runtime.fused_conv,
         )  # fmt: skip
         kinds = TAG_KINDS[cfg.tag_scheme]
         grid_dim = self.grid.out_dim if grid_branch else 0

@@ -98,6 +98,7 @@ IGNORED_VALUES = {
     "train.eval_max_cells": 1000,
     "model.grid_input": "concat",
     "model.space_to_batch": False,
+    "runtime.fused_conv": True,
     "model.checkpoint_rounds": True,
     "model.checkpoint_above": 8,
     "train.eval_every": 5,

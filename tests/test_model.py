@@ -284,6 +284,43 @@ def test_grid_rewrites_compute_the_same_scores(form, tiny_encoder, sentences):
         torch.testing.assert_close(model(batch)["logits"], other(batch)["logits"], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize(
+    ("family", "overrides", "runtime"),
+    [
+        ("crener", {}, {}),
+        ("crener", {"dconv_chain": True}, {}),
+        ("crener", {}, {"checkpoint_rounds": True}),
+        ("w2ner", {}, {}),
+    ],
+    ids=["crener", "crener-chained", "crener-checkpointed", "w2ner"],
+)
+def test_fused_dilated_conv_gives_the_same_loss_and_gradients(
+    family, overrides, runtime, tiny_encoder, sentences
+):
+    losses, grads = [], []
+    for fused in (False, True):
+        rt = RuntimeConfig(fused_conv=fused, **runtime)
+        _, task, model, examples = make(
+            "full", tiny_encoder, sentences, family=family, runtime=rt, **overrides
+        )
+        assert model.grid.dconv.fused == fused
+        assert model.grid.dconv.chain == (family == "w2ner" or "dconv_chain" in overrides)
+        batch = collate(examples, task.target, task.num_labels)
+        model.train()
+        torch.manual_seed(4)  # W2NER's smoke model keeps its dropouts: the same draws in both
+        loss = task.loss(model(batch), batch)["loss"]
+        names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
+        losses.append(loss.detach())
+        grads.append(dict(zip(names, torch.autograd.grad(loss, params, allow_unused=True))))
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=1e-5)
+    assert grads[0].keys() == grads[1].keys()
+    for name, g in grads[0].items():
+        if g is None:
+            assert grads[1][name] is None, name
+        else:
+            torch.testing.assert_close(grads[1][name], g, atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_positive_cells_are_capped_per_sentence(tiny_encoder, sentences):
     from crener.tasks import MAX_CELLS_PER_CHAR
 
