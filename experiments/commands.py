@@ -269,7 +269,18 @@ def _plan(args: argparse.Namespace) -> list[Any]:
     return cells
 
 
+def check_address_executor(args: argparse.Namespace) -> None:
+    """``--address`` names a Dask scheduler: without ``--executor dask`` it would be ignored and the
+    work would run here instead of on the cluster the user named."""
+    if args.address and args.executor != "dask":
+        raise CrenerError(
+            f"--address {args.address} is a Dask scheduler's, but the executor is {args.executor}: "
+            "add --executor dask to run there, or drop --address to run here"
+        )
+
+
 def cmd_reproduce(args: argparse.Namespace) -> int:
+    check_address_executor(args)
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
     if gpus:
         if args.executor != "local":
@@ -471,6 +482,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         raise CrenerError("--page-only writes the page named by --page FILE: add it")
     if args.trials is None and not args.page_only:
         raise CrenerError("--trials N is required (the trials this process runs), unless --page-only")
+    check_address_executor(args)
     sets = parse_set(args.overrides)
     # Every argument before the study, its storage or any run exists: the trials' base config, the
     # folders and files they read and write.

@@ -451,6 +451,9 @@ MISTAKES: dict[str, Mistake] = {
         f"{DASK} --address {{tmp}}/nosuch.json", "--address {tmp}/nosuch.json: cannot read", "2"
     ),
     "reproduce: unknown executor": M("reproduce --executor nosuch", "'nosuch'", "args"),
+    "reproduce: address without the dask executor": M(
+        f"{REPRO} --address tcp://127.0.0.1:8786", "add --executor dask", "own"
+    ),
     "reproduce: runs-dir a file": M(
         "reproduce --only table3 --datasets resume --models crener --seeds 0 --profile smoke --no-report "
         "--data-root {data} --runs-dir {tmp}/afile",
@@ -495,6 +498,9 @@ MISTAKES: dict[str, Mistake] = {
         f"{TUNE} --executor dask --address 127.0.0.1:{{web}}",
         "tcp://127.0.0.1:{web} is not a Dask scheduler",
         "2",
+    ),
+    "tune: address without the dask executor": M(
+        f"{TUNE} --address tcp://127.0.0.1:8786", "add --executor dask", "own"
     ),
     "tune: epochs 1e30": M(f"{TUNE} --set train.epochs=1e30", "train.epochs", "4"),
     "tune: bad --set": M(f"{TUNE} --set model.nosuch=1", "model.nosuch", "value"),
