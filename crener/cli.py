@@ -20,11 +20,16 @@ import logging
 import os
 import signal
 import sys
+import time
 from contextlib import contextmanager
 from typing import NoReturn
 
 from crener.errors import CrenerError, UnreachableError
 from crener.registry import plugins
+
+# When the command line was loaded (time.time()): where the kernel does not say when the process
+# started, the earliest moment crener knows of (crener.budget.process_started).
+LOADED = time.time()
 
 COMMANDS_GROUP = "crener.commands"
 DEBUG_ENV = "CRENER_DEBUG"
@@ -105,6 +110,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    entered = time.time()
+    whole_process = argv is None  # the script (or python -m crener): this process is the command
     argv = list(sys.argv[1:] if argv is None else argv)
     # Nothing may come from a model hub unless the user opted in: fail fast instead of hanging.
     # Set before any command module imports transformers, which reads it at import time.
@@ -113,6 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(first if first in plugins(COMMANDS_GROUP) else None)
     args = parser.parse_args(argv)
     args.argv = argv  # for commands that start copies of themselves (reproduce --jobs)
+    # When the command's clock started, for what --time-budget counts as spent before its probe:
+    # the process's start where the process is the command, else (called in a running program,
+    # such as the tests) this call.
+    from crener.budget import process_started
+
+    args.started = (process_started() if whole_process else None) or entered
     # A worker process of such a command says which one it is on every line.
     job = os.environ.get("CRENER_JOB", "")
     logging.basicConfig(

@@ -62,7 +62,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workdir", help="run directory with --no-track (default: <runs-dir>/<profile>/<key>)")
     p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
-    add_time_budget(p, "the whole command (probe, training, evaluations)")
+    add_time_budget(p, "the whole command (from its process's start)")
     p.set_defaults(func=cmd_train)
 
 
@@ -177,9 +177,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         check_store(tracking_uri())  # before the budget's probe and the run's folders and locks
     if args.time_budget is not None:
-        from crener.budget import apply_budget
-
-        cfg = check_run_config(apply_budget(cfg, args.time_budget))
+        cfg = check_run_config(_budgeted(cfg, args))
     if args.no_track:
         from crener.train import fit
 
@@ -200,6 +198,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     )  # fmt: skip
     sys.stdout.write(json.dumps(summary) + "\n")
     return 0
+
+
+def _budgeted(cfg: RunConfig, args: argparse.Namespace) -> RunConfig:
+    """``--time-budget``: ``cfg`` with the steps that fit, the probe told where the run will log
+    and write and when the command started (crener/budget.py)."""
+    from crener.budget import apply_budget
+    from crener.workspace import resolve_runs_dir
+
+    experiment, folder = None, Path(args.workdir) if args.workdir else resolve_runs_dir(args.runs_dir)
+    if not args.no_track:
+        from crener.runner import ADHOC_SWEEP
+        from crener.tracking import experiment_name
+
+        experiment, folder = experiment_name(ADHOC_SWEEP, cfg.profile), resolve_runs_dir(args.runs_dir)
+    started = getattr(args, "started", None)  # set by crener.cli.main
+    return apply_budget(cfg, args.time_budget, started=started, experiment=experiment, folder=folder)
 
 
 def check_run_inputs(cfg: RunConfig, *, runs_dir: str | None = None, workdir: str | None = None) -> None:

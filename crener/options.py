@@ -20,7 +20,8 @@ SET_HELP = "config override, repeatable: any field of crener/config.py, e.g. tra
 SEED_HELP = "run seed (>= 0)"
 SEEDS_HELP = "run seeds (>= 0)"
 TIME_BUDGET_HELP = (
-    "fix the steps from a few timed ones (crener/budget.py) so that {what} fits MINUTES on this machine; "
+    "fix the steps from a probe that times the run's parts (start-up, set-up, steps, evaluations, "
+    "checkpoints, the end, logging: crener/budget.py) so that {what} fits MINUTES on this machine; "
     "the steps enter the run key, the minutes are logged as runtime.time_budget"
 )
 

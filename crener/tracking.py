@@ -72,6 +72,8 @@ NOT_CELLS = ("tune", "diagnostic")
 EPOCH_METRICS = ("train/loss", "dev/precision", "dev/recall", "dev/f1", "epoch_seconds")
 # Workdir files logged as artifacts at the end, relative to the workdir.
 ARTIFACT_FILES = ("summary.json", "config.json", "history.json", "per_type.json", "predictions/test.jsonl")
+# MLflow accepts at most 100 params a batch.
+PARAMS_PER_BATCH = 100
 # The best checkpoint's absolute path on the machine that trained the run.
 CHECKPOINT_TAG = "crener.checkpoint"
 # MLflow caps tag values (5000 chars); an error message is cut well below that.
@@ -464,6 +466,15 @@ class Tracker:
         return RunLogger(self.client, found[0].run_id, resumed=True)
 
     # ---- reading back
+    def time_one_write(self, experiment_id: str) -> float:
+        """Seconds one write to the store takes, timed on a write that changes nothing: the
+        experiment's kind tag set again to the value it has (:mod:`crener.budget` counts each
+        logging call of a run as one such write)."""
+        value = self.client.get_experiment(experiment_id).tags.get(_KIND_TAG, _KIND_TRAINING)
+        t0 = time.perf_counter()
+        _retry_locked(lambda: self.client.set_experiment_tag(experiment_id, _KIND_TAG, value))
+        return time.perf_counter() - t0
+
     def checkpoint_of(self, run_id: str) -> Path:
         """The best checkpoint of a finished run (its ``crener.checkpoint`` tag), or a clear error."""
         try:
@@ -503,6 +514,17 @@ class Tracker:
             "parameters": int(m.get("parameters", 0)),
             "key": run.tags.get("crener.key", ""),
         }
+
+
+def run_store_writes(cfg: RunConfig) -> tuple[int, int]:
+    """``(at the start, at the end)``: the writes a new tracked run of ``cfg`` makes to the store
+    outside its epochs (:func:`crener.runner.run_one` through :class:`RunLogger`, whose calls this
+    counts; an epoch's metrics are one more write, a curve row another). The start: the run, its
+    params in batches of :data:`PARAMS_PER_BATCH`, its dataset inputs, fit's ``on_start`` params.
+    The end: the summary's metrics, one upload a file of :data:`ARTIFACT_FILES`, the state tag and
+    the status (the summary's params were logged by ``on_start``)."""
+    start = 1 + math.ceil(len(cfg.flatten()) / PARAMS_PER_BATCH) + 1 + 1
+    return start, 1 + len(ARTIFACT_FILES) + 1 + 1
 
 
 class RunLogger:
@@ -553,9 +575,9 @@ class RunLogger:
         if not new:
             return
         items = [Param(k, v) for k, v in new.items()]
-        # MLflow accepts at most 100 params per batch.
-        for i in range(0, len(items), 100):
-            _retry_locked(lambda chunk=items[i : i + 100]: self.client.log_batch(self.run_id, params=chunk))
+        for i in range(0, len(items), PARAMS_PER_BATCH):
+            chunk = items[i : i + PARAMS_PER_BATCH]
+            _retry_locked(lambda chunk=chunk: self.client.log_batch(self.run_id, params=chunk))
         self._params.update(new)
 
     def log_config(self, cfg: RunConfig, extra: dict[str, Any] | None = None) -> None:

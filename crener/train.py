@@ -468,7 +468,7 @@ def fit(
     root = cfg.runtime.data_root if data_root is None else data_root
     key = run_key(cfg, data_digest=dataset_digest(cfg.data, root))  # of the files this run reads
     ckpt_dir = workdir / "checkpoints"
-    last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
+    last_path = ckpt_dir / "last.pt"
     # Read before the data, the encoder and the model are built: a damaged checkpoint fails at once.
     resumed = resume_state(last_path, key) if resume and last_path.exists() else None
     parts = build_parts(cfg, root, workdir, device)  # makes workdir once the data reads
@@ -488,10 +488,7 @@ def fit(
         shift = calibrate_on_dev(cfg, parts, device, metrics)
         metrics["epoch_seconds"] = time.perf_counter() - t0
         improved = progress.record(epoch, metrics, shift)
-        state = checkpoint_state(cfg, key, parts, opt, device, epoch, progress)
-        if improved:
-            save_checkpoint(best_path, {**state, "optimizer": {}, "scheduler": {}})
-        save_checkpoint(last_path, state)
+        save_epoch_checkpoints(cfg, key, parts, opt, device, epoch, progress, ckpt_dir, improved=improved)
         log.info(
             "epoch %d/%d loss %.4f dev P %.4f R %.4f F1 %.4f%s (%.1fs, train %.1f sent/s)",
             epoch, cfg.train.epochs, metrics["train/loss"], metrics["dev/precision"], metrics["dev/recall"],
@@ -674,6 +671,19 @@ def checkpoint_state(
         "types": list(parts.data.types),
         **encoder_state(parts.encoder, parts.tokenizer),
     }
+
+
+def save_epoch_checkpoints(
+    cfg: RunConfig, key: str, parts: RunParts, opt: Optimisation, device: torch.device, epoch: int,
+    progress: Progress, ckpt_dir: Path, *, improved: bool,
+) -> None:  # fmt: skip
+    """An epoch's checkpoints in ``ckpt_dir``: the last one (what a resumed run continues from) and,
+    when the epoch ``improved`` dev F1, the best one, without the optimiser and schedule that only
+    resuming reads (what the end and inference load). :mod:`crener.budget` times this too."""
+    state = checkpoint_state(cfg, key, parts, opt, device, epoch, progress)
+    if improved:
+        save_checkpoint(ckpt_dir / "best.pt", {**state, "optimizer": {}, "scheduler": {}})
+    save_checkpoint(ckpt_dir / "last.pt", state)
 
 
 def final_test(

@@ -4,17 +4,20 @@ MINUTES is the wall time of the whole plan on this machine. The rule:
 
 - a cell already planned for these minutes on this machine keeps its saved steps (below), and
   costs nothing if the tracking store holds it finished;
-- every other cell gets an equal share: ``share = (MINUTES - probing) x jobs / cells to run``,
+- every other cell gets an equal share: ``share = (MINUTES - spent) x jobs / cells to run``,
   where *cells to run* are the plan's cells less the finished ones, *jobs* the cells that run
   side by side at the probed speed (one a GPU with ``--gpus``; else ``--jobs``, or the local Dask
   cluster's workers, up to the CPU cores: copies past them share cores and each runs slower) and
-  *probing* the wall time spent timing the cells here first;
+  *spent* the wall time the command spent before the cells run: its start (from its process's,
+  as ``crener train --time-budget`` counts it) and the timing of the cells here;
 - its steps are :func:`crener.budget.plan_steps` of that share with the costs the probe of
-  :func:`crener.budget.measure` found for its config. Cells that differ only in their seed cost the
-  same, so one probe serves them all; a probe runs with the thread count the cell will have.
+  :func:`crener.budget.measure` found for its config, less the probe's own time (paid once, in
+  *spent*). Cells that differ only in their seed cost the same, so one probe serves them all; a
+  probe runs with the thread count the cell will have, times the cell's store and files where the
+  cell logs and writes.
 
-A cell's share covers its whole run (set-up, steps, evaluations): the probe's own duration stands
-for the set-up, as in ``crener train --time-budget``. The share is recorded with the run as
+A cell's share covers its whole run: its set-up (which the probe times), steps, evaluations,
+checkpoints and logging, by ``crener train --time-budget``'s rule. The share is recorded with the run as
 ``runtime.time_budget`` (the minutes *that run* was planned for, comparable to ``crener train
 --time-budget``), and the steps enter its key.
 
@@ -54,10 +57,10 @@ log = logging.getLogger(__name__)
 PLAN_DIR_NAME = ".budgets"
 
 
-def share_minutes(minutes: float, jobs: int, to_run: int, probing_s: float = 0.0) -> float:
-    """The minutes each cell still to run gets: the plan's minutes less the probing, ``jobs`` cells
-    at a time, split evenly over ``to_run`` cells."""
-    return max(minutes * 60 - probing_s, 0.0) * jobs / max(to_run, 1) / 60
+def share_minutes(minutes: float, jobs: int, to_run: int, spent_s: float = 0.0) -> float:
+    """The minutes each cell still to run gets: the plan's minutes less the seconds spent before
+    the cells (start-up and probing), ``jobs`` cells at a time, split evenly over ``to_run`` cells."""
+    return max(minutes * 60 - spent_s, 0.0) * jobs / max(to_run, 1) / 60
 
 
 def entry_path(cfg: RunConfig, minutes: float, machine: str, runs_dir: str | Path | None = None) -> Path:
@@ -110,14 +113,16 @@ def resolve(
     runs_dir: str | Path | None = None,
     probe: bool = True,
     finished: Callable[[RunConfig], bool] = finished_in_store,
-    measure: Callable[[RunConfig], Costs] | None = None,
+    measure: Callable[..., Costs] | None = None,
     machine: str | None = None,
+    started: float | None = None,
 ) -> list[Any]:
     """``cells`` (:class:`experiments.sweeps.Cell`) with their steps fixed by the module's rule.
 
     Saved plans are reused; the other cells are probed and planned, and their plans saved, unless
     ``probe`` is off (``--dry-run``: they are returned as they were). A budget too short for one
     step an epoch of any cell raises :class:`crener.errors.CrenerError` before anything is saved.
+    ``started``: when the command's clock started (:func:`time.time`; None: with the probes).
     """
     machine = machine or _machine()
     paths = [entry_path(c.cfg, minutes, machine, runs_dir) for c in cells]
@@ -131,8 +136,8 @@ def resolve(
     log.info("--time-budget %g min: %d cell(s) planned before (%d finished), %d to plan", minutes,
              len(out), done, len(new))  # fmt: skip
     if new and probe:
-        out.update(_plan_new(cells, new, paths, minutes, jobs=jobs, to_run=len(cells) - done,
-                             measure=measure, machine=machine))  # fmt: skip
+        out.update(_plan_new(cells, new, paths, minutes, jobs=jobs, to_run=len(cells) - done, measure=measure,
+                             machine=machine, runs_dir=runs_dir, started=started))  # fmt: skip
     elif new:
         log.info(
             "%d cell(s) not planned yet: a run probes them first; their keys are before the budget", len(new)
@@ -148,21 +153,27 @@ def _plan_new(
     *,
     jobs: int,
     to_run: int,
-    measure: Callable[[RunConfig], Costs] | None,
+    measure: Callable[..., Costs] | None,
     machine: str,
+    runs_dir: str | Path | None,
+    started: float | None,
 ) -> dict[int, Any]:
+    from crener.tracking import experiment_name
+
     measure = measure or budget.measure  # (looked up now: tests replace it)
-    t0 = time.monotonic()
+    before, t0 = budget.since(started), time.monotonic()
     costs: dict[str, Costs] = {}
     for i in new:
-        cls = cost_class(cells[i].cfg)
+        cell, cls = cells[i], cost_class(cells[i].cfg)
         if cls not in costs:
-            log.info("--time-budget: timing %s here", cells[i].label)
-            costs[cls] = measure(cells[i].cfg)
-    probing = time.monotonic() - t0
-    share = share_minutes(minutes, jobs, to_run, probing)
-    what = (f"--time-budget {minutes:g} over {to_run} cell(s) to run, {jobs} at a time, less {probing:.0f} s "
-            f"of probing, leaves {share:.3g} min a cell")  # fmt: skip
+            log.info("--time-budget: timing %s here", cell.label)
+            # Paid once, here (in ``spent``), not again by each cell of the class.
+            costs[cls] = replace(measure(cell.cfg, experiment=experiment_name(cell.sweep, cell.cfg.profile),
+                                         folder=resolve_runs_dir(runs_dir)), probe=0.0)  # fmt: skip
+    spent = before + time.monotonic() - t0
+    share = share_minutes(minutes, jobs, to_run, spent)
+    what = (f"--time-budget {minutes:g} over {to_run} cell(s) to run, {jobs} at a time, less {spent:.0f} s "
+            f"spent before them (start-up and probing), leaves {share:.3g} min a cell")  # fmt: skip
     planned = {}
     for i in new:  # every cell planned before any is saved: a budget too short saves nothing
         c = costs[cost_class(cells[i].cfg)]
@@ -173,7 +184,7 @@ def _plan_new(
     for i, ((epochs, steps), c) in planned.items():
         cell = cells[i]
         entry = {"cell": cell.label, "key_before_budget": run_key(cell.cfg), "minutes": float(minutes),
-                 "machine": machine, "jobs": jobs, "cells_to_run": to_run, "probing_s": probing,
+                 "machine": machine, "jobs": jobs, "cells_to_run": to_run, "spent_s": spent,
                  "share_minutes": share, "epochs": epochs, "max_steps": steps, "costs": asdict(c),
                  "planned": stamp}  # fmt: skip
         write_atomic(paths[i], json.dumps(entry, indent=1) + "\n")

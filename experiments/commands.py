@@ -123,8 +123,8 @@ def _register_reproduce(subparsers: Any) -> None:
     )
     add_time_budget(
         p,
-        "the whole plan (each cell still to run gets MINUTES x jobs / cells to run, less the probing; "
-        "the plan is saved under the runs dir and reused on rerun: experiments/README.md)",
+        "the whole plan (each cell still to run gets MINUTES x jobs / cells to run, less the start-up "
+        "and probing; the plan is saved under the runs dir and reused on rerun: experiments/README.md)",
     )
     p.add_argument("--no-report", action="store_true", help="do not build the report at the end")
     p.add_argument("--dry-run", action="store_true", help="list the cells and exit")
@@ -332,7 +332,8 @@ def _budget_cells(args: argparse.Namespace, cells: list[Any], jobs: int) -> list
         return cells
     from experiments.budget_plan import resolve
 
-    cells = resolve(cells, args.time_budget, jobs=jobs, runs_dir=args.runs_dir, probe=not args.dry_run)
+    cells = resolve(cells, args.time_budget, jobs=jobs, runs_dir=args.runs_dir, probe=not args.dry_run,
+                    started=getattr(args, "started", None))  # fmt: skip
     for cell in cells:
         check_run_config(cell.cfg)
     return cells
@@ -513,8 +514,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
                   time_budget=args.time_budget)  # fmt: skip
     if args.executor == "dask":
         study = _tune_on_dask(args, kwargs)
-    else:
-        study = tune(**kwargs)
+    else:  # in this process: its start-up counts against the minutes (Dask workers have their own)
+        study = tune(**kwargs, started=getattr(args, "started", None))
     if args.export:
         export_best(study, args.export, sets=sets)
     if args.page:

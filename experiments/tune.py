@@ -12,7 +12,8 @@
   with the usual crener tags and params, per-epoch metrics and ``best/*``. Trials have their
   own workdir ``runs/tune/{study}/trial-NNNN`` and never use the sweep's skip-by-key logic.
 - ``time_budget`` (``--time-budget MINUTES``): MINUTES for this worker's ``trials``; each trial
-  gets ``(MINUTES - the base probe) / trials``, its steps fixed by the probe of its own config
+  gets ``(MINUTES - the start-up and the base probe) / trials`` (the start-up: from ``started``,
+  when the command's clock started), its steps fixed by the probe of its own config
   (:func:`crener.budget.apply_budget`: the search space moves widths and the batch budget, so the
   step cost moves with it). The base config is probed once first, so a budget too short fails
   before the study; a trial whose own config cannot fit fails alone (as one out of memory does);
@@ -257,23 +258,28 @@ class TrialOverBudget(RuntimeError):
     """A trial's configuration cannot take one step an epoch in its minutes: that trial fails alone."""
 
 
-def trial_minutes(minutes: float, trials: int, probing_s: float = 0.0) -> float:
-    """Each trial's share of ``--time-budget MINUTES``: the minutes less the base probe, split evenly."""
-    return max(minutes * 60 - probing_s, 0.0) / trials / 60
+def trial_minutes(minutes: float, trials: int, spent_s: float = 0.0) -> float:
+    """Each trial's share of ``--time-budget MINUTES``: the minutes less the seconds spent before the
+    trials (start-up and the base probe), split evenly."""
+    return max(minutes * 60 - spent_s, 0.0) / trials / 60
 
 
-def plan_trials(base: RunConfig, minutes: float, trials: int, *, track: bool) -> tuple[float, dict[str, str]]:
-    """``(minutes a trial, tags for the parent run)``: the base config probed once, so a budget too
-    short for it fails here, before the study exists (:class:`CrenerError`, one line)."""
+def plan_trials(
+    base: RunConfig, minutes: float, trials: int, *, track: bool, folder: Path, started: float | None = None
+) -> tuple[float, dict[str, str]]:
+    """``(minutes a trial, tags for the parent run)``: the base config probed once (as its trial would
+    be, :func:`budget_trial`), so a budget too short for it fails here, before the study exists
+    (:class:`CrenerError`, one line). ``started``: when the command's clock started (None: here)."""
     from crener import budget
 
     if track:  # as crener train does: an unusable store fails before the probe's seconds
         check_store(tracking_uri())
 
-    t0 = time.monotonic()
-    costs = budget.measure(base)
-    share = trial_minutes(minutes, trials, time.monotonic() - t0)
-    what = f"--time-budget {minutes:g} over {trials} trial(s), less the probe, leaves {share:.3g} min a trial"
+    before, t0 = budget.since(started), time.monotonic()
+    costs = budget.measure(base, experiment=_trial_experiment(base, track), folder=folder)
+    share = trial_minutes(minutes, trials, before + time.monotonic() - t0)
+    what = (f"--time-budget {minutes:g} over {trials} trial(s), less the start-up and the probe, leaves "
+            f"{share:.3g} min a trial")  # fmt: skip
     epochs, steps = budget.plan_steps(share, base.train.epochs, costs, what=what)
     log.info("%s: the base config gets %d epochs of at most %d steps; each trial is timed again", what,
              epochs, steps)  # fmt: skip
@@ -282,14 +288,20 @@ def plan_trials(base: RunConfig, minutes: float, trials: int, *, track: bool) ->
     return share, tags
 
 
-def budget_trial(cfg: RunConfig, minutes: float) -> RunConfig:
-    """``cfg`` with its steps fixed by its own probe (:func:`crener.budget.apply_budget`)."""
+def budget_trial(cfg: RunConfig, minutes: float, *, track: bool, folder: Path) -> RunConfig:
+    """``cfg`` with its steps fixed by its own probe (:func:`crener.budget.apply_budget`), timing the
+    store the trial logs to (``track``) and the file system of ``folder``, where it writes."""
     from crener import budget
 
     try:
-        return budget.apply_budget(cfg, minutes)
+        return budget.apply_budget(cfg, minutes, experiment=_trial_experiment(cfg, track), folder=folder)
     except CrenerError as exc:
         raise TrialOverBudget(str(exc)) from None
+
+
+def _trial_experiment(cfg: RunConfig, track: bool) -> str | None:
+    """The MLflow experiment a trial of ``cfg`` logs to; None untracked."""
+    return experiment_name("tune", cfg.profile) if track else None
 
 
 def _out_of_memory(exc: BaseException) -> bool:
@@ -332,6 +344,7 @@ def tune(
     runs_dir: str | Path | None = None,
     track: bool = True,
     time_budget: float | None = None,
+    started: float | None = None,
 ) -> optuna.Study:
     """Run ``trials`` trials in this process on the shared study; returns the study.
 
@@ -354,7 +367,12 @@ def tune(
     # database file) is created that would then hold no trial.
     check_storage(storage or OPTUNA_STORAGE)  # before the MLflow store is made (a fresh one is)
     # The probe: after the cheap checks, before anything is created.
-    share, budget_tags = plan_trials(base, time_budget, trials, track=track) if time_budget else (None, {})
+    trial_root = resolve_runs_dir(runs_dir) / "tune" / _safe(name)
+    share, budget_tags = (None, {})
+    if time_budget:
+        share, budget_tags = plan_trials(
+            base, time_budget, trials, track=track, folder=trial_root, started=started
+        )
     tracker = Tracker() if track else None
     store = open_storage_or_explain(storage or OPTUNA_STORAGE)
     offset = _trials_so_far(store, name)
@@ -372,7 +390,7 @@ def tune(
     )
     objective = Objective(
         space=space, base=base, share=share, tracker=tracker, parent=parent, study_name=name, profile=profile,
-        trial_root=resolve_runs_dir(runs_dir) / "tune" / _safe(name), data_root=data_root,
+        trial_root=trial_root, data_root=data_root,
     )  # fmt: skip
     log.info("study %s: %d trial(s) in this worker (%d already in the study)", name, trials, offset)
     _optimise(study, objective, trials, timeout, parent)
@@ -417,7 +435,7 @@ class Objective:
         values = self.space(trial, self.base)
         cfg = self.base.with_overrides(values)
         if self.share is not None:
-            cfg = budget_trial(cfg, self.share)
+            cfg = budget_trial(cfg, self.share, track=self.tracker is not None, folder=self.trial_root)
             if self.parent is not None:
                 steps = {"trial/epochs": cfg.train.epochs, "trial/max_steps": cfg.train.max_steps}
                 self.parent.log_metrics(steps, step=trial.number)

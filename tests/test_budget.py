@@ -1,13 +1,19 @@
-"""``--time-budget`` (crener/budget.py): minutes become epochs x steps by the documented rule, the
-steps enter the run key and the minutes do not, and a real probe on tiny data plans a run that
-the training loop then follows. ``crener reproduce --time-budget`` (experiments/budget_plan.py)
-shares the plan's minutes over the cells still to run and saves each cell's steps, so a rerun finds
-the same keys finished; ``crener tune --time-budget`` gives each trial MINUTES / trials."""
+"""``--time-budget`` (crener/budget.py): minutes become epochs x steps by the documented rule, each
+of its terms counted (the start-up, the probe, the run's set-up, steps, evaluations, checkpoints,
+the end, the store's writes), the steps enter the run key and the minutes do not, and a real probe
+on tiny data measures every term and plans a run that the training loop then follows.
+``crener reproduce --time-budget`` (experiments/budget_plan.py) shares the plan's minutes over the
+cells still to run and saves each cell's steps, so a rerun finds the same keys finished;
+``crener tune --time-budget`` gives each trial MINUTES / trials."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 import types
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,22 +23,38 @@ from crener.budget import Costs, plan_steps
 from crener.cli import main as cli_main
 from crener.errors import CrenerError
 from crener.identity import run_key
-from crener.tracking import Tracker
+from crener.tracking import Tracker, run_store_writes
 from experiments import budget_plan
 from experiments.sweeps import plan
 from tests.helpers import tiny_cfg
+
+TEN_MIN = Costs(probe=30, step=0.5, dev_eval=5, end_eval=10, batches_per_epoch=500)
 
 
 @pytest.mark.parametrize(
     ("minutes", "epochs", "costs", "plan"),
     [
         # (600 - 30 - 10 - 4 * 5) / 0.5 = 1080 steps, 270 an epoch (under the 500 batches)
-        (10, 4, Costs(probe=30, step=0.5, dev_eval=5, end_eval=10, batches_per_epoch=500), (4, 270)),
+        (10, 4, TEN_MIN, (4, 270)),
         # 1080 / 4 = 270 > 100 batches an epoch: whole epochs of 100 steps and an evaluation
         # (55 s each), as many as the 560 s hold: 10
-        (10, 4, Costs(probe=30, step=0.5, dev_eval=5, end_eval=10, batches_per_epoch=100), (10, 100)),
+        (10, 4, replace(TEN_MIN, batches_per_epoch=100), (10, 100)),
         # Exactly one step an epoch fits.
         (1, 2, Costs(probe=50, step=1.0, dev_eval=2, end_eval=4, batches_per_epoch=9), (2, 1)),
+        # Each later term alone, then all together, against the first case's 1080 steps:
+        # (600 - 30 - 10 - 10 s before the probe - 4 * 5) / 0.5 = 1060 steps, 265 an epoch
+        (10, 4, replace(TEN_MIN, before=10), (4, 265)),
+        # (600 - 30 - 10 - 20 s of the run's set-up - 4 * 5) / 0.5 = 1040: 260 an epoch
+        (10, 4, replace(TEN_MIN, setup=20), (4, 260)),
+        # (600 - 30 - 10 - 4 * (5 + 2.5 s of checkpoints and logging)) / 0.5 = 1060: 265 an epoch
+        (10, 4, replace(TEN_MIN, epoch=2.5), (4, 265)),
+        # (600 - 8 - 30 - 12 - 10 - 4 * (5 + 2)) / 0.5 = 1024: 256 an epoch
+        (10, 4, replace(TEN_MIN, before=8, setup=12, epoch=2), (4, 256)),
+        # Whole epochs pay the epoch's other costs too: 100 steps, an evaluation and 5 s of
+        # checkpoints (60 s each) in the 560 s: 9, where 10 fit without them (the second case) ...
+        (10, 4, replace(TEN_MIN, batches_per_epoch=100, epoch=5), (9, 100)),
+        # ... and the fixed costs come off first: (600 - 10 - 30 - 50 - 10) / 55 = 9 whole epochs.
+        (10, 4, replace(TEN_MIN, batches_per_epoch=100, before=10, setup=50), (9, 100)),
     ],
 )
 def test_minutes_become_epochs_and_steps(minutes, epochs, costs, plan):
@@ -45,9 +67,56 @@ def test_a_budget_too_short_says_the_minimum():
         plan_steps(1, 2, costs)
 
 
+def test_a_budget_too_short_names_every_cost():
+    # 9 + 20 + 10 + 4 = 43 s once and 3 + 2 s an epoch leave 60 - 43 - 10 = 7 steps: 3 an epoch.
+    costs = Costs(
+        probe=20, step=1.0, dev_eval=3, end_eval=4, batches_per_epoch=9, before=9, setup=10, epoch=2
+    )
+    assert plan_steps(1, 2, costs) == (2, 3)
+    tight = replace(costs, before=15)  # 49 s once: 60 - 49 - 10 = 1 step for 2 epochs
+    message = (
+        r"--time-budget 1: too short here: 15 s spent before the probe, the probe took 20 s, the run's "
+        r"set-up takes 10.0 s and its end 4.0 s, an epoch's evaluation and checkpoints 5.0 s and a step "
+        r"1.00 s, so 2 epochs need at least 2 min"
+    )
+    with pytest.raises(CrenerError, match=message):
+        plan_steps(1, 2, tight)
+
+
+def test_steps_are_timed_on_batches_spread_over_their_sizes():
+    # 12 batches of one sentence each, of lengths 1..12 shuffled: the 3 strata ranked by cells
+    # (lengths 1..4, 5..8, 9..12) give their middles, lengths 3, 7 and 11, in epoch order.
+    lengths = [7, 1, 12, 3, 9, 5, 11, 2, 8, 4, 10, 6]
+    batches = [[i] for i in range(12)]
+    assert budget.spread_sample(batches, lengths, 3) == [0, 3, 6]
+    assert [lengths[i] for i in budget.spread_sample(batches, lengths, 3)] == [7, 3, 11]
+    # Cells, not sentences: one 12-character sentence (144 cells) outweighs two of 5 (50).
+    assert budget.spread_sample([[0, 1], [2]], [5, 5, 12], 1) == [1]
+    assert budget.spread_sample(batches[:2], lengths, 6) == [0, 1]  # no more than k: all of them
+
+
+def test_a_fresh_process_counts_its_start_up(monkeypatch):
+    code = "import time; from crener.budget import process_started; print(time.time() - process_started())"
+    age = float(
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    )
+    assert 0 < age < 60  # the interpreter's start and crener's imports, not the machine's uptime
+    started = budget.process_started()
+    assert started is not None and started <= time.time()
+
+    def no_proc(*args, **kwargs):
+        raise OSError("no /proc here")
+
+    # Without the kernel's record: when the command line was loaded.
+    from crener import cli
+
+    monkeypatch.setattr("builtins.open", no_proc)
+    assert budget.process_started() == cli.LOADED
+
+
 def test_steps_are_keyed_and_minutes_are_not(tiny_data, monkeypatch):
     costs = Costs(probe=1, step=0.1, dev_eval=0.5, end_eval=1, batches_per_epoch=1000)
-    monkeypatch.setattr(budget, "measure", lambda cfg: costs)
+    monkeypatch.setattr(budget, "measure", lambda cfg, **where: costs)
     cfg = tiny_cfg(tiny_data)
     a, b = budget.apply_budget(cfg, 1), budget.apply_budget(cfg, 2)
     assert (a.train.epochs, a.train.max_steps, a.runtime.time_budget) == (3, (60 - 2 - 1.5) // 0.1 // 3, 1.0)
@@ -58,24 +127,93 @@ def test_steps_are_keyed_and_minutes_are_not(tiny_data, monkeypatch):
         budget.apply_budget(cfg, 0)
 
 
-def test_the_probe_measures_this_run_and_train_follows_the_plan(tiny_data, tmp_path, capsys, monkeypatch):
-    cfg = tiny_cfg(tiny_data)
-    costs = budget.measure(cfg)  # a real probe: the run's own parts, steps and dev evaluation
-    assert costs.probe > costs.step > 0 and costs.dev_eval > 0 and costs.end_eval > costs.dev_eval
+def test_the_probe_measures_every_term_of_this_run(tiny_data, tmp_path, mlflow_store, monkeypatch):
+    cfg = tiny_cfg(tiny_data, **{"runtime.eval_every": 2})
+    seen = {}
+
+    def spy(name):
+        real = getattr(budget, name)
+        monkeypatch.setattr(budget, name, lambda *a: seen.setdefault(name, real(*a)))
+
+    for name in ("_store_costs", "_time_curve_row", "_writable_parent"):
+        spy(name)
+    folder = tmp_path / "runs" / "smoke"  # not there yet: the probe writes in its nearest parent
+    # A real probe: the run's own parts built twice, its steps, a curve row, its epoch's dev scoring
+    # and checkpoints, its end, and the store it logs to.
+    costs = budget.measure(cfg, started=time.time() - 5, experiment="crener-adhoc-smoke", folder=folder)
+    (reads, write), row = seen["_store_costs"], seen["_time_curve_row"]
+    start_writes, end_writes = run_store_writes(cfg)
+    assert 5 <= costs.before < costs.probe + 5 and costs.probe > costs.step > 0 and costs.dev_eval > 0
+    assert reads > 0 and write > 0 and start_writes > 0 and end_writes > 0
+    assert costs.setup > reads + start_writes * write  # the second build, and the store's start
+    assert costs.step > (row + write) / 2 > 0  # a curve row every 2 steps
+    assert costs.epoch > write  # the epoch's checkpoints and batching, and its metrics' write
+    assert costs.end_eval > end_writes * write  # final_test, and the summary's writes
     assert costs.batches_per_epoch >= 1
-    # The command plans with the measured costs (fixed here, so the plan is known) and trains it.
-    planned = Costs(probe=1, step=0.5, dev_eval=1, end_eval=2, batches_per_epoch=costs.batches_per_epoch)
-    monkeypatch.setattr(budget, "measure", lambda cfg: planned)
+    assert seen["_writable_parent"] == tmp_path and not folder.exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("crener-probe-")]  # cleaned up
+    assert Tracker().client.get_experiment_by_name("crener-adhoc-smoke") is not None  # as the run makes it
+
+
+def test_train_plans_with_its_start_and_follows_the_plan(tiny_data, tmp_path, capsys, monkeypatch):
+    planned = Costs(
+        probe=1, step=0.5, dev_eval=1, end_eval=2, batches_per_epoch=4, before=1, setup=1, epoch=0.5
+    )
+    where = {}
+    monkeypatch.setattr(budget, "measure", lambda cfg, **kw: where.update(kw) or planned)
     epochs, per_epoch = plan_steps(0.25, 2, planned)
     args = ["train", "--dataset", "resume", "--profile", "smoke", "--data-root", str(tiny_data), "--no-track",
             "--workdir", str(tmp_path / "run"), "--time-budget", "0.25", "--set", "data.train_limit=0"]  # fmt: skip
+    called = time.time()
     assert cli_main(args) == 0
+    # Called in this process, the command's clock starts with the call (run as the script, with the
+    # process); untracked, no store; the probe writes where the run will.
+    assert called <= where["started"] <= time.time()
+    assert where["experiment"] is None and where["folder"] == tmp_path / "run"
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (config["runtime.time_budget"], config["train.epochs"], config["train.max_steps"]) == (
         0.25, epochs, per_epoch,
     )  # fmt: skip
     assert summary["epochs"] == epochs
+
+
+# The MlflowClient calls that write to the store.
+STORE_WRITES = ("create_experiment", "set_experiment_tag", "create_run", "update_run", "log_batch",
+                "log_inputs", "log_artifact", "set_tag", "set_terminated", "delete_run")  # fmt: skip
+
+
+def test_a_tracked_run_makes_the_store_writes_the_plan_counts(
+    tiny_data, mlflow_store: str, fake_fit: types.ModuleType, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    where = {}
+    costs = Costs(probe=1, step=0.1, dev_eval=0.5, end_eval=1, batches_per_epoch=1000)
+    monkeypatch.setattr(budget, "measure", lambda cfg, **kw: where.update(kw) or costs)
+    Tracker().experiment_id("crener-adhoc-smoke")  # as the probe leaves it
+    writes = []
+
+    def counted(name):
+        real = getattr(MlflowClient, name)
+
+        def write(self, *args, **kwargs):
+            writes.append(name)
+            return real(self, *args, **kwargs)
+
+        return write
+
+    for name in STORE_WRITES:
+        monkeypatch.setattr(MlflowClient, name, counted(name))
+    args = ["train", "--dataset", "resume", "--profile", "smoke", "--data-root", str(tiny_data),
+            "--time-budget", "1"]  # fmt: skip
+    assert cli_main(args) == 0
+    assert where["experiment"] == "crener-adhoc-smoke" and where["folder"] == tmp_path / "runs"
+    (key,) = fake_fit.CALLS
+    (run,) = Tracker().find_runs(key)
+    epochs = int(run.params["train.epochs"])
+    start, end = run_store_writes(tiny_cfg(tiny_data))
+    assert len(writes) == start + epochs + end, writes  # one write an epoch: its metrics
 
 
 # --------------------------------------------------------------------------- reproduce
@@ -85,7 +223,9 @@ def _cells(seeds=(0, 1)) -> list:
     return plan(profile="smoke", only="table3", models=["crener", "w2ner"], seeds=list(seeds))
 
 
-SLOW_STEPS = Costs(probe=10, step=0.7, dev_eval=5, end_eval=5, batches_per_epoch=1000)
+SLOW_STEPS = Costs(probe=10, step=0.7, dev_eval=5, end_eval=5, batches_per_epoch=1000, setup=2, epoch=0.5)
+# What a cell of reproduce pays: its class's probe is paid once, before the cells.
+CELL_STEPS = replace(SLOW_STEPS, probe=0.0)
 
 
 class Probe:
@@ -94,7 +234,7 @@ class Probe:
     def __init__(self, costs: Costs = SLOW_STEPS):
         self.costs, self.timed = costs, []
 
-    def __call__(self, cfg):
+    def __call__(self, cfg, **where):
         self.timed.append(cfg.label)
         return self.costs
 
@@ -109,19 +249,20 @@ def test_each_cell_to_run_gets_an_equal_share_of_the_plan(minutes, jobs, to_run,
 
 def test_reproduce_plans_once_and_a_rerun_reuses_the_saved_steps(tmp_path: Path) -> None:
     cells, probe = _cells(), Probe()
-    # 4 cells, 2 at a time: 2 min each (less the fake probes' microseconds), so 120 - 10 - 5 - 2 x 5
-    # = 95 s of 0.7 s steps: 135 steps, 67 an epoch over the smoke profile's 2.
+    # 4 cells, 2 at a time: 2 min each (less the fake probes' microseconds), so 120 - 2 - 5 - 2 x (5 +
+    # 0.5) = 102 s of 0.7 s steps: 145 steps, 72 an epoch over the smoke profile's 2 (the probe's
+    # 10 s were paid once, before the cells).
     out = budget_plan.resolve(cells, 4, jobs=2, runs_dir=tmp_path, finished=lambda cfg: False, measure=probe,
                               machine="m")  # fmt: skip
     assert probe.timed == ["crener:full/resume/s0", "w2ner:full/resume/s0"]  # one probe a class of cost
-    assert {(c.cfg.train.epochs, c.cfg.train.max_steps) for c in out} == {(2, 67)}
+    assert {(c.cfg.train.epochs, c.cfg.train.max_steps) for c in out} == {(2, 72)}
     assert [c.cfg.runtime.time_budget for c in out] == [pytest.approx(2, abs=1e-3)] * 4
     assert len(list((tmp_path / "smoke" / budget_plan.PLAN_DIR_NAME).glob("*.json"))) == 4
     keys = [run_key(c.cfg) for c in out]
     assert not set(keys) & {run_key(c.cfg) for c in cells}  # the steps are in the keys
 
     # A rerun (noisy timings, other --jobs) keeps the saved steps: the same keys, nothing timed.
-    def no_probe(cfg):
+    def no_probe(cfg, **where):
         raise AssertionError("a saved plan was timed again")
 
     again = budget_plan.resolve(cells, 4, jobs=1, runs_dir=tmp_path, finished=lambda cfg: False, measure=no_probe,
@@ -138,7 +279,7 @@ def test_reproduce_plans_once_and_a_rerun_reuses_the_saved_steps(tmp_path: Path)
     assert [run_key(c.cfg) for c in wider if c.cfg.train.seed < 2] == keys
     new = [c.cfg for c in wider if c.cfg.train.seed == 2]
     assert [c.runtime.time_budget for c in new] == [pytest.approx(4, abs=1e-3)] * 2
-    assert {(c.train.epochs, c.train.max_steps) for c in new} == {plan_steps(4, 2, SLOW_STEPS)}
+    assert {(c.train.epochs, c.train.max_steps) for c in new} == {plan_steps(4, 2, CELL_STEPS)}
 
 
 def test_reproduce_budget_too_short_says_so_and_saves_nothing(tmp_path: Path) -> None:
@@ -165,8 +306,11 @@ def test_reproduce_time_budget_runs_once_and_logs_the_minutes(
     assert len(fake_fit.CALLS) == 2 and len(probe.timed) == 2
     for key in fake_fit.CALLS:
         (run,) = Tracker().find_runs(key)
-        assert run.finished and float(run.params["runtime.time_budget"]) == pytest.approx(2, abs=1e-2)
-        assert (run.params["train.epochs"], run.params["train.max_steps"]) == ("2", "67")
+        share = float(run.params["runtime.time_budget"])
+        assert run.finished and share == pytest.approx(2, abs=1e-2)  # less this command's start-up
+        assert (int(run.params["train.epochs"]), int(run.params["train.max_steps"])) == plan_steps(
+            share, 2, CELL_STEPS
+        )
     fake_fit.CALLS.clear()
     assert cli_main(args) == 0  # the rerun finds the saved plan, hence the finished keys
     assert fake_fit.CALLS == [] and len(probe.timed) == 2
@@ -180,7 +324,9 @@ def test_reproduce_jobs_plan_once_in_the_parent_with_each_jobs_threads(
     from experiments import commands
 
     probe, threads = Probe(), []
-    monkeypatch.setattr(budget, "measure", lambda cfg: threads.append(cfg.runtime.threads) or probe(cfg))
+    monkeypatch.setattr(
+        budget, "measure", lambda cfg, **kw: threads.append(cfg.runtime.threads) or probe(cfg)
+    )
     monkeypatch.setattr(commands, "_cores", lambda: 4)
     spawned = []
     monkeypatch.setattr(commands, "spawn_jobs", lambda argv, jobs, sets, gpus: spawned.append(argv) or 0)
