@@ -631,7 +631,7 @@ def test_cli_pretrain_writes_the_folder(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["step"] == 2 and summary["finished"] and summary["initialised_rows"] == 0
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "card.json",
-                 "README.md", "history.json"):  # fmt: skip
+                 "README.md", "history.json", "mlm_head.safetensors"):  # fmt: skip
         assert (out / name).is_file(), name
     assert (work / "pretrain_state.pt").is_file()
     card = json.loads((out / "card.json").read_text(encoding="utf-8"))

@@ -5,7 +5,8 @@ the project itself: a small BERT trained with masked language modelling (MLM) on
 splits of the registered datasets (never dev or test text; any sentence that also occurs in a dev or
 test split is dropped) plus any unlabelled text the user adds. The result is written with
 ``save_pretrained`` (config, safetensors weights, tokenizer files), so it loads through the same
-``from_pretrained`` call as bert-base-chinese, together with a model card saying how it was built.
+``from_pretrained`` call as bert-base-chinese, together with a model card saying how it was built and
+the masked-LM head beside it (``mlm_head.safetensors``), so ``--init-from`` continues the head too.
 
 Choices, each a documented default:
 
@@ -68,6 +69,17 @@ VECTOR_SPECIALS = {"</s>": None, "<UNK>": "[UNK]"}
 HELD_OUT = 500  # corpus pieces kept aside to measure masked-token accuracy (never trained on)
 CHECKPOINT_NAME = "pretrain_state.pt"
 STATE_VERSION = 1
+# The masked-LM head (BertForMaskedLM's ``cls``), written beside the encoder: ``save_pretrained`` of the
+# BertModel leaves it out, and a continuation that starts it fresh spends its first steps relearning it.
+# The decoder's weight is the word embeddings and its bias is ``cls.predictions.bias`` (both tied), so
+# the transform, its LayerNorm and that bias (one entry a vocabulary row, in the folder's token order)
+# are the whole head.
+MLM_HEAD_NAME = "mlm_head.safetensors"
+MLM_HEAD_BIAS = "cls.predictions.bias"
+MLM_HEAD_TRANSFORM = (
+    "cls.predictions.transform.dense.weight", "cls.predictions.transform.dense.bias",
+    "cls.predictions.transform.LayerNorm.weight", "cls.predictions.transform.LayerNorm.bias",
+)  # fmt: skip
 # Input licences, written into the model card (from shared/data/README.md and shared/pretrained/README.md).
 LICENCES = {
     "weibo": "annotations CC BY-SA 3.0 (golden-horse); messages under Weibo's terms of service",
@@ -110,6 +122,7 @@ class PretrainConfig:
     # Continue from an encoder instead of a fresh initialisation (a shipped name such as crener-char,
     # or a folder in the BERT layout): its weights start every row and layer they share by name and
     # token; characters new to its vocabulary start from ``vectors``. Its width and depth are kept.
+    # Its masked-LM head (``mlm_head.safetensors``) continues too where the folder has one.
     init_from: str | None = None
     # bf16 autocast for the forward pass (weights, optimiser and loss stay fp32). Part of the
     # identity: bf16 and fp32 give different weights. The CLI's "auto" (its default) becomes the
@@ -625,6 +638,8 @@ class InitEncoder:
     path: str
     vocab: dict[str, int]
     state: dict[str, torch.Tensor]  # the encoder's weights (BertModel names, without "bert.")
+    # Its masked-LM head (BertForMaskedLM names), None for a folder written without one.
+    head: dict[str, torch.Tensor] | None = None
 
 
 def check_inputs(cfg: PretrainConfig) -> None:
@@ -669,12 +684,53 @@ def load_init_encoder(cfg: PretrainConfig) -> InitEncoder:
         flags = " ".join(f"--{k} {v}" for k, v in wrong.items())
         raise CrenerError(f"--init-from {cfg.init_from} has another shape: pass {flags}")
     vocab = BertTokenizer.from_pretrained(path).get_vocab()
-    return InitEncoder(str(path), vocab, load_file(path / "model.safetensors"))
+    head = read_mlm_head(path / MLM_HEAD_NAME, bert.hidden_size, len(vocab))
+    if head is None:
+        log.info("%s has no %s: the masked-LM head starts fresh", path, MLM_HEAD_NAME)
+    return InitEncoder(str(path), vocab, load_file(path / "model.safetensors"), head)
+
+
+def mlm_head_state(model) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    """The masked-LM head of ``model`` (a BertForMaskedLM) as :data:`MLM_HEAD_NAME` stores it: copies,
+    since the bias shares its storage with the decoder's, which safetensors refuses to write."""
+    own = model.state_dict()
+    return {k: own[k].detach().clone().contiguous() for k in (*MLM_HEAD_TRANSFORM, MLM_HEAD_BIAS)}
+
+
+def read_mlm_head(path: Path, hidden: int, vocab_size: int) -> dict[str, torch.Tensor] | None:
+    """The head a folder saved (safetensors, never pickle), checked to fit an encoder of width
+    ``hidden`` and ``vocab_size`` tokens; None when there is no such file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        return None
+    try:
+        head = load_file(path)
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}: not a readable masked-LM head ({exc})") from None
+    expected = {k: (hidden, hidden) if k.endswith("dense.weight") else (hidden,) for k in MLM_HEAD_TRANSFORM}
+    expected[MLM_HEAD_BIAS] = (vocab_size,)
+    wrong = [
+        f"{k} is {tuple(head[k].shape) if k in head else 'missing'}, expected {shape}"
+        for k, shape in expected.items()
+        if k not in head or tuple(head[k].shape) != shape
+    ]
+    if wrong or set(head) != set(expected):
+        extra = sorted(set(head) - set(expected))
+        raise CheckpointError(
+            f"{path}: the masked-LM head does not fit this encoder (width {hidden}, {vocab_size} tokens): "
+            + "; ".join(wrong + [f"unexpected {k}" for k in extra[:3]])
+            + f". Delete {path.name} to start the head fresh"
+        )
+    return {k: v.float() for k, v in head.items()}
 
 
 def continue_from(model, vocab: dict[str, int], init: InitEncoder) -> int:  # noqa: ANN001
     """Copy ``init``'s weights into ``model`` (a BertForMaskedLM): every tensor by name, the word
-    embeddings row by token (the vocabularies' orders differ). Returns the rows carried over."""
+    embeddings row by token (the vocabularies' orders differ); with ``init.head``, the head's
+    transform as it is and its output bias by token like the embeddings (tokens new to the
+    vocabulary keep their fresh values). Returns the rows carried over."""
     own = model.bert.state_dict()
     emb = "embeddings.word_embeddings.weight"
     shared = {k: v for k, v in init.state.items() if k in own and k != emb and own[k].shape == v.shape}
@@ -686,6 +742,10 @@ def continue_from(model, vocab: dict[str, int], init: InitEncoder) -> int:  # no
     new_ids, old_ids = (torch.tensor(x) for x in zip(*pairs))
     with torch.no_grad():
         model.bert.embeddings.word_embeddings.weight[new_ids] = init.state[emb][old_ids]
+        if init.head is not None:
+            model.load_state_dict({k: init.head[k] for k in MLM_HEAD_TRANSFORM}, strict=False)
+            # In place: the decoder's bias is this same parameter.
+            model.cls.predictions.bias[new_ids] = init.head[MLM_HEAD_BIAS][old_ids]
     return len(pairs)
 
 
@@ -744,9 +804,10 @@ class MlmData:
 def prepare_mlm_data(cfg: PretrainConfig) -> MlmData:
     """Read the corpus and the starting vectors, build the vocabulary and encode the rows."""
     t_prep = time.perf_counter()
+    # The encoder continued first: one that does not fit is refused before the corpus is read.
+    init = load_init_encoder(cfg) if cfg.init_from else None
     corpus = build_corpus(cfg)
     start = load_start_vectors(cfg.vectors, cfg.data_root)
-    init = load_init_encoder(cfg) if cfg.init_from else None
     vocab = build_vocab(corpus.pieces, start.vocab_tokens | (set(init.vocab) if init else set()))
     # Held-out pieces: a fixed sample of the corpus, for measuring, never for training.
     perm = np.random.default_rng([cfg.seed, 7]).permutation(len(corpus.pieces))
@@ -787,6 +848,8 @@ def build_mlm_model(cfg: PretrainConfig, data: MlmData):  # noqa: ANN201 - trans
         carried = continue_from(model, vocab, init)
         log.info("continuing %s: %d of %d vocabulary rows carried over", cfg.init_from, carried, len(vocab))
         start.files[f"init/{Path(init.path).name}"] = str(Path(init.path) / "model.safetensors")
+        if init.head is not None:
+            start.files[f"init/{Path(init.path).name}/mlm_head"] = str(Path(init.path) / MLM_HEAD_NAME)
     return model, initialised
 
 
@@ -1021,8 +1084,9 @@ def write_encoder(
     cfg: PretrainConfig, out: Path, model, data: MlmData, summary: dict[str, Any], done: MlmProgress,  # noqa: ANN001
     command: str | None, commit: str | None,
 ) -> None:  # fmt: skip
-    """Write the encoder, its tokenizer and its card into ``out`` (whole files only: built beside
-    it, then moved in)."""
+    """Write the encoder, its masked-LM head, its tokenizer and its card into ``out`` (whole files
+    only: built beside it, then moved in)."""
+    from safetensors.torch import save_file
     from transformers import BertTokenizer
 
     tmp = out.with_name(out.name + ".tmp")
@@ -1030,6 +1094,7 @@ def write_encoder(
     tokenizer = BertTokenizer(vocab=data.vocab, do_lower_case=False, strip_accents=False)
     tokenizer.save_pretrained(tmp)
     model.bert.save_pretrained(tmp, safe_serialization=True)
+    save_file(mlm_head_state(model), tmp / MLM_HEAD_NAME, metadata={"format": "pt"})
     inputs = {**data.corpus.files, **data.start.files}
     card = {
         "name": out.name,
@@ -1037,6 +1102,8 @@ def write_encoder(
         "commit": done.first_commit,  # where the build started; a resumed one says where it ended too
         **({"resumed_commit": commit} if commit != done.first_commit else {}),
         "config": cfg.identity(),
+        # Whether the head continued the --init-from encoder's (its file is then among the inputs).
+        **({"mlm_head": "continued" if data.init.head is not None else "fresh"} if data.init else {}),
         "inputs": {label: {"path": _rel_input(path), "sha256": file_digest(path)} for label, path in inputs.items()},
         "licences": licences(cfg, data.start.sources),
         "summary": summary,
@@ -1092,7 +1159,12 @@ def render_card(card: dict[str, Any], history: Sequence[dict[str, float]]) -> st
         *(
             [
                 f"- continued from `{cfg['init_from']}` (its weights start every layer and the rows of its "
-                "characters; new characters start from the vectors; the masked-LM head starts fresh)"
+                "characters; new characters start from the vectors; the masked-LM head "
+                + (
+                    f"continues from `{cfg['init_from']}`)"
+                    if card.get("mlm_head") == "continued"
+                    else "starts fresh)"
+                )
             ]
             if cfg.get("init_from")
             else []
