@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -32,13 +34,47 @@ def write_atomic(path: str | os.PathLike, content: str | bytes | Callable[[IO[by
                 _write(fh, content)
             return path
         path.parent.mkdir(parents=True, exist_ok=True)
-        _replace(path, content)
+        with interrupts_held():
+            _replace(path, content)
     except OSError as exc:
         if exc.filename is None:  # a failed write() names no file; the destination is what to act on
             raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
     _fsync_folder(path.parent)
     return path
+
+
+HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Ctrl-C or SIGTERM arriving inside the block is held until it ends, then delivered as usual.
+
+    An interrupt raised inside a library's writer (``torch.save``'s zip archive) is replaced by that
+    writer's own error as it unwinds (a RuntimeError about the archive's position), so the command
+    failed with a traceback instead of stopping as interrupted. A write takes at most seconds; the
+    file is then whole, and the interrupt follows. Main thread only (elsewhere: no change)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum)) for sig in HELD_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        if pending:
+            _deliver(pending[0], previous[pending[0]])
+
+
+def _deliver(signum: int, handler: object) -> None:
+    """Act on a held signal as ``handler`` (the one in place before the hold) would have."""
+    if callable(handler):
+        handler(signum, None)  # e.g. Python's KeyboardInterrupt, or the command line's SIGTERM one
+    elif handler != signal.SIG_IGN:  # the default action (SIGTERM: the process ends)
+        os.kill(os.getpid(), signum)
 
 
 def _replace(path: Path, content: str | bytes | Callable[[IO[bytes]], object]) -> None:

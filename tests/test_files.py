@@ -80,3 +80,42 @@ def test_reading_a_users_text(tmp_path: Path) -> None:
         read_text(tmp_path)
     with pytest.raises(DataError, match="no such"):
         read_text(tmp_path / "nosuch.txt")
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_an_interrupt_mid_write_waits_for_the_whole_file(tmp_path: Path, signame: str) -> None:
+    """Ctrl-C or SIGTERM inside torch.save's archive surfaced as torch's own RuntimeError; held, it
+    comes after the file is whole, as the interrupt it was (SIGTERM: the command line's Terminated)."""
+    import signal
+
+    import torch
+
+    from crener import checkpoint
+    from crener.cli import Terminated, _terminate_as_interrupt
+
+    sig = getattr(signal, signame)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    state = {"w": torch.arange(100_000, dtype=torch.float32)}
+    path = tmp_path / "last.pt"
+
+    def save(fh) -> None:
+        os.kill(os.getpid(), sig)  # arrives while the archive is being written
+        torch.save(state, fh)
+
+    with _terminate_as_interrupt(), pytest.raises(Terminated if signame == "SIGTERM" else KeyboardInterrupt):
+        write_atomic(path, save)
+    assert torch.equal(checkpoint.read_state(path)["w"], state["w"])  # whole, and the new one
+    assert {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} == before
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_an_ignored_signal_stays_ignored_across_a_write(tmp_path: Path) -> None:
+    import signal
+
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        write_atomic(tmp_path / "x.txt", lambda fh: (os.kill(os.getpid(), signal.SIGTERM), fh.write(b"ok")))
+        assert (tmp_path / "x.txt").read_bytes() == b"ok"
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous)
