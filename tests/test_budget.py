@@ -388,3 +388,31 @@ def tune_minutes(minutes: float, trials: int, probing_s: float = 0.0) -> float:
     from experiments.tune import trial_minutes
 
     return trial_minutes(minutes, trials, probing_s)
+
+
+@pytest.mark.parametrize(("sets", "cached"), [
+    ({"train.encoder_lr": 0.0}, True), ({"train.encoder_top_layers": 1}, True), ({}, False),
+])  # fmt: skip
+def test_a_frozen_encoders_steps_and_scorings_are_timed_as_the_run_meets_them(
+    tiny_data, tmp_path, monkeypatch, sets, cached
+):
+    """Frozen features are cached process-wide: the run reads what the probe encoded, so the probe
+    times its steps, dev scoring and end a second time, and counts the sentences it did not encode."""
+    from crener import train
+
+    cfg = tiny_cfg(tiny_data, **sets)
+    assert budget.caches_features(cfg) is cached
+    calls = {"train_one_epoch": 0, "calibrate_on_dev": 0, "final_test": 0}
+    for name in calls:
+        real = getattr(train, name)
+
+        def counted(*a, _real=real, _name=name, **k):
+            calls[_name] += 1
+            return _real(*a, **k)
+
+        monkeypatch.setattr(train, name, counted)
+    costs = budget.measure(cfg, folder=tmp_path)
+    # warm-up, the pass's own start, the sample (twice where cached)
+    assert calls == {"train_one_epoch": 4 if cached else 3, "calibrate_on_dev": 2 if cached else 1,
+                     "final_test": 2 if cached else 1}  # fmt: skip
+    assert costs.step > 0 and costs.setup > 0 and costs.dev_eval > 0 and costs.end_eval > 0
