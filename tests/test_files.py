@@ -83,7 +83,7 @@ def test_reading_a_users_text(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
-def test_an_interrupt_mid_write_waits_for_the_whole_file(tmp_path: Path, signame: str) -> None:
+def test_an_interrupt_mid_write_waits_for_the_whole_file(tmp_path: Path, signame: str, request) -> None:
     """Ctrl-C or SIGTERM inside torch.save's archive surfaced as torch's own RuntimeError; held, it
     comes after the file is whole, as the interrupt it was (SIGTERM: the command line's Terminated)."""
     import signal
@@ -94,6 +94,9 @@ def test_an_interrupt_mid_write_waits_for_the_whole_file(tmp_path: Path, signame
     from crener.cli import Terminated, _terminate_as_interrupt
 
     sig = getattr(signal, signame)
+    # Python's own Ctrl-C handler, whatever an earlier test of this process left in place.
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous_int))
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     state = {"w": torch.arange(100_000, dtype=torch.float32)}
     path = tmp_path / "last.pt"
