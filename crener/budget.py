@@ -40,7 +40,7 @@ batches * s))``. A tracked run's store costs are one measured write (a write tha
 times the writes it makes (:func:`crener.tracking.run_store_writes`). No safety margin is added:
 each term is an exact repeat of the run's work or bounds it from above (every epoch writes both
 checkpoints), and what is left unmeasured, the interpreter's exit, takes well under a second.
-A frozen encoder's features are cached for the whole process (:func:`caches_features`): a sentence
+A frozen encoder's features are cached for the whole process (``train.caches_features``): a sentence
 is encoded the first time it is seen, so the probe times its steps, the dev scoring and the end a
 second time, as the run meets them, and counts in u the encoding of the training sentences it has
 not seen (per sentence: its steps' first pass less their second). Times are measured, so a plan
@@ -260,7 +260,7 @@ def _time_steps(cfg: RunConfig, parts: Any, opt: Any, device: Any) -> tuple[floa
     first = run(chosen)
     # Twice: a frozen encoder encodes a sentence the first time it is seen and then reads its cached
     # features, so the second pass is what a step costs; the difference is paid once a sentence.
-    steps = run(chosen) if caches_features(cfg) else first
+    steps = run(chosen) if cfg.train.caches_features else first
     sentences = sum(len(b) for b in chosen)
     # Per sentence, for those the probe has not encoded (it did its warm-up's and the sample's).
     left = max(len(parts.train_examples) - sentences, 0)
@@ -268,12 +268,6 @@ def _time_steps(cfg: RunConfig, parts: Any, opt: Any, device: Any) -> tuple[floa
     # At least a microsecond: the plan divides by it, and timing noise may eat a tiny step.
     step = max((steps - start) / max(len(sample), 1), 1e-6)
     return step, batching + start, len(batches), encode_left
-
-
-def caches_features(cfg: RunConfig) -> bool:
-    """Whether the run reads a frozen encoder (or its frozen lower part) through the process-wide
-    feature cache (:func:`crener.train.build_parts`): then a sentence is encoded once, not each time."""
-    return cfg.train.encoder_lr == 0 or cfg.train.encoder_top_layers > 0
 
 
 def _time_curve_row(cfg: RunConfig, parts: Any, device: Any) -> float:
@@ -296,7 +290,7 @@ def _time_epoch_and_end(
     # Through the feature cache (process-wide, so the run finds what the probe encoded), dev and test
     # are encoded at their first scoring here, in the probe's own seconds: time each a second time,
     # as the run will score them.
-    passes = 2 if caches_features(cfg) else 1
+    passes = 2 if cfg.train.caches_features else 1
     for _ in range(passes):
         t0 = time.perf_counter()
         shift = calibrate_on_dev(cfg, parts, device, metrics)

@@ -234,6 +234,12 @@ class TrainConfig:
     # tested as always. The schedule keeps its planned length, so stopping only truncates it.
     patience: int = 0
 
+    @property
+    def caches_features(self) -> bool:
+        """Whether the encoder (or its lower part) is frozen and read through the process-wide
+        feature cache, so a sentence is encoded once, not at every step."""
+        return self.encoder_lr == 0 or self.encoder_top_layers > 0
+
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ConfigError(f"train.epochs={self.epochs}: must be >= 1")

@@ -234,7 +234,7 @@ def prepare_for_training(
     # Only a family that reads the field (so has it in its run key) may act on it.
     if cfg.model.prior_bias and registry.reads(cfg.model.name, "prior_bias"):
         start_from_priors(parts.model, parts.task, parts.train_examples)
-    if cfg.train.encoder_lr == 0 or cfg.train.encoder_top_layers:
+    if cfg.train.caches_features:
         # A frozen encoder (or its frozen lower part) is a fixed feature extractor (dropout off): no
         # gradient, no optimiser state, and every distinct sentence encoded once per process,
         # whatever the cell of a sweep.

@@ -401,7 +401,7 @@ def test_a_frozen_encoders_steps_and_scorings_are_timed_as_the_run_meets_them(
     from crener import train
 
     cfg = tiny_cfg(tiny_data, **sets)
-    assert budget.caches_features(cfg) is cached
+    assert cfg.train.caches_features is cached
     calls = {"train_one_epoch": 0, "calibrate_on_dev": 0, "final_test": 0}
     for name in calls:
         real = getattr(train, name)
