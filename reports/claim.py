@@ -389,7 +389,7 @@ def write_claim_page(
     counts = tables.run_counts(lambda run_id: collect.load_predictions(run_id, uri))
     result = evaluate_claim(index, counts, claim, profile, resamples=resamples, seed=seed)
     command = command or f"crener report --claim {dataset} --profile {profile} --page {page}"
-    stamp = page_stamp(command, uri, runs, index, profile)
+    stamp = page_stamp(command, uri, runs, index.runs, profile)
     header = [
         *index.header(profile),
         f"runs of sweeps {', '.join(sources)}; the latest run of a seed is used",

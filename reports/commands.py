@@ -79,6 +79,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "tests over seeds, the verdict and every run id (e.g. --claim weibo --profile full --page "
         "reports/claim-weibo.md)",
     )
+    p.add_argument(
+        "--time-to-accuracy",
+        action="store_true",
+        help="instead of the report, write to --page FILE what each run of the full variant at --profile from "
+        "--sweeps reached on dev in how many minutes of its machine, with the dev-F1-against-minutes figure "
+        "beside the page (e.g. --time-to-accuracy --profile full --sweeps adhoc --page "
+        "reports/time-to-accuracy.md, for the runs of crener train --time-budget)",
+    )
     p.set_defaults(func=_run)
 
 
@@ -102,8 +110,15 @@ def _run(args: argparse.Namespace) -> int:
             raise CrenerError(
                 f"--claim writes the page named by --page FILE: add it, e.g. reports/claim-{args.claim}.md"
             )
+    if args.time_to_accuracy:
+        if args.claim is not None:
+            raise CrenerError("--time-to-accuracy and --claim each write their own page: give one")
+        if not args.page:
+            raise CrenerError(
+                "--time-to-accuracy writes the page named by --page FILE: add it, e.g. reports/time-to-accuracy.md"
+            )
     # What the report reads and writes, before any of it is made.
-    if args.claim is None:  # the claim's page is all it writes
+    if args.claim is None and not args.time_to_accuracy:  # the claim's page is all it writes
         check_folder(args.out, "--out")
     if args.page:  # its folder is made if missing, as --out's is
         if Path(args.page).is_dir():
@@ -129,6 +144,18 @@ def _run(args: argparse.Namespace) -> int:
             command="crener " + shlex.join(sys.argv[1:]),
         )
         log.info("claim page: %s", path)
+        return 0
+    if args.time_to_accuracy:
+        from reports.timing import write_timing_page
+
+        path = write_timing_page(
+            args.profile,
+            args.page,
+            tracking_uri=args.tracking_uri,
+            sweeps=sweeps,
+            command="crener " + shlex.join(sys.argv[1:]),
+        )
+        log.info("time-to-accuracy page: %s", path)
         return 0
     _check_optuna_server(args.optuna_storage)
     from reports.make_report import main  # (loads pandas and matplotlib)

@@ -118,7 +118,7 @@ def main(
         ),
     )
     if page is not None:
-        stamp = page_stamp(command, uri, all_runs, index, profile)
+        stamp = page_stamp(command, uri, all_runs, index.runs, profile)
         Path(page).parent.mkdir(parents=True, exist_ok=True)
         write_atomic(Path(page), results_page(profile, stamp, built, index, missing))
         log.info("and the results page %s", page)
@@ -165,13 +165,13 @@ def _figures(
     return figures
 
 
-def page_stamp(command: str, uri: str, all_runs: pd.DataFrame, index: tables.RunIndex, profile: str) -> str:
+def page_stamp(command: str, uri: str, all_runs: pd.DataFrame, used: pd.DataFrame, profile: str) -> str:
     """Where a results page's figures come from: the command, the report's commit and date, and the
-    commits and machines its runs trained on (a figure compares with figures of its machine only)."""
+    commits and machines its runs (``used``, of ``all_runs`` logged) trained on (a figure compares
+    with figures of its machine only)."""
     from crener.device import machine_info
 
     m = machine_info()
-    used = index.runs
     commits = sorted({str(c)[:7] for c in used.get("git_commit", pd.Series(dtype=object)).dropna()})
     machines = sorted({str(c) for c in used.get("machine", pd.Series(dtype=object)).dropna() if str(c)})
     untagged = len(used) - int(used["machine"].notna().sum()) if "machine" in used else len(used)

@@ -161,9 +161,14 @@ def with_minutes(history: pd.DataFrame) -> pd.DataFrame:
 
 
 def learning_curves(
-    history: pd.DataFrame, stem: Path, metric: str = "dev/f1", x: str = "epoch"
+    history: pd.DataFrame,
+    stem: Path,
+    metric: str = "dev/f1",
+    x: str = "epoch",
+    by: tuple[str, ...] = ("model", "variant"),
 ) -> list[Path]:
-    """Dev F1 per epoch for each (model, variant), mean over seeds with a ± std band.
+    """Dev F1 per epoch for each line (by default each (model, variant); ``by`` names the columns
+    that tell lines apart), mean over seeds with a ± std band.
 
     ``history``: columns ``model, variant, dataset, seed, epoch`` and ``metric`` (fractions).
     ``x="minutes"``: against wall-clock minutes instead (each run's cumulative ``epoch_seconds``,
@@ -178,10 +183,12 @@ def learning_curves(
         if not len(sub) or metric not in sub:
             ax.text(0.5, 0.5, "no runs", ha="center", transform=ax.transAxes)
         else:
-            for (model, variant), grp in sub.groupby(["model", "variant"], sort=True):
+            for keys, grp in sub.groupby(list(by), sort=True):
                 curve = grp.groupby("epoch")[metric].agg(["mean", "std"]).sort_index()
                 xs = grp.groupby("epoch")["minutes"].mean().sort_index() if "minutes" in grp else curve.index
-                label = f"{model} {VARIANT_LABELS.get(variant, variant)}"
+                label = " ".join(
+                    VARIANT_LABELS.get(v, v) if col == "variant" else str(v) for col, v in zip(by, keys)
+                )
                 line = ax.plot(xs, curve["mean"] * 100, marker="o", markersize=3, label=label)[0]
                 std = curve["std"].fillna(0).to_numpy() * 100
                 ax.fill_between(

@@ -293,7 +293,7 @@ class RunIndex:
         out = set()
         for model, enc, w in zip(df["model"], df["encoder"], weights, strict=True):
             # A family that reads no encoder (TENER) still records the profile's name: not a build.
-            if pd.isna(enc) or not _reads_encoder(model):
+            if pd.isna(enc) or not reads_encoder(model):
                 continue
             out.add(f"{enc} (weights {str(w)[:12]})" if isinstance(w, str) and w else str(enc))
         return sorted(out)
@@ -349,7 +349,7 @@ def main_table(index: RunIndex, n: int, profile: str, msra_protocol: str = "line
     ref = ref.set_index("system").loc[order].reset_index()
 
     display_rows, data_rows, notes, footnotes, missing = [], [], [], [], []
-    regimes: dict[str, set[str]] = {}  # system -> how its runs trained the encoder (_encoder_regimes)
+    regimes: dict[str, set[str]] = {}  # system -> how its runs trained the encoder (encoder_regimes)
     for row in ref.to_dict("records"):
         marker = ""
         if row["note"]:
@@ -397,7 +397,7 @@ def main_table(index: RunIndex, n: int, profile: str, msra_protocol: str = "line
             display_rows.append(shown)
             data_rows.append(data)
             if cell is not None:
-                regimes.setdefault(row["system"], set()).update(_encoder_regimes(cell, row["model"]))
+                regimes.setdefault(row["system"], set()).update(encoder_regimes(cell, row["model"]))
                 if cell.run_ids:
                     footnotes.append((f"{label.split(' [')[0]} (P, R, F1 ours)", cell.run_ids))
                 line = _missing_line(row["model"], row["variant"], dataset, protocol or msra_protocol, cell)
@@ -425,18 +425,18 @@ def main_table(index: RunIndex, n: int, profile: str, msra_protocol: str = "line
     )
 
 
-def _reads_encoder(model: str | None) -> bool:
+def reads_encoder(model: str | None) -> bool:
     """False for a registered family whose forward never runs the encoder (``uses_encoder``)."""
     return model not in registry.names() or registry.get(model).uses_encoder
 
 
-def _encoder_regimes(cell: Cell, model: str | None = None) -> set[str]:
+def encoder_regimes(cell: Cell, model: str | None = None) -> set[str]:
     """How the cell's runs trained their character encoder: "frozen", "fine-tuned at LR", "top k
     layers fine-tuned at LR" (``train.encoder_top_layers``), or "no pretrained encoder" for a family
     whose forward never runs it (``uses_encoder``), with the character vectors its own embeddings
     started from where the runs logged them."""
     col = "params.train.encoder_lr"
-    if not _reads_encoder(model):
+    if not reads_encoder(model):
         if not len(cell.runs):
             return set()
         vectors = "params.model.char_vectors"
@@ -559,7 +559,7 @@ def ablation_table(index: RunIndex, profile: str, msra_protocol: str = "lineage"
 
     display_rows, data_rows, footnotes, missing, notes = [], [], [], [], []
     regimes = {  # how each row's runs trained the encoder (_encoder_note)
-        VARIANT_LABELS[v]: set().union(*(_encoder_regimes(cells[(v, ds)], "crener") for ds in DATASETS))
+        VARIANT_LABELS[v]: set().union(*(encoder_regimes(cells[(v, ds)], "crener") for ds in DATASETS))
         for v in VARIANT_LABELS
     }
     for v, label in VARIANT_LABELS.items():

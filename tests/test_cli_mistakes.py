@@ -615,6 +615,10 @@ MISTAKES: dict[str, Mistake] = {
         f"report --optuna-storage {PG_SILENT}", f"{PG_SILENT_SHOWN} is not a PostgreSQL server", "2"
     ),
     "report: missing data root": M("report --data-root {tmp}/nodir", "{tmp}/nodir", "4"),
+    "report: time to accuracy without a page": M("report --time-to-accuracy", "--page FILE", "own"),
+    "report: time to accuracy and a claim": M(
+        "report --time-to-accuracy --claim weibo --page {tmp}/p.md", "--claim", "own"
+    ),
     # ----------------------------------------------------------------- --time-budget (issue 35)
     "reproduce: time budget 0": M(f"{REPRO} --time-budget 0", "--time-budget 0", "4"),
     "reproduce: time budget on a remote cluster": M(

@@ -744,10 +744,10 @@ def test_main_tables_name_the_encoder_regime_and_flag_rows_that_differ(index):
         ),
         (0, 1),
     )
-    assert tables._encoder_regimes(tuned) == {"fine-tuned at 0.0001"}
-    assert tables._encoder_regimes(top) == {"top 1 layer fine-tuned at 0.0001 (lower layers frozen)"}
+    assert tables.encoder_regimes(tuned) == {"fine-tuned at 0.0001"}
+    assert tables.encoder_regimes(top) == {"top 1 layer fine-tuned at 0.0001 (lower layers frozen)"}
     note = tables._encoder_note(
-        {"BERT-CRF": tables._encoder_regimes(tuned), "CRENER": tables._encoder_regimes(frozen)}
+        {"BERT-CRF": tables.encoder_regimes(tuned), "CRENER": tables.encoder_regimes(frozen)}
     )
     assert note == (
         "Encoder regime DIFFERS between rows, so they compare training regimes as well as models "
@@ -760,7 +760,7 @@ def test_main_tables_name_the_encoder_regime_and_flag_rows_that_differ(index):
     # A row without a pretrained encoder (TENER) is named, not counted as a difference.
     one = tables._encoder_note(
         {
-            "CRENER": tables._encoder_regimes(top),
+            "CRENER": tables.encoder_regimes(top),
             "TENER": {"no pretrained encoder, model.char_vectors=default"},
         }
     )
@@ -769,18 +769,18 @@ def test_main_tables_name_the_encoder_regime_and_flag_rows_that_differ(index):
         "the pretrained encoder; no pretrained encoder, model.char_vectors=default: TENER."
     )
     assert tables._encoder_note({}) is None
-    assert tables._encoder_regimes(frozen, "tener") == {"no pretrained encoder"}  # logged before char_vectors
+    assert tables.encoder_regimes(frozen, "tener") == {"no pretrained encoder"}  # logged before char_vectors
     tener = tables.Cell(
         pd.DataFrame(
             {"run_id": ["d", "e"], "seed": [0, 1], "params.model.char_vectors": ["default", "none"]}
         ),
         (0, 1),
     )
-    assert tables._encoder_regimes(tener, "tener") == {
+    assert tables.encoder_regimes(tener, "tener") == {
         "no pretrained encoder, model.char_vectors=default",
         "no pretrained encoder",
     }
-    assert tables._encoder_regimes(frozen, "crener") == {"frozen"}
+    assert tables.encoder_regimes(frozen, "crener") == {"frozen"}
     # Table 6 names its regime too.
     assert "Encoder regime: frozen in every row that runs the pretrained encoder." in (
         tables.ablation_table(index, "quick").notes

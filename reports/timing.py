@@ -1,0 +1,196 @@
+"""Time to accuracy as a stamped, committed page: what each system reaches on dev in how many
+minutes of this machine (``crener report --time-to-accuracy --page FILE``).
+
+One row per finished run of the ``full`` variant of a model (any sweep the command names, so the
+runs of ``crener train --time-budget`` count): its encoder, how it trained it, the budget it was
+planned for, the best dev F1 on its curve and the minutes that took, the minutes it took to first
+reach the dataset's target, and its test F1. The figure draws dev F1 against minutes, one line
+per (model, encoder). Minutes are the run's own: the cumulative ``epoch_seconds`` it logged
+(training and dev evaluation), which leave out start-up and the final test; ``run min`` is the
+run's ``seconds`` (everything after start-up). Nothing is trained.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+from tabulate import tabulate
+
+from crener.files import write_atomic
+from crener.workspace import tracking_uri as resolve_tracking_uri
+from reports import collect, tables
+
+log = logging.getLogger(__name__)
+
+# The dev F1 a run is timed to on each dataset: the time-to-accuracy goals this page is read
+# against (reports/decisions.md says where they come from). A dataset without one gets "—".
+TARGETS: dict[str, float] = {"resume": 0.93, "weibo": 0.55}
+
+COLUMNS = (
+    "model",
+    "dataset",
+    "encoder",
+    "encoder regime",
+    "seed",
+    "budget min",
+    "steps",
+    "run min",
+    "best dev F1",
+    "at min",
+    "target",
+    "reached at min",
+    "test F1",
+    "run",
+)
+
+
+def curve_row(history: pd.DataFrame, target: float | None) -> dict[str, float]:
+    """From one run's per-epoch curve (``epoch``, ``dev/f1``, ``epoch_seconds``): the best dev F1,
+    the minutes at which the curve first reached it, and the minutes at which it first reached
+    ``target`` (NaN if it never did or there is no target)."""
+    hist = history.dropna(subset=["dev/f1"]).sort_values("epoch")
+    if not len(hist) or "epoch_seconds" not in hist:
+        return {"best": math.nan, "at": math.nan, "reached": math.nan}
+    minutes = hist["epoch_seconds"].cumsum() / 60
+    f1 = hist["dev/f1"].to_numpy()
+    best_i = int(f1.argmax())  # argmax: the first epoch with the best value
+    hit = [i for i, v in enumerate(f1) if target is not None and v >= target]
+    return {
+        "best": float(f1[best_i]),
+        "at": float(minutes.iloc[best_i]),
+        "reached": float(minutes.iloc[hit[0]]) if hit else math.nan,
+    }
+
+
+def encoder_name(value: object) -> str:
+    """A run's encoder as a short name: a path's last part (``.crener/encoders/x`` -> ``x``)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
+        return "—"
+    return Path(str(value)).name or str(value)
+
+
+def _param(row: dict, name: str) -> str:
+    """A logged param as the page shows it: "—" where the run did not log it or logged 0 (a time
+    budget of 0 is none; a step cap of 0 is no cap)."""
+    value = row.get(f"params.{name}")
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    try:
+        return "—" if float(value) == 0 else f"{float(value):g}"
+    except ValueError:
+        return str(value)
+
+
+def timing_rows(runs: pd.DataFrame, history: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """One row per run (:data:`COLUMNS`), F1 as fractions and minutes as floats; ``history`` maps
+    run id -> its curve (:func:`reports.collect.load_history`)."""
+    rows = []
+    for row in runs.to_dict("records"):
+        target = TARGETS.get(str(row["dataset"]))
+        curve = curve_row(history.get(row["run_id"], pd.DataFrame()), target)
+        cell = tables.Cell(pd.DataFrame([row]), ())
+        regimes = tables.encoder_regimes(cell, row["model"])
+        rows.append(
+            {
+                "model": row["model"],
+                "dataset": row["dataset"],
+                "encoder": encoder_name(row.get("encoder")) if tables.reads_encoder(row["model"]) else "—",
+                "encoder regime": ", ".join(sorted(regimes)) or "—",
+                "seed": row["seed"],
+                "budget min": _param(row, "runtime.time_budget"),
+                "steps": _param(row, "train.max_steps"),
+                "run min": float(row.get("seconds", math.nan)) / 60,
+                "best dev F1": curve["best"],
+                "at min": curve["at"],
+                "target": target if target is not None else math.nan,
+                "reached at min": curve["reached"],
+                "test F1": float(row.get("best/test_f1", math.nan)),
+                "run": str(row["run_id"])[:8],
+            }
+        )
+    return pd.DataFrame(rows, columns=list(COLUMNS))
+
+
+def _fmt(column: str, value: object) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "never" if column == "reached at min" else "—"
+        return f"{value * 100:.2f}" if column in ("best dev F1", "target", "test F1") else f"{value:.1f}"
+    return str(value)
+
+
+def timing_page(rows: pd.DataFrame, stamp: str, figure: str | None, run_ids: Sequence[str]) -> str:
+    """The page: title, stamp, how to read it, the table, the figure and every run id."""
+    body = [[_fmt(c, v) for c, v in zip(COLUMNS, r, strict=True)] for r in rows.itertuples(index=False)]
+    lines = [
+        "# Time to accuracy",
+        "",
+        stamp,
+        "",
+        "Dev F1 ×100 on each run's curve (one evaluation an epoch), and the minutes that took on the "
+        "machine above: the run's cumulative training and dev-evaluation time, without start-up and "
+        "the final test (`run min` is the whole run after start-up). `budget min` is the "
+        "`--time-budget` the run's steps were planned for (— if none); `reached at min` is when the "
+        "curve first reached the dataset's `target` (never: not within the run). `test F1` is the "
+        "test score of the best dev checkpoint. One seed a row: a single run, not a mean.",
+        "",
+        tabulate(body, headers=list(COLUMNS), tablefmt="github", disable_numparse=True)
+        if body
+        else "No finished runs.",
+        "",
+    ]
+    if figure:
+        lines += [f"![dev F1 against minutes]({figure})", ""]
+    lines += ["<details><summary>MLflow run ids</summary>", ""]
+    lines += [f"- {r}" for r in run_ids] or ["- none"]
+    lines += ["", "</details>"]
+    return "\n".join(lines) + "\n"
+
+
+def latest_runs(runs: pd.DataFrame, sweeps: Sequence[str]) -> pd.DataFrame:
+    """The finished ``full``-variant runs of ``sweeps``, the latest of each run key: unlike the
+    tables' index, two encoders (or budgets) of one model, dataset and seed are two rows here."""
+    keep = (runs["state"] == "finished") & runs["sweep"].isin(list(sweeps)) & runs["variant"].isin(["full"])
+    df = runs[keep].sort_values("start_time")
+    df = df.drop_duplicates("key", keep="last")
+    return df.sort_values(["dataset", "model", "start_time"]).reset_index(drop=True)
+
+
+def write_timing_page(
+    profile: str,
+    page: str | Path,
+    *,
+    tracking_uri: str | None = None,
+    sweeps: Sequence[str] = tables.TABLE_SWEEPS,
+    command: str = "",
+) -> Path:
+    """Write the time-to-accuracy page of ``profile``'s finished ``full``-variant runs from
+    ``sweeps`` to ``page``, with its figure beside it (``<page stem>.png``)."""
+    from reports import plots
+    from reports.make_report import page_stamp  # (loads matplotlib)
+
+    uri = resolve_tracking_uri(tracking_uri)
+    all_runs = collect.collect_runs(uri, profile=profile, finished_only=False)
+    runs = latest_runs(all_runs, sweeps)
+    history = {run_id: collect.load_history(run_id, uri) for run_id in runs["run_id"]}
+    rows = timing_rows(runs, history)
+    page = Path(page)
+    figure = None
+    if len(runs):
+        plots.setup_cjk_font()  # or English labels only, where the machine has no CJK font
+        curves = pd.concat(
+            [h.assign(run_id=i) for i, h in history.items() if len(h)], ignore_index=True
+        ).merge(runs[["run_id", "model", "dataset", "seed", "encoder"]], on="run_id")
+        curves["encoder"] = curves["encoder"].map(encoder_name)
+        paths = plots.learning_curves(curves, page.with_suffix(""), x="minutes", by=("model", "encoder"))
+        figure = next(p.name for p in paths if p.suffix == ".png")
+    command = command or f"crener report --time-to-accuracy --profile {profile} --page {page}"
+    stamp = page_stamp(command, uri, all_runs, runs, profile)
+    page.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(page, timing_page(rows, stamp, figure, list(runs["run_id"])))
+    log.info("time-to-accuracy page %s: %d runs", page, len(runs))
+    return page

@@ -1,0 +1,141 @@
+"""reports.timing: the time-to-accuracy page (crener report --time-to-accuracy) reads each run's
+curve into the minutes it took to its best dev F1 and to the dataset's target, keeps two encoders
+of one model and seed apart, and writes a stamped page with its figure and every run id."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from reports import timing
+
+
+def curve(f1s, seconds, order=None):
+    df = pd.DataFrame({"epoch": range(1, len(f1s) + 1), "dev/f1": f1s, "epoch_seconds": seconds})
+    return df.iloc[order] if order is not None else df
+
+
+def test_curve_row_times_the_best_and_the_target_from_the_cumulative_epoch_seconds():
+    # Stored out of order on purpose: the minutes are cumulative in epoch order.
+    hist = curve([0.50, 0.93, 0.95, 0.95], [60, 60, 120, 60], order=[2, 0, 3, 1])
+    row = timing.curve_row(hist, 0.93)
+    assert row == {"best": 0.95, "at": 4.0, "reached": 2.0}  # the first epoch with the best value
+    assert timing.curve_row(hist, 0.96)["reached"] != timing.curve_row(hist, 0.96)["reached"]  # NaN: never
+    assert math.isnan(timing.curve_row(hist, None)["reached"])
+    # An epoch without a dev score (a resumed run's gap) counts neither its F1 nor its seconds.
+    gap = curve([0.4, float("nan"), 0.6], [30, 30, 30])
+    assert timing.curve_row(gap, 0.5) == {"best": 0.6, "at": 1.0, "reached": 1.0}
+    empty = timing.curve_row(pd.DataFrame(columns=["epoch", "dev/f1", "epoch_seconds"]), 0.5)
+    assert all(math.isnan(v) for v in empty.values())
+
+
+def run(
+    run_id, key, start, *, encoder="crener-char", state="finished", sweep="adhoc", variant="full", **extra
+):
+    return {
+        "run_id": run_id, "key": key, "start_time": start, "state": state, "sweep": sweep,
+        "model": extra.pop("model", "crener"), "variant": variant, "dataset": extra.pop("dataset", "resume"),
+        "seed": 0, "encoder": encoder, "seconds": 600.0, "best/test_f1": 0.9,
+        "params.train.encoder_lr": "0.0001", "params.runtime.time_budget": "20.0",
+        "params.train.max_steps": "122", **extra,
+    }  # fmt: skip
+
+
+def test_latest_runs_keeps_two_encoders_of_one_seed_and_the_latest_run_of_a_key():
+    runs = pd.DataFrame(
+        [
+            run("old", "k1", 1),
+            run("new", "k1", 2),  # the same key run again: supersedes "old"
+            run("cont", "k2", 3, encoder="/x/.crener/encoders/cont-splits-2400"),  # same model and seed
+            run("failed", "k3", 4, state="failed"),
+            run("tuned", "k4", 5, sweep="tune"),
+            run("ablated", "k5", 6, variant="no_region"),
+        ]
+    )
+    assert list(timing.latest_runs(runs, ("adhoc",))["run_id"]) == ["new", "cont"]
+    assert list(timing.latest_runs(runs, ("adhoc", "tune"))["run_id"]) == ["new", "cont", "tuned"]
+
+
+def test_the_page_shows_each_run_with_its_minutes_targets_and_ids():
+    runs = pd.DataFrame(
+        [
+            run("aaaaaaaa-1", "k1", 1, encoder="/x/.crener/encoders/cont-splits-2400"),
+            run("bbbbbbbb-2", "k2", 2, dataset="weibo", **{"params.runtime.time_budget": "0.0"}),
+            run("cccccccc-3", "k3", 3, model="tener", dataset="msra"),
+        ]
+    )
+    history = {
+        "aaaaaaaa-1": curve([0.90, 0.94], [300, 300]),
+        "bbbbbbbb-2": curve([0.40, 0.50], [120, 120]),
+        "cccccccc-3": curve([0.80], [60]),
+    }
+    rows = timing.timing_rows(runs, history)
+    first = rows.iloc[0]
+    assert first["encoder"] == "cont-splits-2400"
+    assert first["encoder regime"] == "fine-tuned at 0.0001"
+    assert (first["budget min"], first["steps"], first["run min"]) == ("20", "122", 10.0)
+    assert (first["best dev F1"], first["at min"], first["reached at min"]) == (0.94, 10.0, 10.0)
+    assert rows.iloc[1]["budget min"] == "—" and math.isnan(rows.iloc[1]["reached at min"])  # 0.50 < 0.55
+    assert rows.iloc[2]["encoder"] == "—" and rows.iloc[2]["encoder regime"] == "no pretrained encoder"
+    assert math.isnan(rows.iloc[2]["target"])  # MSRA has no target
+    page = timing.timing_page(rows, "STAMP", "fig.png", list(runs["run_id"]))
+    lines = page.splitlines()
+    assert lines[:3] == ["# Time to accuracy", "", "STAMP"]
+    table = [ln for ln in lines if ln.startswith("| crener") or ln.startswith("| tener")]
+    cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in table]
+    assert cells[0] == [
+        "crener", "resume", "cont-splits-2400", "fine-tuned at 0.0001", "0", "20", "122", "10.0",
+        "94.00", "10.0", "93.00", "10.0", "90.00", "aaaaaaaa",
+    ]  # fmt: skip
+    assert cells[1][5] == "—" and cells[1][11] == "never" and cells[1][10] == "55.00"
+    assert cells[2][10] == "—" and cells[2][11] == "never"
+    assert "![dev F1 against minutes](fig.png)" in lines
+    assert all(f"- {r}" in lines for r in runs["run_id"])
+
+
+@pytest.fixture
+def store(tmp_path):
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("crener-adhoc-full", artifact_location=(tmp_path / "art").as_uri())
+    for i, (model, encoder) in enumerate(
+        (("crener", "crener-char"), ("crener", "/e/cont"), ("w2ner", "crener-char"))
+    ):
+        tags = {
+            "crener.key": f"key{i}", "crener.sweep": "adhoc", "crener.model": model, "crener.variant": "full",
+            "crener.dataset": "weibo", "crener.profile": "full", "crener.seed": "0", "crener.encoder": encoder,
+            "crener.state": "finished", "crener.git_commit": "abc1234", "crener.machine": "a CPU, 2 cores",
+        }  # fmt: skip
+        rid = client.create_run(exp, tags=tags).info.run_id
+        curve_points = [
+            Metric(k, v, 0, epoch)
+            for epoch in (1, 2)
+            for k, v in (("dev/f1", 0.3 * epoch + 0.01 * i), ("epoch_seconds", 90.0))
+        ]
+        client.log_batch(
+            rid,
+            metrics=[Metric("best/test_f1", 0.5, 0, 0), Metric("seconds", 200.0, 0, 0), *curve_points],
+            params=[Param("train.encoder_lr", "0.0001"), Param("runtime.time_budget", "15.0")],
+        )
+        client.set_terminated(rid, "FINISHED")
+    return uri
+
+
+def test_write_timing_page_reads_the_store_and_writes_the_page_and_its_figure(store, tmp_path):
+    page = timing.write_timing_page(
+        "full", tmp_path / "out" / "tta.md", tracking_uri=store, sweeps=("adhoc",)
+    )
+    text = page.read_text(encoding="utf-8")
+    assert "Runs: 3 finished of 3 logged for profile `full`" in text and "a CPU, 2 cores" in text
+    rows = [ln for ln in text.splitlines() if ln.startswith("| crener") or ln.startswith("| w2ner")]
+    assert len(rows) == 3
+    # Weibo's target 0.55: reached at the second evaluation (0.60 + 0.01 i), after 3.0 minutes.
+    assert all(ln.split("|")[12].strip() == "3.0" for ln in rows)
+    assert "| cont " in rows[1] or "| cont |" in rows[1].replace("  ", " ")
+    assert (tmp_path / "out" / "tta.png").stat().st_size > 0
+    assert "![dev F1 against minutes](tta.png)" in text
