@@ -37,7 +37,7 @@ COLUMNS = (
     "encoder regime",
     "seed",
     "budget min",
-    "steps",
+    "steps an epoch",
     "run min",
     "best dev F1",
     "at min",
@@ -102,7 +102,7 @@ def timing_rows(runs: pd.DataFrame, history: dict[str, pd.DataFrame]) -> pd.Data
                 "encoder regime": ", ".join(sorted(regimes)) or "—",
                 "seed": row["seed"],
                 "budget min": _param(row, "runtime.time_budget"),
-                "steps": _param(row, "train.max_steps"),
+                "steps an epoch": _param(row, "train.max_steps"),
                 "run min": float(row.get("seconds", math.nan)) / 60,
                 "best dev F1": curve["best"],
                 "at min": curve["at"],
@@ -134,8 +134,9 @@ def timing_page(rows: pd.DataFrame, stamp: str, figure: str | None, run_ids: Seq
         "Dev F1 ×100 on each run's curve (one evaluation an epoch), and the minutes that took on the "
         "machine above: the run's cumulative training and dev-evaluation time, without start-up and "
         "the final test (`run min` is the whole run after start-up). `budget min` is the "
-        "`--time-budget` the run's steps were planned for (— if none); `reached at min` is when the "
-        "curve first reached the dataset's `target` (never: not within the run). `test F1` is the "
+        "`--time-budget` the run's steps were planned for (— if none), `steps an epoch` its step cap "
+        "an epoch; `reached at min` is when the curve first reached the dataset's `target` (never: "
+        "not within the run). `test F1` is the "
         "test score of the best dev checkpoint. One seed a row: a single run, not a mean.",
         "",
         tabulate(body, headers=list(COLUMNS), tablefmt="github", disable_numparse=True)

@@ -46,6 +46,7 @@ RESULTS_PAGES = {
     "reports/encoders-quick.md": "crener encoders",
     "reports/performance.md": "crener bench",
     "reports/tuning-quick.md": "crener tune ... --page",
+    "reports/time-to-accuracy.md": "crener report --time-to-accuracy --page",
 }
 # Pages under reports/ that people write (not results): no stamp expected.
 HAND_WRITTEN = {"reports/decisions.md"}

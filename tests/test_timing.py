@@ -75,7 +75,7 @@ def test_the_page_shows_each_run_with_its_minutes_targets_and_ids():
     first = rows.iloc[0]
     assert first["encoder"] == "cont-splits-2400"
     assert first["encoder regime"] == "fine-tuned at 0.0001"
-    assert (first["budget min"], first["steps"], first["run min"]) == ("20", "122", 10.0)
+    assert (first["budget min"], first["steps an epoch"], first["run min"]) == ("20", "122", 10.0)
     assert (first["best dev F1"], first["at min"], first["reached at min"]) == (0.94, 10.0, 10.0)
     assert rows.iloc[1]["budget min"] == "—" and math.isnan(rows.iloc[1]["reached at min"])  # 0.50 < 0.55
     assert rows.iloc[2]["encoder"] == "—" and rows.iloc[2]["encoder regime"] == "no pretrained encoder"
