@@ -52,10 +52,15 @@ def curve_row(history: pd.DataFrame, target: float | None) -> dict[str, float]:
     """From one run's per-epoch curve (``epoch``, ``dev/f1``, ``epoch_seconds``): the best dev F1,
     the minutes at which the curve first reached it, and the minutes at which it first reached
     ``target`` (NaN if it never did or there is no target)."""
-    hist = history.dropna(subset=["dev/f1"]).sort_values("epoch")
-    if not len(hist) or "epoch_seconds" not in hist:
+    if "epoch_seconds" not in history or "dev/f1" not in history:
         return {"best": math.nan, "at": math.nan, "reached": math.nan}
-    minutes = hist["epoch_seconds"].cumsum() / 60
+    hist = history.sort_values("epoch")
+    # Minutes over every epoch logged, then the epochs that were scored: an unscored epoch's time
+    # still passed.
+    hist = hist.assign(minutes=hist["epoch_seconds"].fillna(0).cumsum() / 60).dropna(subset=["dev/f1"])
+    if not len(hist):
+        return {"best": math.nan, "at": math.nan, "reached": math.nan}
+    minutes = hist["minutes"]
     f1 = hist["dev/f1"].to_numpy()
     best_i = int(f1.argmax())  # argmax: the first epoch with the best value
     hit = [i for i, v in enumerate(f1) if target is not None and v >= target]

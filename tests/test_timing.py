@@ -24,9 +24,9 @@ def test_curve_row_times_the_best_and_the_target_from_the_cumulative_epoch_secon
     assert row == {"best": 0.95, "at": 4.0, "reached": 2.0}  # the first epoch with the best value
     assert timing.curve_row(hist, 0.96)["reached"] != timing.curve_row(hist, 0.96)["reached"]  # NaN: never
     assert math.isnan(timing.curve_row(hist, None)["reached"])
-    # An epoch without a dev score (a resumed run's gap) counts neither its F1 nor its seconds.
+    # An epoch without a dev score has no F1, but its seconds passed.
     gap = curve([0.4, float("nan"), 0.6], [30, 30, 30])
-    assert timing.curve_row(gap, 0.5) == {"best": 0.6, "at": 1.0, "reached": 1.0}
+    assert timing.curve_row(gap, 0.5) == {"best": 0.6, "at": 1.5, "reached": 1.5}
     empty = timing.curve_row(pd.DataFrame(columns=["epoch", "dev/f1", "epoch_seconds"]), 0.5)
     assert all(math.isnan(v) for v in empty.values())
 
