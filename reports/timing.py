@@ -5,7 +5,7 @@ One row per finished run of the ``full`` variant of a model (any sweep the comma
 runs of ``crener train --time-budget`` count): its encoder, how it trained it, the budget it was
 planned for, the best dev F1 on its curve and the minutes that took, the minutes it took to first
 reach the dataset's target, and its test F1. The figure draws dev F1 against minutes, one line
-per (model, encoder). Minutes are the run's own: the cumulative ``epoch_seconds`` it logged
+per (model, encoder, step cap), seeds averaged. Minutes are the run's own: the cumulative ``epoch_seconds`` it logged
 (training and dev evaluation), which leave out start-up and the final test; ``run min`` is the
 run's ``seconds`` (everything after start-up). Nothing is trained.
 """
@@ -192,7 +192,13 @@ def write_timing_page(
             [h.assign(run_id=i) for i, h in history.items() if len(h)], ignore_index=True
         ).merge(runs[["run_id", "model", "dataset", "seed", "encoder"]], on="run_id")
         curves["encoder"] = curves["encoder"].map(encoder_name)
-        paths = plots.learning_curves(curves, page.with_suffix(""), x="minutes", by=("model", "encoder"))
+        # A line is a model, encoder and step cap: seeds of one setting are averaged, different
+        # budgets (different steps an epoch) are not.
+        caps = {r["run_id"]: _param(r, "train.max_steps") for r in runs.to_dict("records")}
+        curves["steps"] = [f"({caps[i]} steps an epoch)" for i in curves["run_id"]]
+        paths = plots.learning_curves(
+            curves, page.with_suffix(""), x="minutes", by=("model", "encoder", "steps")
+        )
         figure = next(p.name for p in paths if p.suffix == ".png")
     command = command or f"crener report --time-to-accuracy --profile {profile} --page {page}"
     stamp = page_stamp(command, uri, all_runs, runs, profile)

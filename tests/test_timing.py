@@ -139,3 +139,20 @@ def test_write_timing_page_reads_the_store_and_writes_the_page_and_its_figure(st
     assert "| cont " in rows[1] or "| cont |" in rows[1].replace("  ", " ")
     assert (tmp_path / "out" / "tta.png").stat().st_size > 0
     assert "![dev F1 against minutes](tta.png)" in text
+    # One line per (model, encoder, step cap): the three runs are three lines, none averaged.
+    from matplotlib import pyplot as plt
+
+    drawn = []
+    original = plt.Axes.plot
+
+    def spy(ax, xs, ys, *args, label=None, **kwargs):
+        drawn.append((label, list(ys)))
+        return original(ax, xs, ys, *args, label=label, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(plt.Axes, "plot", spy)
+        timing.write_timing_page("full", tmp_path / "again.md", tracking_uri=store, sweeps=("adhoc",))
+    assert sorted(label for label, _ in drawn) == [
+        "crener cont (— steps an epoch)", "crener crener-char (— steps an epoch)", "w2ner crener-char (— steps an epoch)",
+    ]  # fmt: skip
+    assert [ys for label, ys in drawn if label.startswith("crener cont")] == [[31.0, 61.0]]
