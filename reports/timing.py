@@ -162,7 +162,9 @@ def latest_runs(runs: pd.DataFrame, sweeps: Sequence[str]) -> pd.DataFrame:
     tables' index, two encoders (or budgets) of one model, dataset and seed are two rows here."""
     keep = (runs["state"] == "finished") & runs["sweep"].isin(list(sweeps)) & runs["variant"].isin(["full"])
     df = runs[keep].sort_values("start_time")
-    df = df.drop_duplicates("key", keep="last")
+    # A run logged without a key is a row of its own (NA keys would all count as one).
+    own = df["key"].astype(object).where(df["key"].notna(), df["run_id"])
+    df = df[~own.duplicated(keep="last")]
     return df.sort_values(["dataset", "model", "start_time"]).reset_index(drop=True)
 
 
@@ -186,7 +188,7 @@ def write_timing_page(
     rows = timing_rows(runs, history)
     page = Path(page)
     figure = None
-    if len(runs):
+    if any(len(h) for h in history.values()):
         plots.setup_cjk_font()  # or English labels only, where the machine has no CJK font
         curves = pd.concat(
             [h.assign(run_id=i) for i, h in history.items() if len(h)], ignore_index=True

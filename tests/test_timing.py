@@ -52,10 +52,12 @@ def test_latest_runs_keeps_two_encoders_of_one_seed_and_the_latest_run_of_a_key(
             run("failed", "k3", 4, state="failed"),
             run("tuned", "k4", 5, sweep="tune"),
             run("ablated", "k5", 6, variant="no_region"),
+            run("untagged-1", None, 7),  # logged before run keys: each its own row
+            run("untagged-2", None, 8),
         ]
     )
-    assert list(timing.latest_runs(runs, ("adhoc",))["run_id"]) == ["new", "cont"]
-    assert list(timing.latest_runs(runs, ("adhoc", "tune"))["run_id"]) == ["new", "cont", "tuned"]
+    assert list(timing.latest_runs(runs, ("adhoc",))["run_id"]) == ["new", "cont", "untagged-1", "untagged-2"]
+    assert list(timing.latest_runs(runs, ("tune",))["run_id"]) == ["tuned"]
 
 
 def test_the_page_shows_each_run_with_its_minutes_targets_and_ids():
@@ -93,6 +95,8 @@ def test_the_page_shows_each_run_with_its_minutes_targets_and_ids():
     assert cells[2][10] == "—" and cells[2][11] == "never"
     assert "![dev F1 against minutes](fig.png)" in lines
     assert all(f"- {r}" in lines for r in runs["run_id"])
+    empty = timing.timing_page(rows.iloc[:0], "STAMP", None, []).splitlines()
+    assert "No finished runs." in empty and "- none" in empty and not any(ln.startswith("![") for ln in empty)
 
 
 @pytest.fixture
