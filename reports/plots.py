@@ -177,6 +177,14 @@ def learning_curves(
     if x == "minutes" and len(history) and "epoch_seconds" in history:
         history = with_minutes(history)
     datasets = _datasets_present(history)
+
+    def label_of(keys: tuple) -> str:
+        return " ".join(VARIANT_LABELS.get(v, v) if col == "variant" else str(v) for col, v in zip(by, keys))
+
+    # One colour a line across panels, whichever lines a panel has.
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    lines = sorted({label_of(k) for k, _ in history.groupby(list(by))}) if len(history) else []
+    colour = {label: cycle[i % len(cycle)] for i, label in enumerate(lines)}
     fig, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), 3.8), squeeze=False)
     for ax, ds in zip(axes[0], datasets):
         sub = history[(history["dataset"] == ds)] if len(history) else history
@@ -186,10 +194,10 @@ def learning_curves(
             for keys, grp in sub.groupby(list(by), sort=True):
                 curve = grp.groupby("epoch")[metric].agg(["mean", "std"]).sort_index()
                 xs = grp.groupby("epoch")["minutes"].mean().sort_index() if "minutes" in grp else curve.index
-                label = " ".join(
-                    VARIANT_LABELS.get(v, v) if col == "variant" else str(v) for col, v in zip(by, keys)
-                )
-                line = ax.plot(xs, curve["mean"] * 100, marker="o", markersize=3, label=label)[0]
+                label = label_of(keys)
+                line = ax.plot(
+                    xs, curve["mean"] * 100, marker="o", markersize=3, label=label, color=colour[label]
+                )[0]
                 std = curve["std"].fillna(0).to_numpy() * 100
                 ax.fill_between(
                     xs,

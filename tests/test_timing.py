@@ -160,3 +160,38 @@ def test_write_timing_page_reads_the_store_and_writes_the_page_and_its_figure(st
         "crener cont (— steps an epoch)", "crener crener-char (— steps an epoch)", "w2ner crener-char (— steps an epoch)",
     ]  # fmt: skip
     assert [ys for label, ys in drawn if label.startswith("crener cont")] == [[31.0, 61.0]]
+
+
+def test_a_line_keeps_its_colour_in_every_panel(tmp_path, monkeypatch):
+    """Weibo has lines A and B, Resume only B: B is drawn in one colour in both panels."""
+    from matplotlib import pyplot as plt
+
+    from reports import plots
+
+    drawn = []
+    original = plt.Axes.plot
+
+    def spy(ax, *args, label=None, color=None, **kwargs):
+        drawn.append((label, color))
+        return original(ax, *args, label=label, color=color, **kwargs)
+
+    monkeypatch.setattr(plt.Axes, "plot", spy)
+    rows = [
+        {
+            "model": m,
+            "encoder": "e",
+            "dataset": ds,
+            "seed": 0,
+            "run_id": f"{m}{ds}",
+            "epoch": 1,
+            "dev/f1": 0.5,
+        }
+        for m, ds in (("a", "weibo"), ("b", "weibo"), ("b", "resume"))
+    ]
+    plots.learning_curves(pd.DataFrame(rows), tmp_path / "c", by=("model", "encoder"))
+    colours = {}
+    for label, colour in drawn:
+        colours.setdefault(label, set()).add(colour)
+    assert sorted(colours) == ["a e", "b e"]
+    assert all(len(c) == 1 for c in colours.values()) and colours["a e"] != colours["b e"]
+    assert len([1 for label, _ in drawn if label == "b e"]) == 2
