@@ -55,7 +55,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -287,25 +287,28 @@ def _time_epoch_and_end(
     from crener.train import Progress, calibrate_on_dev, final_test, save_epoch_checkpoints
 
     metrics = {"train/loss": 0.0, "train/sentences_per_s": 0.0, "epoch_seconds": 0.0}
-    # Through the feature cache (process-wide, so the run finds what the probe encoded), dev and test
-    # are encoded at their first scoring here, in the probe's own seconds: time each a second time,
-    # as the run will score them.
-    passes = 2 if cfg.train.caches_features else 1
-    for _ in range(passes):
-        t0 = time.perf_counter()
-        shift = calibrate_on_dev(cfg, parts, device, metrics)
-        dev_eval = time.perf_counter() - t0
+    shift, dev_eval = _as_the_run_meets_it(cfg, lambda: calibrate_on_dev(cfg, parts, device, metrics))
     progress = Progress()
     improved = progress.record(1, metrics, shift)
     t0 = time.perf_counter()
     ckpt_dir = workdir / "checkpoints"
     save_epoch_checkpoints(cfg, "probe", parts, opt, device, 1, progress, ckpt_dir, improved=improved)
     checkpoints = time.perf_counter() - t0
-    for _ in range(passes):
-        t0 = time.perf_counter()
-        final_test(cfg, workdir, "probe", parts, device, progress, t0)
-        end = time.perf_counter() - t0
+    _, end = _as_the_run_meets_it(
+        cfg, lambda: final_test(cfg, workdir, "probe", parts, device, progress, time.perf_counter())
+    )
     return dev_eval, checkpoints, end
+
+
+def _as_the_run_meets_it(cfg: RunConfig, work: Callable[[], Any]) -> tuple[Any, float]:
+    """``(work(), its seconds)`` as the run will pay them. Through the feature cache (process-wide,
+    so the run finds what the probe encoded) the probe's first call encodes dev or test in its own
+    seconds: there the call is timed a second time."""
+    for _ in range(2 if cfg.train.caches_features else 1):
+        t0 = time.perf_counter()
+        out = work()
+        seconds = time.perf_counter() - t0
+    return out, seconds
 
 
 def apply_budget(

@@ -22,7 +22,7 @@ from tabulate import tabulate
 
 from crener.files import write_atomic
 from crener.workspace import tracking_uri as resolve_tracking_uri
-from reports import collect, tables
+from reports import collect, plots, tables
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +52,11 @@ def curve_row(history: pd.DataFrame, target: float | None) -> dict[str, float]:
     """From one run's per-epoch curve (``epoch``, ``dev/f1``, ``epoch_seconds``): the best dev F1,
     the minutes at which the curve first reached it, and the minutes at which it first reached
     ``target`` (NaN if it never did or there is no target)."""
-    if "epoch_seconds" not in history or "dev/f1" not in history:
+    if "epoch_seconds" not in history or "dev/f1" not in history or history["dev/f1"].isna().all():
         return {"best": math.nan, "at": math.nan, "reached": math.nan}
-    hist = history.sort_values("epoch")
-    # Minutes over every epoch logged, then the epochs that were scored: an unscored epoch's time
-    # still passed.
-    hist = hist.assign(minutes=hist["epoch_seconds"].fillna(0).cumsum() / 60).dropna(subset=["dev/f1"])
-    if not len(hist):
-        return {"best": math.nan, "at": math.nan, "reached": math.nan}
+    # The figure's minutes (over every epoch logged, so an unscored epoch's time still passed),
+    # then the epochs that were scored.
+    hist = plots.with_minutes(history.assign(run_id="")).dropna(subset=["dev/f1"])
     minutes = hist["minutes"]
     f1 = hist["dev/f1"].to_numpy()
     best_i = int(f1.argmax())  # argmax: the first epoch with the best value
@@ -178,8 +175,7 @@ def write_timing_page(
 ) -> Path:
     """Write the time-to-accuracy page of ``profile``'s finished ``full``-variant runs from
     ``sweeps`` to ``page``, with its figure beside it (``<page stem>.png``)."""
-    from reports import plots
-    from reports.make_report import page_stamp  # (loads matplotlib)
+    from reports.make_report import page_stamp
 
     uri = resolve_tracking_uri(tracking_uri)
     all_runs = collect.collect_runs(uri, profile=profile, finished_only=False)
@@ -196,7 +192,7 @@ def write_timing_page(
         curves["encoder"] = curves["encoder"].map(encoder_name)
         # A line is a model, encoder and step cap: seeds of one setting are averaged, different
         # budgets (different steps an epoch) are not.
-        caps = {r["run_id"]: _param(r, "train.max_steps") for r in runs.to_dict("records")}
+        caps = dict(zip(runs["run_id"], rows["steps an epoch"], strict=True))
         curves["steps"] = [f"({caps[i]} steps an epoch)" for i in curves["run_id"]]
         paths = plots.learning_curves(
             curves, page.with_suffix(""), x="minutes", by=("model", "encoder", "steps")

@@ -144,38 +144,35 @@ def test_write_timing_page_reads_the_store_and_writes_the_page_and_its_figure(st
     assert (tmp_path / "out" / "tta.png").stat().st_size > 0
     assert "![dev F1 against minutes](tta.png)" in text
     # One line per (model, encoder, step cap): the three runs are three lines, none averaged.
+    with pytest.MonkeyPatch.context() as mp:
+        drawn = lines_drawn(mp)
+        timing.write_timing_page("full", tmp_path / "again.md", tracking_uri=store, sweeps=("adhoc",))
+    assert sorted(label for label, _, _ in drawn) == [
+        "crener cont (— steps an epoch)", "crener crener-char (— steps an epoch)", "w2ner crener-char (— steps an epoch)",
+    ]  # fmt: skip
+    assert [ys for label, ys, _ in drawn if label.startswith("crener cont")] == [[31.0, 61.0]]
+
+
+def lines_drawn(monkeypatch) -> list[tuple[str, list[float], object]]:
+    """Every line the figures draw from now on, as (label, y values, colour)."""
     from matplotlib import pyplot as plt
 
     drawn = []
     original = plt.Axes.plot
 
-    def spy(ax, xs, ys, *args, label=None, **kwargs):
-        drawn.append((label, list(ys)))
-        return original(ax, xs, ys, *args, label=label, **kwargs)
+    def spy(ax, xs, ys, *args, label=None, color=None, **kwargs):
+        drawn.append((label, list(ys), color))
+        return original(ax, xs, ys, *args, label=label, color=color, **kwargs)
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(plt.Axes, "plot", spy)
-        timing.write_timing_page("full", tmp_path / "again.md", tracking_uri=store, sweeps=("adhoc",))
-    assert sorted(label for label, _ in drawn) == [
-        "crener cont (— steps an epoch)", "crener crener-char (— steps an epoch)", "w2ner crener-char (— steps an epoch)",
-    ]  # fmt: skip
-    assert [ys for label, ys in drawn if label.startswith("crener cont")] == [[31.0, 61.0]]
+    monkeypatch.setattr(plt.Axes, "plot", spy)
+    return drawn
 
 
 def test_a_line_keeps_its_colour_in_every_panel(tmp_path, monkeypatch):
     """Weibo has lines A and B, Resume only B: B is drawn in one colour in both panels."""
-    from matplotlib import pyplot as plt
-
     from reports import plots
 
-    drawn = []
-    original = plt.Axes.plot
-
-    def spy(ax, *args, label=None, color=None, **kwargs):
-        drawn.append((label, color))
-        return original(ax, *args, label=label, color=color, **kwargs)
-
-    monkeypatch.setattr(plt.Axes, "plot", spy)
+    drawn = lines_drawn(monkeypatch)
     rows = [
         {
             "model": m,
@@ -190,8 +187,8 @@ def test_a_line_keeps_its_colour_in_every_panel(tmp_path, monkeypatch):
     ]
     plots.learning_curves(pd.DataFrame(rows), tmp_path / "c", by=("model", "encoder"))
     colours = {}
-    for label, colour in drawn:
+    for label, _, colour in drawn:
         colours.setdefault(label, set()).add(colour)
     assert sorted(colours) == ["a e", "b e"]
     assert all(len(c) == 1 for c in colours.values()) and colours["a e"] != colours["b e"]
-    assert len([1 for label, _ in drawn if label == "b e"]) == 2
+    assert len([1 for label, _, _ in drawn if label == "b e"]) == 2
