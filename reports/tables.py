@@ -350,6 +350,7 @@ def main_table(index: RunIndex, n: int, profile: str, msra_protocol: str = "line
 
     display_rows, data_rows, notes, footnotes, missing = [], [], [], [], []
     regimes: dict[str, set[str]] = {}  # system -> how its runs trained the encoder (encoder_regimes)
+    lengths: dict[str, set[str]] = {}  # system -> how long its runs trained (training_lengths)
     for row in ref.to_dict("records"):
         marker = ""
         if row["note"]:
@@ -398,6 +399,7 @@ def main_table(index: RunIndex, n: int, profile: str, msra_protocol: str = "line
             data_rows.append(data)
             if cell is not None:
                 regimes.setdefault(row["system"], set()).update(encoder_regimes(cell, row["model"]))
+                lengths.setdefault(row["system"], set()).update(training_lengths(cell))
                 if cell.run_ids:
                     footnotes.append((f"{label.split(' [')[0]} (P, R, F1 ours)", cell.run_ids))
                 line = _missing_line(row["model"], row["variant"], dataset, protocol or msra_protocol, cell)
@@ -405,9 +407,7 @@ def main_table(index: RunIndex, n: int, profile: str, msra_protocol: str = "line
                     missing.append(line)
     title = f"Table {n}: {DATASET_LABELS[dataset]} test P / R / F1 (%)"
     notes.append("Δ = ours − paper, in points. 'reported' rows are copied from the paper and not rerun.")
-    note = _encoder_note(regimes)
-    if note:
-        notes.append(note)
+    notes += [n for n in (_encoder_note(regimes), _length_note(lengths)) if n]
     if dataset == "msra":
         notes.append(MSRA_NOTE)
     reasons = _not_rerun_reasons()
@@ -489,6 +489,44 @@ def _encoder_note(regimes: dict[str, set[str]]) -> str | None:
     if not shared:
         return f"Encoder regime: {tail[2:]}."
     return f"Encoder regime: {shared[0][0]} in every row that runs the pretrained encoder{tail}."
+
+
+def training_lengths(cell: Cell) -> set[str]:
+    """How long the cell's runs trained: "E epochs of every batch" or "E epochs of at most S steps",
+    with the ``--time-budget`` minutes that fixed the steps where a budget did (``runtime.time_budget``:
+    a budget gives each run the same minutes on its machine, not the same steps). Empty for a cell
+    without runs or with runs logged before the fields."""
+    if "params.train.epochs" not in cell.runs:
+        return set()
+    steps = cell.runs.get("params.train.max_steps")
+    budgets = cell.runs.get("params.runtime.time_budget")
+    out = set()
+    for i, epochs in cell.runs["params.train.epochs"].items():
+        if pd.isna(epochs):
+            continue
+        cap = int(float(steps[i])) if steps is not None and pd.notna(steps[i]) else 0
+        text = f"{int(float(epochs))} epochs of " + (f"at most {cap} steps" if cap else "every batch")
+        budget = float(budgets[i]) if budgets is not None and pd.notna(budgets[i]) else 0.0
+        out.add(f"{text} (--time-budget {budget:.1f} min)" if budget else text)
+    return out
+
+
+def _length_note(lengths: dict[str, set[str]]) -> str | None:
+    """The table's training length, as :func:`_encoder_note` gives its encoder regime: one line when
+    every row trained alike, flagged when rows differ (say equal minutes, so unequal steps)."""
+    by_length: dict[str, list[str]] = {}
+    for system, ls in lengths.items():
+        for length in sorted(ls):
+            by_length.setdefault(length, []).append(system)
+    if not by_length:
+        return None
+    if len(by_length) == 1:
+        return f"Training length: {next(iter(by_length))} in every row."
+    parts = "; ".join(f"{length}: {', '.join(s)}" for length, s in sorted(by_length.items()))
+    return (
+        "Training length DIFFERS between rows (train.epochs / train.max_steps / runtime.time_budget of "
+        f"the runs): {parts}."
+    )
 
 
 def _not_rerun_reasons() -> dict[str, str]:
@@ -612,9 +650,11 @@ def ablation_table(index: RunIndex, profile: str, msra_protocol: str = "lineage"
         f"pooled over all datasets: Spearman ρ = {stats.format_number(rho_all)}, same sign "
         f"{same_all}/{total_all}. A tie (Δ = 0) does not count as the same sign."
     )
-    regime = _encoder_note(regimes)
-    if regime:
-        notes.append(regime)
+    lengths = {
+        VARIANT_LABELS[v]: set().union(*(training_lengths(cells[(v, ds)]) for ds in DATASETS))
+        for v in VARIANT_LABELS
+    }
+    notes += [n for n in (_encoder_note(regimes), _length_note(lengths)) if n]
     notes.append(MSRA_NOTE)
     groups = [(DATASET_LABELS[ds], 4) for ds in DATASETS]
     return Table(

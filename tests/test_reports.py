@@ -787,6 +787,44 @@ def test_main_tables_name_the_encoder_regime_and_flag_rows_that_differ(index):
     )
 
 
+def test_tables_name_how_long_rows_trained_and_flag_rows_that_differ(index):
+    import pandas as pd
+
+    # The fake store's runs log no train.epochs: no claim is made about them.
+    assert not [n for n in tables.main_table(index, 2, "quick").notes if n.startswith("Training length")]
+    budgeted = tables.Cell(
+        pd.DataFrame(
+            {
+                "run_id": ["a", "b"],
+                "seed": [0, 1],
+                "params.train.epochs": ["10", "10"],
+                "params.train.max_steps": ["67", "67"],
+                "params.runtime.time_budget": ["19.55900356075489", "19.55900356075489"],
+            }
+        ),
+        (0, 1),
+    )
+    plain = tables.Cell(
+        pd.DataFrame(
+            {"run_id": ["c"], "seed": [0], "params.train.epochs": ["10"], "params.train.max_steps": ["0"]}
+        ),
+        (0,),
+    )
+    assert tables.training_lengths(budgeted) == {"10 epochs of at most 67 steps (--time-budget 19.6 min)"}
+    assert tables.training_lengths(plain) == {"10 epochs of every batch"}
+    assert tables.training_lengths(tables.Cell(pd.DataFrame({"run_id": []}), ())) == set()
+    assert tables._length_note(
+        {"CRENER": {"10 epochs of every batch"}, "W²NER": {"10 epochs of every batch"}}
+    ) == ("Training length: 10 epochs of every batch in every row.")
+    assert tables._length_note(
+        {"CRENER": tables.training_lengths(budgeted), "W²NER": tables.training_lengths(plain)}
+    ) == (
+        "Training length DIFFERS between rows (train.epochs / train.max_steps / runtime.time_budget of the "
+        "runs): 10 epochs of at most 67 steps (--time-budget 19.6 min): CRENER; 10 epochs of every batch: W²NER."
+    )
+    assert tables._length_note({}) is None
+
+
 def test_header_names_each_build_of_a_shipped_encoder():
     """Runs of two builds of crener-char (one tagged with its weights, one from before the tag)
     are labelled apart, so a table mixing them says so."""
