@@ -393,6 +393,9 @@ def write_claim_page(
     header = [
         *index.header(profile),
         f"runs of sweeps {', '.join(sources)}; the latest run of a seed is used",
+        *tables.training_notes(
+            {claim.system: (result.system, SYSTEM[0]), claim.reference: (result.reference, REFERENCE[0])}
+        ),
     ]
     if index.superseded:
         header.append(f"superseded (an earlier run of the same seed): {', '.join(index.superseded)}")

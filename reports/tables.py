@@ -529,6 +529,14 @@ def _length_note(lengths: dict[str, set[str]]) -> str | None:
     )
 
 
+def training_notes(rows: dict[str, tuple[Cell, str]]) -> list[str]:
+    """The notes a table gives on how its rows trained (encoder regime, training length), for rows
+    ``{system label: (cell, model)}`` outside a table (the claim page)."""
+    regimes = {system: encoder_regimes(cell, model) for system, (cell, model) in rows.items()}
+    lengths = {system: training_lengths(cell) for system, (cell, _) in rows.items()}
+    return [n for n in (_encoder_note(regimes), _length_note(lengths)) if n]
+
+
 def _not_rerun_reasons() -> dict[str, str]:
     """System -> one-line reason it is not rerun (:mod:`reports.reported`)."""
     return {name: system.reason for name, system in REPORTED.items()}

@@ -240,6 +240,10 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
         preds = [{"index": i, "text": "张三在北京", "gold": GOLD, "pred": GOLD if i >= wrong else [GOLD[0], MISS]}
                  for i in range(N_SENT)]  # fmt: skip
         client.log_metric(rid, "best/test_f1", 1 - wrong / (2 * N_SENT))
+        # Equal minutes (--time-budget), so unequal steps: the page says so.
+        steps = {"crener": "67", "w2ner": "244"}.get(model, "0")
+        for k, v in {"train.epochs": "10", "train.max_steps": steps, "runtime.time_budget": "19.6"}.items():
+            client.log_param(rid, k, v)
         lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds)
         client.log_text(rid, lines, "predictions/test.jsonl")
         client.set_terminated(rid, "FINISHED" if state == "finished" else "FAILED")
@@ -283,6 +287,11 @@ def test_the_page_on_a_fake_store(store: dict, tmp_path: Path, monkeypatch: pyte
     others = set(store["ids"].values()) - set(ours.values())
     assert others and not any(rid in text for rid in others)
     assert "## Verdict" in text and "Welch's t over seeds" in text and "Untested" not in text
+    assert (
+        "- Training length DIFFERS between rows (train.epochs / train.max_steps / runtime.time_budget of the "
+        "runs): 10 epochs of at most 244 steps (--time-budget 19.6 min): W²NER; 10 epochs of at most 67 steps "
+        "(--time-budget 19.6 min): CRENER." in text
+    )
 
 
 def test_the_page_says_untested_with_one_seed(

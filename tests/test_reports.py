@@ -823,6 +823,12 @@ def test_tables_name_how_long_rows_trained_and_flag_rows_that_differ(index):
         "runs): 10 epochs of at most 67 steps (--time-budget 19.6 min): CRENER; 10 epochs of every batch: W²NER."
     )
     assert tables._length_note({}) is None
+    # Outside a table (the claim page): both notes of the rows given; no encoder logged, no regime note.
+    assert tables.training_notes({"CRENER": (budgeted, "crener"), "W²NER": (plain, "w2ner")}) == [
+        tables._length_note(
+            {"CRENER": tables.training_lengths(budgeted), "W²NER": tables.training_lengths(plain)}
+        )
+    ]
 
 
 def test_header_names_each_build_of_a_shipped_encoder():
