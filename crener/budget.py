@@ -40,10 +40,6 @@ batches * s))``. A tracked run's store costs are one measured write (a write tha
 times the writes it makes (:func:`crener.tracking.run_store_writes`). No safety margin is added:
 each term is an exact repeat of the run's work or bounds it from above (every epoch writes both
 checkpoints), and what is left unmeasured, the interpreter's exit, takes well under a second.
-Cells that run side by side on one CPU (``crener reproduce --jobs``) slow each other down (they share
-the memory bus and caches): there the probe times every term with as many copies of the run's steps
-running beside it (:func:`steps_beside`), so that it measures the speed the cell will have, not that
-of an idle machine.
 A frozen encoder's features are cached for the whole process (``train.caches_features``): a sentence
 is encoded the first time it is seen, so the probe times its steps, the dev scoring and the end a
 second time, as the run meets them, and counts in u the encoding of the training sentences it has
@@ -53,15 +49,13 @@ holds for this machine and load only.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
-import queue
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,8 +66,6 @@ from crener.errors import CrenerError
 log = logging.getLogger(__name__)
 
 PROBE_WARMUP, PROBE_STEPS = 2, 6  # untimed steps (allocator, kernel choice), then timed ones
-# How long the probe waits for a copy beside it to build the run's parts and take its first step.
-BESIDE_START_TIMEOUT_S = 900.0
 
 
 @dataclass(frozen=True)
@@ -161,7 +153,6 @@ def measure(
     started: float | None = None,
     experiment: str | None = None,
     folder: str | Path | None = None,
-    beside: int = 0,
 ) -> Costs:
     """Time ``cfg``'s run here: the module docstring's terms.
 
@@ -169,18 +160,12 @@ def measure(
     ``experiment``: the MLflow experiment the run will log to (None: an untracked run, no store
     costs). ``folder``: where the run will write (its runs folder or workdir): the probe writes in
     a temporary folder beside it, so checkpoints are timed on the run's file system (None: the
-    system's temporary folder). ``beside``: how many other cells will run beside this one on this
-    CPU; as many copies of its steps run beside the probe (:func:`steps_beside`).
+    system's temporary folder).
     """
     clock = time.perf_counter()
     before = since(started)
-    parent = _writable_parent(folder)
-    with (
-        tempfile.TemporaryDirectory(prefix="crener-probe-", dir=parent) as tmp,
-        steps_beside(cfg, beside, parent) as loaded,
-    ):
+    with tempfile.TemporaryDirectory(prefix="crener-probe-", dir=_writable_parent(folder)) as tmp:
         _set_up(cfg, Path(tmp) / "first")  # the one-off costs; dropped to free its memory
-        loaded()  # every term below is timed under the load of the cells beside this one
         t0 = time.perf_counter()
         parts, opt, device = _set_up(cfg, Path(tmp) / "run")  # a fresh folder: the encoder is built again
         setup = time.perf_counter() - t0
@@ -200,80 +185,6 @@ def measure(
         probe=time.perf_counter() - clock, step=step, dev_eval=dev_eval, end_eval=end + end_writes * write,
         batches_per_epoch=batches, before=before, setup=setup, epoch=epoch + epoch_end + write,
     )  # fmt: skip
-
-
-@contextlib.contextmanager
-def steps_beside(cfg: RunConfig, copies: int, folder: Path | None = None) -> Iterator[Callable[[], None]]:
-    """``copies`` processes train ``cfg``'s steps in a loop until the block ends: the load a cell
-    meets when as many others run beside it on this CPU. The block gets a function that waits until
-    each has built the run's parts and taken a first step (so the probe pays its one-off costs
-    meanwhile, untimed); all are stopped when the block ends. ``folder``: where they write (None:
-    the system's temporary folder)."""
-    if copies <= 0:
-        yield lambda: None
-        return
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no fork of torch's threads
-    stop, ready = ctx.Event(), ctx.Queue()
-    where = None if folder is None else str(folder)
-    procs = [ctx.Process(target=_train_beside, args=(cfg, where, stop, ready), name=f"crener-beside-{i}",
-                         daemon=True) for i in range(copies)]  # fmt: skip
-    started: list[int] = []
-
-    def wait() -> None:
-        while len(started) < copies:
-            try:
-                message = ready.get(timeout=BESIDE_START_TIMEOUT_S)
-            except queue.Empty:
-                raise CrenerError(
-                    f"--time-budget: a copy of the run's steps, started to load this CPU as the cells "
-                    f"beside it will, took no step in {BESIDE_START_TIMEOUT_S:.0f} s"
-                ) from None
-            if message != "ready":
-                raise CrenerError(
-                    f"--time-budget: a copy of the run's steps beside the probe failed: {message}"
-                )
-            started.append(1)
-
-    for proc in procs:
-        proc.start()
-    try:
-        yield wait
-    finally:
-        stop.set()
-        for proc in procs:
-            proc.join(timeout=60)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join()
-        ready.close()
-
-
-def _train_beside(cfg: RunConfig, folder: str | None, stop: Any, ready: Any) -> None:
-    """A copy of the run's steps (:func:`steps_beside`): its parts built in a temporary folder, then
-    its first epoch's batches in turn, one step a call, until ``stop`` is set."""
-    try:
-        import numpy as np
-
-        from crener.data.batching import training_batches
-        from crener.train import train_one_epoch
-
-        cfg = cfg.with_overrides({"runtime.progress": False})
-        with tempfile.TemporaryDirectory(prefix="crener-beside-", dir=folder) as tmp:
-            parts, opt, device = _set_up(cfg, Path(tmp) / "run")
-            lengths = [e.n for e in parts.train_examples]
-            batches = training_batches(lengths, cfg.train, np.random.default_rng([cfg.train.seed, 2]))
-            step = 0
-            while step == 0 or not stop.is_set():
-                train_one_epoch(parts.model, parts.task, parts.train_examples, [batches[step % len(batches)]],
-                                opt.optimizer, opt.scheduler, device, cfg, epoch=1, unk_probs=opt.unk_probs,
-                                unk_id=parts.tokenizer.unk_id)  # fmt: skip
-                if step == 0:
-                    ready.put("ready")
-                step += 1
-    except Exception as exc:  # reported to the probe, which stops with it
-        ready.put(f"{type(exc).__name__}: {exc}")
 
 
 def _writable_parent(folder: str | Path | None) -> Path | None:

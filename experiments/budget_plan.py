@@ -10,9 +10,6 @@ MINUTES is the wall time of the whole plan on this machine. The rule:
   cluster's workers, up to the CPU cores: copies past them share cores and each runs slower) and
   *spent* the wall time the command spent before the cells run: its start (from its process's,
   as ``crener train --time-budget`` counts it) and the timing of the cells here;
-- on a CPU, each probe runs with jobs - 1 copies of the cell's steps beside it
-  (:func:`crener.budget.steps_beside`): cells side by side share the memory bus and caches, and
-  a probe on an otherwise idle machine times them too fast;
 - its steps are :func:`crener.budget.plan_steps` of that share with the costs the probe of
   :func:`crener.budget.measure` found for its config, less the probe's own time (paid once, in
   *spent*). Cells that differ only in their seed cost the same, so one probe serves them all; a
@@ -119,7 +116,6 @@ def resolve(
     measure: Callable[..., Costs] | None = None,
     machine: str | None = None,
     started: float | None = None,
-    beside: int = 0,
 ) -> list[Any]:
     """``cells`` (:class:`experiments.sweeps.Cell`) with their steps fixed by the module's rule.
 
@@ -127,8 +123,6 @@ def resolve(
     ``probe`` is off (``--dry-run``: they are returned as they were). A budget too short for one
     step an epoch of any cell raises :class:`crener.errors.CrenerError` before anything is saved.
     ``started``: when the command's clock started (:func:`time.time`; None: with the probes).
-    ``beside``: the copies of each cell's steps that load the CPU while it is probed (on a CPU, the
-    cells that run beside each one: ``jobs - 1``; on GPUs of their own, 0).
     """
     machine = machine or _machine()
     paths = [entry_path(c.cfg, minutes, machine, runs_dir) for c in cells]
@@ -143,7 +137,7 @@ def resolve(
              len(out), done, len(new))  # fmt: skip
     if new and probe:
         out.update(_plan_new(cells, new, paths, minutes, jobs=jobs, to_run=len(cells) - done, measure=measure,
-                             machine=machine, runs_dir=runs_dir, started=started, beside=beside))  # fmt: skip
+                             machine=machine, runs_dir=runs_dir, started=started))  # fmt: skip
     elif new:
         log.info(
             "%d cell(s) not planned yet: a run probes them first; their keys are before the budget", len(new)
@@ -163,7 +157,6 @@ def _plan_new(
     machine: str,
     runs_dir: str | Path | None,
     started: float | None,
-    beside: int,
 ) -> dict[int, Any]:
     from crener.tracking import experiment_name
 
@@ -176,7 +169,7 @@ def _plan_new(
             log.info("--time-budget: timing %s here", cell.label)
             # Paid once, here (in ``spent``), not again by each cell of the class.
             costs[cls] = replace(measure(cell.cfg, experiment=experiment_name(cell.sweep, cell.cfg.profile),
-                                         folder=resolve_runs_dir(runs_dir), beside=beside), probe=0.0)  # fmt: skip
+                                         folder=resolve_runs_dir(runs_dir)), probe=0.0)  # fmt: skip
     spent = before + time.monotonic() - t0
     share = share_minutes(minutes, jobs, to_run, spent)
     what = (f"--time-budget {minutes:g} over {to_run} cell(s) to run, {jobs} at a time, less {spent:.0f} s "
@@ -191,7 +184,7 @@ def _plan_new(
     for i, ((epochs, steps), c) in planned.items():
         cell = cells[i]
         entry = {"cell": cell.label, "key_before_budget": run_key(cell.cfg), "minutes": float(minutes),
-                 "machine": machine, "jobs": jobs, "beside": beside, "cells_to_run": to_run, "spent_s": spent,
+                 "machine": machine, "jobs": jobs, "cells_to_run": to_run, "spent_s": spent,
                  "share_minutes": share, "epochs": epochs, "max_steps": steps, "costs": asdict(c),
                  "planned": stamp}  # fmt: skip
         write_atomic(paths[i], json.dumps(entry, indent=1) + "\n")

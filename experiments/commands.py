@@ -293,8 +293,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         return _reproduce_on_dask(args)
     if (args.jobs > 1 or gpus) and not args.worker and not args.dry_run:
         if args.time_budget is not None:
-            side_by_side = args.jobs if gpus else min(args.jobs, _cores())
-            _plan_budget_before_jobs(args, side_by_side=side_by_side, beside=0 if gpus else side_by_side - 1)
+            _plan_budget_before_jobs(args, side_by_side=args.jobs if gpus else min(args.jobs, _cores()))
         rc = spawn_jobs(args.argv, args.jobs, args.overrides, gpus)
         return rc if args.no_report else max(rc, _report(sorted({c.cfg.profile for c in _plan(args)})))
     from experiments.sweeps import load_overrides, shard, unused_overrides
@@ -326,33 +325,31 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return rc
 
 
-def _budget_cells(args: argparse.Namespace, cells: list[Any], jobs: int, beside: int = 0) -> list[Any]:
+def _budget_cells(args: argparse.Namespace, cells: list[Any], jobs: int) -> list[Any]:
     """``--time-budget``: the cells with their steps fixed (experiments/budget_plan.py), saved
-    plans reused; a dry run probes nothing. ``beside``: the cells that share this CPU with each one
-    (each probe runs as many copies of the cell's steps beside it)."""
+    plans reused; a dry run probes nothing."""
     if args.time_budget is None:
         return cells
     from experiments.budget_plan import resolve
 
     cells = resolve(cells, args.time_budget, jobs=jobs, runs_dir=args.runs_dir, probe=not args.dry_run,
-                    started=getattr(args, "started", None), beside=beside)  # fmt: skip
+                    started=getattr(args, "started", None))  # fmt: skip
     for cell in cells:
         check_run_config(cell.cfg)
     return cells
 
 
-def _plan_budget_before_jobs(args: argparse.Namespace, *, side_by_side: int, beside: int) -> None:
+def _plan_budget_before_jobs(args: argparse.Namespace, *, side_by_side: int) -> None:
     """Probe and save the plan once, here, before the --jobs copies start: with the thread count
     each copy will run its cells with, and so that every copy finds the same steps saved.
     ``side_by_side``: the cells that run at once at the probed speed: one a GPU, else --jobs up to
-    the CPU cores (copies past them share cores, each slower). ``beside``: the cells that share the
-    CPU with each (``side_by_side - 1`` on a CPU, 0 on GPUs of their own)."""
+    the CPU cores (copies past them share cores, each slower)."""
     threads = [] if _sets_threads(args.overrides) else [f"runtime.threads={max(1, _cores() // args.jobs)}"]
     planning = argparse.Namespace(**{**vars(args), "overrides": [*args.overrides, *threads]})
     cells = _plan(planning)
     for cfg in {c.cfg.runtime.data_root: c.cfg for c in cells}.values():
         check_run_inputs(cfg, runs_dir=args.runs_dir)
-    _budget_cells(planning, cells, side_by_side, beside)
+    _budget_cells(planning, cells, side_by_side)
 
 
 def _dask_session(args: argparse.Namespace) -> Any:
@@ -380,8 +377,7 @@ def _reproduce_on_dask(args: argparse.Namespace) -> int:
         )
     if not args.address and not _sets_threads(args.overrides):  # a runtime field: keys unchanged
         args.overrides = [*args.overrides, f"runtime.threads={max(1, _cores() // args.jobs)}"]
-    side_by_side = min(args.jobs, _cores())  # a local cluster: this CPU's cores
-    cells = _budget_cells(args, _plan(args), side_by_side, 0 if args.gpus_per_cell else side_by_side - 1)
+    cells = _budget_cells(args, _plan(args), min(args.jobs, _cores()))  # a local cluster: this CPU's cores
     from experiments.executor import check_scheduler, run_cells_dask
 
     if args.address:  # before the tracking store is made for the workers

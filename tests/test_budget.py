@@ -155,35 +155,6 @@ def test_the_probe_measures_every_term_of_this_run(tiny_data, tmp_path, mlflow_s
     assert Tracker().client.get_experiment_by_name("crener-adhoc-smoke") is not None  # as the run makes it
 
 
-def test_copies_of_the_steps_load_the_cpu_while_the_probe_times_and_stop_after(tiny_data, tmp_path):
-    import multiprocessing
-    import os
-
-    cfg = tiny_cfg(tiny_data)
-    with budget.steps_beside(cfg, 1, tmp_path) as loaded:
-        loaded()  # returns once the copy has taken a step
-        (child,) = multiprocessing.active_children()
-        assert child.name == "crener-beside-0" and child.is_alive()
-        stat = Path(f"/proc/{child.pid}/stat")
-
-        def ticks() -> int:  # user + system CPU ticks of the copy
-            return sum(map(int, stat.read_text().rsplit(")", 1)[1].split()[11:13]))
-
-        before = ticks()
-        time.sleep(1.0)
-        assert ticks() - before >= os.sysconf("SC_CLK_TCK") // 4  # it computes: a quarter core or more
-        assert [p.name.startswith("crener-beside-") for p in tmp_path.iterdir()] == [True]  # writes there
-    assert not multiprocessing.active_children() and not list(tmp_path.iterdir())  # stopped, cleaned up
-    with budget.steps_beside(cfg, 0, tmp_path) as loaded:  # none beside: nothing started
-        loaded()
-        assert not multiprocessing.active_children()
-    broken = tiny_cfg(tmp_path / "no-data")
-    failed = "a copy of the run's steps beside the probe failed: .*no-data"
-    with pytest.raises(CrenerError, match=failed), budget.steps_beside(broken, 1, tmp_path) as loaded:
-        loaded()
-    assert not multiprocessing.active_children()
-
-
 def test_train_plans_with_its_start_and_follows_the_plan(tiny_data, tmp_path, capsys, monkeypatch):
     planned = Costs(
         probe=1, step=0.5, dev_eval=1, end_eval=2, batches_per_epoch=4, before=1, setup=1, epoch=0.5
@@ -352,11 +323,9 @@ def test_reproduce_jobs_plan_once_in_the_parent_with_each_jobs_threads(
 ) -> None:
     from experiments import commands
 
-    probe, threads, beside = Probe(), [], []
+    probe, threads = Probe(), []
     monkeypatch.setattr(
-        budget,
-        "measure",
-        lambda cfg, **kw: threads.append(cfg.runtime.threads) or beside.append(kw["beside"]) or probe(cfg),
+        budget, "measure", lambda cfg, **kw: threads.append(cfg.runtime.threads) or probe(cfg)
     )
     monkeypatch.setattr(commands, "_cores", lambda: 4)
     spawned = []
@@ -365,11 +334,10 @@ def test_reproduce_jobs_plan_once_in_the_parent_with_each_jobs_threads(
             "--time-budget", "4", "--no-report"]  # fmt: skip
     assert cli_main([*args, "--jobs", "2"]) == 0
     assert threads == [2, 2] and len(spawned) == 1 and fake_fit.CALLS == []  # planned, nothing trained yet
-    assert beside == [1, 1]  # each probe with a copy of its steps beside it, as its cell will have
     saved = [
         json.loads(p.read_text()) for p in (tmp_path / "runs" / "smoke" / budget_plan.PLAN_DIR_NAME).iterdir()
     ]
-    assert [(e["jobs"], e["beside"]) for e in saved] == [(2, 1), (2, 1)]  # 2 copies on 4 cores side by side
+    assert [e["jobs"] for e in saved] == [2, 2]  # 2 copies on 4 cores run side by side (on 1 core: 1)
     assert cli_main(args) == 0  # what each copy runs: the parent's plan, 2 cells x 2 jobs of 4 minutes
     assert len(probe.timed) == 2 and len(fake_fit.CALLS) == 2
     for key in fake_fit.CALLS:
