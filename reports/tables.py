@@ -513,15 +513,18 @@ def training_lengths(cell: Cell) -> set[str]:
 
 def _length_note(lengths: dict[str, set[str]]) -> str | None:
     """The table's training length, as :func:`_encoder_note` gives its encoder regime: one line when
-    every row trained alike, flagged when rows differ (say equal minutes, so unequal steps)."""
+    every row with runs trained alike (a row of Table 6 spans four datasets, whose budgets may give
+    each its own steps: rows alike then share the same set), flagged when rows differ (say equal
+    minutes, so unequal steps)."""
+    alike = {frozenset(ls) for ls in lengths.values() if ls}
+    if not alike:
+        return None
+    if len(alike) == 1:
+        return f"Training length: {'; '.join(sorted(next(iter(alike))))} in every row."
     by_length: dict[str, list[str]] = {}
     for system, ls in lengths.items():
         for length in sorted(ls):
             by_length.setdefault(length, []).append(system)
-    if not by_length:
-        return None
-    if len(by_length) == 1:
-        return f"Training length: {next(iter(by_length))} in every row."
     parts = "; ".join(f"{length}: {', '.join(s)}" for length, s in sorted(by_length.items()))
     return (
         "Training length DIFFERS between rows (train.epochs / train.max_steps / runtime.time_budget of "

@@ -823,6 +823,12 @@ def test_tables_name_how_long_rows_trained_and_flag_rows_that_differ(index):
         "runs): 10 epochs of at most 67 steps (--time-budget 19.6 min): CRENER; 10 epochs of every batch: W²NER."
     )
     assert tables._length_note({}) is None
+    # Rows alike over several datasets' budgets (a Table 6 row spans four) are alike, not flagged;
+    # a row without runs says nothing.
+    both = {"10 epochs of every batch", "10 epochs of at most 67 steps"}
+    assert tables._length_note({"full": both, "w/o region": set(both), "w/o MLP": set()}) == (
+        "Training length: 10 epochs of at most 67 steps; 10 epochs of every batch in every row."
+    )
     # Outside a table (the claim page): both notes of the rows given; no encoder logged, no regime note.
     assert tables.training_notes({"CRENER": (budgeted, "crener"), "W²NER": (plain, "w2ner")}) == [
         tables._length_note(
