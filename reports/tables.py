@@ -407,7 +407,7 @@ def main_table(index: RunIndex, n: int, profile: str, msra_protocol: str = "line
                     missing.append(line)
     title = f"Table {n}: {DATASET_LABELS[dataset]} test P / R / F1 (%)"
     notes.append("Δ = ours − paper, in points. 'reported' rows are copied from the paper and not rerun.")
-    notes += [n for n in (_encoder_note(regimes), _length_note(lengths)) if n]
+    notes += _trained_notes(regimes, lengths)
     if dataset == "msra":
         notes.append(MSRA_NOTE)
     reasons = _not_rerun_reasons()
@@ -532,12 +532,17 @@ def _length_note(lengths: dict[str, set[str]]) -> str | None:
     )
 
 
+def _trained_notes(regimes: dict[str, set[str]], lengths: dict[str, set[str]]) -> list[str]:
+    """A table's notes on how its rows trained: :func:`_encoder_note`, then :func:`_length_note`."""
+    return [n for n in (_encoder_note(regimes), _length_note(lengths)) if n]
+
+
 def training_notes(rows: dict[str, tuple[Cell, str]]) -> list[str]:
     """The notes a table gives on how its rows trained (encoder regime, training length), for rows
     ``{system label: (cell, model)}`` outside a table (the claim page)."""
     regimes = {system: encoder_regimes(cell, model) for system, (cell, model) in rows.items()}
     lengths = {system: training_lengths(cell) for system, (cell, _) in rows.items()}
-    return [n for n in (_encoder_note(regimes), _length_note(lengths)) if n]
+    return _trained_notes(regimes, lengths)
 
 
 def _not_rerun_reasons() -> dict[str, str]:
@@ -665,7 +670,7 @@ def ablation_table(index: RunIndex, profile: str, msra_protocol: str = "lineage"
         VARIANT_LABELS[v]: set().union(*(training_lengths(cells[(v, ds)]) for ds in DATASETS))
         for v in VARIANT_LABELS
     }
-    notes += [n for n in (_encoder_note(regimes), _length_note(lengths)) if n]
+    notes += _trained_notes(regimes, lengths)
     notes.append(MSRA_NOTE)
     groups = [(DATASET_LABELS[ds], 4) for ds in DATASETS]
     return Table(

@@ -721,29 +721,24 @@ def test_a_cell_is_missing_only_the_seeds_its_plan_names(store):
     assert "w2ner/full on resume: seeds 2" in tables.main_table(tables.RunIndex(runs), 3, "quick").missing
 
 
-def test_main_tables_name_the_encoder_regime_and_flag_rows_that_differ(index):
+def params_cell(params: dict[str, list[str]]) -> tables.Cell:
+    """A table cell of runs with seeds 0, 1, ... that logged ``params`` (name -> a value a run)."""
     import pandas as pd
+
+    n = len(next(iter(params.values()), []))
+    columns = {"run_id": [f"r{i}" for i in range(n)], "seed": list(range(n))}
+    return tables.Cell(
+        pd.DataFrame({**columns, **{f"params.{k}": v for k, v in params.items()}}), tuple(range(n))
+    )
+
+
+def test_main_tables_name_the_encoder_regime_and_flag_rows_that_differ(index):
 
     regime = [n for n in tables.main_table(index, 2, "quick").notes if n.startswith("Encoder")]
     assert regime == ["Encoder regime: frozen in every row that runs the pretrained encoder."]
-    tuned = tables.Cell(
-        pd.DataFrame({"run_id": ["a", "b"], "seed": [0, 1], "params.train.encoder_lr": ["0.0001", "1e-4"]}),
-        (0, 1),
-    )
-    frozen = tables.Cell(
-        pd.DataFrame({"run_id": ["c"], "seed": [0], "params.train.encoder_lr": ["0.0"]}), (0,)
-    )
-    top = tables.Cell(
-        pd.DataFrame(
-            {
-                "run_id": ["f", "g"],
-                "seed": [0, 1],
-                "params.train.encoder_lr": ["0.0001", "0.0001"],
-                "params.train.encoder_top_layers": ["1", "1"],
-            }
-        ),
-        (0, 1),
-    )
+    tuned = params_cell({"train.encoder_lr": ["0.0001", "1e-4"]})
+    frozen = params_cell({"train.encoder_lr": ["0.0"]})
+    top = params_cell({"train.encoder_lr": ["0.0001", "0.0001"], "train.encoder_top_layers": ["1", "1"]})
     assert tables.encoder_regimes(tuned) == {"fine-tuned at 0.0001"}
     assert tables.encoder_regimes(top) == {"top 1 layer fine-tuned at 0.0001 (lower layers frozen)"}
     note = tables._encoder_note(
@@ -770,12 +765,7 @@ def test_main_tables_name_the_encoder_regime_and_flag_rows_that_differ(index):
     )
     assert tables._encoder_note({}) is None
     assert tables.encoder_regimes(frozen, "tener") == {"no pretrained encoder"}  # logged before char_vectors
-    tener = tables.Cell(
-        pd.DataFrame(
-            {"run_id": ["d", "e"], "seed": [0, 1], "params.model.char_vectors": ["default", "none"]}
-        ),
-        (0, 1),
-    )
+    tener = params_cell({"model.char_vectors": ["default", "none"]})
     assert tables.encoder_regimes(tener, "tener") == {
         "no pretrained encoder, model.char_vectors=default",
         "no pretrained encoder",
@@ -788,31 +778,20 @@ def test_main_tables_name_the_encoder_regime_and_flag_rows_that_differ(index):
 
 
 def test_tables_name_how_long_rows_trained_and_flag_rows_that_differ(index):
-    import pandas as pd
 
     # The fake store's runs log no train.epochs: no claim is made about them.
     assert not [n for n in tables.main_table(index, 2, "quick").notes if n.startswith("Training length")]
-    budgeted = tables.Cell(
-        pd.DataFrame(
-            {
-                "run_id": ["a", "b"],
-                "seed": [0, 1],
-                "params.train.epochs": ["10", "10"],
-                "params.train.max_steps": ["67", "67"],
-                "params.runtime.time_budget": ["19.55900356075489", "19.55900356075489"],
-            }
-        ),
-        (0, 1),
+    budgeted = params_cell(
+        {
+            "train.epochs": ["10", "10"],
+            "train.max_steps": ["67", "67"],
+            "runtime.time_budget": ["19.55900356075489", "19.55900356075489"],
+        }
     )
-    plain = tables.Cell(
-        pd.DataFrame(
-            {"run_id": ["c"], "seed": [0], "params.train.epochs": ["10"], "params.train.max_steps": ["0"]}
-        ),
-        (0,),
-    )
+    plain = params_cell({"train.epochs": ["10"], "train.max_steps": ["0"]})
     assert tables.training_lengths(budgeted) == {"10 epochs of at most 67 steps (--time-budget 19.6 min)"}
     assert tables.training_lengths(plain) == {"10 epochs of every batch"}
-    assert tables.training_lengths(tables.Cell(pd.DataFrame({"run_id": []}), ())) == set()
+    assert tables.training_lengths(params_cell({})) == set()
     assert tables._length_note(
         {"CRENER": {"10 epochs of every batch"}, "W²NER": {"10 epochs of every batch"}}
     ) == ("Training length: 10 epochs of every batch in every row.")
