@@ -204,3 +204,28 @@ def machine_stamp() -> str:
     m = machine_info()
     gpu = f", {m['gpu']}" if m.get("gpu") else ""
     return f"{m['cpu']}, {m['cores']} cores{gpu}, torch {m['torch']}, commit `{str(m['commit'])[:7]}`, {m['date']}"
+
+
+def _main(argv: list[str]) -> int:
+    """``python -m crener.device bf16-pays DEVICE``: print ``true`` or ``false`` (what
+    ``train.bf16=auto`` resolves to), for a process that builds configs without loading torch."""
+    import json
+    import sys
+
+    if len(argv) != 2 or argv[0] != "bf16-pays":
+        print("usage: python -m crener.device bf16-pays DEVICE", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        pays = bf16_pays(argv[1])
+    except CrenerError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(json.dumps(pays))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(_main(sys.argv[1:]))

@@ -6,18 +6,26 @@ settings, checks the result against the family (:func:`crener.registry.check_mod
 resolves ``train.bf16 = "auto"`` on this machine, before the run's key is made. This is where a
 run is built, so it may import the registry; :mod:`crener.config` stays a leaf. The family's
 settings are read as data (crener/families.toml), so building a built-in family's config imports
-no model module and no torch (only ``train.bf16 = "auto"`` loads torch, to measure).
+no model module and no torch: ``train.bf16 = "auto"`` is measured in a child process
+(:func:`bf16_auto`) unless torch is loaded here already.
 """
 
 from __future__ import annotations
 
+import functools
+import json
+import logging
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
 
 from crener import registry
 from crener.config import SECTIONS, RunConfig, canonical_key
-from crener.errors import ConfigError
+from crener.errors import ConfigError, CrenerError
+
+log = logging.getLogger(__name__)
 
 # The overrides as data (crener/profiles.toml): {name: {"section.field": value}}, in file order.
 PROFILES_FILE = Path(__file__).with_name("profiles.toml")
@@ -96,9 +104,40 @@ def build_run_config(
     flat.update({canonical_key(k): v for k, v in (overrides or {}).items()})
     if str(flat.get("train.bf16", "")).lower() == "auto":
         # Resolved here, before the run's key is made: a run's identity says which it got.
-        from crener.device import bf16_pays  # imports torch: only when a profile asks for it
-
-        flat["train.bf16"] = bf16_pays(str(flat.get("runtime.device", "auto")))
+        flat["train.bf16"] = bf16_auto(str(flat.get("runtime.device", "auto")))
     cfg = RunConfig().with_overrides(flat)
     registry.check_model(cfg.model)
     return cfg
+
+
+def bf16_auto(device: str) -> bool:
+    """What ``train.bf16 = "auto"`` means on ``device`` here (:func:`crener.device.bf16_pays`).
+
+    Measuring needs torch. Where this process has not loaded it (building configs, ``--dry-run``,
+    planning a sweep), the measurement runs in a child process, so building a config never loads
+    torch here; where it has, it runs here (the same function, cached for the process).
+    """
+    if "torch" in sys.modules:
+        from crener.device import bf16_pays
+
+        return bf16_pays(device)  # cached there
+    return _bf16_pays_in_a_child(device)
+
+
+@functools.cache
+def _bf16_pays_in_a_child(device: str) -> bool:
+    cmd = [sys.executable, "-m", "crener.device", "bf16-pays", device]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    try:
+        pays = json.loads(done.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        pays = None
+    if done.returncode != 0 or not isinstance(pays, bool):
+        tail = "\n".join(done.stderr.strip().splitlines()[-5:])
+        raise CrenerError(
+            f"train.bf16=auto: measuring bf16 on runtime.device={device} failed (exit {done.returncode}): "
+            f"{tail or done.stdout.strip() or 'no output'}; set train.bf16=true or false"
+        )
+    for line in done.stderr.strip().splitlines():  # the child's own report of what it measured
+        log.info("%s", line)
+    return pays

@@ -51,8 +51,8 @@ def test_every_profile_and_model_config_builds_without_torch() -> None:
 # Every config the command line builds, the way it builds them (crener.profiles.build_run_config):
 # every profile x built-in family x the variants it takes x dataset, bare and with --set
 # overrides; and the parser of `crener train --help`. A built-in family's settings are data
-# (crener/families.toml), so none of it may load torch or a model module. "auto" (train.bf16) is
-# given as the value it resolves to, as above: resolving it measures this machine's matmuls.
+# (crener/families.toml), so none of it may load torch or a model module. The full profile's
+# train.bf16 = "auto" is resolved too: it measures this machine's matmuls in a child process.
 BUILD_EVERY_RUN_CONFIG = """
 import contextlib, io, sys, tomllib
 from crener import registry
@@ -68,17 +68,17 @@ assert len(builtin) >= 5, builtin
 sets = [[], ["train.lr=0.002", "model.emb_dropout=0.2"], ["runtime.threads=1", "train.progress=false"]]
 built = 0
 for profile, values in PROFILES.items():
-    fixed = ["train.bf16=false"] if values.get("train.bf16") == "auto" else []
     for model in builtin:
         for variant in VARIANTS if registry.settings(model).ablations else ["full"]:
             for dataset in DATASETS:
                 for items in sets:
                     build_run_config(model=model, variant=variant, profile=profile, dataset=dataset,
-                                     overrides=parse_set(items + fixed))
+                                     overrides=parse_set(items))
                     built += 1
 assert built == len(PROFILES) * (len(VARIANTS) + len(builtin) - 1) * len(DATASETS) * len(sets), built
 with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
     build_parser().parse_args(["train", "--help"])
+assert "auto" in {v.get("train.bf16") for v in PROFILES.values()}
 assert "torch" not in sys.modules, "building a run's config imported torch"
 models = sorted(m for m in sys.modules if m.startswith(("baselines", "crener.model", "crener.encoder")))
 assert not models, models
@@ -88,6 +88,30 @@ assert not models, models
 def test_every_run_config_the_command_line_builds_imports_no_torch() -> None:
     out = subprocess.run(
         [sys.executable, "-c", BUILD_EVERY_RUN_CONFIG], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+
+
+# train.bf16 = "auto" in a process without torch: measured in a child, answered as a bool, and a
+# measurement that fails says which device and what to set instead.
+BF16_AUTO_IN_A_CHILD = """
+import sys
+from crener.profiles import bf16_auto
+from crener.errors import CrenerError
+assert isinstance(bf16_auto("cpu"), bool)
+try:
+    bf16_auto("no-such-device")
+except CrenerError as exc:
+    assert "runtime.device=no-such-device" in str(exc) and "set train.bf16=true or false" in str(exc), exc
+else:
+    raise AssertionError("an unknown device resolved")
+assert "torch" not in sys.modules
+"""
+
+
+def test_bf16_auto_is_measured_in_a_child_where_torch_is_not_loaded() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", BF16_AUTO_IN_A_CHILD], capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0, out.stderr
 
