@@ -375,7 +375,10 @@ def train_one_epoch(
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - start
-    return {"train/loss": total / max(count, 1), "train/sentences_per_s": sentences / max(seconds, 1e-9)}
+    # Seconds and steps beside the rate: with batches of varying size the rate alone cannot say
+    # how an epoch's time splits between training and scoring dev (what --time-budget plans).
+    return {"train/loss": total / max(count, 1), "train/sentences_per_s": sentences / max(seconds, 1e-9),
+            "train/seconds": seconds, "train/steps": float(len(batches))}  # fmt: skip
 
 
 # Steps between two reads of the losses on an accelerator (see train_one_epoch).
@@ -485,7 +488,9 @@ def fit(
             break
         t0 = time.perf_counter()
         metrics = train_epoch(cfg, parts, opt, device, epoch, on_step)
+        t1 = time.perf_counter()
         shift = calibrate_on_dev(cfg, parts, device, metrics)
+        metrics["dev/seconds"] = time.perf_counter() - t1
         metrics["epoch_seconds"] = time.perf_counter() - t0
         improved = progress.record(epoch, metrics, shift)
         save_epoch_checkpoints(cfg, key, parts, opt, device, epoch, progress, ckpt_dir, improved=improved)

@@ -82,6 +82,20 @@ def test_same_seed_same_metrics_and_resume_equals_uninterrupted(tiny_data, tmp_p
         fit(tiny_cfg(tiny_data, **{"train.lr": 0.5}), tmp_path / "c")
 
 
+def test_each_epoch_logs_how_its_seconds_split_between_training_and_dev(tiny_data, tmp_path):
+    """train/seconds and train/steps (what --time-budget's step estimate is checked against) and
+    dev/seconds (its evaluation estimate) are logged each epoch and add up to no more than the epoch."""
+    rec = Recorder()
+    fit(tiny_cfg(tiny_data, **{"train.epochs": 2, "train.max_steps": 1}), tmp_path / "a", callback=rec)
+    full = Recorder()
+    fit(tiny_cfg(tiny_data, **{"train.epochs": 1}), tmp_path / "b", callback=full)
+    for metrics in [m for _, m in rec.epochs + full.epochs]:
+        assert metrics["train/seconds"] > 0 and metrics["dev/seconds"] > 0
+        assert metrics["train/seconds"] + metrics["dev/seconds"] <= metrics["epoch_seconds"]
+    assert [m["train/steps"] for _, m in rec.epochs] == [1.0, 1.0]
+    assert full.epochs[0][1]["train/steps"] == 2.0  # every batch of the epoch when steps are not capped
+
+
 def test_different_seed_differs(tiny_data, tmp_path):
     a = fit(tiny_cfg(tiny_data, **{"train.epochs": 1}), tmp_path / "a")
     b = fit(tiny_cfg(tiny_data, **{"train.epochs": 1, "train.seed": 1}), tmp_path / "b")
