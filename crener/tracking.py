@@ -171,13 +171,21 @@ def file_lock(path: Path, *, wait: bool = True) -> Iterator[bool]:
         os.close(fd)
 
 
-def _retry_locked(fn: Callable[[], T]) -> T:
-    """Run ``fn``, retrying while SQLite reports the database locked by another worker."""
+# What a store says when another worker inserted the same row first (SQLite; PostgreSQL).
+RACED_INSERT = ("unique constraint failed", "duplicate key value violates unique constraint")
+
+
+def _retry_locked(fn: Callable[[], T], *, raced_insert: bool = False) -> T:
+    """Run ``fn``, retrying while SQLite reports the database locked by another worker; with
+    ``raced_insert``, also when another worker inserted the same row between ``fn``'s check and its
+    insert (MLflow's dataset rows: the retry finds the row and links to it)."""
     for attempt in range(LOCKED_RETRIES):
         try:
             return fn()
         except MlflowException as exc:
-            if "locked" not in str(exc).lower() or attempt == LOCKED_RETRIES - 1:
+            text = str(exc).lower()
+            retry = "locked" in text or (raced_insert and any(m in text for m in RACED_INSERT))
+            if not retry or attempt == LOCKED_RETRIES - 1:
                 raise
             time.sleep(LOCKED_BACKOFF_S * (attempt + 1))
     raise AssertionError("unreachable")
@@ -584,7 +592,10 @@ class RunLogger:
         """Params, and on a new run the dataset inputs (a resumed run has them already)."""
         self.log_params({**cfg.flatten(), **(extra or {})})
         if not self.resumed:
-            _retry_locked(lambda: self.client.log_inputs(self.run_id, datasets=dataset_inputs(cfg)))
+            # Two workers starting their first runs of an experiment at once both find a dataset
+            # missing and both insert it: the second insert fails, and its retry links to the row.
+            inputs = dataset_inputs(cfg)
+            _retry_locked(lambda: self.client.log_inputs(self.run_id, datasets=inputs), raced_insert=True)
 
     def log_metrics(self, metrics: dict[str, float], *, step: int = 0) -> None:
         """Log each finite metric at ``step`` unless that step is already in its history."""

@@ -173,3 +173,42 @@ def test_experiments_open_on_the_runs_table(mlflow_store: str) -> None:
     assert kind not in tracker.client.get_experiment(old).tags
     assert tracker.experiment_id("crener-ablation-smoke") == old
     assert tracker.client.get_experiment(old).tags[kind] == "custom_model_development"
+
+
+def test_a_dataset_row_inserted_first_by_another_worker_is_retried_not_fatal(
+    mlflow_store: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two workers starting their first runs at once both insert the experiment's dataset rows; the
+    loser's insert fails on the store's unique constraint. Its retry links the run to the row (the
+    run logs its inputs once) instead of failing the cell; any other store error still raises."""
+    from mlflow.exceptions import MlflowException
+
+    import crener.tracking as tracking
+    from crener.tracking import dataset_inputs
+
+    monkeypatch.setattr(tracking, "LOCKED_BACKOFF_S", 0.0)
+    cfg = smoke_cfg()
+    logger = Tracker().start_run(cfg, sweep="main")
+    real, calls = logger.client.log_inputs, []
+
+    def raced(run_id, datasets):
+        calls.append(run_id)
+        if len(calls) == 1:
+            real(run_id, datasets=datasets)  # the other worker's insert, as if it came first
+            raise MlflowException(
+                "(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, datasets.name, "
+                "datasets.digest"
+            )
+        return real(run_id, datasets=datasets)
+
+    monkeypatch.setattr(logger.client, "log_inputs", raced)
+    logger.log_config(cfg)
+    assert len(calls) == 2
+    inputs = logger.client.get_run(logger.run_id).inputs.dataset_inputs
+    assert sorted(i.dataset.name for i in inputs) == sorted(d.dataset.name for d in dataset_inputs(cfg))
+
+    other = Tracker().start_run(smoke_cfg(seed=1), sweep="main")
+    monkeypatch.setattr(other.client, "log_inputs", lambda run_id, datasets: (_ for _ in ()).throw(
+        MlflowException("INVALID_PARAMETER_VALUE: something else")))  # fmt: skip
+    with pytest.raises(MlflowException, match="something else"):
+        other.log_config(smoke_cfg(seed=1))
