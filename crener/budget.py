@@ -176,15 +176,11 @@ def measure(
 
             start_writes, end_writes = run_store_writes(cfg)
             setup += reads + start_writes * write
-        epoch_batches = _warm_up(cfg, parts, opt, device)
-        # The steps are timed last, after the evaluation and the end: a CPU may run faster in its
-        # first seconds of load than over a run's minutes (reports/decisions.md), so steps timed
-        # straight after the set-up's pauses would plan too many.
-        dev_eval, epoch_end, end = _time_epoch_and_end(cfg, parts, opt, device, Path(tmp) / "run")
-        step, epoch, batches, encode = _time_steps(cfg, parts, opt, device, epoch_batches)
+        step, epoch, batches, encode = _time_steps(cfg, parts, opt, device)
         setup += encode
         if cfg.runtime.eval_every:
             step += (_time_curve_row(cfg, parts, device) + write) / cfg.runtime.eval_every
+        dev_eval, epoch_end, end = _time_epoch_and_end(cfg, parts, opt, device, Path(tmp) / "run")
     return Costs(
         probe=time.perf_counter() - clock, step=step, dev_eval=dev_eval, end_eval=end + end_writes * write,
         batches_per_epoch=batches, before=before, setup=setup, epoch=epoch + epoch_end + write,
@@ -236,29 +232,20 @@ def _store_costs(cfg: RunConfig, experiment: str) -> tuple[float, float]:
     return reads, tracker.time_one_write(exp_id)
 
 
-@dataclass(frozen=True)
-class _EpochBatches:
-    batches: list[list[int]]  # the first epoch's, as the run draws them
-    sample: list[int]  # positions of the timed ones (:func:`spread_sample`)
-    batching: float  # seconds to draw them
-
-
-def _run_steps(cfg: RunConfig, parts: Any, opt: Any, device: Any, chosen: list[list[int]]) -> float:
-    """Seconds of one training pass over ``chosen`` batches, as the run trains them."""
-    from crener.train import train_one_epoch
-
-    t0 = time.perf_counter()
-    train_one_epoch(parts.model, parts.task, parts.train_examples, chosen, opt.optimizer, opt.scheduler,
-                    device, cfg, epoch=1, unk_probs=opt.unk_probs, unk_id=parts.tokenizer.unk_id)  # fmt: skip
-    return time.perf_counter() - t0
-
-
-def _warm_up(cfg: RunConfig, parts: Any, opt: Any, device: Any) -> _EpochBatches:
-    """The first epoch's batches and the sample to time; PROBE_WARMUP others trained untimed (the
-    allocator, kernel choice, and the optimiser's state, which the checkpoints then carry)."""
+def _time_steps(cfg: RunConfig, parts: Any, opt: Any, device: Any) -> tuple[float, float, int, float]:
+    """``(a step, an epoch's batching and training-pass start, batches an epoch, encoding once each
+    training sentence the probe did not)``: PROBE_STEPS of the first epoch's batches spread over their sizes
+    (:func:`spread_sample`), after PROBE_WARMUP others."""
     import numpy as np
 
     from crener.data.batching import training_batches
+    from crener.train import train_one_epoch
+
+    def run(chosen: list[list[int]]) -> float:
+        t0 = time.perf_counter()
+        train_one_epoch(parts.model, parts.task, parts.train_examples, chosen, opt.optimizer, opt.scheduler,
+                        device, cfg, epoch=1, unk_probs=opt.unk_probs, unk_id=parts.tokenizer.unk_id)  # fmt: skip
+        return time.perf_counter() - t0
 
     lengths = [e.n for e in parts.train_examples]
     t0 = time.perf_counter()
@@ -266,21 +253,7 @@ def _warm_up(cfg: RunConfig, parts: Any, opt: Any, device: Any) -> _EpochBatches
     batching = time.perf_counter() - t0
     sample = spread_sample(batches, lengths, PROBE_STEPS)
     others = sorted(set(range(len(batches))) - set(sample))
-    _run_steps(cfg, parts, opt, device, [batches[i] for i in (others or sample)[:PROBE_WARMUP]])
-    return _EpochBatches(batches, sample, batching)
-
-
-def _time_steps(
-    cfg: RunConfig, parts: Any, opt: Any, device: Any, epoch: _EpochBatches
-) -> tuple[float, float, int, float]:
-    """``(a step, an epoch's batching and training-pass start, batches an epoch, encoding once each
-    training sentence the probe did not)``: PROBE_STEPS of the first epoch's batches spread over their sizes
-    (:func:`spread_sample`), after :func:`_warm_up`."""
-    batches, sample, batching = epoch.batches, epoch.sample, epoch.batching
-
-    def run(chosen: list[list[int]]) -> float:
-        return _run_steps(cfg, parts, opt, device, chosen)
-
+    run([batches[i] for i in (others or sample)[:PROBE_WARMUP]])
     # A training pass's own start (model.train(), a data loader's worker processes): once an epoch.
     start = run([])
     chosen = [batches[i] for i in sample]
