@@ -20,7 +20,9 @@ The budget B covers the whole command, every second of it measured here (:func:`
   start the run;
 - s, one optimiser step, the mean of steps sampled across the epoch's batch sizes (fixed-size
   batches of long and short sentences cost very differently), plus its share of a learning-start
-  curve row where ``runtime.eval_every`` asks for them;
+  curve row where ``runtime.eval_every`` asks for them. The machine's speed wanders over tens of
+  seconds, so steps are timed until they fill :data:`PROBE_WINDOW_S` (at most
+  :data:`PROBE_MAX_STEPS`), not for the few seconds six steps take;
 - e, an epoch's dev scoring (:func:`crener.train.calibrate_on_dev`, calibrated where
   ``model.calibrate``);
 - c, an epoch's other costs: its batches drawn, its training pass's own start (a data loader's
@@ -45,17 +47,24 @@ is encoded the first time it is seen, so the probe times its steps, the dev scor
 second time, as the run meets them, and counts in u the encoding of the training sentences it has
 not seen (per sentence: its steps' first pass less their second). Times are measured, so a plan
 holds for this machine and load only.
+
+A cell that runs beside others (``crener reproduce --jobs``) runs slower than it does alone: the
+cores share their caches and memory. ``beside=K`` has K other processes train steps of the same
+config while the probe times everything after its one-off costs (reports/decisions.md has what
+this changed), so each term is what a cell pays with K neighbours.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import multiprocessing
 import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +75,10 @@ from crener.errors import CrenerError
 log = logging.getLogger(__name__)
 
 PROBE_WARMUP, PROBE_STEPS = 2, 6  # untimed steps (allocator, kernel choice), then timed ones
+# Steps are timed until they fill this many seconds, as many as this at most (the first six give
+# the step's size): six steps of a few seconds sampled a machine whose speed drifts.
+PROBE_WINDOW_S, PROBE_MAX_STEPS = 30.0, 40
+BESIDE_READY_S = 600.0  # the neighbours' set-up (an encoder loaded, data read) must end within this
 
 
 @dataclass(frozen=True)
@@ -153,6 +166,7 @@ def measure(
     started: float | None = None,
     experiment: str | None = None,
     folder: str | Path | None = None,
+    beside: int = 0,
 ) -> Costs:
     """Time ``cfg``'s run here: the module docstring's terms.
 
@@ -160,12 +174,18 @@ def measure(
     ``experiment``: the MLflow experiment the run will log to (None: an untracked run, no store
     costs). ``folder``: where the run will write (its runs folder or workdir): the probe writes in
     a temporary folder beside it, so checkpoints are timed on the run's file system (None: the
-    system's temporary folder).
+    system's temporary folder). ``beside``: how many other processes train steps of ``cfg`` while
+    the run is timed (the cells a plan runs beside it).
     """
     clock = time.perf_counter()
     before = since(started)
-    with tempfile.TemporaryDirectory(prefix="crener-probe-", dir=_writable_parent(folder)) as tmp:
+    parent = _writable_parent(folder)
+    with (
+        tempfile.TemporaryDirectory(prefix="crener-probe-", dir=parent) as tmp,
+        _beside(cfg, beside, parent) as ready,
+    ):
         _set_up(cfg, Path(tmp) / "first")  # the one-off costs; dropped to free its memory
+        ready()  # the neighbours set up while the one-off costs were paid: now they train
         t0 = time.perf_counter()
         parts, opt, device = _set_up(cfg, Path(tmp) / "run")  # a fresh folder: the encoder is built again
         setup = time.perf_counter() - t0
@@ -196,6 +216,67 @@ def _writable_parent(folder: str | Path | None) -> Path | None:
     while not path.is_dir() and path != path.parent:
         path = path.parent
     return path if os.access(path, os.W_OK | os.X_OK) else None
+
+
+@contextlib.contextmanager
+def _beside(cfg: RunConfig, count: int, parent: Path | None) -> Iterator[Callable[[], None]]:
+    """``count`` processes that train steps of ``cfg`` until the block ends; yields a call that
+    waits until every one of them has set up and trains (nothing to wait for when ``count`` is 0)."""
+    if count <= 0:
+        yield lambda: None
+        return
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch state shared with ours
+    stop, ready = ctx.Event(), [ctx.Event() for _ in range(count)]
+    procs = [
+        ctx.Process(target=_train_beside, args=(cfg, str(parent or ""), r, stop), daemon=True) for r in ready
+    ]
+    for proc in procs:
+        proc.start()
+
+    def wait() -> None:
+        deadline = time.monotonic() + BESIDE_READY_S
+        for proc, r in zip(procs, ready, strict=True):
+            while not r.wait(1.0):
+                if not proc.is_alive() or time.monotonic() > deadline:
+                    raise CrenerError(
+                        f"--time-budget: a process training {cfg.label} beside the probe "
+                        f"{'failed' if not proc.is_alive() else 'did not start'} (exit code {proc.exitcode}); "
+                        "its error is above. Run the cells one at a time (--jobs 1) to plan without neighbours"
+                    )
+
+    try:
+        yield wait
+    finally:
+        stop.set()
+        for proc in procs:
+            proc.join(30)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+
+
+def _train_beside(cfg: RunConfig, parent: str, ready: Any, stop: Any) -> None:
+    """A neighbour (:func:`_beside`): ``cfg``'s run set up in a folder of its own, then its batches
+    trained in epoch order, round and round, until ``stop``. A constant learning rate: it may take
+    more steps than the run's schedule holds."""
+    import numpy as np
+    import torch
+
+    from crener.data.batching import training_batches
+    from crener.train import train_one_epoch
+
+    with tempfile.TemporaryDirectory(prefix="crener-probe-beside-", dir=parent or None) as tmp:
+        parts, opt, device = _set_up(cfg, Path(tmp))
+        constant = torch.optim.lr_scheduler.LambdaLR(opt.optimizer, lambda _: 1.0)
+        lengths = [e.n for e in parts.train_examples]
+        batches = training_batches(lengths, cfg.train, np.random.default_rng([cfg.train.seed, 2]))
+        ready.set()
+        step = 0
+        while not stop.is_set():
+            train_one_epoch(parts.model, parts.task, parts.train_examples, [batches[step % len(batches)]],
+                            opt.optimizer, constant, device, cfg, epoch=1, unk_probs=opt.unk_probs,
+                            unk_id=parts.tokenizer.unk_id)  # fmt: skip
+            step += 1
 
 
 def _set_up(cfg: RunConfig, workdir: Path) -> tuple[Any, Any, Any]:
@@ -234,8 +315,9 @@ def _store_costs(cfg: RunConfig, experiment: str) -> tuple[float, float]:
 
 def _time_steps(cfg: RunConfig, parts: Any, opt: Any, device: Any) -> tuple[float, float, int, float]:
     """``(a step, an epoch's batching and training-pass start, batches an epoch, encoding once each
-    training sentence the probe did not)``: PROBE_STEPS of the first epoch's batches spread over their sizes
-    (:func:`spread_sample`), after PROBE_WARMUP others."""
+    training sentence the probe did not)``: PROBE_STEPS of the first epoch's batches spread over their
+    sizes (:func:`spread_sample`), after PROBE_WARMUP others; then, spread the same way, as many more
+    as fill PROBE_WINDOW_S of steps in all (at most PROBE_MAX_STEPS)."""
     import numpy as np
 
     from crener.data.batching import training_batches
@@ -247,27 +329,41 @@ def _time_steps(cfg: RunConfig, parts: Any, opt: Any, device: Any) -> tuple[floa
                         device, cfg, epoch=1, unk_probs=opt.unk_probs, unk_id=parts.tokenizer.unk_id)  # fmt: skip
         return time.perf_counter() - t0
 
+    def timed(chosen: list[list[int]]) -> tuple[float, float]:
+        """``(first pass, the pass a step costs)``: a frozen encoder encodes a sentence the first time
+        it is seen and then reads its cached features, so there the second pass is the step's cost
+        and the difference is paid once a sentence."""
+        first = run(chosen)
+        return first, (run(chosen) if cfg.train.caches_features else first)
+
     lengths = [e.n for e in parts.train_examples]
     t0 = time.perf_counter()
     batches = training_batches(lengths, cfg.train, np.random.default_rng([cfg.train.seed, 1]))
     batching = time.perf_counter() - t0
     sample = spread_sample(batches, lengths, PROBE_STEPS)
     others = sorted(set(range(len(batches))) - set(sample))
-    run([batches[i] for i in (others or sample)[:PROBE_WARMUP]])
+    warm = [batches[i] for i in (others or sample)[:PROBE_WARMUP]]
+    run(warm)
     # A training pass's own start (model.train(), a data loader's worker processes): once an epoch.
     start = run([])
     chosen = [batches[i] for i in sample]
-    first = run(chosen)
-    # Twice: a frozen encoder encodes a sentence the first time it is seen and then reads its cached
-    # features, so the second pass is what a step costs; the difference is paid once a sentence.
-    steps = run(chosen) if cfg.train.caches_features else first
+    first, steps = timed(chosen)
     sentences = sum(len(b) for b in chosen)
-    # Per sentence, for those the probe has not encoded (it did its warm-up's and the sample's).
-    left = max(len(parts.train_examples) - sentences, 0)
-    encode_left = max(first - steps, 0.0) / max(sentences, 1) * left
+    per_sentence_encode = max(first - steps, 0.0) / max(sentences, 1)
+    # More steps, spread over the sizes the same way, until they fill the window.
+    pilot = max((steps - start) / max(len(sample), 1), 1e-6)
+    want = min(PROBE_MAX_STEPS, math.ceil(PROBE_WINDOW_S / pilot))
+    rest = [i for i in range(len(batches)) if i not in sample]
+    extra = [rest[j] for j in spread_sample([batches[i] for i in rest], lengths, want - len(sample))]
+    total, count = steps - start, len(sample)
+    if extra:
+        total += timed([batches[i] for i in extra])[1] - start
+        count += len(extra)
+    # Per sentence, for those the probe has not encoded (its warm-up's and its samples').
+    encoded = {s for b in [*warm, *chosen, *(batches[i] for i in extra)] for s in b}
+    encode_left = per_sentence_encode * max(len(parts.train_examples) - len(encoded), 0)
     # At least a microsecond: the plan divides by it, and timing noise may eat a tiny step.
-    step = max((steps - start) / max(len(sample), 1), 1e-6)
-    return step, batching + start, len(batches), encode_left
+    return max(total / count, 1e-6), batching + start, len(batches), encode_left
 
 
 def _time_curve_row(cfg: RunConfig, parts: Any, device: Any) -> float:

@@ -14,7 +14,8 @@ MINUTES is the wall time of the whole plan on this machine. The rule:
   :func:`crener.budget.measure` found for its config, less the probe's own time (paid once, in
   *spent*). Cells that differ only in their seed cost the same, so one probe serves them all; a
   probe runs with the thread count the cell will have, times the cell's store and files where the
-  cell logs and writes.
+  cell logs and writes, and beside as many neighbours as the cell will have (``min(jobs, cells to
+  run) - 1`` processes training the same config: ``beside`` of :func:`crener.budget.measure`).
 
 A cell's share covers its whole run: its set-up (which the probe times), steps, evaluations,
 checkpoints and logging, by ``crener train --time-budget``'s rule. The share is recorded with the run as
@@ -163,13 +164,15 @@ def _plan_new(
     measure = measure or budget.measure  # (looked up now: tests replace it)
     before, t0 = budget.since(started), time.monotonic()
     costs: dict[str, Costs] = {}
+    # Timed beside as many neighbours as it will train beside (fewer cells than jobs: fewer).
+    beside = max(min(jobs, to_run) - 1, 0)
     for i in new:
         cell, cls = cells[i], cost_class(cells[i].cfg)
         if cls not in costs:
             log.info("--time-budget: timing %s here", cell.label)
             # Paid once, here (in ``spent``), not again by each cell of the class.
             costs[cls] = replace(measure(cell.cfg, experiment=experiment_name(cell.sweep, cell.cfg.profile),
-                                         folder=resolve_runs_dir(runs_dir)), probe=0.0)  # fmt: skip
+                                         folder=resolve_runs_dir(runs_dir), beside=beside), probe=0.0)  # fmt: skip
     spent = before + time.monotonic() - t0
     share = share_minutes(minutes, jobs, to_run, spent)
     what = (f"--time-budget {minutes:g} over {to_run} cell(s) to run, {jobs} at a time, less {spent:.0f} s "
@@ -184,7 +187,7 @@ def _plan_new(
     for i, ((epochs, steps), c) in planned.items():
         cell = cells[i]
         entry = {"cell": cell.label, "key_before_budget": run_key(cell.cfg), "minutes": float(minutes),
-                 "machine": machine, "jobs": jobs, "cells_to_run": to_run, "spent_s": spent,
+                 "machine": machine, "jobs": jobs, "cells_to_run": to_run, "timed_beside": beside, "spent_s": spent,
                  "share_minutes": share, "epochs": epochs, "max_steps": steps, "costs": asdict(c),
                  "planned": stamp}  # fmt: skip
         write_atomic(paths[i], json.dumps(entry, indent=1) + "\n")

@@ -26,7 +26,7 @@ from crener.identity import run_key
 from crener.tracking import Tracker, run_store_writes
 from experiments import budget_plan
 from experiments.sweeps import plan
-from tests.helpers import tiny_cfg
+from tests.helpers import tiny_cfg, tiny_resume
 
 TEN_MIN = Costs(probe=30, step=0.5, dev_eval=5, end_eval=10, batches_per_epoch=500)
 
@@ -153,6 +153,90 @@ def test_the_probe_measures_every_term_of_this_run(tiny_data, tmp_path, mlflow_s
     assert seen["_writable_parent"] == tmp_path and not folder.exists()
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("crener-probe-")]  # cleaned up
     assert Tracker().client.get_experiment_by_name("crener-adhoc-smoke") is not None  # as the run makes it
+
+
+class FakeSteps:
+    """``crener.train.train_one_epoch`` on a fake clock: batch position i costs 1 + i / 1000 s and a
+    pass's own start 0.25 s (the empty pass), so the probe's step is an exact mean; it records the
+    batches of every pass."""
+
+    def __init__(self, batches):
+        self.position = {tuple(b): i for i, b in enumerate(batches)}
+        self.now, self.passes = 0.0, []
+
+    def clock(self):
+        return self.now
+
+    def __call__(self, model, task, examples, chosen, *args, **kwargs):
+        self.passes.append([self.position[tuple(b)] for b in chosen])
+        self.now += 0.25 + sum(1 + self.position[tuple(b)] / 1000 for b in chosen)
+
+
+@pytest.mark.parametrize(("window", "most", "want"), [(0.0, 40, 6), (11.0, 40, 11), (1e9, 9, 9)])
+def test_steps_are_timed_until_they_fill_the_window(tmp_path, monkeypatch, window, most, want):
+    """Six steps give the step's size; more, spread over the sizes the same way, fill the window
+    (here about 1 s a step: 11 s is 11 steps), at most PROBE_MAX_STEPS; the step is their mean."""
+    import numpy as np
+
+    from crener import train
+    from crener.data.batching import training_batches
+
+    cfg = tiny_cfg(tiny_resume(tmp_path / "data", 40), **{"train.max_cells": 800})
+    parts, opt, device = budget._set_up(cfg, tmp_path / "run")
+    lengths = [e.n for e in parts.train_examples]
+    batches = training_batches(lengths, cfg.train, np.random.default_rng([cfg.train.seed, 1]))
+    assert len(batches) >= 14
+    fake = FakeSteps(batches)
+    monkeypatch.setattr(train, "train_one_epoch", fake)
+    monkeypatch.setattr(budget, "time", types.SimpleNamespace(perf_counter=fake.clock))
+    monkeypatch.setattr(budget, "PROBE_WINDOW_S", window)
+    monkeypatch.setattr(budget, "PROBE_MAX_STEPS", most)
+    step, _, count, _ = budget._time_steps(cfg, parts, opt, device)
+    six = budget.spread_sample(batches, lengths, budget.PROBE_STEPS)
+    rest = [i for i in range(len(batches)) if i not in six]
+    extra = [rest[j] for j in budget.spread_sample([batches[i] for i in rest], lengths, want - 6)]
+    timed = [p for p in fake.passes[2:] if p]  # after the warm-up and the empty pass
+    assert sorted({i for p in timed for i in p}) == sorted(six + extra) and len(six + extra) == want
+    assert step == pytest.approx(np.mean([1 + i / 1000 for i in six + extra]))
+    assert count == len(batches)
+
+
+def test_a_probe_beside_neighbours_times_with_them_training(tiny_data, tmp_path, monkeypatch):
+    """``beside=1``: a second process trains the run's steps (it burns CPU) while the probe times its
+    steps, and is gone when the probe returns."""
+    import multiprocessing
+
+    cfg = tiny_cfg(tiny_data)
+    seen = []
+    real = budget._time_steps
+
+    def spy(*args):
+        children = multiprocessing.active_children()
+        busy = [_cpu_seconds(c.pid) for c in children]
+        time.sleep(1.0)
+        seen.append((len(children), [_cpu_seconds(c.pid) - b for c, b in zip(children, busy, strict=True)]))
+        return real(*args)
+
+    monkeypatch.setattr(budget, "_time_steps", spy)
+    costs = budget.measure(cfg, folder=tmp_path, beside=1)
+    [(count, burnt)] = seen
+    assert count == 1 and burnt[0] > 0.5  # most of a core for the second it was watched
+    assert costs.step > 0 and not multiprocessing.active_children()
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds of process ``pid`` (Linux's /proc)."""
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_neighbour_that_fails_to_start_stops_the_probe_with_its_cause(tiny_data, tmp_path):
+    cfg = tiny_cfg(tiny_data, **{"runtime.data_root": str(tmp_path / "nowhere")})
+    failed = r"beside the probe failed \(exit code 1\).*--jobs 1"
+    with pytest.raises(CrenerError, match=failed), budget._beside(cfg, 1, tmp_path) as ready:
+        ready()
 
 
 def test_train_plans_with_its_start_and_follows_the_plan(tiny_data, tmp_path, capsys, monkeypatch):
