@@ -49,9 +49,9 @@ not seen (per sentence: its steps' first pass less their second). Times are meas
 holds for this machine and load only.
 
 A cell that runs beside others (``crener reproduce --jobs``) runs slower than it does alone: the
-cores share their caches and memory. ``beside=K`` has K other processes train steps of the same
-config while the probe times everything after its one-off costs (reports/decisions.md has what
-this changed), so each term is what a cell pays with K neighbours.
+cores share their caches and memory. ``beside`` names the configs of the cells it will run beside:
+a process for each trains that config's steps while the probe times everything after its one-off
+costs (reports/decisions.md has what this changed), so each term is what a cell pays beside them.
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ def measure(
     started: float | None = None,
     experiment: str | None = None,
     folder: str | Path | None = None,
-    beside: int = 0,
+    beside: Sequence[RunConfig] = (),
 ) -> Costs:
     """Time ``cfg``'s run here: the module docstring's terms.
 
@@ -174,15 +174,15 @@ def measure(
     ``experiment``: the MLflow experiment the run will log to (None: an untracked run, no store
     costs). ``folder``: where the run will write (its runs folder or workdir): the probe writes in
     a temporary folder beside it, so checkpoints are timed on the run's file system (None: the
-    system's temporary folder). ``beside``: how many other processes train steps of ``cfg`` while
-    the run is timed (the cells a plan runs beside it).
+    system's temporary folder). ``beside``: the configs whose steps other processes train while the
+    run is timed, one process each (the cells a plan runs beside it).
     """
     clock = time.perf_counter()
     before = since(started)
     parent = _writable_parent(folder)
     with (
         tempfile.TemporaryDirectory(prefix="crener-probe-", dir=parent) as tmp,
-        _beside(cfg, beside, parent) as ready,
+        _beside(beside, parent) as ready,
     ):
         _set_up(cfg, Path(tmp) / "first")  # the one-off costs; dropped to free its memory
         ready()  # the neighbours set up while the one-off costs were paid: now they train
@@ -219,23 +219,24 @@ def _writable_parent(folder: str | Path | None) -> Path | None:
 
 
 @contextlib.contextmanager
-def _beside(cfg: RunConfig, count: int, parent: Path | None) -> Iterator[Callable[[], None]]:
-    """``count`` processes that train steps of ``cfg`` until the block ends; yields a call that
-    waits until every one of them has set up and trains (nothing to wait for when ``count`` is 0)."""
-    if count <= 0:
+def _beside(configs: Sequence[RunConfig], parent: Path | None) -> Iterator[Callable[[], None]]:
+    """A process for each of ``configs`` that trains its steps until the block ends; yields a call
+    that waits until every one of them has set up and trains (nothing to wait for without configs)."""
+    if not configs:
         yield lambda: None
         return
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch state shared with ours
-    stop, ready = ctx.Event(), [ctx.Event() for _ in range(count)]
+    stop, ready = ctx.Event(), [ctx.Event() for _ in configs]
     procs = [
-        ctx.Process(target=_train_beside, args=(cfg, str(parent or ""), r, stop), daemon=True) for r in ready
+        ctx.Process(target=_train_beside, args=(cfg, str(parent or ""), r, stop), daemon=True)
+        for cfg, r in zip(configs, ready, strict=True)
     ]
     for proc in procs:
         proc.start()
 
     def wait() -> None:
         deadline = time.monotonic() + BESIDE_READY_S
-        for proc, r in zip(procs, ready, strict=True):
+        for cfg, proc, r in zip(configs, procs, ready, strict=True):
             while not r.wait(1.0):
                 if not proc.is_alive() or time.monotonic() > deadline:
                     raise CrenerError(

@@ -15,7 +15,8 @@ MINUTES is the wall time of the whole plan on this machine. The rule:
   *spent*). Cells that differ only in their seed cost the same, so one probe serves them all; a
   probe runs with the thread count the cell will have, times the cell's store and files where the
   cell logs and writes, and beside as many neighbours as the cell will have (``min(jobs, cells to
-  run) - 1`` processes training the same config: ``beside`` of :func:`crener.budget.measure`).
+  run) - 1`` processes, ``beside`` of :func:`crener.budget.measure`), each training the next class
+  of the plan in turn (the class itself in a plan of one), as the cells to run take turns.
 
 A cell's share covers its whole run: its set-up (which the probe times), steps, evaluations,
 checkpoints and logging, by ``crener train --time-budget``'s rule. The share is recorded with the run as
@@ -164,15 +165,23 @@ def _plan_new(
     measure = measure or budget.measure  # (looked up now: tests replace it)
     before, t0 = budget.since(started), time.monotonic()
     costs: dict[str, Costs] = {}
-    # Timed beside as many neighbours as it will train beside (fewer cells than jobs: fewer).
-    beside = max(min(jobs, to_run) - 1, 0)
+    # Timed beside as many neighbours as it will train beside (fewer cells than jobs: fewer), each
+    # a class that follows it in the plan: its cells alternate with those of the others.
+    first_of: dict[str, RunConfig] = {}
+    for i in new:
+        first_of.setdefault(cost_class(cells[i].cfg), cells[i].cfg)
+    firsts = list(first_of.values())
+    count = max(min(jobs, to_run) - 1, 0)
+    beside = {cost_class(cfg): [firsts[(k + 1 + j) % len(firsts)] for j in range(count)]
+              for k, cfg in enumerate(firsts)}  # fmt: skip
     for i in new:
         cell, cls = cells[i], cost_class(cells[i].cfg)
         if cls not in costs:
-            log.info("--time-budget: timing %s here", cell.label)
+            log.info("--time-budget: timing %s here%s", cell.label,
+                     "".join(f", beside {cfg.label}" for cfg in beside[cls]))  # fmt: skip
             # Paid once, here (in ``spent``), not again by each cell of the class.
             costs[cls] = replace(measure(cell.cfg, experiment=experiment_name(cell.sweep, cell.cfg.profile),
-                                         folder=resolve_runs_dir(runs_dir), beside=beside), probe=0.0)  # fmt: skip
+                                         folder=resolve_runs_dir(runs_dir), beside=beside[cls]), probe=0.0)  # fmt: skip
     spent = before + time.monotonic() - t0
     share = share_minutes(minutes, jobs, to_run, spent)
     what = (f"--time-budget {minutes:g} over {to_run} cell(s) to run, {jobs} at a time, less {spent:.0f} s "
@@ -187,7 +196,7 @@ def _plan_new(
     for i, ((epochs, steps), c) in planned.items():
         cell = cells[i]
         entry = {"cell": cell.label, "key_before_budget": run_key(cell.cfg), "minutes": float(minutes),
-                 "machine": machine, "jobs": jobs, "cells_to_run": to_run, "timed_beside": beside, "spent_s": spent,
+                 "machine": machine, "jobs": jobs, "cells_to_run": to_run, "timed_beside": [cfg.label for cfg in beside[cost_class(cell.cfg)]], "spent_s": spent,
                  "share_minutes": share, "epochs": epochs, "max_steps": steps, "costs": asdict(c),
                  "planned": stamp}  # fmt: skip
         write_atomic(paths[i], json.dumps(entry, indent=1) + "\n")

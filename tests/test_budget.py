@@ -202,8 +202,8 @@ def test_steps_are_timed_until_they_fill_the_window(tmp_path, monkeypatch, windo
 
 
 def test_a_probe_beside_neighbours_times_with_them_training(tiny_data, tmp_path, monkeypatch):
-    """``beside=1``: a second process trains the run's steps (it burns CPU) while the probe times its
-    steps, and is gone when the probe returns."""
+    """``beside``: a second process trains another config's steps (it burns CPU) while the probe
+    times its steps, and is gone when the probe returns."""
     import multiprocessing
 
     cfg = tiny_cfg(tiny_data)
@@ -218,7 +218,7 @@ def test_a_probe_beside_neighbours_times_with_them_training(tiny_data, tmp_path,
         return real(*args)
 
     monkeypatch.setattr(budget, "_time_steps", spy)
-    costs = budget.measure(cfg, folder=tmp_path, beside=1)
+    costs = budget.measure(cfg, folder=tmp_path, beside=[tiny_cfg(tiny_data, "w2ner")])
     [(count, burnt)] = seen
     assert count == 1 and burnt[0] > 0.5  # most of a core for the second it was watched
     assert costs.step > 0 and not multiprocessing.active_children()
@@ -235,7 +235,7 @@ def _cpu_seconds(pid: int) -> float:
 def test_a_neighbour_that_fails_to_start_stops_the_probe_with_its_cause(tiny_data, tmp_path):
     cfg = tiny_cfg(tiny_data, **{"runtime.data_root": str(tmp_path / "nowhere")})
     failed = r"beside the probe failed \(exit code 1\).*--jobs 1"
-    with pytest.raises(CrenerError, match=failed), budget._beside(cfg, 1, tmp_path) as ready:
+    with pytest.raises(CrenerError, match=failed), budget._beside([cfg], tmp_path) as ready:
         ready()
 
 
@@ -316,10 +316,11 @@ class Probe:
     """A stand-in for crener.budget.measure: fixed costs, and the configs it was asked to time."""
 
     def __init__(self, costs: Costs = SLOW_STEPS):
-        self.costs, self.timed = costs, []
+        self.costs, self.timed, self.beside = costs, [], []
 
     def __call__(self, cfg, **where):
         self.timed.append(cfg.label)
+        self.beside.append([c.label for c in where.get("beside", ())])
         return self.costs
 
 
@@ -339,6 +340,8 @@ def test_reproduce_plans_once_and_a_rerun_reuses_the_saved_steps(tmp_path: Path)
     out = budget_plan.resolve(cells, 4, jobs=2, runs_dir=tmp_path, finished=lambda cfg: False, measure=probe,
                               machine="m")  # fmt: skip
     assert probe.timed == ["crener:full/resume/s0", "w2ner:full/resume/s0"]  # one probe a class of cost
+    # Each timed beside the other class, as their cells alternate two at a time.
+    assert probe.beside == [["w2ner:full/resume/s0"], ["crener:full/resume/s0"]]
     assert {(c.cfg.train.epochs, c.cfg.train.max_steps) for c in out} == {(2, 72)}
     assert [c.cfg.runtime.time_budget for c in out] == [pytest.approx(2, abs=1e-3)] * 4
     assert len(list((tmp_path / "smoke" / budget_plan.PLAN_DIR_NAME).glob("*.json"))) == 4
@@ -364,6 +367,19 @@ def test_reproduce_plans_once_and_a_rerun_reuses_the_saved_steps(tmp_path: Path)
     new = [c.cfg for c in wider if c.cfg.train.seed == 2]
     assert [c.runtime.time_budget for c in new] == [pytest.approx(4, abs=1e-3)] * 2
     assert {(c.train.epochs, c.train.max_steps) for c in new} == {plan_steps(4, 2, CELL_STEPS)}
+
+
+@pytest.mark.parametrize(
+    ("cells", "jobs", "beside"),
+    [(1, 2, [[]]), (2, 1, [[], []]), (4, 3, [["w2ner", "crener"], ["crener", "w2ner"]])],
+)
+def test_a_class_is_timed_beside_the_neighbours_its_cells_will_have(tmp_path, cells, jobs, beside):
+    """As many neighbours as cells will run beside it (jobs, or fewer cells to run), each the next
+    class of the plan in turn."""
+    probe = Probe()
+    budget_plan.resolve(_cells((0, 1))[:cells], 30, jobs=jobs, runs_dir=tmp_path, finished=lambda cfg: False,
+                        measure=probe, machine="m")  # fmt: skip
+    assert [[label.split(":")[0] for label in b] for b in probe.beside] == beside
 
 
 def test_reproduce_budget_too_short_says_so_and_saves_nothing(tmp_path: Path) -> None:
