@@ -309,11 +309,24 @@ def test_bf16_pays_compares_measured_matmul_rates(monkeypatch: pytest.MonkeyPatc
 
     import crener.device as device
 
-    for fp32, bf16, want in ((100.0, 450.0, True), (100.0, 199.0, False), (100.0, 30.0, False)):
-        rates = {torch.float32: fp32, torch.bfloat16: bf16}
-        monkeypatch.setattr(device, "matmul_gflops", lambda dtype, *a, rates=rates, **k: rates[dtype])
+    # (fp32, bf16 at its first look, bf16 measured in full, answer, bf16 measurements taken): a first
+    # look far under the bar (emulated bf16) settles it without the seconds the full one takes.
+    cases = ((100.0, 450.0, 450.0, True, 2), (100.0, 199.0, 199.0, False, 2), (100.0, 60.0, 30.0, False, 2),
+             (100.0, 49.0, 450.0, False, 1), (100.0, 3.0, 3.0, False, 1))  # fmt: skip
+    for fp32, first, full, want, looks in cases:
+        asked = []
+
+        def rate(dtype, shapes=(), reps=5, warmup=2, fp32=fp32, first=first, full=full, asked=asked):
+            asked.append((dtype, reps, warmup))
+            return fp32 if dtype == torch.float32 else (first if reps == 1 else full)
+
+        monkeypatch.setattr(device, "matmul_gflops", rate)
         device.bf16_pays.cache_clear()
         assert device.bf16_pays("cpu") is want
+        assert [a for a in asked if a[0] == torch.bfloat16] == [
+            (torch.bfloat16, 1, 1),
+            (torch.bfloat16, 3, 2),
+        ][:looks]
     device.bf16_pays.cache_clear()
 
 
