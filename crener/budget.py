@@ -264,7 +264,6 @@ def _train_beside(cfg: RunConfig, parent: str, ready: Any, stop: Any) -> None:
     import torch
 
     from crener.data.batching import training_batches
-    from crener.train import train_one_epoch
 
     with tempfile.TemporaryDirectory(prefix="crener-probe-beside-", dir=parent or None) as tmp:
         parts, opt, device = _set_up(cfg, Path(tmp))
@@ -274,10 +273,22 @@ def _train_beside(cfg: RunConfig, parent: str, ready: Any, stop: Any) -> None:
         ready.set()
         step = 0
         while not stop.is_set():
-            train_one_epoch(parts.model, parts.task, parts.train_examples, [batches[step % len(batches)]],
-                            opt.optimizer, constant, device, cfg, epoch=1, unk_probs=opt.unk_probs,
-                            unk_id=parts.tokenizer.unk_id)  # fmt: skip
+            _run_steps(cfg, parts, opt, device, [batches[step % len(batches)]], scheduler=constant)
             step += 1
+
+
+def _run_steps(
+    cfg: RunConfig, parts: Any, opt: Any, device: Any, chosen: list[list[int]], scheduler: Any = None
+) -> float:
+    """Seconds of one training pass over ``chosen`` batches, as the run trains them (``scheduler``:
+    the run's, unless another is given)."""
+    from crener.train import train_one_epoch
+
+    t0 = time.perf_counter()
+    train_one_epoch(parts.model, parts.task, parts.train_examples, chosen, opt.optimizer,
+                    scheduler or opt.scheduler, device, cfg, epoch=1, unk_probs=opt.unk_probs,
+                    unk_id=parts.tokenizer.unk_id)  # fmt: skip
+    return time.perf_counter() - t0
 
 
 def _set_up(cfg: RunConfig, workdir: Path) -> tuple[Any, Any, Any]:
@@ -322,13 +333,9 @@ def _time_steps(cfg: RunConfig, parts: Any, opt: Any, device: Any) -> tuple[floa
     import numpy as np
 
     from crener.data.batching import training_batches
-    from crener.train import train_one_epoch
 
     def run(chosen: list[list[int]]) -> float:
-        t0 = time.perf_counter()
-        train_one_epoch(parts.model, parts.task, parts.train_examples, chosen, opt.optimizer, opt.scheduler,
-                        device, cfg, epoch=1, unk_probs=opt.unk_probs, unk_id=parts.tokenizer.unk_id)  # fmt: skip
-        return time.perf_counter() - t0
+        return _run_steps(cfg, parts, opt, device, chosen)
 
     def timed(chosen: list[list[int]]) -> tuple[float, float]:
         """``(first pass, the pass a step costs)``: a frozen encoder encodes a sentence the first time
@@ -354,8 +361,7 @@ def _time_steps(cfg: RunConfig, parts: Any, opt: Any, device: Any) -> tuple[floa
     # More steps, spread over the sizes the same way, until they fill the window.
     pilot = max((steps - start) / max(len(sample), 1), 1e-6)
     want = min(PROBE_MAX_STEPS, math.ceil(PROBE_WINDOW_S / pilot))
-    rest = [i for i in range(len(batches)) if i not in sample]
-    extra = [rest[j] for j in spread_sample([batches[i] for i in rest], lengths, want - len(sample))]
+    extra = [others[j] for j in spread_sample([batches[i] for i in others], lengths, want - len(sample))]
     total, count = steps - start, len(sample)
     if extra:
         total += timed([batches[i] for i in extra])[1] - start

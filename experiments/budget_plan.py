@@ -196,7 +196,8 @@ def _plan_new(
     for i, ((epochs, steps), c) in planned.items():
         cell = cells[i]
         entry = {"cell": cell.label, "key_before_budget": run_key(cell.cfg), "minutes": float(minutes),
-                 "machine": machine, "jobs": jobs, "cells_to_run": to_run, "timed_beside": [cfg.label for cfg in beside[cost_class(cell.cfg)]], "spent_s": spent,
+                 "machine": machine, "jobs": jobs, "cells_to_run": to_run, "spent_s": spent,
+                 "timed_beside": [cfg.label for cfg in beside[cost_class(cell.cfg)]],
                  "share_minutes": share, "epochs": epochs, "max_steps": steps, "costs": asdict(c),
                  "planned": stamp}  # fmt: skip
         write_atomic(paths[i], json.dumps(entry, indent=1) + "\n")
