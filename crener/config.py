@@ -309,8 +309,10 @@ class RuntimeConfig:
     grid_input: str = "split"
     # Dilated depthwise convs as undilated ones over interleaved sub-grids (CPU bf16 training).
     space_to_batch: bool = True
-    # The dilated convs' GELU, masks and concatenation as one autograd op writing into the output.
-    fused_conv: bool = False
+    # The dilated-conv group as one op: without chained rates and outside bf16 autocast on CPU,
+    # crener/dconv.c (built on first use; the library's convs where no C compiler works); else
+    # GELU, masks and concatenation as one autograd op around the library's convs. False: plain.
+    fused_conv: bool = True
     # Activation checkpointing of the conv rounds, always (recomputed in backward with the RNG
     # state restored) ...
     checkpoint_rounds: bool = False

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from crener import dconv
 from crener.data.features import NUM_DIST_IDS, NUM_REGION_IDS, distance_ids, region_ids
 
 CLN_EPS = 1e-12  # W2NER's epsilon
@@ -115,11 +116,13 @@ class DilatedConvBlock(nn.Module):
     the output concatenates the rates: (B, N, N, len(dilations) * channels). Padded cells are
     zeroed before each convolution so padding never leaks into real cells.
 
-    ``fused`` (``runtime.fused_conv``) computes the same values with fewer grid-sized tensors:
-    GELU and the mask in one autograd op (:class:`_GeluMask`) and, without chaining, every rate
-    written straight into its slice of the output (:class:`_GeluMaskConcat`), so no separate
-    concatenation. Chained rates each need their own tensor as the next conv's input, so there
-    the rates are still concatenated at the end.
+    ``fused`` (``runtime.fused_conv``) computes the same values with fewer passes over the grid.
+    Without chaining, in fp32 or fp64 on CPU outside autocast, the whole block is one kernel
+    (:mod:`crener.dconv`: every rate and tap from one read of each neighbourhood, straight into
+    the output's slices). Elsewhere GELU and the mask are one autograd op (:class:`_GeluMask`)
+    and, without chaining, every rate is written straight into its slice of the output
+    (:class:`_GeluMaskConcat`), so no separate concatenation. Chained rates each need their own
+    tensor as the next conv's input, so there the rates are still concatenated at the end.
     """
 
     def __init__(
@@ -145,6 +148,8 @@ class DilatedConvBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         # x: (B, N, N, C); mask: (B, N, N) bool
+        if self.fused and not self.chain and dconv.fits(self.convs, x):
+            return dconv.dilated_convs(self.convs, x, mask)
         m = mask[:, None].to(x.dtype)  # (B, 1, N, N)
         h = x.permute(0, 3, 1, 2) * m  # (B, C, N, N)
         if self.fused and not self.chain:

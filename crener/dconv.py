@@ -1,0 +1,194 @@
+"""The dilated-conv group as one kernel: every rate's depthwise 3x3 conv over a masked grid.
+
+:func:`dilated_convs` computes what :class:`crener.layers.DilatedConvBlock` computes without
+chaining, ``cat([gelu(conv_r(x * m)) * m for r in rates], -1)`` channels-last, with the convs in
+``crener/dconv.c``: one pass over the grid for all rates and taps, the output written straight
+into its slice of the concatenation, and one backward pass for the input, weight and bias
+gradients. GELU and its derivative stay the library's vectorised ones.
+
+The C file is compiled on first use by the machine's C compiler (``$CC``, else ``cc``) with
+``-O3 -march=native`` into a cache keyed by the source, the compiler and this CPU
+(``$CRENER_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/crener/kernels``), and loaded with ctypes; it
+includes no torch header, so a build takes about a second. Where no compiler works the block
+falls back to the library's convs, with one warning a process (:func:`kernel`).
+
+The two C entry points are registered as torch custom ops (``crener::dconv_forward`` and
+``crener::dconv_backward``), so the profiler names them and ``torch.utils.flop_counter`` counts
+their FLOPs (a depthwise conv's backward as twice its forward, as crener.tools.roofline does).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("dconv.c")
+CFLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-pthread")
+MAX_THREADS = 256  # dconv.c's MAX_THREADS
+_DTYPES = {torch.float32: 0, torch.float64: 1}
+
+
+def cache_dir() -> Path:
+    if os.environ.get("CRENER_KERNEL_CACHE"):
+        return Path(os.environ["CRENER_KERNEL_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "crener" / "kernels"
+
+
+def _cpu_id() -> str:
+    """The CPU's model and feature flags: -march=native code is only valid on a CPU that has them."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text(errors="replace").splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    keep = [ln for ln in lines if ln.split(":")[0].strip() in ("model name", "flags", "Features")]
+    return "\n".join(sorted(set(keep))) or platform.machine()
+
+
+def _build(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: --jobs copies may build at once, and a reader must
+    # never load a half-written library.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run(
+            [compiler, *CFLAGS, "-o", tmp, str(SOURCE)], check=True, capture_output=True, text=True
+        )
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+@functools.cache
+def kernel() -> ctypes.CDLL | None:
+    """The compiled kernel, built on first use; None (and one warning) where it cannot be built."""
+    compiler = os.environ.get("CC") or "cc"
+    path = shutil.which(compiler)
+    if path is None:
+        log.warning("no C compiler (%s) found: the dilated convs run as the library's (slower)", compiler)
+        return None
+    key = hashlib.sha256(
+        b"\0".join([SOURCE.read_bytes(), path.encode(), " ".join(CFLAGS).encode(), _cpu_id().encode()])
+    ).hexdigest()[:16]
+    target = cache_dir() / f"dconv-{key}.so"
+    try:
+        if not target.exists():
+            _build(path, target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        log.warning(
+            "could not build %s (%s): the dilated convs run as the library's (slower)", SOURCE, detail.strip()
+        )
+        return None
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.dconv_forward.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]  # fmt: skip
+    lib.dconv_backward.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]  # fmt: skip
+    return lib
+
+
+def _threads(rows: int) -> int:
+    return max(1, min(torch.get_num_threads(), MAX_THREADS, rows))
+
+
+@torch.library.custom_op("crener::dconv_forward", mutates_args=())
+def dconv_forward(x: torch.Tensor, m: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, dilations: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """z (B, N, N, R*C): rate r's conv of the masked grid in channels r*C..(r+1)*C, zero at masked cells.
+
+    x (B, N, N, C), m (B, N, N) bool, w (R, 9, C), bias (R, C), dilations (R,) int64; all contiguous.
+    """
+    b, n, _, c = x.shape
+    r = w.size(0)
+    z = torch.empty(b, n, n, r * c, dtype=x.dtype)
+    kernel().dconv_forward(_DTYPES[x.dtype], x.data_ptr(), m.data_ptr(), w.data_ptr(), bias.data_ptr(),
+                           dilations.data_ptr(), z.data_ptr(), r, b, n, c, _threads(b * n))  # fmt: skip
+    return z
+
+
+@torch.library.custom_op("crener::dconv_backward", mutates_args=())
+def dconv_backward(gz: torch.Tensor, x: torch.Tensor, m: torch.Tensor, w: torch.Tensor, dilations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(grad x, grad w, grad bias) from gz, the gradient at :func:`dconv_forward`'s output."""
+    b, n, _, c = x.shape
+    r = w.size(0)
+    threads = _threads(b * n)
+    gx = torch.empty_like(x)
+    # One partial sum a thread, added here in thread order: the result does not depend on timing.
+    gw = torch.zeros(threads, r, 9, c, dtype=x.dtype)
+    gb = torch.zeros(threads, r, c, dtype=x.dtype)
+    kernel().dconv_backward(_DTYPES[x.dtype], x.data_ptr(), m.data_ptr(), w.data_ptr(), dilations.data_ptr(),
+                            gz.data_ptr(), gx.data_ptr(), gw.data_ptr(), gb.data_ptr(), r, b, n, c, threads)  # fmt: skip
+    return gx, gw.sum(0), gb.sum(0)
+
+
+def _dense_flops(x_shape, w_shape) -> int:  # noqa: ANN001 - torch.Size
+    b, n, _, c = x_shape
+    return 2 * 9 * b * n * n * c * w_shape[0]
+
+
+@register_flop_formula(torch.ops.crener.dconv_forward)
+def _forward_flops(x_shape, m_shape, w_shape, *args, **kwargs) -> int:  # noqa: ANN001, ARG001
+    return _dense_flops(x_shape, w_shape)
+
+
+@register_flop_formula(torch.ops.crener.dconv_backward)
+def _backward_flops(gz_shape, x_shape, m_shape, w_shape, *args, **kwargs) -> int:  # noqa: ANN001, ARG001
+    return 2 * _dense_flops(x_shape, w_shape)  # input and weight gradients
+
+
+class _DilatedConvs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, m, w, bias, dilations):  # noqa: ANN001, ANN205
+        z = dconv_forward(x, m, w, bias, dilations)
+        if not any(ctx.needs_input_grad):  # evaluation: z is not needed again
+            return torch.ops.aten.gelu_(z)  # gelu(0) = 0: masked cells stay zero
+        ctx.save_for_backward(z, x, m, w, dilations)
+        return F.gelu(z)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        z, x, m, w, dilations = ctx.saved_tensors
+        gz = torch.ops.aten.gelu_backward(grad.contiguous(), z).mul_(m[..., None])
+        gx, gw, gb = dconv_backward(gz, x, m, w, dilations)
+        return gx, None, gw, gb, None
+
+
+def fits(convs, x: torch.Tensor) -> bool:  # noqa: ANN001 - the block's nn.ModuleList
+    """Whether :func:`dilated_convs` computes these convs of x: CPU, fp32 or fp64 outside bf16
+    autocast (the kernel would not round as autocast does), 3x3 depthwise convs with biases, and a
+    kernel that built."""
+    if x.device.type != "cpu" or x.dtype not in _DTYPES or torch.is_autocast_enabled("cpu"):
+        return False
+    if not all(
+        c.kernel_size == (3, 3) and c.groups == c.in_channels == c.out_channels and c.bias is not None
+        and c.dilation[0] == c.dilation[1] == c.padding[0] == c.padding[1] and c.stride == (1, 1)
+        for c in convs
+    ):  # fmt: skip
+        return False
+    return kernel() is not None
+
+
+def dilated_convs(convs, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    """``cat([gelu(conv(x * m)) * m for conv in convs], -1)`` for channels-last x (B, N, N, C) and
+    a bool mask (B, N, N): the block's output, (B, N, N, len(convs) * C). Check :func:`fits` first."""
+    c = x.size(-1)
+    w = torch.stack([conv.weight.reshape(c, 9) for conv in convs]).transpose(1, 2).contiguous()
+    bias = torch.stack([conv.bias for conv in convs])
+    dilations = torch.tensor([conv.dilation[0] for conv in convs], dtype=torch.int64)
+    return _DilatedConvs.apply(
+        x.contiguous(), mask.to(torch.bool).contiguous(), w, bias.to(x.dtype), dilations
+    )
