@@ -49,7 +49,7 @@ def test_fused_equals_plain_values_and_gradients(chain, b, n, c, dilations, leng
     out_plain, g_plain = run(blk, False, x, mask, weight)
     out_fused, g_fused = run(blk, True, x, mask, weight)
     assert out_fused.shape == out_plain.shape and out_fused.is_contiguous()
-    torch.testing.assert_close(out_fused, out_plain, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out_fused, out_plain, atol=1e-6, rtol=1e-6)  # fp32 summation order
     assert len(g_fused) == 1 + 2 * len(dilations)
     for a, p in zip(g_fused, g_plain):
         torch.testing.assert_close(a, p, atol=1e-6, rtol=1e-5)
