@@ -2,9 +2,10 @@
 
 :func:`dilated_convs` computes what :class:`crener.layers.DilatedConvBlock` computes without
 chaining, ``cat([gelu(conv_r(x * m)) * m for r in rates], -1)`` channels-last, with the convs in
-``crener/dconv.c``: one pass over the grid for all rates and taps, the output written straight
-into its slice of the concatenation, and one backward pass for the input, weight and bias
-gradients. GELU and its derivative stay the library's vectorised ones.
+``crener/dconv.c``: one pass over the grid for all rates and taps with GELU applied in
+registers, the output written straight into its slice of the concatenation; the backward pass
+recomputes the pre-activation instead of keeping it, then gives the input, weight and bias
+gradients. Only the inputs are saved for backward.
 
 The C file is compiled on first use by the machine's C compiler (``$CC``, else ``cc``) with
 ``-O3 -march=native`` into a cache keyed by the source, the compiler and this CPU
@@ -14,7 +15,8 @@ falls back to the library's convs, with one warning a process (:func:`kernel`).
 
 The two C entry points are registered as torch custom ops (``crener::dconv_forward`` and
 ``crener::dconv_backward``), so the profiler names them and ``torch.utils.flop_counter`` counts
-their FLOPs (a depthwise conv's backward as twice its forward, as crener.tools.roofline does).
+their FLOPs (a depthwise conv's backward as twice its forward, as crener.tools.roofline does;
+the recomputed forward is not counted, as a checkpointed layer's is not).
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def _build(compiler: str, target: Path) -> None:
     os.close(fd)
     try:
         subprocess.run(
-            [compiler, *CFLAGS, "-o", tmp, str(SOURCE)], check=True, capture_output=True, text=True
+            [compiler, *CFLAGS, "-o", tmp, str(SOURCE), "-lm"], check=True, capture_output=True, text=True
         )
         os.replace(tmp, target)
     finally:
@@ -98,7 +99,7 @@ def kernel() -> ctypes.CDLL | None:
         return None
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.dconv_forward.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]  # fmt: skip
-    lib.dconv_backward.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]  # fmt: skip
+    lib.dconv_backward.argtypes = [ctypes.c_int, *[ptr] * 10, i64, i64, i64, i64, ctypes.c_int]
     return lib
 
 
@@ -108,30 +109,32 @@ def _threads(rows: int) -> int:
 
 @torch.library.custom_op("crener::dconv_forward", mutates_args=())
 def dconv_forward(x: torch.Tensor, m: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, dilations: torch.Tensor) -> torch.Tensor:  # fmt: skip
-    """z (B, N, N, R*C): rate r's conv of the masked grid in channels r*C..(r+1)*C, zero at masked cells.
+    """gelu(z) (B, N, N, R*C): z rate r's conv of the masked grid in channels r*C..(r+1)*C; zero at masked cells.
 
     x (B, N, N, C), m (B, N, N) bool, w (R, 9, C), bias (R, C), dilations (R,) int64; all contiguous.
     """
     b, n, _, c = x.shape
     r = w.size(0)
-    z = torch.empty(b, n, n, r * c, dtype=x.dtype)
+    out = torch.empty(b, n, n, r * c, dtype=x.dtype)
     kernel().dconv_forward(_DTYPES[x.dtype], x.data_ptr(), m.data_ptr(), w.data_ptr(), bias.data_ptr(),
-                           dilations.data_ptr(), z.data_ptr(), r, b, n, c, _threads(b * n))  # fmt: skip
-    return z
+                           dilations.data_ptr(), out.data_ptr(), r, b, n, c, _threads(b * n))  # fmt: skip
+    return out
 
 
 @torch.library.custom_op("crener::dconv_backward", mutates_args=())
-def dconv_backward(gz: torch.Tensor, x: torch.Tensor, m: torch.Tensor, w: torch.Tensor, dilations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(grad x, grad w, grad bias) from gz, the gradient at :func:`dconv_forward`'s output."""
+def dconv_backward(g: torch.Tensor, x: torch.Tensor, m: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, dilations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(grad x, grad w, grad bias) from g, the gradient at :func:`dconv_forward`'s output (contiguous)."""
     b, n, _, c = x.shape
     r = w.size(0)
     threads = _threads(b * n)
+    gz = torch.empty_like(g)  # the gradient at z, recomputed in the kernel
     gx = torch.empty_like(x)
     # One partial sum a thread, added here in thread order: the result does not depend on timing.
     gw = torch.zeros(threads, r, 9, c, dtype=x.dtype)
     gb = torch.zeros(threads, r, c, dtype=x.dtype)
-    kernel().dconv_backward(_DTYPES[x.dtype], x.data_ptr(), m.data_ptr(), w.data_ptr(), dilations.data_ptr(),
-                            gz.data_ptr(), gx.data_ptr(), gw.data_ptr(), gb.data_ptr(), r, b, n, c, threads)  # fmt: skip
+    kernel().dconv_backward(_DTYPES[x.dtype], x.data_ptr(), m.data_ptr(), w.data_ptr(), bias.data_ptr(),
+                            dilations.data_ptr(), g.data_ptr(), gz.data_ptr(), gx.data_ptr(), gw.data_ptr(),
+                            gb.data_ptr(), r, b, n, c, threads)  # fmt: skip
     return gx, gw.sum(0), gb.sum(0)
 
 
@@ -146,32 +149,37 @@ def _forward_flops(x_shape, m_shape, w_shape, *args, **kwargs) -> int:  # noqa: 
 
 
 @register_flop_formula(torch.ops.crener.dconv_backward)
-def _backward_flops(gz_shape, x_shape, m_shape, w_shape, *args, **kwargs) -> int:  # noqa: ANN001, ARG001
+def _backward_flops(g_shape, x_shape, m_shape, w_shape, *args, **kwargs) -> int:  # noqa: ANN001, ARG001
     return 2 * _dense_flops(x_shape, w_shape)  # input and weight gradients
 
 
 class _DilatedConvs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, m, w, bias, dilations):  # noqa: ANN001, ANN205
-        z = dconv_forward(x, m, w, bias, dilations)
-        if not any(ctx.needs_input_grad):  # evaluation: z is not needed again
-            return torch.ops.aten.gelu_(z)  # gelu(0) = 0: masked cells stay zero
-        ctx.save_for_backward(z, x, m, w, dilations)
-        return F.gelu(z)
+        # Only the inputs are kept: the backward pass recomputes z (crener/dconv.c says why).
+        ctx.save_for_backward(x, m, w, bias, dilations)
+        return dconv_forward(x, m, w, bias, dilations)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
-        z, x, m, w, dilations = ctx.saved_tensors
-        gz = torch.ops.aten.gelu_backward(grad.contiguous(), z).mul_(m[..., None])
-        gx, gw, gb = dconv_backward(gz, x, m, w, dilations)
+        x, m, w, bias, dilations = ctx.saved_tensors
+        gx, gw, gb = dconv_backward(grad.contiguous(), x, m, w, bias, dilations)
         return gx, None, gw, gb, None
 
 
+def _bf16_autocast() -> bool:
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
 def fits(convs, x: torch.Tensor) -> bool:  # noqa: ANN001 - the block's nn.ModuleList
-    """Whether :func:`dilated_convs` computes these convs of x: CPU, fp32 or fp64 outside bf16
-    autocast (the kernel would not round as autocast does), 3x3 depthwise convs with biases, and a
-    kernel that built."""
-    if x.device.type != "cpu" or x.dtype not in _DTYPES or torch.is_autocast_enabled("cpu"):
+    """Whether :func:`dilated_convs` computes these convs of x: 3x3 depthwise convs with biases on
+    CPU, a kernel that built, and x in fp32 or fp64, or in fp32 or bf16 under bf16 autocast."""
+    if x.device.type != "cpu":
+        return False
+    if torch.is_autocast_enabled("cpu"):
+        if not _bf16_autocast() or x.dtype not in (torch.float32, torch.bfloat16):
+            return False
+    elif x.dtype not in _DTYPES:
         return False
     if not all(
         c.kernel_size == (3, 3) and c.groups == c.in_channels == c.out_channels and c.bias is not None
@@ -184,11 +192,18 @@ def fits(convs, x: torch.Tensor) -> bool:  # noqa: ANN001 - the block's nn.Modul
 
 def dilated_convs(convs, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
     """``cat([gelu(conv(x * m)) * m for conv in convs], -1)`` for channels-last x (B, N, N, C) and
-    a bool mask (B, N, N): the block's output, (B, N, N, len(convs) * C). Check :func:`fits` first."""
+    a bool mask (B, N, N): the block's output, (B, N, N, len(convs) * C). Check :func:`fits` first.
+
+    Under bf16 autocast the kernel still computes in fp32 (there is no bf16 arithmetic in it; its
+    cost is memory traffic, not multiplies) and the result takes the dtype the library's path
+    gives: bf16 convs times x's dtype's mask, so fp32 for an fp32 grid and bf16 for a bf16 one.
+    """
+    out_dtype = torch.promote_types(torch.bfloat16, x.dtype) if _bf16_autocast() else x.dtype
+    if _bf16_autocast():
+        x = x.float()
     c = x.size(-1)
-    w = torch.stack([conv.weight.reshape(c, 9) for conv in convs]).transpose(1, 2).contiguous()
-    bias = torch.stack([conv.bias for conv in convs])
+    w = torch.stack([conv.weight.reshape(c, 9) for conv in convs]).transpose(1, 2).contiguous().to(x.dtype)
+    bias = torch.stack([conv.bias for conv in convs]).to(x.dtype)
     dilations = torch.tensor([conv.dilation[0] for conv in convs], dtype=torch.int64)
-    return _DilatedConvs.apply(
-        x.contiguous(), mask.to(torch.bool).contiguous(), w, bias.to(x.dtype), dilations
-    )
+    out = _DilatedConvs.apply(x.contiguous(), mask.to(torch.bool).contiguous(), w, bias, dilations)
+    return out.to(out_dtype)

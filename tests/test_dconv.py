@@ -165,21 +165,36 @@ def test_a_compiler_that_fails_falls_back_and_leaves_nothing(fresh_kernel, monke
     assert list(fresh_kernel.glob("*")) == []
 
 
-@pytest.mark.parametrize("case", ["chained", "bf16 autocast", "bfloat16 input", "no bias"])
+@pytest.mark.parametrize("case", ["chained", "fp16 autocast", "bfloat16 input", "no bias"])
 def test_where_the_kernel_does_not_apply(case):
     blk = block(4, (1, 2))
     x = torch.randn(1, 5, 5, 4)
     if case == "chained":
         blk.chain = True
-    elif case == "bfloat16 input":
+    elif case == "bfloat16 input":  # without autocast
         x = x.bfloat16()
     elif case == "no bias":
         blk.convs[0].bias = None
-    if case == "bf16 autocast":
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+    if case == "fp16 autocast":
+        with torch.autocast("cpu", dtype=torch.float16):
             assert not dconv.fits(blk.convs, x)
     else:
         assert dconv.fits(blk.convs, x) == (case == "chained")  # chaining is the block's own check
     if case == "chained":
         out = blk(x.requires_grad_(), grid_mask(torch.tensor([5]), 5))
         assert type(out.grad_fn).__name__ != "_DilatedConvsBackward"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_under_bf16_autocast_the_kernel_runs_in_fp32_and_returns_the_librarys_dtype(dtype):
+    blk = block(8, (1, 2, 3))
+    x = torch.randn(2, 7, 7, 8).to(dtype).requires_grad_()
+    mask = grid_mask(torch.tensor([7, 5]), 7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert dconv.fits(blk.convs, x)
+        out = blk(x, mask)
+        ref = reference(blk, x, mask)
+    assert out.dtype == ref.dtype == dtype  # bf16 convs times the grid's own dtype
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    (grad,) = torch.autograd.grad(out.float().sum(), x)
+    assert grad.dtype == dtype and (grad.float()[~mask] == 0).all()
