@@ -1,4 +1,6 @@
-/* Multi-rate depthwise 3x3 dilated convolutions over a masked channels-last grid (crener.dconv).
+#ifndef DCONV_TYPE
+/* Multi-rate depthwise 3x3 dilated convolutions over a masked channels-last grid, with GELU
+ * (crener.dconv).
  *
  * Built by crener/dconv.py with the machine's C compiler on first use and called through ctypes;
  * there is no torch header here, so it builds in about a second. Every tensor is contiguous:
@@ -7,31 +9,37 @@
  *   w    (R, 9, C)       rate r's kernel, tap k = 3 * ki + kj, channels last
  *   bias (R, C)
  *   dil  (R)             rate r's dilation d: tap (ki, kj) of cell (i, j) reads cell (i + (ki-1)d, j + (kj-1)d)
- *   z    (B, N, N, R*C)  the convolutions' outputs, rate r in channels r*C .. (r+1)*C
- * The forward pass writes z; the backward pass takes gz, the gradient at z (zero at masked cells),
- * and writes gx, and each thread's partial sums of the weight and bias gradients.
+ *   out  (B, N, N, R*C)  gelu(z), z the convolutions' outputs, rate r in channels r*C .. (r+1)*C
+ * The backward pass takes g, the gradient at out, and writes gx and each thread's partial sums of
+ * the weight and bias gradients.
  *
  * Why a kernel of our own: the library's depthwise convolution reads and writes the whole grid
  * once per rate and pass, and its dilated backward pass is several times its undilated one on
- * some CPUs. Here each cell's neighbourhood is read once from cache for every rate and tap, the
- * output lands straight in its slice of the concatenation, and both gradients come from one pass.
- * The rows (b, i) are split into one contiguous block per thread, so results do not depend on
- * scheduling, only on the thread count.
+ * some CPUs. Here each cell's neighbourhood is read once from cache for every rate and tap, GELU
+ * is applied in registers, and the output lands straight in its slice of the concatenation. The
+ * backward pass keeps nothing grid-sized: it recomputes z a few rows ahead of where it is into a
+ * small ring of rows (only rows within the largest dilation are ever read), so the gradient at z
+ * never exists as a whole tensor. The rows (b, i) are split into one contiguous block per thread,
+ * so results do not depend on scheduling, only on the thread count.
+ *
+ * The kernels are written once below (the part after #else) and this file includes itself once
+ * per element type.
  */
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define MAX_THREADS 256
 
 typedef struct {
-    const void *x, *w, *bias, *gz, *g;
+    const void *x, *w, *bias, *g;
     const uint8_t *m;
     const int64_t *dil;
-    void *z, *gx, *gw, *gb;
+    void *out, *gx, *gw, *gb;
     int64_t R, N, C, row0, row1;
-    int grad; /* conv_rows: 0 writes gelu(z); 1 writes g * gelu'(z), g the gradient at the output */
+    int failed; /* set by a job that could not allocate its scratch */
 } job_t;
 
 /* Channels go in blocks of two 32-byte vectors (GCC/Clang vector extensions, so the compiler
@@ -101,200 +109,30 @@ static void act_f64(double *z, const double *g, int64_t C) {
     }
 }
 
-#define KERNELS(T, S)                                                                              \
-    typedef vec_##S V_##S;                                                                         \
-    enum { L_##S = 32 / sizeof(T), CB_##S = 2 * L_##S };                                          \
-    /* Each rate's conv of every cell: then gelu(z), or (J->grad) the gradient at z. */             \
-    static void conv_rows_##S(const job_t *J) {                                                    \
-        const T *x = J->x, *w = J->w, *bias = J->bias;                                             \
-        const uint8_t *m = J->m;                                                                   \
-        T *z = J->z;                                                                               \
-        const int64_t R = J->R, N = J->N, C = J->C;                                                \
-        const T *xs[9], *ws[9];                                                                    \
-        for (int64_t row = J->row0; row < J->row1; ++row) {                                        \
-            const int64_t b = row / N, i = row % N;                                                \
-            for (int64_t j = 0; j < N; ++j) {                                                      \
-                const int64_t p = row * N + j;                                                     \
-                T *zp = z + p * R * C;                                                             \
-                if (!m[p]) {                                                                       \
-                    memset(zp, 0, (size_t)(R * C) * sizeof(T));                                    \
-                    continue;                                                                      \
-                }                                                                                  \
-                for (int64_t r = 0; r < R; ++r) {                                                  \
-                    const int64_t d = J->dil[r];                                                   \
-                    int nv = 0; /* the taps that read a cell inside the grid and unmasked */      \
-                    for (int ki = 0; ki < 3; ++ki) {                                               \
-                        const int64_t ii = i + (ki - 1) * d;                                       \
-                        if (ii < 0 || ii >= N) continue;                                           \
-                        for (int kj = 0; kj < 3; ++kj) {                                           \
-                            const int64_t jj = j + (kj - 1) * d;                                   \
-                            const int64_t q = (b * N + ii) * N + jj;                               \
-                            if (jj < 0 || jj >= N || !m[q]) continue;                              \
-                            xs[nv] = x + q * C;                                                    \
-                            ws[nv++] = w + (r * 9 + ki * 3 + kj) * C;                              \
-                        }                                                                          \
-                    }                                                                              \
-                    T *out = zp + r * C;                                                           \
-                    const T *bb = bias + r * C;                                                    \
-                    int64_t c0 = 0;                                                                \
-                    for (; c0 + CB_##S <= C; c0 += CB_##S) {                                       \
-                        V_##S a0 = LD(V_##S, bb + c0), a1 = LD(V_##S, bb + c0 + L_##S);            \
-                        V_##S b0 = {0}, b1 = {0}; /* a second chain: FMA latency, not throughput */ \
-                        int t = 0;                                                                 \
-                        for (; t + 1 < nv; t += 2) {                                               \
-                            a0 += LD(V_##S, ws[t] + c0) * LD(V_##S, xs[t] + c0);                   \
-                            a1 += LD(V_##S, ws[t] + c0 + L_##S) * LD(V_##S, xs[t] + c0 + L_##S);   \
-                            b0 += LD(V_##S, ws[t + 1] + c0) * LD(V_##S, xs[t + 1] + c0);           \
-                            b1 += LD(V_##S, ws[t + 1] + c0 + L_##S) * LD(V_##S, xs[t + 1] + c0 + L_##S); \
-                        }                                                                          \
-                        if (t < nv) {                                                              \
-                            a0 += LD(V_##S, ws[t] + c0) * LD(V_##S, xs[t] + c0);                   \
-                            a1 += LD(V_##S, ws[t] + c0 + L_##S) * LD(V_##S, xs[t] + c0 + L_##S);   \
-                        }                                                                          \
-                        ST(V_##S, out + c0, a0 + b0);                                              \
-                        ST(V_##S, out + c0 + L_##S, a1 + b1);                                      \
-                    }                                                                              \
-                    for (; c0 < C; ++c0) {                                                         \
-                        T acc = bb[c0];                                                            \
-                        for (int t = 0; t < nv; ++t) acc += ws[t][c0] * xs[t][c0];                 \
-                        out[c0] = acc;                                                             \
-                    }                                                                              \
-                    act_##S(out, J->grad ? (const T *)J->g + p * R * C + r * C : 0, C);            \
-                }                                                                                  \
-            }                                                                                      \
-        }                                                                                          \
-    }                                                                                              \
-                                                                                                   \
-    /* The input's gradient: each cell gathers the cells whose taps read it, one rate at a time  \
-       (a rate's slices of three rows fit in cache; all rates' would not). */                     \
-    static void bwd_input_rows_##S(const job_t *J) {                                               \
-        const T *w = J->w, *gz = J->gz;                                                            \
-        const uint8_t *m = J->m;                                                                   \
-        T *gx = J->gx;                                                                             \
-        const int64_t R = J->R, N = J->N, C = J->C;                                                \
-        const T *gs[9], *ws[9];                                                                    \
-        for (int64_t row = J->row0; row < J->row1; ++row) {                                        \
-            const int64_t b = row / N, i = row % N;                                                \
-            memset(gx + row * N * C, 0, (size_t)(N * C) * sizeof(T));                              \
-            for (int64_t r = 0; r < R; ++r) {                                                      \
-                const int64_t d = J->dil[r];                                                       \
-                for (int64_t j = 0; j < N; ++j) {                                                  \
-                    const int64_t p = row * N + j;                                                 \
-                    if (!m[p]) continue; /* x reads as zero here: no gradient */                   \
-                    T *gxp = gx + p * C;                                                           \
-                    int nv = 0; /* gz is zero at masked cells: only the grid's edge matters */    \
-                    for (int ki = 0; ki < 3; ++ki) {                                               \
-                        const int64_t si = i - (ki - 1) * d;                                       \
-                        if (si < 0 || si >= N) continue;                                           \
-                        for (int kj = 0; kj < 3; ++kj) {                                           \
-                            const int64_t sj = j - (kj - 1) * d;                                   \
-                            if (sj < 0 || sj >= N) continue;                                       \
-                            gs[nv] = gz + ((b * N + si) * N + sj) * R * C + r * C;                 \
-                            ws[nv++] = w + (r * 9 + ki * 3 + kj) * C;                              \
-                        }                                                                          \
-                    }                                                                              \
-                    int64_t c0 = 0;                                                                \
-                    for (; c0 + CB_##S <= C; c0 += CB_##S) {                                       \
-                        V_##S a0 = LD(V_##S, gxp + c0), a1 = LD(V_##S, gxp + c0 + L_##S);          \
-                        V_##S b0 = {0}, b1 = {0};                                                  \
-                        int t = 0;                                                                 \
-                        for (; t + 1 < nv; t += 2) {                                               \
-                            a0 += LD(V_##S, ws[t] + c0) * LD(V_##S, gs[t] + c0);                   \
-                            a1 += LD(V_##S, ws[t] + c0 + L_##S) * LD(V_##S, gs[t] + c0 + L_##S);   \
-                            b0 += LD(V_##S, ws[t + 1] + c0) * LD(V_##S, gs[t + 1] + c0);           \
-                            b1 += LD(V_##S, ws[t + 1] + c0 + L_##S) * LD(V_##S, gs[t + 1] + c0 + L_##S); \
-                        }                                                                          \
-                        if (t < nv) {                                                              \
-                            a0 += LD(V_##S, ws[t] + c0) * LD(V_##S, gs[t] + c0);                   \
-                            a1 += LD(V_##S, ws[t] + c0 + L_##S) * LD(V_##S, gs[t] + c0 + L_##S);   \
-                        }                                                                          \
-                        ST(V_##S, gxp + c0, a0 + b0);                                              \
-                        ST(V_##S, gxp + c0 + L_##S, a1 + b1);                                      \
-                    }                                                                              \
-                    for (; c0 < C; ++c0)                                                           \
-                        for (int t = 0; t < nv; ++t) gxp[c0] += ws[t][c0] * gs[t][c0];             \
-                }                                                                                  \
-            }                                                                                      \
-        }                                                                                          \
-    }                                                                                              \
-                                                                                                   \
-    /* Weight and bias gradients: for each rate, tap and channel block, one sum along each row.  \
-       A term counts where both its cell and the cell its tap reads are unmasked. */              \
-    static void bwd_weight_rows_##S(const job_t *J) {                                              \
-        const T *x = J->x, *gz = J->gz;                                                            \
-        const uint8_t *m = J->m;                                                                   \
-        T *gw = J->gw, *gb = J->gb;                                                                \
-        const int64_t R = J->R, N = J->N, C = J->C, RC = R * C;                                    \
-        const int64_t tail = C - C % CB_##S; /* channels past the last whole block */             \
-        for (int64_t row = J->row0; row < J->row1; ++row) {                                        \
-            const int64_t b = row / N, i = row % N;                                                \
-            const uint8_t *mrow = m + row * N;                                                     \
-            for (int64_t r = 0; r < R; ++r) {                                                      \
-                const int64_t d = J->dil[r];                                                       \
-                const T *g = gz + row * N * RC + r * C; /* cell j's rate-r gradient: g + j * RC */ \
-                for (int64_t c0 = 0; c0 < tail; c0 += CB_##S) {                                    \
-                    V_##S a0 = {0}, a1 = {0};                                                      \
-                    for (int64_t j = 0; j < N; ++j) {                                              \
-                        a0 += LD(V_##S, g + j * RC + c0);                                          \
-                        a1 += LD(V_##S, g + j * RC + c0 + L_##S);                                  \
-                    }                                                                              \
-                    ST(V_##S, gb + r * C + c0, LD(V_##S, gb + r * C + c0) + a0);                   \
-                    ST(V_##S, gb + r * C + c0 + L_##S, LD(V_##S, gb + r * C + c0 + L_##S) + a1);   \
-                }                                                                                  \
-                for (int64_t c = tail; c < C; ++c)                                                 \
-                    for (int64_t j = 0; j < N; ++j) gb[r * C + c] += g[j * RC + c];                \
-                for (int ki = 0; ki < 3; ++ki) {                                                   \
-                    const int64_t ii = i + (ki - 1) * d;                                           \
-                    if (ii < 0 || ii >= N) continue;                                               \
-                    const uint8_t *mq = m + (b * N + ii) * N;                                      \
-                    const T *xrow = x + (b * N + ii) * N * C;                                      \
-                    for (int kj = 0; kj < 3; ++kj) {                                               \
-                        const int64_t off = (kj - 1) * d;                                          \
-                        const int64_t jlo = off < 0 ? -off : 0, jhi = off > 0 ? N - off : N;       \
-                        T *gwk = gw + (r * 9 + ki * 3 + kj) * C;                                   \
-                        for (int64_t c0 = 0; c0 < tail; c0 += CB_##S) {                            \
-                            V_##S a0 = {0}, a1 = {0}, b0 = {0}, b1 = {0}; /* even, odd j */        \
-                            int64_t j = jlo;                                                       \
-                            for (; j + 1 < jhi; j += 2) {                                          \
-                                const T *gj = g + j * RC + c0, *xq = xrow + (j + off) * C + c0;    \
-                                if (mrow[j] && mq[j + off]) {                                      \
-                                    a0 += LD(V_##S, gj) * LD(V_##S, xq);                           \
-                                    a1 += LD(V_##S, gj + L_##S) * LD(V_##S, xq + L_##S);           \
-                                }                                                                  \
-                                if (mrow[j + 1] && mq[j + 1 + off]) {                              \
-                                    b0 += LD(V_##S, gj + RC) * LD(V_##S, xq + C);                  \
-                                    b1 += LD(V_##S, gj + RC + L_##S) * LD(V_##S, xq + C + L_##S);  \
-                                }                                                                  \
-                            }                                                                      \
-                            if (j < jhi && mrow[j] && mq[j + off]) {                               \
-                                const T *gj = g + j * RC + c0, *xq = xrow + (j + off) * C + c0;    \
-                                a0 += LD(V_##S, gj) * LD(V_##S, xq);                               \
-                                a1 += LD(V_##S, gj + L_##S) * LD(V_##S, xq + L_##S);               \
-                            }                                                                      \
-                            ST(V_##S, gwk + c0, LD(V_##S, gwk + c0) + a0 + b0);                    \
-                            ST(V_##S, gwk + c0 + L_##S, LD(V_##S, gwk + c0 + L_##S) + a1 + b1);    \
-                        }                                                                          \
-                        for (int64_t c = tail; c < C; ++c)                                         \
-                            for (int64_t j = jlo; j < jhi; ++j)                                    \
-                                if (mrow[j] && mq[j + off])                                        \
-                                    gwk[c] += g[j * RC + c] * xrow[(j + off) * C + c];             \
-                    }                                                                              \
-                }                                                                                  \
-            }                                                                                      \
-        }                                                                                          \
-    }                                                                                              \
-                                                                                                   \
-    static void bwd_rows_##S(const job_t *J) {                                                     \
-        bwd_input_rows_##S(J);                                                                     \
-        bwd_weight_rows_##S(J);                                                                    \
-    }
 
-KERNELS(float, f32)
-KERNELS(double, f64)
+/* One instantiation of the kernels per element type: T, its 32-byte vector V, lanes L. */
+#define DCONV_TYPE
+#define T float
+#define V vec_f32
+#define FN(name) name##_f32
+#define ACT act_f32
+#include __FILE__
+#undef T
+#undef V
+#undef FN
+#undef ACT
+#define T double
+#define V vec_f64
+#define FN(name) name##_f64
+#define ACT act_f64
+#include __FILE__
+#undef T
+#undef V
+#undef FN
+#undef ACT
 
-typedef void (*rows_fn)(const job_t *);
+typedef void (*rows_fn)(job_t *);
 
-/* Split rows 0 .. rows-1 into `threads` contiguous blocks and run fn on each, the last here. */
 typedef struct {
     rows_fn fn;
     job_t job;
@@ -306,6 +144,8 @@ static void *run_task(void *arg) {
     return 0;
 }
 
+/* Split rows 0 .. rows-1 into `threads` contiguous blocks and run fn on each, the last here; a
+ * thread that cannot start has its block run here. Returns -1 if a job could not allocate. */
 static int run_split(rows_fn fn, const job_t *proto, int64_t rows, int threads, int64_t part_w,
                      int64_t part_b) {
     task_t tasks[MAX_THREADS];
@@ -313,7 +153,7 @@ static int run_split(rows_fn fn, const job_t *proto, int64_t rows, int threads, 
     if (threads < 1) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (threads > rows) threads = (int)(rows > 0 ? rows : 1);
-    int started = 0, rc = 0;
+    int started = 0, failed = 0;
     for (int t = 0; t < threads; ++t) {
         tasks[t].fn = fn;
         tasks[t].job = *proto;
@@ -323,42 +163,250 @@ static int run_split(rows_fn fn, const job_t *proto, int64_t rows, int threads, 
         if (proto->gb) tasks[t].job.gb = (char *)proto->gb + (size_t)(t * part_b);
     }
     for (int t = 0; t + 1 < threads; ++t) {
-        if (pthread_create(&tids[t], 0, run_task, &tasks[t])) {
-            rc = 1; /* run what could not start here, in order */
-            break;
-        }
+        if (pthread_create(&tids[t], 0, run_task, &tasks[t])) break;
         ++started;
     }
     for (int t = started; t < threads; ++t) run_task(&tasks[t]);
     for (int t = 0; t < started; ++t) pthread_join(tids[t], 0);
-    return rc;
+    for (int t = 0; t < threads; ++t) failed |= tasks[t].job.failed;
+    return failed ? -1 : 0;
 }
 
-/* out (B, N, N, R*C) = gelu(z). dtype: 0 float32, 1 float64. Returns 0 (a thread that failed to
- * start only has its rows run here). */
+/* out (B, N, N, R*C) = gelu(z). dtype: 0 float32, 1 float64. Returns 0. */
 int dconv_forward(int dtype, const void *x, const uint8_t *m, const void *w, const void *bias,
                   const int64_t *dil, void *out, int64_t R, int64_t B, int64_t N, int64_t C,
                   int threads) {
-    job_t J = {.x = x, .w = w, .bias = bias, .m = m, .dil = dil, .z = out, .R = R, .N = N, .C = C};
-    run_split(dtype ? conv_rows_f64 : conv_rows_f32, &J, B * N, threads, 0, 0);
-    return 0;
+    job_t J = {.x = x, .w = w, .bias = bias, .m = m, .dil = dil, .out = out, .R = R, .N = N, .C = C};
+    return run_split(dtype ? forward_rows_f64 : forward_rows_f32, &J, B * N, threads, 0, 0);
 }
 
-/* From g, the gradient at the output: gz (B, N, N, R*C, scratch) = g * gelu'(z), z recomputed
- * rather than kept from the forward pass (a grid-sized tensor less per block, for one more pass
- * of 27 multiply-adds a channel), then gx and each thread's partial weight and bias gradients:
- * gw_parts (threads, R, 9, C) and gb_parts (threads, R, C), which must be zeroed. */
+/* From g, the gradient at out: gx, and each thread's partial weight and bias gradients,
+ * gw_parts (threads, R, 9, C) and gb_parts (threads, R, C), which must be zeroed. Returns 0, or
+ * -1 where a thread's ring of rows could not be allocated. */
 int dconv_backward(int dtype, const void *x, const uint8_t *m, const void *w, const void *bias,
-                   const int64_t *dil, const void *g, void *gz, void *gx, void *gw_parts,
-                   void *gb_parts, int64_t R, int64_t B, int64_t N, int64_t C, int threads) {
+                   const int64_t *dil, const void *g, void *gx, void *gw_parts, void *gb_parts,
+                   int64_t R, int64_t B, int64_t N, int64_t C, int threads) {
     const int64_t size = dtype ? (int64_t)sizeof(double) : (int64_t)sizeof(float);
-    job_t J = {.x = x, .w = w, .bias = bias, .g = g, .m = m, .dil = dil, .z = gz, .R = R, .N = N,
-               .C = C, .grad = 1};
-    run_split(dtype ? conv_rows_f64 : conv_rows_f32, &J, B * N, threads, 0, 0);
-    /* The input gradient reads gz of neighbouring rows: only now is all of it written. */
-    job_t K = {.x = x, .w = w, .gz = gz, .m = m, .dil = dil, .gx = gx, .gw = gw_parts,
+    job_t J = {.x = x, .w = w, .bias = bias, .g = g, .m = m, .dil = dil, .gx = gx, .gw = gw_parts,
                .gb = gb_parts, .R = R, .N = N, .C = C};
-    run_split(dtype ? bwd_rows_f64 : bwd_rows_f32, &K, B * N, threads, R * 9 * C * size,
-              R * C * size);
-    return 0;
+    return run_split(dtype ? backward_rows_f64 : backward_rows_f32, &J, B * N, threads,
+                     R * 9 * C * size, R * C * size);
 }
+
+#else /* the kernels for one element type */
+
+enum { FN(L) = 32 / sizeof(T), FN(CB) = 2 * FN(L) };
+#define L FN(L)
+#define CB FN(CB)
+
+/* z at cell (b, i, j) for every rate into dst (R*C), zero where the cell is masked; then
+ * dst = gelu(z), or with g (the gradient at this cell's output) dst = g * gelu'(z). */
+static void FN(conv_cell)(const job_t *J, int64_t b, int64_t i, int64_t j, T *dst, const T *g) {
+    const T *x = J->x, *w = J->w, *bias = J->bias;
+    const uint8_t *m = J->m;
+    const int64_t R = J->R, N = J->N, C = J->C;
+    if (!m[(b * N + i) * N + j]) {
+        memset(dst, 0, (size_t)(R * C) * sizeof(T));
+        return;
+    }
+    const T *xs[9], *ws[9];
+    for (int64_t r = 0; r < R; ++r) {
+        const int64_t d = J->dil[r];
+        int nv = 0; /* the taps that read a cell inside the grid and unmasked */
+        for (int ki = 0; ki < 3; ++ki) {
+            const int64_t ii = i + (ki - 1) * d;
+            if (ii < 0 || ii >= N) continue;
+            for (int kj = 0; kj < 3; ++kj) {
+                const int64_t jj = j + (kj - 1) * d, q = (b * N + ii) * N + jj;
+                if (jj < 0 || jj >= N || !m[q]) continue;
+                xs[nv] = x + q * C;
+                ws[nv++] = w + (r * 9 + ki * 3 + kj) * C;
+            }
+        }
+        T *out = dst + r * C;
+        const T *bb = bias + r * C;
+        int64_t c0 = 0;
+        for (; c0 + CB <= C; c0 += CB) {
+            V a0 = LD(V, bb + c0), a1 = LD(V, bb + c0 + L);
+            V b0 = {0}, b1 = {0}; /* a second chain: FMA latency, not throughput, was the limit */
+            int t = 0;
+            for (; t + 1 < nv; t += 2) {
+                a0 += LD(V, ws[t] + c0) * LD(V, xs[t] + c0);
+                a1 += LD(V, ws[t] + c0 + L) * LD(V, xs[t] + c0 + L);
+                b0 += LD(V, ws[t + 1] + c0) * LD(V, xs[t + 1] + c0);
+                b1 += LD(V, ws[t + 1] + c0 + L) * LD(V, xs[t + 1] + c0 + L);
+            }
+            if (t < nv) {
+                a0 += LD(V, ws[t] + c0) * LD(V, xs[t] + c0);
+                a1 += LD(V, ws[t] + c0 + L) * LD(V, xs[t] + c0 + L);
+            }
+            ST(V, out + c0, a0 + b0);
+            ST(V, out + c0 + L, a1 + b1);
+        }
+        for (; c0 < C; ++c0) {
+            T acc = bb[c0];
+            for (int t = 0; t < nv; ++t) acc += ws[t][c0] * xs[t][c0];
+            out[c0] = acc;
+        }
+        ACT(out, g ? g + r * C : 0, C);
+    }
+}
+
+static void FN(forward_rows)(job_t *J) {
+    const int64_t N = J->N, RC = J->R * J->C;
+    for (int64_t row = J->row0; row < J->row1; ++row)
+        for (int64_t j = 0; j < N; ++j)
+            FN(conv_cell)(J, row / N, row % N, j, (T *)J->out + (row * N + j) * RC, 0);
+}
+
+/* Row (b, i) of the input's gradient: each cell gathers the cells whose taps read it, one rate
+ * at a time. gz[k] is row i - dmax + k of the gradient at z (null outside the grid). */
+static void FN(input_row)(const job_t *J, int64_t b, int64_t i, const T *const *gz, int64_t dmax) {
+    const T *w = J->w;
+    const uint8_t *m = J->m;
+    const int64_t R = J->R, N = J->N, C = J->C, RC = R * C;
+    T *gx = (T *)J->gx + (b * N + i) * N * C;
+    memset(gx, 0, (size_t)(N * C) * sizeof(T));
+    const T *gs[9], *ws[9];
+    for (int64_t r = 0; r < R; ++r) {
+        const int64_t d = J->dil[r];
+        for (int64_t j = 0; j < N; ++j) {
+            if (!m[(b * N + i) * N + j]) continue; /* x reads as zero here: no gradient */
+            T *gxp = gx + j * C;
+            int nv = 0; /* gz is zero at masked cells: only the grid's edge matters */
+            for (int ki = 0; ki < 3; ++ki) {
+                const int64_t si = i - (ki - 1) * d;
+                if (si < 0 || si >= N) continue;
+                for (int kj = 0; kj < 3; ++kj) {
+                    const int64_t sj = j - (kj - 1) * d;
+                    if (sj < 0 || sj >= N) continue;
+                    gs[nv] = gz[si - i + dmax] + sj * RC + r * C;
+                    ws[nv++] = w + (r * 9 + ki * 3 + kj) * C;
+                }
+            }
+            int64_t c0 = 0;
+            for (; c0 + CB <= C; c0 += CB) {
+                V a0 = LD(V, gxp + c0), a1 = LD(V, gxp + c0 + L), b0 = {0}, b1 = {0};
+                int t = 0;
+                for (; t + 1 < nv; t += 2) {
+                    a0 += LD(V, ws[t] + c0) * LD(V, gs[t] + c0);
+                    a1 += LD(V, ws[t] + c0 + L) * LD(V, gs[t] + c0 + L);
+                    b0 += LD(V, ws[t + 1] + c0) * LD(V, gs[t + 1] + c0);
+                    b1 += LD(V, ws[t + 1] + c0 + L) * LD(V, gs[t + 1] + c0 + L);
+                }
+                if (t < nv) {
+                    a0 += LD(V, ws[t] + c0) * LD(V, gs[t] + c0);
+                    a1 += LD(V, ws[t] + c0 + L) * LD(V, gs[t] + c0 + L);
+                }
+                ST(V, gxp + c0, a0 + b0);
+                ST(V, gxp + c0 + L, a1 + b1);
+            }
+            for (; c0 < C; ++c0)
+                for (int t = 0; t < nv; ++t) gxp[c0] += ws[t][c0] * gs[t][c0];
+        }
+    }
+}
+
+/* Row (b, i)'s terms of the weight and bias gradients, from g, the row's gradient at z: for each
+ * rate, tap and channel block one sum along the row. A term counts where both its cell and the
+ * cell its tap reads are unmasked. */
+static void FN(weight_row)(const job_t *J, int64_t b, int64_t i, const T *g) {
+    const T *x = J->x;
+    const uint8_t *m = J->m, *mrow = m + (b * J->N + i) * J->N;
+    T *gw = J->gw, *gb = J->gb;
+    const int64_t R = J->R, N = J->N, C = J->C, RC = R * C;
+    const int64_t tail = C - C % CB; /* channels past the last whole block */
+    for (int64_t r = 0; r < R; ++r, g += C) { /* g + j * RC: cell j's rate-r gradient */
+        const int64_t d = J->dil[r];
+        for (int64_t c0 = 0; c0 < tail; c0 += CB) {
+            V a0 = {0}, a1 = {0};
+            for (int64_t j = 0; j < N; ++j) {
+                a0 += LD(V, g + j * RC + c0);
+                a1 += LD(V, g + j * RC + c0 + L);
+            }
+            ST(V, gb + r * C + c0, LD(V, gb + r * C + c0) + a0);
+            ST(V, gb + r * C + c0 + L, LD(V, gb + r * C + c0 + L) + a1);
+        }
+        for (int64_t c = tail; c < C; ++c)
+            for (int64_t j = 0; j < N; ++j) gb[r * C + c] += g[j * RC + c];
+        for (int ki = 0; ki < 3; ++ki) {
+            const int64_t ii = i + (ki - 1) * d;
+            if (ii < 0 || ii >= N) continue;
+            const uint8_t *mq = m + (b * N + ii) * N;
+            const T *xrow = x + (b * N + ii) * N * C;
+            for (int kj = 0; kj < 3; ++kj) {
+                const int64_t off = (kj - 1) * d;
+                const int64_t jlo = off < 0 ? -off : 0, jhi = off > 0 ? N - off : N;
+                T *gwk = gw + (r * 9 + ki * 3 + kj) * C;
+                for (int64_t c0 = 0; c0 < tail; c0 += CB) {
+                    V a0 = {0}, a1 = {0}, b0 = {0}, b1 = {0}; /* even and odd j */
+                    int64_t j = jlo;
+                    for (; j + 1 < jhi; j += 2) {
+                        const T *gj = g + j * RC + c0, *xq = xrow + (j + off) * C + c0;
+                        if (mrow[j] && mq[j + off]) {
+                            a0 += LD(V, gj) * LD(V, xq);
+                            a1 += LD(V, gj + L) * LD(V, xq + L);
+                        }
+                        if (mrow[j + 1] && mq[j + 1 + off]) {
+                            b0 += LD(V, gj + RC) * LD(V, xq + C);
+                            b1 += LD(V, gj + RC + L) * LD(V, xq + C + L);
+                        }
+                    }
+                    if (j < jhi && mrow[j] && mq[j + off]) {
+                        const T *gj = g + j * RC + c0, *xq = xrow + (j + off) * C + c0;
+                        a0 += LD(V, gj) * LD(V, xq);
+                        a1 += LD(V, gj + L) * LD(V, xq + L);
+                    }
+                    ST(V, gwk + c0, LD(V, gwk + c0) + a0 + b0);
+                    ST(V, gwk + c0 + L, LD(V, gwk + c0 + L) + a1 + b1);
+                }
+                for (int64_t c = tail; c < C; ++c)
+                    for (int64_t j = jlo; j < jhi; ++j)
+                        if (mrow[j] && mq[j + off]) gwk[c] += g[j * RC + c] * xrow[(j + off) * C + c];
+            }
+        }
+    }
+}
+
+/* The backward pass over this job's rows. The gradient at z of rows i - dmax .. i + dmax (all
+ * that row i's input gradient reads) lives in a ring of 2 dmax + 1 rows, each computed once per
+ * job as the window moves down (a job's first rows of an example recompute up to dmax rows that
+ * the job above also computes). */
+static void FN(backward_rows)(job_t *J) {
+    const int64_t N = J->N, RC = J->R * J->C;
+    int64_t dmax = 1;
+    for (int64_t r = 0; r < J->R; ++r)
+        if (J->dil[r] > dmax) dmax = J->dil[r];
+    const int64_t W = 2 * dmax + 1;
+    T *ring = malloc((size_t)(W * N * RC) * sizeof(T));
+    if (!ring) {
+        J->failed = 1;
+        return;
+    }
+    const T *g = J->g;
+    int64_t cur_b = -1, next = 0; /* rows of example cur_b below `next` are in the ring */
+    for (int64_t row = J->row0; row < J->row1; ++row) {
+        const int64_t b = row / N, i = row % N;
+        if (b != cur_b) {
+            cur_b = b;
+            next = i - dmax > 0 ? i - dmax : 0;
+        }
+        for (; next < N && next <= i + dmax; ++next) {
+            T *dst = ring + (next % W) * N * RC;
+            for (int64_t j = 0; j < N; ++j)
+                FN(conv_cell)(J, b, next, j, dst + j * RC, g + ((b * N + next) * N + j) * RC);
+        }
+        const T *rows[2 * 64 + 1]; /* dilations are capped at 64 (crener/dconv.py) */
+        for (int64_t k = 0; k < W; ++k) {
+            const int64_t si = i - dmax + k;
+            rows[k] = si >= 0 && si < N ? ring + (si % W) * N * RC : 0;
+        }
+        FN(input_row)(J, b, i, rows, dmax);
+        FN(weight_row)(J, b, i, rows[dmax]);
+    }
+    free(ring);
+}
+
+#undef L
+#undef CB
+#endif

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("dconv.c")
 CFLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-pthread")
 MAX_THREADS = 256  # dconv.c's MAX_THREADS
+MAX_DILATION = 64  # and the largest dilation its backward pass's row window holds
 _DTYPES = {torch.float32: 0, torch.float64: 1}
 
 
@@ -99,7 +100,8 @@ def kernel() -> ctypes.CDLL | None:
         return None
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.dconv_forward.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]  # fmt: skip
-    lib.dconv_backward.argtypes = [ctypes.c_int, *[ptr] * 10, i64, i64, i64, i64, ctypes.c_int]
+    lib.dconv_backward.argtypes = [ctypes.c_int, *[ptr] * 9, i64, i64, i64, i64, ctypes.c_int]
+    lib.dconv_forward.restype = lib.dconv_backward.restype = ctypes.c_int
     return lib
 
 
@@ -127,14 +129,15 @@ def dconv_backward(g: torch.Tensor, x: torch.Tensor, m: torch.Tensor, w: torch.T
     b, n, _, c = x.shape
     r = w.size(0)
     threads = _threads(b * n)
-    gz = torch.empty_like(g)  # the gradient at z, recomputed in the kernel
     gx = torch.empty_like(x)
     # One partial sum a thread, added here in thread order: the result does not depend on timing.
     gw = torch.zeros(threads, r, 9, c, dtype=x.dtype)
     gb = torch.zeros(threads, r, c, dtype=x.dtype)
-    kernel().dconv_backward(_DTYPES[x.dtype], x.data_ptr(), m.data_ptr(), w.data_ptr(), bias.data_ptr(),
-                            dilations.data_ptr(), g.data_ptr(), gz.data_ptr(), gx.data_ptr(), gw.data_ptr(),
-                            gb.data_ptr(), r, b, n, c, threads)  # fmt: skip
+    rc = kernel().dconv_backward(_DTYPES[x.dtype], x.data_ptr(), m.data_ptr(), w.data_ptr(), bias.data_ptr(),
+                                 dilations.data_ptr(), g.data_ptr(), gx.data_ptr(), gw.data_ptr(), gb.data_ptr(),
+                                 r, b, n, c, threads)  # fmt: skip
+    if rc:
+        raise MemoryError(f"crener/dconv.c: no memory for the backward pass's rows ({n} cells a row)")
     return gx, gw.sum(0), gb.sum(0)
 
 
@@ -183,7 +186,7 @@ def fits(convs, x: torch.Tensor) -> bool:  # noqa: ANN001 - the block's nn.Modul
         return False
     if not all(
         c.kernel_size == (3, 3) and c.groups == c.in_channels == c.out_channels and c.bias is not None
-        and c.dilation[0] == c.dilation[1] == c.padding[0] == c.padding[1] and c.stride == (1, 1)
+        and c.dilation[0] == c.dilation[1] == c.padding[0] == c.padding[1] <= MAX_DILATION and c.stride == (1, 1)
         for c in convs
     ):  # fmt: skip
         return False

@@ -165,9 +165,9 @@ def test_a_compiler_that_fails_falls_back_and_leaves_nothing(fresh_kernel, monke
     assert list(fresh_kernel.glob("*")) == []
 
 
-@pytest.mark.parametrize("case", ["chained", "fp16 autocast", "bfloat16 input", "no bias"])
+@pytest.mark.parametrize("case", ["chained", "fp16 autocast", "bfloat16 input", "no bias", "dilation 65"])
 def test_where_the_kernel_does_not_apply(case):
-    blk = block(4, (1, 2))
+    blk = block(4, (1, 65) if case == "dilation 65" else (1, 2))
     x = torch.randn(1, 5, 5, 4)
     if case == "chained":
         blk.chain = True
