@@ -117,9 +117,9 @@ class DilatedConvBlock(nn.Module):
     zeroed before each convolution so padding never leaks into real cells.
 
     ``fused`` (``runtime.fused_conv``) computes the same values with fewer passes over the grid.
-    Without chaining, in fp32 or fp64 on CPU outside autocast, the whole block is one kernel
-    (:mod:`crener.dconv`: every rate and tap from one read of each neighbourhood, straight into
-    the output's slices). Elsewhere GELU and the mask are one autograd op (:class:`_GeluMask`)
+    Without chaining on CPU (fp32 or fp64, and in fp32 under bf16 autocast) the whole block is
+    one kernel (:mod:`crener.dconv`: every rate and tap from one read of each neighbourhood, GELU
+    included, straight into the output's slices). Elsewhere GELU and the mask are one autograd op (:class:`_GeluMask`)
     and, without chaining, every rate is written straight into its slice of the output
     (:class:`_GeluMaskConcat`), so no separate concatenation. Chained rates each need their own
     tensor as the next conv's input, so there the rates are still concatenated at the end.
