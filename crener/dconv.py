@@ -176,11 +176,17 @@ def _bf16_autocast() -> bool:
 
 def fits(convs, x: torch.Tensor) -> bool:  # noqa: ANN001 - the block's nn.ModuleList
     """Whether :func:`dilated_convs` computes these convs of x: 3x3 depthwise convs with biases on
-    CPU, a kernel that built, and x in fp32 or fp64, or in fp32 or bf16 under bf16 autocast."""
+    CPU, a kernel that built, and x in fp32 or fp64, or in fp32 or bf16 when training under bf16
+    autocast."""
     if x.device.type != "cpu":
         return False
     if torch.is_autocast_enabled("cpu"):
-        if not _bf16_autocast() or x.dtype not in (torch.float32, torch.bfloat16):
+        # Evaluation under bf16 autocast keeps the library's bf16 convs: without a backward pass
+        # they were the faster (the budget probe's dev scoring, 2026-12-07).
+        if not (_bf16_autocast() and torch.is_grad_enabled()) or x.dtype not in (
+            torch.float32,
+            torch.bfloat16,
+        ):
             return False
     elif x.dtype not in _DTYPES:
         return False

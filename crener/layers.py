@@ -117,8 +117,8 @@ class DilatedConvBlock(nn.Module):
     zeroed before each convolution so padding never leaks into real cells.
 
     ``fused`` (``runtime.fused_conv``) computes the same values with fewer passes over the grid.
-    Without chaining on CPU (fp32 or fp64, and in fp32 under bf16 autocast) the whole block is
-    one kernel (:mod:`crener.dconv`: every rate and tap from one read of each neighbourhood, GELU
+    Without chaining on CPU (fp32 or fp64, and in fp32 when training under bf16 autocast) the
+    whole block is one kernel (:mod:`crener.dconv`: every rate and tap from one read of each neighbourhood, GELU
     included, straight into the output's slices). Elsewhere GELU and the mask are one autograd op (:class:`_GeluMask`)
     and, without chaining, every rate is written straight into its slice of the output
     (:class:`_GeluMaskConcat`), so no separate concatenation. Chained rates each need their own

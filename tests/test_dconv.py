@@ -194,6 +194,9 @@ def test_under_bf16_autocast_the_kernel_runs_in_fp32_and_returns_the_librarys_dt
         assert dconv.fits(blk.convs, x)
         out = blk(x, mask)
         ref = reference(blk, x, mask)
+        with torch.no_grad():  # evaluation keeps the library's bf16 convs
+            assert not dconv.fits(blk.convs, x)
+            assert blk(x, mask).dtype == dtype
     assert out.dtype == ref.dtype == dtype  # bf16 convs times the grid's own dtype
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
     (grad,) = torch.autograd.grad(out.float().sum(), x)

@@ -453,7 +453,7 @@ LEVER_NOTES = {
     "(`runtime.fused_conv`): every rate's depthwise 3x3 conv in one C kernel (crener/dconv.c, built on first "
     "use) that reads each cell's neighbourhood once for all rates and taps and writes straight into its slice "
     "of the concatenated output with GELU applied, and a backward pass that keeps nothing grid-sized (on CPU "
-    "without chained rates, in fp32 also under bf16 autocast; with chained rates, W2NER's, GELU and the masks "
+    "without chained rates, in fp32 also in bf16-autocast training; with chained rates, W2NER's, GELU and the masks "
     "as one op around the library's convs). Exact up to summation order (tested).",
     "concatenated grid input (eq. 7 as written)": "instead of the split grid input (`runtime.grid_input`): "
     "the 1x1 convolution is linear, so only the CLN grid goes through the large matmul while the "
