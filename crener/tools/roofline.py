@@ -8,10 +8,12 @@ each width preset, profiled:
   predictor, loss, decode, optimiser, data/collate, other) from ``torch.profiler``: every event's
   *self* time goes to the innermost group scope it ran in; a backward op goes to the group of the
   forward op that created it (the autograd sequence number links the two);
-- dense FLOPs per group from ``torch.utils.flop_counter`` (matmuls, convolutions, attention),
-  forward and backward. Its formula for a convolution's backward ignores groups (a depthwise
-  convolution's backward would count as a dense one), so a backward convolution counts twice its
-  forward instead;
+- dense FLOPs per group from ``torch.utils.flop_counter`` (matmuls, convolutions, attention)
+  over the forward pass, where its module tracking is exact; a training step counts three times
+  that, the rule for matmuls and convolutions (the input's and the weights' gradients each cost
+  one forward). Counting the backward pass under the same tracker put CRENER's backward ops under
+  several modules (its groups summed to twice the counter's own total), and its formula for a
+  convolution's backward ignores groups (a depthwise one would count as dense);
 - bytes read per group: the sizes of every leaf op's tensor inputs, a lower bound on its traffic
   (writes and cache misses are not counted), for the groups that are bandwidth-bound.
 
@@ -174,17 +176,12 @@ def attribute_profile(events) -> dict[str, dict[str, float]]:  # noqa: ANN001 - 
 
 
 def flops_by_group(counts: dict[str, dict[Any, int]], root: str, train: bool) -> dict[str, float]:
-    """Dense FLOPs per group from ``FlopCounterMode.get_flop_counts()``, whose entry for a module
-    path counts its descendants' ops too (``root`` is the model's class name there)."""
+    """Dense FLOPs per group from ``FlopCounterMode.get_flop_counts()`` of a forward pass, whose
+    entry for a module path counts its descendants' ops too (``root`` is the model's class name
+    there); ``train``: three times that, forward and backward (the module docstring says why)."""
 
     def total(path: str) -> float:
-        n = 0.0
-        for op, count in counts.get(path, {}).items():
-            name = str(op)
-            if "convolution_backward" in name:
-                continue
-            n += count * (3 if train and name.endswith("convolution") else 1)  # + its backward
-        return n
+        return sum(counts.get(path, {}).values()) * (3 if train else 1)
 
     out: dict[str, float] = defaultdict(float)
     for path, group in GROUP_OF_CHILD.items():
@@ -247,8 +244,17 @@ def profile_step(cfg, phase: str, n_sentences: int, peaks: dict[str, float], rep
         sync(device)
 
     seconds = statistics.median(timings(step, reps))
-    with FlopCounterMode(display=False) as counter:
-        step()
+    batch = collate([examples[i] for i in idx], task.target if train else "none", task.num_labels).to(device)
+    with (
+        FlopCounterMode(display=False) as counter,
+        torch.inference_mode(not train),
+        autocast(device, cfg.train.bf16),
+    ):
+        out = model(batch)  # the forward pass only: see flops_by_group
+        if train:
+            task.loss(out, batch)
+        else:
+            task.decode(out, batch)
     flops = flops_by_group(counter.get_flop_counts(), type(model).__name__, train)
     with group_scopes(model), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         step()
