@@ -243,19 +243,26 @@ def profile_step(cfg, phase: str, n_sentences: int, peaks: dict[str, float], rep
                     task.decode(out, batch)
         sync(device)
 
+    def forward_flops() -> dict[str, float]:
+        # The forward pass only (see flops_by_group); its graph is freed on return, before the
+        # profiled step, whose allocations (and so its groups' time shares) it would change.
+        batch = collate([examples[i] for i in idx], task.target if train else "none", task.num_labels).to(
+            device
+        )
+        with (
+            FlopCounterMode(display=False) as counter,
+            torch.inference_mode(not train),
+            autocast(device, cfg.train.bf16),
+        ):
+            out = model(batch)
+            if train:
+                task.loss(out, batch)
+            else:
+                task.decode(out, batch)
+        return flops_by_group(counter.get_flop_counts(), type(model).__name__, train)
+
     seconds = statistics.median(timings(step, reps))
-    batch = collate([examples[i] for i in idx], task.target if train else "none", task.num_labels).to(device)
-    with (
-        FlopCounterMode(display=False) as counter,
-        torch.inference_mode(not train),
-        autocast(device, cfg.train.bf16),
-    ):
-        out = model(batch)  # the forward pass only: see flops_by_group
-        if train:
-            task.loss(out, batch)
-        else:
-            task.decode(out, batch)
-    flops = flops_by_group(counter.get_flop_counts(), type(model).__name__, train)
+    flops = forward_flops()
     with group_scopes(model), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         step()
     attributed = attribute_profile(prof.events())
