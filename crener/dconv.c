@@ -199,6 +199,33 @@ enum { FN(L) = 32 / sizeof(T), FN(CB) = 2 * FN(L) };
 #define L FN(L)
 #define CB FN(CB)
 
+/* out[c] = init[c] + sum over t < nv of ws[t][c] * srcs[t][c], for C channels (out may be init).
+ * Two chains of vector accumulators: FMA latency, not throughput, was the limit. */
+static inline void FN(taps)(T *out, const T *init, const T *const *ws, const T *const *srcs, int nv, int64_t C) {
+    int64_t c0 = 0;
+    for (; c0 + CB <= C; c0 += CB) {
+        V a0 = LD(V, init + c0), a1 = LD(V, init + c0 + L), b0 = {0}, b1 = {0};
+        int t = 0;
+        for (; t + 1 < nv; t += 2) {
+            a0 += LD(V, ws[t] + c0) * LD(V, srcs[t] + c0);
+            a1 += LD(V, ws[t] + c0 + L) * LD(V, srcs[t] + c0 + L);
+            b0 += LD(V, ws[t + 1] + c0) * LD(V, srcs[t + 1] + c0);
+            b1 += LD(V, ws[t + 1] + c0 + L) * LD(V, srcs[t + 1] + c0 + L);
+        }
+        if (t < nv) {
+            a0 += LD(V, ws[t] + c0) * LD(V, srcs[t] + c0);
+            a1 += LD(V, ws[t] + c0 + L) * LD(V, srcs[t] + c0 + L);
+        }
+        ST(V, out + c0, a0 + b0);
+        ST(V, out + c0 + L, a1 + b1);
+    }
+    for (; c0 < C; ++c0) {
+        T acc = init[c0];
+        for (int t = 0; t < nv; ++t) acc += ws[t][c0] * srcs[t][c0];
+        out[c0] = acc;
+    }
+}
+
 /* z at cell (b, i, j) for every rate into dst (R*C), zero where the cell is masked; then
  * dst = gelu(z), or with g (the gradient at this cell's output) dst = g * gelu'(z). */
 static void FN(conv_cell)(const job_t *J, int64_t b, int64_t i, int64_t j, T *dst, const T *g) {
@@ -224,30 +251,7 @@ static void FN(conv_cell)(const job_t *J, int64_t b, int64_t i, int64_t j, T *ds
             }
         }
         T *out = dst + r * C;
-        const T *bb = bias + r * C;
-        int64_t c0 = 0;
-        for (; c0 + CB <= C; c0 += CB) {
-            V a0 = LD(V, bb + c0), a1 = LD(V, bb + c0 + L);
-            V b0 = {0}, b1 = {0}; /* a second chain: FMA latency, not throughput, was the limit */
-            int t = 0;
-            for (; t + 1 < nv; t += 2) {
-                a0 += LD(V, ws[t] + c0) * LD(V, xs[t] + c0);
-                a1 += LD(V, ws[t] + c0 + L) * LD(V, xs[t] + c0 + L);
-                b0 += LD(V, ws[t + 1] + c0) * LD(V, xs[t + 1] + c0);
-                b1 += LD(V, ws[t + 1] + c0 + L) * LD(V, xs[t + 1] + c0 + L);
-            }
-            if (t < nv) {
-                a0 += LD(V, ws[t] + c0) * LD(V, xs[t] + c0);
-                a1 += LD(V, ws[t] + c0 + L) * LD(V, xs[t] + c0 + L);
-            }
-            ST(V, out + c0, a0 + b0);
-            ST(V, out + c0 + L, a1 + b1);
-        }
-        for (; c0 < C; ++c0) {
-            T acc = bb[c0];
-            for (int t = 0; t < nv; ++t) acc += ws[t][c0] * xs[t][c0];
-            out[c0] = acc;
-        }
+        FN(taps)(out, bias + r * C, ws, xs, nv, C);
         ACT(out, g ? g + r * C : 0, C);
     }
 }
@@ -284,25 +288,7 @@ static void FN(input_row)(const job_t *J, int64_t b, int64_t i, const T *const *
                     ws[nv++] = w + (r * 9 + ki * 3 + kj) * C;
                 }
             }
-            int64_t c0 = 0;
-            for (; c0 + CB <= C; c0 += CB) {
-                V a0 = LD(V, gxp + c0), a1 = LD(V, gxp + c0 + L), b0 = {0}, b1 = {0};
-                int t = 0;
-                for (; t + 1 < nv; t += 2) {
-                    a0 += LD(V, ws[t] + c0) * LD(V, gs[t] + c0);
-                    a1 += LD(V, ws[t] + c0 + L) * LD(V, gs[t] + c0 + L);
-                    b0 += LD(V, ws[t + 1] + c0) * LD(V, gs[t + 1] + c0);
-                    b1 += LD(V, ws[t + 1] + c0 + L) * LD(V, gs[t + 1] + c0 + L);
-                }
-                if (t < nv) {
-                    a0 += LD(V, ws[t] + c0) * LD(V, gs[t] + c0);
-                    a1 += LD(V, ws[t] + c0 + L) * LD(V, gs[t] + c0 + L);
-                }
-                ST(V, gxp + c0, a0 + b0);
-                ST(V, gxp + c0 + L, a1 + b1);
-            }
-            for (; c0 < C; ++c0)
-                for (int t = 0; t < nv; ++t) gxp[c0] += ws[t][c0] * gs[t][c0];
+            FN(taps)(gxp, gxp, ws, gs, nv, C);
         }
     }
 }

@@ -207,8 +207,9 @@ def dilated_convs(convs, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  
     cost is memory traffic, not multiplies) and the result takes the dtype the library's path
     gives: bf16 convs times x's dtype's mask, so fp32 for an fp32 grid and bf16 for a bf16 one.
     """
-    out_dtype = torch.promote_types(torch.bfloat16, x.dtype) if _bf16_autocast() else x.dtype
+    out_dtype = x.dtype
     if _bf16_autocast():
+        out_dtype = torch.promote_types(torch.bfloat16, x.dtype)
         x = x.float()
     c = x.size(-1)
     w = torch.stack([conv.weight.reshape(c, 9) for conv in convs]).transpose(1, 2).contiguous().to(x.dtype)
