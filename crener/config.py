@@ -309,9 +309,10 @@ class RuntimeConfig:
     grid_input: str = "split"
     # Dilated depthwise convs as undilated ones over interleaved sub-grids (CPU bf16 training).
     space_to_batch: bool = True
-    # The dilated-conv group as one op: on CPU without chained rates, crener/dconv.c (fp32 or fp64,
-    # and in fp32 when training under bf16 autocast; built on first use, the library's convs where no C compiler
-    # works); else GELU, masks and concatenation as one autograd op around the library's convs.
+    # The dilated-conv group as one op: on CPU, crener/dconv.c (fp32 or fp64, and in fp32 when
+    # training under bf16 autocast; chained rates one call a rate; built on first use, the library's
+    # convs where no C compiler works); else GELU, masks and concatenation as one autograd op
+    # around the library's convs.
     # False: the plain path.
     fused_conv: bool = True
     # Activation checkpointing of the conv rounds, always (recomputed in backward with the RNG

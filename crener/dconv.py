@@ -5,7 +5,8 @@ chaining, ``cat([gelu(conv_r(x * m)) * m for r in rates], -1)`` channels-last, w
 ``crener/dconv.c``: one pass over the grid for all rates and taps with GELU applied in
 registers, the output written straight into its slice of the concatenation; the backward pass
 recomputes the pre-activation instead of keeping it, then gives the input, weight and bias
-gradients. Only the inputs are saved for backward.
+gradients. Only the inputs are saved for backward. Chained rates (W2NER's) are one call a rate,
+each over the previous rate's output (the block's own loop).
 
 The C file is compiled on first use by the machine's C compiler (``$CC``, else ``cc``) with
 ``-O3 -march=native`` into a cache keyed by the source, the compiler and this CPU

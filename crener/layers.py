@@ -117,12 +117,13 @@ class DilatedConvBlock(nn.Module):
     zeroed before each convolution so padding never leaks into real cells.
 
     ``fused`` (``runtime.fused_conv``) computes the same values with fewer passes over the grid.
-    Without chaining on CPU (fp32 or fp64, and in fp32 when training under bf16 autocast) the
-    whole block is one kernel (:mod:`crener.dconv`: every rate and tap from one read of each neighbourhood, GELU
-    included, straight into the output's slices). Elsewhere GELU and the mask are one autograd op (:class:`_GeluMask`)
-    and, without chaining, every rate is written straight into its slice of the output
-    (:class:`_GeluMaskConcat`), so no separate concatenation. Chained rates each need their own
-    tensor as the next conv's input, so there the rates are still concatenated at the end.
+    On CPU (fp32 or fp64, and in fp32 when training under bf16 autocast) the block is the kernel
+    of :mod:`crener.dconv`: without chaining one call for every rate and tap from one read of each
+    neighbourhood, GELU included, straight into the output's slices; chained, one call a rate.
+    Elsewhere GELU and the mask are one autograd op (:class:`_GeluMask`) and, without chaining,
+    every rate is written straight into its slice of the output (:class:`_GeluMaskConcat`), so no
+    separate concatenation. Chained rates each need their own tensor as the next conv's input, so
+    there the rates are still concatenated at the end.
     """
 
     def __init__(
@@ -148,8 +149,16 @@ class DilatedConvBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         # x: (B, N, N, C); mask: (B, N, N) bool
-        if self.fused and not self.chain and dconv.fits(self.convs, x):
-            return dconv.dilated_convs(self.convs, x, mask)
+        if self.fused and dconv.fits(self.convs, x):
+            if not self.chain:
+                return dconv.dilated_convs(self.convs, x, mask)
+            # Chained, each rate is the kernel over the previous rate's output; the rates still
+            # need their own tensors, so they are concatenated at the end, as below.
+            outs, h = [], x
+            for conv in self.convs:
+                h = dconv.dilated_convs([conv], h, mask)
+                outs.append(h)
+            return torch.cat(outs, dim=-1)
         m = mask[:, None].to(x.dtype)  # (B, 1, N, N)
         h = x.permute(0, 3, 1, 2) * m  # (B, C, N, N)
         if self.fused and not self.chain:

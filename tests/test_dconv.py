@@ -1,7 +1,7 @@
 """The dilated-conv kernel (crener/dconv.c through crener.dconv): what it computes, where it runs.
 
-tests/test_fused_conv.py already compares ``fused=True`` with the plain path on every shape; without
-chaining in fp32 and fp64 that is this kernel. Here: that it is the kernel that ran, its gradients
+tests/test_fused_conv.py already compares ``fused=True`` with the plain path on every shape; in
+fp32 and fp64 that is this kernel, chained or not. Here: that it is the kernel that ran, its gradients
 in float64 against finite differences, thread counts, its FLOPs and profiler names, the build
 cache, and the fallback where no compiler works.
 """
@@ -165,13 +165,38 @@ def test_a_compiler_that_fails_falls_back_and_leaves_nothing(fresh_kernel, monke
     assert list(fresh_kernel.glob("*")) == []
 
 
-@pytest.mark.parametrize("case", ["chained", "fp16 autocast", "bfloat16 input", "no bias", "dilation 65"])
+def test_chained_rates_run_the_kernel_once_a_rate():
+    """W2NER's chain: each rate's conv reads the previous rate's output, one kernel call a rate."""
+    blk = block(5, (1, 2, 3)).double()
+    blk.chain = True
+    x = torch.randn(2, 9, 9, 5, dtype=torch.float64, requires_grad=True)
+    mask = grid_mask(torch.tensor([9, 4]), 9)
+    with FlopCounterMode(display=False) as counter:
+        out = blk(x, mask)
+    assert counter.get_total_flops() == 3 * 2 * 9 * 2 * 81 * 5  # three single-rate kernel calls
+    m = mask[:, None].double()
+    h, want = x.permute(0, 3, 1, 2), []
+    for conv in blk.convs:  # the chain written out with the library's convs
+        h = torch.nn.functional.gelu(conv(h * m)) * m
+        want.append(h.permute(0, 2, 3, 1))
+    ref = torch.cat(want, -1)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, *blk.parameters()), g)
+    exp = torch.autograd.grad(ref, (x, *blk.parameters()), g)
+    for a, b in zip(got, exp):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    small = block(2, (1, 2)).double()
+    small.chain = True
+    xs = torch.randn(1, 4, 4, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: small(t, grid_mask(torch.tensor([3]), 4)), (xs,))
+
+
+@pytest.mark.parametrize("case", ["fp16 autocast", "bfloat16 input", "no bias", "dilation 65"])
 def test_where_the_kernel_does_not_apply(case):
     blk = block(4, (1, 65) if case == "dilation 65" else (1, 2))
     x = torch.randn(1, 5, 5, 4)
-    if case == "chained":
-        blk.chain = True
-    elif case == "bfloat16 input":  # without autocast
+    if case == "bfloat16 input":  # without autocast
         x = x.bfloat16()
     elif case == "no bias":
         blk.convs[0].bias = None
@@ -179,10 +204,7 @@ def test_where_the_kernel_does_not_apply(case):
         with torch.autocast("cpu", dtype=torch.float16):
             assert not dconv.fits(blk.convs, x)
     else:
-        assert dconv.fits(blk.convs, x) == (case == "chained")  # chaining is the block's own check
-    if case == "chained":
-        out = blk(x.requires_grad_(), grid_mask(torch.tensor([5]), 5))
-        assert type(out.grad_fn).__name__ != "_DilatedConvsBackward"
+        assert not dconv.fits(blk.convs, x)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

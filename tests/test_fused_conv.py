@@ -51,8 +51,11 @@ def test_fused_equals_plain_values_and_gradients(chain, b, n, c, dilations, leng
     assert out_fused.shape == out_plain.shape and out_fused.is_contiguous()
     torch.testing.assert_close(out_fused, out_plain, atol=1e-6, rtol=1e-6)  # fp32 summation order
     assert len(g_fused) == 1 + 2 * len(dilations)
+    # Chained, a later rate's weight gradient sums products of the earlier rates' outputs, whose
+    # own fp32 rounding already differs by summation order: a little more absolute slack.
+    atol = 5e-6 if chain else 1e-6
     for a, p in zip(g_fused, g_plain):
-        torch.testing.assert_close(a, p, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(a, p, atol=atol, rtol=1e-5)
 
 
 @pytest.mark.parametrize("chain", [False, True])
@@ -119,10 +122,19 @@ def test_fused_under_bf16_autocast_matches_plain(chain, dtype):
     (out_plain, g_plain), (out_fused, g_fused) = results
     assert out_fused.dtype == out_plain.dtype
     assert (out_fused[~mask] == 0).all()
-    torch.testing.assert_close(out_fused.float(), out_plain.float(), atol=1e-2, rtol=1e-2)
     for a, p in zip(g_fused, g_plain):
         assert a.dtype == p.dtype
-        torch.testing.assert_close(a.float(), p.float(), atol=2e-2, rtol=2e-2)
+    if chain:
+        # The library path rounds every rate's conv to bf16 and feeds it to the next, so along
+        # the chain it drifts from the kernel, which convolves in fp32: the kernel is held to the
+        # fp32 result instead, within the rounding of the bf16 grid where the input is bf16.
+        out_plain, g_plain = run(blk, False, x.float(), mask, weight)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+    else:
+        tol = 1e-2
+    torch.testing.assert_close(out_fused.float(), out_plain.float(), atol=tol, rtol=tol)
+    for a, p in zip(g_fused, g_plain):
+        torch.testing.assert_close(a.float(), p.float(), atol=2 * tol, rtol=2 * tol)
 
 
 @pytest.mark.parametrize("chain", [False, True])

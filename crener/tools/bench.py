@@ -447,14 +447,14 @@ LEVER_NOTES = {
     "(`runtime.space_to_batch`; compare with the bf16 autocast row): in bf16 CPU training, dilated depthwise "
     "convolutions run as undilated ones over interleaved sub-grids, because oneDNN's dilated backward pass "
     "in bf16 is several times slower. In fp32 the library's own is the faster and is used. Exact (tested). "
-    "It matters only where the dilated-conv kernel does not run: chained rates (W2NER) or `runtime.fused_conv` "
-    "off.",
+    "It matters only where the dilated-conv kernel does not run: `runtime.fused_conv` off, on a GPU, or without "
+    "a C compiler.",
     "library dilated convs, GELU, masks and concatenation apart": "instead of the fused dilated-conv group "
     "(`runtime.fused_conv`): every rate's depthwise 3x3 conv in one C kernel (crener/dconv.c, built on first "
     "use) that reads each cell's neighbourhood once for all rates and taps and writes straight into its slice "
     "of the concatenated output with GELU applied, and a backward pass that keeps nothing grid-sized (on CPU "
-    "without chained rates, in fp32 also in bf16-autocast training; with chained rates, W2NER's, GELU and the masks "
-    "as one op around the library's convs). Exact up to summation order (tested).",
+    "in fp32, also in bf16-autocast training; chained rates, W2NER's, one call a rate; elsewhere GELU and the "
+    "masks as one op around the library's convs). Exact up to summation order (tested).",
     "concatenated grid input (eq. 7 as written)": "instead of the split grid input (`runtime.grid_input`): "
     "the 1x1 convolution is linear, so only the CLN grid goes through the large matmul while the "
     "distance, region and attention inputs reach the grid through small projected tables. Exact (tested).",
