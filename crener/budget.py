@@ -57,6 +57,8 @@ costs (reports/decisions.md has what this changed), so each term is what a cell 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import math
 import multiprocessing
@@ -430,6 +432,48 @@ def apply_budget(
         "%d steps (%d batches an epoch)", minutes, costs.before, costs.probe, costs.setup, costs.step,
         costs.dev_eval, costs.epoch, costs.end_eval, epochs, per_epoch, costs.batches_per_epoch,
     )  # fmt: skip
-    return cfg.with_overrides(
-        {"train.epochs": epochs, "train.max_steps": per_epoch, "runtime.time_budget": float(minutes)}
-    )
+    return with_plan(cfg, {"epochs": epochs, "max_steps": per_epoch, "share_minutes": float(minutes)})
+
+
+# Saved plans. Probe timings are noisy, and the steps enter the run key: planned afresh, a rerun
+# of the same command would get other steps, so another key, and train again from the start
+# instead of resuming (or finding the run finished). So a plan is measured once and saved as a
+# small JSON file under ``<runs-dir>/<profile>/.budgets/``, named by the run's key before the
+# budget, the minutes, the machine (crener.device.machine_label) and the command that planned it.
+
+PLAN_DIR_NAME = ".budgets"
+
+
+def plan_path(
+    cfg: RunConfig, minutes: float, machine: str, runs_dir: str | Path | None = None, *,
+    command: str = "reproduce", workdir: str | Path | None = None,
+) -> Path:  # fmt: skip
+    """Where the plan of ``cfg`` (before its budget) for ``minutes`` on ``machine`` is saved.
+    ``command``: ``"reproduce"`` (a plan's share; its digests predate the others, so they are kept)
+    or ``"train"`` (``crener train --time-budget``: the whole command's minutes). A run in a
+    ``workdir`` of its own (``--no-track --workdir``) keeps its plans there."""
+    from crener.identity import run_key
+    from crener.workspace import resolve_runs_dir
+
+    name = [run_key(cfg), float(minutes), machine] + ([] if command == "reproduce" else [command])
+    digest = hashlib.sha256(json.dumps(name).encode()).hexdigest()[:20]
+    folder = Path(workdir) if workdir is not None else resolve_runs_dir(runs_dir) / cfg.profile
+    return folder / PLAN_DIR_NAME / f"{digest}.json"
+
+
+def read_plan(path: Path) -> dict[str, Any] | None:
+    """The saved plan at ``path``; None where there is none (or the file is not a plan)."""
+    try:
+        entry = json.loads(path.read_text(encoding="utf-8"))
+        int(entry["epochs"]), int(entry["max_steps"]), float(entry["share_minutes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return entry
+
+
+def with_plan(cfg: RunConfig, entry: dict[str, Any]) -> RunConfig:
+    """``cfg`` with a plan's steps and the minutes it was planned for."""
+    return cfg.with_overrides({
+        "train.epochs": int(entry["epochs"]), "train.max_steps": int(entry["max_steps"]),
+        "runtime.time_budget": float(entry["share_minutes"]),
+    })  # fmt: skip

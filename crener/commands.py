@@ -62,7 +62,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workdir", help="run directory with --no-track (default: <runs-dir>/<profile>/<key>)")
     p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
-    add_time_budget(p, "the whole command (from its process's start)")
+    add_time_budget(
+        p,
+        "the whole command (from its process's start; the plan is saved under the runs dir, or the "
+        "--workdir, and a rerun reuses it, so it resumes the same run; --no-resume plans again)",
+    )
     p.set_defaults(func=cmd_train)
 
 
@@ -202,7 +206,40 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _budgeted(cfg: RunConfig, args: argparse.Namespace) -> RunConfig:
     """``--time-budget``: ``cfg`` with the steps that fit, the probe told where the run will log
-    and write and when the command started (crener/budget.py)."""
+    and write and when the command started (crener/budget.py).
+
+    The plan is saved (:func:`crener.budget.plan_path`) and a rerun of the command reuses it, so it
+    resumes the interrupted run, or finds it finished, under the same key instead of probing again
+    and training afresh under another; ``--no-resume`` plans afresh."""
+    import datetime
+
+    from crener import budget
+    from crener.device import machine_label
+    from crener.files import write_atomic
+    from crener.identity import run_key
+
+    machine = machine_label()
+    workdir = args.workdir if args.no_track else None  # a tracked run ignores --workdir
+    path = budget.plan_path(cfg, args.time_budget, machine, args.runs_dir, command="train", workdir=workdir)
+    saved = None if args.no_resume else budget.read_plan(path)
+    if saved is not None:
+        log.info(
+            "--time-budget %g min: the plan saved by an earlier run of this command on this machine, %d epochs "
+            "of at most %d steps (%s; delete it to plan again)", args.time_budget, saved["epochs"],
+            saved["max_steps"], path,
+        )  # fmt: skip
+        return budget.with_plan(cfg, saved)
+    out = _probed(cfg, args)
+    write_atomic(path, json.dumps({
+        "command": "train", "key_before_budget": run_key(cfg), "minutes": float(args.time_budget),
+        "machine": machine, "share_minutes": float(args.time_budget), "epochs": out.train.epochs,
+        "max_steps": out.train.max_steps,
+        "planned": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }, indent=1) + "\n")  # fmt: skip
+    return out
+
+
+def _probed(cfg: RunConfig, args: argparse.Namespace) -> RunConfig:
     from crener.budget import apply_budget
     from crener.workspace import resolve_runs_dir
 

@@ -24,7 +24,8 @@ checkpoints and logging, by ``crener train --time-budget``'s rule. The share is 
 --time-budget``), and the steps enter its key.
 
 Run-once needs the same steps on every rerun, and probe timings are noisy: so each cell's plan is
-measured once and saved as a small JSON file, ``<runs-dir>/<profile>/.budgets/<digest>.json``,
+measured once and saved as a small JSON file, ``<runs-dir>/<profile>/.budgets/<digest>.json``
+(:func:`crener.budget.plan_path`; ``crener train --time-budget`` saves its plans the same way),
 the digest naming the cell's key before the budget (its config without the resolved steps), the
 minutes and the machine (:func:`crener.device.machine_label`). A file rather than an MLflow tag: it
 is needed before any run exists (the key depends on it), it is written whole before any cell
@@ -38,7 +39,6 @@ folder to plan again.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import logging
 import time
@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from crener import budget
-from crener.budget import Costs, plan_steps
+from crener.budget import Costs, plan_path, plan_steps, read_plan, with_plan
 from crener.config import RunConfig
 from crener.files import write_atomic
 from crener.identity import run_key
@@ -56,37 +56,11 @@ from crener.workspace import resolve_runs_dir
 
 log = logging.getLogger(__name__)
 
-PLAN_DIR_NAME = ".budgets"
-
 
 def share_minutes(minutes: float, jobs: int, to_run: int, spent_s: float = 0.0) -> float:
     """The minutes each cell still to run gets: the plan's minutes less the seconds spent before
     the cells (start-up and probing), ``jobs`` cells at a time, split evenly over ``to_run`` cells."""
     return max(minutes * 60 - spent_s, 0.0) * jobs / max(to_run, 1) / 60
-
-
-def entry_path(cfg: RunConfig, minutes: float, machine: str, runs_dir: str | Path | None = None) -> Path:
-    """Where the plan of cell ``cfg`` (before the budget) for ``minutes`` on ``machine`` is saved."""
-    name = json.dumps([run_key(cfg), float(minutes), machine])
-    digest = hashlib.sha256(name.encode()).hexdigest()[:20]
-    return resolve_runs_dir(runs_dir) / cfg.profile / PLAN_DIR_NAME / f"{digest}.json"
-
-
-def read_entry(path: Path) -> dict[str, Any] | None:
-    try:
-        entry = json.loads(path.read_text(encoding="utf-8"))
-        int(entry["epochs"]), int(entry["max_steps"]), float(entry["share_minutes"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None  # none yet (or not ours): the cell is planned afresh
-    return entry
-
-
-def budgeted(cfg: RunConfig, entry: dict[str, Any]) -> RunConfig:
-    """``cfg`` with the saved plan's steps and minutes."""
-    return cfg.with_overrides({
-        "train.epochs": int(entry["epochs"]), "train.max_steps": int(entry["max_steps"]),
-        "runtime.time_budget": float(entry["share_minutes"]),
-    })  # fmt: skip
 
 
 def cost_class(cfg: RunConfig) -> str:
@@ -127,12 +101,12 @@ def resolve(
     ``started``: when the command's clock started (:func:`time.time`; None: with the probes).
     """
     machine = machine or _machine()
-    paths = [entry_path(c.cfg, minutes, machine, runs_dir) for c in cells]
+    paths = [plan_path(c.cfg, minutes, machine, runs_dir) for c in cells]
     out: dict[int, Any] = {}
     for i, (cell, path) in enumerate(zip(cells, paths, strict=True)):
-        entry = read_entry(path)
+        entry = read_plan(path)
         if entry is not None:
-            out[i] = replace(cell, cfg=budgeted(cell.cfg, entry))
+            out[i] = replace(cell, cfg=with_plan(cell.cfg, entry))
     done = sum(finished(c.cfg) for c in out.values())
     new = [i for i in range(len(cells)) if i not in out]
     log.info("--time-budget %g min: %d cell(s) planned before (%d finished), %d to plan", minutes,
@@ -201,7 +175,7 @@ def _plan_new(
                  "share_minutes": share, "epochs": epochs, "max_steps": steps, "costs": asdict(c),
                  "planned": stamp}  # fmt: skip
         write_atomic(paths[i], json.dumps(entry, indent=1) + "\n")
-        out[i] = replace(cell, cfg=budgeted(cell.cfg, entry))
+        out[i] = replace(cell, cfg=with_plan(cell.cfg, entry))
         log.info("%s: %d epochs of at most %d steps (%.3g min) -> %s", cell.label, epochs, steps, share,
                  run_key(out[i].cfg))  # fmt: skip
     return out

@@ -1,7 +1,8 @@
 """``--time-budget`` (crener/budget.py): minutes become epochs x steps by the documented rule, each
 of its terms counted (the start-up, the probe, the run's set-up, steps, evaluations, checkpoints,
 the end, the store's writes), the steps enter the run key and the minutes do not, and a real probe
-on tiny data measures every term and plans a run that the training loop then follows.
+on tiny data measures every term and plans a run that the training loop then follows; a rerun
+of ``crener train --time-budget`` reuses its saved plan.
 ``crener reproduce --time-budget`` (experiments/budget_plan.py) shares the plan's minutes over the
 cells still to run and saves each cell's steps, so a rerun finds the same keys finished;
 ``crener tune --time-budget`` gives each trial MINUTES / trials."""
@@ -262,6 +263,45 @@ def test_train_plans_with_its_start_and_follows_the_plan(tiny_data, tmp_path, ca
     assert summary["epochs"] == epochs
 
 
+def test_a_rerun_of_train_reuses_its_saved_plan(tiny_data, tmp_path, capsys, monkeypatch):
+    """A rerun of the same ``crener train --time-budget`` (after a kill, say) must land on the same
+    key, so it resumes or finds the run finished: it takes the saved plan instead of a new probe,
+    whose noisy timings would give other steps. ``--no-resume`` plans afresh."""
+    first = Costs(
+        probe=1, step=0.5, dev_eval=1, end_eval=2, batches_per_epoch=40, before=1, setup=1, epoch=0.5
+    )
+    slower = replace(first, step=1.0)
+    assert plan_steps(0.25, 2, first) != plan_steps(0.25, 2, slower)
+    probes = []
+    monkeypatch.setattr(
+        budget, "measure", lambda cfg, **kw: probes.append(cfg) or (first, slower)[len(probes) > 1]
+    )
+    run = tmp_path / "run"
+    args = ["train", "--dataset", "resume", "--profile", "smoke", "--data-root", str(tiny_data), "--no-track",
+            "--workdir", str(run), "--time-budget", "0.25", "--set", "data.train_limit=0"]  # fmt: skip
+
+    def steps() -> tuple[int, int]:
+        config = json.loads((run / "config.json").read_text())
+        return config["train.epochs"], config["train.max_steps"]
+
+    assert cli_main(args) == 0
+    assert len(probes) == 1 and steps() == plan_steps(0.25, 2, first)
+    (saved,) = (run / budget.PLAN_DIR_NAME).glob("*.json")
+    entry = json.loads(saved.read_text())
+    assert (entry["command"], entry["minutes"], entry["key_before_budget"]) == (
+        "train",
+        0.25,
+        run_key(probes[0]),
+    )
+    assert (entry["epochs"], entry["max_steps"]) == plan_steps(0.25, 2, first)
+    assert cli_main(args) == 0  # the rerun: no probe, the same steps
+    assert len(probes) == 1 and steps() == plan_steps(0.25, 2, first)
+    assert cli_main([*args, "--no-resume"]) == 0
+    assert len(probes) == 2 and steps() == plan_steps(0.25, 2, slower)
+    assert json.loads(saved.read_text())["max_steps"] == plan_steps(0.25, 2, slower)[1]
+    capsys.readouterr()
+
+
 # The MlflowClient calls that write to the store.
 STORE_WRITES = ("create_experiment", "set_experiment_tag", "create_run", "update_run", "log_batch",
                 "log_inputs", "log_artifact", "set_tag", "set_terminated", "delete_run")  # fmt: skip
@@ -344,7 +384,7 @@ def test_reproduce_plans_once_and_a_rerun_reuses_the_saved_steps(tmp_path: Path)
     assert probe.beside == [["w2ner:full/resume/s0"], ["crener:full/resume/s0"]]
     assert {(c.cfg.train.epochs, c.cfg.train.max_steps) for c in out} == {(2, 72)}
     assert [c.cfg.runtime.time_budget for c in out] == [pytest.approx(2, abs=1e-3)] * 4
-    assert len(list((tmp_path / "smoke" / budget_plan.PLAN_DIR_NAME).glob("*.json"))) == 4
+    assert len(list((tmp_path / "smoke" / budget.PLAN_DIR_NAME).glob("*.json"))) == 4
     keys = [run_key(c.cfg) for c in out]
     assert not set(keys) & {run_key(c.cfg) for c in cells}  # the steps are in the keys
 
@@ -388,7 +428,7 @@ def test_reproduce_budget_too_short_says_so_and_saves_nothing(tmp_path: Path) ->
     ):
         budget_plan.resolve(_cells(), 1, runs_dir=tmp_path, finished=lambda cfg: False, measure=Probe(),
                             machine="m")  # fmt: skip
-    assert not (tmp_path / "smoke" / budget_plan.PLAN_DIR_NAME).exists()
+    assert not (tmp_path / "smoke" / budget.PLAN_DIR_NAME).exists()
     # A dry run times nothing: unplanned cells are listed as they are.
     cells = _cells()
     assert budget_plan.resolve(cells, 1, runs_dir=tmp_path, probe=False, finished=lambda cfg: False,
@@ -435,7 +475,7 @@ def test_reproduce_jobs_plan_once_in_the_parent_with_each_jobs_threads(
     assert cli_main([*args, "--jobs", "2"]) == 0
     assert threads == [2, 2] and len(spawned) == 1 and fake_fit.CALLS == []  # planned, nothing trained yet
     saved = [
-        json.loads(p.read_text()) for p in (tmp_path / "runs" / "smoke" / budget_plan.PLAN_DIR_NAME).iterdir()
+        json.loads(p.read_text()) for p in (tmp_path / "runs" / "smoke" / budget.PLAN_DIR_NAME).iterdir()
     ]
     assert [e["jobs"] for e in saved] == [2, 2]  # 2 copies on 4 cores run side by side (on 1 core: 1)
     assert cli_main(args) == 0  # what each copy runs: the parent's plan, 2 cells x 2 jobs of 4 minutes
