@@ -193,7 +193,10 @@ def write_timing_page(
         # A line is a model, encoder and step cap: seeds of one setting are averaged, different
         # budgets (different steps an epoch) are not.
         caps = dict(zip(runs["run_id"], rows["steps an epoch"], strict=True))
-        curves["steps"] = [f"({caps[i]} steps an epoch)" for i in curves["run_id"]]
+        curves["steps"] = [
+            "(every batch an epoch)" if caps[i] == "—" else f"({caps[i]} steps an epoch)"
+            for i in curves["run_id"]
+        ]
         paths = plots.learning_curves(
             curves, page.with_suffix(""), x="minutes", by=("model", "encoder", "steps")
         )

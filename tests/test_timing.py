@@ -148,7 +148,8 @@ def test_write_timing_page_reads_the_store_and_writes_the_page_and_its_figure(st
         drawn = lines_drawn(mp)
         timing.write_timing_page("full", tmp_path / "again.md", tracking_uri=store, sweeps=("adhoc",))
     assert sorted(label for label, _, _ in drawn) == [
-        "crener cont (— steps an epoch)", "crener crener-char (— steps an epoch)", "w2ner crener-char (— steps an epoch)",
+        "crener cont (every batch an epoch)", "crener crener-char (every batch an epoch)",
+        "w2ner crener-char (every batch an epoch)",
     ]  # fmt: skip
     assert [ys for label, ys, _ in drawn if label.startswith("crener cont")] == [[31.0, 61.0]]
 
