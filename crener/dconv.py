@@ -184,10 +184,8 @@ def fits(convs, x: torch.Tensor) -> bool:  # noqa: ANN001 - the block's nn.Modul
     if torch.is_autocast_enabled("cpu"):
         # Evaluation under bf16 autocast keeps the library's bf16 convs: without a backward pass
         # they were the faster (the budget probe's dev scoring, 2026-12-07).
-        if not (_bf16_autocast() and torch.is_grad_enabled()) or x.dtype not in (
-            torch.float32,
-            torch.bfloat16,
-        ):
+        training = _bf16_autocast() and torch.is_grad_enabled()
+        if not training or x.dtype not in (torch.float32, torch.bfloat16):
             return False
     elif x.dtype not in _DTYPES:
         return False

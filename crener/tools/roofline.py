@@ -223,10 +223,14 @@ def profile_step(cfg, phase: str, n_sentences: int, peaks: dict[str, float], rep
     idx = _median_batch([e.n for e in examples], cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
+    def make_batch():  # noqa: ANN202 - crener.data.batching.Batch
+        return collate([examples[i] for i in idx], task.target if train else "none", task.num_labels).to(
+            device
+        )
+
     def step() -> None:
         with record_function(SCOPE + "data/collate"):
-            batch = collate([examples[i] for i in idx], task.target if train else "none", task.num_labels)
-            batch = batch.to(device)
+            batch = make_batch()
         if train:
             with autocast(device, cfg.train.bf16):
                 out = model(batch)
@@ -246,9 +250,7 @@ def profile_step(cfg, phase: str, n_sentences: int, peaks: dict[str, float], rep
     def forward_flops() -> dict[str, float]:
         # The forward pass only (see flops_by_group); its graph is freed on return, before the
         # profiled step, whose allocations (and so its groups' time shares) it would change.
-        batch = collate([examples[i] for i in idx], task.target if train else "none", task.num_labels).to(
-            device
-        )
+        batch = make_batch()
         with (
             FlopCounterMode(display=False) as counter,
             torch.inference_mode(not train),
