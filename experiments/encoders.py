@@ -216,6 +216,7 @@ def write_report(args: argparse.Namespace, encoders: dict[str, str], planned: li
                 row.append(f"{format_mean_std(vals)} (n={len(vals)})" if vals else format_mean_std(vals))
         lines.append("| " + " | ".join(row) + " |")
     lines += pretraining_lines(all_arms(args), encoders)
+    lines += curve_lines(all_arms(args), encoders)
     lines += ["", "Runs (MLflow run id per arm, dataset, seed):", ""]
     for (arm, d), items in sorted(rows.items()):
         lines.append(
@@ -273,6 +274,41 @@ def pretraining_lines(arms: list[str], encoders: dict[str, str]) -> list[str]:
             *(f"{dev[d]:.3f}" if d in dev else "" for d in datasets),
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def curve_lines(arms: list[str], encoders: dict[str, str]) -> list[str]:
+    """Each arm's pretraining curve, read from its ``history.json``: held-out masked-token accuracy
+    at every step where it was measured, so a reader sees whether an encoder had flattened or was
+    still rising when its steps ran out (more steps) while its end point was no better (more text)."""
+    from crener.encoder import resolve_encoder
+
+    curves: dict[str, dict[int, float]] = {}
+    for arm in arms:
+        path = Path(resolve_encoder(encoders[arm])) / "history.json"
+        if path.is_file():
+            history = json.loads(path.read_text(encoding="utf-8"))
+            points = {
+                int(r["step"]): r["held_out/mlm_accuracy"] for r in history if "held_out/mlm_accuracy" in r
+            }
+            if points:
+                curves[arm] = points
+    if not curves:
+        return []
+    steps = sorted({s for points in curves.values() for s in points})
+    lines = [
+        "",
+        "Pretraining curves (each history.json): held-out masked-token accuracy by step, each encoder on "
+        "its own 500 held-out pieces (so a column compares arms only where their texts agree; the dev-text "
+        "columns above compare them on the same text).",
+        "",
+        "| encoder | " + " | ".join(f"{s:,}" for s in steps) + " |",
+        "|---|" + "---:|" * len(steps),
+    ]
+    for arm, points in curves.items():
+        lines.append(
+            "| " + " | ".join([arm, *(f"{points[s]:.3f}" if s in points else "" for s in steps)]) + " |"
+        )
     return lines
 
 

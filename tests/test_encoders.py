@@ -125,3 +125,32 @@ def test_the_report_lists_each_encoders_pretraining_from_its_card(tmp_path):
     )
     assert len(rows) == 3  # a folder without a card has no row
     assert encoders.pretraining_lines(["no card"], {"no card": str(tmp_path)}) == []
+
+
+def test_the_report_shows_each_encoders_pretraining_curve_from_its_history(tmp_path):
+    import json
+
+    def history(folder: str, rows: list[dict]) -> str:
+        path = tmp_path / folder
+        path.mkdir()
+        (path / "history.json").write_text(json.dumps(rows), encoding="utf-8")
+        return str(path)
+
+    encoders_ = {
+        # Held-out accuracy is measured on some logging rows only; the others are not points.
+        "a": history("a", [
+            {"step": 50, "train/mlm_loss": 8.4}, {"step": 500, "held_out/mlm_accuracy": 0.0841},
+            {"step": 1000, "held_out/mlm_accuracy": 0.1612},
+        ]),
+        "b": history("b", [{"step": 500, "held_out/mlm_accuracy": 0.3791}, {"step": 800, "held_out/mlm_accuracy": 0.4}]),
+        "none": history("none", [{"step": 50, "train/mlm_loss": 8.4}]),
+        "no history": str(tmp_path),
+    }  # fmt: skip
+    lines = encoders.curve_lines(list(encoders_), encoders_)
+    rows = [line for line in lines if line.startswith("| ") and "---" not in line]
+    assert rows == [
+        "| encoder | 500 | 800 | 1,000 |",
+        "| a | 0.084 |  | 0.161 |",
+        "| b | 0.379 | 0.400 |  |",
+    ]
+    assert encoders.curve_lines(["none"], encoders_) == []
