@@ -103,7 +103,7 @@ def build_encoders(
             )  # fmt: skip
             if not (path / "config.json").is_file():
                 log.info("building encoder %s in %s (%d pretraining steps)", arm, path, cfg.steps)
-                pretrain(cfg, workdir=build_dir / "state" / path.name, progress=False)
+                pretrain(cfg, workdir=build_dir / "state" / path.name, progress=False, command=cfg.command())
             out[arm] = str(path.resolve())
             continue
         vectors, steps = ARMS[arm]
@@ -117,7 +117,7 @@ def build_encoders(
         )  # fmt: skip
         if not (path / "config.json").is_file():
             log.info("building encoder %s in %s (%d pretraining steps)", arm, path, cfg.steps)
-            pretrain(cfg, workdir=build_dir / "state" / path.name, progress=False)
+            pretrain(cfg, workdir=build_dir / "state" / path.name, progress=False, command=cfg.command())
         out[arm] = str(path.resolve())
     return out
 

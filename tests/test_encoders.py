@@ -61,7 +61,8 @@ def test_text_arms_share_architecture_and_steps_and_differ_only_in_text(tmp_path
 
     built = []
 
-    def fake_pretrain(cfg, workdir, progress):
+    def fake_pretrain(cfg, workdir, progress, command):
+        assert command == cfg.command()  # the card's rebuild line is a pretrain command
         built.append(cfg)
         Path(cfg.out).mkdir(parents=True)
         (Path(cfg.out) / "config.json").write_text("{}")

@@ -502,6 +502,30 @@ def test_cli_bf16_flag(flag, expected):
     assert pretrain_mod.config_from_args(args).bf16 is expected
 
 
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        PretrainConfig(out="enc"),
+        PretrainConfig(out="a b/enc", text=("xwlb",), text_fraction=0.25, bf16=True, steps=300, lr=2e-4),
+        PretrainConfig(
+            out="enc", datasets=("weibo", "resume"), vectors=None, init_from="crener-char", hidden=128
+        ),
+        PretrainConfig(
+            out="enc", vectors="people+wiki+lac", max_len=64, batch_tokens=1024, seed=3, warmup=0.1
+        ),
+    ],
+)
+def test_a_config_s_command_parses_back_to_the_same_config(cfg):
+    import shlex
+
+    from crener.cli import build_parser
+
+    command = cfg.command()
+    assert command.startswith("crener pretrain --out ")
+    args = build_parser().parse_args(shlex.split(command)[1:])
+    assert pretrain_mod.config_from_args(args) == cfg
+
+
 @pytest.mark.parametrize("argv", [[], ["--bf16", "auto"]])
 def test_cli_bf16_auto_is_the_default_and_takes_the_measured_answer(argv, monkeypatch):
     import crener.device

@@ -166,6 +166,26 @@ class PretrainConfig:
                 out.pop(k)
         return out
 
+    def command(self) -> str:
+        """The ``crener pretrain`` command that builds these weights: a flag for every identity field
+        off its default, and ``--bf16`` always (the CLI's default, auto, is the machine's answer). A
+        build started by another command (``crener encoders``) records this on its card, so the card's
+        rebuild line is a pretrain command and not the other command's arguments."""
+        default = PretrainConfig(out=self.out)
+        words = ["crener", "pretrain", "--out", self.out]
+        for name, value in asdict(self).items():
+            if name in ("out", "data_root", "save_every", "log_every", "bf16") or value == getattr(
+                default, name
+            ):
+                continue
+            flag = "--" + name.replace("_", "-")
+            if isinstance(value, tuple):
+                words += [flag, *value]
+            else:
+                words += [flag, "none" if value is None else str(value)]
+        words += ["--bf16", "true" if self.bf16 else "false"]
+        return " ".join(shlex.quote(w) for w in words)
+
     @classmethod
     def from_identity(cls, identity: dict[str, Any], out: str) -> PretrainConfig:
         """Inverse of :meth:`identity` (as a card's ``config`` stores it, lists for tuples)."""
