@@ -233,17 +233,24 @@ def write_report(args: argparse.Namespace, encoders: dict[str, str], planned: li
     return out
 
 
+def encoder_files(arms: list[str], encoders: dict[str, str], name: str) -> dict[str, Any]:
+    """``{arm: parsed JSON}`` of the file ``name`` beside each arm's encoder, for the arms that have one
+    (a shipped name resolves to its folder)."""
+    from crener.encoder import resolve_encoder
+
+    out = {}
+    for arm in arms:
+        path = Path(resolve_encoder(encoders[arm])) / name
+        if path.is_file():
+            out[arm] = json.loads(path.read_text(encoding="utf-8"))
+    return out
+
+
 def pretraining_lines(arms: list[str], encoders: dict[str, str]) -> list[str]:
     """What each arm's encoder was pretrained on and how far it got, read from its card: the text,
     steps and tokens, and masked-token accuracy on held-out pieces and on each dataset's dev text
     (never trained on), so a difference in F1 can be traced to text, steps or neither."""
-    from crener.encoder import resolve_encoder
-
-    cards = {}
-    for arm in arms:
-        path = Path(resolve_encoder(encoders[arm])) / "card.json"
-        if path.is_file():
-            cards[arm] = json.loads(path.read_text(encoding="utf-8"))
+    cards = encoder_files(arms, encoders, "card.json")
     if not cards:
         return []
     datasets = sorted({d for c in cards.values() for d in c.get("summary", {}).get("dev_mlm_accuracy", {})})
@@ -281,18 +288,11 @@ def curve_lines(arms: list[str], encoders: dict[str, str]) -> list[str]:
     """Each arm's pretraining curve, read from its ``history.json``: held-out masked-token accuracy
     at every step where it was measured, so a reader sees whether an encoder had flattened or was
     still rising when its steps ran out (more steps) while its end point was no better (more text)."""
-    from crener.encoder import resolve_encoder
-
     curves: dict[str, dict[int, float]] = {}
-    for arm in arms:
-        path = Path(resolve_encoder(encoders[arm])) / "history.json"
-        if path.is_file():
-            history = json.loads(path.read_text(encoding="utf-8"))
-            points = {
-                int(r["step"]): r["held_out/mlm_accuracy"] for r in history if "held_out/mlm_accuracy" in r
-            }
-            if points:
-                curves[arm] = points
+    for arm, history in encoder_files(arms, encoders, "history.json").items():
+        points = {int(r["step"]): r["held_out/mlm_accuracy"] for r in history if "held_out/mlm_accuracy" in r}
+        if points:
+            curves[arm] = points
     if not curves:
         return []
     steps = sorted({s for points in curves.values() for s in points})

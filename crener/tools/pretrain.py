@@ -171,12 +171,10 @@ class PretrainConfig:
         off its default, and ``--bf16`` always (the CLI's default, auto, is the machine's answer). A
         build started by another command (``crener encoders``) records this on its card, so the card's
         rebuild line is a pretrain command and not the other command's arguments."""
-        default = PretrainConfig(out=self.out)
+        default = PretrainConfig(out=self.out).identity()
         words = ["crener", "pretrain", "--out", self.out]
-        for name, value in asdict(self).items():
-            if name in ("out", "data_root", "save_every", "log_every", "bf16") or value == getattr(
-                default, name
-            ):
+        for name, value in self.identity().items():
+            if name == "bf16" or value == default.get(name):
                 continue
             flag = "--" + name.replace("_", "-")
             if isinstance(value, tuple):
