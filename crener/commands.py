@@ -142,6 +142,10 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--text-fraction", type=float, help="share of each --text file's lines used, evenly spread"
     )
+    p.add_argument(
+        "--datasets-repeat", type=int,
+        help="times each training split's pieces are read an epoch: the in-domain share of a mix with --text",
+    )  # fmt: skip
     p.add_argument("--init-from", metavar="ENCODER",
                    help="continue pretraining this encoder (a shipped name such as crener-char, or a folder)")  # fmt: skip
     add_data_root(p)

@@ -270,6 +270,8 @@ def pretraining_lines(arms: list[str], encoders: dict[str, str]) -> list[str]:
         text = ", ".join(cfg.get("text") or []) or "splits only"
         if cfg.get("text_fraction", 1) < 1:
             text += f" ({cfg['text_fraction']:g} of its lines)"
+        if cfg.get("datasets_repeat", 1) > 1:
+            text += f", splits read {cfg['datasets_repeat']}x an epoch"
         if cfg.get("init_from"):
             text += f", continued from {cfg['init_from']}"
         dev = summary.get("dev_mlm_accuracy", {})

@@ -507,6 +507,7 @@ def test_cli_bf16_flag(flag, expected):
     [
         PretrainConfig(out="enc"),
         PretrainConfig(out="a b/enc", text=("xwlb",), text_fraction=0.25, bf16=True, steps=300, lr=2e-4),
+        PretrainConfig(out="enc", text=("xwlb",), datasets_repeat=4, vectors="lac"),
         PretrainConfig(
             out="enc", datasets=("weibo", "resume"), vectors=None, init_from="crener-char", hidden=128
         ),

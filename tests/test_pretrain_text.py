@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import lzma
 import struct
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ import torch
 import crener.tools.pretrain as pretrain_mod
 from crener.config import DataConfig
 from crener.data.datasets import load_dataset
-from crener.errors import DataError
+from crener.errors import CrenerError, DataError
 from crener.tools.pretrain import (
     OVERLAP_N,
     PretrainConfig,
@@ -242,3 +243,33 @@ def test_card_names_the_commit_the_build_started_at_and_the_one_it_resumed_at(tm
     pretrain_mod.pretrain(cfg, workdir=tmp_path / "wd", track=False, progress=False)
     card = json.loads((tmp_path / "enc" / "card.json").read_text(encoding="utf-8"))
     assert (card["commit"], card["resumed_commit"]) == ("a" * 40, "b" * 40)
+
+
+def test_datasets_repeat_reads_each_split_piece_that_many_times_and_no_held_out_piece(tmp_path):
+    extra = tmp_path / "extra.txt"
+    extra.write_text("".join(f"天地玄黄宇宙洪荒{i}。\n" for i in range(40)), encoding="utf-8")
+    once = pretrain_mod.prepare_mlm_data(tiny_cfg(tmp_path / "a", text=(str(extra),)))
+    thrice = pretrain_mod.prepare_mlm_data(tiny_cfg(tmp_path / "b", text=(str(extra),), datasets_repeat=3))
+    corpus = once.corpus
+    assert 0 < corpus.split_pieces < len(corpus.pieces)
+    # The same pieces are held out; the splits' training rows appear 3 times, the text's once.
+    held = {tuple(r) for r in once.held_rows}
+    assert held == {tuple(r) for r in thrice.held_rows}
+    split_rows = {tuple(r) for r in pretrain_mod.to_ids(corpus.pieces[: corpus.split_pieces], once.vocab)}
+    text_rows = {tuple(r) for r in pretrain_mod.to_ids(corpus.pieces[corpus.split_pieces :], once.vocab)}
+    read_once, read_thrice = Counter(map(tuple, once.train_rows)), Counter(map(tuple, thrice.train_rows))
+    assert all(read_thrice[r] == 3 * read_once[r] for r in read_once if r in split_rows and r not in text_rows)
+    assert all(read_thrice[r] == read_once[r] for r in read_once if r in text_rows and r not in split_rows)
+    n_split = sum(n for r, n in read_once.items() if r in split_rows and r not in text_rows)
+    assert len(thrice.train_rows) - len(once.train_rows) == 2 * n_split > 0
+    # What the card counts and how rare a character is do not change with sampling.
+    assert thrice.characters == once.characters == sum(once.lengths)
+    assert torch.equal(thrice.unk_prob, once.unk_prob)
+
+
+def test_datasets_repeat_is_in_the_identity_and_command_only_off_its_default(tmp_path):
+    assert "datasets_repeat" not in PretrainConfig(out="x", **TINY).identity()
+    cfg = PretrainConfig(out="x", text=("xwlb",), datasets_repeat=4)
+    assert cfg.identity()["datasets_repeat"] == 4 and "--datasets-repeat 4" in cfg.command()
+    with pytest.raises(CrenerError, match="--datasets-repeat 0"):
+        PretrainConfig(out="x", datasets_repeat=0)

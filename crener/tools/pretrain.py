@@ -101,6 +101,9 @@ class PretrainConfig:
     # Share of each --text file's lines used, spread evenly over the file (the text ablation's
     # "quarter of the corpus" is 0.25): line i is kept when floor((i + 1) f) > floor(i f).
     text_fraction: float = 1.0
+    # Times each training split's pieces are read an epoch, so a mix with --text can give the
+    # in-domain text a larger share of the steps than of the characters (1: every piece once).
+    datasets_repeat: int = 1
     data_root: str | None = None  # None: $CRENER_DATA, then ../shared/data
     # Starting vectors of the character embeddings: sources joined by "+" (people = default: the
     # People's Daily 50-d file in shared/pretrained; wiki: simplechinese's Wikipedia 64-d; lac:
@@ -154,6 +157,8 @@ class PretrainConfig:
             raise CrenerError("--mask-rate must be in (0, 1)")
         if not 0 < self.text_fraction <= 1:
             raise CrenerError(f"--text-fraction {self.text_fraction}: must be in (0, 1]")
+        if self.datasets_repeat < 1:
+            raise CrenerError(f"--datasets-repeat {self.datasets_repeat}: must be a positive integer (>= 1)")
 
     def identity(self) -> dict[str, Any]:
         """The fields that define the weights (not where they are written, nor logging cadence)."""
@@ -161,7 +166,7 @@ class PretrainConfig:
         for k in ("out", "data_root", "save_every", "log_every"):
             out.pop(k)
         # Fields added later leave the identities of earlier cards as they were at their defaults.
-        for k, default in (("bf16", False), ("text_fraction", 1.0), ("init_from", None)):
+        for k, default in (("bf16", False), ("text_fraction", 1.0), ("init_from", None), ("datasets_repeat", 1)):
             if out[k] == default:
                 out.pop(k)
         return out
@@ -204,6 +209,7 @@ class Corpus:
     sentences: int = 0
     dev_text: dict[str, list[str]] = field(default_factory=dict)  # dataset -> its dev sentences
     text_lines: dict[str, int] = field(default_factory=dict)  # --text label -> lines read (kept or not)
+    split_pieces: int = 0  # the first this many pieces come from the training splits, the rest from --text
 
 
 def _cut(text: str, max_len: int) -> list[str]:
@@ -328,7 +334,7 @@ def build_corpus(cfg: PretrainConfig) -> Corpus:
         dev_text[name] = [s.text for s in data.dev]
     kept = [t for t in train_texts if t not in held_out]
     pieces = [p for t in kept for p in _cut(t, cfg.max_len)]
-    dropped, sentences = len(train_texts) - len(kept), len(kept)
+    dropped, sentences, split_pieces = len(train_texts) - len(kept), len(kept), len(pieces)
     grams = ngrams(held_out) if cfg.text else set()
     text_lines: dict[str, int] = {}
     for spec in cfg.text:
@@ -347,7 +353,7 @@ def build_corpus(cfg: PretrainConfig) -> Corpus:
         text_lines[label] = n
     if not pieces:
         raise DataError("the pretraining corpus is empty after removing dev and test sentences")
-    return Corpus(pieces, files, held_out, dropped, sentences, dev_text, text_lines)
+    return Corpus(pieces, files, held_out, dropped, sentences, dev_text, text_lines, split_pieces)
 
 
 def resolve_vectors(cfg: PretrainConfig) -> Path | None:
@@ -813,6 +819,7 @@ class MlmData:
     unk_prob: torch.Tensor
     lengths: list[int]  # characters of each training row
     prep_seconds: float  # reading, filtering and encoding the corpus
+    characters: int = 0  # characters of the distinct training pieces (each counted once however often read)
 
     @property
     def held_out(self) -> int:
@@ -831,15 +838,22 @@ def prepare_mlm_data(cfg: PretrainConfig) -> MlmData:
     perm = np.random.default_rng([cfg.seed, 7]).permutation(len(corpus.pieces))
     n_held = min(HELD_OUT, len(corpus.pieces) // 10)
     held_idx, train_idx = np.sort(perm[:n_held]), np.sort(perm[n_held:])
-    train_rows = to_ids([corpus.pieces[i] for i in train_idx], vocab)
+    # --datasets-repeat: the splits' training pieces appear that many times in every epoch's shuffle
+    # (a held-out piece in none of them). The [UNK] rates below count each piece once: they follow
+    # how rare a character is in the text, not how often the text is sampled.
+    split_idx = train_idx[train_idx < corpus.split_pieces]
+    train_idx_read = np.concatenate([train_idx, *[split_idx] * (cfg.datasets_repeat - 1)])
+    rows = dict(zip(train_idx.tolist(), to_ids([corpus.pieces[i] for i in train_idx], vocab), strict=True))
+    train_rows = [rows[i] for i in train_idx_read.tolist()]
     held_rows = to_ids([corpus.pieces[i] for i in held_idx], vocab)
     dev_rows = {name: to_ids(dev_pieces(texts, cfg), vocab) for name, texts in corpus.dev_text.items()}
     counts = Counter(c for i in train_idx for c in corpus.pieces[i])
     unk_prob = unk_probabilities(counts, vocab, cfg.unk_alpha)
     lengths = [len(r) - 2 for r in train_rows]
+    characters = sum(len(corpus.pieces[i]) for i in train_idx)
     prep_seconds = time.perf_counter() - t_prep
     return MlmData(
-        corpus, start, init, vocab, train_rows, held_rows, dev_rows, unk_prob, lengths, prep_seconds
+        corpus, start, init, vocab, train_rows, held_rows, dev_rows, unk_prob, lengths, prep_seconds, characters
     )
 
 
@@ -964,7 +978,7 @@ def pretrain(
     log.info(
         "corpus: %d sentences (%d dropped: also in a dev/test split) -> %d pieces (%d held out), "
         "%d characters, vocabulary %d, %d batches an epoch",
-        corpus.sentences, corpus.dropped, len(corpus.pieces), data.held_out, sum(data.lengths), len(data.vocab),
+        corpus.sentences, corpus.dropped, len(corpus.pieces), data.held_out, data.characters, len(data.vocab),
         per_epoch,
     )  # fmt: skip
     model, initialised = build_mlm_model(cfg, data)
@@ -997,7 +1011,7 @@ def pretrain(
         "step": done.step, "finished": True, "seconds": done.seconds, "held_out_mlm_accuracy": acc,
         "held_out_mlm_loss": held_loss, "vocab_size": len(data.vocab), "initialised_rows": initialised,
         "corpus_sentences": corpus.sentences, "corpus_pieces": len(corpus.pieces),
-        "corpus_characters": sum(data.lengths), "dropped_sentences": corpus.dropped,
+        "corpus_characters": data.characters, "dropped_sentences": corpus.dropped,
         "held_out_pieces": data.held_out, "parameters": sum(p.numel() for n, p in model.bert.named_parameters()),
         "dev_mlm_accuracy": dev_accuracy, "tokens_seen": done.tokens_seen, "text_lines": corpus.text_lines,
         "prep_seconds": data.prep_seconds,
@@ -1198,6 +1212,11 @@ def render_card(card: dict[str, Any], history: Sequence[dict[str, float]]) -> st
         + (
             f" (an evenly spread {cfg['text_fraction']:g} of its lines)"
             if cfg.get("text_fraction", 1) < 1
+            else ""
+        )
+        + (
+            f"; each training split's pieces read {cfg['datasets_repeat']} times an epoch"
+            if cfg.get("datasets_repeat", 1) > 1
             else ""
         )
         + f"; {s['corpus_sentences']:,} sentences ({s['dropped_sentences']:,} dropped because they occur in a "
