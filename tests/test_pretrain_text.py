@@ -258,7 +258,9 @@ def test_datasets_repeat_reads_each_split_piece_that_many_times_and_no_held_out_
     split_rows = {tuple(r) for r in pretrain_mod.to_ids(corpus.pieces[: corpus.split_pieces], once.vocab)}
     text_rows = {tuple(r) for r in pretrain_mod.to_ids(corpus.pieces[corpus.split_pieces :], once.vocab)}
     read_once, read_thrice = Counter(map(tuple, once.train_rows)), Counter(map(tuple, thrice.train_rows))
-    assert all(read_thrice[r] == 3 * read_once[r] for r in read_once if r in split_rows and r not in text_rows)
+    assert all(
+        read_thrice[r] == 3 * read_once[r] for r in read_once if r in split_rows and r not in text_rows
+    )
     assert all(read_thrice[r] == read_once[r] for r in read_once if r in text_rows and r not in split_rows)
     n_split = sum(n for r, n in read_once.items() if r in split_rows and r not in text_rows)
     assert len(thrice.train_rows) - len(once.train_rows) == 2 * n_split > 0

@@ -166,7 +166,8 @@ class PretrainConfig:
         for k in ("out", "data_root", "save_every", "log_every"):
             out.pop(k)
         # Fields added later leave the identities of earlier cards as they were at their defaults.
-        for k, default in (("bf16", False), ("text_fraction", 1.0), ("init_from", None), ("datasets_repeat", 1)):
+        defaults = {"bf16": False, "text_fraction": 1.0, "init_from": None, "datasets_repeat": 1}
+        for k, default in defaults.items():
             if out[k] == default:
                 out.pop(k)
         return out
@@ -854,7 +855,7 @@ def prepare_mlm_data(cfg: PretrainConfig) -> MlmData:
     prep_seconds = time.perf_counter() - t_prep
     return MlmData(
         corpus, start, init, vocab, train_rows, held_rows, dev_rows, unk_prob, lengths, prep_seconds, characters
-    )
+    )  # fmt: skip
 
 
 def build_mlm_model(cfg: PretrainConfig, data: MlmData):  # noqa: ANN201 - transformers.BertForMaskedLM
