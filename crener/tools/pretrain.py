@@ -50,7 +50,7 @@ import torch
 from crener.checkpoint import read_state, save_checkpoint
 from crener.config import MAX_LEN, MIN_LEN
 from crener.data.digest import file_digest
-from crener.device import autocast
+from crener.device import autocast, trim_heap
 from crener.encoder import (  # the embedded encoder's layout, and the vectors its embeddings may start from
     SPECIAL_TOKENS,
     replace_with_unk,
@@ -66,6 +66,9 @@ PAD, UNK, CLS, SEP, MASK = range(len(SPECIAL_TOKENS))
 DEFAULT_DATASETS = ("weibo", "resume", "ontonotes4", "msra")
 # word2vec tokens of the People's Daily file that are not characters of text.
 VECTOR_SPECIALS = {"</s>": None, "<UNK>": "[UNK]"}
+# Steps between giving the C heap's free pages back (crener.device.trim_heap: without it the
+# resident memory of a long build grows with the fragmentation of variable-shape batches).
+TRIM_EVERY = 25
 HELD_OUT = 500  # corpus pieces kept aside to measure masked-token accuracy (never trained on)
 CHECKPOINT_NAME = "pretrain_state.pt"
 STATE_VERSION = 1
@@ -1076,6 +1079,8 @@ def train_mlm(
         if bar is not None:
             bar.set_postfix(loss=f"{float(loss):.3f}")
             bar.update(1)
+        if step % TRIM_EVERY == 0:
+            trim_heap()
         if step % cfg.log_every == 0 or step == last:
             elapsed = max(time.perf_counter() - t_window, 1e-9)
             row = {
