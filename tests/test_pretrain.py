@@ -709,3 +709,29 @@ def test_cli_pretrain_bad_values_are_one_message(flag, value, message, tmp_path,
     assert main(["pretrain", "--out", str(out), "--no-track", flag, value]) == 2
     assert message in caplog.text + capsys.readouterr().err
     assert "Traceback" not in caplog.text and not out.exists()
+
+
+def test_pretraining_trims_the_heap_every_few_steps_without_changing_the_weights(tmp_path, monkeypatch):
+    cfg = tiny_cfg(tmp_path / "a", steps=6)
+    pretrain(cfg, workdir=tmp_path / "wa", track=False, progress=False)
+    calls: list[int] = []
+    monkeypatch.setattr(pretrain_mod, "TRIM_EVERY", 2)
+    monkeypatch.setattr(pretrain_mod, "trim_heap", lambda: calls.append(1) or True)
+    pretrain(replace(cfg, out=str(tmp_path / "b")), workdir=tmp_path / "wb", track=False, progress=False)
+    assert len(calls) == 3  # steps 2, 4 and 6
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_trim_heap_calls_glibc_where_there_is_one(monkeypatch):
+    import platform
+
+    import crener.device as device
+
+    assert device.trim_heap() is (platform.libc_ver()[0] == "glibc")
+    device._glibc_malloc_trim.cache_clear()
+    monkeypatch.setattr("ctypes.CDLL", lambda name: (_ for _ in ()).throw(OSError(name)))
+    try:
+        assert device.trim_heap() is False  # no C library to ask: nothing is trimmed, nothing fails
+    finally:
+        device._glibc_malloc_trim.cache_clear()
