@@ -35,6 +35,7 @@ ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 SHIPPED_ENCODERS = {
     "crener-char": ASSETS_DIR / "crener-char",  # the four training splits
     "crener-xwlb": ASSETS_DIR / "crener-xwlb",  # crener-char continued on the broadcast-news corpus
+    "crener-char-18k": ASSETS_DIR / "crener-char-18k",  # crener-char's recipe at 18,000 steps (3x)
 }
 
 
