@@ -845,16 +845,15 @@ def prepare_mlm_data(cfg: PretrainConfig) -> MlmData:
     # --datasets-repeat: the splits' training pieces appear that many times in every epoch's shuffle
     # (a held-out piece in none of them). The [UNK] rates below count each piece once: they follow
     # how rare a character is in the text, not how often the text is sampled.
-    split_idx = train_idx[train_idx < corpus.split_pieces]
-    train_idx_read = np.concatenate([train_idx, *[split_idx] * (cfg.datasets_repeat - 1)])
-    rows = dict(zip(train_idx.tolist(), to_ids([corpus.pieces[i] for i in train_idx], vocab), strict=True))
-    train_rows = [rows[i] for i in train_idx_read.tolist()]
+    once = to_ids([corpus.pieces[i] for i in train_idx], vocab)
+    split_rows = [r for i, r in zip(train_idx, once, strict=True) if i < corpus.split_pieces]
+    train_rows = once + split_rows * (cfg.datasets_repeat - 1)
     held_rows = to_ids([corpus.pieces[i] for i in held_idx], vocab)
     dev_rows = {name: to_ids(dev_pieces(texts, cfg), vocab) for name, texts in corpus.dev_text.items()}
     counts = Counter(c for i in train_idx for c in corpus.pieces[i])
     unk_prob = unk_probabilities(counts, vocab, cfg.unk_alpha)
     lengths = [len(r) - 2 for r in train_rows]
-    characters = sum(len(corpus.pieces[i]) for i in train_idx)
+    characters = sum(lengths[: len(once)])
     prep_seconds = time.perf_counter() - t_prep
     return MlmData(
         corpus, start, init, vocab, train_rows, held_rows, dev_rows, unk_prob, lengths, prep_seconds, characters
