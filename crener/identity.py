@@ -58,9 +58,11 @@ TRANSFORMER_FIELDS = (
 # and runs with the new value get new ones, because theirs is another experiment.
 KEY_DEFAULTS: dict[str, Any] = {}
 # The weights (SHA-256 of model.safetensors) each shipped encoder had when its runs were first
-# keyed by name alone (crener-char: commit 59fdf58). Other weights under the name are hashed.
+# keyed by name alone (crener-char: commit 59fdf58; crener-char-18k: 9973460). Other weights
+# under the name are hashed.
 KEY_ENCODER_WEIGHTS: dict[str, str] = {
     "crener-char": "62742e7277e48192c649dc33280c97229aaca764236765ef58ec949d3464863c",
+    "crener-char-18k": "7d7e4ea271daceb959e7fc11648504238bc331b1f36f4002f932a640255542ab",
 }
 
 

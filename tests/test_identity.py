@@ -330,14 +330,14 @@ def test_bf16_pays_compares_measured_matmul_rates(monkeypatch: pytest.MonkeyPatc
     device.bf16_pays.cache_clear()
 
 
+@pytest.mark.parametrize("name", ["crener-char", "crener-char-18k"])
 def test_shipped_encoder_weights_enter_the_key_only_when_they_changed(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, name: str
 ) -> None:
     import crener.encoder as encoder
 
-    cfg = build_run_config(profile="quick", dataset="resume")
-    assert cfg.model.encoder == "crener-char"
-    first = identity.KEY_ENCODER_WEIGHTS["crener-char"]
+    cfg = build_run_config(profile="quick", dataset="resume", overrides={"model.encoder": name})
+    first = identity.KEY_ENCODER_WEIGHTS[name]
     monkeypatch.setattr(encoder, "shipped_weights_digest", lambda name: first)
     assert encoder_weights(cfg) == first
     as_first = run_key(cfg, ZERO_DIGEST)
@@ -362,6 +362,17 @@ def test_shipped_weights_digest_is_the_file_hash_and_none_elsewhere(tmp_path: Pa
     assert shipped_weights_digest(str(SHIPPED_ENCODERS["crener-char"])) is None  # a path: the user's
     assert shipped_weights_digest("bert-base-chinese") is None
     assert shipped_weights_digest("embedded") is None
+
+
+def test_the_default_encoder_is_keyed_by_its_name_alone() -> None:
+    # quick's encoder is crener-char-18k (its weights as shipped), so its runs carry no weights
+    # hash; a run on crener-char (rebuilt since its first runs) still carries its own.
+    cfg = build_run_config(profile="quick", dataset="resume")
+    assert cfg.model.encoder == "crener-char-18k"
+    assert encoder_weights(cfg) == identity.KEY_ENCODER_WEIGHTS["crener-char-18k"]
+    old = build_run_config(profile="quick", dataset="resume", overrides={"model.encoder": "crener-char"})
+    assert encoder_weights(old) != identity.KEY_ENCODER_WEIGHTS["crener-char"]
+    assert run_key(cfg, ZERO_DIGEST) != run_key(old, ZERO_DIGEST)
 
 
 def test_run_tags_name_the_shipped_weights(monkeypatch: pytest.MonkeyPatch) -> None:
