@@ -32,7 +32,7 @@ from crener.options import (
     int_at_least,
     positive_int,
 )
-from crener.profiles import VARIANTS, build_run_config
+from crener.profiles import PROFILES, VARIANTS, build_run_config
 from crener.workspace import check_store_exists, workdir_for
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         add(sub)
 
 
+def _profile_encoders() -> dict[str, str]:
+    """``{profile: its model.encoder}`` from crener/profiles.toml (the dataclass default if unset)."""
+    default = RunConfig().model.encoder
+    return {name: values.get("model.encoder", default) for name, values in PROFILES.items()}
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train one model/variant on one dataset; prints a JSON summary")
     p.add_argument("--dataset", required=True)
@@ -57,7 +63,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     add_seed(p)
     p.add_argument(
         "--encoder",
-        help="from_pretrained name or path (default: the profile's: crener-char in quick and full, embedded in smoke, bert-base-chinese in paper)",
+        help="from_pretrained name or path (default: the profile's: "
+        + ", ".join(f"{name} in {p}" for p, name in _profile_encoders().items())
+        + ")",
     )
     p.add_argument("--workdir", help="run directory with --no-track (default: <runs-dir>/<profile>/<key>)")
     p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")

@@ -201,3 +201,19 @@ def test_no_comment_in_code_cites_history() -> None:
         if history.search(line)
     ]
     assert not found, "\n".join(found)
+
+
+def test_train_help_names_each_profiles_encoder_from_the_profiles_file(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from crener.cli import build_parser
+    from crener.profiles import PROFILES
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    text = text.replace("- ", "-")  # argparse wraps at hyphens
+    for profile in PROFILES:
+        encoder = build_run_config(profile=profile, dataset="resume").model.encoder
+        assert f"{encoder} in {profile}" in text
+    assert "crener-char-18k in quick" in text
