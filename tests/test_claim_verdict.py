@@ -44,7 +44,7 @@ def test_the_claim_sweep_plans_ten_cells_at_full_keyed_as_the_main_sweeps() -> N
         (m, s) for m in ("crener", "w2ner") for s in range(5)
     )
     assert {(c.cfg.variant, c.cfg.data.dataset, c.cfg.model.encoder) for c in cells} == {
-        ("full", "weibo", "crener-char")
+        ("full", "weibo", "crener-char-18k")
     }
     main = {run_key(cfg) for cfg in expand("main", "full", datasets=["weibo"], models=["crener", "w2ner"])}
     assert {run_key(c.cfg) for c in cells} == main  # finished main-sweep cells are found, not retrained
