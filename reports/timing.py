@@ -5,7 +5,8 @@ One row per finished run of the ``full`` variant of a model (any sweep the comma
 runs of ``crener train --time-budget`` count): its encoder, how it trained it, the budget it was
 planned for, the best dev F1 on its curve and the minutes that took, the minutes it took to first
 reach the dataset's target, and its test F1. The figure draws dev F1 against minutes, one line
-per (model, encoder, step cap), seeds averaged. Minutes are the run's own: the cumulative ``epoch_seconds`` it logged
+per (model, encoder, step cap), seeds averaged; a second table gives each setting's mean and
+spread over its seeds (:func:`summary_rows`). Minutes are the run's own: the cumulative ``epoch_seconds`` it logged
 (training and dev evaluation), which leave out start-up and the final test; ``run min`` is the
 run's ``seconds`` (everything after start-up). Nothing is trained.
 """
@@ -117,6 +118,50 @@ def timing_rows(runs: pd.DataFrame, history: dict[str, pd.DataFrame]) -> pd.Data
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
 
+# What makes two runs one setting of the summary: all of a row but its seed and its outcomes.
+SETTING = ("model", "dataset", "encoder", "encoder regime", "budget min", "steps an epoch")
+SUMMARY_COLUMNS = (*SETTING, "seeds", "run min", "best dev F1", "reached target", "reached at min", "test F1")
+
+
+def _mean_std(values: pd.Series) -> tuple[float, float]:
+    """Mean and sample std (ddof = 1; NaN for one value) of the values that are not NaN."""
+    v = values.dropna()
+    return (float(v.mean()) if len(v) else math.nan, float(v.std(ddof=1)) if len(v) > 1 else math.nan)
+
+
+def summary_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    """One row per setting (:data:`SETTING`) of :func:`timing_rows`: its seeds, and over them the
+    mean run minutes, best dev F1 and test F1 as ``(mean, std)``, how many runs reached the target
+    (``"k/n"``, "—" without one) and the mean minutes of those that did (a run that never reached
+    it has no minutes to average, so the count says how many the mean covers)."""
+    out = []
+    for setting, group in rows.groupby(list(SETTING), sort=False, dropna=False):
+        reached = f"{int(group['reached at min'].notna().sum())}/{len(group)}"
+        out.append(
+            {
+                **dict(zip(SETTING, setting, strict=True)),
+                "seeds": ", ".join(str(s) for s in sorted(group["seed"])),
+                "run min": float(group["run min"].mean()),
+                "best dev F1": _mean_std(group["best dev F1"]),
+                "reached target": reached if group["target"].notna().any() else "—",
+                "reached at min": _mean_std(group["reached at min"]),
+                "test F1": _mean_std(group["test F1"]),
+            }
+        )
+    return pd.DataFrame(out, columns=list(SUMMARY_COLUMNS))
+
+
+def _fmt_summary(column: str, value: object) -> str:
+    """A summary cell: ``mean ± std`` (×100 for F1; std "–" for one seed), minutes to 0.1."""
+    if not isinstance(value, tuple):
+        return _fmt(column, value)
+    mean, std = value
+    if math.isnan(mean):
+        return "never" if column == "reached at min" else "—"
+    scale, digits = (100, 2) if column in ("best dev F1", "test F1") else (1, 1)
+    return f"{mean * scale:.{digits}f} ± " + ("–" if math.isnan(std) else f"{std * scale:.{digits}f}")
+
+
 def _fmt(column: str, value: object) -> str:
     if isinstance(value, float):
         if math.isnan(value):
@@ -146,6 +191,21 @@ def timing_page(rows: pd.DataFrame, stamp: str, figure: str | None, run_ids: Seq
         else "No finished runs.",
         "",
     ]
+    if body:
+        summary = [
+            [_fmt_summary(c, v) for c, v in zip(SUMMARY_COLUMNS, r, strict=True)]
+            for r in summary_rows(rows).itertuples(index=False)
+        ]
+        lines += [
+            "## Over seeds",
+            "",
+            "The runs above grouped by setting (all but the seed): mean ± sample std over its seeds "
+            "(ddof = 1; – for one seed). `reached target`: how many of its runs reached the target; "
+            "`reached at min` is the mean over those runs only.",
+            "",
+            tabulate(summary, headers=list(SUMMARY_COLUMNS), tablefmt="github", disable_numparse=True),
+            "",
+        ]
     if figure:
         lines += [f"![dev F1 against minutes]({figure})", ""]
     lines += ["<details><summary>MLflow run ids</summary>", ""]

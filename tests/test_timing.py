@@ -85,7 +85,8 @@ def test_the_page_shows_each_run_with_its_minutes_targets_and_ids():
     page = timing.timing_page(rows, "STAMP", "fig.png", list(runs["run_id"]))
     lines = page.splitlines()
     assert lines[:3] == ["# Time to accuracy", "", "STAMP"]
-    table = [ln for ln in lines if ln.startswith("| crener") or ln.startswith("| tener")]
+    runs_part = lines[: lines.index("## Over seeds")]
+    table = [ln for ln in runs_part if ln.startswith("| crener") or ln.startswith("| tener")]
     cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in table]
     assert cells[0] == [
         "crener", "resume", "cont-splits-2400", "fine-tuned at 0.0001", "0", "20", "122", "10.0",
@@ -97,6 +98,43 @@ def test_the_page_shows_each_run_with_its_minutes_targets_and_ids():
     assert all(f"- {r}" in lines for r in runs["run_id"])
     empty = timing.timing_page(rows.iloc[:0], "STAMP", None, []).splitlines()
     assert "No finished runs." in empty and "- none" in empty and not any(ln.startswith("![") for ln in empty)
+
+
+def test_the_summary_gives_each_setting_its_mean_and_spread_over_seeds():
+    runs = pd.DataFrame(
+        [
+            run("a", "k1", 1, seed=0, **{"best/test_f1": 0.50}),
+            run("b", "k2", 2, seed=1, **{"best/test_f1": 0.54}),
+            run("c", "k3", 3, seed=2, **{"best/test_f1": 0.58}),
+            run("d", "k4", 4, seed=0, encoder="other"),  # another setting: its own row
+            run("e", "k5", 5, seed=0, dataset="msra"),  # no target
+        ]
+    )
+    history = {
+        "a": curve([0.90, 0.94], [300, 300]),  # reaches 0.93 at 10 min
+        "b": curve([0.93, 0.92], [360, 300]),  # at 6 min
+        "c": curve([0.91, 0.92], [300, 300]),  # never
+        "d": curve([0.80], [60]),
+        "e": curve([0.70], [60]),
+    }
+    summary = timing.summary_rows(timing.timing_rows(runs, history))
+    assert len(summary) == 3
+    first = summary.iloc[0]
+    assert (first["encoder"], first["seeds"], first["reached target"]) == ("crener-char", "0, 1, 2", "2/3")
+    assert first["best dev F1"] == pytest.approx((0.93, 0.01))  # 0.94, 0.93, 0.92
+    assert first["test F1"] == pytest.approx((0.54, 0.04))
+    assert first["reached at min"] == pytest.approx((8.0, math.sqrt(8)))  # of the two that reached it
+    assert summary.iloc[1]["encoder"] == "other" and summary.iloc[1]["seeds"] == "0"
+    assert math.isnan(summary.iloc[1]["test F1"][1])  # one seed: no spread
+    assert summary.iloc[2]["reached target"] == "—"
+    lines = timing.timing_page(
+        timing.timing_rows(runs, history), "STAMP", None, list(runs["run_id"])
+    ).splitlines()
+    over = lines[lines.index("## Over seeds") :]
+    cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in over if ln.startswith("| crener")]
+    assert cells[0][6:] == ["0, 1, 2", "10.0", "93.00 ± 1.00", "2/3", "8.0 ± 2.8", "54.00 ± 4.00"]
+    assert cells[1][6:] == ["0", "10.0", "80.00 ± –", "0/1", "never", "90.00 ± –"]
+    assert cells[2][9:11] == ["—", "never"]
 
 
 @pytest.fixture
@@ -136,8 +174,13 @@ def test_write_timing_page_reads_the_store_and_writes_the_page_and_its_figure(st
     )
     text = page.read_text(encoding="utf-8")
     assert "Runs: 3 finished of 3 logged for profile `full`" in text and "a CPU, 2 cores" in text
-    rows = [ln for ln in text.splitlines() if ln.startswith("| crener") or ln.startswith("| w2ner")]
+    per_run, over_seeds = text.split("## Over seeds")
+    rows = [ln for ln in per_run.splitlines() if ln.startswith("| crener") or ln.startswith("| w2ner")]
     assert len(rows) == 3
+    # One seed a setting here, so the summary has a row for each run, without a spread.
+    summary = [ln for ln in over_seeds.splitlines() if ln.startswith("| crener") or ln.startswith("| w2ner")]
+    best_dev = sorted(ln.split("|")[9].strip() for ln in summary)
+    assert best_dev == ["60.00 ± –", "61.00 ± –", "62.00 ± –"]
     # Weibo's target 0.55: reached at the second evaluation (0.60 + 0.01 i), after 3.0 minutes.
     assert all(ln.split("|")[12].strip() == "3.0" for ln in rows)
     assert "| cont " in rows[1] or "| cont |" in rows[1].replace("  ", " ")
