@@ -199,10 +199,13 @@ def learning_curves(
                     xs, curve["mean"] * 100, marker="o", markersize=3, label=label, color=colour[label]
                 )[0]
                 std = curve["std"].fillna(0).to_numpy() * 100
+                mean = curve["mean"].to_numpy() * 100
+                # F1 lies in [0, 100]: a wide band early in training (one seed still at 0) would
+                # otherwise reach below the axis's meaning.
                 ax.fill_between(
                     xs,
-                    curve["mean"] * 100 - std,
-                    curve["mean"] * 100 + std,
+                    np.clip(mean - std, 0, 100),
+                    np.clip(mean + std, 0, 100),
                     alpha=0.15,
                     color=line.get_color(),
                 )

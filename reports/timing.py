@@ -5,10 +5,11 @@ One row per finished run of the ``full`` variant of a model (any sweep the comma
 runs of ``crener train --time-budget`` count): its encoder, how it trained it, the budget it was
 planned for, the best dev F1 on its curve and the minutes that took, the minutes it took to first
 reach the dataset's target, and its test F1. The figure draws dev F1 against minutes, one line
-per (model, encoder, step cap), seeds averaged; a second table gives each setting's mean and
-spread over its seeds (:func:`summary_rows`). Minutes are the run's own: the cumulative ``epoch_seconds`` it logged
-(training and dev evaluation), which leave out start-up and the final test; ``run min`` is the
-run's ``seconds`` (everything after start-up). Nothing is trained.
+per (model, encoder, budget; without one, step cap), seeds averaged; a second table gives each
+setting's mean and spread over its seeds (:func:`summary_rows`). Minutes are the run's own: the
+cumulative ``epoch_seconds`` it logged (training and dev evaluation), which leave out start-up and
+the final test; ``run min`` is the run's ``seconds`` (everything after start-up). Nothing is
+trained.
 """
 
 from __future__ import annotations
@@ -118,7 +119,10 @@ def timing_rows(runs: pd.DataFrame, history: dict[str, pd.DataFrame]) -> pd.Data
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
 
-# What makes two runs one setting of the summary: all of a row but its seed and its outcomes.
+# What makes two runs one setting of the summary: all of a row but its seed and its outcomes. A
+# run with a time budget is set by its minutes: the step cap is what the probe made of them on
+# the machine at hand (seeds of one budget may get different caps), so there the caps are listed,
+# not grouped on; a run without a budget is set by its step cap.
 SETTING = ("model", "dataset", "encoder", "encoder regime", "budget min", "steps an epoch")
 SUMMARY_COLUMNS = (*SETTING, "seeds", "run min", "best dev F1", "reached target", "reached at min", "test F1")
 
@@ -130,16 +134,19 @@ def _mean_std(values: pd.Series) -> tuple[float, float]:
 
 
 def summary_rows(rows: pd.DataFrame) -> pd.DataFrame:
-    """One row per setting (:data:`SETTING`) of :func:`timing_rows`: its seeds, and over them the
-    mean run minutes, best dev F1 and test F1 as ``(mean, std)``, how many runs reached the target
-    (``"k/n"``, "—" without one) and the mean minutes of those that did (a run that never reached
-    it has no minutes to average, so the count says how many the mean covers)."""
+    """One row per setting (:data:`SETTING`) of :func:`timing_rows`: its step caps and seeds, and
+    over them the mean run minutes, best dev F1 and test F1 as ``(mean, std)``, how many runs
+    reached the target (``"k/n"``, "—" without one) and the mean minutes of those that did (a run
+    that never reached it has no minutes to average, so the count says how many the mean covers)."""
     out = []
-    for setting, group in rows.groupby(list(SETTING), sort=False, dropna=False):
+    cap = rows["steps an epoch"].where(rows["budget min"] == "—", "")
+    for _, group in rows.groupby([*SETTING[:-1], cap], sort=False, dropna=False):
         reached = f"{int(group['reached at min'].notna().sum())}/{len(group)}"
+        caps = sorted(set(group["steps an epoch"]), key=lambda c: (len(c), c))
         out.append(
             {
-                **dict(zip(SETTING, setting, strict=True)),
+                **{c: group[c].iloc[0] for c in SETTING[:-1]},
+                "steps an epoch": ", ".join(caps),
                 "seeds": ", ".join(str(s) for s in sorted(group["seed"])),
                 "run min": float(group["run min"].mean()),
                 "best dev F1": _mean_std(group["best dev F1"]),
@@ -250,13 +257,17 @@ def write_timing_page(
             [h.assign(run_id=i) for i, h in history.items() if len(h)], ignore_index=True
         ).merge(runs[["run_id", "model", "dataset", "seed", "encoder"]], on="run_id")
         curves["encoder"] = curves["encoder"].map(encoder_name)
-        # A line is a model, encoder and step cap: seeds of one setting are averaged, different
-        # budgets (different steps an epoch) are not.
-        caps = dict(zip(runs["run_id"], rows["steps an epoch"], strict=True))
-        curves["steps"] = [
-            "(every batch an epoch)" if caps[i] == "—" else f"({caps[i]} steps an epoch)"
-            for i in curves["run_id"]
-        ]
+        # A line is a model, encoder and setting (SETTING): seeds of one setting are averaged,
+        # different budgets (or, without one, different steps an epoch) are not.
+        label = {
+            i: f"({b} min budget)"
+            if b != "—"
+            else "(every batch an epoch)"
+            if c == "—"
+            else f"({c} steps an epoch)"
+            for i, b, c in zip(runs["run_id"], rows["budget min"], rows["steps an epoch"], strict=True)
+        }
+        curves["steps"] = [label[i] for i in curves["run_id"]]
         paths = plots.learning_curves(
             curves, page.with_suffix(""), x="minutes", by=("model", "encoder", "steps")
         )

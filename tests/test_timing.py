@@ -104,10 +104,20 @@ def test_the_summary_gives_each_setting_its_mean_and_spread_over_seeds():
     runs = pd.DataFrame(
         [
             run("a", "k1", 1, seed=0, **{"best/test_f1": 0.50}),
-            run("b", "k2", 2, seed=1, **{"best/test_f1": 0.54}),
+            run("b", "k2", 2, seed=1, **{"best/test_f1": 0.54, "params.train.max_steps": "99"}),
             run("c", "k3", 3, seed=2, **{"best/test_f1": 0.58}),
             run("d", "k4", 4, seed=0, encoder="other"),  # another setting: its own row
             run("e", "k5", 5, seed=0, dataset="msra"),  # no target
+            # Without a budget the step cap sets the run: two caps, two rows.
+            run("f", "k6", 6, seed=0, dataset="msra", **{"params.runtime.time_budget": "0"}),
+            run(
+                "g",
+                "k7",
+                7,
+                seed=1,
+                dataset="msra",
+                **{"params.runtime.time_budget": "0", "params.train.max_steps": "9"},
+            ),
         ]
     )
     history = {
@@ -116,10 +126,13 @@ def test_the_summary_gives_each_setting_its_mean_and_spread_over_seeds():
         "c": curve([0.91, 0.92], [300, 300]),  # never
         "d": curve([0.80], [60]),
         "e": curve([0.70], [60]),
+        "f": curve([0.70], [60]),
+        "g": curve([0.70], [60]),
     }
     summary = timing.summary_rows(timing.timing_rows(runs, history))
-    assert len(summary) == 3
+    assert len(summary) == 5
     first = summary.iloc[0]
+    assert first["steps an epoch"] == "99, 122"  # a budget's seeds may get different caps: one setting
     assert (first["encoder"], first["seeds"], first["reached target"]) == ("crener-char", "0, 1, 2", "2/3")
     assert first["best dev F1"] == pytest.approx((0.93, 0.01))  # 0.94, 0.93, 0.92
     assert first["test F1"] == pytest.approx((0.54, 0.04))
@@ -127,6 +140,10 @@ def test_the_summary_gives_each_setting_its_mean_and_spread_over_seeds():
     assert summary.iloc[1]["encoder"] == "other" and summary.iloc[1]["seeds"] == "0"
     assert math.isnan(summary.iloc[1]["test F1"][1])  # one seed: no spread
     assert summary.iloc[2]["reached target"] == "—"
+    assert list(summary.iloc[3:]["steps an epoch"]) == ["122", "9"] and list(summary.iloc[3:]["seeds"]) == [
+        "0",
+        "1",
+    ]
     lines = timing.timing_page(
         timing.timing_rows(runs, history), "STAMP", None, list(runs["run_id"])
     ).splitlines()
@@ -186,13 +203,13 @@ def test_write_timing_page_reads_the_store_and_writes_the_page_and_its_figure(st
     assert "| cont " in rows[1] or "| cont |" in rows[1].replace("  ", " ")
     assert (tmp_path / "out" / "tta.png").stat().st_size > 0
     assert "![dev F1 against minutes](tta.png)" in text
-    # One line per (model, encoder, step cap): the three runs are three lines, none averaged.
+    # One line per (model, encoder, setting): the three runs are three lines, none averaged; each
+    # is labelled by its budget (a budgeted run's step cap is the probe's, not the setting).
     with pytest.MonkeyPatch.context() as mp:
         drawn = lines_drawn(mp)
         timing.write_timing_page("full", tmp_path / "again.md", tracking_uri=store, sweeps=("adhoc",))
     assert sorted(label for label, _, _ in drawn) == [
-        "crener cont (every batch an epoch)", "crener crener-char (every batch an epoch)",
-        "w2ner crener-char (every batch an epoch)",
+        "crener cont (15 min budget)", "crener crener-char (15 min budget)", "w2ner crener-char (15 min budget)",
     ]  # fmt: skip
     assert [ys for label, ys, _ in drawn if label.startswith("crener cont")] == [[31.0, 61.0]]
 
@@ -210,6 +227,32 @@ def lines_drawn(monkeypatch) -> list[tuple[str, list[float], object]]:
 
     monkeypatch.setattr(plt.Axes, "plot", spy)
     return drawn
+
+
+def test_the_seed_band_stays_within_0_and_100(tmp_path, monkeypatch):
+    from matplotlib import pyplot as plt
+
+    from reports import plots
+
+    bands = []
+    original = plt.Axes.fill_between
+
+    def spy(ax, xs, low, high, **kwargs):
+        bands.append((list(low), list(high)))
+        return original(ax, xs, low, high, **kwargs)
+
+    monkeypatch.setattr(plt.Axes, "fill_between", spy)
+    # Two seeds: 0.0 and 0.6 at epoch 1 (mean 30, std 42.4), 0.9 and 1.0 at epoch 2 (std 7.1).
+    history = pd.DataFrame(
+        {
+            "model": "crener", "variant": "full", "dataset": "weibo", "seed": [0, 1, 0, 1],
+            "epoch": [1, 1, 2, 2], "dev/f1": [0.0, 0.6, 0.9, 1.0],
+        }
+    )  # fmt: skip
+    plots.learning_curves(history, tmp_path / "curves")
+    [(low, high)] = bands
+    assert low == pytest.approx([0.0, 95 - 50 * math.sqrt(0.02)])
+    assert high == pytest.approx([30 + 30 * math.sqrt(2), 100.0])
 
 
 def test_a_line_keeps_its_colour_in_every_panel(tmp_path, monkeypatch):
