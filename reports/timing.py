@@ -158,6 +158,13 @@ def summary_rows(rows: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out, columns=list(SUMMARY_COLUMNS))
 
 
+def _setting_label(budget: str, cap: str) -> str:
+    """A figure line's setting, as :data:`SETTING` tells settings apart: the budget, else the cap."""
+    if budget != "—":
+        return f"({budget} min budget)"
+    return "(every batch an epoch)" if cap == "—" else f"({cap} steps an epoch)"
+
+
 def _fmt_summary(column: str, value: object) -> str:
     """A summary cell: ``mean ± std`` (×100 for F1; std "–" for one seed), minutes to 0.1."""
     if not isinstance(value, tuple):
@@ -260,11 +267,7 @@ def write_timing_page(
         # A line is a model, encoder and setting (SETTING): seeds of one setting are averaged,
         # different budgets (or, without one, different steps an epoch) are not.
         label = {
-            i: f"({b} min budget)"
-            if b != "—"
-            else "(every batch an epoch)"
-            if c == "—"
-            else f"({c} steps an epoch)"
+            i: _setting_label(b, c)
             for i, b, c in zip(runs["run_id"], rows["budget min"], rows["steps an epoch"], strict=True)
         }
         curves["steps"] = [label[i] for i in curves["run_id"]]

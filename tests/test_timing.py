@@ -279,3 +279,9 @@ def test_a_line_keeps_its_colour_in_every_panel(tmp_path, monkeypatch):
     assert sorted(colours) == ["a e", "b e"]
     assert all(len(c) == 1 for c in colours.values()) and colours["a e"] != colours["b e"]
     assert len([1 for label, _, _ in drawn if label == "b e"]) == 2
+
+
+def test_a_figure_line_is_labelled_by_its_budget_else_its_step_cap():
+    assert timing._setting_label("15", "227") == "(15 min budget)"
+    assert timing._setting_label("—", "122") == "(122 steps an epoch)"
+    assert timing._setting_label("—", "—") == "(every batch an epoch)"
