@@ -24,7 +24,7 @@ from tabulate import tabulate
 
 from crener.files import write_atomic
 from crener.workspace import tracking_uri as resolve_tracking_uri
-from reports import collect, plots, tables
+from reports import collect, plots, stats, tables
 
 log = logging.getLogger(__name__)
 
@@ -127,20 +127,16 @@ SETTING = ("model", "dataset", "encoder", "encoder regime", "budget min", "steps
 SUMMARY_COLUMNS = (*SETTING, "seeds", "run min", "best dev F1", "reached target", "reached at min", "test F1")
 
 
-def _mean_std(values: pd.Series) -> tuple[float, float]:
-    """Mean and sample std (ddof = 1; NaN for one value) of the values that are not NaN."""
-    v = values.dropna()
-    return (float(v.mean()) if len(v) else math.nan, float(v.std(ddof=1)) if len(v) > 1 else math.nan)
-
-
 def summary_rows(rows: pd.DataFrame) -> pd.DataFrame:
     """One row per setting (:data:`SETTING`) of :func:`timing_rows`: its step caps and seeds, and
     over them the mean run minutes, best dev F1 and test F1 as ``(mean, std)``, how many runs
     reached the target (``"k/n"``, "—" without one) and the mean minutes of those that did (a run
     that never reached it has no minutes to average, so the count says how many the mean covers)."""
     out = []
-    cap = rows["steps an epoch"].where(rows["budget min"] == "—", "")
-    for _, group in rows.groupby([*SETTING[:-1], cap], sort=False, dropna=False):
+    setting = [_setting_label(b, c) for b, c in zip(rows["budget min"], rows["steps an epoch"], strict=True)]
+    for _, group in rows.groupby(
+        [*SETTING[:-1], pd.Series(setting, index=rows.index)], sort=False, dropna=False
+    ):
         reached = f"{int(group['reached at min'].notna().sum())}/{len(group)}"
         caps = sorted(set(group["steps an epoch"]), key=lambda c: (len(c), c))
         out.append(
@@ -149,17 +145,18 @@ def summary_rows(rows: pd.DataFrame) -> pd.DataFrame:
                 "steps an epoch": ", ".join(caps),
                 "seeds": ", ".join(str(s) for s in sorted(group["seed"])),
                 "run min": float(group["run min"].mean()),
-                "best dev F1": _mean_std(group["best dev F1"]),
+                "best dev F1": stats.mean_std(group["best dev F1"])[:2],
                 "reached target": reached if group["target"].notna().any() else "—",
-                "reached at min": _mean_std(group["reached at min"]),
-                "test F1": _mean_std(group["test F1"]),
+                "reached at min": stats.mean_std(group["reached at min"])[:2],
+                "test F1": stats.mean_std(group["test F1"])[:2],
             }
         )
     return pd.DataFrame(out, columns=list(SUMMARY_COLUMNS))
 
 
 def _setting_label(budget: str, cap: str) -> str:
-    """A figure line's setting, as :data:`SETTING` tells settings apart: the budget, else the cap."""
+    """How :data:`SETTING` tells a run's training length apart, as the summary groups on it and a
+    figure line is labelled: the budget, else the step cap."""
     if budget != "—":
         return f"({budget} min budget)"
     return "(every batch an epoch)" if cap == "—" else f"({cap} steps an epoch)"
@@ -173,7 +170,9 @@ def _fmt_summary(column: str, value: object) -> str:
     if math.isnan(mean):
         return "never" if column == "reached at min" else "—"
     scale, digits = (100, 2) if column in ("best dev F1", "test F1") else (1, 1)
-    return f"{mean * scale:.{digits}f} ± " + ("–" if math.isnan(std) else f"{std * scale:.{digits}f}")
+    return f"{mean * scale:.{digits}f} ± " + (
+        stats.NO_STD if math.isnan(std) else f"{std * scale:.{digits}f}"
+    )
 
 
 def _fmt(column: str, value: object) -> str:
