@@ -19,6 +19,7 @@ leave the claim untested: one run says nothing of the spread retraining alone ca
 
 from __future__ import annotations
 
+import datetime
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -199,6 +200,35 @@ def verdict(claim: Claim, cis: Sequence[tuple[str, float, float]]) -> list[str]:
 
 
 # --- page ---------------------------------------------------------------------------------
+
+
+def time_note(cells: Sequence[tables.Cell]) -> str | None:
+    """How long the page's runs took: their own minutes summed (``seconds``: each run after its
+    start-up, evaluations and test included) and the span from the first one's start to the last
+    one's end, which is the sweep's wall time when one call ran them back to back (it leaves out
+    what the call did before its first run, e.g. ``--time-budget``'s probes). None without runs."""
+    frames = [c.runs for c in cells if not c.runs.empty]
+    if not frames:
+        return None
+    runs = pd.concat(frames, ignore_index=True)
+    seconds = pd.to_numeric(runs.get("seconds", pd.Series(dtype=float)), errors="coerce").dropna()
+    parts = []
+    if len(seconds):
+        timed = f" ({len(seconds)} of them timed)" if len(seconds) < len(runs) else ""
+        parts.append(f"{seconds.sum() / 60:.1f} min summed over the {len(runs)} runs{timed} (each run's "
+                     "`seconds`: after its start-up, with its evaluations and test)")  # fmt: skip
+    starts = pd.to_numeric(runs.get("start_time", pd.Series(dtype=float)), errors="coerce")
+    ends = pd.to_numeric(runs.get("end_time", pd.Series(dtype=float)), errors="coerce")
+    if starts.notna().all() and ends.notna().all():
+        first, last = starts.min() / 1000, ends.max() / 1000
+
+        def clock(t: float) -> str:
+            return datetime.datetime.fromtimestamp(t, tz=datetime.UTC).strftime("%Y-%m-%d %H:%M")
+
+        parts.append(f"first start {clock(first)} UTC to last end {clock(last)} UTC: {(last - first) / 60:.1f} min "
+                     "(the sweep's wall time if one call ran them back to back, less what it did before its "
+                     "first run)")  # fmt: skip
+    return f"Time: {'; '.join(parts)}." if parts else None
 
 
 def _ci(low: float, high: float) -> str:
@@ -397,6 +427,9 @@ def write_claim_page(
             {claim.system: (result.system, SYSTEM[0]), claim.reference: (result.reference, REFERENCE[0])}
         ),
     ]
+    timing = time_note([result.system, result.reference])
+    if timing:
+        header.append(timing)
     if index.superseded:
         header.append(f"superseded (an earlier run of the same seed): {', '.join(index.superseded)}")
     Path(page).parent.mkdir(parents=True, exist_ok=True)

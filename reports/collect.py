@@ -6,7 +6,8 @@ contract written by ``crener.tracking`` (experiments ``crener-{sweep}-{profile}`
 
 Columns of :func:`collect_runs`:
 
-- ``run_id``, ``experiment`` (name), ``start_time`` (ms since the epoch);
+- ``run_id``, ``experiment`` (name), ``start_time`` and ``end_time`` (ms since the epoch; no end
+  for a run still open);
 - one column per ``crener.*`` tag, without the prefix: ``key, sweep, model, variant, dataset,
   profile, seed (Int64), encoder, encoder_weights, msra_protocol, state, git_commit, machine``
   (the CPU and cores a run trained on; empty for runs logged before the tag);
@@ -115,7 +116,7 @@ def collect_runs(
             token = page.token
             if not token:
                 break
-    columns = ["run_id", "experiment", "start_time", *TAG_FIELDS, *FINAL_METRICS]
+    columns = ["run_id", "experiment", "start_time", "end_time", *TAG_FIELDS, *FINAL_METRICS]
     df = pd.DataFrame(rows)
     for col in columns:
         if col not in df:
@@ -132,6 +133,7 @@ def _row(run, experiment_names: dict[str, str]) -> dict[str, Any]:
         "run_id": run.info.run_id,
         "experiment": experiment_names.get(run.info.experiment_id, run.info.experiment_id),
         "start_time": run.info.start_time,
+        "end_time": run.info.end_time,
     }
     for field in TAG_FIELDS:
         row[field] = run.data.tags.get(TAG_PREFIX + field)

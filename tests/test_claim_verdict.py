@@ -207,6 +207,31 @@ def test_one_seed_a_system_leaves_the_claim_untested() -> None:
         claim_mod.paper_claim("conll")
 
 
+def test_time_note_sums_run_minutes_and_spans_first_start_to_last_end() -> None:
+    t0 = 1_796_601_600_000  # 2026-12-07 00:00 UTC, in ms
+    minute = 60_000
+
+    def cell(rows: list[tuple[float, float, float]]) -> tables.Cell:
+        frame = pd.DataFrame([{"start_time": a, "end_time": b, "seconds": s} for a, b, s in rows])
+        return tables.Cell(frame, expected=())
+
+    crener = cell([(t0, t0 + 12 * minute, 700.0), (t0 + 25 * minute, t0 + 37 * minute, 680.0)])
+    w2ner = cell([(t0 + 12 * minute, t0 + 25 * minute, 760.0)])
+    note = claim_mod.time_note([crener, w2ner])
+    assert note == (
+        "Time: 35.7 min summed over the 3 runs (each run's `seconds`: after its start-up, with its "
+        "evaluations and test); first start 2026-12-07 00:00 UTC to last end 2026-12-07 00:37 UTC: 37.0 min "
+        "(the sweep's wall time if one call ran them back to back, less what it did before its first run)."
+    )
+    # A run without its time, one still open: the sum says how many it covers, no span is given.
+    partial = cell([(t0, t0 + minute, 60.0), (t0, float("nan"), float("nan"))])
+    assert claim_mod.time_note([partial]) == (
+        "Time: 1.0 min summed over the 2 runs (1 of them timed) (each run's `seconds`: after its start-up, "
+        "with its evaluations and test)."
+    )
+    assert claim_mod.time_note([cell([])]) is None
+
+
 # --- the page on a fake MLflow store ------------------------------------------------------
 
 # Sentences each run gets wrong: CRENER 1-3, W2NER two more; F1 = 1 − wrong / 40.
@@ -287,6 +312,7 @@ def test_the_page_on_a_fake_store(store: dict, tmp_path: Path, monkeypatch: pyte
     others = set(store["ids"].values()) - set(ours.values())
     assert others and not any(rid in text for rid in others)
     assert "## Verdict" in text and "Welch's t over seeds" in text and "Untested" not in text
+    assert "- Time: first start " in text  # the fake runs log no `seconds`: only their span
     assert (
         "- Training length DIFFERS between rows (train.epochs / train.max_steps / runtime.time_budget of the "
         "runs): 10 epochs of at most 244 steps (--time-budget 19.6 min): W²NER; 10 epochs of at most 67 steps "
