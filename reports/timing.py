@@ -78,13 +78,14 @@ def encoder_name(value: object) -> str:
 
 
 def _param(row: dict, name: str) -> str:
-    """A logged param as the page shows it: "—" where the run did not log it or logged 0 (a time
-    budget of 0 is none; a step cap of 0 is no cap)."""
+    """A logged param as the page shows it, to a tenth as the claim page gives a budget's minutes
+    (a cell's share of a plan's minutes is fractional): "—" where the run did not log it or logged 0
+    (a time budget of 0 is none; a step cap of 0 is no cap)."""
     value = row.get(f"params.{name}")
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
     try:
-        return "—" if float(value) == 0 else f"{float(value):g}"
+        return "—" if float(value) == 0 else f"{round(float(value), 1):g}"
     except ValueError:
         return str(value)
 

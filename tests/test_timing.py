@@ -65,7 +65,14 @@ def test_the_page_shows_each_run_with_its_minutes_targets_and_ids():
         [
             run("aaaaaaaa-1", "k1", 1, encoder="/x/.crener/encoders/cont-splits-2400"),
             run("bbbbbbbb-2", "k2", 2, dataset="weibo", **{"params.runtime.time_budget": "0.0"}),
-            run("cccccccc-3", "k3", 3, model="tener", dataset="msra"),
+            run(
+                "cccccccc-3",
+                "k3",
+                3,
+                model="tener",
+                dataset="msra",
+                **{"params.runtime.time_budget": "10.6914"},
+            ),
         ]
     )
     history = {
@@ -81,6 +88,7 @@ def test_the_page_shows_each_run_with_its_minutes_targets_and_ids():
     assert (first["best dev F1"], first["at min"], first["reached at min"]) == (0.94, 10.0, 10.0)
     assert rows.iloc[1]["budget min"] == "—" and math.isnan(rows.iloc[1]["reached at min"])  # 0.50 < 0.55
     assert rows.iloc[2]["encoder"] == "—" and rows.iloc[2]["encoder regime"] == "no pretrained encoder"
+    assert rows.iloc[2]["budget min"] == "10.7"  # a plan's share of its minutes, to a tenth
     assert math.isnan(rows.iloc[2]["target"])  # MSRA has no target
     page = timing.timing_page(rows, "STAMP", "fig.png", list(runs["run_id"]))
     lines = page.splitlines()
