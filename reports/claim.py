@@ -211,23 +211,21 @@ def time_note(cells: Sequence[tables.Cell]) -> str | None:
     if not frames:
         return None
     runs = pd.concat(frames, ignore_index=True)
-    seconds = pd.to_numeric(runs.get("seconds", pd.Series(dtype=float)), errors="coerce").dropna()
+    # collect_runs gives every run these columns (NaN where a run lacks one: no end while open).
+    seconds = pd.to_numeric(runs["seconds"], errors="coerce").dropna()
     parts = []
     if len(seconds):
         timed = f" ({len(seconds)} of them timed)" if len(seconds) < len(runs) else ""
         parts.append(f"{seconds.sum() / 60:.1f} min summed over the {len(runs)} runs{timed} (each run's "
                      "`seconds`: after its start-up, with its evaluations and test)")  # fmt: skip
-    starts = pd.to_numeric(runs.get("start_time", pd.Series(dtype=float)), errors="coerce")
-    ends = pd.to_numeric(runs.get("end_time", pd.Series(dtype=float)), errors="coerce")
+    starts, ends = (pd.to_numeric(runs[c], errors="coerce") / 1000 for c in ("start_time", "end_time"))
     if starts.notna().all() and ends.notna().all():
-        first, last = starts.min() / 1000, ends.max() / 1000
-
-        def clock(t: float) -> str:
-            return datetime.datetime.fromtimestamp(t, tz=datetime.UTC).strftime("%Y-%m-%d %H:%M")
-
-        parts.append(f"first start {clock(first)} UTC to last end {clock(last)} UTC: {(last - first) / 60:.1f} min "
-                     "(the sweep's wall time if one call ran them back to back, less what it did before its "
-                     "first run)")  # fmt: skip
+        first, last = (
+            datetime.datetime.fromtimestamp(t, tz=datetime.UTC) for t in (starts.min(), ends.max())
+        )
+        parts.append(f"first start {first:%Y-%m-%d %H:%M} UTC to last end {last:%Y-%m-%d %H:%M} UTC: "
+                     f"{(last - first).total_seconds() / 60:.1f} min (the sweep's wall time if one call ran them "
+                     "back to back, less what it did before its first run)")  # fmt: skip
     return f"Time: {'; '.join(parts)}." if parts else None
 
 
